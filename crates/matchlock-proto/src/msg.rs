@@ -1,0 +1,166 @@
+//! Messages exchanged on a channel stream. See the crate docs for the stream model.
+
+use serde::{Deserialize, Serialize};
+
+/// One message on a stream. Variants are grouped by who sends them; new variants go at the end so
+/// older peers keep decoding the ones they know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    // ---- Requests: the first message of a stream, host -> guest ----
+    /// Mount the root filesystem, set the hostname, clock and limits. Sent once, on the first stream.
+    /// Reply: [`Msg::Ok`] or [`Msg::Error`].
+    Setup(Setup),
+    /// Start a process. Reply: [`Msg::Started`] (or [`Msg::Error`] when it could not start, followed by
+    /// nothing), then any number of [`Msg::Stdout`]/[`Msg::Stderr`], then [`Msg::Exited`]. Meanwhile the
+    /// host may send [`Msg::Stdin`], [`Msg::StdinEof`], [`Msg::Resize`], [`Msg::Signal`] and
+    /// [`Msg::Terminate`]. If the host closes the stream first, the guest kills the process group.
+    Exec(ExecRequest),
+    /// Create or replace a file (parents are created). The host then sends [`Msg::Data`] chunks and
+    /// [`Msg::Eof`]; the guest replies [`Msg::Ok`] or [`Msg::Error`].
+    WriteFile(WriteFile),
+    /// Read a file. Reply: [`Msg::FileInfo`], [`Msg::Data`] chunks, [`Msg::Eof`]; or [`Msg::Error`].
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// List a directory. Reply: [`Msg::Entries`] or [`Msg::Error`].
+    ListFiles {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Stop every process (SIGTERM, then SIGKILL after `grace_ms`), sync the disks and power off.
+    /// Reply: [`Msg::Ok`] just before the guest powers off.
+    Shutdown {
+        /// How long processes get between SIGTERM and SIGKILL.
+        grace_ms: u64,
+    },
+
+    // ---- Exec stream, host -> guest ----
+    /// Bytes for the process's stdin (or the TTY).
+    Stdin(Vec<u8>),
+    /// Close the process's stdin. With a TTY, sends the terminal's EOF character instead.
+    StdinEof,
+    /// New terminal size (TTY execs only).
+    Resize(WinSize),
+    /// Deliver a signal to the process group (to the foreground process group with a TTY).
+    Signal(i32),
+    /// SIGTERM to the process group, SIGKILL after `grace_ms` if it is still alive.
+    Terminate {
+        /// Grace period between SIGTERM and SIGKILL.
+        grace_ms: u64,
+    },
+
+    // ---- Exec stream, guest -> host ----
+    /// The process runs.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Process output.
+    Stdout(Vec<u8>),
+    /// Process error output (not used with a TTY, where both go to `Stdout`).
+    Stderr(Vec<u8>),
+    /// The process ended; the last message of an exec stream.
+    Exited(ExitStatus),
+
+    // ---- Generic ----
+    /// A chunk of file content, at most [`crate::CHUNK`] bytes.
+    Data(Vec<u8>),
+    /// End of a sequence of [`Msg::Data`].
+    Eof,
+    /// Success.
+    Ok,
+    /// Failure, with a message for the user.
+    Error(String),
+    /// Metadata sent before a file's content.
+    FileInfo {
+        /// Size in bytes.
+        size: u64,
+        /// `st_mode` (type and permission bits).
+        mode: u32,
+    },
+    /// A directory listing.
+    Entries(Vec<DirEntry>),
+}
+
+/// Everything the guest needs before it can run processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Setup {
+    /// Hostname of the sandbox.
+    pub hostname: String,
+    /// Extra `/etc/hosts` entries: `(address, name)`.
+    pub hosts: Vec<(String, String)>,
+    /// Virtio-blk serial of the read-only image disk (ext4), found via `/sys/block/vd*/serial`.
+    pub root_serial: String,
+    /// Virtio-blk serial of the writable upper disk (ext4); `None` puts the upper on a tmpfs.
+    pub upper_serial: Option<String>,
+    /// Host wall clock, milliseconds since the epoch (the guest has no RTC).
+    pub time_unix_ms: u64,
+    /// cgroup v2 `cpu.max` for the workload as `(quota_us, period_us)`; `None` leaves CPU unlimited.
+    pub cpu_max: Option<(u64, u64)>,
+}
+
+/// How to start a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecRequest {
+    /// Program and arguments, executed directly (no shell). `argv[0]` without a `/` is looked up in the
+    /// `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// The complete environment of the process. `HOME` is added from `/etc/passwd` if absent.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when `None`.
+    pub cwd: Option<String>,
+    /// `uid`, `uid:gid`, `name` or `name:group`, resolved in the guest's `/etc/passwd` and
+    /// `/etc/group`; `None` runs as root.
+    pub user: Option<String>,
+    /// Allocate a pseudo-terminal of this size; stdout and stderr are then both the terminal.
+    pub tty: Option<WinSize>,
+    /// Whether the host will send stdin; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+    /// Keep all capabilities and skip the seccomp filter.
+    pub privileged: bool,
+}
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code; `128 + signal` when killed by a signal (shell convention).
+    pub code: i32,
+    /// The signal that killed it, if any.
+    pub signal: Option<i32>,
+}
+
+/// A file to write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WriteFile {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Permission bits, e.g. `0o644`.
+    pub mode: u32,
+    /// Owner to set, if any.
+    pub uid: Option<u32>,
+    /// Group to set, if any.
+    pub gid: Option<u32>,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// File name (no directory part).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// Whether it is a directory.
+    pub is_dir: bool,
+}
