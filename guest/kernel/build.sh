@@ -34,7 +34,9 @@ if ((${#missing[@]})); then
 fi
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-hash=$( { cat "$fragment"; echo "source=$src_version"; echo "script=2"; } | sha256sum | cut -c1-16)
+# The matchlock binary computes the same hash from its embedded copy of the fragment (matchlock-vmm),
+# so it knows where to find the kernel without running this script.
+hash=$( { cat "$fragment"; echo "script=2"; } | sha256sum | cut -c1-16)
 cache=${MATCHLOCK_CACHE_DIR:-$HOME/.cache/matchlock}/kernel/$hash
 if [[ -f "$cache/vmlinux" ]]; then
     printf '%s\n' "$cache/vmlinux"
@@ -75,7 +77,7 @@ make -j"$jobs" vmlinux 2>&1 | {
             last=$SECONDS
             say "  ${n} files compiled, $((SECONDS - start))s elapsed"
         fi
-        [[ "$l" == *rror* ]] && printf '%s\n' "$l" >&2
+        [[ "$l" == *"error:"* || "$l" == *"Error "* ]] && printf '%s\n' "$l" >&2
     done
 } || true
 [[ -f vmlinux ]] || die "kernel build failed; see the errors above"

@@ -1,1 +1,66 @@
+//! Sandbox lifecycle for Matchlock.
+//!
+//! Every sandbox has one supervisor process ([`supervisor`]) that owns its QEMU child, its guest
+//! channel and a control socket. Everything else (`matchlock run`, `exec`, `kill`, the RPC server) is a
+//! client of that socket ([`client`]), so any sandbox can be reached by any command however it was
+//! created. State lives on disk under `$MATCHLOCK_HOME/vms/<id>/` ([`store`]), written atomically; a
+//! sandbox whose supervisor died shows up as crashed because its lock is free.
 
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod store;
+pub mod supervisor;
+
+pub use client::{start, Client};
+pub use config::{SandboxConfig, State, Status};
+pub use store::Store;
+
+/// Errors of the sandbox layer; messages are one line and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No sandbox with that id.
+    #[error("no sandbox '{0}'; 'matchlock list' shows the sandboxes that exist")]
+    NotFound(String),
+    /// The sandbox exists but its supervisor is not running.
+    #[error("sandbox {id} is {status}; start a new one with 'matchlock run'")]
+    NotRunning {
+        /// Sandbox id.
+        id: String,
+        /// Its current status.
+        status: Status,
+    },
+    /// Refused because the sandbox is still running.
+    #[error("sandbox {0} is running; stop it first with 'matchlock kill {0}'")]
+    Running(String),
+    /// The sandbox could not start.
+    #[error("{0}")]
+    Start(String),
+    /// The VMM layer failed.
+    #[error(transparent)]
+    Vmm(#[from] matchlock_vmm::VmmError),
+    /// The guest broke the protocol or the channel closed.
+    #[error("guest channel: {0}")]
+    Channel(String),
+    /// Filesystem or socket trouble.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl SandboxError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+        let context = context.into();
+        move |source| SandboxError::Io { context, source }
+    }
+}
+
+impl From<matchlock_proto::FrameError> for SandboxError {
+    fn from(e: matchlock_proto::FrameError) -> Self {
+        SandboxError::Channel(e.to_string())
+    }
+}

@@ -1,0 +1,159 @@
+//! `matchlock-bench`: measures sandbox start and exec latency against baselines taken in the same run.
+//!
+//! ```text
+//! matchlock-bench [--matchlock PATH] [--image NAME] [--boots N] [--execs N]
+//! ```
+//! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
+//!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
+//!    setup, exec, shutdown, cleanup). Prints medians and matchlock's overhead as a ratio of the bare
+//!    boot.
+//! 2. Exec: round-trip latency of `true` in one running sandbox over the control socket (what the
+//!    CLI and RPC server use), and of the whole `matchlock exec` CLI process, with p50/p90/p99.
+
+use anyhow::{bail, Context, Result};
+use matchlock_proto::{read_msg, Msg};
+use matchlock_sandbox::control::ExecSpec;
+use matchlock_sandbox::{Client, Store};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Args {
+    matchlock: String,
+    image: String,
+    boots: usize,
+    execs: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        matchlock: std::env::current_exe()?
+            .with_file_name("matchlock")
+            .to_string_lossy()
+            .into_owned(),
+        image: "busybox".into(),
+        boots: 10,
+        execs: 200,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().context(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--matchlock" => a.matchlock = val()?,
+            "--image" => a.image = val()?,
+            "--boots" => a.boots = val()?.parse()?,
+            "--execs" => a.execs = val()?.parse()?,
+            other => bail!("unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"),
+        }
+    }
+    Ok(a)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let qemu = matchlock_vmm::qemu::locate_qemu()?;
+    let kernel = matchlock_vmm::kernel::locate()?;
+    let agent = matchlock_vmm::agent::locate()?;
+    let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
+    let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?;
+    println!("accelerator: {} ({})", accel.accel, accel.reason);
+    println!("cpus: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+
+    // Interleave the two so machine noise hits both alike.
+    let mut bare = Vec::new();
+    let mut full = Vec::new();
+    for _ in 0..args.boots {
+        let start = Instant::now();
+        matchlock_vmm::accel::probe(&qemu, &kernel, &initramfs, accel.accel, Duration::from_secs(60))
+            .map_err(anyhow::Error::msg)?;
+        bare.push(start.elapsed());
+        let start = Instant::now();
+        let st = Command::new(&args.matchlock)
+            .args(["run", "--image", &args.image, "--", "true"])
+            .stdin(Stdio::null())
+            .status()
+            .context("running matchlock")?;
+        if !st.success() {
+            bail!("matchlock run failed");
+        }
+        full.push(start.elapsed());
+    }
+    bare.sort();
+    full.sort();
+    let (b, f) = (percentile(&bare, 0.5), percentile(&full, 0.5));
+    println!("\n## boot ({} runs each, medians)", args.boots);
+    println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
+    println!("matchlock run -- true:              {:8.1} ms", ms(f));
+    println!("overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)", ms(f) - ms(b), (ms(f) - ms(b)) / ms(b) * 100.0);
+
+    // Exec latency in one running sandbox.
+    let out = Command::new(&args.matchlock)
+        .args(["run", "-d", "--image", &args.image, "--", "sleep", "100000"])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("matchlock run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let result = exec_latency(&args, &id);
+    let _ = Command::new(&args.matchlock).args(["kill", &id]).output();
+    let _ = Command::new(&args.matchlock).args(["rm", &id]).output();
+    result
+}
+
+fn exec_latency(args: &Args, id: &str) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = Client::for_sandbox(&Store::open_default(), id)?;
+    let mut api = Vec::new();
+    rt.block_on(async {
+        for _ in 0..args.execs {
+            let start = Instant::now();
+            let mut s = client.exec(ExecSpec { argv: vec!["true".into()], ..Default::default() }).await?;
+            loop {
+                match read_msg(&mut s).await? {
+                    Some(Msg::Exited(st)) if st.code == 0 => break,
+                    Some(Msg::Exited(st)) => bail!("true exited {}", st.code),
+                    Some(Msg::Error(e)) => bail!("exec failed: {e}"),
+                    Some(_) => {}
+                    None => bail!("stream ended early"),
+                }
+            }
+            api.push(start.elapsed());
+        }
+        Ok(())
+    })?;
+    let mut cli = Vec::new();
+    for _ in 0..args.execs.min(50) {
+        let start = Instant::now();
+        let st = Command::new(&args.matchlock)
+            .args(["exec", id, "--", "true"])
+            .stdin(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("matchlock exec failed");
+        }
+        cli.push(start.elapsed());
+    }
+    api.sort();
+    cli.sort();
+    println!("\n## exec round trip of `true` in a running sandbox");
+    for (name, v) in [("control socket (API)", &api), ("matchlock exec (CLI process)", &cli)] {
+        println!(
+            "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
+            v.len(),
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.9)),
+            ms(percentile(v, 0.99))
+        );
+    }
+    println!("Matchlock (Go) baseline: a fixed 100 ms sleep per exec, i.e. p50 >= 100 ms");
+    Ok(())
+}

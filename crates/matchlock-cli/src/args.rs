@@ -1,0 +1,256 @@
+//! Command-line surface (clap). Only parsing and validation live here; the work is in the other
+//! modules and the library crates.
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+/// Run untrusted code in disposable micro-VMs.
+#[derive(Parser, Debug)]
+#[command(name = "matchlock", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a sandbox from an image and run a command in it.
+    Run(RunArgs),
+    /// Run a command in a running sandbox.
+    Exec(ExecArgs),
+    /// List sandboxes.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only running sandboxes.
+        #[arg(long)]
+        running: bool,
+    },
+    /// Print a sandbox's configuration and state as JSON.
+    Get {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Print everything known about a sandbox as JSON (configuration, state, files).
+    #[command(visible_alias = "stat")]
+    Inspect {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Stop running sandboxes.
+    Kill {
+        /// Sandbox ids (or unique prefixes).
+        ids: Vec<String>,
+        /// Stop every running sandbox.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove stopped sandboxes.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// Sandbox ids (or unique prefixes).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove every stopped, crashed or failed sandbox.
+    Prune,
+    /// Reclaim what dead sandboxes left behind (upper disks, sockets, stray QEMU processes).
+    Gc,
+    /// Print a sandbox's console log.
+    Log {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// Keep printing as the log grows, until the sandbox stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Manage local images.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Build or locate the guest kernel.
+    Kernel {
+        /// What to do.
+        #[command(subcommand)]
+        command: KernelCommand,
+    },
+    /// Check that this machine can run sandboxes and say how to fix what is missing.
+    Diagnose {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+    /// Internal: the per-sandbox supervisor process.
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        /// Sandbox id.
+        id: String,
+    },
+}
+
+/// `matchlock image ...`
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a `docker save` or OCI-layout tarball from standard input.
+    Import {
+        /// Name to tag it with (e.g. `busybox` or `myapp:1.0`).
+        name: String,
+    },
+    /// List local images.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Remove a local image.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// Image name.
+        name: String,
+    },
+}
+
+/// `matchlock kernel ...`
+#[derive(Subcommand, Debug)]
+pub enum KernelCommand {
+    /// Build the guest kernel from Debian's linux-source-6.1 (once per machine, cached).
+    Build,
+    /// Print the path of the guest kernel in use.
+    Path,
+}
+
+/// Options shared by `run` and `exec` for the process itself.
+#[derive(Args, Debug, Clone)]
+pub struct ProcessArgs {
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Keep standard input open and forward it.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Working directory inside the sandbox.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// User to run as: uid, uid:gid, name or name:group.
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to copy it from here).
+    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines, # comments).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<std::path::PathBuf>,
+}
+
+/// `matchlock run`
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Image to boot (must be imported or pulled first).
+    #[arg(long)]
+    pub image: String,
+    /// Process options.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// Override the image's ENTRYPOINT ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+    /// Hostname of the sandbox (default: its id).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// CPUs; fractions are enforced with a CPU quota (e.g. 0.5).
+    #[arg(long, default_value_t = 1.0)]
+    pub cpus: f64,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Size of the writable disk in MiB.
+    #[arg(long = "disk-size", default_value_t = 5120)]
+    pub disk_size: u64,
+    /// Stop the sandbox after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Remove the sandbox when the command ends (--rm=false keeps it running and prints its id).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub rm: bool,
+    /// Start the sandbox and the command in the background and print the sandbox id.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// How long processes get between SIGTERM and SIGKILL when the sandbox stops (e.g. 5s, 500ms).
+    #[arg(long = "graceful-shutdown", value_name = "DURATION", default_value = "0s")]
+    pub graceful_shutdown: String,
+    /// Give processes all capabilities and no seccomp filter.
+    #[arg(long)]
+    pub privileged: bool,
+    /// Extra /etc/hosts entry NAME:IP.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// The command and its arguments (replaces the image CMD).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `matchlock exec`
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Sandbox id (or a unique prefix).
+    pub id: String,
+    /// Process options.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1h` or a plain number of seconds into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}'; use e.g. 5s, 500ms or 2m"))?;
+    if !(0.0..=86_400_000.0 * 7.0).contains(&(v * mult)) {
+        return Err(format!("duration '{s}' is out of range"));
+    }
+    Ok((v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("5s"), Ok(5000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("2"), Ok(2000));
+        assert_eq!(parse_duration_ms("1m"), Ok(60_000));
+        assert!(parse_duration_ms("soon").is_err());
+        assert!(parse_duration_ms("-1s").is_err());
+    }
+
+    #[test]
+    fn rm_flag_forms() {
+        let p = |args: &[&str]| Cli::try_parse_from(args);
+        let Command::Run(r) = p(&["matchlock", "run", "--image", "x", "--", "true"]).unwrap().command else { panic!() };
+        assert!(r.rm);
+        assert_eq!(r.command, vec!["true"]);
+        let Command::Run(r) = p(&["matchlock", "run", "--rm=false", "--image", "x", "echo", "-n", "hi"]).unwrap().command else { panic!() };
+        assert!(!r.rm);
+        assert_eq!(r.command, vec!["echo", "-n", "hi"]);
+        let Command::Run(r) = p(&["matchlock", "run", "-it", "--image", "x"]).unwrap().command else { panic!() };
+        assert!(r.process.tty && r.process.interactive);
+    }
+}

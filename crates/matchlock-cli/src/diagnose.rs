@@ -1,0 +1,129 @@
+//! `matchlock diagnose`: checks this machine and says how to fix each failure.
+
+use anyhow::Result;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    fix: Option<String>,
+}
+
+fn check(name: &'static str, r: Result<String, (String, String)>) -> Check {
+    match r {
+        Ok(detail) => Check { name, ok: true, detail, fix: None },
+        Err((detail, fix)) => Check { name, ok: false, detail, fix: Some(fix) },
+    }
+}
+
+/// Runs every check; exit code 1 if any failed.
+pub fn diagnose(json: bool) -> Result<i32> {
+    let mut checks = Vec::new();
+    let qemu = matchlock_vmm::qemu::locate_qemu();
+    checks.push(check(
+        "qemu",
+        match &qemu {
+            Ok(q) => {
+                let v = std::process::Command::new(q).arg("--version").output();
+                match v {
+                    Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()),
+                    _ => Err((format!("{} does not run", q.display()), "reinstall qemu-system-x86".into())),
+                }
+            }
+            Err(e) => Err((e.to_string(), "sudo apt-get install --no-install-recommends qemu-system-x86".into())),
+        },
+    ));
+    if let Ok(q) = &qemu {
+        let out = std::process::Command::new(q).args(["-machine", "help"]).output();
+        let has = out.map(|o| String::from_utf8_lossy(&o.stdout).contains("microvm")).unwrap_or(false);
+        checks.push(check(
+            "qemu microvm",
+            if has { Ok("machine type available".into()) } else { Err(("QEMU lacks the microvm machine".into(), "install QEMU 7.2 or newer (qemu-system-x86)".into())) },
+        ));
+    }
+    let kernel = matchlock_vmm::kernel::locate();
+    checks.push(check(
+        "guest kernel",
+        match &kernel {
+            Ok(k) => Ok(k.display().to_string()),
+            Err(e) => Err((e.to_string(), "matchlock kernel build".into())),
+        },
+    ));
+    let agent = matchlock_vmm::agent::locate();
+    checks.push(check(
+        "guest agent",
+        match &agent {
+            Ok(a) => Ok(format!("{} (static)", a.display())),
+            Err(e) => Err((e.to_string(), "scripts/build-guest".into())),
+        },
+    ));
+    checks.push(check(
+        "e2fsprogs",
+        match std::process::Command::new("mkfs.ext4").arg("-V").output() {
+            Ok(_) => Ok("mkfs.ext4 found".into()),
+            Err(_) => Err(("mkfs.ext4 not found".into(), "sudo apt-get install e2fsprogs".into())),
+        },
+    ));
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    checks.push(Check {
+        name: "/dev/kvm",
+        ok: true,
+        detail: match &kvm {
+            Ok(_) => "readable and writable".into(),
+            Err(e) => format!("not usable ({e}); sandboxes run under TCG (slower)"),
+        },
+        fix: kvm.is_err().then(|| "for speed: sudo usermod -aG kvm $USER, then log in again".into()),
+    });
+    if let (Ok(q), Ok(k), Ok(a)) = (&qemu, &kernel, &agent) {
+        let r = matchlock_vmm::initramfs::cached(a)
+            .and_then(|i| matchlock_vmm::accel::choose(q, k, &i));
+        checks.push(check(
+            "accelerator",
+            match r {
+                Ok(c) => Ok(format!("{}: {}", c.accel, c.reason)),
+                Err(e) => Err((e.to_string(), "unset MATCHLOCK_ACCEL or set it to auto".into())),
+            },
+        ));
+    }
+    let store = matchlock_sandbox::Store::open_default();
+    let home = store.home().to_path_buf();
+    checks.push(check(
+        "state directory",
+        match std::fs::create_dir_all(home.join("vms")) {
+            Ok(()) if home.join("vms/vm-00000000/control.sock").as_os_str().len() <= 107 => Ok(home.display().to_string()),
+            Ok(()) => Err((format!("{} is too long for Unix socket paths", home.display()), "set MATCHLOCK_HOME to a shorter directory".into())),
+            Err(e) => Err((format!("{}: {e}", home.display()), "set MATCHLOCK_HOME to a writable directory".into())),
+        },
+    ));
+    let cache = matchlock_vmm::cache_dir();
+    checks.push(check(
+        "cache directory",
+        match std::fs::create_dir_all(&cache) {
+            Ok(()) => Ok(cache.display().to_string()),
+            Err(e) => Err((format!("{}: {e}", cache.display()), "set MATCHLOCK_CACHE_DIR to a writable directory".into())),
+        },
+    ));
+    let images = matchlock_image::ImageStore::open_default().and_then(|s| s.list());
+    checks.push(check(
+        "images",
+        match images {
+            Ok(l) if !l.is_empty() => Ok(format!("{} local image(s)", l.len())),
+            Ok(_) => Err(("no local images".into(), "scripts/make-busybox-image busybox.tar && matchlock image import busybox < busybox.tar".into())),
+            Err(e) => Err((e.to_string(), "check the cache directory".into())),
+        },
+    ));
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!("[{}] {:<16} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+            if let Some(f) = &c.fix {
+                println!("       {:<16} fix: {f}", "");
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}

@@ -1,0 +1,86 @@
+//! The `matchlock` binary: parses the command line and calls into the library crates.
+
+mod args;
+mod diagnose;
+mod image;
+mod manage;
+mod run;
+mod term;
+
+use args::{Cli, Command, KernelCommand};
+use clap::Parser;
+
+fn main() {
+    let cli = Cli::parse();
+    let is_run = matches!(cli.command, Command::Run(_) | Command::Exec(_));
+    let code = match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("matchlock: {e:#}");
+            if is_run {
+                run::EXIT_MATCHLOCK_ERROR
+            } else {
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Run(a) => run::run(a),
+        Command::Exec(a) => run::exec(a),
+        Command::List { running } => manage::list(running),
+        Command::Get { id } => manage::get(&id),
+        Command::Inspect { id } => manage::inspect(&id),
+        Command::Kill { ids, all } => manage::kill(&ids, all),
+        Command::Rm { ids } => manage::rm(&ids),
+        Command::Prune => manage::prune(),
+        Command::Gc => manage::gc(),
+        Command::Log { id, follow } => manage::log(&id, follow),
+        Command::Image { command } => image::image(command),
+        Command::Kernel { command } => kernel(command),
+        Command::Diagnose { json } => diagnose::diagnose(json),
+        Command::Version => {
+            println!(
+                "matchlock {} (guest protocol {}, kernel config {})",
+                env!("CARGO_PKG_VERSION"),
+                matchlock_proto::VERSION,
+                matchlock_vmm::kernel::config_hash()
+            );
+            Ok(0)
+        }
+        Command::Supervise { id } => Ok(matchlock_sandbox::supervisor::run(
+            matchlock_sandbox::Store::open_default(),
+            &id,
+        )),
+    }
+}
+
+/// `matchlock kernel build|path`: the build script and config are compiled in, so an installed
+/// binary can build its kernel without the source tree.
+fn kernel(cmd: KernelCommand) -> anyhow::Result<i32> {
+    match cmd {
+        KernelCommand::Path => {
+            println!("{}", matchlock_vmm::kernel::locate()?.display());
+            Ok(0)
+        }
+        KernelCommand::Build => {
+            let dir = std::env::temp_dir().join(format!("matchlock-kernel-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("config"), matchlock_vmm::kernel::CONFIG_FRAGMENT)?;
+            std::fs::write(dir.join("build.sh"), matchlock_vmm::kernel::BUILD_SCRIPT)?;
+            let status = std::process::Command::new("bash")
+                .arg(dir.join("build.sh"))
+                .env_remove("MATCHLOCK_KERNEL")
+                .status();
+            let _ = std::fs::remove_dir_all(&dir);
+            match status {
+                Ok(s) if s.success() => Ok(0),
+                Ok(_) => anyhow::bail!("the kernel build failed; see the messages above"),
+                Err(e) => anyhow::bail!("cannot run bash: {e}"),
+            }
+        }
+    }
+}

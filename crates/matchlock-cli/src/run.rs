@@ -1,0 +1,328 @@
+//! `matchlock run` and `matchlock exec`: start sandboxes and attach to processes in them.
+
+use crate::args::{parse_duration_ms, ExecArgs, ProcessArgs, RunArgs};
+use crate::term;
+use anyhow::{anyhow, bail, Context, Result};
+use matchlock_proto::{read_msg, write_msg, Msg};
+use matchlock_sandbox::control::ExecSpec;
+use matchlock_sandbox::{Client, SandboxConfig, Store};
+use std::io::Write;
+use std::time::Instant;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Exit code for matchlock's own failures in `run`/`exec` (as Docker does), so they cannot be
+/// mistaken for the command's exit code.
+pub const EXIT_MATCHLOCK_ERROR: i32 = 125;
+/// Exit code when `--timeout` stopped the sandbox (as `timeout(1)` does).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// Parses `-e` and `--env-file` into ordered pairs. `KEY` alone copies the variable from this
+/// process's environment (and is skipped if unset, as Docker does).
+pub fn parse_env(p: &ProcessArgs) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut add = |item: &str, origin: &str| -> Result<()> {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (item.to_string(), std::env::var(item).ok()),
+        };
+        if k.is_empty() || k.contains('\0') || k.contains(char::is_whitespace) {
+            bail!("invalid environment variable '{item}' in {origin}; use KEY=VALUE");
+        }
+        if let Some(v) = v {
+            if v.contains('\0') {
+                bail!("environment variable {k} in {origin} contains a NUL byte");
+            }
+            out.push((k, v));
+        }
+        Ok(())
+    };
+    for f in &p.env_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read env file {}", f.display()))?;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            add(line, &f.display().to_string())?;
+        }
+    }
+    for e in &p.env {
+        add(e, "-e")?;
+    }
+    Ok(out)
+}
+
+fn validate_common(p: &ProcessArgs) -> Result<()> {
+    if let Some(w) = &p.workdir {
+        if !w.starts_with('/') {
+            bail!("--workdir '{w}' must be an absolute path");
+        }
+    }
+    if let Some(u) = &p.user {
+        let ok = !u.is_empty()
+            && u.len() <= 64
+            && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        if !ok {
+            bail!("--user '{u}' is not a uid, uid:gid, name or name:group");
+        }
+    }
+    Ok(())
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !h.starts_with('-')
+}
+
+/// `matchlock run`.
+pub fn run(args: RunArgs) -> Result<i32> {
+    validate_common(&args.process)?;
+    if !args.cpus.is_finite() || args.cpus <= 0.0 || args.cpus > 64.0 {
+        bail!("--cpus {} is out of range; give a number between 0.01 and 64", args.cpus);
+    }
+    if args.cpus < 0.01 {
+        bail!("--cpus {} is too small; the smallest share is 0.01", args.cpus);
+    }
+    if !(64..=1024 * 1024).contains(&args.memory) {
+        bail!("--memory {} MiB is out of range; give at least 64", args.memory);
+    }
+    if !(32..=16 * 1024 * 1024).contains(&args.disk_size) {
+        bail!("--disk-size {} MiB is out of range; give at least 32", args.disk_size);
+    }
+    if args.timeout == Some(0) {
+        bail!("--timeout must be at least 1 second");
+    }
+    if let Some(h) = &args.hostname {
+        if !valid_hostname(h) {
+            bail!("--hostname '{h}' is not a valid hostname (letters, digits, '-', '.', at most 63)");
+        }
+    }
+    let grace_ms = parse_duration_ms(&args.graceful_shutdown).map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
+    let mut add_hosts = Vec::new();
+    for h in &args.add_host {
+        let (name, ip) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--add-host '{h}' must be NAME:IP"))?;
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| anyhow!("--add-host '{h}': '{ip}' is not an IP address"))?;
+        if !valid_hostname(name) {
+            bail!("--add-host '{h}': '{name}' is not a valid host name");
+        }
+        add_hosts.push((ip.to_string(), name.to_string()));
+    }
+    let user_env = parse_env(&args.process)?;
+
+    let images = matchlock_image::ImageStore::open_default()?;
+    let image = images.resolve(&args.image)?;
+    let argv = matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
+    // Fail on a missing kernel, QEMU or agent before anything is created.
+    matchlock_vmm::kernel::locate()?;
+    matchlock_vmm::qemu::locate_qemu()?;
+    matchlock_vmm::agent::locate()?;
+
+    let config = SandboxConfig {
+        image: image.name.clone(),
+        image_digest: image.digest.clone(),
+        rootfs: image.rootfs.clone(),
+        hostname: args.hostname.clone().unwrap_or_default(),
+        cpus: args.cpus,
+        memory_mb: args.memory,
+        disk_size_mb: args.disk_size,
+        env: matchlock_image::merge_env(&image.config.env, &user_env),
+        workdir: args.process.workdir.clone().or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty())),
+        user: args.process.user.clone().or_else(|| image.config.user.clone().filter(|u| !u.is_empty())),
+        privileged: args.privileged,
+        graceful_shutdown_ms: grace_ms,
+        timeout_secs: args.timeout,
+        remove_on_stop: args.rm && !args.detach,
+        add_hosts,
+        command: argv.clone(),
+        ..Default::default()
+    };
+    let tty = args.process.tty;
+    let spec = ExecSpec {
+        argv,
+        env: Vec::new(),
+        cwd: None,
+        user: None,
+        tty: tty.then(term::size),
+        stdin: args.process.interactive,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let started = Instant::now();
+        let store = Store::open_default();
+        let store2 = store.clone();
+        // Ctrl-C during boot must not leave a sandbox behind: remember it and stop after boot.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut boot = tokio::task::spawn_blocking(move || matchlock_sandbox::start(&store2, config));
+        let (id, interrupted) = tokio::select! {
+            r = &mut boot => (r??, false),
+            _ = sigint.recv() => (boot.await??, true),
+        };
+        drop(sigint);
+        let client = Client::for_sandbox(&store, &id)?;
+        if interrupted {
+            let _ = client.stop(Some(0)).await;
+            if !args.rm {
+                let _ = store.remove(&id);
+            }
+            return Ok(130);
+        }
+        if args.detach {
+            client.launch(spec).await?;
+            println!("{id}");
+            return Ok(0);
+        }
+        let stream = client.exec(spec).await?;
+        let code = attach(stream, tty, args.process.interactive).await;
+        if args.rm {
+            let _ = client.stop(None).await;
+        } else {
+            eprintln!(
+                "matchlock: sandbox {id} keeps running; 'matchlock exec {id} -- sh' to enter it, 'matchlock kill {id}' to stop it"
+            );
+        }
+        match code? {
+            Some(c) => Ok(c),
+            None => {
+                if let Some(t) = args.timeout {
+                    if started.elapsed().as_secs() + 1 >= t {
+                        eprintln!("matchlock: timed out after {t}s; the sandbox was stopped");
+                        return Ok(EXIT_TIMEOUT);
+                    }
+                }
+                bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'")
+            }
+        }
+    })
+}
+
+/// `matchlock exec`.
+pub fn exec(args: ExecArgs) -> Result<i32> {
+    validate_common(&args.process)?;
+    let env = parse_env(&args.process)?;
+    let store = Store::open_default();
+    let id = store.resolve_id(&args.id)?;
+    let client = Client::for_sandbox(&store, &id)?;
+    let tty = args.process.tty;
+    let spec = ExecSpec {
+        argv: args.command,
+        env,
+        cwd: args.process.workdir,
+        user: args.process.user,
+        tty: tty.then(term::size),
+        stdin: args.process.interactive,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let stream = client.exec(spec).await?;
+        match attach(stream, tty, args.process.interactive).await? {
+            Some(c) => Ok(c),
+            None => bail!("sandbox {id} stopped before the command finished"),
+        }
+    })
+}
+
+/// Relays a process's I/O between this terminal and its exec stream. Returns its exit code, or
+/// `None` if the stream ended without one (the sandbox went away).
+pub async fn attach(stream: UnixStream, tty: bool, stdin: bool) -> Result<Option<i32>> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Msg>(64);
+    // One writer owns the socket's write half for the whole exec: dropping it would half-close the
+    // stream, which the guest takes as "the client went away" and kills the process.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_msg(&mut wr, &m).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let _raw = (tty && term::stdin_is_tty()).then(term::RawMode::enter);
+    if stdin {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; matchlock_proto::CHUNK];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Msg::StdinEof).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Msg::Stdin(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if tty {
+        let tx = tx.clone();
+        if let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) {
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    if tx.send(Msg::Resize(term::size())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    // Forward the signals a user sends to matchlock to the process group in the sandbox.
+    for (kind, num) in [
+        (tokio::signal::unix::SignalKind::interrupt(), libc::SIGINT),
+        (tokio::signal::unix::SignalKind::terminate(), libc::SIGTERM),
+        (tokio::signal::unix::SignalKind::hangup(), libc::SIGHUP),
+    ] {
+        if let Ok(mut sig) = tokio::signal::unix::signal(kind) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while sig.recv().await.is_some() {
+                    if tx.send(Msg::Signal(num)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let mut errored = false;
+    let result = loop {
+        match read_msg(&mut rd).await {
+            Ok(Some(Msg::Started { .. })) => {}
+            Ok(Some(Msg::Stdout(d))) => {
+                let _ = out.write_all(&d);
+                let _ = out.flush();
+            }
+            Ok(Some(Msg::Stderr(d))) => {
+                let _ = err.write_all(&d);
+                let _ = err.flush();
+            }
+            // The guest reports a process that could not start as an error, usually followed by
+            // its exit status (126/127); keep reading for it.
+            Ok(Some(Msg::Error(e))) => {
+                eprint!("matchlock: {e}\r\n");
+                errored = true;
+            }
+            Ok(Some(Msg::Exited(st))) => break Ok(Some(st.code)),
+            Ok(Some(_)) => {}
+            Ok(None) if errored => break Ok(Some(EXIT_MATCHLOCK_ERROR)),
+            Ok(None) => break Ok(None),
+            Err(e) => break Err(anyhow!("lost the sandbox connection: {e}")),
+        }
+    };
+    drop(tx);
+    writer.abort();
+    result
+}

@@ -1,0 +1,385 @@
+//! The on-disk store: content-addressed blobs, one rootfs per image config, tags.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::archive::{self, ImagePlan};
+use crate::reference::{familiar, normalize_reference};
+use crate::unpack::Staging;
+use crate::util::{
+    atomic_write, decompress, digest_hex, euid, pid_alive, unique_name, FileLock, HashingReader,
+};
+use crate::{ext4, ImageError, ImageInfo};
+
+/// What a tag file holds: the public [`ImageInfo`] plus the blobs the image references, so
+/// `remove` can garbage-collect blobs no tag uses any more.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TagRecord {
+    #[serde(flatten)]
+    info: ImageInfo,
+    /// Digests of the manifest (OCI), config and layer blobs of this image.
+    #[serde(default)]
+    blobs: Vec<String>,
+    /// `oci` or `docker-save` (later: `registry`).
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// A content-addressed image store rooted at one directory. Cheap to construct; safe to use from
+/// several processes at once.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+    /// Tests set this to exercise the unprivileged (debugfs fix-up) path while running as root.
+    pub(crate) force_unprivileged: bool,
+}
+
+/// Removes an import's private temp directory however the import ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkdirs(path: &Path) -> Result<(), ImageError> {
+    fs::create_dir_all(path).map_err(|e| ImageError::io(format!("creating {}", path.display()), e))
+}
+
+/// Tag file name: the normalised reference with every byte outside `[A-Za-z0-9._-]` percent-encoded,
+/// so `/`, `:` and `@` cannot form paths. Names that would exceed the file-name limit keep a
+/// readable prefix plus the sha256 of the whole reference (the record inside holds the name).
+fn escape_tag(name: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = percent_encode(name);
+    if out.len() > MAX {
+        use sha2::Digest;
+        let hash = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+        let mut cut = MAX - hash.len() - 1;
+        // Do not split a %XX escape.
+        while out.as_bytes()[cut - 1] == b'%' || out.as_bytes()[cut - 2] == b'%' {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('~');
+        out.push_str(&hash);
+    }
+    out
+}
+
+fn percent_encode(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 16);
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ImageStore {
+    /// Open the default store: `$MATCHLOCK_CACHE_DIR/images`, else `~/.cache/matchlock/images`.
+    pub fn open_default() -> Result<ImageStore, ImageError> {
+        if let Some(dir) = std::env::var_os("MATCHLOCK_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return ImageStore::open(PathBuf::from(dir).join("images"));
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| {
+                ImageError::NoStoreDir("HOME is not set; set MATCHLOCK_CACHE_DIR".into())
+            })?;
+        ImageStore::open(PathBuf::from(home).join(".cache/matchlock/images"))
+    }
+
+    /// Open (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<ImageStore, ImageError> {
+        let root = root.into();
+        for sub in ["blobs/sha256", "rootfs", "tags", "tmp"] {
+            mkdirs(&root.join(sub))?;
+        }
+        // Absolute, so ImageInfo.rootfs works from any working directory.
+        let root = fs::canonicalize(&root)
+            .map_err(|e| ImageError::io(format!("resolving {}", root.display()), e))?;
+        Ok(ImageStore {
+            root,
+            force_unprivileged: false,
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn tag_path(&self, normalized: &str) -> PathBuf {
+        self.root
+            .join("tags")
+            .join(format!("{}.json", escape_tag(normalized)))
+    }
+
+    fn rootfs_path(&self, config_digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self
+            .root
+            .join("rootfs")
+            .join(format!("{}.ext4", digest_hex(config_digest)?)))
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
+    }
+
+    fn lock(&self) -> Result<FileLock, ImageError> {
+        FileLock::exclusive(&self.root.join("lock"))
+    }
+
+    /// Import a `docker save` or OCI image-layout tarball (auto-detected, optionally gzip/zstd
+    /// compressed) from `reader` and tag it `name`. Builds the rootfs unless an image with the
+    /// same config is already stored. An existing tag is replaced atomically; its old rootfs is
+    /// deleted when no other tag uses it.
+    pub fn import(&self, name: &str, reader: impl Read) -> Result<ImageInfo, ImageError> {
+        let normalized = normalize_reference(name)?;
+        self.sweep_tmp();
+        let work = TempDir(self.tmp().join(unique_name("import")));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work.0)
+            .map_err(|e| ImageError::io(format!("creating {}", work.0.display()), e))?;
+
+        let spool = archive::spool(reader, &work.0.join("spool"))?;
+        let plan = archive::plan(&spool, &normalized)?;
+        let rootfs = self.rootfs_path(&plan.config_digest)?;
+
+        let mut built: Option<PathBuf> = None;
+        loop {
+            if built.is_none() && !rootfs.exists() {
+                built = Some(self.build_rootfs(&plan, &work.0)?);
+            }
+            let _lock = self.lock()?;
+            if !rootfs.exists() {
+                match &built {
+                    Some(img) => fs::rename(img, &rootfs).map_err(|e| {
+                        ImageError::io(format!("installing {}", rootfs.display()), e)
+                    })?,
+                    // A concurrent remove deleted the rootfs we meant to share: build it ourselves.
+                    None => continue,
+                }
+            }
+            return self.commit(&normalized, &plan, &rootfs);
+        }
+    }
+
+    /// Under the store lock: move blobs into place, write the tag, collect garbage of the old tag.
+    fn commit(
+        &self,
+        normalized: &str,
+        plan: &ImagePlan,
+        rootfs: &Path,
+    ) -> Result<ImageInfo, ImageError> {
+        for (digest, file) in &plan.blobs {
+            let dest = self.blob_path(digest)?;
+            if !dest.exists() {
+                // Spool files are on the store's file system, so this is an atomic rename. A blob
+                // used twice by one image is moved once; the second source is then gone.
+                if let Err(e) = fs::rename(file, &dest) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        return Err(ImageError::io(format!("storing blob {digest}"), e));
+                    }
+                }
+            }
+        }
+        let size = fs::metadata(rootfs)
+            .map_err(|e| ImageError::io(format!("inspecting {}", rootfs.display()), e))?
+            .len();
+        let info = ImageInfo {
+            name: normalized.to_string(),
+            digest: plan.config_digest.clone(),
+            rootfs: rootfs.to_path_buf(),
+            size,
+            created: plan.created.clone(),
+            config: plan.config.clone(),
+        };
+        let mut blobs: Vec<String> = plan.blobs.iter().map(|(d, _)| d.clone()).collect();
+        blobs.sort();
+        blobs.dedup();
+        let record = TagRecord {
+            info: info.clone(),
+            blobs,
+            source: Some(plan.format.to_string()),
+        };
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| ImageError::Json {
+            context: "encoding the tag record".into(),
+            source: e,
+        })?;
+        let tag = self.tag_path(normalized);
+        let old = self.read_record(&tag).ok();
+        atomic_write(&self.tmp(), &tag, &json)?;
+        if let Some(old) = old {
+            self.collect_garbage(&old)?;
+        }
+        Ok(info)
+    }
+
+    /// Apply the layers into a staging tree and build the ext4; returns the finished image file
+    /// inside `work`. The staging tree is deleted before returning, on success or failure.
+    fn build_rootfs(&self, plan: &ImagePlan, work: &Path) -> Result<PathBuf, ImageError> {
+        let privileged = euid() == 0 && !self.force_unprivileged;
+        let staging_dir = work.join("rootfs");
+        let scratch = work.join("scratch");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&scratch)
+            .map_err(|e| ImageError::io(format!("creating {}", scratch.display()), e))?;
+        let _cleanup = TempDir(staging_dir.clone());
+        let mut staging = Staging::new(staging_dir, privileged)?;
+        for (i, layer) in plan.layers.iter().enumerate() {
+            let n = i + 1;
+            let file = fs::File::open(&layer.file)
+                .map_err(|e| ImageError::io(format!("opening layer {n}"), e))?;
+            let mut hashing = HashingReader::new(
+                decompress(file)
+                    .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?,
+            );
+            staging.apply_layer(n, &mut hashing)?;
+            let (diff_id, _) = hashing
+                .finish()
+                .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?;
+            if diff_id != layer.diff_id {
+                return Err(ImageError::DigestMismatch {
+                    what: format!("layer {n}"),
+                    expected: layer.diff_id.clone(),
+                    actual: diff_id,
+                });
+            }
+        }
+        staging.finalize()?;
+        let out = work.join("rootfs.ext4");
+        ext4::build(&staging, &out, &scratch)?;
+        // Shared by every sandbox of the image: nobody may write it.
+        fs::set_permissions(&out, fs::Permissions::from_mode(0o444))
+            .map_err(|e| ImageError::io(format!("making {} read-only", out.display()), e))?;
+        Ok(out)
+    }
+
+    fn read_record(&self, path: &Path) -> Result<TagRecord, ImageError> {
+        let bytes =
+            fs::read(path).map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Json {
+            context: format!(
+                "parsing tag file {} (delete it and re-import the image)",
+                path.display()
+            ),
+            source: e,
+        })
+    }
+
+    fn records(&self) -> Result<Vec<TagRecord>, ImageError> {
+        let dir = self.root.join("tags");
+        let mut out = Vec::new();
+        let listing = fs::read_dir(&dir)
+            .map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        for entry in listing {
+            let entry =
+                entry.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                out.push(self.read_record(&path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete the rootfs and blobs of `old` that no remaining tag references. Caller holds the lock.
+    fn collect_garbage(&self, old: &TagRecord) -> Result<(), ImageError> {
+        let remaining = self.records()?;
+        if !remaining.iter().any(|r| r.info.rootfs == old.info.rootfs) {
+            // Running sandboxes keep their open descriptor; unlinking is safe for them.
+            let _ = fs::remove_file(&old.info.rootfs);
+        }
+        let used: HashSet<&String> = remaining.iter().flat_map(|r| r.blobs.iter()).collect();
+        for digest in &old.blobs {
+            if !used.contains(digest) {
+                if let Ok(path) = self.blob_path(digest) {
+                    let _ = fs::remove_file(path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Look up a tag (normalised first).
+    pub fn resolve(&self, name: &str) -> Result<ImageInfo, ImageError> {
+        let normalized = normalize_reference(name)?;
+        let tag = self.tag_path(&normalized);
+        if !tag.exists() {
+            return Err(ImageError::NotFound {
+                shown: familiar(&normalized).to_string(),
+                input: name.trim().to_string(),
+            });
+        }
+        let record = self.read_record(&tag)?;
+        if !record.info.rootfs.exists() {
+            return Err(ImageError::InvalidArchive(format!(
+                "the root file system of \"{}\" is missing from the store; re-import the image",
+                familiar(&normalized)
+            )));
+        }
+        Ok(record.info)
+    }
+
+    /// All tagged images, sorted by name.
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
+        let mut out: Vec<ImageInfo> = self.records()?.into_iter().map(|r| r.info).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Remove a tag; its rootfs and blobs go too when no other tag uses them.
+    pub fn remove(&self, name: &str) -> Result<(), ImageError> {
+        let normalized = normalize_reference(name)?;
+        let _lock = self.lock()?;
+        let tag = self.tag_path(&normalized);
+        if !tag.exists() {
+            return Err(ImageError::NotFound {
+                shown: familiar(&normalized).to_string(),
+                input: name.trim().to_string(),
+            });
+        }
+        let record = self.read_record(&tag)?;
+        fs::remove_file(&tag)
+            .map_err(|e| ImageError::io(format!("removing {}", tag.display()), e))?;
+        self.collect_garbage(&record)
+    }
+
+    /// Delete temp entries left by processes that died mid-import (their pid is in the name).
+    fn sweep_tmp(&self) {
+        let Ok(listing) = fs::read_dir(self.tmp()) else {
+            return;
+        };
+        for entry in listing.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !(name.starts_with("import-") || name.starts_with("write-")) || pid_alive(pid) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Starting sandboxes and talking to their supervisors.
+
+use crate::config::{now_secs, SandboxConfig, Status};
+use crate::control::{self, ExecSpec, Reply, Request};
+use crate::store::Store;
+use crate::SandboxError;
+use matchlock_proto::Msg;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use tokio::net::UnixStream;
+
+/// Creates a sandbox from `config` (its `id` and `created_at` are filled in here), starts its
+/// supervisor and waits until the guest is ready for commands. Returns the sandbox id.
+///
+/// On failure nothing is left behind: the supervisor removes the sandbox directory, and so does this
+/// function if the supervisor could not even start.
+pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, SandboxError> {
+    let id = store.create_dir()?;
+    config.id = id.clone();
+    config.created_at = now_secs();
+    if config.hostname.is_empty() {
+        config.hostname = id.clone();
+    }
+    let cleanup = |e: SandboxError| {
+        if !store.supervisor_alive(&id) {
+            let _ = std::fs::remove_dir_all(store.dir(&id));
+        }
+        e
+    };
+    store.write_config(&config).map_err(cleanup)?;
+    let (rfd, wfd) = pipe().map_err(|e| cleanup(SandboxError::io("creating a pipe")(e)))?;
+    let log_path = store.dir(&id).join("logs").join("supervisor.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| cleanup(SandboxError::io(format!("creating {}", log_path.display()))(e)))?;
+    let log2 = log.try_clone().map_err(|e| cleanup(SandboxError::io("log")(e)))?;
+    let exe = crate::supervisor::supervisor_exe().map_err(cleanup)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__supervise")
+        .arg(&id)
+        .env("MATCHLOCK_HOME", store.home())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let w = wfd.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session: the supervisor outlives the CLI and ignores its terminal's signals.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if w == crate::supervisor::READY_FD {
+                let flags = libc::fcntl(w, libc::F_GETFD);
+                libc::fcntl(w, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(w, crate::supervisor::READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| cleanup(SandboxError::io("starting the sandbox supervisor")(e)))?;
+    drop(wfd);
+    // Reap the supervisor whenever it ends so long-lived callers (the RPC server) keep no zombies.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    let mut answer = String::new();
+    let _ = std::fs::File::from(rfd).read_to_string(&mut answer);
+    let line = answer.lines().next().unwrap_or("").trim();
+    if line == "ok" {
+        return Ok(id);
+    }
+    if let Some(msg) = line.strip_prefix("error: ") {
+        return Err(cleanup(SandboxError::Start(msg.replace("\\n", "\n"))));
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last = log.lines().last().unwrap_or("no output").to_string();
+    Err(cleanup(SandboxError::Start(format!("the sandbox supervisor died while booting: {last}"))))
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A connection point to one running sandbox's supervisor.
+#[derive(Debug, Clone)]
+pub struct Client {
+    id: String,
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client for sandbox `id`; fails unless it is running.
+    pub fn for_sandbox(store: &Store, id: &str) -> Result<Client, SandboxError> {
+        let state = store.state(id)?;
+        if state.status != Status::Running {
+            return Err(SandboxError::NotRunning { id: id.to_string(), status: state.status });
+        }
+        Ok(Client { id: id.to_string(), socket: store.dir(id).join("control.sock") })
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn send(&self, req: &Request) -> Result<UnixStream, SandboxError> {
+        let mut s = UnixStream::connect(&self.socket).await.map_err(|e| {
+            SandboxError::Channel(format!("cannot reach sandbox {} ({e}); is it still running?", self.id))
+        })?;
+        control::write_json(&mut s, req)
+            .await
+            .map_err(SandboxError::io("sending a control request"))?;
+        Ok(s)
+    }
+
+    async fn simple(&self, req: &Request) -> Result<(), SandboxError> {
+        let mut s = self.send(req).await?;
+        match control::read_json::<_, Reply>(&mut s).await {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(Reply::Error(e)) => Err(SandboxError::Channel(e)),
+            Err(e) => Err(SandboxError::Channel(format!("no reply from sandbox {}: {e}", self.id))),
+        }
+    }
+
+    /// Starts a process; the returned connection is its exec stream (`Msg` frames both ways).
+    pub async fn exec(&self, spec: ExecSpec) -> Result<UnixStream, SandboxError> {
+        self.send(&Request::Exec(spec)).await
+    }
+
+    /// Starts a detached process whose output goes to the sandbox log.
+    pub async fn launch(&self, spec: ExecSpec) -> Result<(), SandboxError> {
+        self.simple(&Request::Launch(spec)).await
+    }
+
+    /// Starts a file operation; the returned connection is its stream.
+    pub async fn file(&self, op: Msg) -> Result<UnixStream, SandboxError> {
+        self.send(&Request::File(op)).await
+    }
+
+    /// Stops the sandbox and waits until its VM is gone.
+    pub async fn stop(&self, grace_ms: Option<u64>) -> Result<(), SandboxError> {
+        self.simple(&Request::Stop { grace_ms }).await
+    }
+
+    /// Checks that the supervisor answers.
+    pub async fn ping(&self) -> Result<(), SandboxError> {
+        self.simple(&Request::Ping).await
+    }
+}

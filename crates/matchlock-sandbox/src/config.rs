@@ -1,0 +1,145 @@
+//! What a sandbox is (its configuration, fixed at creation) and where it stands (its state).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A sandbox's configuration, written once to `config.json` when it is created.
+/// Never holds secret values (none exist yet at this layer; future secret fields hold placeholders).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SandboxConfig {
+    /// Sandbox id (`vm-` and 8 hex digits).
+    pub id: String,
+    /// Normalised image reference.
+    pub image: String,
+    /// Digest of the image config.
+    pub image_digest: String,
+    /// The image's read-only root filesystem (ext4).
+    pub rootfs: PathBuf,
+    /// Guest hostname.
+    pub hostname: String,
+    /// CPU share; fractional values are enforced with cgroup `cpu.max` in the guest.
+    pub cpus: f64,
+    /// Guest memory in MiB.
+    pub memory_mb: u64,
+    /// Size of the writable upper disk in MiB.
+    pub disk_size_mb: u64,
+    /// Base environment of every exec: image env merged with the user's.
+    pub env: Vec<(String, String)>,
+    /// Default working directory of every exec.
+    pub workdir: Option<String>,
+    /// Default user of every exec.
+    pub user: Option<String>,
+    /// Run processes with all capabilities and no seccomp filter.
+    pub privileged: bool,
+    /// Grace period between SIGTERM and SIGKILL when the sandbox stops, in milliseconds.
+    pub graceful_shutdown_ms: u64,
+    /// Lifetime limit in seconds; the supervisor stops the sandbox when it is reached.
+    pub timeout_secs: Option<u64>,
+    /// Remove the sandbox's directory when it stops.
+    pub remove_on_stop: bool,
+    /// Extra `/etc/hosts` entries `(address, name)`.
+    pub add_hosts: Vec<(String, String)>,
+    /// The command `run` started, for `inspect`.
+    pub command: Vec<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl SandboxConfig {
+    /// Number of vCPUs: `ceil(cpus)`, at least 1.
+    pub fn vcpus(&self) -> u32 {
+        (self.cpus.ceil() as u32).max(1)
+    }
+
+    /// cgroup `cpu.max` when `cpus` is fractional.
+    pub fn cpu_max(&self) -> Option<(u64, u64)> {
+        const PERIOD: u64 = 100_000;
+        if self.cpus.fract() == 0.0 {
+            return None;
+        }
+        Some((((self.cpus * PERIOD as f64).round() as u64).max(1000), PERIOD))
+    }
+}
+
+/// Lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The supervisor is booting the VM.
+    Starting,
+    /// The VM runs and accepts commands.
+    Running,
+    /// The supervisor is shutting the VM down.
+    Stopping,
+    /// Stopped cleanly.
+    Stopped,
+    /// The supervisor died without cleaning up (derived: state says running but the lock is free).
+    Crashed,
+    /// Boot failed.
+    Failed,
+}
+
+impl Status {
+    /// Whether the sandbox accepts commands (or soon will).
+    pub fn is_live(self) -> bool {
+        matches!(self, Status::Starting | Status::Running | Status::Stopping)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Crashed => "crashed",
+            Status::Failed => "failed",
+        })
+    }
+}
+
+/// Where a sandbox stands, rewritten atomically by its supervisor at each transition (`state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// Current status.
+    pub status: Status,
+    /// Supervisor pid.
+    pub pid: u32,
+    /// QEMU pid, once started.
+    pub qemu_pid: Option<u32>,
+    /// Accelerator in use.
+    pub accel: Option<String>,
+    /// Milliseconds from supervisor start to a guest ready for commands.
+    pub boot_ms: Option<u64>,
+    /// Why it stopped (`stopped by request`, `timeout after 5s`, `guest powered off`, an error).
+    pub reason: Option<String>,
+    /// Last transition, seconds since the epoch.
+    pub updated_at: u64,
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractional_cpus_become_quota() {
+        let mut c = SandboxConfig { cpus: 0.5, ..Default::default() };
+        assert_eq!(c.vcpus(), 1);
+        assert_eq!(c.cpu_max(), Some((50_000, 100_000)));
+        c.cpus = 2.0;
+        assert_eq!(c.vcpus(), 2);
+        assert_eq!(c.cpu_max(), None);
+        c.cpus = 1.5;
+        assert_eq!(c.vcpus(), 2);
+        assert_eq!(c.cpu_max(), Some((150_000, 100_000)));
+    }
+}

@@ -1,0 +1,83 @@
+//! The control protocol spoken on `vms/<id>/control.sock`.
+//!
+//! A client connection carries one request: a length-prefixed JSON [`Request`] (4-byte big-endian
+//! length). For [`Request::Exec`] and [`Request::File`] the supervisor then opens a guest stream and
+//! splices the connection onto it, so from there on the client speaks the guest protocol
+//! (`matchlock_proto::Msg` frames) directly, and failures arrive as `Msg::Error`. Other requests get
+//! one JSON [`Reply`].
+
+use matchlock_proto::{Msg, WinSize};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest control request accepted.
+pub const MAX_REQUEST: usize = 1024 * 1024;
+
+/// A process to run, before the supervisor fills in the sandbox's defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment, overriding the sandbox's.
+    pub env: Vec<(String, String)>,
+    /// Working directory; the sandbox default when `None`.
+    pub cwd: Option<String>,
+    /// User; the sandbox default when `None`.
+    pub user: Option<String>,
+    /// Allocate a terminal of this size.
+    pub tty: Option<WinSize>,
+    /// The client sends stdin.
+    pub stdin: bool,
+}
+
+/// One request on a control connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Run a process; the connection becomes its exec stream.
+    Exec(ExecSpec),
+    /// A file operation (`WriteFile`, `ReadFile` or `ListFiles`); the connection becomes its stream.
+    File(Msg),
+    /// Stop the sandbox. The reply comes once the VM has stopped.
+    Stop {
+        /// Grace period for processes; the sandbox default when `None`.
+        grace_ms: Option<u64>,
+    },
+    /// Start a process in the background; its output goes to `logs/vm.log`. Replies once started.
+    Launch(ExecSpec),
+    /// Liveness check.
+    Ping,
+}
+
+/// Reply to [`Request::Stop`], [`Request::Launch`] and [`Request::Ping`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Reply {
+    /// Done.
+    Ok,
+    /// Failed, with a message for the user.
+    Error(String),
+}
+
+/// Writes a length-prefixed JSON value.
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
+    let body = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    let mut buf = (body.len() as u32).to_be_bytes().to_vec();
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+/// Reads a length-prefixed JSON value, bounded by [`MAX_REQUEST`].
+pub async fn read_json<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> std::io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_REQUEST {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control message of {len} bytes exceeds {MAX_REQUEST}"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

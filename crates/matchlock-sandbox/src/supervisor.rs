@@ -1,0 +1,631 @@
+//! The per-sandbox supervisor: a detached process (`matchlock __supervise <id>`) that owns one VM.
+//!
+//! It holds the sandbox's lock for its whole life (so a dead supervisor is visible as `crashed`),
+//! starts QEMU with `PR_SET_PDEATHSIG` (so QEMU never outlives it), speaks the guest protocol over the
+//! agent channel, copies the serial console into `logs/vm.log`, serves the control socket, enforces
+//! the lifetime timeout, and on stop shuts the guest down, removes the upper disk and sockets, and
+//! (with `--rm`) the whole sandbox directory.
+//!
+//! It tells the process that spawned it how the boot went through an inherited pipe (fd 3): one line,
+//! `ok` or the error.
+
+use crate::config::{now_secs, SandboxConfig, State, Status};
+use crate::control::{self, ExecSpec, Reply, Request};
+use crate::store::Store;
+use crate::SandboxError;
+use matchlock_proto::mux::{Mux, Role};
+use matchlock_proto::{read_msg, write_msg, ExecRequest, Msg, Setup};
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// The fd on which the supervisor reports boot success or failure to its parent.
+pub const READY_FD: i32 = 3;
+
+/// How long the guest may take from QEMU start to the agent's hello. Generous because TCG on a
+/// loaded 2-core machine can be slow; KVM boots in well under a second.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Disk serials the guest finds its disks by.
+const ROOT_SERIAL: &str = "ml-root";
+const UPPER_SERIAL: &str = "ml-upper";
+
+struct Ctx {
+    config: SandboxConfig,
+    mux: Mux,
+    stop_tx: mpsc::Sender<StopRequest>,
+    log: Arc<Mutex<std::fs::File>>,
+}
+
+struct StopRequest {
+    reason: String,
+    grace_ms: Option<u64>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// Runs the supervisor for sandbox `id` in this process. Returns the process exit code.
+pub fn run(store: Store, id: &str) -> i32 {
+    // SAFETY: fd 3 was set up by our parent (see `crate::client::start`); if it is not open, the
+    // writes below fail harmlessly.
+    let ready = unsafe { std::fs::File::from_raw_fd(READY_FD) };
+    let mut ready = Some(ready);
+    let report = |ready: &mut Option<std::fs::File>, line: &str| {
+        if let Some(mut f) = ready.take() {
+            let _ = writeln!(f, "{line}");
+        }
+    };
+    let config = match store.config(id) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    let dir = store.dir(id);
+    let lock = match take_lock(&dir) {
+        Ok(l) => l,
+        Err(e) => {
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    let mut state = State {
+        status: Status::Starting,
+        pid: std::process::id(),
+        qemu_pid: None,
+        accel: None,
+        boot_ms: None,
+        reason: None,
+        updated_at: now_secs(),
+    };
+    let _ = store.write_state(id, &state);
+    let started = Instant::now();
+
+    let booted = prepare_and_spawn(&store, &config, &mut state);
+    let (qemu, listeners) = match booted {
+        Ok(x) => x,
+        Err(e) => {
+            fail(&store, &config, &mut state, &e.to_string());
+            report(&mut ready, &format!("error: {e}"));
+            drop(lock);
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e.to_string());
+            report(&mut ready, &format!("error: cannot start the async runtime: {e}"));
+            return 1;
+        }
+    };
+    let code = rt.block_on(supervise(store, config, state, qemu, listeners, ready, started));
+    drop(lock);
+    code
+}
+
+fn take_lock(dir: &Path) -> Result<std::fs::File, SandboxError> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(SandboxError::io("opening the sandbox lock"))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(SandboxError::Start("another supervisor already owns this sandbox".into()));
+    }
+    Ok(f)
+}
+
+struct Qemu {
+    pid: u32,
+    exited: Arc<AtomicBool>,
+    exit_rx: oneshot::Receiver<String>,
+}
+
+struct Listeners {
+    agent: std::os::unix::net::UnixListener,
+    console: std::os::unix::net::UnixListener,
+}
+
+fn kill_qemu(q: &Qemu) -> std::io::Result<()> {
+    if !q.exited.load(Ordering::SeqCst) {
+        // SAFETY: plain kill(2); the pid is still our unreaped child, so it cannot be reused.
+        unsafe { libc::kill(q.pid as i32, libc::SIGKILL) };
+    }
+    Ok(())
+}
+
+/// Synchronous part of the boot: runs on the main thread because `PR_SET_PDEATHSIG` fires when the
+/// *thread* that forked QEMU exits, and the main thread lives as long as the supervisor.
+fn prepare_and_spawn(
+    store: &Store,
+    config: &SandboxConfig,
+    state: &mut State,
+) -> Result<(Qemu, Listeners), SandboxError> {
+    let dir = store.dir(&config.id);
+    let qemu_bin = matchlock_vmm::qemu::locate_qemu()?;
+    let kernel = matchlock_vmm::kernel::locate()?;
+    let agent = matchlock_vmm::agent::locate()?;
+    let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
+    let accel = matchlock_vmm::accel::choose(&qemu_bin, &kernel, &initramfs)?;
+    state.accel = Some(accel.accel.to_string());
+    if !config.rootfs.is_file() {
+        return Err(SandboxError::Start(format!(
+            "image root filesystem {} is missing; re-import the image {}",
+            config.rootfs.display(),
+            config.image
+        )));
+    }
+    let upper = dir.join("upper.ext4");
+    make_upper(&upper, config.disk_size_mb)?;
+
+    let agent_sock = dir.join("agent.sock");
+    let console_sock = dir.join("console.sock");
+    for s in [&agent_sock, &console_sock, &dir.join("control.sock")] {
+        check_socket_path(s)?;
+        let _ = std::fs::remove_file(s);
+    }
+    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock)
+        .map_err(SandboxError::io(format!("binding {}", agent_sock.display())))?;
+    let console_l = std::os::unix::net::UnixListener::bind(&console_sock)
+        .map_err(SandboxError::io(format!("binding {}", console_sock.display())))?;
+    for l in [&agent_l, &console_l] {
+        l.set_nonblocking(true).map_err(SandboxError::io("socket setup"))?;
+    }
+
+    let spec = matchlock_vmm::qemu::VmSpec {
+        qemu: qemu_bin,
+        kernel,
+        initramfs,
+        accel: accel.accel,
+        vcpus: config.vcpus(),
+        memory_mb: config.memory_mb,
+        disks: vec![
+            matchlock_vmm::qemu::Disk { path: config.rootfs.clone(), serial: ROOT_SERIAL.into(), read_only: true },
+            matchlock_vmm::qemu::Disk { path: upper, serial: UPPER_SERIAL.into(), read_only: false },
+        ],
+        agent_socket: agent_sock,
+        console_socket: console_sock,
+        extra_cmdline: Vec::new(),
+    };
+    let qemu_log = std::fs::File::create(dir.join("logs").join("qemu.log"))
+        .map_err(SandboxError::io("creating logs/qemu.log"))?;
+    let qemu_log2 = qemu_log.try_clone().map_err(SandboxError::io("creating logs/qemu.log"))?;
+    let mut cmd = spec.command();
+    cmd.stdin(Stdio::null()).stdout(qemu_log).stderr(qemu_log2);
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(SandboxError::io(format!("starting {}", spec.qemu.display())))?;
+    let pid = child.id();
+    state.qemu_pid = Some(pid);
+    let exited = Arc::new(AtomicBool::new(false));
+    let (exit_tx, exit_rx) = oneshot::channel();
+    let flag = exited.clone();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        flag.store(true, Ordering::SeqCst);
+        let _ = exit_tx.send(match status {
+            Ok(s) => s.to_string(),
+            Err(e) => e.to_string(),
+        });
+    });
+    Ok((Qemu { pid, exited, exit_rx }, Listeners { agent: agent_l, console: console_l }))
+}
+
+fn check_socket_path(p: &Path) -> Result<(), SandboxError> {
+    // sun_path holds 108 bytes including the terminating NUL.
+    if p.as_os_str().len() > 107 {
+        return Err(SandboxError::Start(format!(
+            "socket path {} is too long for a Unix socket; set MATCHLOCK_HOME to a shorter directory",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the sparse, empty ext4 upper disk.
+fn make_upper(path: &Path, size_mb: u64) -> Result<(), SandboxError> {
+    let f = std::fs::File::create(path).map_err(SandboxError::io(format!("creating {}", path.display())))?;
+    f.set_len(size_mb * 1024 * 1024).map_err(|e| {
+        SandboxError::Start(format!("cannot create a {size_mb} MiB upper disk at {}: {e}", path.display()))
+    })?;
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "matchlock-upper"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| SandboxError::Start(format!("cannot run mkfs.ext4 ({e}); install e2fsprogs")))?;
+    if !out.status.success() {
+        return Err(SandboxError::Start(format!(
+            "mkfs.ext4 failed on the upper disk: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Records a failed start and removes what the start created.
+fn fail(store: &Store, config: &SandboxConfig, state: &mut State, reason: &str) {
+    state.status = Status::Failed;
+    state.reason = Some(reason.to_string());
+    state.updated_at = now_secs();
+    let _ = store.write_state(&config.id, state);
+    // A sandbox that never ran holds nothing worth keeping; the error went to the caller.
+    let _ = std::fs::remove_dir_all(store.dir(&config.id));
+}
+
+fn console_tail(dir: &Path) -> String {
+    let data = std::fs::read(dir.join("logs").join("vm.log")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&data);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(8)..].join("\n  ");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n  guest console:\n  {tail}")
+    }
+}
+
+async fn supervise(
+    store: Store,
+    config: SandboxConfig,
+    mut state: State,
+    mut qemu: Qemu,
+    listeners: Listeners,
+    mut ready: Option<std::fs::File>,
+    started: Instant,
+) -> i32 {
+    let dir = store.dir(&config.id);
+    let report = |ready: &mut Option<std::fs::File>, line: &str| {
+        if let Some(mut f) = ready.take() {
+            let _ = writeln!(f, "{line}");
+        }
+    };
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("logs").join("vm.log"))
+    {
+        Ok(f) => Arc::new(Mutex::new(f)),
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e.to_string());
+            report(&mut ready, &format!("error: cannot open logs/vm.log: {e}"));
+            return 1;
+        }
+    };
+    let (agent_l, console_l) = match (
+        UnixListener::from_std(listeners.agent),
+        UnixListener::from_std(listeners.console),
+    ) {
+        (Ok(a), Ok(c)) => (a, c),
+        _ => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, "socket setup failed");
+            report(&mut ready, "error: socket setup failed");
+            return 1;
+        }
+    };
+    // Console: copy everything QEMU's serial port prints into vm.log.
+    let console_log = log.clone();
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = console_l.accept().await {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let _ = console_log.lock().await.write_all(&buf[..n]);
+            }
+        }
+    });
+
+    let boot = async {
+        let (mut conn, _) = agent_l
+            .accept()
+            .await
+            .map_err(|e| format!("QEMU did not connect the agent channel: {e}"))?;
+        let mut hello = [0u8; 8];
+        conn.read_exact(&mut hello)
+            .await
+            .map_err(|e| format!("guest agent did not say hello: {e}"))?;
+        if &hello != matchlock_proto::HELLO {
+            return Err(format!(
+                "guest agent speaks another protocol version ({:?}); rebuild the guest agent",
+                String::from_utf8_lossy(&hello)
+            ));
+        }
+        let (mux, mut inbound, _driver) = Mux::start(conn, Role::Client);
+        // The guest never opens streams towards us today; drain them so they are refused.
+        tokio::spawn(async move { while inbound.recv().await.is_some() {} });
+        let mut s = mux.open().await.map_err(|e| e.to_string())?;
+        let setup = Setup {
+            hostname: config.hostname.clone(),
+            hosts: config.add_hosts.clone(),
+            root_serial: ROOT_SERIAL.into(),
+            upper_serial: Some(UPPER_SERIAL.into()),
+            time_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            cpu_max: config.cpu_max(),
+        };
+        write_msg(&mut s, &Msg::Setup(setup)).await.map_err(|e| e.to_string())?;
+        match read_msg(&mut s).await {
+            Ok(Some(Msg::Ok)) => Ok(mux),
+            Ok(Some(Msg::Error(e))) => Err(format!("guest setup failed: {e}")),
+            Ok(other) => Err(format!("guest setup: unexpected reply {other:?}")),
+            Err(e) => Err(format!("guest setup: {e}")),
+        }
+    };
+    let booted = tokio::select! {
+        r = tokio::time::timeout(BOOT_TIMEOUT, boot) => match r {
+            Ok(r) => r,
+            Err(_) => Err(format!("the guest did not come up within {} s", BOOT_TIMEOUT.as_secs())),
+        },
+        status = &mut qemu.exit_rx => {
+            let qlog = std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
+            let first = qlog.lines().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            Err(format!("QEMU exited during boot ({}) {first}", status.unwrap_or_default()))
+        }
+    };
+    let mux = match booted {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            // Give the console copier a moment to flush what the guest printed before dying.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let msg = format!("sandbox failed to boot: {e}{}", console_tail(&dir));
+            fail(&store, &config, &mut state, &msg);
+            report(&mut ready, &format!("error: {}", msg.replace('\n', "\\n")));
+            return 1;
+        }
+    };
+
+    let control_path = dir.join("control.sock");
+    let control = match UnixListener::bind(&control_path) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e.to_string());
+            report(&mut ready, &format!("error: cannot bind the control socket: {e}"));
+            return 1;
+        }
+    };
+    let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600));
+    state.status = Status::Running;
+    state.boot_ms = Some(started.elapsed().as_millis() as u64);
+    state.updated_at = now_secs();
+    let _ = store.write_state(&config.id, &state);
+    report(&mut ready, "ok");
+
+    let (stop_tx, mut stop_rx) = mpsc::channel::<StopRequest>(16);
+    let ctx = Arc::new(Ctx { config: config.clone(), mux: mux.clone(), stop_tx: stop_tx.clone(), log });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let deadline = config
+        .timeout_secs
+        .map(|t| tokio::time::Instant::from_std(started + Duration::from_secs(t)));
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let (reason, grace, qemu_gone) = loop {
+        tokio::select! {
+            conn = control.accept() => {
+                if let Ok((conn, _)) = conn {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { handle(ctx, conn).await });
+                }
+            }
+            req = stop_rx.recv() => {
+                if let Some(mut req) = req {
+                    if let Some(done) = req.done.take() { waiters.push(done); }
+                    break (req.reason, req.grace_ms.unwrap_or(config.graceful_shutdown_ms), false);
+                }
+            }
+            status = &mut qemu.exit_rx => {
+                break (format!("the VM exited ({})", status.unwrap_or_default()), 0, true);
+            }
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
+                break ("stopped by SIGTERM".to_string(), config.graceful_shutdown_ms, false);
+            }
+            _ = async { match sigint.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
+                break ("stopped by SIGINT".to_string(), config.graceful_shutdown_ms, false);
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                break (format!("timeout after {}s", config.timeout_secs.unwrap_or(0)), 0, false);
+            }
+        }
+    };
+    state.status = Status::Stopping;
+    state.updated_at = now_secs();
+    let _ = store.write_state(&config.id, &state);
+    drop(control);
+    let _ = std::fs::remove_file(&control_path);
+    if !qemu_gone {
+        shutdown_guest(&mux, grace, &mut qemu).await;
+    }
+    // Late stop requests still deserve an answer.
+    while let Ok(mut req) = stop_rx.try_recv() {
+        if let Some(done) = req.done.take() {
+            waiters.push(done);
+        }
+    }
+    state.status = Status::Stopped;
+    state.reason = Some(reason);
+    state.updated_at = now_secs();
+    let _ = store.write_state(&config.id, &state);
+    for f in ["upper.ext4", "agent.sock", "console.sock"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    if config.remove_on_stop {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for w in waiters {
+        let _ = w.send(());
+    }
+    // Let the stop replies reach their clients before the runtime goes away.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    0
+}
+
+/// Asks the guest to stop its processes and power off; kills QEMU if it does not within the grace
+/// period plus a margin.
+async fn shutdown_guest(mux: &Mux, grace_ms: u64, qemu: &mut Qemu) {
+    let ask = async {
+        let mut s = mux.open().await.ok()?;
+        write_msg(&mut s, &Msg::Shutdown { grace_ms }).await.ok()?;
+        read_msg(&mut s).await.ok()
+    };
+    let margin = Duration::from_millis(grace_ms) + Duration::from_secs(5);
+    let _ = tokio::time::timeout(margin, ask).await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut qemu.exit_rx).await.is_err() {
+        let _ = kill_qemu(qemu);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut qemu.exit_rx).await;
+    }
+}
+
+/// Serves one control connection.
+async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
+    let req: Request = match control::read_json(&mut conn).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = control::write_json(&mut conn, &Reply::Error(format!("bad control request: {e}"))).await;
+            return;
+        }
+    };
+    match req {
+        Request::Exec(spec) => {
+            let req = compose_exec(&ctx.config, spec);
+            splice(&ctx, conn, Msg::Exec(req)).await;
+        }
+        Request::File(msg) => {
+            if matches!(msg, Msg::WriteFile(_) | Msg::ReadFile { .. } | Msg::ListFiles { .. }) {
+                splice(&ctx, conn, msg).await;
+            } else {
+                let _ = write_msg(&mut conn, &Msg::Error("not a file operation".into())).await;
+            }
+        }
+        Request::Stop { grace_ms } => {
+            let (tx, rx) = oneshot::channel();
+            let sent = ctx
+                .stop_tx
+                .send(StopRequest { reason: "stopped by request".into(), grace_ms, done: Some(tx) })
+                .await;
+            if sent.is_ok() {
+                let _ = rx.await;
+            }
+            let _ = control::write_json(&mut conn, &Reply::Ok).await;
+        }
+        Request::Launch(spec) => {
+            let reply = match launch(ctx.clone(), spec).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
+            };
+            let _ = control::write_json(&mut conn, &reply).await;
+        }
+        Request::Ping => {
+            let _ = control::write_json(&mut conn, &Reply::Ok).await;
+        }
+    }
+}
+
+/// Runs a detached command (`run -d`): its output and exit code go to `logs/vm.log`.
+async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
+    let mut s = ctx.mux.open().await.map_err(|e| e.to_string())?;
+    write_msg(&mut s, &Msg::Exec(compose_exec(&ctx.config, spec))).await.map_err(|e| e.to_string())?;
+    match read_msg(&mut s).await {
+        Ok(Some(Msg::Started { .. })) => {}
+        Ok(Some(Msg::Error(e))) => return Err(e),
+        other => return Err(format!("unexpected reply {other:?}")),
+    }
+    tokio::spawn(async move {
+        loop {
+            match read_msg(&mut s).await {
+                Ok(Some(Msg::Stdout(d))) | Ok(Some(Msg::Stderr(d))) => {
+                    let _ = ctx.log.lock().await.write_all(&d);
+                }
+                Ok(Some(Msg::Exited(st))) => {
+                    let line = format!("[matchlock] command exited with code {}\n", st.code);
+                    let _ = ctx.log.lock().await.write_all(line.as_bytes());
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Opens a guest stream, sends `first`, then copies bytes both ways until either side is done.
+async fn splice(ctx: &Ctx, mut conn: UnixStream, first: Msg) {
+    let mut stream = match ctx.mux.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = write_msg(&mut conn, &Msg::Error(format!("sandbox is shutting down: {e}"))).await;
+            return;
+        }
+    };
+    if let Err(e) = write_msg(&mut stream, &first).await {
+        let _ = write_msg(&mut conn, &Msg::Error(format!("guest channel: {e}"))).await;
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+}
+
+/// Fills an exec with the sandbox's defaults: base env (overridden by the request's), working
+/// directory, user and privilege.
+pub fn compose_exec(config: &SandboxConfig, spec: ExecSpec) -> ExecRequest {
+    let mut env = config.env.clone();
+    for (k, v) in spec.env {
+        match env.iter_mut().find(|(ek, _)| *ek == k) {
+            Some(slot) => slot.1 = v,
+            None => env.push((k, v)),
+        }
+    }
+    ExecRequest {
+        argv: spec.argv,
+        env,
+        cwd: spec.cwd.or_else(|| config.workdir.clone()).or_else(|| Some("/".into())),
+        user: spec.user.or_else(|| config.user.clone()),
+        tty: spec.tty,
+        stdin: spec.stdin,
+        privileged: config.privileged,
+    }
+}
+
+/// Where the supervisor binary is: this executable.
+pub fn supervisor_exe() -> Result<PathBuf, SandboxError> {
+    std::env::current_exe().map_err(SandboxError::io("finding the matchlock executable"))
+}

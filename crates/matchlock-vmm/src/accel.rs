@@ -1,0 +1,183 @@
+//! Choosing the accelerator.
+//!
+//! Opening `/dev/kvm` proves nothing: some hosts expose a software KVM that cannot run a Linux guest.
+//! So KVM is used only after a real probe boot (our kernel + initramfs with `matchlock.probe=1`)
+//! reaches `/init` within a timeout; the verdict is cached per kernel, initramfs and QEMU binary.
+//! `MATCHLOCK_ACCEL=kvm|tcg|auto` overrides.
+
+use crate::{cache_dir, write_atomic, VmmError};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// The outcome of [`choose`]: the accelerator and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Choice {
+    /// The accelerator to use.
+    pub accel: Accel,
+    /// A sentence explaining the choice (shown by `matchlock diagnose`).
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    key: String,
+    choice: Choice,
+}
+
+/// How long a probe boot may take before KVM is declared unusable.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Marker the agent prints on the console in probe mode.
+pub const PROBE_MARKER: &str = "MATCHLOCK-PROBE-OK";
+
+/// Picks the accelerator, probing KVM once per (kernel, initramfs, QEMU) and caching the verdict.
+pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, VmmError> {
+    let mode = std::env::var("MATCHLOCK_ACCEL").unwrap_or_default();
+    match mode.as_str() {
+        "tcg" => {
+            return Ok(Choice { accel: Accel::Tcg, reason: "MATCHLOCK_ACCEL=tcg".into() });
+        }
+        "kvm" | "auto" | "" => {}
+        other => return Err(VmmError::BadAccel(other.into())),
+    }
+    let forced = mode == "kvm";
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        let why = format!("/dev/kvm cannot be opened ({e})");
+        if forced {
+            return Err(VmmError::KvmUnusable(why));
+        }
+        return Ok(Choice { accel: Accel::Tcg, reason: format!("{why}; using TCG") });
+    }
+    let key = cache_key(qemu, kernel, initramfs);
+    let cache = cache_dir().join("accel.json");
+    if let Ok(data) = std::fs::read(&cache) {
+        if let Ok(c) = serde_json::from_slice::<Cached>(&data) {
+            if c.key == key {
+                return finish(c.choice, forced);
+            }
+        }
+    }
+    let choice = match probe(qemu, kernel, initramfs, Accel::Kvm, PROBE_TIMEOUT) {
+        Ok(t) => Choice {
+            accel: Accel::Kvm,
+            reason: format!("KVM probe boot reached /init in {} ms", t.as_millis()),
+        },
+        Err(why) => Choice {
+            accel: Accel::Tcg,
+            reason: format!("/dev/kvm opens but a probe boot failed ({why}); using TCG"),
+        },
+    };
+    if let Ok(data) = serde_json::to_vec(&Cached { key, choice: choice.clone() }) {
+        // A failed cache write only costs another probe next time.
+        let _ = write_atomic(&cache, &data);
+    }
+    finish(choice, forced)
+}
+
+fn finish(choice: Choice, forced: bool) -> Result<Choice, VmmError> {
+    if forced && choice.accel != Accel::Kvm {
+        return Err(VmmError::KvmUnusable(choice.reason));
+    }
+    Ok(choice)
+}
+
+fn cache_key(qemu: &Path, kernel: &Path, initramfs: &Path) -> String {
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).ok();
+        let mtime = m
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("{}:{}:{}", p.display(), m.map(|m| m.len()).unwrap_or(0), mtime)
+    };
+    format!("{}|{}|{}", stamp(qemu), stamp(kernel), stamp(initramfs))
+}
+
+/// Boots the kernel with the agent in probe mode and waits for its marker on the console.
+/// Returns the time to reach `/init`, or why it failed.
+pub fn probe(
+    qemu: &Path,
+    kernel: &Path,
+    initramfs: &Path,
+    accel: Accel,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let mut c = Command::new(qemu);
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,auto-kernel-cmdline=on",
+    ]);
+    match accel {
+        Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+        Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+    };
+    c.args([
+        "-m", "128M", "-smp", "1", "-no-reboot", "-nodefaults", "-no-user-config", "-display",
+        "none", "-serial", "stdio",
+    ]);
+    c.arg("-kernel").arg(kernel).arg("-initrd").arg(initramfs);
+    c.arg("-append")
+        .arg(format!("{} matchlock.probe=1", crate::qemu::BASE_CMDLINE));
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = c.spawn().map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&seen).contains(PROBE_MARKER) {
+                        let _ = tx.send(true);
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(false);
+    });
+    let ok = rx.recv_timeout(timeout).unwrap_or(false);
+    let elapsed = start.elapsed();
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    if ok {
+        Ok(elapsed)
+    } else if elapsed >= timeout {
+        Err(format!("no answer within {} s", timeout.as_secs()))
+    } else {
+        let line = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("guest died early");
+        Err(line.chars().take(200).collect())
+    }
+}

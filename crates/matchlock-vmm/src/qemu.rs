@@ -1,0 +1,164 @@
+//! The QEMU `microvm` command line for one sandbox.
+//!
+//! Hardening: `-nodefaults -no-user-config` (no implicit devices or config files), QEMU's own seccomp
+//! sandbox (`-sandbox on` denying obsolete syscalls, privilege changes, spawning and resource
+//! control), no network backend unless asked, no monitor, and only Unix sockets inside the sandbox's
+//! 0700 directory. The caller arranges for QEMU to die with its supervisor (`PR_SET_PDEATHSIG`).
+
+use crate::accel::Accel;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A block device given to the guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// Raw image file on the host.
+    pub path: PathBuf,
+    /// Virtio serial the guest finds it by (`/sys/block/vd*/serial`), at most 20 bytes.
+    pub serial: String,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The guest kernel (ELF vmlinux, booted via PVH).
+    pub kernel: PathBuf,
+    /// The initramfs holding the agent.
+    pub initramfs: PathBuf,
+    /// KVM or TCG.
+    pub accel: Accel,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mb: u64,
+    /// Block devices, in order.
+    pub disks: Vec<Disk>,
+    /// Unix socket QEMU connects to for the agent channel (the supervisor listens there).
+    pub agent_socket: PathBuf,
+    /// Unix socket QEMU connects its serial console to (the supervisor copies it into the log).
+    pub console_socket: PathBuf,
+    /// Extra kernel command line words.
+    pub extra_cmdline: Vec<String>,
+}
+
+/// Kernel command line used for every boot. `reboot=t` + QEMU's `-no-reboot` make a guest reboot
+/// end QEMU (there is no ACPI to power off); `panic=-1` does the same on a kernel panic.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Finds QEMU: `MATCHLOCK_QEMU`, else `qemu-system-x86_64` on `PATH`.
+pub fn locate_qemu() -> Result<PathBuf, crate::VmmError> {
+    if let Some(q) = std::env::var_os("MATCHLOCK_QEMU").filter(|q| !q.is_empty()) {
+        let q = PathBuf::from(q);
+        return if q.is_file() {
+            Ok(q)
+        } else {
+            Err(crate::VmmError::QemuMissing(q.display().to_string()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    for dir in std::env::split_paths(&path) {
+        let c = dir.join("qemu-system-x86_64");
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    Err(crate::VmmError::QemuMissing("PATH".into()))
+}
+
+impl VmSpec {
+    /// The QEMU command (not yet spawned).
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.qemu);
+        c.args([
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,auto-kernel-cmdline=on",
+        ]);
+        match self.accel {
+            Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+            Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+        };
+        c.arg("-m").arg(format!("{}M", self.memory_mb));
+        c.arg("-smp").arg(self.vcpus.max(1).to_string());
+        c.args([
+            "-no-reboot",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
+        let mut console = OsString::from("socket,id=console,path=");
+        console.push(escape_commas(&self.console_socket.to_string_lossy()));
+        c.arg("-chardev").arg(console);
+        c.args(["-serial", "chardev:console"]);
+        c.arg("-kernel").arg(&self.kernel);
+        c.arg("-initrd").arg(&self.initramfs);
+        let mut cmdline = BASE_CMDLINE.to_string();
+        for w in &self.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(w);
+        }
+        c.arg("-append").arg(cmdline);
+        for (i, d) in self.disks.iter().enumerate() {
+            let mut drive = OsString::from(format!("id=d{i},format=raw,if=none,cache=unsafe,file="));
+            // QEMU option values escape ',' by doubling it.
+            drive.push(escape_commas(&d.path.to_string_lossy()));
+            if d.read_only {
+                drive.push(",readonly=on");
+            }
+            c.arg("-drive").arg(drive);
+            c.arg("-device")
+                .arg(format!("virtio-blk-device,drive=d{i},serial={}", d.serial));
+        }
+        c.args(["-device", "virtio-serial-device"]);
+        let mut chardev = OsString::from("socket,id=agent,path=");
+        chardev.push(escape_commas(&self.agent_socket.to_string_lossy()));
+        c.arg("-chardev").arg(chardev);
+        c.args([
+            "-device",
+            &format!("virtserialport,chardev=agent,name={}", PORT_NAME),
+        ]);
+        c
+    }
+}
+
+/// Name of the agent's virtio-serial port; must match `matchlock_proto::PORT_NAME`.
+pub const PORT_NAME: &str = "matchlock.agent";
+
+fn escape_commas(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_hardened_and_escapes_paths() {
+        let spec = VmSpec {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/init.cpio".into(),
+            accel: Accel::Tcg,
+            vcpus: 2,
+            memory_mb: 512,
+            disks: vec![Disk { path: "/a,b/root.ext4".into(), serial: "ml-root".into(), read_only: true }],
+            agent_socket: "/s/agent.sock".into(),
+            console_socket: "/s/console.sock".into(),
+            extra_cmdline: vec!["x=1".into()],
+        };
+        let c = spec.command();
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        for want in ["-nodefaults", "-no-user-config", "-no-reboot", "-sandbox", "file=/a,,b/root.ext4,readonly=on", "serial=ml-root", "name=matchlock.agent", "x=1", "-smp 2", "-m 512M"] {
+            assert!(joined.contains(want), "missing {want} in {joined}");
+        }
+        assert!(!joined.contains("-netdev"));
+    }
+}

@@ -1,0 +1,195 @@
+//! Shared helpers for the end-to-end tests: they drive the real `matchlock` binary, which boots real
+//! VMs (TCG on machines without a usable KVM).
+//!
+//! Each test binary gets its own `MATCHLOCK_HOME` (sandbox state) and imports the busybox test images
+//! once into the normal image cache under test-only tags. The guest kernel and agent must have been
+//! built first (`scripts/test` does it).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Plain busybox image (Cmd ["sh"]).
+pub const BUSYBOX: &str = "mltest/busybox:1";
+/// Busybox image with ENTRYPOINT ["/bin/echo","entry:"], CMD ["default-cmd"], USER app,
+/// WORKDIR /home/app.
+pub const ENTRY: &str = "mltest/entry:1";
+
+struct Env {
+    home: tempfile::TempDir,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let home = tempfile::Builder::new()
+            .prefix("mlt")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let repo = repo_root();
+        let work = tempfile::tempdir().expect("temp dir");
+        for (tag, extra) in [(BUSYBOX, &[][..]), (ENTRY, &["--with-entrypoint"][..])] {
+            let tar = work.path().join("image.tar");
+            let st = Command::new(repo.join("scripts/make-busybox-image"))
+                .arg(&tar)
+                .args(extra)
+                .status()
+                .expect("run scripts/make-busybox-image");
+            assert!(st.success(), "scripts/make-busybox-image failed");
+            let out = Command::new(bin())
+                .args(["image", "import", tag])
+                .stdin(std::fs::File::open(&tar).unwrap())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "image import: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Env { home }
+    })
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The matchlock binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_matchlock")
+}
+
+/// The per-test-binary state directory.
+pub fn home() -> &'static Path {
+    env().home.path()
+}
+
+/// A `matchlock` command with the test state directory.
+pub fn ml(args: &[&str]) -> Command {
+    let e = env();
+    let mut c = Command::new(bin());
+    c.args(args).env("MATCHLOCK_HOME", e.home.path()).stdin(Stdio::null());
+    c
+}
+
+/// Runs `matchlock args...` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    ml(args).output().expect("spawn matchlock")
+}
+
+/// Runs with bytes on stdin.
+pub fn run_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = ml(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn matchlock");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// Stdout as a string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Stderr as a string.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+#[track_caller]
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "matchlock failed ({:?})\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// A sandbox kept running for several checks; killed and removed on drop.
+pub struct Sandbox {
+    /// Its id.
+    pub id: String,
+}
+
+impl Sandbox {
+    /// Starts `run -d` with extra flags and `command` as the detached process.
+    pub fn detached(flags: &[&str], command: &[&str]) -> Sandbox {
+        let mut args = vec!["run", "-d", "--image", BUSYBOX];
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(command);
+        let id = ok(run(&args)).trim().to_string();
+        assert!(id.starts_with("vm-"), "unexpected id {id:?}");
+        Sandbox { id }
+    }
+
+    /// `matchlock exec <id> <args...>`.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut a = vec!["exec", self.id.as_str()];
+        a.extend_from_slice(args);
+        run(&a)
+    }
+
+    /// Status column of `matchlock list` for this sandbox.
+    pub fn status(&self) -> String {
+        status_of(&self.id)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = run(&["kill", &self.id]);
+        let _ = run(&["rm", &self.id]);
+    }
+}
+
+/// Status column of `matchlock list` for `id` ("" if absent).
+pub fn status_of(id: &str) -> String {
+    let out = stdout(&run(&["list"]));
+    out.lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Polls `f` until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// Pids of QEMU processes whose command line mentions `needle`.
+pub fn qemu_pids(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}

@@ -1,0 +1,251 @@
+//! End-to-end tests of sandboxes: each boots real VMs through the `matchlock` binary.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+/// One long-lived sandbox serves every check that only needs `exec`.
+#[test]
+fn exec_behaviours_in_one_sandbox() {
+    let sb = Sandbox::detached(&[], &["sh", "-c", "echo detached-ok; exec sleep 100000"]);
+    let id = sb.id.clone();
+    assert_eq!(sb.status(), "running");
+
+    // Plain output and exit codes, including death by signal (128 + n).
+    assert_eq!(ok(sb.exec(&["echo", "hello"])), "hello\n");
+    assert_eq!(sb.exec(&["sh", "-c", "exit 7"]).status.code(), Some(7));
+    assert_eq!(sb.exec(&["sh", "-c", "kill -9 $$"]).status.code(), Some(137));
+    let o = sb.exec(&["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!((stdout(&o).as_str(), stderr(&o).as_str(), o.status.code()), ("out\n", "err\n", Some(3)));
+
+    // argv runs without a shell: no word splitting or expansion.
+    assert_eq!(ok(sb.exec(&["/bin/echo", "a  b", "$HOME"])), "a  b $HOME\n");
+    let o = sb.exec(&["no-such-command"]);
+    assert_eq!(o.status.code(), Some(127), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("no-such-command"), "{}", stderr(&o));
+
+    // Stdin: binary data round-trips through cat; EOF ends the process.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let o = run_stdin(&["exec", "-i", &id, "--", "cat"], &data);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout.len(), data.len());
+    assert!(o.stdout == data, "stdin bytes were altered");
+    // Without -i the process gets /dev/null.
+    assert_eq!(ok(sb.exec(&["wc", "-c"])).trim(), "0");
+
+    // TTY: a real terminal with the default size when ours is not one.
+    let out = ok(sb.exec(&["-t", "--", "sh", "-c", "tty; stty size"]));
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("24 80"), "{out}");
+    let o = run_stdin(&["exec", "-it", &id, "--", "sh"], b"echo hi-from-$((40+2))\nexit 3\n");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stdout(&o).contains("hi-from-42"), "{}", stdout(&o));
+
+    // Environment, user, workdir.
+    assert_eq!(ok(sb.exec(&["-e", "FOO=bar baz", "--", "sh", "-c", "echo $FOO"])), "bar baz\n");
+    std::env::set_var("ML_TEST_COPIED", "copied");
+    assert_eq!(ok(sb.exec(&["-e", "ML_TEST_COPIED", "--", "sh", "-c", "echo $ML_TEST_COPIED"])), "copied\n");
+    assert_eq!(ok(sb.exec(&["id", "-u"])).trim(), "0");
+    let o = ok(sb.exec(&["-u", "app", "--", "id"]));
+    assert!(o.contains("uid=1000(app)") && o.contains("gid=1000(app)") && o.contains("50(staff)"), "{o}");
+    assert_eq!(ok(sb.exec(&["-u", "app", "--", "sh", "-c", "echo $HOME"])), "/home/app\n");
+    assert!(ok(sb.exec(&["-u", "1000:50", "--", "id"])).contains("uid=1000(app) gid=50(staff)"));
+    assert!(ok(sb.exec(&["-u", "nobody", "--", "id", "-u"])).contains("65534"));
+    let o = sb.exec(&["-u", "ghost", "--", "id"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("ghost"), "{}", stderr(&o));
+    assert_eq!(ok(sb.exec(&["pwd"])), "/\n");
+    assert_eq!(ok(sb.exec(&["-w", "/tmp", "--", "pwd"])), "/tmp\n");
+
+    // Identity of the sandbox.
+    assert_eq!(ok(sb.exec(&["hostname"])).trim(), id);
+    assert!(ok(sb.exec(&["cat", "/etc/hosts"])).contains(&id));
+
+    // Not privileged: no mounting, even as root; the root filesystem is an overlay.
+    let o = sb.exec(&["mount", "-t", "tmpfs", "x", "/mnt"]);
+    assert_ne!(o.status.code(), Some(0), "mount should be refused");
+    assert!(ok(sb.exec(&["cat", "/proc/mounts"])).contains("overlay / overlay"));
+
+    // Writes land in the sandbox's own upper layer.
+    ok(sb.exec(&["sh", "-c", "echo persisted > /root/f"]));
+    assert_eq!(ok(sb.exec(&["cat", "/root/f"])), "persisted\n");
+
+    // Concurrent execs are independent.
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let id = id.clone();
+            std::thread::spawn(move || {
+                let n = i.to_string();
+                ok(run(&["exec", &id, "--", "sh", "-c", &format!("sleep 1; echo {n}")]))
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), format!("{i}\n"));
+    }
+
+    // The detached command ran and its output is in the log; get/inspect describe the sandbox.
+    assert!(wait_until(Duration::from_secs(10), || stdout(&run(&["log", &id])).contains("detached-ok")));
+    let get: serde_json::Value = serde_json::from_str(&ok(run(&["get", &id]))).unwrap();
+    assert_eq!(get["state"]["status"], "running");
+    assert_eq!(get["config"]["image"], "docker.io/mltest/busybox:1");
+    let inspect: serde_json::Value = serde_json::from_str(&ok(run(&["inspect", &id]))).unwrap();
+    assert_eq!(inspect["resources"]["vcpus"], 1);
+
+    // kill stops it; the upper disk is reclaimed; rm removes it.
+    ok(run(&["kill", &id]));
+    assert_eq!(sb.status(), "stopped");
+    assert!(!home().join("vms").join(&id).join("upper.ext4").exists());
+    let o = sb.exec(&["true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("stopped"), "{}", stderr(&o));
+    ok(run(&["rm", &id]));
+    assert_eq!(status_of(&id), "");
+}
+
+#[test]
+fn run_flags_env_user_workdir_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("env");
+    std::fs::write(&env_file, "# comment\nB=from-file\n\nC=c=d\n").unwrap();
+    let out = ok(run(&[
+        "run", "--image", BUSYBOX, "-e", "A=1", "--env-file", env_file.to_str().unwrap(), "-w", "/tmp",
+        "-u", "app", "--hostname", "myhost", "--cpus", "0.5", "--memory", "256", "--add-host",
+        "db.internal:10.1.2.3", "--",
+        "sh", "-c",
+        "echo $A $B $C; pwd; id -u; hostname; cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cpu.max; \
+         awk '/MemTotal/ {print ($2 < 262144)}' /proc/meminfo; grep db.internal /etc/hosts",
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1 from-file c=d");
+    assert_eq!(lines[1], "/tmp");
+    assert_eq!(lines[2], "1000");
+    assert_eq!(lines[3], "myhost");
+    assert_eq!(lines[4], "50000 100000");
+    assert_eq!(lines[5], "1");
+    assert!(lines[6].starts_with("10.1.2.3") && lines[6].contains("db.internal"), "{out}");
+}
+
+#[test]
+fn privileged_can_mount() {
+    let out = ok(run(&["run", "--privileged", "--image", BUSYBOX, "--", "sh", "-c", "mount -t tmpfs x /mnt && echo mounted"]));
+    assert_eq!(out, "mounted\n");
+}
+
+#[test]
+fn image_entrypoint_cmd_user_workdir_follow_docker() {
+    assert_eq!(ok(run(&["run", "--image", ENTRY])), "entry: default-cmd\n");
+    assert_eq!(ok(run(&["run", "--image", ENTRY, "--", "a", "b"])), "entry: a b\n");
+    assert_eq!(ok(run(&["run", "--image", ENTRY, "--entrypoint", "", "--", "echo", "cleared"])), "cleared\n");
+    // An entrypoint override drops the image CMD; USER and WORKDIR come from the image.
+    let out = ok(run(&["run", "--image", ENTRY, "--entrypoint", "/bin/sh", "--", "-c", "pwd; id -un"]));
+    assert_eq!(out, "/home/app\napp\n");
+}
+
+#[test]
+fn rm_default_removes_and_stdin_pipes_at_run() {
+    let o = run_stdin(&["run", "-i", "--image", BUSYBOX, "--", "sh", "-c", "cat; exit 4"], b"piped-input\n");
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "piped-input\n");
+    // Nothing of it is left: a --rm sandbox deletes its directory. Other tests run in parallel in
+    // the same home, so look for a sandbox running this exact command.
+    let leftovers = std::fs::read_dir(home().join("vms")).unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("config.json")).map(|c| c.contains("cat; exit 4")).unwrap_or(false)
+    });
+    assert!(!leftovers, "a --rm sandbox left its directory behind");
+}
+
+#[test]
+fn rm_false_keeps_sandbox_for_exec_then_kill_and_rm() {
+    let o = run(&["run", "--rm=false", "--image", BUSYBOX, "--", "sh", "-c", "echo first > /root/keep; echo first"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "first\n");
+    let err = stderr(&o);
+    let id = err
+        .split_whitespace()
+        .find(|w| w.starts_with("vm-"))
+        .unwrap_or_else(|| panic!("no id in {err}"))
+        .to_string();
+    let sb = Sandbox { id: id.clone() };
+    assert_eq!(sb.status(), "running");
+    assert_eq!(ok(sb.exec(&["cat", "/root/keep"])), "first\n");
+    let o = run(&["rm", &id]);
+    assert!(!o.status.success(), "rm of a running sandbox must be refused");
+    assert!(stderr(&o).contains("kill"), "{}", stderr(&o));
+    ok(run(&["kill", &id]));
+    assert_eq!(sb.status(), "stopped");
+    ok(run(&["rm", &id]));
+    assert!(!home().join("vms").join(&id).exists());
+}
+
+#[test]
+fn timeout_stops_the_sandbox() {
+    let start = Instant::now();
+    let o = run(&["run", "--timeout", "3", "--image", BUSYBOX, "--", "sleep", "600"]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
+    assert!(start.elapsed() < Duration::from_secs(120));
+}
+
+#[test]
+fn supervisor_crash_leaves_no_qemu_and_shows_crashed_until_prune() {
+    let sb = Sandbox::detached(&[], &["sleep", "100000"]);
+    let get: serde_json::Value = serde_json::from_str(&ok(run(&["get", &sb.id]))).unwrap();
+    let pid = get["state"]["pid"].as_i64().unwrap() as i32;
+    assert!(!qemu_pids(&sb.id).is_empty(), "no QEMU process found for {}", sb.id);
+    // SAFETY: kill(2) of the supervisor we just started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || qemu_pids(&sb.id).is_empty()), "QEMU outlived its supervisor");
+    assert_eq!(sb.status(), "crashed");
+    let o = sb.exec(&["true"]);
+    assert!(stderr(&o).contains("crashed"), "{}", stderr(&o));
+    let pruned = ok(run(&["prune"]));
+    assert!(pruned.contains(&sb.id), "{pruned}");
+    assert_eq!(status_of(&sb.id), "");
+}
+
+#[test]
+fn two_sandboxes_at_once_are_isolated() {
+    let a = Sandbox::detached(&[], &["sleep", "100000"]);
+    let b = Sandbox::detached(&[], &["sleep", "100000"]);
+    assert_ne!(a.id, b.id);
+    ok(a.exec(&["sh", "-c", "echo only-a > /tmp/mark"]));
+    assert_eq!(ok(a.exec(&["hostname"])).trim(), a.id);
+    assert_eq!(ok(b.exec(&["hostname"])).trim(), b.id);
+    assert_ne!(b.exec(&["cat", "/tmp/mark"]).status.code(), Some(0));
+    let listed = ok(run(&["list", "--running"]));
+    assert!(listed.contains(&a.id) && listed.contains(&b.id), "{listed}");
+    ok(run(&["kill", &a.id, &b.id]));
+}
+
+#[test]
+fn bad_input_fails_cleanly_and_leaves_nothing() {
+    // A home of its own, so "nothing left behind" can be checked exactly.
+    let own_home = tempfile::Builder::new().prefix("mlb").tempdir_in("/tmp").unwrap();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["run", "--image", "mltest/absent:9", "--", "true"], vec![], "image import"),
+        (vec!["run", "--image", BUSYBOX, "--cpus", "0", "--", "true"], vec![], "--cpus"),
+        (vec!["run", "--image", BUSYBOX, "--memory", "1", "--", "true"], vec![], "--memory"),
+        (vec!["run", "--image", BUSYBOX, "-w", "rel", "--", "true"], vec![], "absolute"),
+        (vec!["run", "--image", BUSYBOX, "--graceful-shutdown", "soon", "--", "true"], vec![], "duration"),
+        (vec!["run", "--image", BUSYBOX, "--", "true"], vec![("MATCHLOCK_KERNEL", "/nonexistent/vmlinux")], "MATCHLOCK_KERNEL"),
+        (vec!["run", "--image", BUSYBOX, "--", "true"], vec![("MATCHLOCK_QEMU", "/nonexistent/qemu")], "qemu"),
+        (vec!["exec", "vm-deadbeef", "--", "true"], vec![], "no sandbox"),
+    ];
+    for (args, env, want) in cases {
+        let mut c = ml(&args);
+        c.env("MATCHLOCK_HOME", own_home.path());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: error should be one line: {err}");
+    }
+    let left = std::fs::read_dir(own_home.path().join("vms")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "failed runs left sandbox directories");
+}
