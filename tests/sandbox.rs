@@ -16,9 +16,15 @@ fn exec_behaviours_in_one_sandbox() {
     // Plain output and exit codes, including death by signal (128 + n).
     assert_eq!(ok(sb.exec(&["echo", "hello"])), "hello\n");
     assert_eq!(sb.exec(&["sh", "-c", "exit 7"]).status.code(), Some(7));
-    assert_eq!(sb.exec(&["sh", "-c", "kill -9 $$"]).status.code(), Some(137));
+    assert_eq!(
+        sb.exec(&["sh", "-c", "kill -9 $$"]).status.code(),
+        Some(137)
+    );
     let o = sb.exec(&["sh", "-c", "echo out; echo err >&2; exit 3"]);
-    assert_eq!((stdout(&o).as_str(), stderr(&o).as_str(), o.status.code()), ("out\n", "err\n", Some(3)));
+    assert_eq!(
+        (stdout(&o).as_str(), stderr(&o).as_str(), o.status.code()),
+        ("out\n", "err\n", Some(3))
+    );
 
     // argv runs without a shell: no word splitting or expansion.
     assert_eq!(ok(sb.exec(&["/bin/echo", "a  b", "$HOME"])), "a  b $HOME\n");
@@ -39,18 +45,40 @@ fn exec_behaviours_in_one_sandbox() {
     let out = ok(sb.exec(&["-t", "--", "sh", "-c", "tty; stty size"]));
     assert!(out.contains("/dev/pts/"), "{out}");
     assert!(out.contains("24 80"), "{out}");
-    let o = run_stdin(&["exec", "-it", &id, "--", "sh"], b"echo hi-from-$((40+2))\nexit 3\n");
+    let o = run_stdin(
+        &["exec", "-it", &id, "--", "sh"],
+        b"echo hi-from-$((40+2))\nexit 3\n",
+    );
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stdout(&o).contains("hi-from-42"), "{}", stdout(&o));
 
     // Environment, user, workdir.
-    assert_eq!(ok(sb.exec(&["-e", "FOO=bar baz", "--", "sh", "-c", "echo $FOO"])), "bar baz\n");
+    assert_eq!(
+        ok(sb.exec(&["-e", "FOO=bar baz", "--", "sh", "-c", "echo $FOO"])),
+        "bar baz\n"
+    );
     std::env::set_var("ML_TEST_COPIED", "copied");
-    assert_eq!(ok(sb.exec(&["-e", "ML_TEST_COPIED", "--", "sh", "-c", "echo $ML_TEST_COPIED"])), "copied\n");
+    assert_eq!(
+        ok(sb.exec(&[
+            "-e",
+            "ML_TEST_COPIED",
+            "--",
+            "sh",
+            "-c",
+            "echo $ML_TEST_COPIED"
+        ])),
+        "copied\n"
+    );
     assert_eq!(ok(sb.exec(&["id", "-u"])).trim(), "0");
     let o = ok(sb.exec(&["-u", "app", "--", "id"]));
-    assert!(o.contains("uid=1000(app)") && o.contains("gid=1000(app)") && o.contains("50(staff)"), "{o}");
-    assert_eq!(ok(sb.exec(&["-u", "app", "--", "sh", "-c", "echo $HOME"])), "/home/app\n");
+    assert!(
+        o.contains("uid=1000(app)") && o.contains("gid=1000(app)") && o.contains("50(staff)"),
+        "{o}"
+    );
+    assert_eq!(
+        ok(sb.exec(&["-u", "app", "--", "sh", "-c", "echo $HOME"])),
+        "/home/app\n"
+    );
     assert!(ok(sb.exec(&["-u", "1000:50", "--", "id"])).contains("uid=1000(app) gid=50(staff)"));
     assert!(ok(sb.exec(&["-u", "nobody", "--", "id", "-u"])).contains("65534"));
     let o = sb.exec(&["-u", "ghost", "--", "id"]);
@@ -78,7 +106,14 @@ fn exec_behaviours_in_one_sandbox() {
             let id = id.clone();
             std::thread::spawn(move || {
                 let n = i.to_string();
-                ok(run(&["exec", &id, "--", "sh", "-c", &format!("sleep 1; echo {n}")]))
+                ok(run(&[
+                    "exec",
+                    &id,
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("sleep 1; echo {n}"),
+                ]))
             })
         })
         .collect();
@@ -87,7 +122,10 @@ fn exec_behaviours_in_one_sandbox() {
     }
 
     // The detached command ran and its output is in the log; get/inspect describe the sandbox.
-    assert!(wait_until(Duration::from_secs(10), || stdout(&run(&["log", &id])).contains("detached-ok")));
+    assert!(wait_until(Duration::from_secs(10), || stdout(&run(&[
+        "log", &id
+    ]))
+    .contains("detached-ok")));
     let get: serde_json::Value = serde_json::from_str(&ok(run(&["get", &id]))).unwrap();
     assert_eq!(get["state"]["status"], "running");
     assert_eq!(get["config"]["image"], "docker.io/mltest/busybox:1");
@@ -125,41 +163,103 @@ fn run_flags_env_user_workdir_resources() {
     assert_eq!(lines[3], "myhost");
     assert_eq!(lines[4], "50000 100000");
     assert_eq!(lines[5], "1");
-    assert!(lines[6].starts_with("10.1.2.3") && lines[6].contains("db.internal"), "{out}");
+    assert!(
+        lines[6].starts_with("10.1.2.3") && lines[6].contains("db.internal"),
+        "{out}"
+    );
 }
 
 #[test]
 fn privileged_can_mount() {
-    let out = ok(run(&["run", "--privileged", "--image", BUSYBOX, "--", "sh", "-c", "mount -t tmpfs x /mnt && echo mounted"]));
+    let out = ok(run(&[
+        "run",
+        "--privileged",
+        "--image",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        "mount -t tmpfs x /mnt && echo mounted",
+    ]));
     assert_eq!(out, "mounted\n");
 }
 
 #[test]
 fn image_entrypoint_cmd_user_workdir_follow_docker() {
     assert_eq!(ok(run(&["run", "--image", ENTRY])), "entry: default-cmd\n");
-    assert_eq!(ok(run(&["run", "--image", ENTRY, "--", "a", "b"])), "entry: a b\n");
-    assert_eq!(ok(run(&["run", "--image", ENTRY, "--entrypoint", "", "--", "echo", "cleared"])), "cleared\n");
+    assert_eq!(
+        ok(run(&["run", "--image", ENTRY, "--", "a", "b"])),
+        "entry: a b\n"
+    );
+    assert_eq!(
+        ok(run(&[
+            "run",
+            "--image",
+            ENTRY,
+            "--entrypoint",
+            "",
+            "--",
+            "echo",
+            "cleared"
+        ])),
+        "cleared\n"
+    );
     // An entrypoint override drops the image CMD; USER and WORKDIR come from the image.
-    let out = ok(run(&["run", "--image", ENTRY, "--entrypoint", "/bin/sh", "--", "-c", "pwd; id -un"]));
+    let out = ok(run(&[
+        "run",
+        "--image",
+        ENTRY,
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        "pwd; id -un",
+    ]));
     assert_eq!(out, "/home/app\napp\n");
 }
 
 #[test]
 fn rm_default_removes_and_stdin_pipes_at_run() {
-    let o = run_stdin(&["run", "-i", "--image", BUSYBOX, "--", "sh", "-c", "cat; exit 4"], b"piped-input\n");
+    let o = run_stdin(
+        &[
+            "run",
+            "-i",
+            "--image",
+            BUSYBOX,
+            "--",
+            "sh",
+            "-c",
+            "cat; exit 4",
+        ],
+        b"piped-input\n",
+    );
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert_eq!(stdout(&o), "piped-input\n");
     // Nothing of it is left: a --rm sandbox deletes its directory. Other tests run in parallel in
     // the same home, so look for a sandbox running this exact command.
-    let leftovers = std::fs::read_dir(home().join("vms")).unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("config.json")).map(|c| c.contains("cat; exit 4")).unwrap_or(false)
-    });
+    let leftovers = std::fs::read_dir(home().join("vms"))
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("config.json"))
+                .map(|c| c.contains("cat; exit 4"))
+                .unwrap_or(false)
+        });
     assert!(!leftovers, "a --rm sandbox left its directory behind");
 }
 
 #[test]
 fn rm_false_keeps_sandbox_for_exec_then_kill_and_rm() {
-    let o = run(&["run", "--rm=false", "--image", BUSYBOX, "--", "sh", "-c", "echo first > /root/keep; echo first"]);
+    let o = run(&[
+        "run",
+        "--rm=false",
+        "--image",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        "echo first > /root/keep; echo first",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "first\n");
     let err = stderr(&o);
@@ -172,7 +272,10 @@ fn rm_false_keeps_sandbox_for_exec_then_kill_and_rm() {
     assert_eq!(sb.status(), "running");
     assert_eq!(ok(sb.exec(&["cat", "/root/keep"])), "first\n");
     let o = run(&["rm", &id]);
-    assert!(!o.status.success(), "rm of a running sandbox must be refused");
+    assert!(
+        !o.status.success(),
+        "rm of a running sandbox must be refused"
+    );
     assert!(stderr(&o).contains("kill"), "{}", stderr(&o));
     ok(run(&["kill", &id]));
     assert_eq!(sb.status(), "stopped");
@@ -183,7 +286,16 @@ fn rm_false_keeps_sandbox_for_exec_then_kill_and_rm() {
 #[test]
 fn timeout_stops_the_sandbox() {
     let start = Instant::now();
-    let o = run(&["run", "--timeout", "3", "--image", BUSYBOX, "--", "sleep", "600"]);
+    let o = run(&[
+        "run",
+        "--timeout",
+        "3",
+        "--image",
+        BUSYBOX,
+        "--",
+        "sleep",
+        "600",
+    ]);
     assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
     assert!(stderr(&o).contains("timed out"), "{}", stderr(&o));
     assert!(start.elapsed() < Duration::from_secs(120));
@@ -194,10 +306,17 @@ fn supervisor_crash_leaves_no_qemu_and_shows_crashed_until_prune() {
     let sb = Sandbox::detached(&[], &["sleep", "100000"]);
     let get: serde_json::Value = serde_json::from_str(&ok(run(&["get", &sb.id]))).unwrap();
     let pid = get["state"]["pid"].as_i64().unwrap() as i32;
-    assert!(!qemu_pids(&sb.id).is_empty(), "no QEMU process found for {}", sb.id);
+    assert!(
+        !qemu_pids(&sb.id).is_empty(),
+        "no QEMU process found for {}",
+        sb.id
+    );
     // SAFETY: kill(2) of the supervisor we just started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || qemu_pids(&sb.id).is_empty()), "QEMU outlived its supervisor");
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_pids(&sb.id).is_empty()),
+        "QEMU outlived its supervisor"
+    );
     assert_eq!(sb.status(), "crashed");
     let o = sb.exec(&["true"]);
     assert!(stderr(&o).contains("crashed"), "{}", stderr(&o));
@@ -223,16 +342,59 @@ fn two_sandboxes_at_once_are_isolated() {
 #[test]
 fn bad_input_fails_cleanly_and_leaves_nothing() {
     // A home of its own, so "nothing left behind" can be checked exactly.
-    let own_home = tempfile::Builder::new().prefix("mlb").tempdir_in("/tmp").unwrap();
+    let own_home = tempfile::Builder::new()
+        .prefix("mlb")
+        .tempdir_in("/tmp")
+        .unwrap();
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
-        (vec!["run", "--image", "mltest/absent:9", "--", "true"], vec![], "image import"),
-        (vec!["run", "--image", BUSYBOX, "--cpus", "0", "--", "true"], vec![], "--cpus"),
-        (vec!["run", "--image", BUSYBOX, "--memory", "1", "--", "true"], vec![], "--memory"),
-        (vec!["run", "--image", BUSYBOX, "-w", "rel", "--", "true"], vec![], "absolute"),
-        (vec!["run", "--image", BUSYBOX, "--graceful-shutdown", "soon", "--", "true"], vec![], "duration"),
-        (vec!["run", "--image", BUSYBOX, "--", "true"], vec![("MATCHLOCK_KERNEL", "/nonexistent/vmlinux")], "MATCHLOCK_KERNEL"),
-        (vec!["run", "--image", BUSYBOX, "--", "true"], vec![("MATCHLOCK_QEMU", "/nonexistent/qemu")], "qemu"),
-        (vec!["exec", "vm-deadbeef", "--", "true"], vec![], "no sandbox"),
+        (
+            vec!["run", "--image", "mltest/absent:9", "--", "true"],
+            vec![],
+            "image import",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "--cpus", "0", "--", "true"],
+            vec![],
+            "--cpus",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "--memory", "1", "--", "true"],
+            vec![],
+            "--memory",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "-w", "rel", "--", "true"],
+            vec![],
+            "absolute",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                BUSYBOX,
+                "--graceful-shutdown",
+                "soon",
+                "--",
+                "true",
+            ],
+            vec![],
+            "duration",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "--", "true"],
+            vec![("MATCHLOCK_KERNEL", "/nonexistent/vmlinux")],
+            "MATCHLOCK_KERNEL",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "--", "true"],
+            vec![("MATCHLOCK_QEMU", "/nonexistent/qemu")],
+            "qemu",
+        ),
+        (
+            vec!["exec", "vm-deadbeef", "--", "true"],
+            vec![],
+            "no sandbox",
+        ),
     ];
     for (args, env, want) in cases {
         let mut c = ml(&args);
@@ -244,8 +406,14 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
         let err = stderr(&o);
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: error should be one line: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: error should be one line: {err}"
+        );
     }
-    let left = std::fs::read_dir(own_home.path().join("vms")).map(|d| d.count()).unwrap_or(0);
+    let left = std::fs::read_dir(own_home.path().join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(left, 0, "failed runs left sandbox directories");
 }

@@ -44,7 +44,11 @@ fn env() -> &'static Env {
                 .stdin(std::fs::File::open(&tar).unwrap())
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "image import: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "image import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Env { home }
     })
@@ -69,7 +73,9 @@ pub fn home() -> &'static Path {
 pub fn ml(args: &[&str]) -> Command {
     let e = env();
     let mut c = Command::new(bin());
-    c.args(args).env("MATCHLOCK_HOME", e.home.path()).stdin(Stdio::null());
+    c.args(args)
+        .env("MATCHLOCK_HOME", e.home.path())
+        .stdin(Stdio::null());
     c
 }
 
@@ -184,8 +190,12 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn qemu_pids(needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     for ent in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else { continue };
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd);
         if cmd.contains("qemu-system") && cmd.contains(needle) {
             pids.push(pid);

@@ -42,7 +42,9 @@ fn parse_args() -> Result<Args> {
             "--image" => a.image = val()?,
             "--boots" => a.boots = val()?.parse()?,
             "--execs" => a.execs = val()?.parse()?,
-            other => bail!("unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"),
+            other => bail!(
+                "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
+            ),
         }
     }
     Ok(a)
@@ -65,15 +67,26 @@ fn main() -> Result<()> {
     let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
     let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?;
     println!("accelerator: {} ({})", accel.accel, accel.reason);
-    println!("cpus: {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "cpus: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
 
     // Interleave the two so machine noise hits both alike.
     let mut bare = Vec::new();
     let mut full = Vec::new();
     for _ in 0..args.boots {
         let start = Instant::now();
-        matchlock_vmm::accel::probe(&qemu, &kernel, &initramfs, accel.accel, Duration::from_secs(60))
-            .map_err(anyhow::Error::msg)?;
+        matchlock_vmm::accel::probe(
+            &qemu,
+            &kernel,
+            &initramfs,
+            accel.accel,
+            Duration::from_secs(60),
+        )
+        .map_err(anyhow::Error::msg)?;
         bare.push(start.elapsed());
         let start = Instant::now();
         let st = Command::new(&args.matchlock)
@@ -92,7 +105,11 @@ fn main() -> Result<()> {
     println!("\n## boot ({} runs each, medians)", args.boots);
     println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
     println!("matchlock run -- true:              {:8.1} ms", ms(f));
-    println!("overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)", ms(f) - ms(b), (ms(f) - ms(b)) / ms(b) * 100.0);
+    println!(
+        "overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)",
+        ms(f) - ms(b),
+        (ms(f) - ms(b)) / ms(b) * 100.0
+    );
 
     // Exec latency in one running sandbox.
     let out = Command::new(&args.matchlock)
@@ -100,7 +117,10 @@ fn main() -> Result<()> {
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
-        bail!("matchlock run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "matchlock run -d failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let result = exec_latency(&args, &id);
@@ -116,7 +136,12 @@ fn exec_latency(args: &Args, id: &str) -> Result<()> {
     rt.block_on(async {
         for _ in 0..args.execs {
             let start = Instant::now();
-            let mut s = client.exec(ExecSpec { argv: vec!["true".into()], ..Default::default() }).await?;
+            let mut s = client
+                .exec(ExecSpec {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                })
+                .await?;
             loop {
                 match read_msg(&mut s).await? {
                     Some(Msg::Exited(st)) if st.code == 0 => break,
@@ -145,7 +170,10 @@ fn exec_latency(args: &Args, id: &str) -> Result<()> {
     api.sort();
     cli.sort();
     println!("\n## exec round trip of `true` in a running sandbox");
-    for (name, v) in [("control socket (API)", &api), ("matchlock exec (CLI process)", &cli)] {
+    for (name, v) in [
+        ("control socket (API)", &api),
+        ("matchlock exec (CLI process)", &cli),
+    ] {
         println!(
             "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
             v.len(),

@@ -178,7 +178,11 @@ pub struct RunArgs {
     #[arg(short = 'd', long)]
     pub detach: bool,
     /// How long processes get between SIGTERM and SIGKILL when the sandbox stops (e.g. 5s, 500ms).
-    #[arg(long = "graceful-shutdown", value_name = "DURATION", default_value = "0s")]
+    #[arg(
+        long = "graceful-shutdown",
+        value_name = "DURATION",
+        default_value = "0s"
+    )]
     pub graceful_shutdown: String,
     /// Give processes all capabilities and no seccomp filter.
     #[arg(long)]
@@ -187,7 +191,11 @@ pub struct RunArgs {
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
     /// The command and its arguments (replaces the image CMD).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 
@@ -200,7 +208,12 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
     /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 
@@ -244,13 +257,37 @@ mod tests {
     #[test]
     fn rm_flag_forms() {
         let p = |args: &[&str]| Cli::try_parse_from(args);
-        let Command::Run(r) = p(&["matchlock", "run", "--image", "x", "--", "true"]).unwrap().command else { panic!() };
+        let Command::Run(r) = p(&["matchlock", "run", "--image", "x", "--", "true"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
         assert!(r.rm);
         assert_eq!(r.command, vec!["true"]);
-        let Command::Run(r) = p(&["matchlock", "run", "--rm=false", "--image", "x", "echo", "-n", "hi"]).unwrap().command else { panic!() };
+        let Command::Run(r) = p(&[
+            "matchlock",
+            "run",
+            "--rm=false",
+            "--image",
+            "x",
+            "echo",
+            "-n",
+            "hi",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
         assert!(!r.rm);
         assert_eq!(r.command, vec!["echo", "-n", "hi"]);
-        let Command::Run(r) = p(&["matchlock", "run", "-it", "--image", "x"]).unwrap().command else { panic!() };
+        let Command::Run(r) = p(&["matchlock", "run", "-it", "--image", "x"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
         assert!(r.process.tty && r.process.interactive);
     }
 }

@@ -13,8 +13,18 @@ struct Check {
 
 fn check(name: &'static str, r: Result<String, (String, String)>) -> Check {
     match r {
-        Ok(detail) => Check { name, ok: true, detail, fix: None },
-        Err((detail, fix)) => Check { name, ok: false, detail, fix: Some(fix) },
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            detail,
+            fix: None,
+        },
+        Err((detail, fix)) => Check {
+            name,
+            ok: false,
+            detail,
+            fix: Some(fix),
+        },
     }
 }
 
@@ -28,19 +38,40 @@ pub fn diagnose(json: bool) -> Result<i32> {
             Ok(q) => {
                 let v = std::process::Command::new(q).arg("--version").output();
                 match v {
-                    Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()),
-                    _ => Err((format!("{} does not run", q.display()), "reinstall qemu-system-x86".into())),
+                    Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string()),
+                    _ => Err((
+                        format!("{} does not run", q.display()),
+                        "reinstall qemu-system-x86".into(),
+                    )),
                 }
             }
-            Err(e) => Err((e.to_string(), "sudo apt-get install --no-install-recommends qemu-system-x86".into())),
+            Err(e) => Err((
+                e.to_string(),
+                "sudo apt-get install --no-install-recommends qemu-system-x86".into(),
+            )),
         },
     ));
     if let Ok(q) = &qemu {
-        let out = std::process::Command::new(q).args(["-machine", "help"]).output();
-        let has = out.map(|o| String::from_utf8_lossy(&o.stdout).contains("microvm")).unwrap_or(false);
+        let out = std::process::Command::new(q)
+            .args(["-machine", "help"])
+            .output();
+        let has = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("microvm"))
+            .unwrap_or(false);
         checks.push(check(
             "qemu microvm",
-            if has { Ok("machine type available".into()) } else { Err(("QEMU lacks the microvm machine".into(), "install QEMU 7.2 or newer (qemu-system-x86)".into())) },
+            if has {
+                Ok("machine type available".into())
+            } else {
+                Err((
+                    "QEMU lacks the microvm machine".into(),
+                    "install QEMU 7.2 or newer (qemu-system-x86)".into(),
+                ))
+            },
         ));
     }
     let kernel = matchlock_vmm::kernel::locate();
@@ -63,10 +94,16 @@ pub fn diagnose(json: bool) -> Result<i32> {
         "e2fsprogs",
         match std::process::Command::new("mkfs.ext4").arg("-V").output() {
             Ok(_) => Ok("mkfs.ext4 found".into()),
-            Err(_) => Err(("mkfs.ext4 not found".into(), "sudo apt-get install e2fsprogs".into())),
+            Err(_) => Err((
+                "mkfs.ext4 not found".into(),
+                "sudo apt-get install e2fsprogs".into(),
+            )),
         },
     ));
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     checks.push(Check {
         name: "/dev/kvm",
         ok: true,
@@ -74,7 +111,9 @@ pub fn diagnose(json: bool) -> Result<i32> {
             Ok(_) => "readable and writable".into(),
             Err(e) => format!("not usable ({e}); sandboxes run under TCG (slower)"),
         },
-        fix: kvm.is_err().then(|| "for speed: sudo usermod -aG kvm $USER, then log in again".into()),
+        fix: kvm
+            .is_err()
+            .then(|| "for speed: sudo usermod -aG kvm $USER, then log in again".into()),
     });
     if let (Ok(q), Ok(k), Ok(a)) = (&qemu, &kernel, &agent) {
         let r = matchlock_vmm::initramfs::cached(a)
@@ -83,7 +122,10 @@ pub fn diagnose(json: bool) -> Result<i32> {
             "accelerator",
             match r {
                 Ok(c) => Ok(format!("{}: {}", c.accel, c.reason)),
-                Err(e) => Err((e.to_string(), "unset MATCHLOCK_ACCEL or set it to auto".into())),
+                Err(e) => Err((
+                    e.to_string(),
+                    "unset MATCHLOCK_ACCEL or set it to auto".into(),
+                )),
             },
         ));
     }
@@ -92,9 +134,17 @@ pub fn diagnose(json: bool) -> Result<i32> {
     checks.push(check(
         "state directory",
         match std::fs::create_dir_all(home.join("vms")) {
-            Ok(()) if home.join("vms/vm-00000000/control.sock").as_os_str().len() <= 107 => Ok(home.display().to_string()),
-            Ok(()) => Err((format!("{} is too long for Unix socket paths", home.display()), "set MATCHLOCK_HOME to a shorter directory".into())),
-            Err(e) => Err((format!("{}: {e}", home.display()), "set MATCHLOCK_HOME to a writable directory".into())),
+            Ok(()) if home.join("vms/vm-00000000/control.sock").as_os_str().len() <= 107 => {
+                Ok(home.display().to_string())
+            }
+            Ok(()) => Err((
+                format!("{} is too long for Unix socket paths", home.display()),
+                "set MATCHLOCK_HOME to a shorter directory".into(),
+            )),
+            Err(e) => Err((
+                format!("{}: {e}", home.display()),
+                "set MATCHLOCK_HOME to a writable directory".into(),
+            )),
         },
     ));
     let cache = matchlock_vmm::cache_dir();
@@ -102,7 +152,10 @@ pub fn diagnose(json: bool) -> Result<i32> {
         "cache directory",
         match std::fs::create_dir_all(&cache) {
             Ok(()) => Ok(cache.display().to_string()),
-            Err(e) => Err((format!("{}: {e}", cache.display()), "set MATCHLOCK_CACHE_DIR to a writable directory".into())),
+            Err(e) => Err((
+                format!("{}: {e}", cache.display()),
+                "set MATCHLOCK_CACHE_DIR to a writable directory".into(),
+            )),
         },
     ));
     let images = matchlock_image::ImageStore::open_default().and_then(|s| s.list());
@@ -119,7 +172,12 @@ pub fn diagnose(json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         for c in &checks {
-            println!("[{}] {:<16} {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+            println!(
+                "[{}] {:<16} {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
             if let Some(f) = &c.fix {
                 println!("       {:<16} fix: {f}", "");
             }

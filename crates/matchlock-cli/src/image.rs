@@ -28,7 +28,12 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
         ImageCommand::Ls => {
             println!("{:<48} {:<20} {:>10}  CREATED", "TAG", "DIGEST", "SIZE");
             for i in store.list()? {
-                let short = i.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+                let short = i
+                    .digest
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect::<String>();
                 println!(
                     "{:<48} {:<20} {:>10}  {}",
                     i.name,

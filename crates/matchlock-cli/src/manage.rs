@@ -20,12 +20,19 @@ fn ago(secs: u64) -> String {
 pub fn list(running: bool) -> Result<i32> {
     let store = Store::open_default();
     let entries = store.list()?;
-    println!("{:<12} {:<9} {:<40} {:<9} PID", "ID", "STATUS", "IMAGE", "CREATED");
+    println!(
+        "{:<12} {:<9} {:<40} {:<9} PID",
+        "ID", "STATUS", "IMAGE", "CREATED"
+    );
     for e in entries {
         if running && e.state.status != Status::Running {
             continue;
         }
-        let pid = if e.state.status.is_live() { e.state.pid.to_string() } else { "-".into() };
+        let pid = if e.state.status.is_live() {
+            e.state.pid.to_string()
+        } else {
+            "-".into()
+        };
         println!(
             "{:<12} {:<9} {:<40} {:<9} {}",
             e.config.id,
@@ -42,7 +49,8 @@ pub fn list(running: bool) -> Result<i32> {
 pub fn get(id: &str) -> Result<i32> {
     let store = Store::open_default();
     let id = store.resolve_id(id)?;
-    let v = serde_json::json!({ "id": id, "config": store.config(&id)?, "state": store.state(&id)? });
+    let v =
+        serde_json::json!({ "id": id, "config": store.config(&id)?, "state": store.state(&id)? });
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
 }
@@ -53,7 +61,15 @@ pub fn inspect(id: &str) -> Result<i32> {
     let id = store.resolve_id(id)?;
     let dir = store.dir(&id);
     let mut files = serde_json::Map::new();
-    for f in ["config.json", "state.json", "upper.ext4", "control.sock", "logs/vm.log", "logs/supervisor.log", "logs/qemu.log"] {
+    for f in [
+        "config.json",
+        "state.json",
+        "upper.ext4",
+        "control.sock",
+        "logs/vm.log",
+        "logs/supervisor.log",
+        "logs/qemu.log",
+    ] {
         if let Ok(m) = std::fs::metadata(dir.join(f)) {
             files.insert(f.to_string(), serde_json::json!({ "size": m.len() }));
         }
@@ -85,7 +101,9 @@ pub fn kill(ids: &[String], all: bool) -> Result<i32> {
         if ids.is_empty() {
             bail!("name the sandboxes to stop, or use --all");
         }
-        ids.iter().map(|i| store.resolve_id(i)).collect::<Result<_, _>>()?
+        ids.iter()
+            .map(|i| store.resolve_id(i))
+            .collect::<Result<_, _>>()?
     };
     let rt = tokio::runtime::Runtime::new()?;
     let mut code = 0;
@@ -108,7 +126,8 @@ async fn stop_one(store: &Store, id: &str) -> Result<()> {
         bail!("not running ({})", state.status);
     }
     if let Ok(client) = Client::for_sandbox(store, id) {
-        let limit = Duration::from_millis(store.config(id)?.graceful_shutdown_ms) + Duration::from_secs(20);
+        let limit =
+            Duration::from_millis(store.config(id)?.graceful_shutdown_ms) + Duration::from_secs(20);
         if let Ok(Ok(())) = tokio::time::timeout(limit, client.stop(None)).await {
             return Ok(());
         }
@@ -166,7 +185,10 @@ pub fn rm(ids: &[String]) -> Result<i32> {
     let store = Store::open_default();
     let mut code = 0;
     for i in ids {
-        match store.resolve_id(i).and_then(|id| store.remove(&id).map(|_| id)) {
+        match store
+            .resolve_id(i)
+            .and_then(|id| store.remove(&id).map(|_| id))
+        {
             Ok(id) => println!("{id}"),
             Err(e) => {
                 eprintln!("matchlock: {e}");
@@ -206,7 +228,10 @@ pub fn gc() -> Result<i32> {
         }
     }
     let killed = kill_stray_qemus(&store);
-    println!("reclaimed {} MiB, stopped {killed} stray QEMU processes", freed / (1024 * 1024));
+    println!(
+        "reclaimed {} MiB, stopped {killed} stray QEMU processes",
+        freed / (1024 * 1024)
+    );
     Ok(0)
 }
 
@@ -216,10 +241,16 @@ fn kill_stray_qemus(store: &Store) -> usize {
     let vms = store.home().join("vms");
     let vms = vms.to_string_lossy().into_owned();
     let mut killed = 0;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     for ent in rd.flatten() {
-        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else { continue };
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(ent.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if !cmd.contains("qemu-system") || !cmd.contains(&vms) {
             continue;
@@ -261,7 +292,10 @@ pub fn log(id: &str, follow: bool) -> Result<i32> {
         if !follow {
             break;
         }
-        let live = store.state(&id).map(|s: State| s.status.is_live()).unwrap_or(false);
+        let live = store
+            .state(&id)
+            .map(|s: State| s.status.is_live())
+            .unwrap_or(false);
         if !live {
             // One last read for what was written while we checked.
             let pos = f.stream_position()?;

@@ -64,7 +64,8 @@ fn validate_common(p: &ProcessArgs) -> Result<()> {
     if let Some(u) = &p.user {
         let ok = !u.is_empty()
             && u.len() <= 64
-            && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+            && u.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
         if !ok {
             bail!("--user '{u}' is not a uid, uid:gid, name or name:group");
         }
@@ -75,7 +76,8 @@ fn validate_common(p: &ProcessArgs) -> Result<()> {
 fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 63
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && !h.starts_with('-')
 }
 
@@ -83,26 +85,41 @@ fn valid_hostname(h: &str) -> bool {
 pub fn run(args: RunArgs) -> Result<i32> {
     validate_common(&args.process)?;
     if !args.cpus.is_finite() || args.cpus <= 0.0 || args.cpus > 64.0 {
-        bail!("--cpus {} is out of range; give a number between 0.01 and 64", args.cpus);
+        bail!(
+            "--cpus {} is out of range; give a number between 0.01 and 64",
+            args.cpus
+        );
     }
     if args.cpus < 0.01 {
-        bail!("--cpus {} is too small; the smallest share is 0.01", args.cpus);
+        bail!(
+            "--cpus {} is too small; the smallest share is 0.01",
+            args.cpus
+        );
     }
     if !(64..=1024 * 1024).contains(&args.memory) {
-        bail!("--memory {} MiB is out of range; give at least 64", args.memory);
+        bail!(
+            "--memory {} MiB is out of range; give at least 64",
+            args.memory
+        );
     }
     if !(32..=16 * 1024 * 1024).contains(&args.disk_size) {
-        bail!("--disk-size {} MiB is out of range; give at least 32", args.disk_size);
+        bail!(
+            "--disk-size {} MiB is out of range; give at least 32",
+            args.disk_size
+        );
     }
     if args.timeout == Some(0) {
         bail!("--timeout must be at least 1 second");
     }
     if let Some(h) = &args.hostname {
         if !valid_hostname(h) {
-            bail!("--hostname '{h}' is not a valid hostname (letters, digits, '-', '.', at most 63)");
+            bail!(
+                "--hostname '{h}' is not a valid hostname (letters, digits, '-', '.', at most 63)"
+            );
         }
     }
-    let grace_ms = parse_duration_ms(&args.graceful_shutdown).map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
+    let grace_ms = parse_duration_ms(&args.graceful_shutdown)
+        .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
     let mut add_hosts = Vec::new();
     for h in &args.add_host {
         let (name, ip) = h
@@ -120,7 +137,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
 
     let images = matchlock_image::ImageStore::open_default()?;
     let image = images.resolve(&args.image)?;
-    let argv = matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
+    let argv =
+        matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
     // Fail on a missing kernel, QEMU or agent before anything is created.
     matchlock_vmm::kernel::locate()?;
     matchlock_vmm::qemu::locate_qemu()?;
@@ -135,8 +153,16 @@ pub fn run(args: RunArgs) -> Result<i32> {
         memory_mb: args.memory,
         disk_size_mb: args.disk_size,
         env: matchlock_image::merge_env(&image.config.env, &user_env),
-        workdir: args.process.workdir.clone().or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty())),
-        user: args.process.user.clone().or_else(|| image.config.user.clone().filter(|u| !u.is_empty())),
+        workdir: args
+            .process
+            .workdir
+            .clone()
+            .or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty())),
+        user: args
+            .process
+            .user
+            .clone()
+            .or_else(|| image.config.user.clone().filter(|u| !u.is_empty())),
         privileged: args.privileged,
         graceful_shutdown_ms: grace_ms,
         timeout_secs: args.timeout,
@@ -268,7 +294,9 @@ pub async fn attach(stream: UnixStream, tty: bool, stdin: bool) -> Result<Option
     }
     if tty {
         let tx = tx.clone();
-        if let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) {
+        if let Ok(mut winch) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        {
             tokio::spawn(async move {
                 while winch.recv().await.is_some() {
                     if tx.send(Msg::Resize(term::size())).await.is_err() {

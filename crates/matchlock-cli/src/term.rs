@@ -42,7 +42,10 @@ pub fn size() -> WinSize {
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ fills a winsize struct we own.
         if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
-            return WinSize { rows: ws.ws_row, cols: ws.ws_col };
+            return WinSize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            };
         }
     }
     WinSize { rows: 24, cols: 80 }

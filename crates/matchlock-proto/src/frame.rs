@@ -69,10 +69,15 @@ mod tests {
             ..Default::default()
         });
         write_msg(&mut a, &req).await.unwrap();
-        write_msg(&mut a, &Msg::Stdout(vec![0, 1, 2])).await.unwrap();
+        write_msg(&mut a, &Msg::Stdout(vec![0, 1, 2]))
+            .await
+            .unwrap();
         drop(a);
         assert_eq!(read_msg(&mut b).await.unwrap(), Some(req));
-        assert_eq!(read_msg(&mut b).await.unwrap(), Some(Msg::Stdout(vec![0, 1, 2])));
+        assert_eq!(
+            read_msg(&mut b).await.unwrap(),
+            Some(Msg::Stdout(vec![0, 1, 2]))
+        );
         assert_eq!(read_msg(&mut b).await.unwrap(), None);
     }
 
@@ -80,7 +85,10 @@ mod tests {
     async fn oversized_frame_rejected_without_allocating() {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-        assert!(matches!(read_msg(&mut b).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_msg(&mut b).await,
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[tokio::test]

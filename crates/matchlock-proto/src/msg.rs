@@ -10,8 +10,8 @@ pub enum Msg {
     /// Mount the root filesystem, set the hostname, clock and limits. Sent once, on the first stream.
     /// Reply: [`Msg::Ok`] or [`Msg::Error`].
     Setup(Setup),
-    /// Start a process. Reply: [`Msg::Started`] (or [`Msg::Error`] when it could not start, followed by
-    /// nothing), then any number of [`Msg::Stdout`]/[`Msg::Stderr`], then [`Msg::Exited`]. Meanwhile the
+    /// Start a process. Reply: [`Msg::Started`] (or [`Msg::Error`] when it could not start, followed
+    /// by [`Msg::Exited`] with code 127 if the program was not found, 126 otherwise), then any number of [`Msg::Stdout`]/[`Msg::Stderr`], then [`Msg::Exited`]. Meanwhile the
     /// host may send [`Msg::Stdin`], [`Msg::StdinEof`], [`Msg::Resize`], [`Msg::Signal`] and
     /// [`Msg::Terminate`]. If the host closes the stream first, the guest kills the process group.
     Exec(ExecRequest),
@@ -29,14 +29,16 @@ pub enum Msg {
         path: String,
     },
     /// Stop every process (SIGTERM, then SIGKILL after `grace_ms`), sync the disks and power off.
-    /// Reply: [`Msg::Ok`] just before the guest powers off.
+    /// Reply: [`Msg::Ok`]; the host then closes the stream, and the guest powers off (after at most
+    /// 1 s if the close never comes).
     Shutdown {
         /// How long processes get between SIGTERM and SIGKILL.
         grace_ms: u64,
     },
 
     // ---- Exec stream, host -> guest ----
-    /// Bytes for the process's stdin (or the TTY).
+    /// Bytes for the process's stdin (or the TTY). The guest queues about 1 MiB for a process that
+    /// does not read; beyond that it stops reading the stream (flow control).
     Stdin(Vec<u8>),
     /// Close the process's stdin. With a TTY, sends the terminal's EOF character instead.
     StdinEof,
@@ -94,7 +96,7 @@ pub struct Setup {
     pub root_serial: String,
     /// Virtio-blk serial of the writable upper disk (ext4); `None` puts the upper on a tmpfs.
     pub upper_serial: Option<String>,
-    /// Host wall clock, milliseconds since the epoch (the guest has no RTC).
+    /// Host wall clock, milliseconds since the epoch (the guest has no RTC); 0 leaves the clock unset.
     pub time_unix_ms: u64,
     /// cgroup v2 `cpu.max` for the workload as `(quota_us, period_us)`; `None` leaves CPU unlimited.
     pub cpu_max: Option<(u64, u64)>,

@@ -140,7 +140,9 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut s = client.open().await.unwrap();
                 let payload = vec![i; 100_000];
-                write_msg(&mut s, &Msg::Data(payload.clone())).await.unwrap();
+                write_msg(&mut s, &Msg::Data(payload.clone()))
+                    .await
+                    .unwrap();
                 assert_eq!(read_msg(&mut s).await.unwrap(), Some(Msg::Data(payload)));
             }));
         }

@@ -5,7 +5,7 @@ use crate::control::{self, ExecSpec, Reply, Request};
 use crate::store::Store;
 use crate::SandboxError;
 use matchlock_proto::Msg;
-use std::io::Read;
+use std::io::BufRead;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -35,7 +35,9 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
     let log_path = store.dir(&id).join("logs").join("supervisor.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|e| cleanup(SandboxError::io(format!("creating {}", log_path.display()))(e)))?;
-    let log2 = log.try_clone().map_err(|e| cleanup(SandboxError::io("log")(e)))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| cleanup(SandboxError::io("log")(e)))?;
     let exe = crate::supervisor::supervisor_exe().map_err(cleanup)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__supervise")
@@ -69,9 +71,11 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
     std::thread::spawn(move || {
         let _ = child.wait();
     });
+    // One line: "ok" or "error: ...". Read only that line, so nothing that inherited the pipe by
+    // accident can keep us waiting for an end of file.
     let mut answer = String::new();
-    let _ = std::fs::File::from(rfd).read_to_string(&mut answer);
-    let line = answer.lines().next().unwrap_or("").trim();
+    let _ = std::io::BufReader::new(std::fs::File::from(rfd)).read_line(&mut answer);
+    let line = answer.trim();
     if line == "ok" {
         return Ok(id);
     }
@@ -80,7 +84,9 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
     }
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let last = log.lines().last().unwrap_or("no output").to_string();
-    Err(cleanup(SandboxError::Start(format!("the sandbox supervisor died while booting: {last}"))))
+    Err(cleanup(SandboxError::Start(format!(
+        "the sandbox supervisor died while booting: {last}"
+    ))))
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -105,9 +111,15 @@ impl Client {
     pub fn for_sandbox(store: &Store, id: &str) -> Result<Client, SandboxError> {
         let state = store.state(id)?;
         if state.status != Status::Running {
-            return Err(SandboxError::NotRunning { id: id.to_string(), status: state.status });
+            return Err(SandboxError::NotRunning {
+                id: id.to_string(),
+                status: state.status,
+            });
         }
-        Ok(Client { id: id.to_string(), socket: store.dir(id).join("control.sock") })
+        Ok(Client {
+            id: id.to_string(),
+            socket: store.dir(id).join("control.sock"),
+        })
     }
 
     /// The sandbox id.
@@ -117,7 +129,10 @@ impl Client {
 
     async fn send(&self, req: &Request) -> Result<UnixStream, SandboxError> {
         let mut s = UnixStream::connect(&self.socket).await.map_err(|e| {
-            SandboxError::Channel(format!("cannot reach sandbox {} ({e}); is it still running?", self.id))
+            SandboxError::Channel(format!(
+                "cannot reach sandbox {} ({e}); is it still running?",
+                self.id
+            ))
         })?;
         control::write_json(&mut s, req)
             .await
@@ -130,7 +145,10 @@ impl Client {
         match control::read_json::<_, Reply>(&mut s).await {
             Ok(Reply::Ok) => Ok(()),
             Ok(Reply::Error(e)) => Err(SandboxError::Channel(e)),
-            Err(e) => Err(SandboxError::Channel(format!("no reply from sandbox {}: {e}", self.id))),
+            Err(e) => Err(SandboxError::Channel(format!(
+                "no reply from sandbox {}: {e}",
+                self.id
+            ))),
         }
     }
 

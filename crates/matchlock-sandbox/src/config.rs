@@ -57,7 +57,10 @@ impl SandboxConfig {
         if self.cpus.fract() == 0.0 {
             return None;
         }
-        Some((((self.cpus * PERIOD as f64).round() as u64).max(1000), PERIOD))
+        Some((
+            ((self.cpus * PERIOD as f64).round() as u64).max(1000),
+            PERIOD,
+        ))
     }
 }
 
@@ -132,7 +135,10 @@ mod tests {
 
     #[test]
     fn fractional_cpus_become_quota() {
-        let mut c = SandboxConfig { cpus: 0.5, ..Default::default() };
+        let mut c = SandboxConfig {
+            cpus: 0.5,
+            ..Default::default()
+        };
         assert_eq!(c.vcpus(), 1);
         assert_eq!(c.cpu_max(), Some((50_000, 100_000)));
         c.cpus = 2.0;

@@ -58,7 +58,10 @@ pub enum Reply {
 }
 
 /// Writes a length-prefixed JSON value.
-pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
+pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    v: &T,
+) -> std::io::Result<()> {
     let body = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     let mut buf = (body.len() as u32).to_be_bytes().to_vec();
     buf.extend_from_slice(&body);
@@ -67,7 +70,9 @@ pub async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -
 }
 
 /// Reads a length-prefixed JSON value, bounded by [`MAX_REQUEST`].
-pub async fn read_json<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> std::io::Result<T> {
+pub async fn read_json<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -79,5 +84,6 @@ pub async fn read_json<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &m
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&body)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

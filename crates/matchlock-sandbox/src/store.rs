@@ -84,7 +84,9 @@ impl Store {
                 Err(e) => return Err(SandboxError::io(format!("creating {}", dir.display()))(e)),
             }
         }
-        Err(SandboxError::Start("could not allocate a sandbox id".into()))
+        Err(SandboxError::Start(
+            "could not allocate a sandbox id".into(),
+        ))
     }
 
     /// Writes `config.json`.
@@ -142,7 +144,8 @@ impl Store {
         };
         if s.status.is_live() && s.pid != 0 && !self.supervisor_alive(id) {
             s.status = Status::Crashed;
-            s.reason.get_or_insert_with(|| "supervisor process died".into());
+            s.reason
+                .get_or_insert_with(|| "supervisor process died".into());
         }
         Ok(s)
     }
@@ -173,7 +176,9 @@ impl Store {
             };
             out.push(Entry { config, state });
         }
-        out.sort_by(|a, b| (a.config.created_at, &a.config.id).cmp(&(b.config.created_at, &b.config.id)));
+        out.sort_by(|a, b| {
+            (a.config.created_at, &a.config.id).cmp(&(b.config.created_at, &b.config.id))
+        });
         Ok(out)
     }
 
@@ -196,8 +201,10 @@ impl Store {
         if self.supervisor_alive(id) {
             return Err(SandboxError::Running(id.to_string()));
         }
-        std::fs::remove_dir_all(self.dir(id))
-            .map_err(SandboxError::io(format!("removing {}", self.dir(id).display())))
+        std::fs::remove_dir_all(self.dir(id)).map_err(SandboxError::io(format!(
+            "removing {}",
+            self.dir(id).display()
+        )))
     }
 
     /// Resolves a unique id prefix (`vm-1a2b` or `1a2b`) to a full id.
@@ -205,7 +212,11 @@ impl Store {
         if valid_id(prefix) && self.dir(prefix).join("config.json").exists() {
             return Ok(prefix.to_string());
         }
-        let want = if prefix.starts_with("vm-") { prefix.to_string() } else { format!("vm-{prefix}") };
+        let want = if prefix.starts_with("vm-") {
+            prefix.to_string()
+        } else {
+            format!("vm-{prefix}")
+        };
         let matches: Vec<String> = std::fs::read_dir(self.home.join("vms"))
             .into_iter()
             .flatten()
@@ -244,16 +255,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::at(dir.path());
         let id = store.create_dir().unwrap();
-        let cfg = SandboxConfig { id: id.clone(), created_at: now_secs(), ..Default::default() };
+        let cfg = SandboxConfig {
+            id: id.clone(),
+            created_at: now_secs(),
+            ..Default::default()
+        };
         store.write_config(&cfg).unwrap();
         assert_eq!(store.resolve_id(&id[3..7]).unwrap(), id);
         assert_eq!(store.resolve_id(&id).unwrap(), id);
         assert!(store.resolve_id("zzz").is_err());
-        let mode = std::fs::metadata(store.dir(&id)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(store.dir(&id))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         // No state yet: starting; a state claiming running without a live supervisor: crashed.
         assert_eq!(store.state(&id).unwrap().status, Status::Starting);
-        let st = State { status: Status::Running, pid: 1, qemu_pid: None, accel: None, boot_ms: None, reason: None, updated_at: 0 };
+        let st = State {
+            status: Status::Running,
+            pid: 1,
+            qemu_pid: None,
+            accel: None,
+            boot_ms: None,
+            reason: None,
+            updated_at: 0,
+        };
         store.write_state(&id, &st).unwrap();
         assert_eq!(store.state(&id).unwrap().status, Status::Crashed);
         store.remove(&id).unwrap();

@@ -55,8 +55,12 @@ struct StopRequest {
 /// Runs the supervisor for sandbox `id` in this process. Returns the process exit code.
 pub fn run(store: Store, id: &str) -> i32 {
     // SAFETY: fd 3 was set up by our parent (see `crate::client::start`); if it is not open, the
-    // writes below fail harmlessly.
-    let ready = unsafe { std::fs::File::from_raw_fd(READY_FD) };
+    // writes below fail harmlessly. Mark it close-on-exec so QEMU does not inherit it and keep the
+    // parent waiting for an end of file.
+    let ready = unsafe {
+        libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        std::fs::File::from_raw_fd(READY_FD)
+    };
     let mut ready = Some(ready);
     let report = |ready: &mut Option<std::fs::File>, line: &str| {
         if let Some(mut f) = ready.take() {
@@ -109,11 +113,16 @@ pub fn run(store: Store, id: &str) -> i32 {
         Err(e) => {
             let _ = kill_qemu(&qemu);
             fail(&store, &config, &mut state, &e.to_string());
-            report(&mut ready, &format!("error: cannot start the async runtime: {e}"));
+            report(
+                &mut ready,
+                &format!("error: cannot start the async runtime: {e}"),
+            );
             return 1;
         }
     };
-    let code = rt.block_on(supervise(store, config, state, qemu, listeners, ready, started));
+    let code = rt.block_on(supervise(
+        store, config, state, qemu, listeners, ready, started,
+    ));
     drop(lock);
     code
 }
@@ -128,7 +137,9 @@ fn take_lock(dir: &Path) -> Result<std::fs::File, SandboxError> {
         .map_err(SandboxError::io("opening the sandbox lock"))?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(SandboxError::Start("another supervisor already owns this sandbox".into()));
+        return Err(SandboxError::Start(
+            "another supervisor already owns this sandbox".into(),
+        ));
     }
     Ok(f)
 }
@@ -182,12 +193,15 @@ fn prepare_and_spawn(
         check_socket_path(s)?;
         let _ = std::fs::remove_file(s);
     }
-    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock)
-        .map_err(SandboxError::io(format!("binding {}", agent_sock.display())))?;
-    let console_l = std::os::unix::net::UnixListener::bind(&console_sock)
-        .map_err(SandboxError::io(format!("binding {}", console_sock.display())))?;
+    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock).map_err(SandboxError::io(
+        format!("binding {}", agent_sock.display()),
+    ))?;
+    let console_l = std::os::unix::net::UnixListener::bind(&console_sock).map_err(
+        SandboxError::io(format!("binding {}", console_sock.display())),
+    )?;
     for l in [&agent_l, &console_l] {
-        l.set_nonblocking(true).map_err(SandboxError::io("socket setup"))?;
+        l.set_nonblocking(true)
+            .map_err(SandboxError::io("socket setup"))?;
     }
 
     let spec = matchlock_vmm::qemu::VmSpec {
@@ -198,8 +212,16 @@ fn prepare_and_spawn(
         vcpus: config.vcpus(),
         memory_mb: config.memory_mb,
         disks: vec![
-            matchlock_vmm::qemu::Disk { path: config.rootfs.clone(), serial: ROOT_SERIAL.into(), read_only: true },
-            matchlock_vmm::qemu::Disk { path: upper, serial: UPPER_SERIAL.into(), read_only: false },
+            matchlock_vmm::qemu::Disk {
+                path: config.rootfs.clone(),
+                serial: ROOT_SERIAL.into(),
+                read_only: true,
+            },
+            matchlock_vmm::qemu::Disk {
+                path: upper,
+                serial: UPPER_SERIAL.into(),
+                read_only: false,
+            },
         ],
         agent_socket: agent_sock,
         console_socket: console_sock,
@@ -207,7 +229,9 @@ fn prepare_and_spawn(
     };
     let qemu_log = std::fs::File::create(dir.join("logs").join("qemu.log"))
         .map_err(SandboxError::io("creating logs/qemu.log"))?;
-    let qemu_log2 = qemu_log.try_clone().map_err(SandboxError::io("creating logs/qemu.log"))?;
+    let qemu_log2 = qemu_log
+        .try_clone()
+        .map_err(SandboxError::io("creating logs/qemu.log"))?;
     let mut cmd = spec.command();
     cmd.stdin(Stdio::null()).stdout(qemu_log).stderr(qemu_log2);
     let parent = std::process::id() as i32;
@@ -224,9 +248,10 @@ fn prepare_and_spawn(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(SandboxError::io(format!("starting {}", spec.qemu.display())))?;
+    let mut child = cmd.spawn().map_err(SandboxError::io(format!(
+        "starting {}",
+        spec.qemu.display()
+    )))?;
     let pid = child.id();
     state.qemu_pid = Some(pid);
     let exited = Arc::new(AtomicBool::new(false));
@@ -240,7 +265,17 @@ fn prepare_and_spawn(
             Err(e) => e.to_string(),
         });
     });
-    Ok((Qemu { pid, exited, exit_rx }, Listeners { agent: agent_l, console: console_l }))
+    Ok((
+        Qemu {
+            pid,
+            exited,
+            exit_rx,
+        },
+        Listeners {
+            agent: agent_l,
+            console: console_l,
+        },
+    ))
 }
 
 fn check_socket_path(p: &Path) -> Result<(), SandboxError> {
@@ -256,17 +291,34 @@ fn check_socket_path(p: &Path) -> Result<(), SandboxError> {
 
 /// Creates the sparse, empty ext4 upper disk.
 fn make_upper(path: &Path, size_mb: u64) -> Result<(), SandboxError> {
-    let f = std::fs::File::create(path).map_err(SandboxError::io(format!("creating {}", path.display())))?;
+    let f = std::fs::File::create(path)
+        .map_err(SandboxError::io(format!("creating {}", path.display())))?;
     f.set_len(size_mb * 1024 * 1024).map_err(|e| {
-        SandboxError::Start(format!("cannot create a {size_mb} MiB upper disk at {}: {e}", path.display()))
+        SandboxError::Start(format!(
+            "cannot create a {size_mb} MiB upper disk at {}: {e}",
+            path.display()
+        ))
     })?;
     drop(f);
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "matchlock-upper"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            "-L",
+            "matchlock-upper",
+        ])
         .arg(path)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| SandboxError::Start(format!("cannot run mkfs.ext4 ({e}); install e2fsprogs")))?;
+        .map_err(|e| {
+            SandboxError::Start(format!("cannot run mkfs.ext4 ({e}); install e2fsprogs"))
+        })?;
     if !out.status.success() {
         return Err(SandboxError::Start(format!(
             "mkfs.ext4 failed on the upper disk: {}",
@@ -283,7 +335,10 @@ fn fail(store: &Store, config: &SandboxConfig, state: &mut State, reason: &str) 
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, state);
     // A sandbox that never ran holds nothing worth keeping; the error went to the caller.
-    let _ = std::fs::remove_dir_all(store.dir(&config.id));
+    // MATCHLOCK_KEEP_FAILED=1 keeps its directory (logs, disks) for debugging.
+    if std::env::var_os("MATCHLOCK_KEEP_FAILED").is_none() {
+        let _ = std::fs::remove_dir_all(store.dir(&config.id));
+    }
 }
 
 fn console_tail(dir: &Path) -> String {
@@ -382,7 +437,9 @@ async fn supervise(
                 .unwrap_or(0),
             cpu_max: config.cpu_max(),
         };
-        write_msg(&mut s, &Msg::Setup(setup)).await.map_err(|e| e.to_string())?;
+        write_msg(&mut s, &Msg::Setup(setup))
+            .await
+            .map_err(|e| e.to_string())?;
         match read_msg(&mut s).await {
             Ok(Some(Msg::Ok)) => Ok(mux),
             Ok(Some(Msg::Error(e))) => Err(format!("guest setup failed: {e}")),
@@ -420,7 +477,10 @@ async fn supervise(
         Err(e) => {
             let _ = kill_qemu(&qemu);
             fail(&store, &config, &mut state, &e.to_string());
-            report(&mut ready, &format!("error: cannot bind the control socket: {e}"));
+            report(
+                &mut ready,
+                &format!("error: cannot bind the control socket: {e}"),
+            );
             return 1;
         }
     };
@@ -432,8 +492,14 @@ async fn supervise(
     report(&mut ready, "ok");
 
     let (stop_tx, mut stop_rx) = mpsc::channel::<StopRequest>(16);
-    let ctx = Arc::new(Ctx { config: config.clone(), mux: mux.clone(), stop_tx: stop_tx.clone(), log });
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        mux: mux.clone(),
+        stop_tx: stop_tx.clone(),
+        log,
+    });
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let deadline = config
         .timeout_secs
@@ -509,7 +575,10 @@ async fn shutdown_guest(mux: &Mux, grace_ms: u64, qemu: &mut Qemu) {
     };
     let margin = Duration::from_millis(grace_ms) + Duration::from_secs(5);
     let _ = tokio::time::timeout(margin, ask).await;
-    if tokio::time::timeout(Duration::from_secs(5), &mut qemu.exit_rx).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), &mut qemu.exit_rx)
+        .await
+        .is_err()
+    {
         let _ = kill_qemu(qemu);
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut qemu.exit_rx).await;
     }
@@ -520,7 +589,11 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
     let req: Request = match control::read_json(&mut conn).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = control::write_json(&mut conn, &Reply::Error(format!("bad control request: {e}"))).await;
+            let _ = control::write_json(
+                &mut conn,
+                &Reply::Error(format!("bad control request: {e}")),
+            )
+            .await;
             return;
         }
     };
@@ -530,7 +603,10 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             splice(&ctx, conn, Msg::Exec(req)).await;
         }
         Request::File(msg) => {
-            if matches!(msg, Msg::WriteFile(_) | Msg::ReadFile { .. } | Msg::ListFiles { .. }) {
+            if matches!(
+                msg,
+                Msg::WriteFile(_) | Msg::ReadFile { .. } | Msg::ListFiles { .. }
+            ) {
                 splice(&ctx, conn, msg).await;
             } else {
                 let _ = write_msg(&mut conn, &Msg::Error("not a file operation".into())).await;
@@ -540,7 +616,11 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             let (tx, rx) = oneshot::channel();
             let sent = ctx
                 .stop_tx
-                .send(StopRequest { reason: "stopped by request".into(), grace_ms, done: Some(tx) })
+                .send(StopRequest {
+                    reason: "stopped by request".into(),
+                    grace_ms,
+                    done: Some(tx),
+                })
                 .await;
             if sent.is_ok() {
                 let _ = rx.await;
@@ -563,7 +643,9 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
 /// Runs a detached command (`run -d`): its output and exit code go to `logs/vm.log`.
 async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
     let mut s = ctx.mux.open().await.map_err(|e| e.to_string())?;
-    write_msg(&mut s, &Msg::Exec(compose_exec(&ctx.config, spec))).await.map_err(|e| e.to_string())?;
+    write_msg(&mut s, &Msg::Exec(compose_exec(&ctx.config, spec)))
+        .await
+        .map_err(|e| e.to_string())?;
     match read_msg(&mut s).await {
         Ok(Some(Msg::Started { .. })) => {}
         Ok(Some(Msg::Error(e))) => return Err(e),
@@ -593,7 +675,11 @@ async fn splice(ctx: &Ctx, mut conn: UnixStream, first: Msg) {
     let mut stream = match ctx.mux.open().await {
         Ok(s) => s,
         Err(e) => {
-            let _ = write_msg(&mut conn, &Msg::Error(format!("sandbox is shutting down: {e}"))).await;
+            let _ = write_msg(
+                &mut conn,
+                &Msg::Error(format!("sandbox is shutting down: {e}")),
+            )
+            .await;
             return;
         }
     };
@@ -617,7 +703,10 @@ pub fn compose_exec(config: &SandboxConfig, spec: ExecSpec) -> ExecRequest {
     ExecRequest {
         argv: spec.argv,
         env,
-        cwd: spec.cwd.or_else(|| config.workdir.clone()).or_else(|| Some("/".into())),
+        cwd: spec
+            .cwd
+            .or_else(|| config.workdir.clone())
+            .or_else(|| Some("/".into())),
         user: spec.user.or_else(|| config.user.clone()),
         tty: spec.tty,
         stdin: spec.stdin,

@@ -57,18 +57,28 @@ pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, Vm
     let mode = std::env::var("MATCHLOCK_ACCEL").unwrap_or_default();
     match mode.as_str() {
         "tcg" => {
-            return Ok(Choice { accel: Accel::Tcg, reason: "MATCHLOCK_ACCEL=tcg".into() });
+            return Ok(Choice {
+                accel: Accel::Tcg,
+                reason: "MATCHLOCK_ACCEL=tcg".into(),
+            });
         }
         "kvm" | "auto" | "" => {}
         other => return Err(VmmError::BadAccel(other.into())),
     }
     let forced = mode == "kvm";
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         let why = format!("/dev/kvm cannot be opened ({e})");
         if forced {
             return Err(VmmError::KvmUnusable(why));
         }
-        return Ok(Choice { accel: Accel::Tcg, reason: format!("{why}; using TCG") });
+        return Ok(Choice {
+            accel: Accel::Tcg,
+            reason: format!("{why}; using TCG"),
+        });
     }
     let key = cache_key(qemu, kernel, initramfs);
     let cache = cache_dir().join("accel.json");
@@ -89,7 +99,10 @@ pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, Vm
             reason: format!("/dev/kvm opens but a probe boot failed ({why}); using TCG"),
         },
     };
-    if let Ok(data) = serde_json::to_vec(&Cached { key, choice: choice.clone() }) {
+    if let Ok(data) = serde_json::to_vec(&Cached {
+        key,
+        choice: choice.clone(),
+    }) {
         // A failed cache write only costs another probe next time.
         let _ = write_atomic(&cache, &data);
     }
@@ -112,7 +125,12 @@ fn cache_key(qemu: &Path, kernel: &Path, initramfs: &Path) -> String {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        format!("{}:{}:{}", p.display(), m.map(|m| m.len()).unwrap_or(0), mtime)
+        format!(
+            "{}:{}:{}",
+            p.display(),
+            m.map(|m| m.len()).unwrap_or(0),
+            mtime
+        )
     };
     format!("{}|{}|{}", stamp(qemu), stamp(kernel), stamp(initramfs))
 }
@@ -136,15 +154,28 @@ pub fn probe(
         Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
     };
     c.args([
-        "-m", "128M", "-smp", "1", "-no-reboot", "-nodefaults", "-no-user-config", "-display",
-        "none", "-serial", "stdio",
+        "-m",
+        "128M",
+        "-smp",
+        "1",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
     ]);
     c.arg("-kernel").arg(kernel).arg("-initrd").arg(initramfs);
     c.arg("-append")
         .arg(format!("{} matchlock.probe=1", crate::qemu::BASE_CMDLINE));
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = c.spawn().map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -177,7 +208,10 @@ pub fn probe(
     } else if elapsed >= timeout {
         Err(format!("no answer within {} s", timeout.as_secs()))
     } else {
-        let line = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("guest died early");
+        let line = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("guest died early");
         Err(line.chars().take(200).collect())
     }
 }

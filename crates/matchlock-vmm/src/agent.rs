@@ -31,11 +31,21 @@ pub fn locate() -> Result<PathBuf, VmmError> {
             );
         }
     }
+    // `cargo build --workspace` also leaves a dynamic agent next to the binary: skip unusable
+    // candidates and report the first problem only if no usable one exists.
+    let mut first_problem = None;
     for c in &candidates {
         if c.is_file() {
-            check(c)?;
-            return Ok(c.clone());
+            match check(c) {
+                Ok(()) => return Ok(c.clone()),
+                Err(e) => {
+                    first_problem.get_or_insert(e);
+                }
+            }
         }
+    }
+    if let Some(e) = first_problem {
+        return Err(e);
     }
     Err(VmmError::Agent(format!(
         "guest agent '{AGENT_NAME}' not found next to {}; build it with 'scripts/build-guest' or set MATCHLOCK_GUEST_AGENT",
@@ -64,7 +74,10 @@ pub fn check(path: &Path) -> Result<(), VmmError> {
 
 /// Whether an ELF64 little-endian image has a PT_INTERP program header (i.e. needs a dynamic loader).
 fn has_interp(d: &[u8]) -> bool {
-    let u16at = |o: usize| d.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u16at = |o: usize| {
+        d.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
     let u64at = |o: usize| {
         d.get(o..o + 8)
             .and_then(|b| b.try_into().ok())

@@ -19,14 +19,49 @@ struct Entry<'a> {
 /// Builds the initramfs image bytes around `agent` (the static agent binary).
 pub fn build(agent: &[u8]) -> Vec<u8> {
     let entries = [
-        Entry { name: "dev", mode: 0o040755, data: &[], rdev: (0, 0) },
+        Entry {
+            name: "dev",
+            mode: 0o040755,
+            data: &[],
+            rdev: (0, 0),
+        },
         // The kernel opens /dev/console for PID 1's stdio before devtmpfs is mounted.
-        Entry { name: "dev/console", mode: 0o020600, data: &[], rdev: (5, 1) },
-        Entry { name: "proc", mode: 0o040755, data: &[], rdev: (0, 0) },
-        Entry { name: "sys", mode: 0o040755, data: &[], rdev: (0, 0) },
-        Entry { name: "run", mode: 0o040755, data: &[], rdev: (0, 0) },
-        Entry { name: "newroot", mode: 0o040755, data: &[], rdev: (0, 0) },
-        Entry { name: "init", mode: 0o100755, data: agent, rdev: (0, 0) },
+        Entry {
+            name: "dev/console",
+            mode: 0o020600,
+            data: &[],
+            rdev: (5, 1),
+        },
+        Entry {
+            name: "proc",
+            mode: 0o040755,
+            data: &[],
+            rdev: (0, 0),
+        },
+        Entry {
+            name: "sys",
+            mode: 0o040755,
+            data: &[],
+            rdev: (0, 0),
+        },
+        Entry {
+            name: "run",
+            mode: 0o040755,
+            data: &[],
+            rdev: (0, 0),
+        },
+        Entry {
+            name: "newroot",
+            mode: 0o040755,
+            data: &[],
+            rdev: (0, 0),
+        },
+        Entry {
+            name: "init",
+            mode: 0o100755,
+            data: agent,
+            rdev: (0, 0),
+        },
     ];
     let mut out = Vec::with_capacity(agent.len() + 4096);
     for (i, e) in entries.iter().enumerate() {
@@ -35,7 +70,12 @@ pub fn build(agent: &[u8]) -> Vec<u8> {
     push_entry(
         &mut out,
         0,
-        &Entry { name: "TRAILER!!!", mode: 0, data: &[], rdev: (0, 0) },
+        &Entry {
+            name: "TRAILER!!!",
+            mode: 0,
+            data: &[],
+            rdev: (0, 0),
+        },
     );
     out
 }

@@ -106,7 +106,8 @@ impl VmSpec {
         }
         c.arg("-append").arg(cmdline);
         for (i, d) in self.disks.iter().enumerate() {
-            let mut drive = OsString::from(format!("id=d{i},format=raw,if=none,cache=unsafe,file="));
+            let mut drive =
+                OsString::from(format!("id=d{i},format=raw,if=none,cache=unsafe,file="));
             // QEMU option values escape ',' by doubling it.
             drive.push(escape_commas(&d.path.to_string_lossy()));
             if d.read_only {
@@ -116,6 +117,14 @@ impl VmSpec {
             c.arg("-device")
                 .arg(format!("virtio-blk-device,drive=d{i},serial={}", d.serial));
         }
+        // Entropy: without it the guest's getrandom() blocks until the pool is seeded, which under
+        // TCG can take minutes (the agent's multiplexer needs random numbers at start).
+        c.args([
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+        ]);
         c.args(["-device", "virtio-serial-device"]);
         let mut chardev = OsString::from("socket,id=agent,path=");
         chardev.push(escape_commas(&self.agent_socket.to_string_lossy()));
@@ -148,15 +157,33 @@ mod tests {
             accel: Accel::Tcg,
             vcpus: 2,
             memory_mb: 512,
-            disks: vec![Disk { path: "/a,b/root.ext4".into(), serial: "ml-root".into(), read_only: true }],
+            disks: vec![Disk {
+                path: "/a,b/root.ext4".into(),
+                serial: "ml-root".into(),
+                read_only: true,
+            }],
             agent_socket: "/s/agent.sock".into(),
             console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
         };
         let c = spec.command();
-        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let joined = args.join(" ");
-        for want in ["-nodefaults", "-no-user-config", "-no-reboot", "-sandbox", "file=/a,,b/root.ext4,readonly=on", "serial=ml-root", "name=matchlock.agent", "x=1", "-smp 2", "-m 512M"] {
+        for want in [
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-sandbox",
+            "file=/a,,b/root.ext4,readonly=on",
+            "serial=ml-root",
+            "name=matchlock.agent",
+            "x=1",
+            "-smp 2",
+            "-m 512M",
+        ] {
             assert!(joined.contains(want), "missing {want} in {joined}");
         }
         assert!(!joined.contains("-netdev"));

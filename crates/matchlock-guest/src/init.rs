@@ -1,0 +1,480 @@
+//! Everything only PID 1 does: the early mounts, the host-driven Setup (image disks, overlay, switch
+//! root, clock, hostname, cgroup), stopping every process, and powering off.
+
+use crate::log;
+use matchlock_proto::Setup;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the image's read-only ext4 is mounted (inside the initramfs).
+const LOWER: &str = "/run/ml/lower";
+/// Where the writable disk (or tmpfs) holding `upper/` and `work/` is mounted.
+const UPPERFS: &str = "/run/ml/upperfs";
+/// Where the overlay is assembled before it becomes `/`.
+const NEWROOT: &str = "/newroot";
+/// The workload's cgroup (with `cpu_max`).
+const SANDBOX_CGROUP: &str = "/sys/fs/cgroup/sandbox";
+/// Disks appear during boot; give a late one this long.
+const DISK_WAIT: Duration = Duration::from_secs(5);
+
+fn mkdir_p(path: impl AsRef<Path>) -> Result<(), String> {
+    let path = path.as_ref();
+    fs::create_dir_all(path).map_err(|e| format!("mkdir {}: {e}", path.display()))
+}
+
+fn do_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(Some(source), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} {source} on {target}: {e}"))
+}
+
+/// Early boot, before the runtime starts: `/dev`, console stdio, `/proc`, `/sys`. Handles the
+/// accelerator probe (`matchlock.probe=1`), which never returns.
+pub fn early() -> Result<(), String> {
+    mkdir_p("/dev")?;
+    match mount(
+        Some("devtmpfs"),
+        "/dev",
+        Some("devtmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+        Err(e) => return Err(format!("mount devtmpfs on /dev: {e}")),
+    }
+    console_stdio();
+    mkdir_p("/proc")?;
+    do_mount("proc", "/proc", "proc", MsFlags::empty(), None)?;
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == "matchlock.probe=1") {
+        if let Ok(mut console) = fs::OpenOptions::new().write(true).open("/dev/console") {
+            let _ = console.write_all(b"MATCHLOCK-PROBE-OK\n");
+        }
+        reboot_now();
+    }
+    mkdir_p("/sys")?;
+    do_mount("sysfs", "/sys", "sysfs", MsFlags::empty(), None)?;
+    Ok(())
+}
+
+/// The kernel gives init the console as stdio only if the initramfs has `/dev/console`. Without it,
+/// fds 0-2 are closed and the next files opened would silently become stdio, so fill the gaps.
+fn console_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: opening a constant path; dup2 onto a free slot, then closing the original.
+        unsafe {
+            let c = libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            if c < 0 {
+                return;
+            }
+            if c != fd {
+                libc::dup2(c, fd);
+                libc::close(c);
+            }
+        }
+    }
+}
+
+/// Blocks until the kernel's random number generator is initialised, saying so on the console.
+///
+/// The multiplexer draws random ids (getrandom) when it starts, which blocks until the CRNG is
+/// seeded. Without an entropy source (virtio-rng) that can take minutes under TCG and would look
+/// like a hung agent, so the wait is announced. Crediting made-up entropy instead would make the
+/// workload's keys predictable.
+pub fn wait_for_entropy() {
+    let mut byte = 0u8;
+    // SAFETY: getrandom writes at most one byte into `byte`.
+    let ready =
+        unsafe { libc::getrandom((&mut byte as *mut u8).cast(), 1, libc::GRND_NONBLOCK) == 1 };
+    if ready {
+        return;
+    }
+    log(format_args!(
+        "waiting for the kernel's random number generator (attach a virtio-rng device)"
+    ));
+    let start = Instant::now();
+    // SAFETY: as above; blocking until the CRNG is ready.
+    while unsafe { libc::getrandom((&mut byte as *mut u8).cast(), 1, 0) } != 1 {}
+    log(format_args!(
+        "random number generator ready after {:?}",
+        start.elapsed()
+    ));
+}
+
+/// Finds `/dev/vdX` whose virtio serial is `serial`, waiting up to [`DISK_WAIT`].
+fn find_disk(serial: &str, what: &str) -> Result<PathBuf, String> {
+    if serial.is_empty() {
+        return Err(format!("no serial given for the {what} disk"));
+    }
+    let start = Instant::now();
+    loop {
+        if let Ok(dir) = fs::read_dir("/sys/block") {
+            for entry in dir.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if !name.starts_with("vd") {
+                    continue;
+                }
+                let found = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+                if found.trim_end_matches(['\n', '\0', ' ']) == serial {
+                    return Ok(PathBuf::from("/dev").join(name));
+                }
+            }
+        }
+        if start.elapsed() > DISK_WAIT {
+            return Err(format!(
+                "no disk with serial {serial}; is the {what} disk attached?"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str, String> {
+    p.to_str()
+        .ok_or_else(|| format!("non-UTF-8 device path {}", p.display()))
+}
+
+/// Checks a name that goes into `/etc/hosts`: no whitespace, comment or control characters that
+/// would change the file's structure.
+fn check_hosts_word(word: &str, what: &str) -> Result<(), String> {
+    if word.is_empty()
+        || word.len() > 253
+        || word
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+    {
+        return Err(format!("invalid {what} {word:?}"));
+    }
+    Ok(())
+}
+
+/// Serves `Setup`: image and upper disks, overlay, switch root, clock, hostname, hosts and the
+/// workload cgroup. Returns the workload cgroup's `cgroup.procs` when `cpu_max` asked for one.
+pub fn setup(s: &Setup) -> Result<Option<OwnedFd>, String> {
+    if !s.hostname.is_empty() {
+        check_hosts_word(&s.hostname, "hostname")?;
+        if s.hostname.len() > 64 {
+            return Err(format!("hostname {:?} is longer than 64 bytes", s.hostname));
+        }
+    }
+    for (addr, name) in &s.hosts {
+        check_hosts_word(addr, "hosts address")?;
+        check_hosts_word(name, "hosts name")?;
+    }
+    // The clock first: files the Setup creates get sensible times.
+    set_clock(s.time_unix_ms)?;
+    mount_root(s)?;
+    switch_root()?;
+
+    if !s.hostname.is_empty() {
+        nix::unistd::sethostname(&s.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    write_etc(s)?;
+    match s.cpu_max {
+        Some((quota, period)) => cgroup(quota, period).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn set_clock(ms: u64) -> Result<(), String> {
+    use nix::sys::time::TimeSpec;
+    if ms == 0 {
+        // "Unknown": the kernel refuses times before boot anyway.
+        return Ok(());
+    }
+    use nix::time::{clock_settime, ClockId};
+    let secs = i64::try_from(ms / 1000).map_err(|_| format!("bad time {ms}"))?;
+    let nanos = ((ms % 1000) * 1_000_000) as i64;
+    clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::new(secs, nanos))
+        .map_err(|e| format!("setting the clock: {e}"))
+}
+
+/// Mounts the image (read-only), the upper layer and the overlay at [`NEWROOT`], then the API
+/// filesystems inside it.
+fn mount_root(s: &Setup) -> Result<(), String> {
+    let root_dev = find_disk(&s.root_serial, "image")?;
+    mkdir_p(LOWER)?;
+    mkdir_p(UPPERFS)?;
+    mkdir_p(NEWROOT)?;
+    let ro = MsFlags::MS_RDONLY;
+    if do_mount(path_str(&root_dev)?, LOWER, "ext4", ro, None).is_err() {
+        // A journal needing replay cannot be replayed on a read-only disk; skip it.
+        do_mount(path_str(&root_dev)?, LOWER, "ext4", ro, Some("noload"))
+            .map_err(|e| format!("{e} (image disk)"))?;
+    }
+    match &s.upper_serial {
+        Some(serial) => {
+            let dev = find_disk(serial, "upper")?;
+            do_mount(path_str(&dev)?, UPPERFS, "ext4", MsFlags::MS_NOATIME, None)
+                .map_err(|e| format!("{e} (upper disk)"))?;
+        }
+        None => do_mount(
+            "tmpfs",
+            UPPERFS,
+            "tmpfs",
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?,
+    }
+    let upper = format!("{UPPERFS}/upper");
+    let work = format!("{UPPERFS}/work");
+    mkdir_p(&upper)?;
+    mkdir_p(&work)?;
+    do_mount(
+        "overlay",
+        NEWROOT,
+        "overlay",
+        MsFlags::empty(),
+        Some(&format!("lowerdir={LOWER},upperdir={upper},workdir={work}")),
+    )?;
+
+    let nr = |p: &str| format!("{NEWROOT}{p}");
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let nosuid_nodev_noexec = nosuid_nodev | MsFlags::MS_NOEXEC;
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
+        mkdir_p(nr(dir))?;
+    }
+    do_mount("proc", &nr("/proc"), "proc", nosuid_nodev_noexec, None)?;
+    do_mount("sysfs", &nr("/sys"), "sysfs", nosuid_nodev_noexec, None)?;
+    do_mount(
+        "devtmpfs",
+        &nr("/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mkdir_p(nr("/dev/pts"))?;
+    mkdir_p(nr("/dev/shm"))?;
+    do_mount(
+        "devpts",
+        &nr("/dev/pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    // /dev/ptmx must allocate from this devpts instance, whatever devtmpfs put there.
+    let ptmx = nr("/dev/ptmx");
+    if !Path::new(&ptmx).exists() {
+        let _ = fs::File::create(&ptmx);
+    }
+    if mount(
+        Some(nr("/dev/pts/ptmx").as_str()),
+        ptmx.as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .is_err()
+    {
+        let _ = fs::remove_file(&ptmx);
+        std::os::unix::fs::symlink("pts/ptmx", &ptmx)
+            .map_err(|e| format!("linking /dev/ptmx: {e}"))?;
+    }
+    do_mount(
+        "shm",
+        &nr("/dev/shm"),
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
+    // devtmpfs has no /dev/fd and friends; shells need them (process substitution, `cat /dev/stdin`).
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, nr(link));
+    }
+    do_mount(
+        "tmpfs",
+        &nr("/run"),
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=0755"),
+    )?;
+    do_mount(
+        "tmpfs",
+        &nr("/tmp"),
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
+    let cgroup_dir = nr("/sys/fs/cgroup");
+    if let Err(e) = do_mount("cgroup2", &cgroup_dir, "cgroup2", nosuid_nodev_noexec, None) {
+        if s.cpu_max.is_some() {
+            return Err(format!("{e} (needed for the CPU limit)"));
+        }
+        log(format_args!("{e}; continuing without cgroups"));
+    }
+    Ok(())
+}
+
+/// Makes [`NEWROOT`] the root, the way `switch_root` does: `pivot_root` refuses to move an
+/// initramfs, so the new root is moved over `/` and entered with `chroot`.
+fn switch_root() -> Result<(), String> {
+    // The old root is unreachable afterwards; free the agent binary's copy in it.
+    let _ = fs::remove_file("/init");
+    nix::unistd::chdir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving {NEWROOT} to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+fn write_etc(s: &Setup) -> Result<(), String> {
+    mkdir_p("/etc")?;
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if !s.hostname.is_empty() {
+        fs::write("/etc/hostname", format!("{}\n", s.hostname))
+            .map_err(|e| format!("writing /etc/hostname: {e}"))?;
+        hosts.push_str(&format!("127.0.1.1\t{}\n", s.hostname));
+    }
+    for (addr, name) in &s.hosts {
+        hosts.push_str(&format!("{addr}\t{name}\n"));
+    }
+    // An image may ship /etc/hosts as a symlink (e.g. to /run); replace it rather than follow it.
+    let _ = fs::remove_file("/etc/hosts");
+    fs::write("/etc/hosts", hosts).map_err(|e| format!("writing /etc/hosts: {e}"))
+}
+
+/// Creates the workload cgroup with `cpu.max` and returns its `cgroup.procs`, opened now so every
+/// exec'd child can join it with one `write` between fork and exec.
+fn cgroup(quota: u64, period: u64) -> Result<OwnedFd, String> {
+    let controllers = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").map_err(|e| {
+        format!("reading /sys/fs/cgroup/cgroup.controllers: {e} (is cgroup2 available?)")
+    })?;
+    let available: Vec<&str> = controllers.split_whitespace().collect();
+    if !available.contains(&"cpu") {
+        return Err("a CPU limit was requested but the kernel has no cpu cgroup controller".into());
+    }
+    let enable: Vec<String> = ["cpu", "pids", "memory"]
+        .iter()
+        .filter(|c| available.contains(c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" "))
+        .map_err(|e| format!("enabling cgroup controllers: {e}"))?;
+    match fs::create_dir(SANDBOX_CGROUP) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {SANDBOX_CGROUP}: {e}")),
+    }
+    fs::write(
+        format!("{SANDBOX_CGROUP}/cpu.max"),
+        format!("{quota} {period}"),
+    )
+    .map_err(|e| format!("setting cpu.max to \"{quota} {period}\": {e}"))?;
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("{SANDBOX_CGROUP}/cgroup.procs"))
+        .map_err(|e| format!("opening {SANDBOX_CGROUP}/cgroup.procs: {e}"))?;
+    Ok(procs.into())
+}
+
+/// Whether any process other than the agent and kernel threads is alive (zombies are about to be
+/// reaped and do not count).
+fn other_processes_alive() -> bool {
+    let me = std::process::id();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|entry| {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        if pid == me || pid == 2 {
+            return false;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid ...": comm may contain anything, so parse after the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid = fields.next().unwrap_or("");
+        // Kernel threads are children of kthreadd (pid 2).
+        state != "Z" && state != "X" && ppid != "2"
+    })
+}
+
+/// SIGTERM to every process, SIGKILL to what is left after `grace`. Blocking.
+pub fn stop_all_processes(grace: Duration) {
+    // SAFETY: plain syscalls; kill(-1) spares PID 1 (the agent) itself.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && other_processes_alive() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && other_processes_alive() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Syncs, unmounts what can be unmounted, and powers off (the VM runs with `-no-reboot`, so a
+/// reboot ends QEMU).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    // Deepest (latest) mounts first; escaped paths (spaces) are skipped, this is best-effort.
+    for target in mounts
+        .lines()
+        .rev()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|t| *t != "/" && !t.contains('\\'))
+    {
+        let _ = umount2(target, MntFlags::empty());
+    }
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    reboot_now()
+}
+
+/// Syncs and reboots; never returns (PID 1 must not exit: the kernel would panic).
+pub fn reboot_now() -> ! {
+    nix::unistd::sync();
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    log(format_args!("reboot failed: {e}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Reports a fatal error on the console and powers off.
+pub fn fatal(msg: &str) -> ! {
+    log(format_args!("fatal: {msg}"));
+    reboot_now()
+}
