@@ -207,7 +207,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
             return Ok(0);
         }
         let stream = client.exec(spec).await?;
-        let code = attach(stream, tty, args.process.interactive).await;
+        // The CLI's deadline counts from before the boot, so it fires before the supervisor's
+        // (which stops the sandbox even if this process is gone) and can report the timeout.
+        let deadline = args.timeout.map(|t| tokio::time::Instant::from_std(started) + std::time::Duration::from_secs(t));
+        let code = attach(stream, tty, args.process.interactive, deadline).await;
         if args.rm {
             let _ = client.stop(None).await;
         } else {
@@ -216,16 +219,12 @@ pub fn run(args: RunArgs) -> Result<i32> {
             );
         }
         match code? {
-            Some(c) => Ok(c),
-            None => {
-                if let Some(t) = args.timeout {
-                    if started.elapsed().as_secs() + 1 >= t {
-                        eprintln!("matchlock: timed out after {t}s; the sandbox was stopped");
-                        return Ok(EXIT_TIMEOUT);
-                    }
-                }
-                bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'")
+            Some(EXIT_TIMEOUT) if args.timeout.is_some_and(|t| started.elapsed().as_secs() >= t) => {
+                eprintln!("matchlock: timed out after {}s; the sandbox was stopped", args.timeout.unwrap_or(0));
+                Ok(EXIT_TIMEOUT)
             }
+            Some(c) => Ok(c),
+            None => bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'"),
         }
     })
 }
@@ -249,7 +248,7 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let stream = client.exec(spec).await?;
-        match attach(stream, tty, args.process.interactive).await? {
+        match attach(stream, tty, args.process.interactive, None).await? {
             Some(c) => Ok(c),
             None => bail!("sandbox {id} stopped before the command finished"),
         }
@@ -258,7 +257,12 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
 
 /// Relays a process's I/O between this terminal and its exec stream. Returns its exit code, or
 /// `None` if the stream ended without one (the sandbox went away).
-pub async fn attach(stream: UnixStream, tty: bool, stdin: bool) -> Result<Option<i32>> {
+pub async fn attach(
+    stream: UnixStream,
+    tty: bool,
+    stdin: bool,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<i32>> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Msg>(64);
     // One writer owns the socket's write half for the whole exec: dropping it would half-close the
@@ -326,8 +330,22 @@ pub async fn attach(stream: UnixStream, tty: bool, stdin: bool) -> Result<Option
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let mut errored = false;
+    let timed_out = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed_out);
     let result = loop {
-        match read_msg(&mut rd).await {
+        let msg = tokio::select! {
+            m = read_msg(&mut rd) => m,
+            _ = &mut timed_out => {
+                let _ = tx.send(Msg::Terminate { grace_ms: 0 }).await;
+                break Ok(Some(EXIT_TIMEOUT));
+            }
+        };
+        match msg {
             Ok(Some(Msg::Started { .. })) => {}
             Ok(Some(Msg::Stdout(d))) => {
                 let _ = out.write_all(&d);

@@ -167,9 +167,19 @@ impl Client {
         self.send(&Request::File(op)).await
     }
 
-    /// Stops the sandbox and waits until its VM is gone.
+    /// Stops the sandbox and waits until its VM and supervisor are gone.
     pub async fn stop(&self, grace_ms: Option<u64>) -> Result<(), SandboxError> {
-        self.simple(&Request::Stop { grace_ms }).await
+        self.simple(&Request::Stop { grace_ms }).await?;
+        // The supervisor replies just before it exits; wait for its lock so a following `rm`
+        // does not see it alive.
+        let lock = self.socket.with_file_name("lock");
+        for _ in 0..100 {
+            if !crate::store::lock_held(&lock) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Checks that the supervisor answers.

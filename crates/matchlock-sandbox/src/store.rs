@@ -152,12 +152,7 @@ impl Store {
 
     /// Whether some process holds the sandbox's lock (i.e. its supervisor is alive).
     pub fn supervisor_alive(&self, id: &str) -> bool {
-        let Ok(f) = std::fs::File::open(self.dir(id).join("lock")) else {
-            return false;
-        };
-        // SAFETY: plain flock on an fd we own.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        r != 0
+        lock_held(&self.dir(id).join("lock"))
     }
 
     /// Every sandbox, oldest first. Directories without a readable config are skipped.
@@ -233,6 +228,16 @@ impl Store {
             ))),
         }
     }
+}
+
+/// Whether some process holds an exclusive flock on `path`.
+pub fn lock_held(path: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: plain flock on an fd we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    r != 0
 }
 
 /// Ids are `vm-` plus hex; anything else (`..`, slashes) never reaches the filesystem.
