@@ -347,7 +347,9 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
         .prefix("mlb")
         .tempdir_in("/tmp")
         .unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, extra environment, what the one-line error must mention)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["run", "--image", "mltest/absent:9", "--", "true"],
             vec![],
@@ -417,4 +419,26 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(left, 0, "failed runs left sandbox directories");
+}
+
+#[test]
+fn graceful_shutdown_lets_processes_handle_sigterm() {
+    let sb = Sandbox::detached(
+        &["--graceful-shutdown", "5s"],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo graceful-term; exit 0' TERM; echo trap-set; while :; do sleep 1; done",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || stdout(&run(&[
+        "log", &sb.id
+    ]))
+    .contains("trap-set")));
+    ok(run(&["kill", &sb.id]));
+    let log = stdout(&run(&["log", &sb.id]));
+    assert!(
+        log.contains("graceful-term"),
+        "the process never saw SIGTERM: {log}"
+    );
 }

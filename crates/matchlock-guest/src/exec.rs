@@ -95,6 +95,17 @@ impl ChildSetup {
     fn run(&self) -> io::Result<()> {
         // SAFETY: async-signal-safe syscalls only, on memory owned by `self`.
         unsafe {
+            // Start from default signal dispositions and an empty mask: ignored signals survive
+            // exec, and whatever the agent inherited or set up (e.g. SIGINT ignored when started
+            // in the background, SIGPIPE ignored by the Rust runtime) must not leak into the job.
+            for sig in 1..libc::SIGRTMAX() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Its own session and process group, so signals and kills reach the whole job.
             if libc::setsid() < 0 {
                 return Err(last_err());

@@ -23,38 +23,10 @@ fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("set {name}")))
 }
 
-/// Appends one `newc` cpio entry.
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let namesize = name.len() + 1;
-    let header = format!(
-        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        1,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        namesize,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    out.resize(out.len().next_multiple_of(4), 0);
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
 fn initramfs(dir: &Path) -> PathBuf {
     let agent = std::fs::read(env_path("MATCHLOCK_GUEST_STATIC")).unwrap();
-    let mut cpio = Vec::new();
-    cpio_entry(&mut cpio, "init", 0o100755, &agent);
-    cpio_entry(&mut cpio, "TRAILER!!!", 0, &[]);
+    // The same initramfs the host writes for real sandboxes.
+    let cpio = matchlock_vmm::initramfs::build(&agent);
     let path = dir.join("initramfs.cpio");
     std::fs::write(&path, cpio).unwrap();
     path

@@ -109,7 +109,7 @@ fn push_entry(out: &mut Vec<u8>, ino: u32, e: &Entry) {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn cpio_lists_with_gnu_cpio() {
         let img = super::build(b"#!/bin/true\n");
-        assert_eq!(img.len() % 4, 0);
+        assert!(img.len().is_multiple_of(4));
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("i.cpio");
         std::fs::write(&f, &img).unwrap();
