@@ -442,3 +442,88 @@ fn graceful_shutdown_lets_processes_handle_sigterm() {
         "the process never saw SIGTERM: {log}"
     );
 }
+
+#[test]
+fn killing_the_cli_stops_its_rm_sandbox() {
+    let marker = "owner-test-marker-5150";
+    let mut child = ml(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {marker}; sleep 1000"),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains(marker));
+    let find = || {
+        std::fs::read_dir(home().join("vms"))
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                std::fs::read_to_string(e.path().join("config.json"))
+                    .map(|c| c.contains(marker))
+                    .unwrap_or(false)
+            })
+    };
+    let id = find()
+        .expect("sandbox directory")
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || find().is_none()),
+        "sandbox outlived its CLI"
+    );
+    assert!(qemu_pids(&id).is_empty());
+}
+
+#[test]
+fn diagnose_version_gc_and_log_follow() {
+    let o = run(&["diagnose"]);
+    let d = stdout(&o);
+    assert!(
+        d.contains("accelerator") && d.contains("guest kernel"),
+        "{d}"
+    );
+    assert!(
+        o.status.success(),
+        "diagnose found a problem on the test machine: {d}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(run(&["diagnose", "--json"]))).unwrap();
+    assert!(json.as_array().unwrap().iter().all(|c| c["ok"] == true));
+    assert!(ok(run(&["version"])).starts_with("matchlock "));
+    // log -f follows a sandbox until it stops.
+    let sb = Sandbox::detached(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo line-one; sleep 2; echo line-two; sleep 1000",
+        ],
+    );
+    let follower = ml(&["log", "-f", &sb.id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || stdout(&run(&[
+        "log", &sb.id
+    ]))
+    .contains("line-two")));
+    ok(run(&["kill", &sb.id]));
+    let out = follower.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains("line-one") && text.contains("line-two"),
+        "{text}"
+    );
+    assert!(ok(run(&["gc"])).contains("reclaimed"));
+}

@@ -167,6 +167,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
         graceful_shutdown_ms: grace_ms,
         timeout_secs: args.timeout,
         remove_on_stop: args.rm && !args.detach,
+        // An attached --rm sandbox lives only as long as this process.
+        owner_pid: (args.rm && !args.detach).then(std::process::id),
         add_hosts,
         command: argv.clone(),
         ..Default::default()

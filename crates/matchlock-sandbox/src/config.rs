@@ -39,6 +39,10 @@ pub struct SandboxConfig {
     pub remove_on_stop: bool,
     /// Extra `/etc/hosts` entries `(address, name)`.
     pub add_hosts: Vec<(String, String)>,
+    /// Process whose death stops the sandbox (the `run` that attached to it), so a killed CLI
+    /// never leaves an orphaned `--rm` sandbox behind.
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.

@@ -504,6 +504,8 @@ async fn supervise(
     let deadline = config
         .timeout_secs
         .map(|t| tokio::time::Instant::from_std(started + Duration::from_secs(t)));
+    let owner_gone = owner_exit(config.owner_pid);
+    tokio::pin!(owner_gone);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let (reason, grace, qemu_gone) = loop {
         tokio::select! {
@@ -527,6 +529,9 @@ async fn supervise(
             }
             _ = async { match sigint.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
                 break ("stopped by SIGINT".to_string(), config.graceful_shutdown_ms, false);
+            }
+            _ = &mut owner_gone => {
+                break ("its owner process exited".to_string(), config.graceful_shutdown_ms, false);
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 break (format!("timeout after {}s", config.timeout_secs.unwrap_or(0)), 0, false);
@@ -563,6 +568,32 @@ async fn supervise(
     // Let the stop replies reach their clients before the runtime goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;
     0
+}
+
+/// Resolves when process `pid` exits (never, for `None`). Uses a pidfd, so a recycled pid cannot
+/// fool it; if the process is already gone, resolves at once.
+async fn owner_exit(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    if fd < 0 {
+        // ESRCH: already gone. Other errors (old kernel): do not tie the lifetime.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return;
+        }
+        return std::future::pending().await;
+    }
+    // SAFETY: fd is a fresh pidfd we own.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    match tokio::io::unix::AsyncFd::new(owned) {
+        // A pidfd becomes readable when the process exits.
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// Asks the guest to stop its processes and power off; kills QEMU if it does not within the grace
