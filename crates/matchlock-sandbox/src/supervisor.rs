@@ -587,7 +587,8 @@ async fn owner_exit(pid: Option<u32>) {
     }
     // SAFETY: fd is a fresh pidfd we own.
     let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    match tokio::io::unix::AsyncFd::new(owned) {
+    // SAFETY: the OwnedFd is a valid descriptor, closed only when the AsyncFd drops.
+    match unsafe { tokio::io::unix::AsyncFd::register(owned) } {
         // A pidfd becomes readable when the process exits.
         Ok(afd) => {
             let _ = afd.readable().await;
