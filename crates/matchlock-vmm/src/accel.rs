@@ -9,7 +9,7 @@ use crate::{cache_dir, write_atomic, VmmError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// A QEMU accelerator.
@@ -144,31 +144,16 @@ pub fn probe(
     accel: Accel,
     timeout: Duration,
 ) -> Result<Duration, String> {
-    let mut c = Command::new(qemu);
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,auto-kernel-cmdline=on",
-    ]);
-    match accel {
-        Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
-        Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
-    };
-    c.args([
-        "-m",
-        "128M",
-        "-smp",
-        "1",
-        "-no-reboot",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-    ]);
-    c.arg("-kernel").arg(kernel).arg("-initrd").arg(initramfs);
-    c.arg("-append")
-        .arg(format!("{} matchlock.probe=1", crate::qemu::BASE_CMDLINE));
+    let mut c = crate::qemu::machine_command(
+        qemu,
+        accel,
+        1,
+        128,
+        kernel,
+        initramfs,
+        &["matchlock.probe=1".to_string()],
+    );
+    c.args(["-serial", "stdio"]);
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -70,41 +70,64 @@ pub fn locate_qemu() -> Result<PathBuf, crate::VmmError> {
     Err(crate::VmmError::QemuMissing("PATH".into()))
 }
 
+/// The machine part of every QEMU command line (the sandbox's and the accelerator probe's):
+/// machine type, accelerator, size, hardening, kernel, initramfs and kernel command line.
+pub fn machine_command(
+    qemu: &std::path::Path,
+    accel: Accel,
+    vcpus: u32,
+    memory_mb: u64,
+    kernel: &std::path::Path,
+    initramfs: &std::path::Path,
+    extra_cmdline: &[String],
+) -> Command {
+    let mut c = Command::new(qemu);
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,auto-kernel-cmdline=on",
+    ]);
+    match accel {
+        Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
+        Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
+    };
+    c.arg("-m").arg(format!("{memory_mb}M"));
+    c.arg("-smp").arg(vcpus.max(1).to_string());
+    c.args([
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    c.arg("-kernel").arg(kernel);
+    c.arg("-initrd").arg(initramfs);
+    let mut cmdline = BASE_CMDLINE.to_string();
+    for w in extra_cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(w);
+    }
+    c.arg("-append").arg(cmdline);
+    c
+}
+
 impl VmSpec {
     /// The QEMU command (not yet spawned).
     pub fn command(&self) -> Command {
-        let mut c = Command::new(&self.qemu);
-        c.args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,auto-kernel-cmdline=on",
-        ]);
-        match self.accel {
-            Accel::Kvm => c.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"]),
-            Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
-        };
-        c.arg("-m").arg(format!("{}M", self.memory_mb));
-        c.arg("-smp").arg(self.vcpus.max(1).to_string());
-        c.args([
-            "-no-reboot",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        ]);
+        let mut c = machine_command(
+            &self.qemu,
+            self.accel,
+            self.vcpus,
+            self.memory_mb,
+            &self.kernel,
+            &self.initramfs,
+            &self.extra_cmdline,
+        );
         let mut console = OsString::from("socket,id=console,path=");
         console.push(escape_commas(&self.console_socket.to_string_lossy()));
         c.arg("-chardev").arg(console);
         c.args(["-serial", "chardev:console"]);
-        c.arg("-kernel").arg(&self.kernel);
-        c.arg("-initrd").arg(&self.initramfs);
-        let mut cmdline = BASE_CMDLINE.to_string();
-        for w in &self.extra_cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(w);
-        }
-        c.arg("-append").arg(cmdline);
         for (i, d) in self.disks.iter().enumerate() {
             let mut drive =
                 OsString::from(format!("id=d{i},format=raw,if=none,cache=unsafe,file="));
