@@ -67,15 +67,23 @@ fn kernel(cmd: KernelCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         KernelCommand::Build => {
-            let dir = std::env::temp_dir().join(format!("matchlock-kernel-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("config"), matchlock_vmm::kernel::CONFIG_FRAGMENT)?;
-            std::fs::write(dir.join("build.sh"), matchlock_vmm::kernel::BUILD_SCRIPT)?;
+            // A fresh private directory: a predictable name in /tmp could be pre-created by
+            // another user to swap the script.
+            let dir = tempfile::Builder::new()
+                .prefix("matchlock-kernel-")
+                .tempdir()?;
+            std::fs::write(
+                dir.path().join("config"),
+                matchlock_vmm::kernel::CONFIG_FRAGMENT,
+            )?;
+            std::fs::write(
+                dir.path().join("build.sh"),
+                matchlock_vmm::kernel::BUILD_SCRIPT,
+            )?;
             let status = std::process::Command::new("bash")
-                .arg(dir.join("build.sh"))
+                .arg(dir.path().join("build.sh"))
                 .env_remove("MATCHLOCK_KERNEL")
                 .status();
-            let _ = std::fs::remove_dir_all(&dir);
             match status {
                 Ok(s) if s.success() => Ok(0),
                 Ok(_) => anyhow::bail!("the kernel build failed; see the messages above"),

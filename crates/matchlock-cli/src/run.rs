@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 pub const EXIT_MATCHLOCK_ERROR: i32 = 125;
 /// Exit code when `--timeout` stopped the sandbox (as `timeout(1)` does).
 pub const EXIT_TIMEOUT: i32 = 124;
+/// Longest `--timeout` (a year): deadlines are computed as instants, which must not overflow.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 /// Parses `-e` and `--env-file` into ordered pairs. `KEY` alone copies the variable from this
 /// process's environment (and is skipped if unset, as Docker does).
@@ -108,8 +110,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
             args.disk_size
         );
     }
-    if args.timeout == Some(0) {
-        bail!("--timeout must be at least 1 second");
+    if let Some(t) = args.timeout {
+        if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
+            bail!("--timeout {t} is out of range; give 1 to {MAX_TIMEOUT_SECS} seconds");
+        }
     }
     if let Some(h) = &args.hostname {
         if !valid_hostname(h) {
@@ -187,14 +191,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let started = Instant::now();
         let store = Store::open_default();
         let store2 = store.clone();
-        // Ctrl-C during boot must not leave a sandbox behind: remember it and stop after boot.
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        // Ctrl-C (or SIGTERM, or the terminal closing) during boot must not leave a sandbox
+        // behind: remember it and stop the sandbox once it is up.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
         let mut boot = tokio::task::spawn_blocking(move || matchlock_sandbox::start(&store2, config));
         let (id, interrupted) = tokio::select! {
             r = &mut boot => (r??, false),
             _ = sigint.recv() => (boot.await??, true),
+            _ = sigterm.recv() => (boot.await??, true),
+            _ = sighup.recv() => (boot.await??, true),
         };
-        drop(sigint);
+        drop((sigint, sigterm, sighup));
         let client = Client::for_sandbox(&store, &id)?;
         if interrupted {
             let _ = client.stop(Some(0)).await;
@@ -229,6 +239,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
             None => bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'"),
         }
     })
+}
+
+/// Guest-supplied text with control characters (terminal escapes) replaced, for error lines.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(2000)
+        .collect()
 }
 
 /// `matchlock exec`.
@@ -360,10 +378,11 @@ pub async fn attach(
             // The guest reports a process that could not start as an error, usually followed by
             // its exit status (126/127); keep reading for it.
             Ok(Some(Msg::Error(e))) => {
-                eprint!("matchlock: {e}\r\n");
+                eprint!("matchlock: {}\r\n", printable(&e));
                 errored = true;
             }
-            Ok(Some(Msg::Exited(st))) => break Ok(Some(st.code)),
+            // The guest is untrusted: keep its code in 0..=255 like a real exit status.
+            Ok(Some(Msg::Exited(st))) => break Ok(Some(st.code.clamp(0, 255))),
             Ok(Some(_)) => {}
             Ok(None) if errored => break Ok(Some(EXIT_MATCHLOCK_ERROR)),
             Ok(None) => break Ok(None),

@@ -45,6 +45,29 @@ const DENIED: &[i64] = &[
     libc::SYS_adjtimex,
     libc::SYS_unshare,
     libc::SYS_setns,
+    // io_uring: a large kernel surface with a long record of privilege escalations (Docker blocks
+    // it too); programs fall back to ordinary syscalls.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    // Reaching into other processes, like ptrace.
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
+    libc::SYS_process_madvise,
+    // The new mount API: the same power as mount(2).
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_quotactl,
+    libc::SYS_quotactl_fd,
+    libc::SYS_uselib,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_vhangup,
+    libc::SYS_syslog,
 ];
 
 /// `clone` flags that create namespaces: blocking `unshare` alone would leave `clone` as a bypass.

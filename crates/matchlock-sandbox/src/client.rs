@@ -60,6 +60,13 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
             } else if libc::dup2(w, crate::supervisor::READY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Nothing else the caller holds (an SDK's pipes, say) may live on in the supervisor.
+            libc::syscall(
+                libc::SYS_close_range,
+                4u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

@@ -143,6 +143,14 @@ impl Store {
             },
         };
         if s.status.is_live() && s.pid != 0 && !self.supervisor_alive(id) {
+            // The supervisor may have written its final state and exited between our read and
+            // the lock check: read again before calling it a crash.
+            let again = std::fs::read(&p)
+                .ok()
+                .and_then(|d| serde_json::from_slice::<State>(&d).ok());
+            if let Some(again) = again.filter(|a| !a.status.is_live()) {
+                return Ok(again);
+            }
             s.status = Status::Crashed;
             s.reason
                 .get_or_insert_with(|| "supervisor process died".into());
@@ -185,6 +193,14 @@ impl Store {
         rd.flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|id| self.config(id).is_err() && !self.supervisor_alive(id))
+            // A directory this young may be a sandbox being created right now.
+            .filter(|id| {
+                std::fs::metadata(self.dir(id))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60)
+            })
             .collect()
     }
 

@@ -18,7 +18,6 @@ use matchlock_proto::{read_msg, write_msg, ExecRequest, Msg, Setup};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +42,34 @@ struct Ctx {
     config: SandboxConfig,
     mux: Mux,
     stop_tx: mpsc::Sender<StopRequest>,
-    log: Arc<Mutex<std::fs::File>>,
+    log: Arc<Mutex<CappedLog>>,
+}
+
+/// Largest `logs/vm.log`: everything in it comes from the guest, which must not be able to fill
+/// the host's disk.
+const LOG_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// `logs/vm.log`, cut off at [`LOG_LIMIT`] with one marker line.
+struct CappedLog {
+    file: std::fs::File,
+    written: u64,
+}
+
+impl CappedLog {
+    fn append(&mut self, data: &[u8]) {
+        if self.written >= LOG_LIMIT {
+            return;
+        }
+        let room = (LOG_LIMIT - self.written) as usize;
+        let part = &data[..data.len().min(room)];
+        let _ = self.file.write_all(part);
+        self.written += part.len() as u64;
+        if self.written >= LOG_LIMIT {
+            let _ = self.file.write_all(
+                b"\n[matchlock] log limit of 64 MiB reached; further output is dropped\n",
+            );
+        }
+    }
 }
 
 struct StopRequest {
@@ -93,6 +119,16 @@ pub fn run(store: Store, id: &str) -> i32 {
     };
     let _ = store.write_state(id, &state);
     let started = Instant::now();
+    // Until tokio's handlers take over after boot, remember SIGTERM/SIGINT instead of dying
+    // without cleanup; the sandbox is stopped as soon as it is up.
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, early_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, early_stop as *const () as libc::sighandler_t);
+    }
+    // Resolve the owner now, while our parent (the `run` that spawned us) is certainly still the
+    // process it claims to be; later its pid could be recycled.
+    let owner = open_owner(config.owner_pid);
 
     let booted = prepare_and_spawn(&store, &config, &mut state);
     let (qemu, listeners) = match booted {
@@ -120,9 +156,13 @@ pub fn run(store: Store, id: &str) -> i32 {
             return 1;
         }
     };
-    let code = rt.block_on(supervise(
-        store, config, state, qemu, listeners, ready, started,
-    ));
+    let launched = Launched {
+        qemu,
+        listeners,
+        started,
+        owner,
+    };
+    let code = rt.block_on(supervise(store, config, state, launched, ready));
     drop(lock);
     code
 }
@@ -148,6 +188,14 @@ struct Qemu {
     pid: u32,
     exited: Arc<AtomicBool>,
     exit_rx: oneshot::Receiver<String>,
+}
+
+/// What the synchronous part of the boot hands to the async part.
+struct Launched {
+    qemu: Qemu,
+    listeners: Listeners,
+    started: Instant,
+    owner: Owner,
 }
 
 struct Listeners {
@@ -234,20 +282,7 @@ fn prepare_and_spawn(
         .map_err(SandboxError::io("creating logs/qemu.log"))?;
     let mut cmd = spec.command();
     cmd.stdin(Stdio::null()).stdout(qemu_log).stderr(qemu_log2);
-    let parent = std::process::id() as i32;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The supervisor may have died between fork and prctl.
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-            Ok(())
-        });
-    }
+    matchlock_vmm::qemu::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().map_err(SandboxError::io(format!(
         "starting {}",
         spec.qemu.display()
@@ -357,11 +392,15 @@ async fn supervise(
     store: Store,
     config: SandboxConfig,
     mut state: State,
-    mut qemu: Qemu,
-    listeners: Listeners,
+    launched: Launched,
     mut ready: Option<std::fs::File>,
-    started: Instant,
 ) -> i32 {
+    let Launched {
+        mut qemu,
+        listeners,
+        started,
+        owner,
+    } = launched;
     let dir = store.dir(&config.id);
     let report = |ready: &mut Option<std::fs::File>, line: &str| {
         if let Some(mut f) = ready.take() {
@@ -373,7 +412,10 @@ async fn supervise(
         .append(true)
         .open(dir.join("logs").join("vm.log"))
     {
-        Ok(f) => Arc::new(Mutex::new(f)),
+        Ok(f) => Arc::new(Mutex::new(CappedLog {
+            file: f,
+            written: 0,
+        })),
         Err(e) => {
             let _ = kill_qemu(&qemu);
             fail(&store, &config, &mut state, &e.to_string());
@@ -402,7 +444,7 @@ async fn supervise(
                 if n == 0 {
                     break;
                 }
-                let _ = console_log.lock().await.write_all(&buf[..n]);
+                console_log.lock().await.append(&buf[..n]);
             }
         }
     });
@@ -504,7 +546,7 @@ async fn supervise(
     let deadline = config
         .timeout_secs
         .map(|t| tokio::time::Instant::from_std(started + Duration::from_secs(t)));
-    let owner_gone = owner_exit(config.owner_pid);
+    let owner_gone = owner_exit(owner);
     tokio::pin!(owner_gone);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let (reason, grace, qemu_gone) = loop {
@@ -529,6 +571,9 @@ async fn supervise(
             }
             _ = async { match sigint.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
                 break ("stopped by SIGINT".to_string(), config.graceful_shutdown_ms, false);
+            }
+            _ = async { if EARLY_STOP.load(Ordering::SeqCst) == 0 { std::future::pending::<()>().await } } => {
+                break ("stopped by a signal during boot".to_string(), config.graceful_shutdown_ms, false);
             }
             _ = &mut owner_gone => {
                 break ("its owner process exited".to_string(), config.graceful_shutdown_ms, false);
@@ -570,25 +615,52 @@ async fn supervise(
     0
 }
 
-/// Resolves when process `pid` exits (never, for `None`). Uses a pidfd, so a recycled pid cannot
-/// fool it; if the process is already gone, resolves at once.
-async fn owner_exit(pid: Option<u32>) {
-    let Some(pid) = pid else {
-        return std::future::pending().await;
-    };
-    // SAFETY: pidfd_open returns a new fd or -1.
+/// A SIGTERM or SIGINT that arrived before the async runtime's handlers were installed.
+static EARLY_STOP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn early_stop(sig: libc::c_int) {
+    EARLY_STOP.store(sig, Ordering::SeqCst);
+}
+
+/// The process whose exit stops the sandbox.
+enum Owner {
+    /// Not tied to any process.
+    None,
+    /// The owner was already gone when we looked.
+    Gone,
+    /// A pidfd of the owner.
+    Pid(std::os::fd::OwnedFd),
+}
+
+/// Opens a pidfd of the owner, which must be our parent: `run` spawns the supervisor itself.
+fn open_owner(pid: Option<u32>) -> Owner {
+    let Some(pid) = pid else { return Owner::None };
+    // SAFETY: getppid and pidfd_open have no memory-safety preconditions.
+    if unsafe { libc::getppid() } as u32 != pid {
+        return Owner::Gone;
+    }
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
     if fd < 0 {
-        // ESRCH: already gone. Other errors (old kernel): do not tie the lifetime.
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-            return;
-        }
-        return std::future::pending().await;
+        // ESRCH: already gone. Other errors (a kernel without pidfds): do not tie the lifetime.
+        return if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            Owner::Gone
+        } else {
+            Owner::None
+        };
     }
     // SAFETY: fd is a fresh pidfd we own.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    Owner::Pid(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Resolves when the owner exits (never without one). A pidfd cannot be fooled by pid reuse.
+async fn owner_exit(owner: Owner) {
+    let fd = match owner {
+        Owner::None => return std::future::pending().await,
+        Owner::Gone => return,
+        Owner::Pid(fd) => fd,
+    };
     // SAFETY: the OwnedFd is a valid descriptor, closed only when the AsyncFd drops.
-    match unsafe { tokio::io::unix::AsyncFd::register(owned) } {
+    match unsafe { tokio::io::unix::AsyncFd::register(fd) } {
         // A pidfd becomes readable when the process exits.
         Ok(afd) => {
             let _ = afd.readable().await;
@@ -678,7 +750,11 @@ async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
     write_msg(&mut s, &Msg::Exec(compose_exec(&ctx.config, spec)))
         .await
         .map_err(|e| e.to_string())?;
-    match read_msg(&mut s).await {
+    // A guest that never answers must not hang `run -d`.
+    let first = tokio::time::timeout(Duration::from_secs(30), read_msg(&mut s))
+        .await
+        .map_err(|_| "the guest did not start the command within 30 s".to_string())?;
+    match first {
         Ok(Some(Msg::Started { .. })) => {}
         Ok(Some(Msg::Error(e))) => return Err(e),
         other => return Err(format!("unexpected reply {other:?}")),
@@ -687,11 +763,11 @@ async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
         loop {
             match read_msg(&mut s).await {
                 Ok(Some(Msg::Stdout(d))) | Ok(Some(Msg::Stderr(d))) => {
-                    let _ = ctx.log.lock().await.write_all(&d);
+                    ctx.log.lock().await.append(&d);
                 }
                 Ok(Some(Msg::Exited(st))) => {
                     let line = format!("[matchlock] command exited with code {}\n", st.code);
-                    let _ = ctx.log.lock().await.write_all(line.as_bytes());
+                    ctx.log.lock().await.append(line.as_bytes());
                     break;
                 }
                 Ok(Some(_)) => {}

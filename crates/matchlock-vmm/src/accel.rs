@@ -104,6 +104,7 @@ pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, Vm
         choice: choice.clone(),
     }) {
         // A failed cache write only costs another probe next time.
+        let _ = std::fs::create_dir_all(cache_dir());
         let _ = write_atomic(&cache, &data);
     }
     finish(choice, forced)
@@ -157,11 +158,22 @@ pub fn probe(
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    crate::qemu::die_with_parent(&mut c);
     let start = Instant::now();
     let mut child = c
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    // Drain stderr as it comes: a full pipe would stall QEMU and pass for a failed probe.
+    let stderr = child.stderr.take();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.by_ref().take(64 * 1024).read_to_string(&mut err);
+            let _ = std::io::copy(&mut e, &mut std::io::sink());
+        }
+        err
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -175,6 +187,10 @@ pub fn probe(
                         let _ = tx.send(true);
                         return;
                     }
+                    // Only the tail can still complete the marker.
+                    if seen.len() > 4096 {
+                        seen.drain(..seen.len() - 64);
+                    }
                 }
             }
         }
@@ -183,11 +199,8 @@ pub fn probe(
     let ok = rx.recv_timeout(timeout).unwrap_or(false);
     let elapsed = start.elapsed();
     let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
     let _ = child.wait();
+    let err = stderr_reader.join().unwrap_or_default();
     if ok {
         Ok(elapsed)
     } else if elapsed >= timeout {

@@ -125,6 +125,10 @@ pub fn cached(agent: &Path) -> Result<PathBuf, VmmError> {
         .join("initramfs")
         .join(format!("{}.cpio", &sha256_hex(&bin)[..16]));
     if !path.is_file() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(VmmError::io(format!("creating {}", dir.display())))?;
+        }
         write_atomic(&path, &build(&bin))
             .map_err(VmmError::io(format!("writing {}", path.display())))?;
     }

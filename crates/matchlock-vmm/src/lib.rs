@@ -79,15 +79,20 @@ pub fn home_dir() -> PathBuf {
     PathBuf::from("/")
 }
 
-/// Writes `data` to `path` atomically (temp file in the same directory, then rename).
+/// Writes `data` to `path` atomically (temp file in the same directory, then rename). The directory
+/// must exist: recreating it would resurrect a sandbox directory that `rm` just deleted.
 pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(data)?;
-    tmp.1.sync_all()?;
-    std::fs::rename(&tmp.0, path)
+    let (tmp_path, mut file) = tempfile_in(dir)?;
+    let res = file
+        .write_all(data)
+        .and_then(|_| file.sync_all())
+        .and_then(|_| std::fs::rename(&tmp_path, path));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    res
 }
 
 fn tempfile_in(dir: &std::path::Path) -> std::io::Result<(PathBuf, std::fs::File)> {

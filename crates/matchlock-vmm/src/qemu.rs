@@ -70,6 +70,34 @@ pub fn locate_qemu() -> Result<PathBuf, crate::VmmError> {
     Err(crate::VmmError::QemuMissing("PATH".into()))
 }
 
+/// Makes the command's process get SIGKILL when the thread that spawns it dies, and close every
+/// inherited descriptor above stderr, so nothing the caller holds (a ready pipe, an SDK's pipes)
+/// leaks into QEMU. The caller must spawn from a thread that lives as long as QEMU should.
+pub fn die_with_parent(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then we were re-parented.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            // CLOSE_RANGE_CLOEXEC rather than closing: std's own exec-error pipe must survive until exec.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+}
+
 /// The machine part of every QEMU command line (the sandbox's and the accelerator probe's):
 /// machine type, accelerator, size, hardening, kernel, initramfs and kernel command line.
 pub fn machine_command(
