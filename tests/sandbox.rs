@@ -97,6 +97,31 @@ fn exec_behaviours_in_one_sandbox() {
     assert!(stderr(&o).contains("permission denied"), "{}", stderr(&o));
     assert!(ok(sb.exec(&["cat", "/proc/mounts"])).contains("overlay / overlay"));
 
+    // Confined view of the kernel: no disks or console in /dev, read-only /sys and /proc/sys,
+    // but the ordinary devices work for every user.
+    assert_eq!(sb.exec(&["test", "-e", "/dev/vda"]).status.code(), Some(1));
+    assert_eq!(
+        sb.exec(&["test", "-e", "/dev/ttyS0"]).status.code(),
+        Some(1)
+    );
+    for target in [
+        "/sys/bus/virtio/drivers/virtio_blk/unbind",
+        "/proc/sys/kernel/hostname",
+    ] {
+        let o = sb.exec(&["sh", "-c", &format!("echo x > {target}")]);
+        assert_ne!(o.status.code(), Some(0), "wrote {target}");
+        assert!(stderr(&o).contains("Read-only"), "{target}: {}", stderr(&o));
+    }
+    let o = ok(sb.exec(&[
+        "-u",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo x > /dev/null && head -c 4 /dev/urandom | wc -c",
+    ]));
+    assert_eq!(o.trim(), "4");
+
     // Writes land in the sandbox's own upper layer.
     ok(sb.exec(&["sh", "-c", "echo persisted > /root/f"]));
     assert_eq!(ok(sb.exec(&["cat", "/root/f"])), "persisted\n");
@@ -180,7 +205,7 @@ fn privileged_can_mount() {
         "--",
         "sh",
         "-c",
-        "mount -t tmpfs x /tmp && echo mounted",
+        "mount -t tmpfs x /tmp && test -b /dev/vda && echo mounted",
     ]));
     assert_eq!(out, "mounted\n");
 }

@@ -251,13 +251,51 @@ fn mount_root(s: &Setup) -> Result<(), String> {
     }
     do_mount("proc", &nr("/proc"), "proc", nosuid_nodev_noexec, None)?;
     do_mount("sysfs", &nr("/sys"), "sysfs", nosuid_nodev_noexec, None)?;
-    do_mount(
-        "devtmpfs",
-        &nr("/dev"),
-        "devtmpfs",
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    )?;
+    if s.confined {
+        // Only the harmless devices, as container runtimes give: the workload never sees the
+        // disks (writing the mounted upper disk under ext4 corrupts the guest kernel), the
+        // serial console, or the virtio ports.
+        do_mount(
+            "tmpfs",
+            &nr("/dev"),
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0755"),
+        )?;
+        for (name, minor_major) in [
+            ("null", (1, 3)),
+            ("zero", (1, 5)),
+            ("full", (1, 7)),
+            ("random", (1, 8)),
+            ("urandom", (1, 9)),
+            ("tty", (5, 0)),
+        ] {
+            let path = nr(&format!("/dev/{name}"));
+            nix::sys::stat::mknod(
+                path.as_str(),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(minor_major.0, minor_major.1),
+            )
+            .map_err(|e| format!("creating /dev/{name}: {e}"))?;
+            // mknod applies the umask; the devices must be usable by every user.
+            nix::sys::stat::fchmodat(
+                None,
+                path.as_str(),
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| format!("chmod /dev/{name}: {e}"))?;
+        }
+    } else {
+        do_mount(
+            "devtmpfs",
+            &nr("/dev"),
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        )?;
+    }
     mkdir_p(nr("/dev/pts"))?;
     mkdir_p(nr("/dev/shm"))?;
     do_mount(
@@ -321,6 +359,35 @@ fn mount_root(s: &Setup) -> Result<(), String> {
             return Err(format!("{e} (needed for the CPU limit)"));
         }
         log(format_args!("{e}; continuing without cgroups"));
+    }
+    if s.confined {
+        // Kernel knobs stay out of reach: no driver unbinding, sysctls or sysrq. The cgroup
+        // mount under /sys is separate and stays writable for the agent.
+        for path in ["/sys", "/proc/sys", "/proc/sysrq-trigger"] {
+            let p = nr(path);
+            // sysrq-trigger exists only in kernels built with MAGIC_SYSRQ (ours is not).
+            if !Path::new(&p).exists() {
+                continue;
+            }
+            if path != "/sys" {
+                mount(
+                    Some(p.as_str()),
+                    p.as_str(),
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| format!("binding {path}: {e}"))?;
+            }
+            mount(
+                None::<&str>,
+                p.as_str(),
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | nosuid_nodev_noexec,
+                None::<&str>,
+            )
+            .map_err(|e| format!("making {path} read-only: {e}"))?;
+        }
     }
     Ok(())
 }

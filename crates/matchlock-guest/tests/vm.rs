@@ -244,6 +244,7 @@ async fn pid1_end_to_end() {
         upper_serial: Some("mlupper".into()),
         time_unix_ms: now_ms,
         cpu_max: Some((50_000, 100_000)),
+        confined: true,
     };
     let mut s = request(&mux, Msg::Setup(setup)).await;
     let reply = recv(&mut s).await;

@@ -100,6 +100,10 @@ pub struct Setup {
     pub time_unix_ms: u64,
     /// cgroup v2 `cpu.max` for the workload as `(quota_us, period_us)`; `None` leaves CPU unlimited.
     pub cpu_max: Option<(u64, u64)>,
+    /// Confine the workload's view of the kernel (the sandbox is not `--privileged`): a minimal
+    /// `/dev` without the disks or the console, read-only `/sys`, `/proc/sys` and
+    /// `/proc/sysrq-trigger`.
+    pub confined: bool,
 }
 
 /// How to start a process.

@@ -478,6 +478,7 @@ async fn supervise(
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             cpu_max: config.cpu_max(),
+            confined: !config.privileged,
         };
         write_msg(&mut s, &Msg::Setup(setup))
             .await
