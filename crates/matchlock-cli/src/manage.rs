@@ -163,21 +163,7 @@ fn mark_stopped(store: &Store, id: &str, reason: &str) {
         s.updated_at = now_secs();
         let _ = store.write_state(id, &s);
     }
-    reclaim(store, id);
-}
-
-/// Deletes the files a stopped sandbox no longer needs.
-fn reclaim(store: &Store, id: &str) -> u64 {
-    let mut freed = 0;
-    for f in ["upper.ext4", "agent.sock", "console.sock", "control.sock"] {
-        let p = store.dir(id).join(f);
-        if let Ok(m) = std::fs::metadata(&p) {
-            if std::fs::remove_file(&p).is_ok() {
-                freed += m.len();
-            }
-        }
-    }
-    freed
+    store.reclaim(id);
 }
 
 /// `matchlock rm`.
@@ -221,7 +207,7 @@ pub fn gc() -> Result<i32> {
     let mut freed = 0;
     for e in store.list()? {
         if !e.state.status.is_live() {
-            freed += reclaim(&store, &e.config.id);
+            freed += store.reclaim(&e.config.id);
             if e.state.status == Status::Crashed {
                 mark_stopped(&store, &e.config.id, "crashed; cleaned up by gc");
             }

@@ -73,18 +73,20 @@ impl fmt::Display for UserError {
     }
 }
 
+/// The colon-separated fields of each line with at least `min_fields`, skipping blank and
+/// comment lines (the shared shape of `/etc/passwd` and `/etc/group`).
+fn records(text: &str, min_fields: usize) -> impl Iterator<Item = Vec<&str>> {
+    text.lines()
+        .map(|line| line.trim_end_matches('\r'))
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.split(':').collect::<Vec<&str>>())
+        .filter(move |f| f.len() >= min_fields)
+}
+
 /// Parses `/etc/passwd` content. Malformed lines are skipped, as glibc does.
 pub fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.trim_end_matches('\r');
-            if line.is_empty() || line.starts_with('#') {
-                return None;
-            }
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 7 {
-                return None;
-            }
+    records(text, 7)
+        .filter_map(|f| {
             Some(PasswdEntry {
                 name: f[0].to_string(),
                 uid: f[2].parse().ok()?,
@@ -97,16 +99,8 @@ pub fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
 
 /// Parses `/etc/group` content. Malformed lines are skipped.
 pub fn parse_group(text: &str) -> Vec<GroupEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.trim_end_matches('\r');
-            if line.is_empty() || line.starts_with('#') {
-                return None;
-            }
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 4 {
-                return None;
-            }
+    records(text, 4)
+        .filter_map(|f| {
             Some(GroupEntry {
                 name: f[0].to_string(),
                 gid: f[2].parse().ok()?,

@@ -321,10 +321,7 @@ impl ImageStore {
         let normalized = normalize_reference(name)?;
         let tag = self.tag_path(&normalized);
         if !tag.exists() {
-            return Err(ImageError::NotFound {
-                shown: familiar(&normalized).to_string(),
-                input: name.trim().to_string(),
-            });
+            return Err(not_found(&normalized, name));
         }
         let record = self.read_record(&tag)?;
         if !record.info.rootfs.exists() {
@@ -349,10 +346,7 @@ impl ImageStore {
         let _lock = self.lock()?;
         let tag = self.tag_path(&normalized);
         if !tag.exists() {
-            return Err(ImageError::NotFound {
-                shown: familiar(&normalized).to_string(),
-                input: name.trim().to_string(),
-            });
+            return Err(not_found(&normalized, name));
         }
         let record = self.read_record(&tag)?;
         fs::remove_file(&tag)
@@ -381,5 +375,13 @@ impl ImageStore {
                 fs::remove_file(&path)
             };
         }
+    }
+}
+
+/// The "not in the local store" error for `input`, which normalised to `normalized`.
+fn not_found(normalized: &str, input: &str) -> ImageError {
+    ImageError::NotFound {
+        shown: familiar(normalized).to_string(),
+        input: input.trim().to_string(),
     }
 }

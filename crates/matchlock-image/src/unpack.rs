@@ -65,6 +65,23 @@ pub(crate) struct Meta {
     pub pending_xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Meta {
+    /// A root-owned 0755 directory: the image root and directories a whiteout implies.
+    fn plain_dir() -> Meta {
+        Meta {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            materialized: true,
+            xattrs: Vec::new(),
+            pending_xattrs: Vec::new(),
+        }
+    }
+}
+
 /// The squashed root file system being built.
 pub(crate) struct Staging {
     pub root: PathBuf,
@@ -204,20 +221,7 @@ impl Staging {
         let mut records = BTreeMap::new();
         // The root directory always gets a record so the image root is 0755 root:root even when
         // no layer has a `./` entry (the staging directory itself is 0700).
-        records.insert(
-            PathBuf::new(),
-            Meta {
-                kind: Kind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: 0,
-                mtime_nsec: 0,
-                materialized: true,
-                xattrs: Vec::new(),
-                pending_xattrs: Vec::new(),
-            },
-        );
+        records.insert(PathBuf::new(), Meta::plain_dir());
         Ok(Staging {
             root,
             privileged,
@@ -543,17 +547,7 @@ impl Staging {
     /// `.wh.<name>` deletes `<name>` from lower layers; `.wh..wh..opq` hides all lower contents of
     /// its directory. Entries of the current layer are kept either way, whatever the tar order.
     fn whiteout(&mut self, ctx: &Ctx, rel: &Path, hidden: &[u8]) -> Result<(), ImageError> {
-        let placeholder = Meta {
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            materialized: true,
-            xattrs: Vec::new(),
-            pending_xattrs: Vec::new(),
-        };
+        let placeholder = Meta::plain_dir();
         if !self.prepare_parents(ctx, rel, false, &placeholder)? {
             return Ok(()); // nothing below a missing directory to delete
         }

@@ -218,6 +218,21 @@ impl Store {
         )))
     }
 
+    /// Deletes the files a stopped sandbox no longer needs (upper disk, sockets); returns the
+    /// bytes freed.
+    pub fn reclaim(&self, id: &str) -> u64 {
+        let mut freed = 0;
+        for f in ["upper.ext4", "agent.sock", "console.sock", "control.sock"] {
+            let p = self.dir(id).join(f);
+            if let Ok(m) = std::fs::metadata(&p) {
+                if std::fs::remove_file(&p).is_ok() {
+                    freed += m.len();
+                }
+            }
+        }
+        freed
+    }
+
     /// Resolves a unique id prefix (`vm-1a2b` or `1a2b`) to a full id.
     pub fn resolve_id(&self, prefix: &str) -> Result<String, SandboxError> {
         if valid_id(prefix) && self.dir(prefix).join("config.json").exists() {

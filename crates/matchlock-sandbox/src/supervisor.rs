@@ -88,11 +88,6 @@ pub fn run(store: Store, id: &str) -> i32 {
         std::fs::File::from_raw_fd(READY_FD)
     };
     let mut ready = Some(ready);
-    let report = |ready: &mut Option<std::fs::File>, line: &str| {
-        if let Some(mut f) = ready.take() {
-            let _ = writeln!(f, "{line}");
-        }
-    };
     let config = match store.config(id) {
         Ok(c) => c,
         Err(e) => {
@@ -165,6 +160,13 @@ pub fn run(store: Store, id: &str) -> i32 {
     let code = rt.block_on(supervise(store, config, state, launched, ready));
     drop(lock);
     code
+}
+
+/// Tells the parent how the boot went (one line on the ready pipe), at most once.
+fn report(ready: &mut Option<std::fs::File>, line: &str) {
+    if let Some(mut f) = ready.take() {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 fn take_lock(dir: &Path) -> Result<std::fs::File, SandboxError> {
@@ -402,11 +404,6 @@ async fn supervise(
         owner,
     } = launched;
     let dir = store.dir(&config.id);
-    let report = |ready: &mut Option<std::fs::File>, line: &str| {
-        if let Some(mut f) = ready.take() {
-            let _ = writeln!(f, "{line}");
-        }
-    };
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -602,9 +599,7 @@ async fn supervise(
     state.reason = Some(reason);
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, &state);
-    for f in ["upper.ext4", "agent.sock", "console.sock"] {
-        let _ = std::fs::remove_file(dir.join(f));
-    }
+    store.reclaim(&config.id);
     if config.remove_on_stop {
         let _ = std::fs::remove_dir_all(&dir);
     }
