@@ -486,11 +486,36 @@ async fn terminate_escalates_to_sigkill_after_grace() {
 #[tokio::test]
 async fn signal_goes_to_the_group() {
     let agent = start().await;
-    let mut s = request(&agent, Msg::Exec(cmd(&["sh", "-c", "echo go; sleep 100"]))).await;
+    // The child must really be `sleep` before the signal: a shell that forked but has not
+    // exec'd yet still runs the trap handler and would swallow it (dash loses a signal that
+    // way in about one run in six). sh itself only traps TERM, so the child can die of it only
+    // if the signal reached the whole group, not just sh.
+    let script = "trap 'echo trapped' TERM; sleep 100 & p=$!; \
+                  until [ \"$(cat /proc/$p/comm)\" = sleep ]; do :; done; \
+                  echo go; wait $p; echo \"child:$?\"";
+    let mut s = request(&agent, Msg::Exec(cmd(&["sh", "-c", script]))).await;
     read_until(&mut s, "go").await;
-    write_msg(&mut s, &Msg::Signal(2)).await.unwrap();
+    write_msg(&mut s, &Msg::Signal(libc::SIGTERM))
+        .await
+        .unwrap();
     let o = collect(&mut s).await;
-    // sh waits for sleep, which dies of SIGINT; sh then dies of it too (or exits 130).
+    assert!(o.out().contains("trapped"), "{}", o.out());
+    assert!(o.out().contains("child:143"), "{}", o.out());
+    assert_eq!(o.code(), 0);
+}
+
+#[tokio::test]
+async fn signal_kills_with_128_plus_n() {
+    let agent = start().await;
+    // `exec` leaves no forked-but-not-exec'd window for the signal to fall into.
+    let mut s = request(
+        &agent,
+        Msg::Exec(cmd(&["sh", "-c", "echo go; exec sleep 100"])),
+    )
+    .await;
+    read_until(&mut s, "go").await;
+    write_msg(&mut s, &Msg::Signal(libc::SIGINT)).await.unwrap();
+    let o = collect(&mut s).await;
     assert_eq!(o.code(), 130);
 }
 
