@@ -302,10 +302,10 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
 
 fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
-    if !v.workspace.is_empty() && v.mounts.is_empty() {
-        return Err(RpcError::params(
-            "vfs.workspace requires at least one mount",
-        ));
+    // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
+    // example sends one); with nothing to serve it is only checked.
+    if !v.workspace.is_empty() {
+        validate::guest_path(&v.workspace, "vfs.workspace").map_err(RpcError::params)?;
     }
     if !v.mounts.is_empty() && v.workspace.is_empty() {
         return Err(RpcError::params("vfs.mounts require vfs.workspace"));
@@ -473,9 +473,10 @@ mod tests {
         )
         .message
         .contains("no_network"));
-        assert!(err(json!({"image": "a", "vfs": {"workspace": "/w"}}))
+        assert!(plan(json!({"image": "a", "vfs": {"workspace": "/w"}})).is_ok());
+        assert!(err(json!({"image": "a", "vfs": {"workspace": "w"}}))
             .message
-            .contains("at least one mount"));
+            .contains("absolute"));
         assert!(err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/etc": {"type": "memory"}}}}))
             .message
             .contains("under it"));
