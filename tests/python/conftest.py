@@ -20,6 +20,8 @@ BIN = os.environ.get("MATCHLOCK_BIN") or str(REPO / "target" / "debug" / "matchl
 # Test images: (tag, builder script, builder args).
 BUSYBOX = "mltest/busybox:1"
 PYTHON = "mltest/python:1"
+# ENTRYPOINT ["/bin/echo","entry:"], CMD ["default-cmd"], USER app, WORKDIR /home/app.
+ENTRY = "mltest/entry:1"
 
 
 def ml(*args, check=True, **kw):
@@ -43,12 +45,15 @@ def matchlock_env(tmp_path_factory):
     os.environ.update(MATCHLOCK_HOME=home, MATCHLOCK_CACHE_DIR=str(cache), MATCHLOCK_BIN=BIN)
     work = tmp_path_factory.mktemp("images")
     busybox_tar = work / "busybox.tar"
+    entry_tar = work / "entry.tar"
     python_tar = work / "python.tar"
     subprocess.run([str(REPO / "scripts" / "make-busybox-image"), str(busybox_tar)], check=True,
                    capture_output=True)
+    subprocess.run([str(REPO / "scripts" / "make-busybox-image"), str(entry_tar), "--with-entrypoint"],
+                   check=True, capture_output=True)
     subprocess.run([str(REPO / "scripts" / "make-python-image"), str(python_tar)], check=True,
                    capture_output=True)
-    for tag, tar in [(BUSYBOX, busybox_tar), ("alpine:latest", busybox_tar),
+    for tag, tar in [(BUSYBOX, busybox_tar), ("alpine:latest", busybox_tar), (ENTRY, entry_tar),
                      (PYTHON, python_tar), ("python:3.12-alpine", python_tar)]:
         with open(tar, "rb") as f:
             ml("image", "import", tag, stdin=f)

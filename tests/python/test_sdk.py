@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 from matchlock import Client, CreateOptions, MatchlockError, RPCError, Sandbox
 
-from conftest import BIN, BUSYBOX, PYTHON, ml
+from conftest import BIN, BUSYBOX, ENTRY, PYTHON, ml
 
 
 def wait_until(pred, limit=30.0):
@@ -80,14 +80,16 @@ def test_exec_interactive_has_a_terminal(client):
 def test_exec_interactive_stdin_and_resize(client):
     out = io.StringIO()
     r = client.exec_interactive(
-        "read line; echo got:$line; stty size",
+        "read line; echo got:$line; sleep 1; stty size",
         stdin=io.StringIO("abc\n"),
         stdout=out,
         rows=24,
         cols=80,
+        resize=[(40, 120)],
     )
     assert r.exit_code == 0
     assert "got:abc" in out.getvalue()
+    assert "40 120" in out.getvalue()
 
 
 def test_timeout_cancels_and_kills_the_guest_process(client):
@@ -180,6 +182,12 @@ def test_port_forward_reaches_a_guest_server(client):
     for t in threads:
         t.join()
     assert got == [b"served from the sandbox\n"] * 16
+    # Explicit addresses; the new set replaces the old one.
+    port2 = free_port()
+    bindings = client.port_forward_with_addresses(["127.0.0.1"], f"{port2}:8080")
+    assert [(b.address, b.local_port) for b in bindings] == [("127.0.0.1", port2)]
+    port = port2
+    assert fetch() == b"served from the sandbox\n"
 
 
 # ---- lifecycle ----
@@ -193,6 +201,14 @@ def test_launch_runs_the_entrypoint_and_logs_it():
             c.log_stream(stdout=buf, timeout=2)
         assert "launched-ok" in buf.getvalue()
         assert "sleep 300" in c.exec("ps -o args").stdout
+
+
+def test_launch_starts_the_image_entrypoint():
+    with Client() as c:
+        c.launch(Sandbox(ENTRY))
+        # ENTRYPOINT + CMD of the image, run as its USER in its WORKDIR.
+        assert wait_until(lambda: "entry: default-cmd" in c.log(), 30)
+        assert c.exec("id -un; pwd").stdout == "app\n/home/app\n"
 
 
 def test_launch_fails_when_the_entrypoint_fails_at_once():
