@@ -233,7 +233,12 @@ impl Rpc {
             .context("starting matchlock rpc")?;
         let input = child.stdin.take().context("stdin")?;
         let output = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        Ok(Rpc { child, input, output, next: 1 })
+        Ok(Rpc {
+            child,
+            input,
+            output,
+            next: 1,
+        })
     }
 
     /// Sends a request and returns its result (notifications in between are skipped).
@@ -241,7 +246,8 @@ impl Rpc {
         use std::io::{BufRead, Write};
         let id = self.next;
         self.next += 1;
-        let req = serde_json::json!({"jsonrpc": "2.0", "method": method, "id": id, "params": params});
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "method": method, "id": id, "params": params});
         writeln!(self.input, "{req}")?;
         self.input.flush()?;
         loop {
@@ -294,7 +300,10 @@ fn rpc_section(
     bare.sort();
     first.sort();
     let (b, f) = (percentile(&bare, 0.5), percentile(&first, 0.5));
-    println!("\n## SDK start to first exec result ({} runs each, medians)", args.rpc_starts);
+    println!(
+        "\n## SDK start to first exec result ({} runs each, medians)",
+        args.rpc_starts
+    );
     println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
     println!("rpc spawn + create + exec true:     {:8.1} ms", ms(f));
     println!(
@@ -333,7 +342,10 @@ fn rpc_section(
     over_rpc.sort();
     over_cli.sort();
     println!("\n## exec of `true` (as `sh -c true`, which RPC exec runs) in one sandbox");
-    for (name, v) in [("JSON-RPC exec", &over_rpc), ("matchlock exec (CLI process)", &over_cli)] {
+    for (name, v) in [
+        ("JSON-RPC exec", &over_rpc),
+        ("matchlock exec (CLI process)", &over_cli),
+    ] {
         println!(
             "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
             v.len(),
@@ -342,7 +354,10 @@ fn rpc_section(
             ms(percentile(v, 0.99))
         );
     }
-    let (r, c) = (ms(percentile(&over_rpc, 0.5)), ms(percentile(&over_cli, 0.5)));
+    let (r, c) = (
+        ms(percentile(&over_rpc, 0.5)),
+        ms(percentile(&over_cli, 0.5)),
+    );
     println!("RPC p50 is {:.2}x the CLI's ({:+.1} ms)", r / c, r - c);
     Ok(())
 }
