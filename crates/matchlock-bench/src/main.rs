@@ -151,7 +151,7 @@ fn exec_section(args: &Args) -> Result<()> {
         );
     }
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let result = exec_latency(&args, &id);
+    let result = exec_latency(args, &id);
     let _ = Command::new(&args.matchlock).args(["kill", &id]).output();
     let _ = Command::new(&args.matchlock).args(["rm", &id]).output();
     result
