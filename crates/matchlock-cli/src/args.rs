@@ -247,6 +247,18 @@ pub struct RunArgs {
     /// Extra /etc/hosts entry NAME:IP.
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
+    /// No network interface at all.
+    #[arg(long = "no-network")]
+    pub no_network: bool,
+    /// Let the sandbox reach this private/loopback address (blocked by default).
+    #[arg(long = "allow-private-host", value_name = "IP")]
+    pub allow_private_host: Vec<String>,
+    /// DNS servers the sandbox's queries are forwarded to (IP or IP:PORT; default: the host's).
+    #[arg(long = "dns-servers", value_name = "IP[:PORT]", value_delimiter = ',')]
+    pub dns_servers: Vec<String>,
+    /// MTU of the sandbox's network interface.
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
     /// Attach an ext4 image file (or a named volume, @NAME) at a guest path.
     #[arg(long, value_name = "HOST.ext4|@NAME:GUEST_PATH[:ro]")]
     pub disk: Vec<String>,

@@ -106,6 +106,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         bail!("--publish needs an attached run (the forwards live in the 'run' process); with -d use 'matchlock port-forward ID PORT'");
     }
     let user_env = parse_env(&args.process)?;
+    let network = network_config(&args)?;
 
     let images = matchlock_image::ImageStore::open_default()?;
     let image = images.resolve(&args.image)?;
@@ -143,6 +144,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         owner_pid: (args.rm && !args.detach).then(std::process::id),
         add_hosts,
         disks,
+        network,
         command: argv.clone(),
         ..Default::default()
     };
@@ -378,6 +380,30 @@ pub async fn attach(
     drop(tx);
     writer.abort();
     result
+}
+
+/// The network from `--no-network`, `--allow-private-host`, `--dns-servers` and `--mtu`.
+fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkConfig>> {
+    if args.no_network {
+        if !args.allow_private_host.is_empty() || !args.dns_servers.is_empty() {
+            bail!("--no-network cannot be combined with --allow-private-host or --dns-servers");
+        }
+        return Ok(None);
+    }
+    validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
+    for a in &args.allow_private_host {
+        a.parse::<std::net::IpAddr>()
+            .map_err(|_| anyhow!("--allow-private-host '{a}' is not an IP address"))?;
+    }
+    for d in &args.dns_servers {
+        validate::dns_server(d).map_err(|e| anyhow!("--dns-servers: {e}"))?;
+    }
+    Ok(Some(matchlock_sandbox::NetworkConfig {
+        mtu: args.mtu as u16,
+        dns_servers: args.dns_servers.clone(),
+        allow_private_hosts: args.allow_private_host.clone(),
+        allow_private_ranges: false,
+    }))
 }
 
 /// Parses `--address` values.

@@ -217,6 +217,9 @@ pub fn setup(s: &Setup) -> Result<Option<OwnedFd>, String> {
         nix::unistd::sethostname(&s.hostname).map_err(|e| format!("sethostname: {e}"))?;
     }
     write_etc(s)?;
+    if let Some(net) = &s.net {
+        crate::net::configure(net)?;
+    }
     match s.cpu_max {
         Some((quota, period)) => cgroup(quota, period).map(Some),
         None => Ok(None),

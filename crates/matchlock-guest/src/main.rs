@@ -12,6 +12,7 @@ mod exec;
 mod files;
 mod forward;
 mod init;
+mod net;
 mod reaper;
 mod seccomp;
 mod server;

@@ -246,6 +246,7 @@ async fn pid1_end_to_end() {
         cpu_max: Some((50_000, 100_000)),
         confined: true,
         disks: Vec::new(),
+        net: None,
     };
     let mut s = request(&mux, Msg::Setup(setup)).await;
     let reply = recv(&mut s).await;

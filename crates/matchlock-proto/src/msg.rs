@@ -115,6 +115,21 @@ pub struct Setup {
     pub confined: bool,
     /// Extra disks (ext4) to mount once the root is in place, in order.
     pub disks: Vec<GuestDisk>,
+    /// How to configure `eth0`; `None` when the sandbox has no network.
+    pub net: Option<GuestNet>,
+}
+
+/// The guest side of the sandbox network: a static IPv4 setup of `eth0`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GuestNet {
+    /// The guest's address.
+    pub address: [u8; 4],
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway, also the DNS server.
+    pub gateway: [u8; 4],
+    /// Interface MTU.
+    pub mtu: u16,
 }
 
 /// An extra disk to mount in the guest.

@@ -274,15 +274,12 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
         validate::add_host(&h.host, &h.ip, "network.add_hosts").map_err(RpcError::params)?;
     }
     for d in &n.dns_servers {
-        d.parse::<std::net::IpAddr>().map_err(|_| {
-            RpcError::params(format!("network.dns_servers: '{d}' is not an IP address"))
-        })?;
+        validate::dns_server(d)
+            .map_err(|e| RpcError::params(format!("network.dns_servers: {e}")))?;
     }
-    if n.mtu != 0 && !(576..=65535).contains(&n.mtu) {
-        return Err(RpcError::params(format!(
-            "network.mtu {} is out of range; give 576 to 65535",
-            n.mtu
-        )));
+    if n.mtu != 0 {
+        validate::mtu(u32::try_from(n.mtu).unwrap_or(0), "network.mtu")
+            .map_err(RpcError::params)?;
     }
     for (name, s) in &n.secrets {
         check_env(name, "", "network.secrets")?;
@@ -332,6 +329,28 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     Err(RpcError::params(
         "vfs mounts (host directories in the workspace) are not available in this version of matchlock yet; copy files in with write_file or attach an ext4 volume with extra_disks",
     ))
+}
+
+/// Open-mode network from the `network` params. Interception (allow-lists, secrets, hook rules) is
+/// not available yet, so a sandbox that asks for it gets no network interface at all: nothing can
+/// leave that the caller meant to filter.
+fn network_config(net: Option<&Network>) -> Option<matchlock_sandbox::NetworkConfig> {
+    let Some(n) = net else {
+        return Some(matchlock_sandbox::NetworkConfig::default());
+    };
+    let intercept = n.intercept
+        || !n.allowed_hosts.is_empty()
+        || !n.secrets.is_empty()
+        || n.interception.as_ref().is_some_and(|i| !i.is_null());
+    if n.no_network || intercept {
+        return None;
+    }
+    Some(matchlock_sandbox::NetworkConfig {
+        mtu: if n.mtu > 0 { n.mtu as u16 } else { 1500 },
+        dns_servers: n.dns_servers.clone(),
+        allow_private_hosts: Vec::new(),
+        allow_private_ranges: n.block_private_ips == Some(false),
+    })
 }
 
 /// A random placeholder for a secret, shaped like Matchlock's so tools that sniff for
@@ -421,6 +440,7 @@ pub fn sandbox_config(
             })
             .unwrap_or_default(),
         disks: plan.disks.clone(),
+        network: network_config(net),
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
         ..Default::default()

@@ -43,6 +43,9 @@ pub struct SandboxConfig {
     /// never leaves an orphaned `--rm` sandbox behind.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// The network; `None` gives the guest no network interface at all.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
     /// Extra ext4 disks attached to the VM and mounted in the guest.
     #[serde(default)]
     pub disks: Vec<DiskMount>,
@@ -50,6 +53,31 @@ pub struct SandboxConfig {
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
     pub created_at: u64,
+}
+
+/// The sandbox network (open mode): the guest's only peer is matchlock's userspace stack, which
+/// relays its TCP and UDP flows to public addresses and blocks the rest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// Interface MTU.
+    pub mtu: u16,
+    /// Upstream DNS servers (`IP` or `IP:PORT`); empty means the host's resolvers.
+    pub dns_servers: Vec<String>,
+    /// Addresses opened despite the private-range block (`--allow-private-host`).
+    pub allow_private_hosts: Vec<String>,
+    /// Reach private ranges (RFC 1918, CGNAT, ULA) too.
+    pub allow_private_ranges: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mtu: 1500,
+            dns_servers: Vec::new(),
+            allow_private_hosts: Vec::new(),
+            allow_private_ranges: false,
+        }
+    }
 }
 
 /// An ext4 image on the host mounted at a path in the guest (`--disk`, named volumes).

@@ -38,6 +38,14 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const ROOT_SERIAL: &str = "ml-root";
 const UPPER_SERIAL: &str = "ml-upper";
 
+/// The sandbox link: the guest, and matchlock's stack as its gateway and DNS server.
+const GUEST_IP: [u8; 4] = [192, 168, 127, 2];
+const GATEWAY_IP: [u8; 4] = [192, 168, 127, 1];
+const NET_PREFIX: u8 = 24;
+/// Locally administered MACs ("ML" in the second and third bytes).
+const GUEST_MAC: [u8; 6] = [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x02];
+const GATEWAY_MAC: [u8; 6] = [0x02, 0x4d, 0x4c, 0x00, 0x00, 0x01];
+
 /// Virtio serial of the `i`-th extra disk.
 fn disk_serial(i: usize) -> String {
     format!("ml-disk{i}")
@@ -208,6 +216,7 @@ struct Launched {
 struct Listeners {
     agent: std::os::unix::net::UnixListener,
     console: std::os::unix::net::UnixListener,
+    net: Option<std::os::unix::net::UnixListener>,
 }
 
 fn kill_qemu(q: &Qemu) -> std::io::Result<()> {
@@ -258,6 +267,19 @@ fn prepare_and_spawn(
         l.set_nonblocking(true)
             .map_err(SandboxError::io("socket setup"))?;
     }
+    let net_sock = dir.join("net.sock");
+    let net_l = match &config.network {
+        Some(_) => {
+            check_socket_path(&net_sock)?;
+            let _ = std::fs::remove_file(&net_sock);
+            let l = std::os::unix::net::UnixListener::bind(&net_sock)
+                .map_err(SandboxError::io(format!("binding {}", net_sock.display())))?;
+            l.set_nonblocking(true)
+                .map_err(SandboxError::io("socket setup"))?;
+            Some(l)
+        }
+        None => None,
+    };
 
     let mut disks = vec![
         matchlock_vmm::qemu::Disk {
@@ -296,6 +318,10 @@ fn prepare_and_spawn(
         agent_socket: agent_sock,
         console_socket: console_sock,
         extra_cmdline: Vec::new(),
+        net: net_l.as_ref().map(|_| matchlock_vmm::qemu::NetDev {
+            socket: net_sock.clone(),
+            mac: GUEST_MAC,
+        }),
     };
     let qemu_log = std::fs::File::create(dir.join("logs").join("qemu.log"))
         .map_err(SandboxError::io("creating logs/qemu.log"))?;
@@ -331,6 +357,7 @@ fn prepare_and_spawn(
         Listeners {
             agent: agent_l,
             console: console_l,
+            net: net_l,
         },
     ))
 }
@@ -383,6 +410,90 @@ fn make_upper(path: &Path, size_mb: u64) -> Result<(), SandboxError> {
         )));
     }
     Ok(())
+}
+
+/// The stack's configuration from the sandbox's: policy, resolver, link.
+fn network_stack(
+    config: &SandboxConfig,
+    net: &crate::config::NetworkConfig,
+) -> Result<matchlock_net::NetConfig, String> {
+    let mut allow = Vec::new();
+    for a in &net.allow_private_hosts {
+        allow.push(
+            a.parse()
+                .map_err(|_| format!("--allow-private-host '{a}' is not an IP address"))?,
+        );
+    }
+    let policy = std::sync::Arc::new(matchlock_net::Policy {
+        allow,
+        allow_private_ranges: net.allow_private_ranges,
+        host_addrs: matchlock_net::policy::host_addresses(),
+    });
+    let mut upstreams = Vec::new();
+    for d in &net.dns_servers {
+        upstreams.push(crate::validate::dns_server(d).map_err(|e| format!("--dns-servers: {e}"))?);
+    }
+    if upstreams.is_empty() {
+        upstreams = matchlock_net::dns::host_resolvers();
+    }
+    let aliases = loopback_aliases(config);
+    let hosts = guest_hosts(config)
+        .into_iter()
+        .filter_map(|(ip, name)| Some((name.to_ascii_lowercase(), ip.parse().ok()?)))
+        .collect();
+    Ok(matchlock_net::NetConfig {
+        guest_ip: GUEST_IP.into(),
+        gateway_ip: GATEWAY_IP.into(),
+        prefix: NET_PREFIX,
+        gateway_mac: GATEWAY_MAC,
+        mtu: net.mtu,
+        dns: std::sync::Arc::new(matchlock_net::dns::Dns {
+            upstreams,
+            hosts,
+            policy: policy.clone(),
+        }),
+        policy,
+        limits: matchlock_net::Limits::default(),
+        aliases,
+    })
+}
+
+/// `--add-host` entries pointing at host loopback, each with its guest-visible alias (the guest's
+/// own loopback would shadow them). Only with a network: without one there is nothing to reach.
+fn loopback_aliases(config: &SandboxConfig) -> Vec<(std::net::Ipv4Addr, std::net::IpAddr)> {
+    if config.network.is_none() {
+        return Vec::new();
+    }
+    let mut out: Vec<(std::net::Ipv4Addr, std::net::IpAddr)> = Vec::new();
+    for (ip, _) in &config.add_hosts {
+        let Ok(real) = ip.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        if !real.is_loopback() || out.iter().any(|(_, r)| *r == real) {
+            continue;
+        }
+        let n = u32::from(matchlock_net::ALIAS_BASE) + out.len() as u32;
+        out.push((n.into(), real));
+    }
+    out
+}
+
+/// The `/etc/hosts` entries the guest gets: loopback targets replaced by their aliases.
+fn guest_hosts(config: &SandboxConfig) -> Vec<(String, String)> {
+    let aliases = loopback_aliases(config);
+    config
+        .add_hosts
+        .iter()
+        .map(|(ip, name)| {
+            let shown = ip
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .and_then(|real| aliases.iter().find(|(_, r)| *r == real))
+                .map(|(alias, _)| alias.to_string())
+                .unwrap_or_else(|| ip.clone());
+            (shown, name.clone())
+        })
+        .collect()
 }
 
 /// Records a failed start and removes what the start created.
@@ -466,6 +577,33 @@ async fn supervise(
         }
     });
 
+    // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
+    if let (Some(l), Some(netcfg)) = (listeners.net, config.network.clone()) {
+        match (UnixListener::from_std(l), network_stack(&config, &netcfg)) {
+            (Ok(l), Ok(stack)) => {
+                tokio::spawn(async move {
+                    if let Ok((conn, _)) = l.accept().await {
+                        if let Err(e) = matchlock_net::serve(conn, stack).await {
+                            eprintln!("network stack: {e}");
+                        }
+                    }
+                });
+            }
+            (_, Err(e)) => {
+                let _ = kill_qemu(&qemu);
+                fail(&store, &config, &mut state, &e);
+                report(&mut ready, &format!("error: {e}"));
+                return 1;
+            }
+            (Err(e), _) => {
+                let _ = kill_qemu(&qemu);
+                fail(&store, &config, &mut state, &e.to_string());
+                report(&mut ready, "error: network socket setup failed");
+                return 1;
+            }
+        }
+    }
+
     let boot = async {
         let (mut conn, _) = agent_l
             .accept()
@@ -487,7 +625,7 @@ async fn supervise(
         let mut s = mux.open().await.map_err(|e| e.to_string())?;
         let setup = Setup {
             hostname: config.hostname.clone(),
-            hosts: config.add_hosts.clone(),
+            hosts: guest_hosts(&config),
             root_serial: ROOT_SERIAL.into(),
             upper_serial: Some(UPPER_SERIAL.into()),
             time_unix_ms: std::time::SystemTime::now()
@@ -496,6 +634,12 @@ async fn supervise(
                 .unwrap_or(0),
             cpu_max: config.cpu_max(),
             confined: !config.privileged,
+            net: config.network.as_ref().map(|n| matchlock_proto::GuestNet {
+                address: GUEST_IP,
+                prefix: NET_PREFIX,
+                gateway: GATEWAY_IP,
+                mtu: n.mtu,
+            }),
             disks: config
                 .disks
                 .iter()

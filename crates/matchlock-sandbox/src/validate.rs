@@ -102,6 +102,23 @@ pub fn add_host(name: &str, ip: &str, what: &str) -> Result<String, String> {
     Ok(addr.to_string())
 }
 
+/// An upstream DNS server: `IP`, `IP:PORT` or `[IPv6]:PORT` (port 53 by default).
+pub fn dns_server(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map_err(|_| format!("'{s}' is not an IP address or IP:PORT"))
+}
+
+/// An interface MTU: 576 (the IPv4 minimum) to 9000.
+pub fn mtu(v: u32, what: &str) -> Result<(), String> {
+    if !(576..=9000).contains(&v) {
+        return Err(format!("{what} {v} is out of range; give 576 to 9000"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +141,11 @@ mod tests {
         assert!(guest_path("/mnt/../etc", "p").is_err());
         assert_eq!(add_host("db", "::1", "a").unwrap(), "::1");
         assert!(add_host("db", "nope", "a").is_err());
+        assert_eq!(dns_server("1.1.1.1").unwrap().port(), 53);
+        assert_eq!(dns_server("127.0.0.1:5353").unwrap().port(), 5353);
+        assert_eq!(dns_server("[::1]:53").unwrap().port(), 53);
+        assert!(dns_server("dns.google").is_err());
+        assert!(mtu(1500, "m").is_ok());
+        assert!(mtu(100, "m").is_err());
     }
 }

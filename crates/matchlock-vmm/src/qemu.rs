@@ -44,6 +44,18 @@ pub struct VmSpec {
     pub console_socket: PathBuf,
     /// Extra kernel command line words.
     pub extra_cmdline: Vec<String>,
+    /// The guest NIC, when the sandbox has a network.
+    pub net: Option<NetDev>,
+}
+
+/// A virtio-net NIC whose frames go to a Unix socket (`-netdev stream`, QEMU >= 7.2), where the
+/// supervisor's userspace stack listens. There is no host-side interface at all.
+#[derive(Debug, Clone)]
+pub struct NetDev {
+    /// The socket QEMU connects to.
+    pub socket: PathBuf,
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
 }
 
 /// Kernel command line used for every boot. `reboot=t` + QEMU's `-no-reboot` make a guest reboot
@@ -184,6 +196,19 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={}", PORT_NAME),
         ]);
+        if let Some(net) = &self.net {
+            let mut netdev = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
+            netdev.push(escape_commas(&net.socket.to_string_lossy()));
+            c.arg("-netdev").arg(netdev);
+            let m = net.mac;
+            c.args([
+                "-device",
+                &format!(
+                    "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+            ]);
+        }
         c
     }
 }
@@ -216,6 +241,7 @@ mod tests {
             agent_socket: "/s/agent.sock".into(),
             console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
+            net: None,
         };
         let c = spec.command();
         let args: Vec<String> = c

@@ -1,0 +1,752 @@
+//! The stack proper: one task owns the smoltcp interface and every flow of the sandbox.
+//!
+//! Frames from the guest are classified before smoltcp sees them. TCP SYNs to a new destination
+//! are held while matchlock connects to the real destination from the host ("connect first", as
+//! slirp does): the guest sees either a normal handshake or a reset, never a connection that
+//! succeeds and then dies. Once the host connection is up, a smoltcp socket listening on exactly
+//! that destination is created and the held SYN is replayed into it. UDP and ICMP are answered
+//! directly from the frames (smoltcp's any-IP mode would otherwise answer pings for every address
+//! on the internet). IPv6 and other protocols are dropped.
+
+use crate::dns::Dns;
+use crate::frames::{self, Link};
+use crate::policy::Policy;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, Icmpv4Packet, Icmpv4Repr,
+    IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, UdpPacket,
+};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+/// Caps that keep one guest from exhausting the host.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent TCP connections; further SYNs are reset.
+    pub max_tcp: usize,
+    /// Concurrent UDP flows; further datagrams are dropped.
+    pub max_udp: usize,
+    /// Receive and send buffer of each TCP connection, in bytes (each direction).
+    pub tcp_buffer: usize,
+    /// A TCP connection without traffic for this long is reset.
+    pub tcp_idle: Duration,
+    /// A UDP flow without traffic for this long is forgotten.
+    pub udp_idle: Duration,
+    /// How long the host gets to connect to a destination.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tcp: 512,
+            max_udp: 256,
+            tcp_buffer: 128 * 1024,
+            tcp_idle: Duration::from_secs(3600),
+            udp_idle: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The network of one sandbox.
+pub struct NetConfig {
+    /// The guest's address.
+    pub guest_ip: Ipv4Addr,
+    /// The gateway (this stack) address; also the guest's DNS server.
+    pub gateway_ip: Ipv4Addr,
+    /// Prefix length of the link.
+    pub prefix: u8,
+    /// The stack's MAC.
+    pub gateway_mac: [u8; 6],
+    /// The link MTU (IP bytes per frame).
+    pub mtu: u16,
+    /// Egress policy.
+    pub policy: Arc<Policy>,
+    /// The guest's resolver.
+    pub dns: Arc<Dns>,
+    /// Resource caps.
+    pub limits: Limits,
+    /// Guest-visible stand-ins for host-loopback destinations (`--add-host name:127.0.0.1`): the
+    /// guest's own loopback shadows 127.0.0.0/8, so it is given an alias address, which the stack
+    /// translates back when it connects. The policy applies to the real address.
+    pub aliases: Vec<(Ipv4Addr, IpAddr)>,
+}
+
+/// First alias address: the benchmarking range 198.18.0.0/15, never routed on the internet.
+pub const ALIAS_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// Frame queues between the socket to QEMU and smoltcp.
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _t: SmolInstant) -> Option<(Rx, Tx<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((Rx(f), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _t: SmolInstant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = self.mtu + 14;
+        c
+    }
+}
+
+/// (guest endpoint, destination endpoint).
+type Key = (SocketAddrV4, SocketAddrV4);
+
+enum Event {
+    Connected(Key, TcpStream),
+    ConnectFailed(Key, String),
+    HostWriteFailed(Key),
+    /// A datagram for the guest: (from, to, payload).
+    Udp(SocketAddrV4, SocketAddrV4, Vec<u8>),
+}
+
+struct TcpFlow {
+    handle: Option<SocketHandle>,
+    /// The guest's SYN, held until the host connection is up.
+    syn: Option<(Vec<u8>, u32)>,
+    to_host: Option<mpsc::Sender<Vec<u8>>>,
+    from_host: Option<mpsc::Receiver<Vec<u8>>>,
+    pending: Vec<u8>,
+    pending_off: usize,
+    host_eof: bool,
+    close_sent: bool,
+    last_active: Instant,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for TcpFlow {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct UdpFlow {
+    sock: Arc<UdpSocket>,
+    last_active: Instant,
+    task: JoinHandle<()>,
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Stack {
+    cfg: NetConfig,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: Queues,
+    link: Link,
+    guest_mac: Option<EthernetAddress>,
+    tcp: HashMap<Key, TcpFlow>,
+    udp: HashMap<Key, UdpFlow>,
+    events: mpsc::Sender<Event>,
+    wake: Arc<Notify>,
+    epoch: Instant,
+}
+
+/// Largest frame accepted from QEMU (its length prefix is checked against this).
+const MAX_FRAME: usize = 65_536;
+
+/// Serves the guest NIC on `conn` (QEMU's `-netdev stream` socket: frames prefixed by their
+/// 4-byte big-endian length) until QEMU closes it.
+pub async fn serve<S>(conn: S, cfg: NetConfig) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut len = [0u8; 4];
+            if rd.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(len) as usize;
+            if len > MAX_FRAME {
+                return;
+            }
+            let mut f = vec![0u8; len];
+            if rd.read_exact(&mut f).await.is_err() || frames_tx.send(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(4096);
+    let writer = tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            let mut buf = Vec::with_capacity(f.len() + 4);
+            buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            buf.extend_from_slice(&f);
+            if wr.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (events_tx, mut events_rx) = mpsc::channel::<Event>(1024);
+    let mut stack = Stack::new(cfg, events_tx);
+    let wake = stack.wake.clone();
+    let mut closed = false;
+    while !closed {
+        let delay = stack
+            .iface
+            .poll_delay(stack.now(), &stack.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            f = frames_rx.recv() => match f {
+                Some(f) => stack.ingress(f),
+                None => closed = true,
+            },
+            e = events_rx.recv() => {
+                if let Some(e) = e { stack.event(e); }
+            }
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+        // Take everything that is ready in one turn, so a burst costs one poll.
+        while let Ok(f) = frames_rx.try_recv() {
+            stack.ingress(f);
+        }
+        while let Ok(e) = events_rx.try_recv() {
+            stack.event(e);
+        }
+        stack.turn();
+        while let Some(f) = stack.dev.tx.pop_front() {
+            if out_tx.send(f).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+    }
+    reader.abort();
+    drop(out_tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+impl Stack {
+    fn new(cfg: NetConfig, events: mpsc::Sender<Event>) -> Stack {
+        let mut dev = Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu: cfg.mtu as usize,
+        };
+        let gw_mac = EthernetAddress(cfg.gateway_mac);
+        let mut config = Config::new(HardwareAddress::Ethernet(gw_mac));
+        config.random_seed = rand::random();
+        let epoch = Instant::now();
+        let mut iface = Interface::new(config, &mut dev, SmolInstant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(cfg.gateway_ip), cfg.prefix));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(cfg.gateway_ip);
+        iface.set_any_ip(true);
+        Stack {
+            link: Link {
+                gateway: gw_mac,
+                guest: EthernetAddress([0xff; 6]),
+            },
+            cfg,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            dev,
+            guest_mac: None,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            events,
+            wake: Arc::new(Notify::new()),
+            epoch,
+        }
+    }
+
+    fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Where a guest-visible destination really goes.
+    fn real(&self, dst: Ipv4Addr) -> IpAddr {
+        self.cfg
+            .aliases
+            .iter()
+            .find(|(alias, _)| *alias == dst)
+            .map(|(_, real)| *real)
+            .unwrap_or(IpAddr::V4(dst))
+    }
+
+    fn send_frame(&mut self, f: Vec<u8>) {
+        self.dev.tx.push_back(f);
+    }
+
+    /// Classifies one frame from the guest.
+    fn ingress(&mut self, frame: Vec<u8>) {
+        if frame.len() > self.cfg.mtu as usize + 14 {
+            return;
+        }
+        let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
+            return;
+        };
+        if self.guest_mac.is_none() && eth.src_addr().is_unicast() {
+            self.guest_mac = Some(eth.src_addr());
+            self.link.guest = eth.src_addr();
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => self.dev.rx.push_back(frame),
+            EthernetProtocol::Ipv4 => self.ingress_ipv4(frame),
+            // IPv6 and everything else: the guest has no route for them anyway.
+            _ => {}
+        }
+    }
+
+    fn ingress_ipv4(&mut self, frame: Vec<u8>) {
+        let eth = EthernetFrame::new_unchecked(&frame[..]);
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        let Ok(repr) = Ipv4Repr::parse(&ip, &Default::default()) else {
+            return;
+        };
+        if repr.src_addr != self.cfg.guest_ip {
+            // Spoofed source: nothing may leave in another address's name.
+            return;
+        }
+        let payload = ip.payload();
+        match repr.next_header {
+            IpProtocol::Tcp => {
+                let Ok(tcp) = TcpPacket::new_checked(payload) else {
+                    return;
+                };
+                let key = (
+                    SocketAddrV4::new(repr.src_addr, tcp.src_port()),
+                    SocketAddrV4::new(repr.dst_addr, tcp.dst_port()),
+                );
+                if tcp.syn() && !tcp.ack() && repr.dst_addr != self.cfg.gateway_ip {
+                    let seq = tcp.seq_number().0 as u32;
+                    self.tcp_syn(key, frame, seq);
+                } else {
+                    if let Some(flow) = self.tcp.get_mut(&key) {
+                        if flow.syn.is_some() {
+                            return; // still connecting: the guest will retransmit
+                        }
+                        flow.last_active = Instant::now();
+                    }
+                    self.dev.rx.push_back(frame);
+                }
+            }
+            IpProtocol::Udp => {
+                let Ok(udp) = UdpPacket::new_checked(payload) else {
+                    return;
+                };
+                let src = SocketAddrV4::new(repr.src_addr, udp.src_port());
+                let dst = SocketAddrV4::new(repr.dst_addr, udp.dst_port());
+                let data = udp.payload().to_vec();
+                self.udp_out(src, dst, data, &repr, payload.to_vec());
+            }
+            IpProtocol::Icmp => {
+                let Ok(pkt) = Icmpv4Packet::new_checked(payload) else {
+                    return;
+                };
+                let Ok(icmp) = Icmpv4Repr::parse(&pkt, &Default::default()) else {
+                    return;
+                };
+                if let Icmpv4Repr::EchoRequest {
+                    ident,
+                    seq_no,
+                    data,
+                } = icmp
+                {
+                    let f = if repr.dst_addr == self.cfg.gateway_ip {
+                        frames::icmp_echo_reply(
+                            self.link,
+                            repr.dst_addr,
+                            repr.src_addr,
+                            ident,
+                            seq_no,
+                            data,
+                        )
+                    } else {
+                        // No ICMP leaves the sandbox; say so instead of letting pings hang.
+                        frames::icmp_prohibited(self.link, self.cfg.gateway_ip, &repr, payload)
+                    };
+                    self.send_frame(f);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn tcp_syn(&mut self, key: Key, frame: Vec<u8>, seq: u32) {
+        if let Some(flow) = self.tcp.get(&key) {
+            if flow.syn.is_none() {
+                self.dev.rx.push_back(frame); // a retransmitted SYN for a socket in SynReceived
+            }
+            return;
+        }
+        let (guest, dst) = key;
+        let refuse = |s: &mut Stack, why: &str| {
+            tracing::debug!("tcp {guest} -> {dst} refused: {why}");
+            let f = frames::tcp_rst_for_syn(s.link, guest, dst, seq, 0);
+            s.send_frame(f);
+        };
+        let real = self.real(*dst.ip());
+        if let Err(why) = self.cfg.policy.check(real) {
+            return refuse(self, &why);
+        }
+        if self.tcp.len() >= self.cfg.limits.max_tcp {
+            return refuse(self, "too many connections");
+        }
+        let events = self.events.clone();
+        let timeout = self.cfg.limits.connect_timeout;
+        let task = tokio::spawn(async move {
+            let target = SocketAddr::new(real, dst.port());
+            let r = tokio::time::timeout(timeout, TcpStream::connect(target)).await;
+            let e = match r {
+                Ok(Ok(s)) => Event::Connected(key, s),
+                Ok(Err(e)) => Event::ConnectFailed(key, e.to_string()),
+                Err(_) => Event::ConnectFailed(key, "timed out".into()),
+            };
+            let _ = events.send(e).await;
+        });
+        self.tcp.insert(
+            key,
+            TcpFlow {
+                handle: None,
+                syn: Some((frame, seq)),
+                to_host: None,
+                from_host: None,
+                pending: Vec::new(),
+                pending_off: 0,
+                host_eof: false,
+                close_sent: false,
+                last_active: Instant::now(),
+                tasks: vec![task],
+            },
+        );
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Connected(key, stream) => self.tcp_connected(key, stream),
+            Event::ConnectFailed(key, why) => {
+                if let Some(flow) = self.tcp.remove(&key) {
+                    if let Some((_, seq)) = flow.syn {
+                        tracing::debug!("tcp {} -> {} failed: {why}", key.0, key.1);
+                        let f = frames::tcp_rst_for_syn(self.link, key.0, key.1, seq, 0);
+                        self.send_frame(f);
+                    }
+                }
+            }
+            Event::HostWriteFailed(key) => {
+                if let Some(h) = self.tcp.get(&key).and_then(|f| f.handle) {
+                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                }
+            }
+            Event::Udp(from, to, data) => {
+                if data.len() + 28 <= self.cfg.mtu as usize {
+                    let f = frames::udp(self.link, from, to, &data);
+                    self.send_frame(f);
+                }
+            }
+        }
+    }
+
+    fn tcp_connected(&mut self, key: Key, stream: TcpStream) {
+        let Some(flow) = self.tcp.get_mut(&key) else {
+            return;
+        };
+        let Some((syn, _)) = flow.syn.take() else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let size = self.cfg.limits.tcp_buffer;
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; size]),
+            tcp::SocketBuffer::new(vec![0u8; size]),
+        );
+        sock.set_nagle_enabled(false);
+        let (_, dst) = key;
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(*dst.ip())),
+                port: dst.port(),
+            })
+            .is_err()
+        {
+            self.tcp.remove(&key);
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let (mut hrd, mut hwr) = stream.into_split();
+        let (to_host_tx, mut to_host_rx) = mpsc::channel::<Vec<u8>>(4);
+        let (from_host_tx, from_host_rx) = mpsc::channel::<Vec<u8>>(4);
+        let wake = self.wake.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match hrd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if from_host_tx.send(buf[..n].to_vec()).await.is_err() {
+                            break;
+                        }
+                        wake.notify_one();
+                    }
+                }
+            }
+            drop(from_host_tx);
+            wake.notify_one();
+        });
+        let wake = self.wake.clone();
+        let events = self.events.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(chunk) = to_host_rx.recv().await {
+                if hwr.write_all(&chunk).await.is_err() {
+                    let _ = events.send(Event::HostWriteFailed(key)).await;
+                    return;
+                }
+                wake.notify_one();
+            }
+            // The guest half-closed: pass the FIN on.
+            let _ = hwr.shutdown().await;
+        });
+        flow.handle = Some(handle);
+        flow.to_host = Some(to_host_tx);
+        flow.from_host = Some(from_host_rx);
+        flow.tasks.push(reader);
+        flow.tasks.push(writer);
+        flow.last_active = Instant::now();
+        // Replay the SYN now, while this is the only socket listening on the destination, so the
+        // handshake lands in this flow's socket and no other.
+        self.dev.rx.push_back(syn);
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    fn udp_out(
+        &mut self,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        data: Vec<u8>,
+        repr: &Ipv4Repr,
+        ip_payload: Vec<u8>,
+    ) {
+        if *dst.ip() == self.cfg.gateway_ip {
+            if dst.port() == 53 {
+                let dns = self.cfg.dns.clone();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    if let Some(answer) = dns.answer(&data).await {
+                        let _ = events.send(Event::Udp(dst, src, answer)).await;
+                    }
+                });
+            }
+            return;
+        }
+        let real = SocketAddr::new(self.real(*dst.ip()), dst.port());
+        if let Err(why) = self.cfg.policy.check(real.ip()) {
+            tracing::debug!("udp {src} -> {dst} refused: {why}");
+            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
+            self.send_frame(f);
+            return;
+        }
+        let key = (src, dst);
+        if let Some(flow) = self.udp.get_mut(&key) {
+            flow.last_active = Instant::now();
+            let _ = flow.sock.try_send(&data);
+            return;
+        }
+        if self.udp.len() >= self.cfg.limits.max_udp {
+            return;
+        }
+        let bind = if real.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let sock = match std::net::UdpSocket::bind(bind)
+            .and_then(|s| s.connect(real).map(|_| s))
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .and_then(UdpSocket::from_std)
+        {
+            Ok(s) => Arc::new(s),
+            Err(_) => return,
+        };
+        let _ = sock.try_send(&data);
+        let events = self.events.clone();
+        let rsock = sock.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = rsock.recv(&mut buf).await {
+                if events
+                    .send(Event::Udp(dst, src, buf[..n].to_vec()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        self.udp.insert(
+            key,
+            UdpFlow {
+                sock,
+                last_active: Instant::now(),
+                task,
+            },
+        );
+    }
+
+    /// Moves data between the sockets and the host connections, polls smoltcp, and retires
+    /// finished or idle flows.
+    fn turn(&mut self) {
+        self.pump();
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.pump();
+        let now = self.now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.retire();
+    }
+
+    fn pump(&mut self) {
+        for (_, flow) in self.tcp.iter_mut() {
+            let Some(h) = flow.handle else { continue };
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            let mut active = false;
+            // Host -> guest.
+            loop {
+                if flow.pending_off < flow.pending.len() {
+                    if !sock.can_send() {
+                        break;
+                    }
+                    match sock.send_slice(&flow.pending[flow.pending_off..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            flow.pending_off += n;
+                            active = true;
+                        }
+                    }
+                    continue;
+                }
+                let Some(rx) = flow.from_host.as_mut() else {
+                    break;
+                };
+                match rx.try_recv() {
+                    Ok(chunk) => {
+                        flow.pending = chunk;
+                        flow.pending_off = 0;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        flow.from_host = None;
+                        flow.host_eof = true;
+                        break;
+                    }
+                }
+            }
+            if flow.host_eof && flow.pending_off >= flow.pending.len() && !flow.close_sent {
+                sock.close();
+                flow.close_sent = true;
+            }
+            // Guest -> host.
+            if let Some(tx) = flow.to_host.as_ref() {
+                while sock.can_recv() {
+                    match tx.try_reserve() {
+                        Ok(permit) => {
+                            let data = sock.recv(|b| (b.len(), b.to_vec())).unwrap_or_default();
+                            active = true;
+                            permit.send(data);
+                        }
+                        Err(mpsc::error::TrySendError::Full(())) => break,
+                        Err(mpsc::error::TrySendError::Closed(())) => {
+                            sock.abort();
+                            break;
+                        }
+                    }
+                }
+                if !sock.may_recv() && !sock.can_recv() && sock.state() != tcp::State::SynReceived {
+                    flow.to_host = None;
+                }
+            }
+            if active {
+                flow.last_active = Instant::now();
+            }
+        }
+    }
+
+    fn retire(&mut self) {
+        let idle = self.cfg.limits.tcp_idle;
+        let mut done = Vec::new();
+        for (key, flow) in self.tcp.iter_mut() {
+            let Some(h) = flow.handle else {
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            if flow.last_active.elapsed() > idle {
+                sock.abort();
+            }
+            let state = sock.state();
+            let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+                || (state == tcp::State::Listen
+                    && flow.last_active.elapsed() > Duration::from_secs(5));
+            if finished {
+                done.push(*key);
+            }
+        }
+        for key in done {
+            if let Some(flow) = self.tcp.remove(&key) {
+                if let Some(h) = flow.handle {
+                    self.sockets.remove(h);
+                }
+            }
+        }
+        let udp_idle = self.cfg.limits.udp_idle;
+        self.udp.retain(|_, f| f.last_active.elapsed() < udp_idle);
+    }
+}
