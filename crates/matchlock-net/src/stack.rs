@@ -188,7 +188,12 @@ struct Stack {
     events: mpsc::Sender<Event>,
     wake: Arc<Notify>,
     epoch: Instant,
+    /// Refusals logged so far (the log is capped so a scanning guest cannot flood it).
+    refusals_logged: u32,
 }
+
+/// Refusals written to the supervisor log before it goes quiet.
+const MAX_REFUSAL_LOGS: u32 = 200;
 
 /// Largest frame accepted from QEMU (its length prefix is checked against this).
 const MAX_FRAME: usize = 65_536;
@@ -303,11 +308,22 @@ impl Stack {
             events,
             wake: Arc::new(Notify::new()),
             epoch,
+            refusals_logged: 0,
         }
     }
 
     fn now(&self) -> SmolInstant {
         SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Says on the supervisor's stderr (its log) why a flow was refused, up to a cap.
+    fn log_refusal(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.refusals_logged < MAX_REFUSAL_LOGS {
+            eprintln!("network: {what}");
+        } else if self.refusals_logged == MAX_REFUSAL_LOGS {
+            eprintln!("network: further refusals are not logged");
+        }
+        self.refusals_logged = self.refusals_logged.saturating_add(1);
     }
 
     /// Where a guest-visible destination really goes.
@@ -430,7 +446,7 @@ impl Stack {
         }
         let (guest, dst) = key;
         let refuse = |s: &mut Stack, why: &str| {
-            tracing::debug!("tcp {guest} -> {dst} refused: {why}");
+            s.log_refusal(format_args!("tcp {guest} -> {dst} refused: {why}"));
             let f = frames::tcp_rst_for_syn(s.link, guest, dst, seq, 0);
             s.send_frame(f);
         };
@@ -476,7 +492,7 @@ impl Stack {
             Event::ConnectFailed(key, why) => {
                 if let Some(flow) = self.tcp.remove(&key) {
                     if let Some((_, seq)) = flow.syn {
-                        tracing::debug!("tcp {} -> {} failed: {why}", key.0, key.1);
+                        self.log_refusal(format_args!("tcp {} -> {} failed: {why}", key.0, key.1));
                         let f = frames::tcp_rst_for_syn(self.link, key.0, key.1, seq, 0);
                         self.send_frame(f);
                     }
@@ -590,7 +606,7 @@ impl Stack {
         }
         let real = SocketAddr::new(self.real(*dst.ip()), dst.port());
         if let Err(why) = self.cfg.policy.check(real.ip()) {
-            tracing::debug!("udp {src} -> {dst} refused: {why}");
+            self.log_refusal(format_args!("udp {src} -> {dst} refused: {why}"));
             let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
             self.send_frame(f);
             return;
