@@ -10,6 +10,8 @@ use tar::{EntryType, Header};
 
 use crate::*;
 
+mod registry;
+
 // ---------------------------------------------------------------------------------------------
 // Tarball builders
 
@@ -441,7 +443,7 @@ fn not_found_message_is_actionable() {
     let err = s.resolve("busybox").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "image \"busybox:latest\" is not in the local store; import it with 'matchlock image import busybox < image.tar'"
+        "image \"busybox:latest\" is not in the local store; pull it with 'matchlock pull busybox' or import it with 'matchlock image import busybox < image.tar'"
     );
     assert!(matches!(
         s.remove("busybox"),

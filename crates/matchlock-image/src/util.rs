@@ -122,6 +122,32 @@ pub(crate) struct FileLock {
 
 impl FileLock {
     pub(crate) fn exclusive(path: &Path) -> Result<FileLock, ImageError> {
+        // Without LOCK_NB flock blocks instead of failing with EWOULDBLOCK, so this is Some.
+        Self::take(path, libc::LOCK_EX)?.ok_or_else(|| {
+            ImageError::io(
+                format!("locking {}", path.display()),
+                io::ErrorKind::WouldBlock.into(),
+            )
+        })
+    }
+
+    /// A shared lock (blocking): many holders at once, none while someone holds it exclusively.
+    pub(crate) fn shared(path: &Path) -> Result<FileLock, ImageError> {
+        // Without LOCK_NB flock blocks instead of failing with EWOULDBLOCK, so this is Some.
+        Self::take(path, libc::LOCK_SH)?.ok_or_else(|| {
+            ImageError::io(
+                format!("locking {}", path.display()),
+                io::ErrorKind::WouldBlock.into(),
+            )
+        })
+    }
+
+    /// An exclusive lock if nobody holds the file locked now, else `None`.
+    pub(crate) fn try_exclusive(path: &Path) -> Result<Option<FileLock>, ImageError> {
+        Self::take(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn take(path: &Path, op: libc::c_int) -> Result<Option<FileLock>, ImageError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -130,11 +156,14 @@ impl FileLock {
             .map_err(|e| ImageError::io(format!("opening lock file {}", path.display()), e))?;
         loop {
             // SAFETY: flock on a valid, owned descriptor.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
             if rc == 0 {
-                return Ok(FileLock { _file: file });
+                return Ok(Some(FileLock { _file: file }));
             }
             let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
             if err.kind() != io::ErrorKind::Interrupted {
                 return Err(ImageError::io(format!("locking {}", path.display()), err));
             }
@@ -200,4 +229,10 @@ pub(crate) fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, 
         )));
     }
     Ok(out)
+}
+
+/// `sha256:<hex>` and length of a file's contents.
+pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
+    let file = File::open(path)?;
+    HashingReader::new(BufReader::with_capacity(1 << 20, file)).finish()
 }
