@@ -10,7 +10,7 @@ use crate::archive::{self, ImagePlan, LayerSource};
 use crate::reference::{familiar, normalize_reference};
 use crate::unpack::Staging;
 use crate::util::{
-    atomic_write, decompress, digest_hex, euid, pid_alive, unique_name, FileLock, HashingReader,
+    atomic_write, digest_hex, euid, pid_alive, unique_name, with_decompressed, FileLock,
 };
 use crate::{ext4, ImageError, ImageInfo};
 
@@ -260,14 +260,12 @@ impl ImageStore {
             let n = i + 1;
             let file = fs::File::open(&layer.file)
                 .map_err(|e| ImageError::io(format!("opening layer {n}"), e))?;
-            let mut hashing = HashingReader::new(
-                decompress(file)
-                    .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?,
-            );
-            staging.apply_layer(n, &mut hashing)?;
-            let (diff_id, _) = hashing
-                .finish()
-                .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?;
+            let (applied, hashed) =
+                with_decompressed(file, |reader| staging.apply_layer(n, reader));
+            // A decompression error is the real cause of a tar error that follows from it.
+            let (diff_id, _) =
+                hashed.map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?;
+            applied?;
             if diff_id != layer.diff_id {
                 return Err(ImageError::DigestMismatch {
                     what: format!("layer {n}"),

@@ -648,6 +648,25 @@ fn assert_rejected(layers: &[Vec<u8>], needle: &str) {
 }
 
 #[test]
+fn blank_numeric_header_fields_read_as_zero() {
+    // Writers that never set uid/gid/mtime leave those fields blank; Go's archive/tar (and so
+    // Docker) reads them as 0, and so must we.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_data(&mut h, "blank", &b"abc"[..]).unwrap();
+    let l = b.into_inner().unwrap();
+    let (_d, s) = store();
+    let info = s
+        .import("blank", oci_tar(&[l], Comp::Gzip, sh_run()).as_slice())
+        .unwrap();
+    let st = stat(&info.rootfs, "/blank").unwrap();
+    assert_eq!((st.uid, st.gid, st.mode), (0, 0, 0o644));
+    assert_eq!(cat(&info.rootfs, "/blank"), "abc");
+}
+
+#[test]
 fn rejects_dotdot_entries() {
     assert_rejected(
         &[layer(&[Ent::File("../escape", 0o644, 0, 0, b"x")])],

@@ -236,3 +236,83 @@ pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     HashingReader::new(BufReader::with_capacity(1 << 20, file)).finish()
 }
+
+/// Size of the chunks handed from the decompressing thread to the consumer.
+const PIPE_CHUNK: usize = 256 * 1024;
+/// Chunks in flight: 2 MiB of slack lets both threads run without waiting on each other.
+const PIPE_DEPTH: usize = 8;
+
+/// Feeds the decompressed (gzip/zstd/plain, sniffed) contents of `input` to `consume`, while
+/// another thread does the decompression and the sha256 of the decompressed stream: untarring
+/// and decompressing then use two cores, like `tar -xz` with its gzip child. Returns what
+/// `consume` returned and `(sha256:<hex>, length)` of the whole decompressed stream (read to the
+/// end even when `consume` stops early, so the digest always covers everything).
+pub(crate) fn with_decompressed<T>(
+    input: impl Read + Send,
+    consume: impl FnOnce(&mut dyn Read) -> T,
+) -> (T, io::Result<(String, u64)>) {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+        let producer = scope.spawn(move || -> io::Result<(String, u64)> {
+            let mut hashing = HashingReader::new(decompress(input)?);
+            let mut listening = true;
+            loop {
+                let mut buf = vec![0u8; PIPE_CHUNK];
+                let n = match hashing.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let copy = io::Error::new(e.kind(), e.to_string());
+                        if listening {
+                            let _ = tx.send(Err(copy));
+                        }
+                        return Err(e);
+                    }
+                };
+                buf.truncate(n);
+                // The consumer may stop before the end (tar's end marker, or an error); keep
+                // hashing the rest anyway.
+                listening = listening && tx.send(Ok(buf)).is_ok();
+            }
+            hashing.finish()
+        });
+        let mut reader = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let out = consume(&mut reader);
+        drop(reader);
+        let digest = producer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
+        (out, digest)
+    })
+}
+
+/// The receiving end of [`with_decompressed`]'s pipe.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.buf = chunk?;
+                    self.pos = 0;
+                }
+                // The producer hung up: end of stream (its error, if any, was sent first).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
