@@ -39,6 +39,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Prune => manage::prune(),
         Command::Gc => manage::gc(),
         Command::Log { id, follow } => manage::log(&id, follow),
+        Command::Pull { image, force } => image::pull(&image, force),
         Command::Image { command } => image::image(command),
         Command::Kernel { command } => kernel(command),
         Command::Diagnose { json } => diagnose::diagnose(json),
