@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! matchlock-bench [--matchlock PATH] [--image NAME] [--boots N] [--execs N]
+//! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -9,6 +10,10 @@
 //!    boot.
 //! 2. Exec: round-trip latency of `true` in one running sandbox over the control socket (what the
 //!    CLI and RPC server use), and of the whole `matchlock exec` CLI process, with p50/p90/p99.
+//! 3. `--pull` (instead of 1 and 2): pull + convert of a multi-layer image from a local registry
+//!    against skopeo + tar + mke2fs; see `pull.rs`.
+
+mod pull;
 
 use anyhow::{bail, Context, Result};
 use matchlock_proto::{read_msg, Msg};
@@ -22,6 +27,9 @@ struct Args {
     image: String,
     boots: usize,
     execs: usize,
+    pull: bool,
+    runs: usize,
+    layer_dirs: Vec<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -33,6 +41,9 @@ fn parse_args() -> Result<Args> {
         image: "busybox".into(),
         boots: 10,
         execs: 200,
+        pull: false,
+        runs: 3,
+        layer_dirs: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -42,6 +53,9 @@ fn parse_args() -> Result<Args> {
             "--image" => a.image = val()?,
             "--boots" => a.boots = val()?.parse()?,
             "--execs" => a.execs = val()?.parse()?,
+            "--pull" => a.pull = true,
+            "--runs" => a.runs = val()?.parse::<usize>()?.max(1),
+            "--layer-dir" => a.layer_dirs.push(val()?.into()),
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
             ),
@@ -61,6 +75,9 @@ fn ms(d: Duration) -> f64 {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.pull {
+        return pull::bench(args.runs, &args.layer_dirs);
+    }
     let qemu = matchlock_vmm::qemu::locate_qemu()?;
     let kernel = matchlock_vmm::kernel::locate()?;
     let agent = matchlock_vmm::agent::locate()?;
