@@ -202,6 +202,37 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
         "{err}"
     );
 
+    // Disk full: the store on a 256 KiB tmpfs (in a private mount namespace) cannot hold the
+    // layer; the pull fails with the one actionable line and leaves no tag.
+    if Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let small = tempfile::tempdir().unwrap();
+        let o = Command::new("unshare")
+            .args(["-rm", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o size=256k none "$0" && exec "$1" pull "$2""#)
+            .arg(small.path())
+            .arg(env!("CARGO_BIN_EXE_matchlock"))
+            .arg(&image)
+            .env("MATCHLOCK_CACHE_DIR", small.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let last = err.trim().lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("matchlock: ")
+                && last.contains("no space left on device")
+                && last.contains("matchlock image gc"),
+            "{err}"
+        );
+    } else {
+        eprintln!("!!!!! disk-full check skipped: 'unshare -rm' is not permitted here !!!!!");
+    }
+
     // `pull` prints the result; rm + gc leave an empty store.
     let out = ok(&env.ml(&["pull", &image]));
     assert!(out.starts_with(&image), "{out}");

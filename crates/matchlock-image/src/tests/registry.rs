@@ -30,6 +30,8 @@ struct Registry {
     ca: Option<PathBuf>,
     /// Image digests by `repo:tag` pushed at start.
     pushed: HashMap<String, Pushed>,
+    /// The registry's storage directory (tests corrupt blobs there).
+    storage: PathBuf,
 }
 
 #[derive(Clone)]
@@ -194,6 +196,7 @@ fn start(secure: bool) -> Registry {
         addr,
         ca,
         pushed: HashMap::new(),
+        storage: dir.join("storage"),
     };
     fill(&mut reg, &dir, secure);
     reg
@@ -410,6 +413,29 @@ fn fill(reg: &mut Registry, dir: &Path, secure: bool) {
         sh_run(),
     );
     push(reg, dir, "test/evil", "1", &[(&evil, "amd64")], false);
+    // A symlink to / in one layer, a write through it in the next.
+    let through = img(
+        &[
+            (layer(&[Ent::Sym("escape", "/", 0, 0)]), Comp::Gzip),
+            (
+                layer(&[Ent::File("escape/tmp/pwned-by-layer", 0o644, 0, 0, b"x")]),
+                Comp::Gzip,
+            ),
+        ],
+        "amd64",
+        sh_run(),
+    );
+    push(reg, dir, "test/through", "1", &[(&through, "amd64")], false);
+    // An image whose layer the test corrupts inside the registry's storage.
+    let victim = img(
+        &[(
+            layer(&[Ent::File("victim", 0o644, 0, 0, &[3u8; 100_000])]),
+            Comp::Gzip,
+        )],
+        "amd64",
+        sh_run(),
+    );
+    push(reg, dir, "test/victim", "1", &[(&victim, "amd64")], false);
     // A second, independent image for gc and resume tests.
     let other = img(
         &[(
@@ -600,6 +626,163 @@ fn pull_rejects_layer_entries_escaping_the_root() {
         .next()
         .is_none());
     assert!(tmp_is_empty(&s));
+}
+
+#[test]
+fn pull_rejects_writes_through_symlinks() {
+    if !tools_present("pull_rejects_writes_through_symlinks") {
+        return;
+    }
+    let reg = plain().unwrap();
+    let (_d, s) = store();
+    // A symlink to / in one layer, a write through it in the next.
+    let err = pull(&s, reg, "test/through:1").unwrap_err();
+    assert!(
+        matches!(&err, ImageError::UnsafeEntry { reason, .. } if reason.contains("symlink")),
+        "{err}"
+    );
+    assert!(!Path::new("/tmp/pwned-by-layer").exists());
+    assert!(tags(&s).is_empty());
+    assert!(tmp_is_empty(&s));
+}
+
+#[test]
+fn blob_corrupted_in_the_registry_is_refused() {
+    if !tools_present("blob_corrupted_in_the_registry_is_refused") {
+        return;
+    }
+    let reg = plain().unwrap();
+    let digest = &reg.pushed["test/victim:1"].layers[0];
+    let hex = &digest[7..];
+    let data = reg
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&data, &bytes).unwrap();
+    let (_d, s) = store();
+    let err = pull(&s, reg, "test/victim:1").unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(digest.as_str()) && msg.contains("retry the pull"),
+        "{msg}"
+    );
+    // Nothing unverified was kept: no blob, no partial download, no tag.
+    assert!(!s.root().join("blobs/sha256").join(hex).exists());
+    assert!(tmp_is_empty(&s));
+    assert!(tags(&s).is_empty());
+}
+
+/// A registry front that demands Docker Hub-style bearer tokens: `/v2/...` without
+/// `Authorization: Bearer <token>` gets 401 with a `Bearer realm=...` challenge; the realm hands
+/// anyone a token (anonymous pulls); authorised requests are passed to the plain registry.
+/// Returns its address and a log of the requests it saw.
+fn bearer_front(upstream: &str) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let (me, log, upstream) = (addr.clone(), seen.clone(), upstream.to_string());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (me, log, upstream) = (me.clone(), log.clone(), upstream.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_string());
+                    }
+                    let target = head[0].split(' ').nth(1).unwrap_or("").to_string();
+                    let authed = head.iter().any(|h| {
+                        h.to_ascii_lowercase()
+                            .starts_with("authorization: bearer tok-123")
+                    });
+                    log.lock()
+                        .unwrap()
+                        .push(format!("{target} authed={authed}"));
+                    if target.starts_with("/token") {
+                        let body = r#"{"token":"tok-123","expires_in":300}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        continue;
+                    }
+                    if !authed {
+                        let body =
+                            r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#;
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 401 Unauthorized\r\n\
+                             WWW-Authenticate: Bearer realm=\"http://{me}/token\",service=\"test-registry\"\r\n\
+                             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        continue;
+                    }
+                    // Forward this request; the upstream's close delimits its response.
+                    let mut up = std::net::TcpStream::connect(&upstream).unwrap();
+                    let mut req = format!("{}\r\n", head[0]);
+                    for h in &head[1..] {
+                        let l = h.to_ascii_lowercase();
+                        if !(l.starts_with("authorization:") || l.starts_with("connection:")) {
+                            req += &format!("{h}\r\n");
+                        }
+                    }
+                    req += "Connection: close\r\n\r\n";
+                    up.write_all(req.as_bytes()).unwrap();
+                    let _ = std::io::copy(&mut up, &mut conn);
+                    return;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn anonymous_bearer_token_flow() {
+    if !tools_present("anonymous_bearer_token_flow") {
+        return;
+    }
+    let reg = plain().unwrap();
+    let (front, seen) = bearer_front(&reg.addr);
+    let (_d, s) = store();
+    let info = s
+        .pull(&format!("{front}/test/layered:1"), &opts(), &NoProgress)
+        .unwrap();
+    assert_eq!(info.digest, reg.pushed["test/layered:1"].config);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("/token?") && l.contains("repository%3Atest%2Flayered%3Apull")),
+        "{seen:?}"
+    );
+    // Manifests and blobs were fetched with the token.
+    for kind in ["/manifests/", "/blobs/"] {
+        assert!(
+            seen.iter()
+                .any(|l| l.contains(kind) && l.ends_with("authed=true")),
+            "{kind}: {seen:?}"
+        );
+    }
 }
 
 #[test]
