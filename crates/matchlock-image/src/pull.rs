@@ -284,11 +284,19 @@ impl ImageStore {
             let index: Index = serde_json::from_value(doc)
                 .map_err(|e| bad(format!("the image index {digest} is malformed: {e}")))?;
             let arch = host_arch();
-            let chosen = index.manifests.iter().find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-            });
+            let chosen = index
+                .manifests
+                .iter()
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                })
+                // An index of one manifest that names no platform (some tools write those).
+                .or(match index.manifests.as_slice() {
+                    [only] if only.platform.is_none() => Some(only),
+                    _ => None,
+                });
             let Some(chosen) = chosen else {
                 let have: Vec<String> = index
                     .manifests

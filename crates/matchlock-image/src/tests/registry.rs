@@ -1067,3 +1067,63 @@ fn disk_full_errors_say_what_to_do() {
         "writing layer sha256:abc: no space left on device; free disk space (for example with 'matchlock image gc') and retry"
     );
 }
+
+/// The whole pull run by a real unprivileged user, not just `force_unprivileged`: when the tests
+/// run as root, this test re-executes its own binary as uid/gid 65534 (std drops the
+/// supplementary groups), which pulls into a store it owns and checks owners, setuid/setgid bits,
+/// device nodes and xattrs in the ext4 with debugfs.
+#[test]
+fn pull_as_a_real_unprivileged_user_keeps_owners_and_setuid_bits() {
+    const NAME: &str =
+        "tests::registry::pull_as_a_real_unprivileged_user_keeps_owners_and_setuid_bits";
+    if let (Ok(dir), Ok(addr)) = (
+        std::env::var("MLTEST_UNPRIV_STORE"),
+        std::env::var("MLTEST_UNPRIV_REGISTRY"),
+    ) {
+        // The re-executed child.
+        assert_ne!(crate::util::euid(), 0, "the child must not be root");
+        let s = ImageStore::open(dir).unwrap();
+        let info = s
+            .pull(&format!("{addr}/test/special:1"), &opts(), &NoProgress)
+            .unwrap();
+        check_special(&info.rootfs);
+        return;
+    }
+    if !tools_present("pull_as_a_real_unprivileged_user_keeps_owners_and_setuid_bits") {
+        return;
+    }
+    if crate::util::euid() != 0 {
+        // Already unprivileged: pull_keeps_owners_modes_links_devices_xattrs_without_root is
+        // the real thing.
+        return;
+    }
+    let reg = plain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("images");
+    std::fs::create_dir(&store).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env("MLTEST_UNPRIV_STORE", &store)
+        .env("MLTEST_UNPRIV_REGISTRY", &reg.addr)
+        .env("HOME", dir.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "unprivileged child failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rootfs belongs to the unprivileged user, proving who built it.
+    let rootfs = std::fs::read_dir(store.join("rootfs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(rootfs.metadata().unwrap().uid(), 65534);
+}
