@@ -343,11 +343,15 @@ impl ImageStore {
                 "the image config is larger than {JSON_CAP} bytes"
             )));
         }
-        let mut config_bytes = Vec::new();
+        let mut capped = CappedVec {
+            buf: Vec::new(),
+            cap: JSON_CAP as usize,
+        };
         conn.client
-            .pull_blob(&by_digest, config_digest.as_str(), &mut config_bytes)
+            .pull_blob(&by_digest, config_digest.as_str(), &mut capped)
             .await
             .map_err(|e| registry::map_error(e, &conn.ctx))?;
+        let config_bytes = capped.buf;
         let actual = sha256_hex(&config_bytes);
         if actual != config_digest {
             return Err(ImageError::DigestMismatch {
@@ -644,6 +648,44 @@ impl ImageStore {
         fs::rename(&path, dest)
             .map_err(|e| failed(ImageError::io(format!("storing layer {}", desc.digest), e)))?;
         Ok(())
+    }
+}
+
+/// An in-memory sink that refuses to grow past `cap`, so a registry cannot make us buffer an
+/// endless "config".
+struct CappedVec {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl tokio::io::AsyncWrite for CappedVec {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        if self.buf.len() + data.len() > self.cap {
+            return std::task::Poll::Ready(Err(io::Error::other(format!(
+                "the blob is larger than {} bytes",
+                self.cap
+            ))));
+        }
+        self.buf.extend_from_slice(data);
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
