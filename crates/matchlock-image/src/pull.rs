@@ -564,20 +564,28 @@ impl ImageStore {
         }
         let resumed = have > 0;
         let failed = |e: ImageError| Resumed(resumed, e);
-        let response = conn
-            .client
-            .pull_blob_stream_partial(&remote.reference, desc.digest.as_str(), have, None)
-            .await
-            .map_err(|e| failed(registry::map_error(e, &conn.ctx)))?;
-        let mut stream = match response {
-            BlobResponse::Partial(s) => s,
-            // The registry ignored the range: start over.
-            BlobResponse::Full(s) => {
-                have = 0;
-                hasher = Sha256::new();
-                s
-            }
-        };
+        // A partial file that is already complete (a pull died between the last write and the
+        // rename) needs no request: a range starting at the end would be refused with 416.
+        let complete = have > 0 && declared == Some(have);
+        let mut stream: futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>> =
+            if complete {
+                futures_util::stream::empty().boxed()
+            } else {
+                let response = conn
+                    .client
+                    .pull_blob_stream_partial(&remote.reference, desc.digest.as_str(), have, None)
+                    .await
+                    .map_err(|e| failed(registry::map_error(e, &conn.ctx)))?;
+                match response {
+                    BlobResponse::Partial(s) => s.stream,
+                    // The registry ignored the range: start over.
+                    BlobResponse::Full(s) => {
+                        have = 0;
+                        hasher = Sha256::new();
+                        s.stream
+                    }
+                }
+            };
         file.set_len(have)
             .and_then(|_| file.seek(io::SeekFrom::Start(have)).map(|_| ()))
             .map_err(|e| failed(ImageError::io("preparing the download file", e)))?;
@@ -695,23 +703,37 @@ struct Resumed(bool, ImageError);
 /// Open (creating) `path` for read/write and take a non-blocking exclusive flock on it; `None`
 /// when another process holds it.
 fn open_locked(path: &Path) -> io::Result<Option<File>> {
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    loop {
-        // SAFETY: flock on a valid, owned descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(Some(file));
+    use std::os::unix::fs::MetadataExt;
+    'reopen: for _ in 0..8 {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        loop {
+            // SAFETY: flock on a valid, owned descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => return Ok(None),
+                Some(libc::EINTR) => continue,
+                _ => return Err(err),
+            }
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(None),
-            Some(libc::EINTR) => continue,
-            _ => return Err(err),
+        // Between our open and our lock, the previous holder may have finished and renamed the
+        // file into blobs/: then we hold a lock on that blob, not on a partial download.
+        let ours = file.metadata()?;
+        match fs::metadata(path) {
+            Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => return Ok(Some(file)),
+            Ok(_) => continue 'reopen,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue 'reopen,
+            Err(e) => return Err(e),
         }
     }
+    // Persistent churn on this name: let the caller use a private file.
+    Ok(None)
 }

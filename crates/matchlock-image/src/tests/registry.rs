@@ -1002,6 +1002,21 @@ fn interrupted_download_resumes_and_bad_partials_are_discarded() {
         ev.0.lock().unwrap()
     );
     assert_eq!(cat(&info.rootfs, "/other").len(), 300_000);
+
+    // A partial file that is already complete (died before the rename): verified and used
+    // without asking the registry for an empty range.
+    let (_d3, s3) = store();
+    let partial = s3.root().join(format!("tmp/blob-{}.partial", &digest[7..]));
+    std::fs::write(&partial, &full).unwrap();
+    let ev = Events::default();
+    s3.pull(&format!("{}/test/other:1", reg.addr), &opts(), &ev)
+        .unwrap();
+    assert!(
+        ev.has(&format!("start@{}", full.len())),
+        "{:?}",
+        ev.0.lock().unwrap()
+    );
+    assert!(!partial.exists());
 }
 
 #[test]
@@ -1126,4 +1141,32 @@ fn pull_as_a_real_unprivileged_user_keeps_owners_and_setuid_bits() {
         .unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(rootfs.metadata().unwrap().uid(), 65534);
+}
+
+#[test]
+fn concurrent_pulls_of_one_image_share_blobs_and_rootfs() {
+    if !tools_present("concurrent_pulls_of_one_image_share_blobs_and_rootfs") {
+        return;
+    }
+    let reg = plain().unwrap();
+    let (_d, s) = store();
+    let name = format!("{}/test/layered:1", reg.addr);
+    let infos: Vec<ImageInfo> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| s.pull(&name, &opts(), &NoProgress).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(infos.iter().all(|i| i.rootfs == infos[0].rootfs));
+    assert_eq!(
+        std::fs::read_dir(s.root().join("rootfs")).unwrap().count(),
+        1
+    );
+    for l in &reg.pushed["test/layered:1"].layers {
+        let (d, _) =
+            crate::util::sha256_file(&s.root().join("blobs/sha256").join(&l[7..])).unwrap();
+        assert_eq!(&d, l);
+    }
+    fsck_clean(&infos[0].rootfs);
+    assert!(tmp_is_empty(&s));
 }
