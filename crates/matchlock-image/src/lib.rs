@@ -143,7 +143,7 @@ pub enum ImageError {
         hint: String,
     },
     /// The registry could not be reached (down, wrong address, network error).
-    #[error("cannot reach registry {registry}: {reason}; check the address and that the registry is running")]
+    #[error("cannot reach registry {registry}: {reason}; check the address, the network and that the registry is running")]
     RegistryUnreachable {
         /// The registry host.
         registry: String,

@@ -71,12 +71,7 @@ impl RegistryConfig {
             docker_config: auth::default_docker_config(),
             extra_ca: var("MATCHLOCK_REGISTRY_CA").map(PathBuf::from),
             insecure: var("MATCHLOCK_INSECURE_REGISTRIES")
-                .map(|v| {
-                    v.split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
+                .map(|v| parse_list(&v))
                 .unwrap_or_default(),
         }
     }
@@ -126,6 +121,14 @@ impl RegistryConfig {
             data,
         }])
     }
+}
+
+/// `a, b,,c` => `["a", "b", "c"]`.
+fn parse_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// The host part of `host[:port]`, without IPv6 brackets.
@@ -368,9 +371,10 @@ mod tests {
     #[test]
     fn plain_http_only_for_loopback_and_listed() {
         let cfg = RegistryConfig {
-            insecure: vec!["reg.internal:5000".into(), "other.internal".into()],
+            insecure: parse_list(" reg.internal:5000, ,other.internal,"),
             ..Default::default()
         };
+        assert_eq!(cfg.insecure, ["reg.internal:5000", "other.internal"]);
         for ok in [
             "localhost",
             "localhost:5000",
