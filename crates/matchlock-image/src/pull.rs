@@ -23,7 +23,7 @@ use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use futures_util::StreamExt;
+use futures::StreamExt;
 use oci_client::client::BlobResponse;
 use oci_client::Reference;
 use sha2::{Digest, Sha256};
@@ -417,7 +417,7 @@ impl ImageStore {
                     .map(|desc| self.fetch_layer(conn, remote, desc, work, opts, progress));
                 // `buffered` runs up to `concurrency` downloads at once but yields them in layer
                 // order, which is the order the builder needs them in.
-                let mut results = futures_util::stream::iter(downloads).buffered(concurrency);
+                let mut results = futures::stream::iter(downloads).buffered(concurrency);
                 let mut i = 0;
                 while let Some(result) = results.next().await {
                     let failed = result.is_err();
@@ -567,25 +567,25 @@ impl ImageStore {
         // A partial file that is already complete (a pull died between the last write and the
         // rename) needs no request: a range starting at the end would be refused with 416.
         let complete = have > 0 && declared == Some(have);
-        let mut stream: futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>> =
-            if complete {
-                futures_util::stream::empty().boxed()
-            } else {
-                let response = conn
-                    .client
-                    .pull_blob_stream_partial(&remote.reference, desc.digest.as_str(), have, None)
-                    .await
-                    .map_err(|e| failed(registry::map_error(e, &conn.ctx)))?;
-                match response {
-                    BlobResponse::Partial(s) => s.stream,
-                    // The registry ignored the range: start over.
-                    BlobResponse::Full(s) => {
-                        have = 0;
-                        hasher = Sha256::new();
-                        s.stream
-                    }
+        let mut stream: futures::stream::BoxStream<'static, io::Result<bytes::Bytes>> = if complete
+        {
+            futures::stream::empty().boxed()
+        } else {
+            let response = conn
+                .client
+                .pull_blob_stream_partial(&remote.reference, desc.digest.as_str(), have, None)
+                .await
+                .map_err(|e| failed(registry::map_error(e, &conn.ctx)))?;
+            match response {
+                BlobResponse::Partial(s) => s.stream,
+                // The registry ignored the range: start over.
+                BlobResponse::Full(s) => {
+                    have = 0;
+                    hasher = Sha256::new();
+                    s.stream
                 }
-            };
+            }
+        };
         file.set_len(have)
             .and_then(|_| file.seek(io::SeekFrom::Start(have)).map(|_| ()))
             .map_err(|e| failed(ImageError::io("preparing the download file", e)))?;
