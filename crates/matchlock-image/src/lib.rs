@@ -150,6 +150,18 @@ pub enum ImageError {
         /// The underlying cause, one line.
         reason: String,
     },
+    /// A transfer from the registry broke off midway.
+    #[error("the download of {what} from registry {registry} broke off ({reason}); run the pull again{resume}")]
+    Interrupted {
+        /// The registry host.
+        registry: String,
+        /// What was being downloaded, and how far it got.
+        what: String,
+        /// The underlying cause, one line.
+        reason: String,
+        /// Empty, or a note that the next pull resumes where this one stopped.
+        resume: String,
+    },
     /// The registry's TLS certificate could not be verified.
     #[error("cannot verify the TLS certificate of registry {registry}: {reason}; if it uses a private CA, set MATCHLOCK_REGISTRY_CA=/path/to/ca.pem")]
     Tls {

@@ -36,7 +36,7 @@ use crate::progress::{PullEvent, PullProgress};
 use crate::reference::normalize_reference;
 use crate::registry::{self, Connection, RegistryConfig};
 use crate::store::{ImageStore, TempDir};
-use crate::util::{atomic_write, digest_hex, sha256_file, unique_name, FileLock};
+use crate::util::{atomic_write, digest_hex, one_line, sha256_file, unique_name, FileLock};
 use crate::{ImageError, ImageInfo};
 
 /// Cap on a manifest or index: real ones are a few KiB; Docker's own limit is 4 MiB.
@@ -612,12 +612,11 @@ impl ImageStore {
                         }));
                     }
                     let _ = file.sync_data();
-                    return Err(failed(ImageError::RegistryUnreachable {
+                    return Err(failed(ImageError::Interrupted {
                         registry: conn.ctx.registry.clone(),
-                        reason: format!(
-                            "the download of layer {} broke off after {done} bytes ({e}); run the pull again to resume it",
-                            desc.digest
-                        ),
+                        what: format!("layer {} after {done} bytes", desc.digest),
+                        reason: one_line(e.to_string().as_bytes()),
+                        resume: " to resume it".into(),
                     }));
                 }
             };

@@ -289,6 +289,14 @@ pub(crate) fn map_error(e: OciDistributionError, ctx: &ErrorContext) -> ImageErr
                 }
             } else if lower.contains("corrupt message") || lower.contains("invalidcontenttype") {
                 ImageError::NotHttps { registry }
+            } else if re.is_body() || re.is_decode() {
+                // The connection died mid-response.
+                ImageError::Interrupted {
+                    registry,
+                    what: format!("a response for {}", ctx.reference),
+                    reason: one_line(root_cause(&re).as_bytes()),
+                    resume: String::new(),
+                }
             } else if re.is_connect() || re.is_timeout() {
                 ImageError::RegistryUnreachable {
                     registry,

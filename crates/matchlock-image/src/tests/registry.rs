@@ -1170,3 +1170,88 @@ fn concurrent_pulls_of_one_image_share_blobs_and_rootfs() {
     fsck_clean(&infos[0].rootfs);
     assert!(tmp_is_empty(&s));
 }
+
+/// A pass-through front for `upstream` that, the first time blob `digest` is requested, sends
+/// the response headers and only the first half of the body, then hangs up: a real interrupted
+/// download. Later requests pass through untouched.
+fn cutting_front(upstream: &str, digest: &str) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (upstream, digest) = (upstream.to_string(), digest.to_string());
+    let cut_done = std::sync::Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (upstream, cut_done, digest) = (upstream.clone(), cut_done.clone(), digest.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_string());
+                }
+                let mut req = format!("{}\r\n", head[0]);
+                for h in &head[1..] {
+                    if !h.to_ascii_lowercase().starts_with("connection:") {
+                        req += &format!("{h}\r\n");
+                    }
+                }
+                req += "Connection: close\r\n\r\n";
+                let mut up = std::net::TcpStream::connect(&upstream).unwrap();
+                up.write_all(req.as_bytes()).unwrap();
+                let mut response = Vec::new();
+                up.read_to_end(&mut response).unwrap();
+                let is_blob =
+                    head[0].starts_with("GET ") && head[0].contains(&format!("/blobs/{digest}"));
+                if is_blob && !cut_done.swap(true, Ordering::SeqCst) {
+                    let body_at = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let half = body_at + (response.len() - body_at) / 2;
+                    let _ = conn.write_all(&response[..half]);
+                    return; // hang up mid-body
+                }
+                let _ = conn.write_all(&response);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn download_cut_off_mid_blob_resumes_on_the_next_pull() {
+    if !tools_present("download_cut_off_mid_blob_resumes_on_the_next_pull") {
+        return;
+    }
+    let reg = plain().unwrap();
+    let digest = &reg.pushed["test/other:1"].layers[0];
+    let front = cutting_front(&reg.addr, digest);
+    let name = format!("{front}/test/other:1");
+    let (_d, s) = store();
+    let err = s.pull(&name, &opts(), &NoProgress).unwrap_err().to_string();
+    assert!(
+        err.contains("broke off") && err.contains("run the pull again to resume it"),
+        "{err}"
+    );
+    assert!(tags(&s).is_empty());
+    let partial = s.root().join(format!("tmp/blob-{}.partial", &digest[7..]));
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept > 0, "the received half is kept for the next pull");
+
+    let ev = Events::default();
+    let info = s.pull(&name, &opts(), &ev).unwrap();
+    assert!(
+        ev.has(&format!("start@{kept}")),
+        "{:?}",
+        ev.0.lock().unwrap()
+    );
+    assert_eq!(info.digest, reg.pushed["test/other:1"].config);
+    assert!(!partial.exists());
+    assert!(tmp_is_empty(&s));
+}
