@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// One long-lived sandbox serves every check that only needs `exec`.
@@ -572,4 +573,226 @@ fn diagnose_version_gc_and_log_follow() {
         "{text}"
     );
     assert!(ok(run(&["gc"])).contains("reclaimed"));
+}
+
+#[test]
+fn extra_disks_persist_mount_read_only_and_refuse_sharing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.ext4");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rw = format!("{}:/mnt/data", img.display());
+    let ro = format!("{rw}:ro");
+    ok(run(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--disk",
+        &rw,
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /mnt/data/f",
+    ]));
+    assert_eq!(
+        ok(run(&[
+            "run",
+            "--image",
+            BUSYBOX,
+            "--disk",
+            &ro,
+            "--",
+            "cat",
+            "/mnt/data/f"
+        ])),
+        "kept\n"
+    );
+    let o = run(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--disk",
+        &ro,
+        "--",
+        "sh",
+        "-c",
+        "echo x > /mnt/data/g",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("Read-only"), "{}", stderr(&o));
+    // Bad specs fail before anything boots.
+    let o = run(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--disk",
+        "/no/such.ext4:/x",
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("/no/such.ext4"), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--disk",
+        &format!("{}:rel", img.display()),
+        "--",
+        "true",
+    ]);
+    assert_eq!(o.status.code(), Some(125));
+    // Two VMs writing one ext4 would corrupt it.
+    let sb = Sandbox::detached(&["--disk", &rw], &["sleep", "300"]);
+    let o = run(&["run", "--image", BUSYBOX, "--disk", &ro, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains(&sb.id), "{}", stderr(&o));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends `data`, half-closes, and returns everything the peer sent back until it closed.
+fn round_trip(port: u16, data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    s.write_all(data).ok()?;
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn port_forwarding_with_half_close_under_concurrency() {
+    // Each connection gets `cat`: it echoes until our half-close, then closes its side.
+    let sb = Sandbox::detached(&[], &["nc", "-ll", "-p", "9000", "-e", "cat"]);
+    let mut child = ml(&["port-forward", &sb.id, "0:9000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    // "forwarding 127.0.0.1:PORT -> vm-...:9000"
+    let port: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected port-forward output {line:?}"));
+    assert!(wait_until(Duration::from_secs(30), || round_trip(
+        port, b"ping"
+    )
+    .as_deref()
+        == Some(b"ping")));
+    let big: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
+    let handles: Vec<_> = (0..12)
+        .map(|i| {
+            let big = big.clone();
+            std::thread::spawn(move || {
+                let data = if i == 0 {
+                    big
+                } else {
+                    format!("conn {i}").into_bytes()
+                };
+                (round_trip(port, &data), data)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (got, want) = h.join().unwrap();
+        assert_eq!(got.as_deref(), Some(&want[..]));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // `run -p` forwards for as long as the run is attached.
+    let port = free_port();
+    let publish = format!("{port}:9001");
+    let mut child = ml(&[
+        "run", "--image", BUSYBOX, "-p", &publish, "--", "nc", "-l", "-p", "9001", "-e", "cat",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || round_trip(
+        port, b"once"
+    )
+    .as_deref()
+        == Some(b"once")));
+    // nc exits after its one connection, ending the run and its forwards.
+    let st = child.wait().unwrap();
+    assert!(st.success());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn volume_cli_contracts() {
+    let o = ok(run(&[
+        "volume", "create", "e2evol", "--size", "32", "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(o.trim()).unwrap();
+    assert_eq!(v["name"], "e2evol");
+    assert_eq!(v["size"], "32.0 MB");
+    let path = v["path"].as_str().unwrap().to_string();
+    assert!(std::path::Path::new(&path).is_file());
+    let list: serde_json::Value =
+        serde_json::from_str(ok(run(&["volume", "ls", "--json"])).trim()).unwrap();
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["name"] == "e2evol" && x["path"] == path.as_str()));
+    let o = run(&["volume", "create", "e2evol", "--json"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists"));
+    assert!(!run(&["volume", "create", "../evil"]).status.success());
+    ok(run(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--disk",
+        "@e2evol:/v",
+        "--",
+        "sh",
+        "-c",
+        "echo copied > /v/f",
+    ]));
+    ok(run(&["volume", "cp", "e2evol", "e2evol2"]));
+    assert_eq!(
+        ok(run(&[
+            "run",
+            "--image",
+            BUSYBOX,
+            "--disk",
+            "@e2evol2:/v:ro",
+            "--",
+            "cat",
+            "/v/f"
+        ])),
+        "copied\n"
+    );
+    ok(run(&["volume", "rm", "e2evol"]));
+    ok(run(&["volume", "rm", "e2evol2"]));
+    assert!(!run(&["volume", "rm", "e2evol"]).status.success());
+    assert!(!std::path::Path::new(&path).exists());
 }

@@ -10,8 +10,14 @@
 //!    boot.
 //! 2. Exec: round-trip latency of `true` in one running sandbox over the control socket (what the
 //!    CLI and RPC server use), and of the whole `matchlock exec` CLI process, with p50/p90/p99.
-//! 3. `--pull` (instead of 1 and 2): pull + convert of a multi-layer image from a local registry
+//! 3. RPC (`--rpc-starts N --rpc-execs M`): the time from spawning `matchlock rpc` (what an SDK's
+//!    `Client.start()` does) to the first `exec` result with a cached image, interleaved with the
+//!    bare QEMU boot as baseline; then `exec` of `true` over JSON-RPC against `matchlock exec` of
+//!    the same sandbox.
+//! 4. `--pull` (instead of 1 to 3): pull + convert of a multi-layer image from a local registry
 //!    against skopeo + tar + mke2fs; see `pull.rs`.
+//!
+//! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
 mod pull;
 
@@ -30,6 +36,8 @@ struct Args {
     pull: bool,
     runs: usize,
     layer_dirs: Vec<std::path::PathBuf>,
+    rpc_starts: usize,
+    rpc_execs: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,6 +52,8 @@ fn parse_args() -> Result<Args> {
         pull: false,
         runs: 3,
         layer_dirs: Vec::new(),
+        rpc_starts: 0,
+        rpc_execs: 200,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +66,8 @@ fn parse_args() -> Result<Args> {
             "--pull" => a.pull = true,
             "--runs" => a.runs = val()?.parse::<usize>()?.max(1),
             "--layer-dir" => a.layer_dirs.push(val()?.into()),
+            "--rpc-starts" => a.rpc_starts = val()?.parse()?,
+            "--rpc-execs" => a.rpc_execs = val()?.parse()?,
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
             ),
@@ -91,19 +103,32 @@ fn main() -> Result<()> {
             .unwrap_or(1)
     );
 
+    if args.boots > 0 {
+        boot_overhead(&args, &qemu, &kernel, &initramfs, accel.accel)?;
+    }
+    if args.execs > 0 {
+        exec_section(&args)?;
+    }
+    if args.rpc_starts > 0 {
+        rpc_section(&args, &qemu, &kernel, &initramfs, accel.accel)?;
+    }
+    Ok(())
+}
+
+fn boot_overhead(
+    args: &Args,
+    qemu: &std::path::Path,
+    kernel: &std::path::Path,
+    initramfs: &std::path::Path,
+    accel: matchlock_vmm::accel::Accel,
+) -> Result<()> {
     // Interleave the two so machine noise hits both alike.
     let mut bare = Vec::new();
     let mut full = Vec::new();
     for _ in 0..args.boots {
         let start = Instant::now();
-        matchlock_vmm::accel::probe(
-            &qemu,
-            &kernel,
-            &initramfs,
-            accel.accel,
-            Duration::from_secs(60),
-        )
-        .map_err(anyhow::Error::msg)?;
+        matchlock_vmm::accel::probe(qemu, kernel, initramfs, accel, Duration::from_secs(60))
+            .map_err(anyhow::Error::msg)?;
         bare.push(start.elapsed());
         let start = Instant::now();
         let st = Command::new(&args.matchlock)
@@ -127,7 +152,10 @@ fn main() -> Result<()> {
         ms(f) - ms(b),
         (ms(f) - ms(b)) / ms(b) * 100.0
     );
+    Ok(())
+}
 
+fn exec_section(args: &Args) -> Result<()> {
     // Exec latency in one running sandbox.
     let out = Command::new(&args.matchlock)
         .args(["run", "-d", "--image", &args.image, "--", "sleep", "100000"])
@@ -140,7 +168,7 @@ fn main() -> Result<()> {
         );
     }
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let result = exec_latency(&args, &id);
+    let result = exec_latency(args, &id);
     let _ = Command::new(&args.matchlock).args(["kill", &id]).output();
     let _ = Command::new(&args.matchlock).args(["rm", &id]).output();
     result
@@ -200,5 +228,153 @@ fn exec_latency(args: &Args, id: &str) -> Result<()> {
         );
     }
     println!("Matchlock (Go) baseline: a fixed 100 ms sleep per exec, i.e. p50 >= 100 ms");
+    Ok(())
+}
+
+/// One `matchlock rpc` session driven with blocking line I/O, as an SDK would.
+struct Rpc {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    next: u64,
+}
+
+impl Rpc {
+    fn start(matchlock: &str) -> Result<Rpc> {
+        let mut child = Command::new(matchlock)
+            .arg("rpc")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting matchlock rpc")?;
+        let input = child.stdin.take().context("stdin")?;
+        let output = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(Rpc {
+            child,
+            input,
+            output,
+            next: 1,
+        })
+    }
+
+    /// Sends a request and returns its result (notifications in between are skipped).
+    fn call(&mut self, method: &str, params: serde_json::Value) -> Result<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let id = self.next;
+        self.next += 1;
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "method": method, "id": id, "params": params});
+        writeln!(self.input, "{req}")?;
+        self.input.flush()?;
+        loop {
+            let mut line = String::new();
+            if self.output.read_line(&mut line)? == 0 {
+                bail!("matchlock rpc exited");
+            }
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v.get("id") == Some(&serde_json::json!(id)) {
+                if let Some(e) = v.get("error") {
+                    bail!("{method} failed: {e}");
+                }
+                return Ok(v["result"].clone());
+            }
+        }
+    }
+
+    fn close(mut self) -> Result<()> {
+        self.call("close", serde_json::json!({"timeout_seconds": 2}))?;
+        drop(self.input);
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+fn rpc_section(
+    args: &Args,
+    qemu: &std::path::Path,
+    kernel: &std::path::Path,
+    initramfs: &std::path::Path,
+    accel: matchlock_vmm::accel::Accel,
+) -> Result<()> {
+    let mut bare = Vec::new();
+    let mut first = Vec::new();
+    for _ in 0..args.rpc_starts {
+        let start = Instant::now();
+        matchlock_vmm::accel::probe(qemu, kernel, initramfs, accel, Duration::from_secs(60))
+            .map_err(anyhow::Error::msg)?;
+        bare.push(start.elapsed());
+        let start = Instant::now();
+        let mut rpc = Rpc::start(&args.matchlock)?;
+        rpc.call("create", serde_json::json!({"image": args.image}))?;
+        let r = rpc.call("exec", serde_json::json!({"command": "true"}))?;
+        first.push(start.elapsed());
+        if r["exit_code"] != 0 {
+            bail!("true failed over rpc: {r}");
+        }
+        rpc.close()?;
+    }
+    bare.sort();
+    first.sort();
+    let (b, f) = (percentile(&bare, 0.5), percentile(&first, 0.5));
+    println!(
+        "\n## SDK start to first exec result ({} runs each, medians)",
+        args.rpc_starts
+    );
+    println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
+    println!("rpc spawn + create + exec true:     {:8.1} ms", ms(f));
+    println!(
+        "overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)",
+        ms(f) - ms(b),
+        (ms(f) - ms(b)) / ms(b) * 100.0
+    );
+
+    let mut rpc = Rpc::start(&args.matchlock)?;
+    let id = rpc.call("create", serde_json::json!({"image": args.image}))?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // Interleaved: one RPC exec, then one CLI exec of the same sandbox.
+    let mut over_rpc = Vec::new();
+    let mut over_cli = Vec::new();
+    for _ in 0..args.rpc_execs {
+        let start = Instant::now();
+        let r = rpc.call("exec", serde_json::json!({"command": "true"}))?;
+        over_rpc.push(start.elapsed());
+        if r["exit_code"] != 0 {
+            bail!("true failed over rpc: {r}");
+        }
+        let start = Instant::now();
+        let st = Command::new(&args.matchlock)
+            .args(["exec", &id, "--", "sh", "-c", "true"])
+            .stdin(Stdio::null())
+            .status()?;
+        over_cli.push(start.elapsed());
+        if !st.success() {
+            bail!("matchlock exec failed");
+        }
+    }
+    rpc.close()?;
+    let _ = Command::new(&args.matchlock).args(["rm", &id]).output();
+    over_rpc.sort();
+    over_cli.sort();
+    println!("\n## exec of `true` (as `sh -c true`, which RPC exec runs) in one sandbox");
+    for (name, v) in [
+        ("JSON-RPC exec", &over_rpc),
+        ("matchlock exec (CLI process)", &over_cli),
+    ] {
+        println!(
+            "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
+            v.len(),
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.9)),
+            ms(percentile(v, 0.99))
+        );
+    }
+    let (r, c) = (
+        ms(percentile(&over_rpc, 0.5)),
+        ms(percentile(&over_cli, 0.5)),
+    );
+    println!("RPC p50 is {:.2}x the CLI's ({:+.1} ms)", r / c, r - c);
     Ok(())
 }

@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a sandbox from an image and run a command in it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command in a running sandbox.
     Exec(ExecArgs),
     /// List sandboxes.
@@ -71,6 +71,26 @@ pub enum Command {
         /// Download every blob again and rebuild the root file system, ignoring the cache.
         #[arg(long)]
         force: bool,
+    },
+    /// Forward host ports to ports of a running sandbox until interrupted.
+    #[command(name = "port-forward")]
+    PortForward {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// Mappings `[LOCAL:]REMOTE`.
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<String>,
+        /// Host addresses to listen on.
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        address: Vec<String>,
+    },
+    /// Serve the JSON-RPC protocol of the Matchlock SDKs on standard input and output.
+    Rpc,
+    /// Manage named ext4 volumes (attach with --disk @NAME:/path).
+    Volume {
+        /// What to do.
+        #[command(subcommand)]
+        command: VolumeCommand,
     },
     /// Manage local images.
     Image {
@@ -130,6 +150,43 @@ pub enum PullArg {
     Always,
     /// Never contact a registry.
     Never,
+}
+
+/// `matchlock volume ...`
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create an empty ext4 volume.
+    Create {
+        /// Volume name (letters, digits, '.', '_', '-').
+        name: String,
+        /// Size in MiB.
+        #[arg(long, default_value_t = 10240)]
+        size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// Volume name.
+        name: String,
+    },
+    /// Copy a volume (sparse, keeping everything in it).
+    #[command(visible_alias = "copy")]
+    Cp {
+        /// Source volume name.
+        src: String,
+        /// New volume name.
+        dest: String,
+    },
 }
 
 /// `matchlock kernel ...`
@@ -215,6 +272,15 @@ pub struct RunArgs {
     /// Extra /etc/hosts entry NAME:IP.
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,
+    /// Attach an ext4 image file (or a named volume, @NAME) at a guest path.
+    #[arg(long, value_name = "HOST.ext4|@NAME:GUEST_PATH[:ro]")]
+    pub disk: Vec<String>,
+    /// Forward a host port to a guest port while the run is attached ([LOCAL:]REMOTE).
+    #[arg(short = 'p', long, value_name = "[LOCAL:]REMOTE")]
+    pub publish: Vec<String>,
+    /// Host addresses the --publish listeners bind.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    pub address: Vec<String>,
     /// The command and its arguments (replaces the image CMD).
     #[arg(
         trailing_var_arg = true,

@@ -6,6 +6,7 @@ mod image;
 mod manage;
 mod run;
 mod term;
+mod volume;
 
 use args::{Cli, Command, KernelCommand};
 use clap::Parser;
@@ -29,7 +30,7 @@ fn main() {
 
 fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
-        Command::Run(a) => run::run(a),
+        Command::Run(a) => run::run(*a),
         Command::Exec(a) => run::exec(a),
         Command::List { running } => manage::list(running),
         Command::Get { id } => manage::get(&id),
@@ -40,6 +41,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Gc => manage::gc(),
         Command::Log { id, follow } => manage::log(&id, follow),
         Command::Pull { image, force } => image::pull(&image, force),
+        Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
+        Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
+        Command::Volume { command } => volume::volume(command),
         Command::Image { command } => image::image(command),
         Command::Kernel { command } => kernel(command),
         Command::Diagnose { json } => diagnose::diagnose(json),

@@ -5,7 +5,8 @@ use crate::term;
 use anyhow::{anyhow, bail, Context, Result};
 use matchlock_proto::{read_msg, write_msg, Msg};
 use matchlock_sandbox::control::ExecSpec;
-use matchlock_sandbox::{Client, SandboxConfig, Store};
+use matchlock_sandbox::forward::{Forwarder, PortMap};
+use matchlock_sandbox::{validate, volume, Client, SandboxConfig, Store};
 use std::io::Write;
 use std::time::Instant;
 use tokio::io::AsyncReadExt;
@@ -17,8 +18,6 @@ use tokio::sync::mpsc;
 pub const EXIT_MATCHLOCK_ERROR: i32 = 125;
 /// Exit code when `--timeout` stopped the sandbox (as `timeout(1)` does).
 pub const EXIT_TIMEOUT: i32 = 124;
-/// Longest `--timeout` (a year): deadlines are computed as instants, which must not overflow.
-pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 /// Parses `-e` and `--env-file` into ordered pairs. `KEY` alone copies the variable from this
 /// process's environment (and is skipped if unset, as Docker does).
@@ -59,68 +58,26 @@ pub fn parse_env(p: &ProcessArgs) -> Result<Vec<(String, String)>> {
 
 fn validate_common(p: &ProcessArgs) -> Result<()> {
     if let Some(w) = &p.workdir {
-        if !w.starts_with('/') {
-            bail!("--workdir '{w}' must be an absolute path");
-        }
+        validate::guest_path(w, "--workdir").map_err(|e| anyhow!(e))?;
     }
     if let Some(u) = &p.user {
-        let ok = !u.is_empty()
-            && u.len() <= 64
-            && u.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-        if !ok {
-            bail!("--user '{u}' is not a uid, uid:gid, name or name:group");
-        }
+        validate::user(u, "--user").map_err(|e| anyhow!(e))?;
     }
     Ok(())
-}
-
-fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 63
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !h.starts_with('-')
 }
 
 /// `matchlock run`.
 pub fn run(args: RunArgs) -> Result<i32> {
     validate_common(&args.process)?;
-    if !args.cpus.is_finite() || args.cpus <= 0.0 || args.cpus > 64.0 {
-        bail!(
-            "--cpus {} is out of range; give a number between 0.01 and 64",
-            args.cpus
-        );
-    }
-    if args.cpus < 0.01 {
-        bail!(
-            "--cpus {} is too small; the smallest share is 0.01",
-            args.cpus
-        );
-    }
-    if !(64..=1024 * 1024).contains(&args.memory) {
-        bail!(
-            "--memory {} MiB is out of range; give at least 64",
-            args.memory
-        );
-    }
-    if !(32..=16 * 1024 * 1024).contains(&args.disk_size) {
-        bail!(
-            "--disk-size {} MiB is out of range; give at least 32",
-            args.disk_size
-        );
-    }
+    let check = |r: Result<(), String>| r.map_err(|e| anyhow!(e));
+    check(validate::cpus(args.cpus, "--cpus"))?;
+    check(validate::memory_mb(args.memory, "--memory"))?;
+    check(validate::disk_size_mb(args.disk_size, "--disk-size"))?;
     if let Some(t) = args.timeout {
-        if !(1..=MAX_TIMEOUT_SECS).contains(&t) {
-            bail!("--timeout {t} is out of range; give 1 to {MAX_TIMEOUT_SECS} seconds");
-        }
+        check(validate::timeout_secs(t, "--timeout"))?;
     }
     if let Some(h) = &args.hostname {
-        if !valid_hostname(h) {
-            bail!(
-                "--hostname '{h}' is not a valid hostname (letters, digits, '-', '.', at most 63)"
-            );
-        }
+        check(validate::hostname(h, "--hostname"))?;
     }
     let grace_ms = parse_duration_ms(&args.graceful_shutdown)
         .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
@@ -129,13 +86,24 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let (name, ip) = h
             .split_once(':')
             .ok_or_else(|| anyhow!("--add-host '{h}' must be NAME:IP"))?;
-        let ip: std::net::IpAddr = ip
-            .parse()
-            .map_err(|_| anyhow!("--add-host '{h}': '{ip}' is not an IP address"))?;
-        if !valid_hostname(name) {
-            bail!("--add-host '{h}': '{name}' is not a valid host name");
-        }
-        add_hosts.push((ip.to_string(), name.to_string()));
+        let ip =
+            validate::add_host(name, ip, &format!("--add-host '{h}'")).map_err(|e| anyhow!(e))?;
+        add_hosts.push((ip, name.to_string()));
+    }
+    let disks = args
+        .disk
+        .iter()
+        .map(|d| volume::parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    volume::check_conflicts(&Store::open_default(), &disks)?;
+    let publish = args
+        .publish
+        .iter()
+        .map(|p| p.parse::<PortMap>().map_err(|e| anyhow!("--publish: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let addresses = parse_addresses(&args.address)?;
+    if !publish.is_empty() && args.detach {
+        bail!("--publish needs an attached run (the forwards live in the 'run' process); with -d use 'matchlock port-forward ID PORT'");
     }
     let user_env = parse_env(&args.process)?;
 
@@ -184,6 +152,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         // An attached --rm sandbox lives only as long as this process.
         owner_pid: (args.rm && !args.detach).then(std::process::id),
         add_hosts,
+        disks,
         command: argv.clone(),
         ..Default::default()
     };
@@ -224,10 +193,27 @@ pub fn run(args: RunArgs) -> Result<i32> {
             return Ok(130);
         }
         if args.detach {
-            client.launch(spec).await?;
+            client.launch(spec, 0).await?;
             println!("{id}");
             return Ok(0);
         }
+        // Forwards live as long as this process attaches; they go away with it.
+        let _forwards = if publish.is_empty() {
+            None
+        } else {
+            match Forwarder::start(client.clone(), &publish, &addresses).await {
+                Ok(f) => {
+                    for b in f.bindings() {
+                        eprintln!("matchlock: forwarding {}:{} -> sandbox port {}", b.address, b.local_port, b.remote_port);
+                    }
+                    Some(f)
+                }
+                Err(e) => {
+                    let _ = client.stop(Some(0)).await;
+                    return Err(e.into());
+                }
+            }
+        };
         let stream = client.exec(spec).await?;
         // The CLI's deadline counts from before the boot, so it fires before the supervisor's
         // (which stops the sandbox even if this process is gone) and can report the timeout.
@@ -402,4 +388,53 @@ pub async fn attach(
     drop(tx);
     writer.abort();
     result
+}
+
+/// Parses `--address` values.
+fn parse_addresses(addresses: &[String]) -> Result<Vec<std::net::IpAddr>> {
+    addresses
+        .iter()
+        .map(|a| {
+            a.parse::<std::net::IpAddr>()
+                .map_err(|_| anyhow!("--address '{a}' is not an IP address"))
+        })
+        .collect()
+}
+
+/// `matchlock port-forward`: serves the forwards until interrupted or the sandbox stops.
+pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<i32> {
+    let maps = ports
+        .iter()
+        .map(|p| p.parse::<PortMap>().map_err(|e| anyhow!(e)))
+        .collect::<Result<Vec<_>>>()?;
+    let addresses = parse_addresses(addresses)?;
+    let store = Store::open_default();
+    let id = store.resolve_id(id)?;
+    let client = Client::for_sandbox(&store, &id)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut fwd = Forwarder::start(client.clone(), &maps, &addresses).await?;
+        for b in fwd.bindings() {
+            println!(
+                "forwarding {}:{} -> {id}:{}",
+                b.address, b.local_port, b.remote_port
+            );
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => return Ok(0),
+                _ = sigterm.recv() => return Ok(0),
+                _ = fwd.wait() => bail!("the forward listeners stopped"),
+                _ = tick.tick() => {
+                    if client.ping().await.is_err() {
+                        bail!("sandbox {id} stopped");
+                    }
+                }
+            }
+        }
+    })
 }

@@ -64,6 +64,37 @@ pub fn early() -> Result<(), String> {
     }
     mkdir_p("/sys")?;
     do_mount("sysfs", "/sys", "sysfs", MsFlags::empty(), None)?;
+    // Port forwards connect to 127.0.0.1 and workloads expect a working localhost.
+    if let Err(e) = loopback_up() {
+        log(format_args!("cannot bring up lo: {e}"));
+    }
+    Ok(())
+}
+
+/// Sets `IFF_UP` on `lo`, which the kernel creates down.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket used only for the interface ioctls below, closed on every path.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours.
+    let _fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     Ok(())
 }
 
@@ -179,6 +210,7 @@ pub fn setup(s: &Setup) -> Result<Option<OwnedFd>, String> {
     // The clock first: files the Setup creates get sensible times.
     set_clock(s.time_unix_ms)?;
     mount_root(s)?;
+    mount_disks(s)?;
     switch_root()?;
 
     if !s.hostname.is_empty() {
@@ -388,6 +420,54 @@ fn mount_root(s: &Setup) -> Result<(), String> {
             )
             .map_err(|e| format!("making {path} read-only: {e}"))?;
         }
+    }
+    Ok(())
+}
+
+/// Mounts the extra disks inside [`NEWROOT`]. Runs before the switch, while the disks are still
+/// visible in the initramfs's `/dev` and before any workload runs, so the image's own symlinks are
+/// the only thing to guard against: a mount point whose path crosses a symlink is refused rather
+/// than resolved against the initramfs root.
+fn mount_disks(s: &Setup) -> Result<(), String> {
+    for d in &s.disks {
+        let rel = d
+            .path
+            .strip_prefix('/')
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| format!("disk mount point {:?} must be absolute", d.path))?;
+        let mut at = PathBuf::from(NEWROOT);
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            if part == "." || part == ".." {
+                return Err(format!("disk mount point {:?} contains {part}", d.path));
+            }
+            at.push(part);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(format!(
+                        "disk mount point {}: {} is a symlink in the image",
+                        d.path,
+                        at.strip_prefix(NEWROOT).unwrap_or(&at).display()
+                    ))
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "disk mount point {}: {} is not a directory in the image",
+                        d.path,
+                        at.strip_prefix(NEWROOT).unwrap_or(&at).display()
+                    ))
+                }
+                Err(_) => fs::create_dir(&at)
+                    .map_err(|e| format!("creating mount point {}: {e}", d.path))?,
+            }
+        }
+        let dev = find_disk(&d.serial, &format!("{} disk", d.path))?;
+        let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV;
+        if d.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        do_mount(path_str(&dev)?, path_str(&at)?, "ext4", flags, None)
+            .map_err(|e| format!("{e} (disk for {})", d.path))?;
     }
     Ok(())
 }

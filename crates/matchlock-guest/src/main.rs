@@ -10,6 +10,7 @@
 mod channel;
 mod exec;
 mod files;
+mod forward;
 mod init;
 mod reaper;
 mod seccomp;

@@ -1,7 +1,7 @@
 //! The session: one yamux server over the host channel, one task per inbound stream.
 
 use crate::files::{self, msg_name};
-use crate::{exec, init, log, reaper};
+use crate::{exec, forward, init, log, reaper};
 use matchlock_proto::mux::{Mux, Role, Stream};
 use matchlock_proto::{read_msg, write_msg, Msg, Setup};
 use std::os::fd::OwnedFd;
@@ -92,6 +92,10 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
         Msg::WriteFile(req) => files::write(req, &mut rd, &mut wr).await,
         Msg::ReadFile { path } => files::read(&path, &mut wr).await,
         Msg::ListFiles { path } => files::list(&path, &mut wr).await,
+        Msg::Connect { port } => {
+            forward::connect(port, rd, wr).await;
+            return;
+        }
         other => {
             let text = format!("unexpected request {}", msg_name(&other));
             write_msg(&mut wr, &Msg::Error(text)).await

@@ -245,6 +245,7 @@ async fn pid1_end_to_end() {
         time_unix_ms: now_ms,
         cpu_max: Some((50_000, 100_000)),
         confined: true,
+        disks: Vec::new(),
     };
     let mut s = request(&mux, Msg::Setup(setup)).await;
     let reply = recv(&mut s).await;

@@ -8,20 +8,21 @@
 //! by [`frame`] as a 4-byte big-endian length followed by the message encoded with `postcard`.
 //!
 //! The first message on a stream is a request (`Setup`, `Exec`, `WriteFile`, `ReadFile`, `ListFiles`,
-//! `Shutdown`); what follows depends on it and is documented on each variant of [`Msg`].
+//! `Shutdown`, `Connect`); what follows depends on it and is documented on each variant of [`Msg`].
 
 pub mod frame;
 pub mod msg;
 pub mod mux;
+pub mod relay;
 
 pub use frame::{read_msg, write_msg, FrameError, MAX_FRAME};
 pub use msg::*;
 
 /// Protocol version. Bumped whenever a message changes shape; the guest announces it in [`HELLO`].
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// What the guest agent writes, raw, on the channel before the multiplexer starts.
-pub const HELLO: &[u8; 8] = b"MLKAGT01";
+pub const HELLO: &[u8; 8] = b"MLKAGT02";
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "matchlock.agent";

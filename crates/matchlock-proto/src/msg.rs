@@ -83,6 +83,15 @@ pub enum Msg {
     },
     /// A directory listing.
     Entries(Vec<DirEntry>),
+
+    // ---- Port forwarding, host -> guest request ----
+    /// Connect to `127.0.0.1:port` inside the guest. Reply: [`Msg::Ok`] once connected, or
+    /// [`Msg::Error`]. Afterwards both sides send [`Msg::Data`] chunks and one [`Msg::Eof`] when
+    /// their direction ends (TCP half-close); the stream ends when both directions have ended.
+    Connect {
+        /// TCP port on the guest's loopback.
+        port: u16,
+    },
 }
 
 /// Everything the guest needs before it can run processes.
@@ -104,6 +113,19 @@ pub struct Setup {
     /// `/dev` without the disks or the console, read-only `/sys`, `/proc/sys` and
     /// `/proc/sysrq-trigger`.
     pub confined: bool,
+    /// Extra disks (ext4) to mount once the root is in place, in order.
+    pub disks: Vec<GuestDisk>,
+}
+
+/// An extra disk to mount in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GuestDisk {
+    /// Virtio-blk serial of the disk.
+    pub serial: String,
+    /// Absolute mount point in the guest (created if missing).
+    pub path: String,
+    /// Mount read-only.
+    pub read_only: bool,
 }
 
 /// How to start a process.

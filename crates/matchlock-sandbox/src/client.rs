@@ -164,9 +164,16 @@ impl Client {
         self.send(&Request::Exec(spec)).await
     }
 
-    /// Starts a detached process whose output goes to the sandbox log.
-    pub async fn launch(&self, spec: ExecSpec) -> Result<(), SandboxError> {
-        self.simple(&Request::Launch(spec)).await
+    /// Starts a detached process whose output goes to the sandbox log. With `settle_ms` > 0 the
+    /// call also fails if the process exits non-zero within that time (a broken entrypoint).
+    pub async fn launch(&self, spec: ExecSpec, settle_ms: u64) -> Result<(), SandboxError> {
+        self.simple(&Request::Launch { spec, settle_ms }).await
+    }
+
+    /// Opens a TCP connection to `port` on the guest's loopback. The returned connection speaks
+    /// the [`Msg::Connect`] stream protocol: the guest's `Ok`/`Error`, then `Data`/`Eof` both ways.
+    pub async fn connect(&self, port: u16) -> Result<UnixStream, SandboxError> {
+        self.send(&Request::Connect { port }).await
     }
 
     /// Starts a file operation; the returned connection is its stream.

@@ -43,10 +43,24 @@ pub struct SandboxConfig {
     /// never leaves an orphaned `--rm` sandbox behind.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// Extra ext4 disks attached to the VM and mounted in the guest.
+    #[serde(default)]
+    pub disks: Vec<DiskMount>,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
     pub created_at: u64,
+}
+
+/// An ext4 image on the host mounted at a path in the guest (`--disk`, named volumes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskMount {
+    /// The ext4 file on the host.
+    pub host_path: PathBuf,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// Attach and mount read-only.
+    pub read_only: bool,
 }
 
 impl SandboxConfig {

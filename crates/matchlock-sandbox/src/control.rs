@@ -42,8 +42,20 @@ pub enum Request {
         /// Grace period for processes; the sandbox default when `None`.
         grace_ms: Option<u64>,
     },
-    /// Start a process in the background; its output goes to `logs/vm.log`. Replies once started.
-    Launch(ExecSpec),
+    /// Start a process in the background; its output goes to `logs/vm.log`. Replies once started
+    /// and `settle_ms` have passed without it failing (an error if it exited non-zero by then).
+    Launch {
+        /// The process.
+        spec: ExecSpec,
+        /// How long to watch for an early failure before replying.
+        settle_ms: u64,
+    },
+    /// Connect to a TCP port on the guest's loopback; the connection becomes a
+    /// [`Msg::Connect`] stream.
+    Connect {
+        /// The guest port.
+        port: u16,
+    },
     /// Liveness check.
     Ping,
 }

@@ -9,11 +9,14 @@
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod forward;
 pub mod store;
 pub mod supervisor;
+pub mod validate;
+pub mod volume;
 
 pub use client::{start, Client};
-pub use config::{SandboxConfig, State, Status};
+pub use config::{DiskMount, SandboxConfig, State, Status};
 pub use store::Store;
 
 /// Errors of the sandbox layer; messages are one line and say what to do.
@@ -36,6 +39,9 @@ pub enum SandboxError {
     /// The sandbox could not start.
     #[error("{0}")]
     Start(String),
+    /// A setting or argument the user gave is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
     /// The VMM layer failed.
     #[error(transparent)]
     Vmm(#[from] matchlock_vmm::VmmError),

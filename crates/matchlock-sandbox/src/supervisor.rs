@@ -38,6 +38,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const ROOT_SERIAL: &str = "ml-root";
 const UPPER_SERIAL: &str = "ml-upper";
 
+/// Virtio serial of the `i`-th extra disk.
+fn disk_serial(i: usize) -> String {
+    format!("ml-disk{i}")
+}
+
 struct Ctx {
     config: SandboxConfig,
     mux: Mux,
@@ -254,6 +259,32 @@ fn prepare_and_spawn(
             .map_err(SandboxError::io("socket setup"))?;
     }
 
+    let mut disks = vec![
+        matchlock_vmm::qemu::Disk {
+            path: config.rootfs.clone(),
+            serial: ROOT_SERIAL.into(),
+            read_only: true,
+        },
+        matchlock_vmm::qemu::Disk {
+            path: upper,
+            serial: UPPER_SERIAL.into(),
+            read_only: false,
+        },
+    ];
+    for (i, d) in config.disks.iter().enumerate() {
+        if !d.host_path.is_file() {
+            return Err(SandboxError::Start(format!(
+                "disk {} for {} is missing",
+                d.host_path.display(),
+                d.guest_path
+            )));
+        }
+        disks.push(matchlock_vmm::qemu::Disk {
+            path: d.host_path.clone(),
+            serial: disk_serial(i),
+            read_only: d.read_only,
+        });
+    }
     let spec = matchlock_vmm::qemu::VmSpec {
         qemu: qemu_bin,
         kernel,
@@ -261,18 +292,7 @@ fn prepare_and_spawn(
         accel: accel.accel,
         vcpus: config.vcpus(),
         memory_mb: config.memory_mb,
-        disks: vec![
-            matchlock_vmm::qemu::Disk {
-                path: config.rootfs.clone(),
-                serial: ROOT_SERIAL.into(),
-                read_only: true,
-            },
-            matchlock_vmm::qemu::Disk {
-                path: upper,
-                serial: UPPER_SERIAL.into(),
-                read_only: false,
-            },
-        ],
+        disks,
         agent_socket: agent_sock,
         console_socket: console_sock,
         extra_cmdline: Vec::new(),
@@ -476,6 +496,16 @@ async fn supervise(
                 .unwrap_or(0),
             cpu_max: config.cpu_max(),
             confined: !config.privileged,
+            disks: config
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| matchlock_proto::GuestDisk {
+                    serial: disk_serial(i),
+                    path: d.guest_path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
         };
         write_msg(&mut s, &Msg::Setup(setup))
             .await
@@ -727,8 +757,9 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             }
             let _ = control::write_json(&mut conn, &Reply::Ok).await;
         }
-        Request::Launch(spec) => {
-            let reply = match launch(ctx.clone(), spec).await {
+        Request::Connect { port } => splice(&ctx, conn, Msg::Connect { port }).await,
+        Request::Launch { spec, settle_ms } => {
+            let reply = match launch(ctx.clone(), spec, settle_ms).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => Reply::Error(e),
             };
@@ -741,7 +772,7 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
 }
 
 /// Runs a detached command (`run -d`): its output and exit code go to `logs/vm.log`.
-async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
+async fn launch(ctx: Arc<Ctx>, spec: ExecSpec, settle_ms: u64) -> Result<(), String> {
     let mut s = ctx.mux.open().await.map_err(|e| e.to_string())?;
     write_msg(&mut s, &Msg::Exec(compose_exec(&ctx.config, spec)))
         .await
@@ -755,7 +786,10 @@ async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
         Ok(Some(Msg::Error(e))) => return Err(e),
         other => return Err(format!("unexpected reply {other:?}")),
     }
+    let (exit_tx, exit_rx) = oneshot::channel::<i32>();
+    let id = ctx.config.id.clone();
     tokio::spawn(async move {
+        let mut exit_tx = Some(exit_tx);
         loop {
             match read_msg(&mut s).await {
                 Ok(Some(Msg::Stdout(d))) | Ok(Some(Msg::Stderr(d))) => {
@@ -764,6 +798,9 @@ async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
                 Ok(Some(Msg::Exited(st))) => {
                     let line = format!("[matchlock] command exited with code {}\n", st.code);
                     ctx.log.lock().await.append(line.as_bytes());
+                    if let Some(tx) = exit_tx.take() {
+                        let _ = tx.send(st.code);
+                    }
                     break;
                 }
                 Ok(Some(_)) => {}
@@ -771,6 +808,16 @@ async fn launch(ctx: Arc<Ctx>, spec: ExecSpec) -> Result<(), String> {
             }
         }
     });
+    if settle_ms > 0 {
+        if let Ok(Ok(code)) = tokio::time::timeout(Duration::from_millis(settle_ms), exit_rx).await
+        {
+            if code != 0 {
+                return Err(format!(
+                    "the command exited with code {code} right after starting; see 'matchlock log {id}'"
+                ));
+            }
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,528 @@
+//! The `create` parameters (Matchlock's `api.Config`, reference §3.6) and their translation into a
+//! [`SandboxConfig`]. Unknown fields are tolerated, as the SDKs add fields over time.
+
+use crate::wire::RpcError;
+use matchlock_image::{ImageConfig, ImageInfo};
+use matchlock_sandbox::{validate, volume, DiskMount, SandboxConfig};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// `create` params.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CreateParams {
+    /// Image reference (required).
+    pub image: String,
+    /// Must be absent: ids are assigned by the server.
+    pub id: Option<Value>,
+    /// Skip the in-guest confinement.
+    pub privileged: bool,
+    /// Start the image's ENTRYPOINT/CMD in the background after boot.
+    pub launch_entrypoint: bool,
+    /// A custom kernel (`{"ref": ...}`).
+    pub kernel: Option<KernelRef>,
+    /// CPU, memory, disk and lifetime.
+    pub resources: Option<Resources>,
+    /// Network settings.
+    pub network: Option<Network>,
+    /// Workspace file system settings.
+    pub vfs: Option<Vfs>,
+    /// Environment of every exec.
+    pub env: BTreeMap<String, String>,
+    /// Extra ext4 disks.
+    pub extra_disks: Vec<ExtraDisk>,
+    /// Overrides of the image's runtime config.
+    pub image_config: Option<ImageConfigParams>,
+}
+
+/// `kernel`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct KernelRef {
+    /// OCI reference or `file://` URL.
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+/// `resources`; zero means "default", as in Matchlock.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    /// CPU share.
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Writable disk in MiB.
+    pub disk_size_mb: u64,
+    /// Lifetime limit in seconds (enforced, unlike Matchlock).
+    pub timeout_seconds: f64,
+}
+
+/// `network`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Network {
+    /// Hosts the guest may reach (interception mode).
+    pub allowed_hosts: Vec<String>,
+    /// Extra `/etc/hosts` entries.
+    pub add_hosts: Vec<AddHost>,
+    /// Block private address ranges.
+    pub block_private_ips: Option<bool>,
+    /// No network interface at all.
+    pub no_network: bool,
+    /// Force interception mode.
+    pub intercept: bool,
+    /// Hook rules.
+    pub interception: Option<Value>,
+    /// Secrets by environment variable name.
+    pub secrets: BTreeMap<String, Secret>,
+    /// Upstream DNS servers.
+    pub dns_servers: Vec<String>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// Interface MTU.
+    pub mtu: i64,
+}
+
+/// One `add_hosts` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct AddHost {
+    /// Name.
+    pub host: String,
+    /// Address.
+    pub ip: String,
+}
+
+/// One secret. Its value is never logged, stored or echoed in an error.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+pub struct Secret {
+    /// The real value (kept on the host).
+    pub value: String,
+    /// Hosts it may be sent to.
+    pub hosts: Vec<String>,
+    /// The placeholder the guest sees; random when empty.
+    pub placeholder: String,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("value", &"<redacted>")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+/// `vfs`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Vfs {
+    /// Workspace mount point.
+    pub workspace: String,
+    /// Mounts by guest path.
+    pub mounts: BTreeMap<String, Value>,
+    /// Interception rules.
+    pub interception: Option<Value>,
+}
+
+/// One `extra_disks` entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ExtraDisk {
+    /// The ext4 file, or `@NAME` of a volume.
+    pub host_path: String,
+    /// Mount point in the guest.
+    pub guest_mount: String,
+    /// Attach read-only.
+    pub readonly: bool,
+}
+
+/// `image_config`: overrides of the image's config; non-empty fields win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ImageConfigParams {
+    /// `USER`.
+    pub user: String,
+    /// `WORKDIR`.
+    pub working_dir: String,
+    /// `ENTRYPOINT`.
+    pub entrypoint: Vec<String>,
+    /// `CMD`.
+    pub cmd: Vec<String>,
+    /// Environment entries added over the image's.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What `create` settled on, before the image is known.
+#[derive(Debug)]
+pub struct Plan {
+    /// The request, validated.
+    pub params: CreateParams,
+    /// Extra disks, resolved.
+    pub disks: Vec<DiskMount>,
+}
+
+/// Parses and validates `create` params, in Matchlock's order: JSON, image, id, resources, network,
+/// VFS. Everything that can be checked without the image is checked here.
+pub fn plan(params: Value) -> Result<Plan, RpcError> {
+    let p: CreateParams = serde_json::from_value(if params.is_null() {
+        Value::Object(Default::default())
+    } else {
+        params
+    })
+    .map_err(|e| RpcError::params(format!("invalid create params: {e}")))?;
+    if p.image.trim().is_empty() {
+        return Err(RpcError::params("image is required (e.g., alpine:latest)"));
+    }
+    if p.id.is_some() {
+        return Err(RpcError::params("id is internal-only and cannot be set"));
+    }
+    if let Some(k) = &p.kernel {
+        if !k.reference.is_empty() {
+            return Err(RpcError::params(
+                "custom kernels (kernel.ref) are not supported: matchlock boots its own hardened guest kernel; remove with_kernel()",
+            ));
+        }
+    }
+    let check = |r: Result<(), String>| r.map_err(RpcError::params);
+    if let Some(r) = &p.resources {
+        if r.cpus != 0.0 {
+            check(validate::cpus(r.cpus, "resources.cpus"))?;
+        }
+        if r.memory_mb != 0 {
+            check(validate::memory_mb(r.memory_mb, "resources.memory_mb"))?;
+        }
+        if r.disk_size_mb != 0 {
+            check(validate::disk_size_mb(
+                r.disk_size_mb,
+                "resources.disk_size_mb",
+            ))?;
+        }
+        if !r.timeout_seconds.is_finite() || r.timeout_seconds < 0.0 {
+            return Err(RpcError::params(
+                "resources.timeout_seconds must be positive",
+            ));
+        }
+        if r.timeout_seconds > 0.0 {
+            check(validate::timeout_secs(
+                r.timeout_seconds.ceil() as u64,
+                "resources.timeout_seconds",
+            ))?;
+        }
+    }
+    if let Some(n) = &p.network {
+        check_network(n)?;
+    }
+    if let Some(v) = &p.vfs {
+        check_vfs(v)?;
+    }
+    for (k, v) in &p.env {
+        check_env(k, v, "env")?;
+    }
+    if let Some(ic) = &p.image_config {
+        if !ic.user.is_empty() {
+            check(validate::user(&ic.user, "image_config.user"))?;
+        }
+        if !ic.working_dir.is_empty() {
+            check(validate::guest_path(
+                &ic.working_dir,
+                "image_config.working_dir",
+            ))?;
+        }
+        for (k, v) in &ic.env {
+            check_env(k, v, "image_config.env")?;
+        }
+    }
+    let disks = p
+        .extra_disks
+        .iter()
+        .map(|d| {
+            volume::disk(&d.host_path, &d.guest_mount, d.readonly)
+                .map_err(|e| RpcError::params(format!("extra_disks: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan { params: p, disks })
+}
+
+fn check_env(k: &str, v: &str, what: &str) -> Result<(), RpcError> {
+    if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+        return Err(RpcError::params(format!(
+            "{what}: invalid environment variable {k:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_network(n: &Network) -> Result<(), RpcError> {
+    if n.no_network
+        && (!n.allowed_hosts.is_empty()
+            || !n.secrets.is_empty()
+            || n.intercept
+            || n.interception.as_ref().is_some_and(|v| !v.is_null()))
+    {
+        return Err(RpcError::params(
+            "no_network cannot be combined with allowed_hosts, secrets or interception",
+        ));
+    }
+    if !n.hostname.is_empty() {
+        validate::hostname(&n.hostname, "network.hostname").map_err(RpcError::params)?;
+    }
+    for h in &n.add_hosts {
+        validate::add_host(&h.host, &h.ip, "network.add_hosts").map_err(RpcError::params)?;
+    }
+    for d in &n.dns_servers {
+        d.parse::<std::net::IpAddr>().map_err(|_| {
+            RpcError::params(format!("network.dns_servers: '{d}' is not an IP address"))
+        })?;
+    }
+    if n.mtu != 0 && !(576..=65535).contains(&n.mtu) {
+        return Err(RpcError::params(format!(
+            "network.mtu {} is out of range; give 576 to 65535",
+            n.mtu
+        )));
+    }
+    for (name, s) in &n.secrets {
+        check_env(name, "", "network.secrets")?;
+        if s.hosts.is_empty() {
+            return Err(RpcError::params(format!(
+                "network.secrets.{name}: give at least one host the secret may be sent to"
+            )));
+        }
+        if s.value.is_empty() {
+            return Err(RpcError::params(format!(
+                "network.secrets.{name}: the value is empty"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
+    let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
+    // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
+    // example sends one); with nothing to serve it is only checked.
+    if !v.workspace.is_empty() {
+        validate::guest_path(&v.workspace, "vfs.workspace").map_err(RpcError::params)?;
+    }
+    if !v.mounts.is_empty() && v.workspace.is_empty() {
+        return Err(RpcError::params("vfs.mounts require vfs.workspace"));
+    }
+    if has_interception && v.mounts.is_empty() {
+        return Err(RpcError::params("vfs.interception requires mounts"));
+    }
+    if v.mounts.is_empty() {
+        return Ok(());
+    }
+    validate::guest_path(&v.workspace, "vfs.workspace").map_err(RpcError::params)?;
+    for path in v.mounts.keys() {
+        let under = path == &v.workspace
+            || path
+                .strip_prefix(v.workspace.as_str())
+                .is_some_and(|r| r.starts_with('/'));
+        if !under {
+            return Err(RpcError::params(format!(
+                "vfs mount {path} must be the workspace {} or under it",
+                v.workspace
+            )));
+        }
+    }
+    Err(RpcError::params(
+        "vfs mounts (host directories in the workspace) are not available in this version of matchlock yet; copy files in with write_file or attach an ext4 volume with extra_disks",
+    ))
+}
+
+/// A random placeholder for a secret, shaped like Matchlock's so tools that sniff for
+/// `SANDBOX_SECRET_` keep working.
+fn placeholder() -> String {
+    let bytes: [u8; 16] = rand::random();
+    format!("SANDBOX_SECRET_{}", hex::encode(bytes))
+}
+
+/// The sandbox configuration for `plan` on `image`, plus the command `launch_entrypoint` runs
+/// (`None` when not asked for or the image has none).
+pub fn sandbox_config(
+    plan: &Plan,
+    image: &ImageInfo,
+) -> Result<(SandboxConfig, Option<Vec<String>>), RpcError> {
+    let p = &plan.params;
+    let mut cfg: ImageConfig = image.config.clone();
+    let mut user_env: Vec<(String, String)> = Vec::new();
+    if let Some(ic) = &p.image_config {
+        if !ic.user.is_empty() {
+            cfg.user = Some(ic.user.clone());
+        }
+        if !ic.working_dir.is_empty() {
+            cfg.working_dir = Some(ic.working_dir.clone());
+        }
+        if !ic.entrypoint.is_empty() {
+            cfg.entrypoint = Some(ic.entrypoint.clone());
+            // As with `docker run --entrypoint`, a new entrypoint drops the image's CMD.
+            if ic.cmd.is_empty() {
+                cfg.cmd = None;
+            }
+        }
+        if !ic.cmd.is_empty() {
+            cfg.cmd = Some(ic.cmd.clone());
+        }
+        user_env.extend(ic.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    user_env.extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let net = p.network.as_ref();
+    if let Some(n) = net {
+        for (name, s) in &n.secrets {
+            let ph = if s.placeholder.is_empty() {
+                placeholder()
+            } else {
+                s.placeholder.clone()
+            };
+            user_env.push((name.clone(), ph));
+        }
+    }
+    let res = p.resources.as_ref();
+    let launch = if p.launch_entrypoint {
+        matchlock_image::compose_command(&cfg, None, &[]).ok()
+    } else {
+        None
+    };
+    let config = SandboxConfig {
+        image: image.name.clone(),
+        image_digest: image.digest.clone(),
+        rootfs: image.rootfs.clone(),
+        hostname: net.map(|n| n.hostname.clone()).unwrap_or_default(),
+        cpus: res.map(|r| r.cpus).filter(|c| *c > 0.0).unwrap_or(1.0),
+        memory_mb: res.map(|r| r.memory_mb).filter(|m| *m > 0).unwrap_or(512),
+        disk_size_mb: res
+            .map(|r| r.disk_size_mb)
+            .filter(|d| *d > 0)
+            .unwrap_or(5120),
+        env: matchlock_image::merge_env(&cfg.env, &user_env),
+        workdir: cfg.working_dir.clone().filter(|w| !w.is_empty()),
+        user: cfg.user.clone().filter(|u| !u.is_empty()),
+        privileged: p.privileged,
+        graceful_shutdown_ms: 0,
+        timeout_secs: res
+            .map(|r| r.timeout_seconds)
+            .filter(|t| *t > 0.0)
+            .map(|t| t.ceil() as u64),
+        remove_on_stop: false,
+        add_hosts: net
+            .map(|n| {
+                n.add_hosts
+                    .iter()
+                    .filter_map(|h| {
+                        validate::add_host(&h.host, &h.ip, "")
+                            .ok()
+                            .map(|ip| (ip, h.host.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        disks: plan.disks.clone(),
+        owner_pid: Some(std::process::id()),
+        command: launch.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    Ok((config, launch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn image() -> ImageInfo {
+        ImageInfo {
+            name: "docker.io/library/alpine:latest".into(),
+            digest: "sha256:00".into(),
+            rootfs: "/x.ext4".into(),
+            size: 1,
+            created: None,
+            config: ImageConfig {
+                env: vec!["PATH=/bin".into(), "A=image".into()],
+                entrypoint: Some(vec!["/entry".into()]),
+                cmd: Some(vec!["serve".into()]),
+                working_dir: Some("/app".into()),
+                user: None,
+            },
+        }
+    }
+
+    #[test]
+    fn validation_order_and_messages() {
+        let err = |v: Value| plan(v).unwrap_err();
+        assert_eq!(
+            err(json!({})).message,
+            "image is required (e.g., alpine:latest)"
+        );
+        assert_eq!(
+            err(json!({"image": "a", "id": "vm-1"})).message,
+            "id is internal-only and cannot be set"
+        );
+        assert_eq!(
+            err(json!({"image": 5})).code,
+            crate::wire::code::INVALID_PARAMS
+        );
+        assert!(err(json!({"image": "a", "resources": {"cpus": 100}}))
+            .message
+            .contains("resources.cpus"));
+        assert!(err(
+            json!({"image": "a", "network": {"no_network": true, "allowed_hosts": ["x"]}})
+        )
+        .message
+        .contains("no_network"));
+        assert!(plan(json!({"image": "a", "vfs": {"workspace": "/w"}})).is_ok());
+        assert!(err(json!({"image": "a", "vfs": {"workspace": "w"}}))
+            .message
+            .contains("absolute"));
+        assert!(err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/etc": {"type": "memory"}}}}))
+            .message
+            .contains("under it"));
+        // Unknown fields are fine.
+        assert!(
+            plan(json!({"image": "a", "future_field": 1, "network": {"policy_script": ""}}))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn secret_values_never_reach_the_config() {
+        let p = plan(json!({"image": "a", "network": {"secrets": {
+            "API_KEY": {"value": "sk-real-123", "hosts": ["api.example.com"]},
+            "OTHER": {"value": "v2", "hosts": ["x"], "placeholder": "PH"}
+        }}}))
+        .unwrap();
+        let (cfg, _) = sandbox_config(&p, &image()).unwrap();
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("sk-real-123"));
+        let key = cfg.env.iter().find(|(k, _)| k == "API_KEY").unwrap();
+        assert!(key.1.starts_with("SANDBOX_SECRET_"));
+        assert!(cfg.env.contains(&("OTHER".into(), "PH".into())));
+        assert!(!format!("{p:?}").contains("sk-real-123"));
+    }
+
+    #[test]
+    fn merges_image_config_and_resources() {
+        let p = plan(json!({"image": "a", "launch_entrypoint": true,
+            "resources": {"cpus": 0.5, "memory_mb": 256, "timeout_seconds": 30},
+            "env": {"A": "user"},
+            "image_config": {"cmd": ["run", "fast"], "user": "1000:1000"}}))
+        .unwrap();
+        let (cfg, launch) = sandbox_config(&p, &image()).unwrap();
+        assert_eq!(launch.unwrap(), vec!["/entry", "run", "fast"]);
+        assert_eq!(cfg.cpus, 0.5);
+        assert_eq!(cfg.memory_mb, 256);
+        assert_eq!(cfg.disk_size_mb, 5120);
+        assert_eq!(cfg.timeout_secs, Some(30));
+        assert_eq!(cfg.user.as_deref(), Some("1000:1000"));
+        assert_eq!(cfg.workdir.as_deref(), Some("/app"));
+        assert!(cfg.env.contains(&("A".into(), "user".into())));
+        let p = plan(json!({"image": "a"})).unwrap();
+        let (cfg, launch) = sandbox_config(&p, &image()).unwrap();
+        assert!(launch.is_none());
+        assert_eq!(cfg.timeout_secs, None);
+        assert_eq!(cfg.owner_pid, Some(std::process::id()));
+    }
+}

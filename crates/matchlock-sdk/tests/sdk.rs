@@ -1,0 +1,215 @@
+//! The SDK against the real `matchlock` binary and real sandboxes, including the examples that
+//! the crate documentation shows (compiled into this test as modules and run as written).
+//!
+//! Needs `target/debug/matchlock` (or `$MATCHLOCK_BIN`), the guest kernel and agent: `scripts/test`
+//! builds them all before running the workspace's tests.
+
+#[allow(dead_code)]
+#[path = "../examples/quickstart.rs"]
+mod quickstart;
+
+#[allow(dead_code)]
+#[path = "../examples/pipes_and_files.rs"]
+mod pipes_and_files;
+
+use matchlock_sdk::{Client, Error, ExecOptions, Sandbox};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const IMAGE: &str = "mltest/sdk-busybox:1";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Points the SDK at the workspace's binary, gives the tests their own sandbox state directory
+/// and imports the busybox test image once.
+fn setup() {
+    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let bin = std::env::var_os("MATCHLOCK_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/debug/matchlock"));
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it first (scripts/test does, or 'cargo build -p matchlock-cli')",
+            bin.display()
+        );
+        let home = tempfile::Builder::new()
+            .prefix("mlsdk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        // SAFETY: set once, before any test thread reads the environment through the SDK.
+        unsafe {
+            std::env::set_var("MATCHLOCK_BIN", &bin);
+            std::env::set_var("MATCHLOCK_HOME", home.path());
+        }
+        let work = tempfile::tempdir().unwrap();
+        let tar = work.path().join("busybox.tar");
+        let st = Command::new(repo().join("scripts/make-busybox-image"))
+            .arg(&tar)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = Command::new(&bin)
+            .args(["image", "import", IMAGE])
+            .stdin(std::fs::File::open(&tar).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        home
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documented_quickstart_runs() {
+    setup();
+    let out = quickstart::quickstart(IMAGE).await.unwrap();
+    assert!(out.starts_with("hello from vm-"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn documented_pipes_and_files_example_runs() {
+    setup();
+    pipes_and_files::pipes_and_files(IMAGE).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_launch_log_forwards_and_errors() {
+    setup();
+    let client = Client::start().await.unwrap();
+    // Nothing to talk to yet.
+    let e = client.exec("true").await.unwrap_err();
+    assert!(e.is_vm_error(), "{e}");
+    assert!(matches!(
+        client.create(&Sandbox::new("")).await,
+        Err(Error::Invalid(_))
+    ));
+    let e = client
+        .create(&Sandbox::new("no/such:image"))
+        .await
+        .unwrap_err();
+    assert!(e.is_vm_error() && e.to_string().contains("no/such"), "{e}");
+
+    let sandbox = Sandbox::new(IMAGE)
+        .with_entrypoint(["sh", "-c", "echo launched; exec nc -ll -p 7000 -e cat"])
+        .with_port_forward(0, 7000);
+    let id = client.launch(&sandbox).await.unwrap();
+    assert_eq!(client.vm_id().as_deref(), Some(id.as_str()));
+    for _ in 0..100 {
+        if client.log().await.unwrap().contains("launched") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(client.log().await.unwrap().contains("launched"));
+
+    // The port forward that `with_port_forward` asked for, re-applied to learn its port.
+    let bindings = client.port_forward(&[(0, 7000)]).await.unwrap();
+    assert_eq!(bindings.len(), 1);
+    let port = bindings[0].local_port;
+    let echoed = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        for _ in 0..100 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"through the forward");
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).is_ok() && !got.is_empty() {
+                    return got;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Vec::new()
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed, b"through the forward");
+
+    // A terminal, with a resize while the command runs.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut screen = Vec::new();
+    let stdin = std::io::Cursor::new(b"go\n".to_vec());
+    tx.send((40, 120)).await.unwrap();
+    let info = client
+        .exec_interactive(
+            "stty size; read x; sleep 1; stty size",
+            &ExecOptions::default(),
+            stdin,
+            &mut screen,
+            24,
+            80,
+            Some(rx),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.exit_code, 0);
+    let text = String::from_utf8_lossy(&screen);
+    assert!(text.contains("24 80") || text.contains("40 120"), "{text}");
+    assert!(text.contains("40 120"), "{text}");
+
+    let e = client.read_file("/no/such").await.unwrap_err();
+    assert!(e.is_file_error(), "{e}");
+    client.close(Duration::from_secs(2)).await.unwrap();
+    client.remove().await.unwrap();
+    // After close the server is gone.
+    assert!(matches!(client.exec("true").await, Err(Error::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_client_stops_the_sandbox_and_volumes_work() {
+    setup();
+    let client = Client::start().await.unwrap();
+    let vol = format!("sdkvol{}", std::process::id());
+    let v = client.volume_create(&vol, 32).await.unwrap();
+    assert!(v.path.is_file());
+    assert!(client
+        .volume_list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|x| x.name == vol));
+    let id = client
+        .create(&Sandbox::new(IMAGE).with_disk(format!("@{vol}"), "/vol", false))
+        .await
+        .unwrap();
+    client.exec("echo on-volume > /vol/f").await.unwrap();
+    drop(client);
+    let bin = std::env::var_os("MATCHLOCK_BIN").unwrap();
+    let mut stopped = false;
+    for _ in 0..150 {
+        let out = Command::new(&bin).arg("list").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("stopped"))
+        {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        stopped,
+        "sandbox {id} still running after its client was dropped"
+    );
+    let client = Client::start().await.unwrap();
+    client
+        .create(&Sandbox::new(IMAGE).with_disk(format!("@{vol}"), "/vol", true))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.exec("cat /vol/f").await.unwrap().stdout,
+        b"on-volume\n"
+    );
+    client.close(Duration::from_secs(2)).await.unwrap();
+    client.remove().await.unwrap();
+    client.volume_remove(&vol).await.unwrap();
+}

@@ -1,0 +1,348 @@
+"""The published Python SDK (matchlock==0.2.17) driving our `matchlock rpc`, method by method.
+
+Nothing here is mocked: every test talks to real sandboxes (QEMU, the guest agent) through the
+SDK's own subprocess and JSON-RPC code.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from matchlock import Client, CreateOptions, MatchlockError, RPCError, Sandbox
+
+from conftest import BIN, BUSYBOX, ENTRY, PYTHON, ml
+
+
+def wait_until(pred, limit=30.0):
+    end = time.time() + limit
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return pred()
+
+
+def status(vm_id):
+    for line in ml("list").stdout.splitlines():
+        if line.startswith(vm_id):
+            return line.split()[1]
+    return ""
+
+
+# ---- exec family (one shared sandbox) ----
+
+def test_exec_result_fields(client):
+    r = client.exec("echo hello; echo err >&2; exit 3")
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "hello\n", "err\n")
+    assert r.duration_ms >= 0
+    assert client.exec("pwd", working_dir="/tmp").stdout == "/tmp\n"
+
+
+def test_exec_stream_delivers_both_streams(client):
+    out, err = io.StringIO(), io.StringIO()
+    r = client.exec_stream("for i in 1 2 3; do echo $i; done; echo oops >&2; exit 5", stdout=out, stderr=err)
+    assert r.exit_code == 5
+    assert out.getvalue() == "1\n2\n3\n"
+    assert err.getvalue() == "oops\n"
+
+
+def test_exec_pipe_binary_stdin(client):
+    data = os.urandom(3 << 20)
+    out = io.StringIO()
+    r = client.exec_pipe("sha256sum", stdin=io.BytesIO(data), stdout=out)
+    assert r.exit_code == 0
+    assert out.getvalue().split()[0] == hashlib.sha256(data).hexdigest()
+    # No stdin at all: the SDK sends EOF at once and the command sees an empty input.
+    out = io.StringIO()
+    assert client.exec_pipe("wc -c", stdout=out).exit_code == 0
+    assert out.getvalue().strip() == "0"
+
+
+def test_exec_interactive_has_a_terminal(client):
+    out = io.StringIO()
+    r = client.exec_interactive("tty; stty size", stdout=out, rows=30, cols=100)
+    assert r.exit_code == 0
+    text = out.getvalue()
+    assert "/dev/pts/" in text
+    assert "30 100" in text
+
+
+def test_exec_interactive_stdin_and_resize(client):
+    out = io.StringIO()
+    r = client.exec_interactive(
+        "read line; echo got:$line; sleep 1; stty size",
+        stdin=io.StringIO("abc\n"),
+        stdout=out,
+        rows=24,
+        cols=80,
+        resize=[(40, 120)],
+    )
+    assert r.exit_code == 0
+    assert "got:abc" in out.getvalue()
+    assert "40 120" in out.getvalue()
+
+
+def test_timeout_cancels_and_kills_the_guest_process(client):
+    with pytest.raises(TimeoutError):
+        client.exec("sleep 1234", timeout=1)
+    # The cancel reached the guest: the process is gone, not just abandoned.
+    assert wait_until(lambda: "sleep 1234" not in client.exec("ps -o args").stdout, 15)
+
+
+def test_requests_run_concurrently(client):
+    # Each command waits until all three have started: this only finishes if they overlap.
+    client.exec("rm -rf /tmp/conc && mkdir /tmp/conc")
+    results = {}
+
+    def one(i):
+        results[i] = client.exec(
+            f"touch /tmp/conc/{i}; while [ $(ls /tmp/conc | wc -l) -lt 3 ]; do sleep 0.1; done; echo {i}",
+            timeout=120,
+        )
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.stdout for r in results.values()) == ["0\n", "1\n", "2\n"]
+
+
+# ---- files ----
+
+def test_write_read_list_binary_files(client):
+    blob = bytes(range(256)) * 4096 + os.urandom(12345)
+    client.write_file("/data/deep/dir/blob.bin", blob)
+    assert client.read_file("/data/deep/dir/blob.bin") == blob
+    client.write_file("/data/script.sh", "#!/bin/sh\necho hi\n", mode=0o755)
+    assert client.exec("/data/script.sh").stdout == "hi\n"
+    assert client.exec("stat -c %a /data/script.sh").stdout.strip() == "755"
+    files = {f.name: f for f in client.list_files("/data")}
+    assert files["deep"].is_dir
+    assert not files["script.sh"].is_dir
+    assert files["script.sh"].size == len("#!/bin/sh\necho hi\n")
+    assert files["script.sh"].mode & 0o777 == 0o755
+    assert files["deep"].mode & (1 << 31)  # Go's os.ModeDir, as the SDK expects
+
+
+def test_file_errors(client):
+    with pytest.raises(RPCError) as e:
+        client.read_file("/no/such/file")
+    assert e.value.is_file_error()
+    with pytest.raises(RPCError) as e:
+        client.list_files("/no/such/dir")
+    assert e.value.is_file_error()
+
+
+def test_oversized_request_gets_an_error_and_the_server_survives(client):
+    with pytest.raises(RPCError) as e:
+        client.write_file("/tmp/huge", b"x" * (70 << 20), timeout=120)
+    assert "limit" in e.value.message
+    assert client.exec("echo still-alive").stdout == "still-alive\n"
+
+
+# ---- port forwarding ----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_port_forward_reaches_a_guest_server(client):
+    client.write_file("/srv/www/index.html", b"served from the sandbox\n")
+    client.exec("setsid python3 -m http.server 8080 --bind 127.0.0.1 --directory /srv/www >/dev/null 2>&1 &")
+    port = free_port()
+    bindings = client.port_forward(f"{port}:8080")
+    assert [(b.address, b.local_port, b.remote_port) for b in bindings] == [("127.0.0.1", port, 8080)]
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10) as r:
+                return r.read()
+        except OSError:
+            return None
+
+    assert wait_until(lambda: fetch() == b"served from the sandbox\n", 60)
+    # Many at once.
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fetch())) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [b"served from the sandbox\n"] * 16
+    # Explicit addresses; the new set replaces the old one.
+    port2 = free_port()
+    bindings = client.port_forward_with_addresses(["127.0.0.1"], f"{port2}:8080")
+    assert [(b.address, b.local_port) for b in bindings] == [("127.0.0.1", port2)]
+    port = port2
+    assert fetch() == b"served from the sandbox\n"
+
+
+# ---- lifecycle ----
+
+def test_launch_runs_the_entrypoint_and_logs_it():
+    with Client() as c:
+        c.launch(Sandbox(BUSYBOX).with_entrypoint("sh", "-c", "echo launched-ok; sleep 300"))
+        assert wait_until(lambda: "launched-ok" in c.log(), 30)
+        buf = io.StringIO()
+        with pytest.raises(TimeoutError):
+            c.log_stream(stdout=buf, timeout=2)
+        assert "launched-ok" in buf.getvalue()
+        assert "sleep 300" in c.exec("ps -o args").stdout
+
+
+def test_launch_starts_the_image_entrypoint():
+    with Client() as c:
+        c.launch(Sandbox(ENTRY))
+        # ENTRYPOINT + CMD of the image, run as its USER in its WORKDIR.
+        assert wait_until(lambda: "entry: default-cmd" in c.log(), 30)
+        assert c.exec("id -un; pwd").stdout == "app\n/home/app\n"
+
+
+def test_launch_fails_when_the_entrypoint_fails_at_once():
+    with Client() as c:
+        with pytest.raises(RPCError) as e:
+            c.launch(Sandbox(BUSYBOX).with_entrypoint("sh", "-c", "exit 7"))
+        assert e.value.is_vm_error()
+        assert "code 7" in e.value.message
+
+
+def test_create_options_env_user_and_resources():
+    with Client() as c:
+        vm = c.create(CreateOptions(image=BUSYBOX, cpus=1, memory_mb=256, env={"FOO": "bar baz"}))
+        assert vm.startswith("vm-")
+        assert c.exec('echo "$FOO"').stdout == "bar baz\n"
+        mem_kb = int(c.exec("awk '/MemTotal/ {print $2}' /proc/meminfo").stdout)
+        assert 150_000 < mem_kb <= 256 * 1024
+    with Client() as c:
+        c.create(Sandbox(BUSYBOX).with_user("1000:1000").with_hostname("box1").options())
+        assert c.exec("id -u; hostname").stdout == "1000\nbox1\n"
+
+
+def test_secrets_stay_on_the_host():
+    with Client() as c:
+        vm = c.create(Sandbox(BUSYBOX).add_secret("API_KEY", "sk-real-value-42", "api.example.com").options())
+        seen = c.exec("echo $API_KEY").stdout.strip()
+        assert seen.startswith("SANDBOX_SECRET_")
+        assert "sk-real-value-42" not in c.exec("env; cat /proc/1/environ 2>/dev/null").stdout
+        assert "sk-real-value-42" not in ml("get", vm).stdout
+        home = pathlib.Path(os.environ["MATCHLOCK_HOME"])
+        for f in home.rglob("*"):
+            if f.is_file() and not f.name.endswith(".ext4") and not f.name.endswith(".sock"):
+                assert b"sk-real-value-42" not in f.read_bytes(), f
+
+
+def test_resources_timeout_is_enforced():
+    with Client() as c:
+        vm = c.create(Sandbox(BUSYBOX).with_timeout(3).options())
+        assert wait_until(lambda: status(vm) == "stopped", 60)
+        with pytest.raises(RPCError):
+            c.exec("true")
+
+
+def test_errors_before_and_during_create():
+    with Client() as c:
+        with pytest.raises(RPCError) as e:
+            c.exec("true")
+        assert e.value.is_vm_error() and e.value.message == "VM not created"
+        with pytest.raises(MatchlockError):
+            c.create(CreateOptions(image=""))
+        with pytest.raises(RPCError) as e:
+            c.create(CreateOptions(image="no-such/image:1"))
+        assert e.value.is_vm_error()
+        assert "no-such/image" in e.value.message
+
+
+def test_second_create_replaces_the_first():
+    with Client() as c:
+        first = c.create(CreateOptions(image=BUSYBOX))
+        second = c.create(CreateOptions(image=BUSYBOX))
+        assert first != second
+        assert status(first) == "stopped"
+        assert c.exec("echo second").stdout == "second\n"
+
+
+def test_rpc_sandboxes_are_ordinary_sandboxes():
+    with Client() as c:
+        vm = c.create(CreateOptions(image=BUSYBOX))
+        assert status(vm) == "running"
+        assert ml("exec", vm, "--", "echo", "from-cli").stdout == "from-cli\n"
+        ml("kill", vm)
+        with pytest.raises(RPCError):
+            c.exec("true")
+
+
+def test_close_then_remove():
+    c = Client()
+    c.start()
+    vm = c.create(CreateOptions(image=BUSYBOX))
+    c.close()
+    assert status(vm) == "stopped"
+    c.remove()
+    assert status(vm) == ""
+    assert ml("get", vm, check=False).returncode != 0
+
+
+SDK_DIES = """
+import os, signal, sys
+from matchlock import Client, CreateOptions
+c = Client()
+c.start()
+print(c.create(CreateOptions(image=sys.argv[1])), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sandbox_stops_when_the_sdk_process_dies():
+    out = subprocess.run([sys.executable, "-c", SDK_DIES, BUSYBOX], capture_output=True, text=True, timeout=120)
+    vm = out.stdout.strip()
+    assert vm.startswith("vm-"), out.stderr
+    assert wait_until(lambda: status(vm) == "stopped", 30)
+
+
+def test_server_stops_the_sandbox_on_sigterm():
+    p = subprocess.Popen([BIN, "rpc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "create", "id": 1, "params": {"image": BUSYBOX}}) + "\n")
+    p.stdin.flush()
+    vm = json.loads(p.stdout.readline())["result"]["id"]
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+    assert status(vm) == "stopped"
+
+
+def test_stdout_carries_only_protocol_lines():
+    p = subprocess.run(
+        [BIN, "rpc"],
+        input="not json\n" + json.dumps({"jsonrpc": "2.0", "method": "nope", "id": 5}) + "\n"
+        + json.dumps({"jsonrpc": "2.0", "method": "exec_pipe", "params": {"command": "x"}}) + "\n",
+        capture_output=True, text=True, timeout=30,
+    )
+    lines = [json.loads(l) for l in p.stdout.splitlines()]
+    assert lines[0]["error"]["code"] == -32700
+    assert lines[1] == {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": 5}
+    assert lines[2]["error"]["code"] == -32600 and "id" not in lines[2]
+
+
+# ---- volumes (CLI contracts the SDK shells out to) ----
+
+def test_volumes():
+    c = Client()
+    v = c.volume_create("pyvol", size_mb=64)
+    assert v.name == "pyvol" and os.path.exists(v.path)
+    assert "pyvol" in [x.name for x in c.volume_list()]
+    ml("run", "--image", BUSYBOX, "--disk", "@pyvol:/data", "--", "sh", "-c", "echo persisted > /data/f")
+    assert ml("run", "--image", BUSYBOX, "--disk", "@pyvol:/data:ro", "--", "cat", "/data/f").stdout == "persisted\n"
+    c.volume_remove("pyvol")
+    assert "pyvol" not in [x.name for x in c.volume_list()]
