@@ -377,7 +377,15 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
         (
-            vec!["run", "--image", "mltest/absent:9", "--", "true"],
+            // --pull=never: an absent image must not send this test to Docker Hub.
+            vec![
+                "run",
+                "--pull=never",
+                "--image",
+                "mltest/absent:9",
+                "--",
+                "true",
+            ],
             vec![],
             "image import",
         ),

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! matchlock-bench [--matchlock PATH] [--image NAME] [--boots N] [--execs N]
+//! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -13,8 +14,12 @@
 //!    `Client.start()` does) to the first `exec` result with a cached image, interleaved with the
 //!    bare QEMU boot as baseline; then `exec` of `true` over JSON-RPC against `matchlock exec` of
 //!    the same sandbox.
+//! 4. `--pull` (instead of 1 to 3): pull + convert of a multi-layer image from a local registry
+//!    against skopeo + tar + mke2fs; see `pull.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
+
+mod pull;
 
 use anyhow::{bail, Context, Result};
 use matchlock_proto::{read_msg, Msg};
@@ -28,6 +33,9 @@ struct Args {
     image: String,
     boots: usize,
     execs: usize,
+    pull: bool,
+    runs: usize,
+    layer_dirs: Vec<std::path::PathBuf>,
     rpc_starts: usize,
     rpc_execs: usize,
 }
@@ -41,6 +49,9 @@ fn parse_args() -> Result<Args> {
         image: "busybox".into(),
         boots: 10,
         execs: 200,
+        pull: false,
+        runs: 3,
+        layer_dirs: Vec::new(),
         rpc_starts: 0,
         rpc_execs: 200,
     };
@@ -52,6 +63,9 @@ fn parse_args() -> Result<Args> {
             "--image" => a.image = val()?,
             "--boots" => a.boots = val()?.parse()?,
             "--execs" => a.execs = val()?.parse()?,
+            "--pull" => a.pull = true,
+            "--runs" => a.runs = val()?.parse::<usize>()?.max(1),
+            "--layer-dir" => a.layer_dirs.push(val()?.into()),
             "--rpc-starts" => a.rpc_starts = val()?.parse()?,
             "--rpc-execs" => a.rpc_execs = val()?.parse()?,
             other => bail!(
@@ -73,6 +87,9 @@ fn ms(d: Duration) -> f64 {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.pull {
+        return pull::bench(args.runs, &args.layer_dirs);
+    }
     let qemu = matchlock_vmm::qemu::locate_qemu()?;
     let kernel = matchlock_vmm::kernel::locate()?;
     let agent = matchlock_vmm::agent::locate()?;

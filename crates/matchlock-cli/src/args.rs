@@ -64,6 +64,14 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Pull an image from its registry into the local store (or refresh its tag).
+    Pull {
+        /// Image reference (e.g. `alpine`, `registry.example.com:5000/app:1`, `repo@sha256:...`).
+        image: String,
+        /// Download every blob again and rebuild the root file system, ignoring the cache.
+        #[arg(long)]
+        force: bool,
+    },
     /// Forward host ports to ports of a running sandbox until interrupted.
     #[command(name = "port-forward")]
     PortForward {
@@ -129,6 +137,19 @@ pub enum ImageCommand {
         /// Image name.
         name: String,
     },
+    /// Delete blobs and root file systems no image uses, and leftovers of interrupted pulls.
+    Gc,
+}
+
+/// `run --pull=...`: when to contact the registry.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullArg {
+    /// Pull only when the image is not in the local store (the default).
+    Missing,
+    /// Ask the registry for the tag's current image and pull what changed (`--pull`).
+    Always,
+    /// Never contact a registry.
+    Never,
 }
 
 /// `matchlock volume ...`
@@ -203,9 +224,13 @@ pub struct ProcessArgs {
 /// `matchlock run`
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Image to boot (must be imported or pulled first).
+    /// Image to boot; pulled from its registry when it is not in the local store.
     #[arg(long)]
     pub image: String,
+    /// When to pull the image: missing (default), always (bare `--pull`: refresh the tag), never.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "missing",
+          num_args = 0..=1, require_equals = true, default_missing_value = "always")]
+    pub pull: PullArg,
     /// Process options.
     #[command(flatten)]
     pub process: ProcessArgs,
@@ -330,6 +355,46 @@ mod tests {
         assert_eq!(parse_duration_ms("1m"), Ok(60_000));
         assert!(parse_duration_ms("soon").is_err());
         assert!(parse_duration_ms("-1s").is_err());
+    }
+
+    #[test]
+    fn pull_flag_forms() {
+        let p = |args: &[&str]| Cli::try_parse_from(args);
+        let run_pull = |args: &[&str]| match p(args).unwrap().command {
+            Command::Run(r) => r.pull,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            run_pull(&["matchlock", "run", "--image", "x", "true"]),
+            PullArg::Missing
+        );
+        // Bare --pull refreshes the tag; it must not swallow the command after it.
+        assert_eq!(
+            run_pull(&["matchlock", "run", "--pull", "--image", "x", "true"]),
+            PullArg::Always
+        );
+        assert_eq!(
+            run_pull(&["matchlock", "run", "--image", "x", "--pull", "true"]),
+            PullArg::Always
+        );
+        assert_eq!(
+            run_pull(&["matchlock", "run", "--pull=never", "--image", "x"]),
+            PullArg::Never
+        );
+        assert!(p(&["matchlock", "run", "--pull=sometimes", "--image", "x"]).is_err());
+        let Command::Pull { image, force } = p(&["matchlock", "pull", "--force", "alpine"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!((image.as_str(), force), ("alpine", true));
+        assert!(matches!(
+            p(&["matchlock", "image", "gc"]).unwrap().command,
+            Command::Image {
+                command: ImageCommand::Gc
+            }
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use crate::args::ImageCommand;
 use anyhow::{bail, Result};
-use matchlock_image::ImageStore;
+use matchlock_image::{ImageStore, PullOptions, StderrProgress};
 
 fn human(bytes: u64) -> String {
     let mb = bytes as f64 / (1024.0 * 1024.0);
@@ -11,6 +11,18 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{mb:.1} MB")
     }
+}
+
+/// `matchlock pull IMAGE [--force]`: progress on stderr, the result on stdout.
+pub fn pull(image: &str, force: bool) -> Result<i32> {
+    let store = ImageStore::open_default()?;
+    let opts = PullOptions {
+        force,
+        ..PullOptions::from_env()
+    };
+    let info = store.pull(image, &opts, &StderrProgress::new())?;
+    println!("{} {} ({})", info.name, info.digest, human(info.size));
+    Ok(0)
 }
 
 /// Runs an image sub-command.
@@ -46,6 +58,19 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
         ImageCommand::Rm { name } => {
             store.remove(&name)?;
             println!("removed {name}");
+        }
+        ImageCommand::Gc => {
+            let r = store.gc()?;
+            println!(
+                "removed {} blob(s), {} root file system(s), {} temporary file(s); freed {}",
+                r.blobs,
+                r.rootfs,
+                r.tmp,
+                human(r.bytes)
+            );
+            if r.pull_in_progress {
+                eprintln!("a pull is running: blobs and partial downloads were kept; run 'matchlock image gc' again later");
+            }
         }
     }
     Ok(0)

@@ -40,6 +40,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Prune => manage::prune(),
         Command::Gc => manage::gc(),
         Command::Log { id, follow } => manage::log(&id, follow),
+        Command::Pull { image, force } => image::pull(&image, force),
         Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
         Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
         Command::Volume { command } => volume::volume(command),

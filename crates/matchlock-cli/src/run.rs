@@ -109,7 +109,17 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let network = network_config(&args)?;
 
     let images = matchlock_image::ImageStore::open_default()?;
-    let image = images.resolve(&args.image)?;
+    let policy = match args.pull {
+        crate::args::PullArg::Missing => matchlock_image::PullPolicy::Missing,
+        crate::args::PullArg::Always => matchlock_image::PullPolicy::Always,
+        crate::args::PullArg::Never => matchlock_image::PullPolicy::Never,
+    };
+    let image = images.ensure(
+        &args.image,
+        policy,
+        &matchlock_image::PullOptions::from_env(),
+        &matchlock_image::StderrProgress::new(),
+    )?;
     let argv =
         matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
     // Fail on a missing kernel, QEMU or agent before anything is created.

@@ -17,7 +17,7 @@ use crate::util::{decompress, digest_hex, read_capped, HashingReader};
 use crate::{ImageConfig, ImageError};
 
 /// Cap on JSON documents (manifests, configs, index): real ones are a few KiB.
-const JSON_CAP: u64 = 16 << 20;
+pub(crate) const JSON_CAP: u64 = 16 << 20;
 /// Cap on entries in the outer tarball, to bound memory for the path map.
 const MAX_OUTER_ENTRIES: usize = 1_000_000;
 /// Cap on layers per image (Docker's own limit is 127).
@@ -124,6 +124,7 @@ pub(crate) fn spool(reader: impl Read, dir: &Path) -> Result<Spool, ImageError> 
                             what: format!("blob {expected}"),
                             expected,
                             actual: digest,
+                            remedy: "re-export the image".into(),
                         });
                     }
                 }
@@ -188,6 +189,7 @@ impl Spool {
                 what: format!("blob {digest}"),
                 expected: digest.to_string(),
                 actual: file.digest.clone(),
+                remedy: "re-export the image".into(),
             });
         }
         Ok(file)
@@ -207,37 +209,37 @@ impl Spool {
 }
 
 #[derive(Deserialize, Debug, Clone)]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
+    pub media_type: Option<String>,
+    pub digest: String,
     #[serde(default)]
-    size: Option<u64>,
+    pub size: Option<u64>,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub platform: Option<Platform>,
     #[serde(default)]
     annotations: Option<HashMap<String, String>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
-struct Platform {
+pub(crate) struct Platform {
     #[serde(default)]
-    architecture: String,
+    pub architecture: String,
     #[serde(default)]
-    os: String,
+    pub os: String,
 }
 
 #[derive(Deserialize)]
-struct Index {
+pub(crate) struct Index {
     #[serde(default)]
-    manifests: Vec<Descriptor>,
+    pub manifests: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
-struct Manifest {
-    config: Descriptor,
+pub(crate) struct Manifest {
+    pub config: Descriptor,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    pub layers: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
@@ -297,7 +299,7 @@ struct ConfigBlob {
 }
 
 /// The platform an image must have to boot in our VMs: the host's, since the VM uses KVM.
-fn host_arch() -> &'static str {
+pub(crate) fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -305,11 +307,11 @@ fn host_arch() -> &'static str {
     }
 }
 
-const INDEX_TYPES: [&str; 2] = [
+pub(crate) const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
-const MANIFEST_TYPES: [&str; 2] = [
+pub(crate) const MANIFEST_TYPES: [&str; 2] = [
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
@@ -477,7 +479,7 @@ fn plan_oci(spool: &Spool, name: &str) -> Result<ImagePlan, ImageError> {
         (chosen.desc.digest.clone(), manifest_file.path.clone()),
         (manifest.config.digest.clone(), config_file.path.clone()),
     ];
-    let (created, config, diff_ids) = parse_config(spool, config_file, &manifest.config.digest)?;
+    let (created, config, diff_ids) = parse_config(config_file, &manifest.config.digest)?;
     if diff_ids.len() != manifest.layers.len() {
         return Err(ImageError::archive(format!(
             "the manifest lists {} layers but the config has {} diff_ids",
@@ -534,7 +536,7 @@ fn plan_docker(spool: &Spool, manifest: &SpooledFile, name: &str) -> Result<Imag
     // Newer docker save names files blobs/sha256/<hex> (verified while spooling); older ones name
     // the config <hex>.json, which is the image ID: the sha256 of the config.
     let config_digest = config_file.digest.clone();
-    let (created, config, diff_ids) = parse_config(spool, config_file, &config_digest)?;
+    let (created, config, diff_ids) = parse_config(config_file, &config_digest)?;
     if diff_ids.len() != entry.layers.len() {
         return Err(ImageError::archive(format!(
             "manifest.json lists {} layers but the config has {} diff_ids",
@@ -564,12 +566,20 @@ fn plan_docker(spool: &Spool, manifest: &SpooledFile, name: &str) -> Result<Imag
     })
 }
 
-fn parse_config(
-    spool: &Spool,
-    file: &SpooledFile,
-    digest: &str,
-) -> Result<(Option<String>, ImageConfig, Vec<String>), ImageError> {
-    let blob: ConfigBlob = spool.json(file, &format!("image config {digest}"))?;
+fn parse_config(file: &SpooledFile, digest: &str) -> Result<ParsedConfig, ImageError> {
+    let bytes = read_capped(&file.path, JSON_CAP, &format!("image config {digest}"))?;
+    parse_config_bytes(&bytes, digest)
+}
+
+/// What an image config blob says: `created`, the runtime defaults and the layer diff_ids.
+pub(crate) type ParsedConfig = (Option<String>, ImageConfig, Vec<String>);
+
+/// Parse an image config blob (shared by imports and registry pulls).
+pub(crate) fn parse_config_bytes(bytes: &[u8], digest: &str) -> Result<ParsedConfig, ImageError> {
+    let blob: ConfigBlob = serde_json::from_slice(bytes).map_err(|e| ImageError::Json {
+        context: format!("parsing image config {digest}"),
+        source: e,
+    })?;
     let diff_ids = blob.rootfs.map(|r| r.diff_ids).ok_or_else(|| {
         ImageError::archive(format!("image config {digest} has no rootfs.diff_ids"))
     })?;

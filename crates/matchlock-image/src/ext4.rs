@@ -144,6 +144,21 @@ pub(crate) fn fixup_script(
     Ok((script, count))
 }
 
+/// Whether the file system holding `path` has less than 64 MiB left for us: then an ENOSPC from
+/// mke2fs is the host's disk, not the image being too small.
+fn host_nearly_full(path: &Path) -> bool {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs writes into the zeroed struct we own; c is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_bavail.saturating_mul(st.f_frsize) < 64 * MIB
+}
+
 /// Build `out` from the staging tree. `scratch` is a private directory for the debugfs script.
 pub(crate) fn build(staging: &Staging, out: &Path, scratch: &Path) -> Result<(), ImageError> {
     let mke2fs = find_tool("mke2fs", "e2fsprogs")?;
@@ -189,6 +204,12 @@ pub(crate) fn build(staging: &Staging, out: &Path, scratch: &Path) -> Result<(),
             break;
         }
         let err = one_line(&output.stderr);
+        // The host's disk is full (not our image): growing the image would not help.
+        if err.contains("No space left on device") && host_nearly_full(out) {
+            return Err(ImageError::DiskFull {
+                context: format!("building {} with mke2fs", out.display()),
+            });
+        }
         // The size estimate can fall short for trees of many tiny files or large directories.
         let out_of_space =
             err.contains("space") || err.contains("allocate") || err.contains("inodes");

@@ -6,11 +6,11 @@ use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::archive::{self, ImagePlan};
+use crate::archive::{self, ImagePlan, LayerSource};
 use crate::reference::{familiar, normalize_reference};
 use crate::unpack::Staging;
 use crate::util::{
-    atomic_write, decompress, digest_hex, euid, pid_alive, unique_name, FileLock, HashingReader,
+    atomic_write, digest_hex, euid, pid_alive, unique_name, with_decompressed, FileLock,
 };
 use crate::{ext4, ImageError, ImageInfo};
 
@@ -23,7 +23,7 @@ struct TagRecord {
     /// Digests of the manifest (OCI), config and layer blobs of this image.
     #[serde(default)]
     blobs: Vec<String>,
-    /// `oci` or `docker-save` (later: `registry`).
+    /// `oci`, `docker-save` or `registry`.
     #[serde(default)]
     source: Option<String>,
 }
@@ -37,8 +37,19 @@ pub struct ImageStore {
     pub(crate) force_unprivileged: bool,
 }
 
-/// Removes an import's private temp directory however the import ends.
-struct TempDir(PathBuf);
+/// Removes an import's or pull's private temp directory however it ends.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    /// Create the directory, private to this user.
+    pub(crate) fn create(path: PathBuf) -> Result<TempDir, ImageError> {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| ImageError::io(format!("creating {}", path.display()), e))?;
+        Ok(TempDir(path))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -117,7 +128,7 @@ impl ImageStore {
         &self.root
     }
 
-    fn tmp(&self) -> PathBuf {
+    pub(crate) fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
@@ -127,18 +138,18 @@ impl ImageStore {
             .join(format!("{}.json", escape_tag(normalized)))
     }
 
-    fn rootfs_path(&self, config_digest: &str) -> Result<PathBuf, ImageError> {
+    pub(crate) fn rootfs_path(&self, config_digest: &str) -> Result<PathBuf, ImageError> {
         Ok(self
             .root
             .join("rootfs")
             .join(format!("{}.ext4", digest_hex(config_digest)?)))
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
     }
 
-    fn lock(&self) -> Result<FileLock, ImageError> {
+    pub(crate) fn lock(&self) -> Result<FileLock, ImageError> {
         FileLock::exclusive(&self.root.join("lock"))
     }
 
@@ -149,11 +160,7 @@ impl ImageStore {
     pub fn import(&self, name: &str, reader: impl Read) -> Result<ImageInfo, ImageError> {
         let normalized = normalize_reference(name)?;
         self.sweep_tmp();
-        let work = TempDir(self.tmp().join(unique_name("import")));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&work.0)
-            .map_err(|e| ImageError::io(format!("creating {}", work.0.display()), e))?;
+        let work = TempDir::create(self.tmp().join(unique_name("import")))?;
 
         let spool = archive::spool(reader, &work.0.join("spool"))?;
         let plan = archive::plan(&spool, &normalized)?;
@@ -162,7 +169,8 @@ impl ImageStore {
         let mut built: Option<PathBuf> = None;
         loop {
             if built.is_none() && !rootfs.exists() {
-                built = Some(self.build_rootfs(&plan, &work.0)?);
+                let layers = plan.layers.iter().cloned().map(Ok);
+                built = Some(self.build_rootfs(layers, &work.0)?);
             }
             let _lock = self.lock()?;
             if !rootfs.exists() {
@@ -179,7 +187,7 @@ impl ImageStore {
     }
 
     /// Under the store lock: move blobs into place, write the tag, collect garbage of the old tag.
-    fn commit(
+    pub(crate) fn commit(
         &self,
         normalized: &str,
         plan: &ImagePlan,
@@ -229,9 +237,15 @@ impl ImageStore {
         Ok(info)
     }
 
-    /// Apply the layers into a staging tree and build the ext4; returns the finished image file
-    /// inside `work`. The staging tree is deleted before returning, on success or failure.
-    fn build_rootfs(&self, plan: &ImagePlan, work: &Path) -> Result<PathBuf, ImageError> {
+    /// Apply the layers, in order, into a staging tree and build the ext4; returns the finished
+    /// image file inside `work`. `layers` may block until the next layer is available (pulls
+    /// feed it from concurrent downloads) and ends early with an error when one fails. The
+    /// staging tree is deleted before returning, on success or failure.
+    pub(crate) fn build_rootfs(
+        &self,
+        layers: impl Iterator<Item = Result<LayerSource, ImageError>>,
+        work: &Path,
+    ) -> Result<PathBuf, ImageError> {
         let privileged = euid() == 0 && !self.force_unprivileged;
         let staging_dir = work.join("rootfs");
         let scratch = work.join("scratch");
@@ -241,23 +255,24 @@ impl ImageStore {
             .map_err(|e| ImageError::io(format!("creating {}", scratch.display()), e))?;
         let _cleanup = TempDir(staging_dir.clone());
         let mut staging = Staging::new(staging_dir, privileged)?;
-        for (i, layer) in plan.layers.iter().enumerate() {
+        for (i, layer) in layers.enumerate() {
+            let layer = layer?;
             let n = i + 1;
             let file = fs::File::open(&layer.file)
                 .map_err(|e| ImageError::io(format!("opening layer {n}"), e))?;
-            let mut hashing = HashingReader::new(
-                decompress(file)
-                    .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?,
-            );
-            staging.apply_layer(n, &mut hashing)?;
-            let (diff_id, _) = hashing
-                .finish()
-                .map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?;
+            let (applied, hashed) =
+                with_decompressed(file, |reader| staging.apply_layer(n, reader));
+            // A decompression error is the real cause of a tar error that follows from it.
+            let (diff_id, _) =
+                hashed.map_err(|e| ImageError::io(format!("decompressing layer {n}"), e))?;
+            applied?;
             if diff_id != layer.diff_id {
                 return Err(ImageError::DigestMismatch {
                     what: format!("layer {n}"),
                     expected: layer.diff_id.clone(),
                     actual: diff_id,
+                    remedy: "the image is corrupt where it came from; re-export or re-push it"
+                        .into(),
                 });
             }
         }
@@ -354,10 +369,13 @@ impl ImageStore {
         self.collect_garbage(&record)
     }
 
-    /// Delete temp entries left by processes that died mid-import (their pid is in the name).
-    fn sweep_tmp(&self) {
+    /// Delete temp entries left by processes that died mid-import or mid-pull (their pid is in
+    /// the name); returns how many were removed. Partial downloads (`blob-*.partial`) carry no
+    /// pid: they are kept for the next pull to resume, and only `gc` removes them.
+    pub(crate) fn sweep_tmp(&self) -> usize {
+        let mut removed = 0;
         let Ok(listing) = fs::read_dir(self.tmp()) else {
-            return;
+            return removed;
         };
         for entry in listing.flatten() {
             let name = entry.file_name();
@@ -365,17 +383,100 @@ impl ImageStore {
             let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            if !(name.starts_with("import-") || name.starts_with("write-")) || pid_alive(pid) {
+            let ours = ["import-", "pull-", "write-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if !ours || pid_alive(pid) {
                 continue;
             }
             let path = entry.path();
-            let _ = if path.is_dir() {
+            let res = if path.is_dir() {
                 fs::remove_dir_all(&path)
             } else {
                 fs::remove_file(&path)
             };
+            removed += usize::from(res.is_ok());
         }
+        removed
     }
+
+    /// Remove what no tag references: root file systems, blobs, partial downloads, and temp
+    /// entries of dead processes. Blobs and partial downloads are only collected when no pull is
+    /// running (a pull's blobs are untagged until it finishes); the report says when they were
+    /// skipped. Running sandboxes are unaffected: they hold their rootfs open.
+    pub fn gc(&self) -> Result<GcReport, ImageError> {
+        let _lock = self.lock()?;
+        let mut report = GcReport::default();
+        let records = self.records()?;
+        let used_rootfs: HashSet<&PathBuf> = records.iter().map(|r| &r.info.rootfs).collect();
+        let used_blobs: HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.blobs.iter().map(String::as_str))
+            .collect();
+        let remove = |path: &Path, report: &mut GcReport| {
+            let size = fs::symlink_metadata(path).map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(path).is_ok() {
+                report.bytes += size;
+                true
+            } else {
+                false
+            }
+        };
+        for entry in list_dir(&self.root.join("rootfs"))? {
+            if !used_rootfs.contains(&entry) && remove(&entry, &mut report) {
+                report.rootfs += 1;
+            }
+        }
+        match FileLock::try_exclusive(&self.root.join("pulls.lock"))? {
+            Some(_no_pulls) => {
+                for entry in list_dir(&self.root.join("blobs/sha256"))? {
+                    let name = entry.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let digest = format!("sha256:{}", name.unwrap_or_default());
+                    if !used_blobs.contains(digest.as_str()) && remove(&entry, &mut report) {
+                        report.blobs += 1;
+                    }
+                }
+                for entry in list_dir(&self.tmp())? {
+                    let partial = entry
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().ends_with(".partial"));
+                    if partial && remove(&entry, &mut report) {
+                        report.tmp += 1;
+                    }
+                }
+            }
+            None => report.pull_in_progress = true,
+        }
+        report.tmp += self.sweep_tmp();
+        Ok(report)
+    }
+}
+
+/// What [`ImageStore::gc`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Unreferenced blobs deleted.
+    pub blobs: usize,
+    /// Unreferenced root file systems deleted.
+    pub rootfs: usize,
+    /// Partial downloads and temp entries of dead processes deleted.
+    pub tmp: usize,
+    /// Bytes freed by the deleted files (temp directories not counted).
+    pub bytes: u64,
+    /// True when a pull was running, so blobs and partial downloads were left alone.
+    pub pull_in_progress: bool,
+}
+
+/// The entries of a directory, as full paths.
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let listing =
+        fs::read_dir(dir).map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        out.push(entry.path());
+    }
+    Ok(out)
 }
 
 /// The "not in the local store" error for `input`, which normalised to `normalized`.

@@ -10,6 +10,8 @@ use tar::{EntryType, Header};
 
 use crate::*;
 
+mod registry;
+
 // ---------------------------------------------------------------------------------------------
 // Tarball builders
 
@@ -441,7 +443,7 @@ fn not_found_message_is_actionable() {
     let err = s.resolve("busybox").unwrap_err();
     assert_eq!(
         err.to_string(),
-        "image \"busybox:latest\" is not in the local store; import it with 'matchlock image import busybox < image.tar'"
+        "image \"busybox:latest\" is not in the local store; pull it with 'matchlock pull busybox' or import it with 'matchlock image import busybox < image.tar'"
     );
     assert!(matches!(
         s.remove("busybox"),
@@ -643,6 +645,25 @@ fn assert_rejected(layers: &[Vec<u8>], needle: &str) {
             .next()
             .is_none());
     }
+}
+
+#[test]
+fn blank_numeric_header_fields_read_as_zero() {
+    // Writers that never set uid/gid/mtime leave those fields blank; Go's archive/tar (and so
+    // Docker) reads them as 0, and so must we.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_data(&mut h, "blank", &b"abc"[..]).unwrap();
+    let l = b.into_inner().unwrap();
+    let (_d, s) = store();
+    let info = s
+        .import("blank", oci_tar(&[l], Comp::Gzip, sh_run()).as_slice())
+        .unwrap();
+    let st = stat(&info.rootfs, "/blank").unwrap();
+    assert_eq!((st.uid, st.gid, st.mode), (0, 0, 0o644));
+    assert_eq!(cat(&info.rootfs, "/blank"), "abc");
 }
 
 #[test]

@@ -162,7 +162,17 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>, kind: Kind) -> io::Result<
     // A hardlink's own owner/mode fields are ignored (the inode is shared), and some writers
     // leave them blank, so do not fail on them there.
     let lenient = hdr.entry_type() == tar::EntryType::Link;
-    let num = |v: io::Result<u64>| if lenient { Ok(v.unwrap_or(0)) } else { v };
+    let num = |v: io::Result<u64>, raw: &[u8]| {
+        // A field of only NULs/spaces reads as 0, as in Go's archive/tar (what Docker and most
+        // registries' images were written with); the tar crate rejects it.
+        let blank = raw.iter().all(|&b| b == 0 || b == b' ');
+        if lenient || blank {
+            Ok(v.unwrap_or(0))
+        } else {
+            v
+        }
+    };
+    let old = hdr.as_old();
     let mut meta = Meta {
         kind,
         mode: (if lenient {
@@ -170,9 +180,9 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>, kind: Kind) -> io::Result<
         } else {
             hdr.mode()?
         }) & 0o7777,
-        uid: to_u32(num(hdr.uid())?, "uid")?,
-        gid: to_u32(num(hdr.gid())?, "gid")?,
-        mtime: i64::try_from(num(hdr.mtime())?).unwrap_or(0),
+        uid: to_u32(num(hdr.uid(), &old.uid)?, "uid")?,
+        gid: to_u32(num(hdr.gid(), &old.gid)?, "gid")?,
+        mtime: i64::try_from(num(hdr.mtime(), &old.mtime)?).unwrap_or(0),
         mtime_nsec: 0,
         materialized: true,
         xattrs: Vec::new(),

@@ -122,6 +122,32 @@ pub(crate) struct FileLock {
 
 impl FileLock {
     pub(crate) fn exclusive(path: &Path) -> Result<FileLock, ImageError> {
+        // Without LOCK_NB flock blocks instead of failing with EWOULDBLOCK, so this is Some.
+        Self::take(path, libc::LOCK_EX)?.ok_or_else(|| {
+            ImageError::io(
+                format!("locking {}", path.display()),
+                io::ErrorKind::WouldBlock.into(),
+            )
+        })
+    }
+
+    /// A shared lock (blocking): many holders at once, none while someone holds it exclusively.
+    pub(crate) fn shared(path: &Path) -> Result<FileLock, ImageError> {
+        // Without LOCK_NB flock blocks instead of failing with EWOULDBLOCK, so this is Some.
+        Self::take(path, libc::LOCK_SH)?.ok_or_else(|| {
+            ImageError::io(
+                format!("locking {}", path.display()),
+                io::ErrorKind::WouldBlock.into(),
+            )
+        })
+    }
+
+    /// An exclusive lock if nobody holds the file locked now, else `None`.
+    pub(crate) fn try_exclusive(path: &Path) -> Result<Option<FileLock>, ImageError> {
+        Self::take(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn take(path: &Path, op: libc::c_int) -> Result<Option<FileLock>, ImageError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -130,11 +156,14 @@ impl FileLock {
             .map_err(|e| ImageError::io(format!("opening lock file {}", path.display()), e))?;
         loop {
             // SAFETY: flock on a valid, owned descriptor.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
             if rc == 0 {
-                return Ok(FileLock { _file: file });
+                return Ok(Some(FileLock { _file: file }));
             }
             let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Ok(None);
+            }
             if err.kind() != io::ErrorKind::Interrupted {
                 return Err(ImageError::io(format!("locking {}", path.display()), err));
             }
@@ -200,4 +229,90 @@ pub(crate) fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, 
         )));
     }
     Ok(out)
+}
+
+/// `sha256:<hex>` and length of a file's contents.
+pub(crate) fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
+    let file = File::open(path)?;
+    HashingReader::new(BufReader::with_capacity(1 << 20, file)).finish()
+}
+
+/// Size of the chunks handed from the decompressing thread to the consumer.
+const PIPE_CHUNK: usize = 256 * 1024;
+/// Chunks in flight: 2 MiB of slack lets both threads run without waiting on each other.
+const PIPE_DEPTH: usize = 8;
+
+/// Feeds the decompressed (gzip/zstd/plain, sniffed) contents of `input` to `consume`, while
+/// another thread does the decompression and the sha256 of the decompressed stream: untarring
+/// and decompressing then use two cores, like `tar -xz` with its gzip child. Returns what
+/// `consume` returned and `(sha256:<hex>, length)` of the whole decompressed stream (read to the
+/// end even when `consume` stops early, so the digest always covers everything).
+pub(crate) fn with_decompressed<T>(
+    input: impl Read + Send,
+    consume: impl FnOnce(&mut dyn Read) -> T,
+) -> (T, io::Result<(String, u64)>) {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+        let producer = scope.spawn(move || -> io::Result<(String, u64)> {
+            let mut hashing = HashingReader::new(decompress(input)?);
+            let mut listening = true;
+            loop {
+                let mut buf = vec![0u8; PIPE_CHUNK];
+                let n = match hashing.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let copy = io::Error::new(e.kind(), e.to_string());
+                        if listening {
+                            let _ = tx.send(Err(copy));
+                        }
+                        return Err(e);
+                    }
+                };
+                buf.truncate(n);
+                // The consumer may stop before the end (tar's end marker, or an error); keep
+                // hashing the rest anyway.
+                listening = listening && tx.send(Ok(buf)).is_ok();
+            }
+            hashing.finish()
+        });
+        let mut reader = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let out = consume(&mut reader);
+        drop(reader);
+        let digest = producer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
+        (out, digest)
+    })
+}
+
+/// The receiving end of [`with_decompressed`]'s pipe.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.buf = chunk?;
+                    self.pos = 0;
+                }
+                // The producer hung up: end of stream (its error, if any, was sent first).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
