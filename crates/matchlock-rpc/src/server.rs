@@ -432,8 +432,14 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
         tokio::task::spawn_blocking(move || -> Result<(String, Option<Vec<String>>), RpcError> {
             let images = matchlock_image::ImageStore::open_default()
                 .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+            // Pulled when missing, as `run` does; progress goes to stderr, never to the protocol.
             let image = images
-                .resolve(&plan.params.image)
+                .ensure(
+                    &plan.params.image,
+                    matchlock_image::PullPolicy::Missing,
+                    &matchlock_image::PullOptions::from_env(),
+                    &matchlock_image::StderrProgress::new(),
+                )
                 .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
             let (config, launch) = api::sandbox_config(&plan, &image)?;
             matchlock_sandbox::volume::check_conflicts(&store, &config.disks)
