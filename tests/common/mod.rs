@@ -18,6 +18,34 @@ pub const BUSYBOX: &str = "mltest/busybox:1";
 /// WORKDIR /home/app.
 pub const ENTRY: &str = "mltest/entry:1";
 
+/// Busybox plus the host's python3 and its standard library (`scripts/make-python-image`).
+pub const PYTHON: &str = "mltest/python:1";
+
+/// Imports the python test image once per test binary and returns its name.
+pub fn python_image() -> &'static str {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let work = tempfile::tempdir().expect("temp dir");
+        let tar = work.path().join("python.tar");
+        let st = Command::new(repo_root().join("scripts/make-python-image"))
+            .arg(&tar)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run scripts/make-python-image");
+        assert!(st.success(), "scripts/make-python-image failed");
+        let out = ml(&["image", "import", PYTHON])
+            .stdin(std::fs::File::open(&tar).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "image import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    PYTHON
+}
+
 struct Env {
     home: tempfile::TempDir,
 }

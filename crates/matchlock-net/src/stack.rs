@@ -165,7 +165,9 @@ impl Drop for TcpFlow {
 }
 
 struct UdpFlow {
-    sock: Arc<UdpSocket>,
+    /// A plain non-blocking handle for sending: tokio's `try_send` reports "would block" until the
+    /// reactor has seen the socket once, which would drop a flow's first datagram.
+    sock: std::net::UdpSocket,
     last_active: Instant,
     task: JoinHandle<()>,
 }
@@ -614,7 +616,7 @@ impl Stack {
         let key = (src, dst);
         if let Some(flow) = self.udp.get_mut(&key) {
             flow.last_active = Instant::now();
-            let _ = flow.sock.try_send(&data);
+            let _ = flow.sock.send(&data);
             return;
         }
         if self.udp.len() >= self.cfg.limits.max_udp {
@@ -625,17 +627,14 @@ impl Stack {
         } else {
             "[::]:0"
         };
-        let sock = match std::net::UdpSocket::bind(bind)
+        let socks = std::net::UdpSocket::bind(bind)
             .and_then(|s| s.connect(real).map(|_| s))
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
-            .and_then(UdpSocket::from_std)
-        {
-            Ok(s) => Arc::new(s),
-            Err(_) => return,
-        };
-        let _ = sock.try_send(&data);
+            .and_then(|s| Ok((s.try_clone()?, s)))
+            .and_then(|(send, recv)| Ok((send, UdpSocket::from_std(recv)?)));
+        let Ok((sock, rsock)) = socks else { return };
+        let _ = sock.send(&data);
         let events = self.events.clone();
-        let rsock = sock.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok(n) = rsock.recv(&mut buf).await {
