@@ -3,6 +3,7 @@
 //! ```text
 //! matchlock-bench [--matchlock PATH] [--image NAME] [--boots N] [--execs N]
 //! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
+//! matchlock-bench --net MB [--runs N] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -16,9 +17,12 @@
 //!    the same sandbox.
 //! 4. `--pull` (instead of 1 to 3): pull + convert of a multi-layer image from a local registry
 //!    against skopeo + tar + mke2fs; see `pull.rs`.
+//! 5. `--net MB` (instead of 1 to 3): guest download throughput and connect latency from a
+//!    loopback server through matchlock's stack against QEMU's user networking; see `net.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
+mod net;
 mod pull;
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +42,8 @@ struct Args {
     layer_dirs: Vec<std::path::PathBuf>,
     rpc_starts: usize,
     rpc_execs: usize,
+    net_mb: u64,
+    net_image: String,
 }
 
 fn parse_args() -> Result<Args> {
@@ -54,6 +60,8 @@ fn parse_args() -> Result<Args> {
         layer_dirs: Vec::new(),
         rpc_starts: 0,
         rpc_execs: 200,
+        net_mb: 0,
+        net_image: "mltest/python:1".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,6 +76,8 @@ fn parse_args() -> Result<Args> {
             "--layer-dir" => a.layer_dirs.push(val()?.into()),
             "--rpc-starts" => a.rpc_starts = val()?.parse()?,
             "--rpc-execs" => a.rpc_execs = val()?.parse()?,
+            "--net" => a.net_mb = val()?.parse()?,
+            "--net-image" => a.net_image = val()?,
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
             ),
@@ -89,6 +99,9 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     if args.pull {
         return pull::bench(args.runs, &args.layer_dirs);
+    }
+    if args.net_mb > 0 {
+        return net::bench(&args.matchlock, &args.net_image, args.net_mb, args.runs);
     }
     let qemu = matchlock_vmm::qemu::locate_qemu()?;
     let kernel = matchlock_vmm::kernel::locate()?;

@@ -661,11 +661,17 @@ impl Stack {
     /// finished or idle flows.
     fn turn(&mut self) {
         self.pump();
-        let now = self.now();
-        self.iface.poll(now, &mut self.dev, &mut self.sockets);
-        self.pump();
-        let now = self.now();
-        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        // smoltcp emits at most one segment per socket per poll: keep polling (and refilling the
+        // sockets) while that produces frames, up to a bound so other work is not starved.
+        for _ in 0..1024 {
+            let before = self.dev.tx.len();
+            let now = self.now();
+            self.iface.poll(now, &mut self.dev, &mut self.sockets);
+            self.pump();
+            if self.dev.tx.len() == before && self.dev.rx.is_empty() {
+                break;
+            }
+        }
         self.retire();
     }
 

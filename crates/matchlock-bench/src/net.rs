@@ -1,0 +1,294 @@
+//! `--net MB`: guest download throughput and TCP connection-setup latency from a loopback server,
+//! through matchlock's userspace stack against QEMU's built-in user networking (slirp, `-netdev
+//! user`), same kernel, same agent, same image, measured in the same run.
+//!
+//! The slirp VM is booted here directly (QEMU + the agent protocol), since matchlock itself never
+//! uses slirp: its NIC always goes through the policy-enforcing stack.
+
+use anyhow::{bail, Context, Result};
+use matchlock_proto::mux::{Mux, Role};
+use matchlock_proto::{read_msg, write_msg, ExecRequest, GuestNet, Msg, Setup, HELLO};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// The guest side: one download of `bytes`, then `conns` sequential connects, as JSON-ish lines.
+fn guest_script(host: &str, port: u16, bytes: u64, conns: u32) -> String {
+    format!(
+        r#"
+import socket, time
+s = socket.create_connection(("{host}", {port}))
+s.sendall(b"D")
+left = {bytes}
+while left > 0:
+    d = s.recv(1 << 20)
+    if not d: break
+    left -= len(d)
+s.close()
+lat = []
+for i in range({conns}):
+    t = time.perf_counter()
+    c = socket.create_connection(("{host}", {port}))
+    c.sendall(b"P"); c.recv(1)
+    lat.append(time.perf_counter() - t)
+    c.close()
+lat.sort()
+print("left", left, "p50_ms", lat[len(lat) // 2] * 1000)
+"#
+    )
+}
+
+/// A loopback server: "D" gets `bytes` bytes (download time measured here, from the request to
+/// the client's close), "P" gets one byte (a connect probe).
+fn server(bytes: u64) -> Result<(u16, Arc<AtomicU64>)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    let download_us = Arc::new(AtomicU64::new(0));
+    let d2 = download_us.clone();
+    std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 1 << 20];
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let d2 = d2.clone();
+            let chunk = chunk.clone();
+            std::thread::spawn(move || {
+                let mut kind = [0u8; 1];
+                if c.read_exact(&mut kind).is_err() {
+                    return;
+                }
+                if kind[0] == b'P' {
+                    let _ = c.write_all(b"p");
+                    return;
+                }
+                let start = Instant::now();
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if c.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                // Done when the guest has read everything and closed.
+                let mut sink = [0u8; 16];
+                let _ = c.read(&mut sink);
+                d2.store(start.elapsed().as_micros() as u64, Ordering::SeqCst);
+            });
+        }
+    });
+    Ok((port, download_us))
+}
+
+fn parse_guest(out: &str) -> Result<f64> {
+    let words: Vec<&str> = out.split_whitespace().collect();
+    if words.first() != Some(&"left") || words.get(1) != Some(&"0") {
+        bail!("guest download incomplete: {out:?}");
+    }
+    Ok(words
+        .get(3)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN))
+}
+
+/// Through matchlock: `run` with the loopback server mapped by `--add-host`.
+fn via_matchlock(matchlock: &str, image: &str, bytes: u64, conns: u32) -> Result<(f64, f64)> {
+    let (port, download_us) = server(bytes)?;
+    let script = guest_script("up", port, bytes, conns);
+    let out = Command::new(matchlock)
+        .args([
+            "run",
+            "--image",
+            image,
+            "--add-host",
+            "up:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .context("running matchlock")?;
+    if !out.status.success() {
+        bail!(
+            "matchlock run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let p50 = parse_guest(&String::from_utf8_lossy(&out.stdout))?;
+    let us = download_us.load(Ordering::SeqCst) as f64;
+    Ok((bytes as f64 / (us / 1e6) / 1e6, p50))
+}
+
+/// Through slirp: a VM booted here with `-netdev user` (the host's loopback is 10.0.2.2).
+fn via_slirp(rootfs: &Path, bytes: u64, conns: u32) -> Result<(f64, f64)> {
+    let (port, download_us) = server(bytes)?;
+    let dir = tempfile::Builder::new().prefix("mlbn").tempdir_in("/tmp")?;
+    let upper = dir.path().join("upper.ext4");
+    std::fs::File::create(&upper)?.set_len(512 << 20)?;
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&upper)
+        .status()?;
+    if !st.success() {
+        bail!("mkfs.ext4 failed");
+    }
+    let qemu = matchlock_vmm::qemu::locate_qemu()?;
+    let kernel = matchlock_vmm::kernel::locate()?;
+    let initramfs = matchlock_vmm::initramfs::cached(&matchlock_vmm::agent::locate()?)?;
+    let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?.accel;
+    let agent_sock = dir.path().join("agent.sock");
+    let console_sock = dir.path().join("console.sock");
+    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock)?;
+    let console_l = std::os::unix::net::UnixListener::bind(&console_sock)?;
+    let spec = matchlock_vmm::qemu::VmSpec {
+        qemu,
+        kernel,
+        initramfs,
+        accel,
+        vcpus: 1,
+        memory_mb: 512,
+        disks: vec![
+            matchlock_vmm::qemu::Disk {
+                path: rootfs.to_path_buf(),
+                serial: "ml-root".into(),
+                read_only: true,
+            },
+            matchlock_vmm::qemu::Disk {
+                path: upper,
+                serial: "ml-upper".into(),
+                read_only: false,
+            },
+        ],
+        agent_socket: agent_sock,
+        console_socket: console_sock,
+        extra_cmdline: Vec::new(),
+        net: None,
+    };
+    let mut cmd = spec.command();
+    cmd.args([
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-device,netdev=n0",
+    ]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().context("starting QEMU")?;
+    std::thread::spawn(move || {
+        if let Ok((mut c, _)) = console_l.accept() {
+            let mut buf = [0u8; 4096];
+            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    let result = rt.block_on(async {
+        agent_l.set_nonblocking(true)?;
+        let l = tokio::net::UnixListener::from_std(agent_l)?;
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(90), l.accept()).await??;
+        let mut hello = [0u8; 8];
+        conn.read_exact(&mut hello).await?;
+        if &hello != HELLO {
+            bail!("unexpected agent hello");
+        }
+        let (mux, _inbound, _driver) = Mux::start(conn, Role::Client);
+        let mut s = mux.open().await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        let setup = Setup {
+            hostname: "slirp".into(),
+            root_serial: "ml-root".into(),
+            upper_serial: Some("ml-upper".into()),
+            time_unix_ms: now_ms,
+            net: Some(GuestNet {
+                address: [10, 0, 2, 15],
+                prefix: 24,
+                gateway: [10, 0, 2, 2],
+                mtu: 1500,
+            }),
+            ..Default::default()
+        };
+        write_msg(&mut s, &Msg::Setup(setup)).await?;
+        match read_msg(&mut s).await? {
+            Some(Msg::Ok) => {}
+            other => bail!("guest setup failed: {other:?}"),
+        }
+        let mut s = mux.open().await?;
+        let req = ExecRequest {
+            argv: vec![
+                "python3".into(),
+                "-c".into(),
+                guest_script("10.0.2.2", port, bytes, conns),
+            ],
+            env: vec![("PATH".into(), matchlock_image::DEFAULT_PATH.into())],
+            cwd: Some("/".into()),
+            ..Default::default()
+        };
+        write_msg(&mut s, &Msg::Exec(req)).await?;
+        let mut out = Vec::new();
+        loop {
+            match read_msg(&mut s).await? {
+                Some(Msg::Stdout(d)) | Some(Msg::Stderr(d)) => out.extend_from_slice(&d),
+                Some(Msg::Exited(st)) if st.code == 0 => break,
+                Some(Msg::Exited(st)) => bail!(
+                    "guest script exited {}: {}",
+                    st.code,
+                    String::from_utf8_lossy(&out)
+                ),
+                Some(_) => {}
+                None => bail!("agent closed the stream"),
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let p50 = parse_guest(&result?)?;
+    let us = download_us.load(Ordering::SeqCst) as f64;
+    Ok((bytes as f64 / (us / 1e6) / 1e6, p50))
+}
+
+/// Runs `runs` interleaved rounds of both and prints medians and ratios.
+pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
+    let store = matchlock_image::ImageStore::open_default()?;
+    let info = store.resolve(image).with_context(|| {
+        format!("--net needs an image with python3 ({image}); build one with scripts/make-python-image and import it")
+    })?;
+    let bytes = mb << 20;
+    let conns = 200;
+    let (mut ours, mut slirp) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        ours.push(via_matchlock(matchlock, image, bytes, conns)?);
+        slirp.push(via_slirp(&info.rootfs, bytes, conns)?);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (mut ot, mut oc): (Vec<f64>, Vec<f64>) = ours.into_iter().unzip();
+    let (mut st, mut sc): (Vec<f64>, Vec<f64>) = slirp.into_iter().unzip();
+    let (ot, oc, st, sc) = (
+        median(&mut ot),
+        median(&mut oc),
+        median(&mut st),
+        median(&mut sc),
+    );
+    println!("\n## guest network: {mb} MB download and {conns} connects from a loopback server ({runs} runs each, medians)");
+    println!("QEMU user networking (slirp, baseline): {st:8.1} MB/s  connect p50 {sc:6.2} ms");
+    println!("matchlock stack:                        {ot:8.1} MB/s  connect p50 {oc:6.2} ms");
+    println!(
+        "throughput ratio {:.2}x, connect latency ratio {:.2}x",
+        ot / st,
+        oc / sc
+    );
+    Ok(())
+}
