@@ -427,7 +427,17 @@ impl ImageStore {
                 report.rootfs += 1;
             }
         }
-        match FileLock::try_exclusive(&self.root.join("pulls.lock"))? {
+        // A process that forks (any thread spawning a child) briefly shares every open lock file
+        // until the child execs, so one failed attempt does not yet mean a pull is running.
+        let mut no_pulls = None;
+        for _ in 0..10 {
+            no_pulls = FileLock::try_exclusive(&self.root.join("pulls.lock"))?;
+            if no_pulls.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        match no_pulls {
             Some(_no_pulls) => {
                 for entry in list_dir(&self.root.join("blobs/sha256"))? {
                     let name = entry.file_name().map(|n| n.to_string_lossy().into_owned());
