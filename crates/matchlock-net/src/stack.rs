@@ -192,7 +192,12 @@ struct Stack {
     epoch: Instant,
     /// Refusals logged so far (the log is capped so a scanning guest cannot flood it).
     refusals_logged: u32,
+    /// DNS queries being answered at once.
+    dns_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// DNS queries in flight per sandbox.
+const MAX_DNS_IN_FLIGHT: usize = 64;
 
 /// Refusals written to the supervisor log before it goes quiet.
 const MAX_REFUSAL_LOGS: u32 = 200;
@@ -311,6 +316,7 @@ impl Stack {
             wake: Arc::new(Notify::new()),
             epoch,
             refusals_logged: 0,
+            dns_slots: Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT)),
         }
     }
 
@@ -596,9 +602,14 @@ impl Stack {
     ) {
         if *dst.ip() == self.cfg.gateway_ip {
             if dst.port() == 53 {
+                // Bounded: a guest flooding queries gets drops, not thousands of host sockets.
+                let Ok(permit) = self.dns_slots.clone().try_acquire_owned() else {
+                    return;
+                };
                 let dns = self.cfg.dns.clone();
                 let events = self.events.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Some(answer) = dns.answer(&data).await {
                         let _ = events.send(Event::Udp(dst, src, answer)).await;
                     }
