@@ -91,11 +91,15 @@ async fn terminal_launch_log_forwards_and_errors() {
         client.create(&Sandbox::new("")).await,
         Err(Error::Invalid(_))
     ));
+    // A registry on a closed loopback port: the pull fails without leaving the machine.
     let e = client
-        .create(&Sandbox::new("no/such:image"))
+        .create(&Sandbox::new("127.0.0.1:9/no/such:image"))
         .await
         .unwrap_err();
-    assert!(e.is_vm_error() && e.to_string().contains("no/such"), "{e}");
+    assert!(
+        e.is_vm_error() && e.to_string().contains("127.0.0.1:9"),
+        "{e}"
+    );
 
     let sandbox = Sandbox::new(IMAGE)
         .with_entrypoint(["sh", "-c", "echo launched; exec nc -ll -p 7000 -e cat"])
