@@ -353,13 +353,6 @@ fn network_config(net: Option<&Network>) -> Option<matchlock_sandbox::NetworkCon
     })
 }
 
-/// A random placeholder for a secret, shaped like Matchlock's so tools that sniff for
-/// `SANDBOX_SECRET_` keep working.
-fn placeholder() -> String {
-    let bytes: [u8; 16] = rand::random();
-    format!("SANDBOX_SECRET_{}", hex::encode(bytes))
-}
-
 /// The sandbox configuration for `plan` on `image`, plus the command `launch_entrypoint` runs
 /// (`None` when not asked for or the image has none).
 pub fn sandbox_config(
@@ -393,7 +386,7 @@ pub fn sandbox_config(
     if let Some(n) = net {
         for (name, s) in &n.secrets {
             let ph = if s.placeholder.is_empty() {
-                placeholder()
+                matchlock_intercept::secrets::placeholder()
             } else {
                 s.placeholder.clone()
             };

@@ -1,0 +1,9 @@
+//! The policy half of Matchlock's network interception, independent of any socket: which hosts a
+//! sandbox may reach ([`hosts`]), what a TCP flow speaks ([`classify`]), the per-sandbox MITM
+//! certificate authority ([`ca`]) and how secrets are substituted and kept out of the guest
+//! ([`secrets`]). The network stack (`matchlock-net`) applies these to live flows.
+
+pub mod ca;
+pub mod classify;
+pub mod hosts;
+pub mod secrets;
