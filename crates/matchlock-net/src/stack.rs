@@ -512,6 +512,10 @@ impl Stack {
                 }
             }
             Event::Udp(from, to, data) => {
+                // Replies keep a flow alive too (a download over UDP sends little upstream).
+                if let Some(flow) = self.udp.get_mut(&(to, from)) {
+                    flow.last_active = Instant::now();
+                }
                 if data.len() + 28 <= self.cfg.mtu as usize {
                     let f = frames::udp(self.link, from, to, &data);
                     self.send_frame(f);
