@@ -275,6 +275,12 @@ pub struct RunArgs {
     /// No network interface at all.
     #[arg(long = "no-network")]
     pub no_network: bool,
+    /// Interception mode: only HTTP(S) to these hosts leaves (globs: *.example.com, api-*.x.com).
+    #[arg(long = "allow-host", value_name = "HOST", value_delimiter = ',')]
+    pub allow_host: Vec<String>,
+    /// Interception mode even without --allow-host (then nothing is allowed).
+    #[arg(long = "network-intercept")]
+    pub network_intercept: bool,
     /// Let the sandbox reach this private/loopback address (blocked by default).
     #[arg(long = "allow-private-host", value_name = "IP")]
     pub allow_private_host: Vec<String>,

@@ -105,8 +105,15 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if !publish.is_empty() && args.detach {
         bail!("--publish needs an attached run (the forwards live in the 'run' process); with -d use 'matchlock port-forward ID PORT'");
     }
-    let user_env = parse_env(&args.process)?;
+    let mut user_env = parse_env(&args.process)?;
     let network = network_config(&args)?;
+    if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
+        // TLS clients in the guest trust the sandbox CA through the bundle it is appended to;
+        // the user's own -e settings still win.
+        let mut env = matchlock_sandbox::config::ca_env();
+        env.append(&mut user_env);
+        user_env = env;
+    }
 
     let images = matchlock_image::ImageStore::open_default()?;
     let policy = match args.pull {
@@ -395,11 +402,26 @@ pub async fn attach(
 /// The network from `--no-network`, `--allow-private-host`, `--dns-servers` and `--mtu`.
 fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkConfig>> {
     if args.no_network {
-        if !args.allow_private_host.is_empty() || !args.dns_servers.is_empty() {
-            bail!("--no-network cannot be combined with --allow-private-host or --dns-servers");
+        if !args.allow_private_host.is_empty()
+            || !args.dns_servers.is_empty()
+            || !args.allow_host.is_empty()
+            || args.network_intercept
+        {
+            bail!("--no-network cannot be combined with --allow-host, --network-intercept, --allow-private-host or --dns-servers");
         }
         return Ok(None);
     }
+    let intercept = if args.network_intercept || !args.allow_host.is_empty() {
+        for h in &args.allow_host {
+            matchlock_intercept::hosts::HostPattern::parse(h)
+                .map_err(|e| anyhow!("--allow-host: {e}"))?;
+        }
+        Some(matchlock_sandbox::InterceptConfig {
+            allowed_hosts: args.allow_host.clone(),
+        })
+    } else {
+        None
+    };
     validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
     for a in &args.allow_private_host {
         a.parse::<std::net::IpAddr>()
@@ -413,6 +435,7 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
         dns_servers: args.dns_servers.clone(),
         allow_private_hosts: args.allow_private_host.clone(),
         allow_private_ranges: false,
+        intercept,
     }))
 }
 

@@ -182,3 +182,43 @@ mod tests {
         assert!(HostPattern::parse("bad host").is_err());
     }
 }
+
+/// What the guest was told each name resolves to (its guest-visible addresses), so a connection
+/// can be checked against the name it claims in its Host header or SNI: a guest cannot resolve an
+/// allowed name and then send traffic for it to an address of its choosing.
+#[derive(Debug, Default)]
+pub struct NameTable {
+    names: std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::IpAddr>>>,
+}
+
+/// Names remembered at most; the table is cleared when full.
+const MAX_NAMES: usize = 4096;
+
+impl NameTable {
+    /// Records that `name` resolved to `addrs` for the guest (added to what it had).
+    pub fn record(&self, name: &str, addrs: &[std::net::IpAddr]) {
+        let mut t = self.names.lock().unwrap();
+        if t.len() >= MAX_NAMES {
+            t.clear();
+        }
+        let e = t.entry(normalize(name)).or_default();
+        for a in addrs {
+            if !e.contains(a) {
+                e.push(*a);
+            }
+        }
+    }
+
+    /// Whether the guest was told `name` is at `addr` (an IP literal is its own address).
+    pub fn agrees(&self, name: &str, addr: std::net::IpAddr) -> bool {
+        let name = normalize(name);
+        if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+            return ip == addr;
+        }
+        self.names
+            .lock()
+            .unwrap()
+            .get(&name)
+            .is_some_and(|v| v.contains(&addr))
+    }
+}

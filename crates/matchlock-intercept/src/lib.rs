@@ -6,4 +6,5 @@
 pub mod ca;
 pub mod classify;
 pub mod hosts;
+pub mod proxy;
 pub mod secrets;

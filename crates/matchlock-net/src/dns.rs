@@ -23,7 +23,15 @@ pub struct Dns {
     pub hosts: Vec<(String, IpAddr)>,
     /// The egress policy answers are checked against.
     pub policy: Arc<Policy>,
+    /// In interception mode: names off the allow-list get a sinkhole answer and are never sent
+    /// upstream (no exfiltration through queries), and every answer is recorded so connections
+    /// can be checked against the name they claim.
+    pub intercept: Option<Arc<matchlock_intercept::proxy::Proxy>>,
 }
+
+/// The address names off the allow-list resolve to in interception mode (TEST-NET-2 style reserved
+/// space inside 198.18.0.0/15, never routed).
+pub const SINKHOLE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 19, 255, 254);
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
@@ -49,7 +57,17 @@ impl Dns {
             return None;
         }
         if let Some(local) = self.local(&query) {
+            self.record(&local);
             return local.to_vec().ok();
+        }
+        if let Some(proxy) = &self.intercept {
+            let name = query
+                .queries()
+                .first()
+                .map(|q| normalize(&q.name().to_ascii()));
+            if !name.as_deref().is_some_and(|n| proxy.allows(n)) {
+                return self.sinkhole(&query).to_vec().ok();
+            }
         }
         if self.upstreams.is_empty() {
             return reply_to(&query, ResponseCode::ServFail).to_vec().ok();
@@ -60,6 +78,34 @@ impl Dns {
             }
         }
         reply_to(&query, ResponseCode::ServFail).to_vec().ok()
+    }
+
+    /// Remembers what the guest was told (interception mode).
+    fn record(&self, answer: &Message) {
+        let Some(proxy) = &self.intercept else { return };
+        for r in answer.answers() {
+            let ip = match r.data() {
+                Some(RData::A(a)) => IpAddr::V4(a.0),
+                Some(RData::AAAA(a)) => IpAddr::V6(a.0),
+                _ => continue,
+            };
+            proxy.names().record(&r.name().to_ascii(), &[ip]);
+        }
+    }
+
+    /// The answer for a name interception does not allow: one A record pointing nowhere.
+    fn sinkhole(&self, query: &Message) -> Message {
+        let mut m = reply_to(query, ResponseCode::NoError);
+        if let Some(q) = query.queries().first() {
+            if matches!(q.query_type(), RecordType::A | RecordType::ANY) {
+                m.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    60,
+                    RData::A(A(SINKHOLE)),
+                ));
+            }
+        }
+        m
     }
 
     /// An answer from `--add-host` names.
@@ -120,6 +166,7 @@ impl Dns {
                 let query = Message::from_vec(packet).ok()?;
                 return reply_to(&query, ResponseCode::Refused).to_vec().ok();
             }
+            self.record(&resp);
             return Some(buf[..n].to_vec());
         }
     }
@@ -175,6 +222,7 @@ mod tests {
             upstreams: vec![public],
             hosts: vec![("db.internal".into(), "10.0.0.5".parse().unwrap())],
             policy: policy.clone(),
+            intercept: None,
         };
         let r = Message::from_vec(
             &dns.answer(&query("DB.internal.", RecordType::A))
@@ -201,6 +249,7 @@ mod tests {
             upstreams: vec![rebind],
             hosts: vec![],
             policy,
+            intercept: None,
         };
         let r = Message::from_vec(
             &dns.answer(&query("evil.example.", RecordType::A))

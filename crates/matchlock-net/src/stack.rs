@@ -80,6 +80,9 @@ pub struct NetConfig {
     /// guest's own loopback shadows 127.0.0.0/8, so it is given an alias address, which the stack
     /// translates back when it connects. The policy applies to the real address.
     pub aliases: Vec<(Ipv4Addr, IpAddr)>,
+    /// Interception mode: every TCP flow goes to this proxy (which decides), and UDP other than
+    /// DNS is refused.
+    pub intercept: Option<Arc<matchlock_intercept::proxy::Proxy>>,
 }
 
 /// First alias address: the benchmarking range 198.18.0.0/15, never routed on the internet.
@@ -154,6 +157,24 @@ struct TcpFlow {
     close_sent: bool,
     last_active: Instant,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl TcpFlow {
+    /// A flow whose guest SYN is held until its far end is ready.
+    fn connecting(syn: Vec<u8>, seq: u32, tasks: Vec<JoinHandle<()>>) -> TcpFlow {
+        TcpFlow {
+            handle: None,
+            syn: Some((syn, seq)),
+            to_host: None,
+            from_host: None,
+            pending: Vec::new(),
+            pending_off: 0,
+            host_eof: false,
+            close_sent: false,
+            last_active: Instant::now(),
+            tasks,
+        }
+    }
 }
 
 impl Drop for TcpFlow {
@@ -459,11 +480,25 @@ impl Stack {
             s.send_frame(f);
         };
         let real = self.real(*dst.ip());
-        if let Err(why) = self.cfg.policy.check(real) {
-            return refuse(self, &why);
-        }
         if self.tcp.len() >= self.cfg.limits.max_tcp {
             return refuse(self, "too many connections");
+        }
+        if let Some(proxy) = self.cfg.intercept.clone() {
+            // The proxy decides per request (and answers refusals in HTTP), so the handshake is
+            // completed locally; the flow's far end is the proxy.
+            let (ours, theirs) = tokio::io::duplex(256 * 1024);
+            let target = matchlock_intercept::proxy::Target {
+                visible: dst,
+                real: SocketAddr::new(real, dst.port()),
+            };
+            tokio::spawn(proxy.serve(theirs, target));
+            self.tcp
+                .insert(key, TcpFlow::connecting(frame, seq, Vec::new()));
+            self.tcp_connected(key, ours);
+            return;
+        }
+        if let Err(why) = self.cfg.policy.check(real) {
+            return refuse(self, &why);
         }
         let events = self.events.clone();
         let timeout = self.cfg.limits.connect_timeout;
@@ -477,26 +512,16 @@ impl Stack {
             };
             let _ = events.send(e).await;
         });
-        self.tcp.insert(
-            key,
-            TcpFlow {
-                handle: None,
-                syn: Some((frame, seq)),
-                to_host: None,
-                from_host: None,
-                pending: Vec::new(),
-                pending_off: 0,
-                host_eof: false,
-                close_sent: false,
-                last_active: Instant::now(),
-                tasks: vec![task],
-            },
-        );
+        self.tcp
+            .insert(key, TcpFlow::connecting(frame, seq, vec![task]));
     }
 
     fn event(&mut self, e: Event) {
         match e {
-            Event::Connected(key, stream) => self.tcp_connected(key, stream),
+            Event::Connected(key, stream) => {
+                let _ = stream.set_nodelay(true);
+                self.tcp_connected(key, stream)
+            }
             Event::ConnectFailed(key, why) => {
                 if let Some(flow) = self.tcp.remove(&key) {
                     if let Some((_, seq)) = flow.syn {
@@ -524,14 +549,18 @@ impl Stack {
         }
     }
 
-    fn tcp_connected(&mut self, key: Key, stream: TcpStream) {
+    /// The flow's far end (a host connection, or the interception proxy) is ready: create the
+    /// guest-side socket and relay between the two.
+    fn tcp_connected<S>(&mut self, key: Key, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let Some(flow) = self.tcp.get_mut(&key) else {
             return;
         };
         let Some((syn, _)) = flow.syn.take() else {
             return;
         };
-        let _ = stream.set_nodelay(true);
         let size = self.cfg.limits.tcp_buffer;
         let mut sock = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; size]),
@@ -550,7 +579,7 @@ impl Stack {
             return;
         }
         let handle = self.sockets.add(sock);
-        let (mut hrd, mut hwr) = stream.into_split();
+        let (mut hrd, mut hwr) = tokio::io::split(stream);
         let (to_host_tx, mut to_host_rx) = mpsc::channel::<Vec<u8>>(4);
         let (from_host_tx, from_host_rx) = mpsc::channel::<Vec<u8>>(4);
         let wake = self.wake.clone();
@@ -604,6 +633,14 @@ impl Stack {
         repr: &Ipv4Repr,
         ip_payload: Vec<u8>,
     ) {
+        if *dst.ip() != self.cfg.gateway_ip && self.cfg.intercept.is_some() {
+            self.log_refusal(format_args!(
+                "udp {src} -> {dst} refused: interception allows only HTTP(S)"
+            ));
+            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
+            self.send_frame(f);
+            return;
+        }
         if *dst.ip() == self.cfg.gateway_ip {
             if dst.port() == 53 {
                 // Bounded: a guest flooding queries gets drops, not thousands of host sockets.

@@ -331,25 +331,29 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     ))
 }
 
-/// Open-mode network from the `network` params. Interception (allow-lists, secrets, hook rules) is
-/// not available yet, so a sandbox that asks for it gets no network interface at all: nothing can
-/// leave that the caller meant to filter.
+/// The network from the `network` params: open mode, or interception when an allow-list is given
+/// or `intercept` is set. Secrets and hook rules need parts of interception that are not wired yet
+/// (substitution, rules), so a sandbox that asks for them gets no network interface at all:
+/// nothing leaves that the caller meant to filter or rewrite.
 fn network_config(net: Option<&Network>) -> Option<matchlock_sandbox::NetworkConfig> {
     let Some(n) = net else {
         return Some(matchlock_sandbox::NetworkConfig::default());
     };
-    let intercept = n.intercept
-        || !n.allowed_hosts.is_empty()
-        || !n.secrets.is_empty()
-        || n.interception.as_ref().is_some_and(|i| !i.is_null());
-    if n.no_network || intercept {
+    let unsupported =
+        !n.secrets.is_empty() || n.interception.as_ref().is_some_and(|i| !i.is_null());
+    if n.no_network || unsupported {
         return None;
     }
+    let intercept =
+        (n.intercept || !n.allowed_hosts.is_empty()).then(|| matchlock_sandbox::InterceptConfig {
+            allowed_hosts: n.allowed_hosts.clone(),
+        });
     Some(matchlock_sandbox::NetworkConfig {
         mtu: if n.mtu > 0 { n.mtu as u16 } else { 1500 },
         dns_servers: n.dns_servers.clone(),
         allow_private_hosts: Vec::new(),
         allow_private_ranges: n.block_private_ips == Some(false),
+        intercept,
     })
 }
 
@@ -393,6 +397,13 @@ pub fn sandbox_config(
             user_env.push((name.clone(), ph));
         }
     }
+    let network = network_config(net);
+    if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
+        // The caller's own settings still win.
+        let mut env = matchlock_sandbox::config::ca_env();
+        env.append(&mut user_env);
+        user_env = env;
+    }
     let res = p.resources.as_ref();
     let launch = if p.launch_entrypoint {
         matchlock_image::compose_command(&cfg, None, &[]).ok()
@@ -433,7 +444,7 @@ pub fn sandbox_config(
             })
             .unwrap_or_default(),
         disks: plan.disks.clone(),
-        network: network_config(net),
+        network,
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
         ..Default::default()

@@ -67,6 +67,34 @@ pub struct NetworkConfig {
     pub allow_private_hosts: Vec<String>,
     /// Reach private ranges (RFC 1918, CGNAT, ULA) too.
     pub allow_private_ranges: bool,
+    /// Interception mode: only HTTP(S) to allowed hosts leaves, through the MITM proxy.
+    #[serde(default)]
+    pub intercept: Option<InterceptConfig>,
+}
+
+/// Interception settings (`--allow-host`, `--network-intercept`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct InterceptConfig {
+    /// Allow-list patterns (`api.example.com`, `*.example.com`, ...); empty allows nothing.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Where the sandbox CA certificate is put in the guest, and the bundle it is appended to.
+pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/matchlock-ca.pem";
+/// The guest's CA bundle (Debian/Alpine path); created when the image has none.
+pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Environment that points common TLS clients at the bundle holding the sandbox CA.
+pub fn ca_env() -> Vec<(String, String)> {
+    [
+        ("SSL_CERT_FILE", GUEST_CA_BUNDLE),
+        ("REQUESTS_CA_BUNDLE", GUEST_CA_BUNDLE),
+        ("CURL_CA_BUNDLE", GUEST_CA_BUNDLE),
+        ("NODE_EXTRA_CA_CERTS", GUEST_CA_FILE),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 impl Default for NetworkConfig {
@@ -76,6 +104,7 @@ impl Default for NetworkConfig {
             dns_servers: Vec::new(),
             allow_private_hosts: Vec::new(),
             allow_private_ranges: false,
+            intercept: None,
         }
     }
 }

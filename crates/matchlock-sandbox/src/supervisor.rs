@@ -437,10 +437,44 @@ fn network_stack(
         upstreams = matchlock_net::dns::host_resolvers();
     }
     let aliases = loopback_aliases(config);
-    let hosts = guest_hosts(config)
+    let hosts: Vec<(String, std::net::IpAddr)> = guest_hosts(config)
         .into_iter()
         .filter_map(|(ip, name)| Some((name.to_ascii_lowercase(), ip.parse().ok()?)))
         .collect();
+    let intercept = match &net.intercept {
+        None => None,
+        Some(ic) => {
+            let allow = matchlock_intercept::hosts::AllowList::new(&ic.allowed_hosts)
+                .map_err(|e| format!("--allow-host: {e}"))?;
+            let ca =
+                matchlock_intercept::ca::MitmCa::generate(&config.id).map_err(|e| e.to_string())?;
+            let extra = match std::env::var_os("MATCHLOCK_UPSTREAM_CA").filter(|p| !p.is_empty()) {
+                Some(p) => Some(std::fs::read(&p).map_err(|e| {
+                    format!(
+                        "MATCHLOCK_UPSTREAM_CA {}: {e}",
+                        std::path::Path::new(&p).display()
+                    )
+                })?),
+                None => None,
+            };
+            let tls = matchlock_intercept::proxy::upstream_tls(extra.as_deref())?;
+            let names = std::sync::Arc::new(matchlock_intercept::hosts::NameTable::default());
+            for (name, ip) in &hosts {
+                names.record(name, &[*ip]);
+            }
+            let egress_policy = policy.clone();
+            let egress: matchlock_intercept::proxy::Egress =
+                std::sync::Arc::new(move |ip| egress_policy.check(ip));
+            Some(std::sync::Arc::new(matchlock_intercept::proxy::Proxy::new(
+                allow,
+                matchlock_intercept::secrets::Secrets::default(),
+                ca,
+                names,
+                egress,
+                tls,
+            )))
+        }
+    };
     Ok(matchlock_net::NetConfig {
         guest_ip: GUEST_IP.into(),
         gateway_ip: GATEWAY_IP.into(),
@@ -451,11 +485,76 @@ fn network_stack(
             upstreams,
             hosts,
             policy: policy.clone(),
+            intercept: intercept.clone(),
         }),
         policy,
         limits: matchlock_net::Limits::default(),
         aliases,
+        intercept,
     })
+}
+
+/// Writes the sandbox CA into the guest: its own file, and appended to the CA bundle (created when
+/// the image has none).
+async fn install_ca(mux: &Mux, pem: &str) -> Result<(), String> {
+    use crate::config::{GUEST_CA_BUNDLE, GUEST_CA_FILE};
+    let mut bundle = Vec::new();
+    {
+        let mut s = mux.open().await.map_err(|e| e.to_string())?;
+        write_msg(
+            &mut s,
+            &Msg::ReadFile {
+                path: GUEST_CA_BUNDLE.into(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        loop {
+            match read_msg(&mut s).await {
+                Ok(Some(Msg::Data(d))) if bundle.len() < (16 << 20) => bundle.extend_from_slice(&d),
+                Ok(Some(Msg::FileInfo { .. })) => {}
+                // Missing or unreadable: start a bundle of our own.
+                Ok(Some(Msg::Eof)) => break,
+                _ => {
+                    bundle.clear();
+                    break;
+                }
+            }
+        }
+    }
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(pem.as_bytes());
+    for (path, data) in [
+        (GUEST_CA_FILE, pem.as_bytes()),
+        (GUEST_CA_BUNDLE, &bundle[..]),
+    ] {
+        let mut s = mux.open().await.map_err(|e| e.to_string())?;
+        let req = matchlock_proto::WriteFile {
+            path: path.into(),
+            mode: 0o644,
+            uid: Some(0),
+            gid: Some(0),
+        };
+        write_msg(&mut s, &Msg::WriteFile(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        for chunk in data.chunks(matchlock_proto::CHUNK) {
+            write_msg(&mut s, &Msg::Data(chunk.to_vec()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        write_msg(&mut s, &Msg::Eof)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_msg(&mut s).await {
+            Ok(Some(Msg::Ok)) => {}
+            Ok(Some(Msg::Error(e))) => return Err(format!("{path}: {e}")),
+            other => return Err(format!("{path}: unexpected reply {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// `--add-host` entries pointing at host loopback, each with its guest-visible alias (the guest's
@@ -578,9 +677,11 @@ async fn supervise(
     });
 
     // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
+    let mut ca_pem: Option<String> = None;
     if let (Some(l), Some(netcfg)) = (listeners.net, config.network.clone()) {
         match (UnixListener::from_std(l), network_stack(&config, &netcfg)) {
             (Ok(l), Ok(stack)) => {
+                ca_pem = stack.intercept.as_ref().map(|p| p.ca_pem().to_string());
                 tokio::spawn(async move {
                     if let Ok((conn, _)) = l.accept().await {
                         if let Err(e) = matchlock_net::serve(conn, stack).await {
@@ -671,6 +772,14 @@ async fn supervise(
             let first = qlog.lines().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
             Err(format!("QEMU exited during boot ({}) {first}", status.unwrap_or_default()))
         }
+    };
+    // The sandbox CA goes into the guest's trust store before anything runs.
+    let booted = match (booted, &ca_pem) {
+        (Ok(mux), Some(pem)) => match install_ca(&mux, pem).await {
+            Ok(()) => Ok(mux),
+            Err(e) => Err(format!("installing the sandbox CA: {e}")),
+        },
+        (other, _) => other,
     };
     let mux = match booted {
         Ok(m) => m,

@@ -1,0 +1,483 @@
+//! The interception proxy: serves one guest TCP connection that the network stack handed over.
+//! It decides what the flow speaks from its first bytes (whatever the port); TLS is terminated with
+//! a leaf certificate from the sandbox CA (ALPN h2 and http/1.1), plain HTTP/1 is read as is, and
+//! anything else is closed. Each request is then checked (allow-list on the Host, which must agree
+//! with the SNI and with the address the guest connected to), gets its secrets substituted, and is
+//! sent upstream over a fresh connection to the checked address (HTTPS verified against the system
+//! roots plus `MATCHLOCK_UPSTREAM_CA`). Responses come back with real secret values turned back into
+//! placeholders. Blocked requests get a 403 that says why.
+
+use crate::ca::MitmCa;
+use crate::classify::{classify, Flow, MAX_PEEK};
+use crate::hosts::{normalize, AllowList, NameTable};
+use crate::secrets::{Scrubber, Secrets};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The egress check applied to the real upstream address.
+pub type Egress = Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>;
+
+/// Where a guest connection was headed.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// The address the guest connected to.
+    pub visible: SocketAddrV4,
+    /// Where that really is (differs for host-loopback aliases).
+    pub real: SocketAddr,
+}
+
+/// One sandbox's interception proxy.
+pub struct Proxy {
+    allow: RwLock<AllowList>,
+    secrets: Secrets,
+    ca: MitmCa,
+    names: Arc<NameTable>,
+    egress: Egress,
+    client_tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+/// Upstream trust: the system roots plus an optional PEM bundle (`MATCHLOCK_UPSTREAM_CA`).
+pub fn upstream_tls(extra_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    if let Some(pem) = extra_pem {
+        use rustls::pki_types::pem::PemObject;
+        let mut n = 0;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+            let c = c.map_err(|e| format!("MATCHLOCK_UPSTREAM_CA: {e}"))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("MATCHLOCK_UPSTREAM_CA: {e}"))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err("MATCHLOCK_UPSTREAM_CA holds no PEM certificate".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A stream whose first bytes were already read (to classify it).
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("matchlock: {msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Connection-level headers that must not be forwarded across a proxy (RFC 9110 §7.6.1), and
+/// that HTTP/2 forbids.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        h.remove(*name);
+    }
+}
+
+/// A response body with real secret values turned back into placeholders.
+struct ScrubBody {
+    inner: Incoming,
+    scrubber: Scrubber,
+    done: bool,
+}
+
+impl Body for ScrubBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = self.scrubber.push(&data);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self.scrubber.finish();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy for one sandbox.
+    pub fn new(
+        allow: AllowList,
+        secrets: Secrets,
+        ca: MitmCa,
+        names: Arc<NameTable>,
+        egress: Egress,
+        client_tls: rustls::ClientConfig,
+    ) -> Proxy {
+        Proxy {
+            allow: RwLock::new(allow),
+            secrets,
+            ca,
+            names,
+            egress,
+            client_tls: Arc::new(client_tls),
+        }
+    }
+
+    /// The CA certificate the guest must trust.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// Whether `host` is on the allow-list.
+    pub fn allows(&self, host: &str) -> bool {
+        self.allow.read().unwrap().allows(host)
+    }
+
+    /// The guest-visible names-to-addresses table.
+    pub fn names(&self) -> &Arc<NameTable> {
+        &self.names
+    }
+
+    /// Adds hosts to the allow-list; returns those that were new.
+    pub fn allow_add(&self, hosts: &[String]) -> Result<Vec<String>, String> {
+        self.allow.write().unwrap().add(hosts)
+    }
+
+    /// Removes hosts from the allow-list; returns those that were present.
+    pub fn allow_remove(&self, hosts: &[String]) -> Vec<String> {
+        self.allow.write().unwrap().remove(hosts)
+    }
+
+    /// The allow-list now.
+    pub fn allowed(&self) -> Vec<String> {
+        self.allow.read().unwrap().patterns()
+    }
+
+    /// Serves one guest connection to `target` until it ends.
+    pub async fn serve<S>(self: Arc<Self>, mut guest: S, target: Target)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        let flow = loop {
+            let read = tokio::time::timeout(Duration::from_secs(30), guest.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+            match classify(&buf) {
+                Flow::NeedMore if buf.len() < MAX_PEEK => continue,
+                Flow::NeedMore => return,
+                f => break f,
+            }
+        };
+        let io = Prefixed {
+            prefix: buf,
+            pos: 0,
+            inner: guest,
+        };
+        match flow {
+            Flow::Http1 { .. } => self.serve_http(io, target, None).await,
+            Flow::Tls { sni } => {
+                let name = sni
+                    .clone()
+                    .unwrap_or_else(|| target.visible.ip().to_string());
+                let Ok(leaf) = self.ca.leaf(&name) else {
+                    return;
+                };
+                let Ok(cfg) = server_tls(&leaf) else { return };
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+                if let Ok(tls) = acceptor.accept(io).await {
+                    self.serve_http(tls, target, Some(name)).await;
+                }
+            }
+            // Non-HTTP protocols (and h2c) are refused: closing is all the guest gets.
+            _ => {}
+        }
+    }
+
+    async fn serve_http<S>(self: Arc<Self>, io: S, target: Target, sni: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let sni = sni.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, target, sni).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        target: Target,
+        sni: Option<String>,
+    ) -> Response<ProxyBody> {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        let Some(authority) = authority else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "blocked: the request names no host".into(),
+            );
+        };
+        let host = normalize(&authority);
+        if let Some(sni) = &sni {
+            if normalize(sni) != host {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!("blocked: Host {host} does not match the TLS server name {sni}"),
+                );
+            }
+        }
+        if !self.allows(&host) {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!("blocked: {host} is not on this sandbox's allow-list"),
+            );
+        }
+        if !self.names.agrees(&host, IpAddr::V4(*target.visible.ip())) {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "blocked: {} is not an address matchlock resolved {host} to",
+                    target.visible.ip()
+                ),
+            );
+        }
+        if let Err(why) = (self.egress)(target.real.ip()) {
+            return text(StatusCode::FORBIDDEN, format!("blocked: {why}"));
+        }
+        let (mut parts, body) = req.into_parts();
+        // Secrets: header values and the query, then rebuilt.
+        let mut headers: Vec<(String, Vec<u8>)> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let path = parts.uri.path().to_string();
+        let mut query = parts.uri.query().unwrap_or("").as_bytes().to_vec();
+        if let Err(leak) = self.secrets.apply_request(&host, &mut headers, &mut query) {
+            return text(StatusCode::FORBIDDEN, format!("blocked: {leak}"));
+        }
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(&v),
+            ) {
+                map.append(k, v);
+            }
+        }
+        strip_hop_by_hop(&mut map);
+        if let Ok(h) = HeaderValue::from_str(&authority) {
+            map.insert(http::header::HOST, h);
+        }
+        let pq = if query.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", String::from_utf8_lossy(&query))
+        };
+        let Ok(uri) = pq.parse::<Uri>() else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "blocked: unparsable request target".into(),
+            );
+        };
+        parts.uri = uri;
+        parts.headers = map;
+        parts.version = http::Version::HTTP_11;
+        let upstream = Request::from_parts(parts, body.boxed());
+        match self.forward(upstream, target, &host, sni.is_some()).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                for v in parts.headers.values_mut() {
+                    let scrubbed = self.secrets.scrub(v.as_bytes());
+                    if scrubbed != v.as_bytes() {
+                        if let Ok(nv) = HeaderValue::from_bytes(&scrubbed) {
+                            *v = nv;
+                        }
+                    }
+                }
+                if !self.secrets.is_empty() {
+                    // The length may change with the substitution.
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                }
+                let body = ScrubBody {
+                    inner: body,
+                    scrubber: self.secrets.scrubber(),
+                    done: false,
+                };
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => text(StatusCode::BAD_GATEWAY, format!("upstream {host}: {e}")),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<ProxyBody>,
+        target: Target,
+        host: &str,
+        tls: bool,
+    ) -> Result<Response<Incoming>, String> {
+        let tcp = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target.real))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        if tls {
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| e.to_string())?;
+            let conn = tokio_rustls::TlsConnector::from(self.client_tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            send(conn, req).await
+        } else {
+            send(tcp, req).await
+        }
+    }
+}
+
+async fn send<S>(io: S, req: Request<ProxyBody>) -> Result<Response<Incoming>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+fn server_tls(leaf: &crate::ca::Leaf) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = vec![
+        CertificateDer::from(leaf.cert_der.clone()),
+        CertificateDer::from(leaf.ca_der.clone()),
+    ];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
