@@ -278,6 +278,10 @@ pub struct RunArgs {
     /// Interception mode: only HTTP(S) to these hosts leaves (globs: *.example.com, api-*.x.com).
     #[arg(long = "allow-host", value_name = "HOST", value_delimiter = ',')]
     pub allow_host: Vec<String>,
+    /// A secret the guest only sees as a placeholder: NAME=VALUE@host1,host2, or NAME@hosts to take
+    /// the value from this environment. The real value is sent only to those hosts.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
+    pub secret: Vec<String>,
     /// Interception mode even without --allow-host (then nothing is allowed).
     #[arg(long = "network-intercept")]
     pub network_intercept: bool,

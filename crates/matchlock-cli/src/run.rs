@@ -107,6 +107,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     let mut user_env = parse_env(&args.process)?;
     let network = network_config(&args)?;
+    let secrets = parse_secrets(&args.secret)?;
     if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
         // TLS clients in the guest trust the sandbox CA through the bundle it is appended to;
         // the user's own -e settings still win.
@@ -114,6 +115,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         env.append(&mut user_env);
         user_env = env;
     }
+    for (spec, _) in &secrets {
+        user_env.push((spec.name.clone(), spec.placeholder.clone()));
+    }
+    let secret_values: Vec<(String, String)> = secrets
+        .into_iter()
+        .map(|(spec, v)| (spec.name, v))
+        .collect();
 
     let images = matchlock_image::ImageStore::open_default()?;
     let policy = match args.pull {
@@ -185,7 +193,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
-        let mut boot = tokio::task::spawn_blocking(move || matchlock_sandbox::start(&store2, config));
+        let mut boot = tokio::task::spawn_blocking(move || matchlock_sandbox::start_with_secrets(&store2, config, &secret_values));
         let (id, interrupted) = tokio::select! {
             r = &mut boot => (r??, false),
             _ = sigint.recv() => (boot.await??, true),
@@ -405,23 +413,30 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
         if !args.allow_private_host.is_empty()
             || !args.dns_servers.is_empty()
             || !args.allow_host.is_empty()
+            || !args.secret.is_empty()
             || args.network_intercept
         {
-            bail!("--no-network cannot be combined with --allow-host, --network-intercept, --allow-private-host or --dns-servers");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --allow-private-host or --dns-servers");
         }
         return Ok(None);
     }
-    let intercept = if args.network_intercept || !args.allow_host.is_empty() {
-        for h in &args.allow_host {
-            matchlock_intercept::hosts::HostPattern::parse(h)
-                .map_err(|e| anyhow!("--allow-host: {e}"))?;
-        }
-        Some(matchlock_sandbox::InterceptConfig {
-            allowed_hosts: args.allow_host.clone(),
-        })
-    } else {
-        None
-    };
+    let intercept =
+        if args.network_intercept || !args.allow_host.is_empty() || !args.secret.is_empty() {
+            for h in &args.allow_host {
+                matchlock_intercept::hosts::HostPattern::parse(h)
+                    .map_err(|e| anyhow!("--allow-host: {e}"))?;
+            }
+            let secrets = parse_secrets(&args.secret)?
+                .into_iter()
+                .map(|(spec, _)| spec)
+                .collect();
+            Some(matchlock_sandbox::InterceptConfig {
+                allowed_hosts: args.allow_host.clone(),
+                secrets,
+            })
+        } else {
+            None
+        };
     validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
     for a in &args.allow_private_host {
         a.parse::<std::net::IpAddr>()
@@ -437,6 +452,68 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
         allow_private_ranges: false,
         intercept,
     }))
+}
+
+/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment).
+/// Placeholders are derived from the name and a per-process random part, so parsing twice in one
+/// run gives the same result.
+fn parse_secrets(items: &[String]) -> Result<Vec<(matchlock_sandbox::SecretSpec, String)>> {
+    static PLACEHOLDERS: std::sync::OnceLock<std::sync::Mutex<Vec<(String, String)>>> =
+        std::sync::OnceLock::new();
+    let table = PLACEHOLDERS.get_or_init(Default::default);
+    let mut out = Vec::new();
+    for item in items {
+        // Never echo the item: it may hold the value.
+        let (left, hosts) = item
+            .rsplit_once('@')
+            .ok_or_else(|| anyhow!("--secret needs NAME[=VALUE]@HOST[,HOST...]"))?;
+        let (name, value) = match left.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => (
+                left.to_string(),
+                std::env::var(left).map_err(|_| {
+                    anyhow!("--secret {left}@...: {left} is not set in this environment")
+                })?,
+            ),
+        };
+        if name.is_empty() || name.contains(char::is_whitespace) || name.contains('\0') {
+            bail!("--secret: invalid name '{name}'");
+        }
+        if value.is_empty() {
+            bail!("--secret {name}: the value is empty");
+        }
+        let hosts: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect();
+        if hosts.is_empty() {
+            bail!("--secret {name}: give at least one host after '@'");
+        }
+        for h in &hosts {
+            matchlock_intercept::hosts::HostPattern::parse(h)
+                .map_err(|e| anyhow!("--secret {name}: {e}"))?;
+        }
+        let mut t = table.lock().unwrap();
+        let placeholder = match t.iter().find(|(n, _)| *n == name) {
+            Some((_, p)) => p.clone(),
+            None => {
+                let p = matchlock_intercept::secrets::placeholder();
+                t.push((name.clone(), p.clone()));
+                p
+            }
+        };
+        out.push((
+            matchlock_sandbox::SecretSpec {
+                name,
+                hosts,
+                placeholder,
+            },
+            value,
+        ));
+    }
+    Ok(out)
 }
 
 /// Parses `--address` values.

@@ -331,22 +331,27 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     ))
 }
 
-/// The network from the `network` params: open mode, or interception when an allow-list is given
-/// or `intercept` is set. Secrets and hook rules need parts of interception that are not wired yet
-/// (substitution, rules), so a sandbox that asks for them gets no network interface at all:
-/// nothing leaves that the caller meant to filter or rewrite.
-fn network_config(net: Option<&Network>) -> Option<matchlock_sandbox::NetworkConfig> {
+/// The network from the `network` params: open mode, or interception when an allow-list,
+/// secrets or `intercept` are given. Hook rules need a part of interception that is not wired yet,
+/// so a sandbox that asks for them gets no network interface at all: nothing leaves that the caller
+/// meant to rewrite.
+fn network_config(
+    net: Option<&Network>,
+    secrets: Vec<matchlock_sandbox::SecretSpec>,
+) -> Option<matchlock_sandbox::NetworkConfig> {
     let Some(n) = net else {
         return Some(matchlock_sandbox::NetworkConfig::default());
     };
-    let unsupported =
-        !n.secrets.is_empty() || n.interception.as_ref().is_some_and(|i| !i.is_null());
-    if n.no_network || unsupported {
+    let rules = n.interception.as_ref().is_some_and(|i| !i.is_null());
+    if n.no_network || rules {
         return None;
     }
     let intercept =
-        (n.intercept || !n.allowed_hosts.is_empty()).then(|| matchlock_sandbox::InterceptConfig {
-            allowed_hosts: n.allowed_hosts.clone(),
+        (n.intercept || !n.allowed_hosts.is_empty() || !secrets.is_empty()).then(|| {
+            matchlock_sandbox::InterceptConfig {
+                allowed_hosts: n.allowed_hosts.clone(),
+                secrets,
+            }
         });
     Some(matchlock_sandbox::NetworkConfig {
         mtu: if n.mtu > 0 { n.mtu as u16 } else { 1500 },
@@ -355,6 +360,20 @@ fn network_config(net: Option<&Network>) -> Option<matchlock_sandbox::NetworkCon
         allow_private_ranges: n.block_private_ips == Some(false),
         intercept,
     })
+}
+
+/// The secret values of `plan`, for [`matchlock_sandbox::start_with_secrets`].
+pub fn secret_values(plan: &Plan) -> Vec<(String, String)> {
+    plan.params
+        .network
+        .as_ref()
+        .map(|n| {
+            n.secrets
+                .iter()
+                .map(|(k, s)| (k.clone(), s.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The sandbox configuration for `plan` on `image`, plus the command `launch_entrypoint` runs
@@ -387,6 +406,7 @@ pub fn sandbox_config(
     }
     user_env.extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let net = p.network.as_ref();
+    let mut specs = Vec::new();
     if let Some(n) = net {
         for (name, s) in &n.secrets {
             let ph = if s.placeholder.is_empty() {
@@ -394,10 +414,15 @@ pub fn sandbox_config(
             } else {
                 s.placeholder.clone()
             };
-            user_env.push((name.clone(), ph));
+            user_env.push((name.clone(), ph.clone()));
+            specs.push(matchlock_sandbox::SecretSpec {
+                name: name.clone(),
+                hosts: s.hosts.clone(),
+                placeholder: ph,
+            });
         }
     }
-    let network = network_config(net);
+    let network = network_config(net, specs);
     if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
         // The caller's own settings still win.
         let mut env = matchlock_sandbox::config::ca_env();

@@ -444,8 +444,9 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
             let (config, launch) = api::sandbox_config(&plan, &image)?;
             matchlock_sandbox::volume::check_conflicts(&store, &config.disks)
                 .map_err(|e| RpcError::params(e.to_string()))?;
-            let id = matchlock_sandbox::start(&store, config)
-                .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+            let id =
+                matchlock_sandbox::start_with_secrets(&store, config, &api::secret_values(&plan))
+                    .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
             Ok((id, launch))
         })
         .await

@@ -17,7 +17,17 @@ use tokio::net::UnixStream;
 ///
 /// On failure nothing is left behind: the supervisor removes the sandbox directory, and so does this
 /// function if the supervisor could not even start.
-pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, SandboxError> {
+pub fn start(store: &Store, config: SandboxConfig) -> Result<String, SandboxError> {
+    start_with_secrets(store, config, &[])
+}
+
+/// [`start`] with secret values `(name, value)` for interception. They reach the supervisor
+/// through a pipe and live only in its memory: never in `config.json`, a log or an argument list.
+pub fn start_with_secrets(
+    store: &Store,
+    mut config: SandboxConfig,
+    secrets: &[(String, String)],
+) -> Result<String, SandboxError> {
     let id = store.create_dir()?;
     config.id = id.clone();
     config.created_at = now_secs();
@@ -32,6 +42,8 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
     };
     store.write_config(&config).map_err(cleanup)?;
     let (rfd, wfd) = pipe().map_err(|e| cleanup(SandboxError::io("creating a pipe")(e)))?;
+    let (secrets_r, secrets_w) =
+        pipe().map_err(|e| cleanup(SandboxError::io("creating a pipe")(e)))?;
     let log_path = store.dir(&id).join("logs").join("supervisor.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|e| cleanup(SandboxError::io(format!("creating {}", log_path.display()))(e)))?;
@@ -47,6 +59,7 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
         .stdout(log)
         .stderr(log2);
     let w = wfd.as_raw_fd();
+    let sr = secrets_r.as_raw_fd();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -54,16 +67,31 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if w == crate::supervisor::READY_FD {
-                let flags = libc::fcntl(w, libc::F_GETFD);
-                libc::fcntl(w, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(w, crate::supervisor::READY_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            // The secrets pipe first: dup2 onto READY_FD must not clobber it if it sits at 3.
+            let sr = if sr == crate::supervisor::READY_FD {
+                let moved = libc::fcntl(sr, libc::F_DUPFD_CLOEXEC, 10);
+                if moved < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                moved
+            } else {
+                sr
+            };
+            for (from, to) in [
+                (w, crate::supervisor::READY_FD),
+                (sr, crate::supervisor::SECRETS_FD),
+            ] {
+                if from == to {
+                    let flags = libc::fcntl(from, libc::F_GETFD);
+                    libc::fcntl(from, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Nothing else the caller holds (an SDK's pipes, say) may live on in the supervisor.
             libc::syscall(
                 libc::SYS_close_range,
-                4u32,
+                5u32,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
@@ -74,6 +102,14 @@ pub fn start(store: &Store, mut config: SandboxConfig) -> Result<String, Sandbox
         .spawn()
         .map_err(|e| cleanup(SandboxError::io("starting the sandbox supervisor")(e)))?;
     drop(wfd);
+    drop(secrets_r);
+    {
+        use std::io::Write;
+        let body = serde_json::to_vec(secrets).unwrap_or_default();
+        let mut w = std::fs::File::from(secrets_w);
+        // The supervisor reads this first thing; a failure shows up as a start error there.
+        let _ = w.write_all(&body);
+    }
     // Reap the supervisor whenever it ends so long-lived callers (the RPC server) keep no zombies.
     std::thread::spawn(move || {
         let _ = child.wait();

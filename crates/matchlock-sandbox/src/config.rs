@@ -77,6 +77,20 @@ pub struct NetworkConfig {
 pub struct InterceptConfig {
     /// Allow-list patterns (`api.example.com`, `*.example.com`, ...); empty allows nothing.
     pub allowed_hosts: Vec<String>,
+    /// Secrets, without their values (those never reach this file).
+    #[serde(default)]
+    pub secrets: Vec<SecretSpec>,
+}
+
+/// A secret as configuration records it: its name, hosts and placeholder, never its value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct SecretSpec {
+    /// Environment variable name in the guest.
+    pub name: String,
+    /// Hosts the real value may be sent to.
+    pub hosts: Vec<String>,
+    /// What the guest sees.
+    pub placeholder: String,
 }
 
 /// Where the sandbox CA certificate is put in the guest, and the bundle it is appended to.

@@ -15,8 +15,10 @@ pub mod supervisor;
 pub mod validate;
 pub mod volume;
 
-pub use client::{start, Client};
-pub use config::{DiskMount, InterceptConfig, NetworkConfig, SandboxConfig, State, Status};
+pub use client::{start, start_with_secrets, Client};
+pub use config::{
+    DiskMount, InterceptConfig, NetworkConfig, SandboxConfig, SecretSpec, State, Status,
+};
 pub use store::Store;
 
 /// Errors of the sandbox layer; messages are one line and say what to do.

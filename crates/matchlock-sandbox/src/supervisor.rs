@@ -29,6 +29,25 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 /// The fd on which the supervisor reports boot success or failure to its parent.
 pub const READY_FD: i32 = 3;
+/// Where the supervisor reads the secret values (JSON `[[name, value], ...]`, then EOF).
+pub const SECRETS_FD: i32 = 4;
+
+/// Secret values for interception, read once from [`SECRETS_FD`]; only ever in memory.
+static SECRET_VALUES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Reads the secrets pipe to its end (bounded), leaving nothing open.
+fn read_secrets() -> Vec<(String, String)> {
+    use std::io::Read;
+    // SAFETY: fd 4 was set up by `crate::client::start_with_secrets`; if it is not open, the read
+    // fails and there are no secrets.
+    let f = unsafe {
+        libc::fcntl(SECRETS_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        std::fs::File::from_raw_fd(SECRETS_FD)
+    };
+    let mut body = Vec::new();
+    let _ = f.take(1 << 20).read_to_end(&mut body);
+    serde_json::from_slice(&body).unwrap_or_default()
+}
 
 /// How long the guest may take from QEMU start to the agent's hello. Generous because TCG on a
 /// loaded 2-core machine can be slow; KVM boots in well under a second.
@@ -101,6 +120,7 @@ pub fn run(store: Store, id: &str) -> i32 {
         std::fs::File::from_raw_fd(READY_FD)
     };
     let mut ready = Some(ready);
+    let _ = SECRET_VALUES.set(read_secrets());
     let config = match store.config(id) {
         Ok(c) => c,
         Err(e) => {
@@ -444,8 +464,27 @@ fn network_stack(
     let intercept = match &net.intercept {
         None => None,
         Some(ic) => {
-            let allow = matchlock_intercept::hosts::AllowList::new(&ic.allowed_hosts)
+            let mut allow = matchlock_intercept::hosts::AllowList::new(&ic.allowed_hosts)
                 .map_err(|e| format!("--allow-host: {e}"))?;
+            let values = SECRET_VALUES.get().cloned().unwrap_or_default();
+            let mut secrets = Vec::new();
+            for spec in &ic.secrets {
+                let Some((_, value)) = values.iter().find(|(n, _)| *n == spec.name) else {
+                    return Err(format!("no value was passed for secret {}", spec.name));
+                };
+                let hosts = matchlock_intercept::hosts::AllowList::new(&spec.hosts)
+                    .map_err(|e| format!("--secret {}: {e}", spec.name))?;
+                // A secret's hosts are reachable (as in Matchlock).
+                allow
+                    .add(&spec.hosts)
+                    .map_err(|e| format!("--secret {}: {e}", spec.name))?;
+                secrets.push(matchlock_intercept::secrets::Secret::new(
+                    &spec.name,
+                    value,
+                    hosts,
+                    Some(&spec.placeholder),
+                ));
+            }
             let ca =
                 matchlock_intercept::ca::MitmCa::generate(&config.id).map_err(|e| e.to_string())?;
             let extra = match std::env::var_os("MATCHLOCK_UPSTREAM_CA").filter(|p| !p.is_empty()) {
@@ -467,7 +506,7 @@ fn network_stack(
                 std::sync::Arc::new(move |ip| egress_policy.check(ip));
             Some(std::sync::Arc::new(matchlock_intercept::proxy::Proxy::new(
                 allow,
-                matchlock_intercept::secrets::Secrets::default(),
+                matchlock_intercept::secrets::Secrets::new(secrets),
                 ca,
                 names,
                 egress,
