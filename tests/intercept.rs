@@ -1,0 +1,291 @@
+//! End-to-end tests of interception: a real guest (python3's urllib and sockets) talking through
+//! matchlock's MITM proxy to upstreams on the host's loopback, one plain HTTP and one HTTPS with its
+//! own test CA (passed to matchlock as MATCHLOCK_UPSTREAM_CA). Nothing leaves the machine.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use sha2::Digest;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+
+const SECRET: &str = "sk-real-42-never-in-guest";
+
+fn sha(s: &str) -> String {
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// Answers every request with `path=<target> auth=<Authorization> auth_sha=<sha256 of it>`, so a
+/// test can see what arrived upstream (the sha) and what the guest gets back (the echo).
+fn respond<S: Read + Write>(mut s: S) {
+    let mut reader = BufReader::new(&mut s);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut auth = String::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = v.trim().to_string();
+            }
+        }
+    }
+    let body = format!(
+        "path={target} auth={auth} auth_sha={} path_sha={}",
+        sha(&auth),
+        sha(&target)
+    );
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\nX-Echo-Auth: {auth}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes());
+    let _ = s.flush();
+}
+
+fn http_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || respond(c));
+        }
+    });
+    port
+}
+
+/// An HTTPS upstream whose certificate (for `api.test` and `*.glob.test`) comes from a test CA;
+/// returns its port and the CA file.
+fn https_upstream(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intercept test upstream CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["api.test".to_string(), "*.glob.test".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                respond(rustls::StreamOwned::new(conn, c));
+            });
+        }
+    });
+    (port, ca_file)
+}
+
+/// A DNS upstream that records the names it is asked and answers nothing useful.
+fn dns_recorder() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let (mut i, mut labels) = (12usize, Vec::new());
+            while i < n && buf[i] != 0 {
+                let len = buf[i] as usize;
+                labels
+                    .push(String::from_utf8_lossy(&buf[i + 1..(i + 1 + len).min(n)]).into_owned());
+                i += 1 + len;
+            }
+            seen2.lock().unwrap().push(labels.join("."));
+            // NXDOMAIN.
+            let mut r = buf[..n].to_vec();
+            r[2] = 0x81;
+            r[3] = 0x83;
+            let _ = s.send_to(&r, from);
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn allow_lists_mitm_and_secrets_end_to_end() {
+    let py = python_image();
+    let dir = tempfile::tempdir().unwrap();
+    let http = http_upstream();
+    let (https, ca) = https_upstream(dir.path());
+    let (dns, seen) = dns_recorder();
+    let script = format!(
+        r#"
+import base64, json, os, socket, ssl, urllib.request, urllib.error, http.client
+key = os.environ["API_KEY"]
+def get(url, headers={{}}):
+    try:
+        r = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=20)
+        return r.status, r.read().decode(), {{k.lower(): v for k, v in r.headers.items()}}
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode().strip(), {{}}
+    except Exception as e:
+        return "error", repr(e), {{}}
+out = {{}}
+out["env"] = key
+out["http"] = get("http://api.test:{http}/a", {{"Authorization": "Bearer " + key}})
+out["query"] = get("https://api.test:{https}/q?token=" + key)
+out["basic"] = get("https://api.test:{https}/b", {{"Authorization": "Basic " + base64.b64encode(("user:" + key).encode()).decode()}})
+out["glob"] = get("https://x.glob.test:{https}/g")
+out["blocked"] = get("http://other.test:{http}/")
+out["wrong_host"] = get("https://x.glob.test:{https}/w", {{"Authorization": "Bearer " + key}})
+# SNI api.test, Host header for another allowed name.
+c = http.client.HTTPSConnection("api.test", {https}, timeout=20, context=ssl.create_default_context())
+c.request("GET", "/m", headers={{"Host": "x.glob.test"}})
+r = c.getresponse(); out["mismatch"] = [r.status, r.read().decode().strip()]
+s = socket.create_connection(("api.test", {http}), timeout=10)
+s.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
+try:
+    out["raw"] = s.recv(100).decode()
+except Exception as e:
+    out["raw"] = "reset"
+out["sinkhole"] = socket.gethostbyname("nope.example")
+print(json.dumps(out))
+"#
+    );
+    let dns_arg = format!("127.0.0.1:{dns}");
+    let secret = format!("API_KEY={SECRET}@api.test");
+    let out = ml(&[
+        "run",
+        "--image",
+        py,
+        "--add-host",
+        "api.test:127.0.0.1",
+        "--add-host",
+        "x.glob.test:127.0.0.1",
+        "--add-host",
+        "other.test:127.0.0.1",
+        "--allow-private-host",
+        "127.0.0.1",
+        "--allow-host",
+        "api.test,*.glob.test",
+        "--secret",
+        &secret,
+        "--dns-servers",
+        &dns_arg,
+        "--",
+        "python3",
+        "-c",
+        &script,
+    ])
+    .env("MATCHLOCK_UPSTREAM_CA", &ca)
+    .output()
+    .unwrap();
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "stdout: {text}\nstderr: {}",
+        stderr(&out)
+    );
+    assert!(
+        !text.contains(SECRET),
+        "the real secret reached the guest: {text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let placeholder = v["env"].as_str().unwrap();
+    assert!(placeholder.starts_with("SANDBOX_SECRET_"), "{v}");
+
+    // Header substitution over plain HTTP: upstream got the real value, the guest sees its echo as
+    // the placeholder, in the body and in the echoed header.
+    let body = v["http"][1].as_str().unwrap();
+    assert_eq!(v["http"][0], 200, "{v}");
+    assert!(
+        body.contains(&format!("auth_sha={}", sha(&format!("Bearer {SECRET}")))),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!("auth=Bearer {placeholder}")),
+        "{body}"
+    );
+    assert_eq!(v["http"][2]["x-echo-auth"], format!("Bearer {placeholder}"));
+    // Query over HTTPS (the guest trusted the sandbox CA; matchlock verified the upstream).
+    assert_eq!(v["query"][0], 200, "{v}");
+    assert!(
+        v["query"][1]
+            .as_str()
+            .unwrap()
+            .contains(&format!("path_sha={}", sha(&format!("/q?token={SECRET}")))),
+        "{v}"
+    );
+    // Basic credentials.
+    let basic = format!("Basic {}", base64_encode(&format!("user:{SECRET}")));
+    assert!(
+        v["basic"][1]
+            .as_str()
+            .unwrap()
+            .contains(&format!("auth_sha={}", sha(&basic))),
+        "{v}"
+    );
+    // Glob, and refusals with reasons.
+    assert_eq!(v["glob"][0], 200, "{v}");
+    assert_eq!(v["blocked"][0], 403, "{v}");
+    assert!(
+        v["blocked"][1]
+            .as_str()
+            .unwrap()
+            .contains("not on this sandbox's allow-list"),
+        "{v}"
+    );
+    assert_eq!(v["wrong_host"][0], 403, "{v}");
+    assert!(
+        v["wrong_host"][1]
+            .as_str()
+            .unwrap()
+            .contains("secret API_KEY may not be sent to x.glob.test"),
+        "{v}"
+    );
+    assert_eq!(v["mismatch"][0], 403, "{v}");
+    assert!(
+        v["mismatch"][1]
+            .as_str()
+            .unwrap()
+            .contains("does not match the TLS server name"),
+        "{v}"
+    );
+    // Non-HTTP TCP is refused; names off the allow-list never reach the upstream resolver.
+    assert!(v["raw"] == "" || v["raw"] == "reset", "{v}");
+    assert_eq!(v["sinkhole"], "198.19.255.254");
+    assert!(
+        !seen.lock().unwrap().iter().any(|n| n.contains("nope")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
