@@ -178,6 +178,7 @@ print(json.dumps(out))
     );
     let dns_arg = format!("127.0.0.1:{dns}");
     let secret = format!("API_KEY={SECRET}@api.test");
+    let events = dir.path().join("events.jsonl");
     let out = ml(&[
         "run",
         "--image",

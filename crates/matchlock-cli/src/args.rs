@@ -282,6 +282,15 @@ pub struct RunArgs {
     /// the value from this environment. The real value is sent only to those hosts.
     #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
     pub secret: Vec<String>,
+    /// Write every interception decision, request and response to this JSON-lines file.
+    #[arg(long = "event-log", value_name = "PATH")]
+    pub event_log: Option<std::path::PathBuf>,
+    /// `run_id` of the events (default: the sandbox id).
+    #[arg(long = "run-id", value_name = "ID", default_value = "")]
+    pub run_id: String,
+    /// `agent_system` of the events (e.g. aider).
+    #[arg(long = "agent-system", value_name = "NAME", default_value = "")]
+    pub agent_system: String,
     /// Interception mode even without --allow-host (then nothing is allowed).
     #[arg(long = "network-intercept")]
     pub network_intercept: bool,

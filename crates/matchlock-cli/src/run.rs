@@ -420,23 +420,44 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
         }
         return Ok(None);
     }
-    let intercept =
-        if args.network_intercept || !args.allow_host.is_empty() || !args.secret.is_empty() {
-            for h in &args.allow_host {
-                matchlock_intercept::hosts::HostPattern::parse(h)
-                    .map_err(|e| anyhow!("--allow-host: {e}"))?;
+    let intercept = if args.network_intercept
+        || !args.allow_host.is_empty()
+        || !args.secret.is_empty()
+    {
+        for h in &args.allow_host {
+            matchlock_intercept::hosts::HostPattern::parse(h)
+                .map_err(|e| anyhow!("--allow-host: {e}"))?;
+        }
+        let secrets = parse_secrets(&args.secret)?
+            .into_iter()
+            .map(|(spec, _)| spec)
+            .collect();
+        let event_log = match &args.event_log {
+            Some(p) => {
+                // Absolute, since the supervisor runs elsewhere; opened here so a bad path
+                // fails before anything boots.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| anyhow!("--event-log {}: {e}", p.display()))?;
+                Some(std::fs::canonicalize(p)?)
             }
-            let secrets = parse_secrets(&args.secret)?
-                .into_iter()
-                .map(|(spec, _)| spec)
-                .collect();
-            Some(matchlock_sandbox::InterceptConfig {
-                allowed_hosts: args.allow_host.clone(),
-                secrets,
-            })
-        } else {
-            None
+            None => None,
         };
+        Some(matchlock_sandbox::InterceptConfig {
+            allowed_hosts: args.allow_host.clone(),
+            secrets,
+            event_log,
+            run_id: args.run_id.clone(),
+            agent_system: args.agent_system.clone(),
+        })
+    } else {
+        if args.event_log.is_some() {
+            bail!("--event-log records interception; add --allow-host, --secret or --network-intercept");
+        }
+        None
+    };
     validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
     for a in &args.allow_private_host {
         a.parse::<std::net::IpAddr>()

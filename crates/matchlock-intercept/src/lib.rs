@@ -5,6 +5,7 @@
 
 pub mod ca;
 pub mod classify;
+pub mod events;
 pub mod hosts;
 pub mod proxy;
 pub mod secrets;

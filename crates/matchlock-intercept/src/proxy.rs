@@ -9,6 +9,7 @@
 
 use crate::ca::MitmCa;
 use crate::classify::{classify, Flow, MAX_PEEK};
+use crate::events::EventLog;
 use crate::hosts::{normalize, AllowList, NameTable};
 use crate::secrets::{Scrubber, Secrets};
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -46,6 +48,7 @@ pub struct Proxy {
     names: Arc<NameTable>,
     egress: Egress,
     client_tls: Arc<rustls::ClientConfig>,
+    events: Option<Arc<EventLog>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -209,6 +212,7 @@ impl Proxy {
         names: Arc<NameTable>,
         egress: Egress,
         client_tls: rustls::ClientConfig,
+        events: Option<Arc<EventLog>>,
     ) -> Proxy {
         Proxy {
             allow: RwLock::new(allow),
@@ -217,7 +221,45 @@ impl Proxy {
             names,
             egress,
             client_tls: Arc::new(client_tls),
+            events,
         }
+    }
+
+    fn event(
+        &self,
+        kind: &str,
+        summary: String,
+        plugin: Option<&str>,
+        tls: bool,
+        data: serde_json::Value,
+    ) {
+        if let Some(log) = &self.events {
+            log.emit(
+                kind,
+                summary,
+                plugin,
+                &[if tls { "tls" } else { "http" }],
+                data,
+            );
+        }
+    }
+
+    /// Records and builds a refusal.
+    fn refuse(
+        &self,
+        host: &str,
+        tls: bool,
+        status: StatusCode,
+        reason: String,
+    ) -> Response<ProxyBody> {
+        self.event(
+            "gate_decision",
+            format!("gate blocked {host}: {reason}"),
+            Some("host_filter"),
+            tls,
+            json!({"host": host, "allowed": false, "reason": reason}),
+        );
+        text(status, format!("blocked: {reason}"))
     }
 
     /// The CA certificate the guest must trust.
@@ -332,32 +374,51 @@ impl Proxy {
             );
         };
         let host = normalize(&authority);
+        let tls = sni.is_some();
         if let Some(sni) = &sni {
             if normalize(sni) != host {
-                return text(
+                return self.refuse(
+                    &host,
+                    tls,
                     StatusCode::FORBIDDEN,
-                    format!("blocked: Host {host} does not match the TLS server name {sni}"),
+                    format!("Host {host} does not match the TLS server name {sni}"),
                 );
             }
         }
         if !self.allows(&host) {
-            return text(
+            return self.refuse(
+                &host,
+                tls,
                 StatusCode::FORBIDDEN,
-                format!("blocked: {host} is not on this sandbox's allow-list"),
+                format!("{host} is not on this sandbox's allow-list"),
             );
         }
         if !self.names.agrees(&host, IpAddr::V4(*target.visible.ip())) {
-            return text(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "blocked: {} is not an address matchlock resolved {host} to",
-                    target.visible.ip()
-                ),
+            let reason = format!(
+                "{} is not an address matchlock resolved {host} to",
+                target.visible.ip()
             );
+            return self.refuse(&host, tls, StatusCode::FORBIDDEN, reason);
         }
         if let Err(why) = (self.egress)(target.real.ip()) {
-            return text(StatusCode::FORBIDDEN, format!("blocked: {why}"));
+            return self.refuse(&host, tls, StatusCode::FORBIDDEN, why);
         }
+        self.event(
+            "gate_decision",
+            format!("gate allowed {host} by host_filter"),
+            Some("host_filter"),
+            tls,
+            json!({"host": host, "allowed": true}),
+        );
+        let method = req.method().to_string();
+        let started = std::time::Instant::now();
+        self.event(
+            "http_request",
+            format!("{method} {host}{}", req.uri().path()),
+            None,
+            tls,
+            json!({"method": method, "host": host, "path": req.uri().path()}),
+        );
         let (mut parts, body) = req.into_parts();
         // Secrets: header values and the query, then rebuilt.
         let mut headers: Vec<(String, Vec<u8>)> = parts
@@ -367,8 +428,19 @@ impl Proxy {
             .collect();
         let path = parts.uri.path().to_string();
         let mut query = parts.uri.query().unwrap_or("").as_bytes().to_vec();
-        if let Err(leak) = self.secrets.apply_request(&host, &mut headers, &mut query) {
-            return text(StatusCode::FORBIDDEN, format!("blocked: {leak}"));
+        match self.secrets.apply_request(&host, &mut headers, &mut query) {
+            Ok(injected) => {
+                for name in injected {
+                    self.event(
+                        "request_transform",
+                        format!("injected secret {name} for {host}"),
+                        Some("secret_injector"),
+                        tls,
+                        json!({"action": "injected", "secret": name, "host": host}),
+                    );
+                }
+            }
+            Err(leak) => return self.refuse(&host, tls, StatusCode::FORBIDDEN, leak.to_string()),
         }
         let mut map = HeaderMap::new();
         for (k, v) in headers {
@@ -400,6 +472,13 @@ impl Proxy {
         let upstream = Request::from_parts(parts, body.boxed());
         match self.forward(upstream, target, &host, sni.is_some()).await {
             Ok(resp) => {
+                self.event(
+                    "http_response",
+                    format!("{} from {host}", resp.status().as_u16()),
+                    None,
+                    tls,
+                    json!({"host": host, "status": resp.status().as_u16(), "duration_ms": started.elapsed().as_millis() as u64}),
+                );
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 for v in parts.headers.values_mut() {
@@ -421,7 +500,16 @@ impl Proxy {
                 };
                 Response::from_parts(parts, body.boxed())
             }
-            Err(e) => text(StatusCode::BAD_GATEWAY, format!("upstream {host}: {e}")),
+            Err(e) => {
+                self.event(
+                    "http_response",
+                    format!("502 for {host}: {e}"),
+                    None,
+                    tls,
+                    json!({"host": host, "status": 502, "error": e, "duration_ms": started.elapsed().as_millis() as u64}),
+                );
+                text(StatusCode::BAD_GATEWAY, format!("upstream {host}: {e}"))
+            }
         }
     }
 

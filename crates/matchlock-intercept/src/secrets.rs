@@ -119,14 +119,16 @@ impl Secrets {
 
     /// Substitutes secrets into a request to `host`: header values (including `Basic`
     /// credentials) and the raw query. Refuses the request if a placeholder or a real value is
-    /// headed to a host its secret does not allow.
+    /// headed to a host its secret does not allow. Returns the names of the secrets injected.
     pub fn apply_request(
         &self,
         host: &str,
         headers: &mut [(String, Vec<u8>)],
         query: &mut Vec<u8>,
-    ) -> Result<(), Leak> {
+    ) -> Result<Vec<String>, Leak> {
+        let mut injected = Vec::new();
         for s in &self.list {
+            let mut used = false;
             let (ph, real) = (s.placeholder.as_bytes(), s.value.as_bytes());
             let allowed = s.hosts.allows(host);
             let leak = || Leak {
@@ -144,8 +146,10 @@ impl Secrets {
                 }
                 if let Some(new) = replace(v, ph, real) {
                     *v = new;
+                    used = true;
                 } else if let Some(new) = decoded.and_then(|d| replace(&d, ph, real)) {
                     *v = format!("Basic {}", B64.encode(new)).into_bytes();
+                    used = true;
                 }
             }
             if !allowed {
@@ -154,9 +158,13 @@ impl Secrets {
                 }
             } else if let Some(new) = replace(query, ph, real) {
                 *query = new;
+                used = true;
+            }
+            if used {
+                injected.push(s.name.clone());
             }
         }
-        Ok(())
+        Ok(injected)
     }
 
     /// A streaming filter turning real values back into placeholders in response bodies.

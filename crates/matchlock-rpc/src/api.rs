@@ -351,6 +351,7 @@ fn network_config(
             matchlock_sandbox::InterceptConfig {
                 allowed_hosts: n.allowed_hosts.clone(),
                 secrets,
+                ..Default::default()
             }
         });
     Some(matchlock_sandbox::NetworkConfig {

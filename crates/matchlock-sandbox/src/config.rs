@@ -80,6 +80,15 @@ pub struct InterceptConfig {
     /// Secrets, without their values (those never reach this file).
     #[serde(default)]
     pub secrets: Vec<SecretSpec>,
+    /// JSON-lines event log of every decision, request and response (`--event-log`).
+    #[serde(default)]
+    pub event_log: Option<PathBuf>,
+    /// `run_id` of the events; the sandbox id when empty.
+    #[serde(default)]
+    pub run_id: String,
+    /// `agent_system` of the events.
+    #[serde(default)]
+    pub agent_system: String,
 }
 
 /// A secret as configuration records it: its name, hosts and placeholder, never its value.

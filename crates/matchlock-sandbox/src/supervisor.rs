@@ -501,6 +501,20 @@ fn network_stack(
             for (name, ip) in &hosts {
                 names.record(name, &[*ip]);
             }
+            let events = match &ic.event_log {
+                Some(path) => {
+                    let run_id = if ic.run_id.is_empty() {
+                        config.id.as_str()
+                    } else {
+                        ic.run_id.as_str()
+                    };
+                    Some(std::sync::Arc::new(
+                        matchlock_intercept::events::EventLog::open(path, run_id, &ic.agent_system)
+                            .map_err(|e| format!("--event-log {}: {e}", path.display()))?,
+                    ))
+                }
+                None => None,
+            };
             let egress_policy = policy.clone();
             let egress: matchlock_intercept::proxy::Egress =
                 std::sync::Arc::new(move |ip| egress_policy.check(ip));
@@ -511,6 +525,7 @@ fn network_stack(
                 names,
                 egress,
                 tls,
+                events,
             )))
         }
     };
