@@ -197,6 +197,12 @@ print(json.dumps(out))
         &secret,
         "--dns-servers",
         &dns_arg,
+        "--event-log",
+        events.to_str().unwrap(),
+        "--run-id",
+        "run-7",
+        "--agent-system",
+        "e2e",
         "--",
         "python3",
         "-c",
@@ -283,6 +289,46 @@ print(json.dumps(out))
         !seen.lock().unwrap().iter().any(|n| n.contains("nope")),
         "{:?}",
         seen.lock().unwrap()
+    );
+
+    // The event log: decisions, requests, injections and responses, never the value.
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(!log.contains(SECRET));
+    let evs: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| evs.iter().any(f);
+    assert!(
+        evs.iter()
+            .all(|e| e["run_id"] == "run-7" && e["agent_system"] == "e2e"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| e["event_type"] == "gate_decision"
+            && e["data"]["host"] == "api.test"
+            && e["data"]["allowed"] == true),
+        "{log}"
+    );
+    assert!(
+        has(&|e| e["event_type"] == "gate_decision"
+            && e["data"]["host"] == "other.test"
+            && e["data"]["allowed"] == false),
+        "{log}"
+    );
+    assert!(
+        has(&|e| e["event_type"] == "request_transform"
+            && e["data"]["action"] == "injected"
+            && e["data"]["secret"] == "API_KEY"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| e["event_type"] == "http_request" && e["data"]["method"] == "GET"),
+        "{log}"
+    );
+    assert!(
+        has(&|e| e["event_type"] == "http_response" && e["data"]["status"] == 200),
+        "{log}"
     );
 }
 
