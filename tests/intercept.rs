@@ -336,3 +336,47 @@ fn base64_encode(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[test]
+fn allow_list_changes_at_runtime() {
+    let py = python_image();
+    let http = http_upstream();
+    let sb = {
+        let out = ok(run(&[
+            "run",
+            "-d",
+            "--image",
+            py,
+            "--add-host",
+            "api.test:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--network-intercept",
+            "--",
+            "sleep",
+            "600",
+        ]));
+        Sandbox {
+            id: out.trim().to_string(),
+        }
+    };
+    let fetch = format!(
+        "import urllib.request, urllib.error\ntry:\n print(urllib.request.urlopen('http://api.test:{http}/x', timeout=20).status)\nexcept urllib.error.HTTPError as e:\n print(e.code)"
+    );
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "403\n");
+    let out = ok(run(&["allow-list", "add", &sb.id, "api.test"]));
+    assert!(out.contains("added api.test"), "{out}");
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "200\n");
+    let out = ok(run(&["allow-list", "delete", &sb.id, "api.test"]));
+    assert!(out.contains("removed api.test"), "{out}");
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "403\n");
+    // A sandbox without interception says so.
+    let open = Sandbox::detached(&[], &["sleep", "600"]);
+    let o = run(&["allow-list", "add", &open.id, "x.test"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("without network interception"),
+        "{}",
+        stderr(&o)
+    );
+}

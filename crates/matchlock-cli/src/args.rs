@@ -84,6 +84,13 @@ pub enum Command {
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         address: Vec<String>,
     },
+    /// Change a running sandbox's interception allow-list.
+    #[command(name = "allow-list")]
+    AllowList {
+        /// What to do.
+        #[command(subcommand)]
+        command: AllowListCommand,
+    },
     /// Serve the JSON-RPC protocol of the Matchlock SDKs on standard input and output.
     Rpc,
     /// Manage named ext4 volumes (attach with --disk @NAME:/path).
@@ -150,6 +157,28 @@ pub enum PullArg {
     Always,
     /// Never contact a registry.
     Never,
+}
+
+/// `matchlock allow-list ...`
+#[derive(Subcommand, Debug)]
+pub enum AllowListCommand {
+    /// Allow more hosts.
+    Add {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// Host patterns, comma-separated or repeated.
+        #[arg(required = true, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
+    /// Stop allowing hosts.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// Host patterns, comma-separated or repeated.
+        #[arg(required = true, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
 }
 
 /// `matchlock volume ...`

@@ -43,6 +43,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Pull { image, force } => image::pull(&image, force),
         Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
         Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
+        Command::AllowList { command } => run::allow_list(command),
         Command::Volume { command } => volume::volume(command),
         Command::Image { command } => image::image(command),
         Command::Kernel { command } => kernel(command),

@@ -585,3 +585,25 @@ pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<
         }
     })
 }
+
+/// `matchlock allow-list add|delete`.
+pub fn allow_list(cmd: crate::args::AllowListCommand) -> Result<i32> {
+    use crate::args::AllowListCommand;
+    let (id, add, remove) = match cmd {
+        AllowListCommand::Add { id, hosts } => (id, hosts, Vec::new()),
+        AllowListCommand::Delete { id, hosts } => (id, Vec::new(), hosts),
+    };
+    let store = Store::open_default();
+    let id = store.resolve_id(&id)?;
+    let client = Client::for_sandbox(&store, &id)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (added, removed, now) = rt.block_on(client.allow_list(add, remove))?;
+    for h in added {
+        println!("added {h}");
+    }
+    for h in removed {
+        println!("removed {h}");
+    }
+    println!("allowed: {}", now.join(","));
+    Ok(0)
+}

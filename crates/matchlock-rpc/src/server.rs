@@ -412,7 +412,9 @@ async fn handle(
         "log" => log(shared).await,
         "log_stream" => log_stream(shared, id).await,
         "port_forward" => port_forward(shared, parse(method, params)?).await,
-        "allow_list_add" | "allow_list_delete" => allow_list(shared, parse(method, params)?),
+        "allow_list_add" | "allow_list_delete" => {
+            allow_list(shared, method, parse(method, params)?).await
+        }
         _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
     }
 }
@@ -928,15 +930,31 @@ struct HostsParams {
     hosts: Vec<String>,
 }
 
-fn allow_list(shared: &Arc<Shared>, p: HostsParams) -> Result<Value, RpcError> {
-    shared.client()?;
-    if p.hosts.iter().all(|h| h.trim().is_empty()) {
+async fn allow_list(shared: &Arc<Shared>, method: &str, p: HostsParams) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    let hosts: Vec<String> = p
+        .hosts
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hosts.is_empty() {
         return Err(RpcError::params("hosts is required"));
     }
-    Err(RpcError::new(
-        code::VM_FAILED,
-        "allow-list updates unavailable: sandbox was started without network interception",
-    ))
+    let (add, remove) = if method == "allow_list_add" {
+        (hosts, Vec::new())
+    } else {
+        (Vec::new(), hosts)
+    };
+    let (added, removed, now) = client
+        .allow_list(add, remove)
+        .await
+        .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+    Ok(if method == "allow_list_add" {
+        json!({"added": added, "allowed_hosts": now})
+    } else {
+        json!({"removed": removed, "allowed_hosts": now})
+    })
 }
 
 #[cfg(test)]

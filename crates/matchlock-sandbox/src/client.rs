@@ -188,6 +188,7 @@ impl Client {
         match control::read_json::<_, Reply>(&mut s).await {
             Ok(Reply::Ok) => Ok(()),
             Ok(Reply::Error(e)) => Err(SandboxError::Channel(e)),
+            Ok(Reply::AllowList { .. }) => Ok(()),
             Err(e) => Err(SandboxError::Channel(format!(
                 "no reply from sandbox {}: {e}",
                 self.id
@@ -230,6 +231,28 @@ impl Client {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Ok(())
+    }
+
+    /// Adds and removes interception allow-list patterns; returns `(added, removed, now)`.
+    pub async fn allow_list(
+        &self,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), SandboxError> {
+        let mut s = self.send(&Request::AllowList { add, remove }).await?;
+        match control::read_json::<_, Reply>(&mut s).await {
+            Ok(Reply::AllowList {
+                added,
+                removed,
+                allowed_hosts,
+            }) => Ok((added, removed, allowed_hosts)),
+            Ok(Reply::Error(e)) => Err(SandboxError::Invalid(e)),
+            Ok(Reply::Ok) => Err(SandboxError::Channel("unexpected reply".into())),
+            Err(e) => Err(SandboxError::Channel(format!(
+                "no reply from sandbox {}: {e}",
+                self.id
+            ))),
+        }
     }
 
     /// Checks that the supervisor answers.

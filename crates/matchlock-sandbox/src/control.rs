@@ -58,6 +58,13 @@ pub enum Request {
     },
     /// Liveness check.
     Ping,
+    /// Change the interception allow-list. Replies [`Reply::AllowList`].
+    AllowList {
+        /// Patterns to add.
+        add: Vec<String>,
+        /// Patterns to remove.
+        remove: Vec<String>,
+    },
 }
 
 /// Reply to [`Request::Stop`], [`Request::Launch`] and [`Request::Ping`].
@@ -67,6 +74,15 @@ pub enum Reply {
     Ok,
     /// Failed, with a message for the user.
     Error(String),
+    /// The allow-list after an [`Request::AllowList`] change.
+    AllowList {
+        /// Patterns that were added.
+        added: Vec<String>,
+        /// Patterns that were removed.
+        removed: Vec<String>,
+        /// The list now.
+        allowed_hosts: Vec<String>,
+    },
 }
 
 /// Writes a length-prefixed JSON value.

@@ -75,6 +75,8 @@ struct Ctx {
     mux: Mux,
     stop_tx: mpsc::Sender<StopRequest>,
     log: Arc<Mutex<CappedLog>>,
+    /// The interception proxy, when the sandbox intercepts.
+    proxy: Option<Arc<matchlock_intercept::proxy::Proxy>>,
 }
 
 /// Largest `logs/vm.log`: everything in it comes from the guest, which must not be able to fill
@@ -732,10 +734,12 @@ async fn supervise(
 
     // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
     let mut ca_pem: Option<String> = None;
+    let mut proxy_handle = None;
     if let (Some(l), Some(netcfg)) = (listeners.net, config.network.clone()) {
         match (UnixListener::from_std(l), network_stack(&config, &netcfg)) {
             (Ok(l), Ok(stack)) => {
                 ca_pem = stack.intercept.as_ref().map(|p| p.ca_pem().to_string());
+                proxy_handle = stack.intercept.clone();
                 tokio::spawn(async move {
                     if let Ok((conn, _)) = l.accept().await {
                         if let Err(e) = matchlock_net::serve(conn, stack).await {
@@ -874,6 +878,7 @@ async fn supervise(
         mux: mux.clone(),
         stop_tx: stop_tx.clone(),
         log,
+        proxy: proxy_handle,
     });
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -1074,6 +1079,26 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         }
         Request::Ping => {
             let _ = control::write_json(&mut conn, &Reply::Ok).await;
+        }
+        Request::AllowList { add, remove } => {
+            let reply = match &ctx.proxy {
+                None => Reply::Error(
+                    "allow-list updates unavailable: sandbox was started without network interception"
+                        .into(),
+                ),
+                Some(p) => match p.allow_add(&add) {
+                    Ok(added) => {
+                        let removed = p.allow_remove(&remove);
+                        Reply::AllowList {
+                            added,
+                            removed,
+                            allowed_hosts: p.allowed(),
+                        }
+                    }
+                    Err(e) => Reply::Error(e),
+                },
+            };
+            let _ = control::write_json(&mut conn, &reply).await;
         }
     }
 }
