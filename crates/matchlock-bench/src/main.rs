@@ -4,6 +4,7 @@
 //! matchlock-bench [--matchlock PATH] [--image NAME] [--boots N] [--execs N]
 //! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
 //! matchlock-bench --net MB [--runs N] [--net-image NAME]
+//! matchlock-bench --net-tls MB [--runs N] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -19,6 +20,8 @@
 //!    against skopeo + tar + mke2fs; see `pull.rs`.
 //! 5. `--net MB` (instead of 1 to 3): guest download throughput and connect latency from a
 //!    loopback server through matchlock's stack against QEMU's user networking; see `net.rs`.
+//! 6. `--net-tls MB`: HTTPS download and request latency through the interception proxy (MITM,
+//!    policy, secrets) against the same transfer in open mode with TLS end to end.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
@@ -43,6 +46,7 @@ struct Args {
     rpc_starts: usize,
     rpc_execs: usize,
     net_mb: u64,
+    net_tls_mb: u64,
     net_image: String,
 }
 
@@ -61,6 +65,7 @@ fn parse_args() -> Result<Args> {
         rpc_starts: 0,
         rpc_execs: 200,
         net_mb: 0,
+        net_tls_mb: 0,
         net_image: "mltest/python:1".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -77,6 +82,7 @@ fn parse_args() -> Result<Args> {
             "--rpc-starts" => a.rpc_starts = val()?.parse()?,
             "--rpc-execs" => a.rpc_execs = val()?.parse()?,
             "--net" => a.net_mb = val()?.parse()?,
+            "--net-tls" => a.net_tls_mb = val()?.parse()?,
             "--net-image" => a.net_image = val()?,
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
@@ -102,6 +108,9 @@ fn main() -> Result<()> {
     }
     if args.net_mb > 0 {
         return net::bench(&args.matchlock, &args.net_image, args.net_mb, args.runs);
+    }
+    if args.net_tls_mb > 0 {
+        return net::bench_tls(&args.matchlock, &args.net_image, args.net_tls_mb, args.runs);
     }
     let qemu = matchlock_vmm::qemu::locate_qemu()?;
     let kernel = matchlock_vmm::kernel::locate()?;
