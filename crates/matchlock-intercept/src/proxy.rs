@@ -430,6 +430,12 @@ impl Proxy {
         let mut query = parts.uri.query().unwrap_or("").as_bytes().to_vec();
         match self.secrets.apply_request(&host, &mut headers, &mut query) {
             Ok(injected) => {
+                if !injected.is_empty() {
+                    // An upstream that echoes the value inside a compressed body would slip past
+                    // the scrubber, which does not decode bodies (Content-Encoding is passed
+                    // through untouched): ask for an uncompressed answer instead.
+                    headers.retain(|(k, _)| !k.eq_ignore_ascii_case("accept-encoding"));
+                }
                 for name in injected {
                     self.event(
                         "request_transform",
