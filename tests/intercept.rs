@@ -173,6 +173,13 @@ try:
 except Exception as e:
     out["raw"] = "reset"
 out["sinkhole"] = socket.gethostbyname("nope.example")
+import subprocess
+def curl(*args):
+    p = subprocess.run(["curl", "-sS", *args], capture_output=True, text=True)
+    return [p.returncode, p.stdout, p.stderr]
+# curl's own TLS stack trusts the sandbox CA too (CURL_CA_BUNDLE), over HTTP/2 and HTTP/1.1.
+out["curl_h2"] = curl("--http2", "-w", " http=%{{http_version}}", "https://x.glob.test:{https}/c")
+out["curl_h1"] = curl("--http1.1", "-w", " http=%{{http_version}}", "https://api.test:{https}/d")
 print(json.dumps(out))
 "#
     );
@@ -290,6 +297,15 @@ print(json.dumps(out))
         "{:?}",
         seen.lock().unwrap()
     );
+
+    for (k, version) in [("curl_h2", "http=2"), ("curl_h1", "http=1.1")] {
+        assert_eq!(v[k][0], 0, "{k}: {v}");
+        let body = v[k][1].as_str().unwrap();
+        assert!(
+            body.starts_with("path=/") && body.ends_with(version),
+            "{k}: {body}"
+        );
+    }
 
     // The event log: decisions, requests, injections and responses, never the value.
     let log = std::fs::read_to_string(&events).unwrap();
