@@ -83,6 +83,9 @@ pub struct Network {
     pub hostname: String,
     /// Interface MTU.
     pub mtu: i64,
+    /// Addresses opened despite the private-range block (Matchlock fork's field; the CLI's
+    /// `--allow-private-host`).
+    pub allowed_private_hosts: Vec<String>,
 }
 
 /// One `add_hosts` entry.
@@ -270,6 +273,13 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     if !n.hostname.is_empty() {
         validate::hostname(&n.hostname, "network.hostname").map_err(RpcError::params)?;
     }
+    for a in &n.allowed_private_hosts {
+        a.parse::<std::net::IpAddr>().map_err(|_| {
+            RpcError::params(format!(
+                "network.allowed_private_hosts: '{a}' is not an IP address"
+            ))
+        })?;
+    }
     for h in &n.add_hosts {
         validate::add_host(&h.host, &h.ip, "network.add_hosts").map_err(RpcError::params)?;
     }
@@ -357,7 +367,7 @@ fn network_config(
     Some(matchlock_sandbox::NetworkConfig {
         mtu: if n.mtu > 0 { n.mtu as u16 } else { 1500 },
         dns_servers: n.dns_servers.clone(),
-        allow_private_hosts: Vec::new(),
+        allow_private_hosts: n.allowed_private_hosts.clone(),
         allow_private_ranges: n.block_private_ips == Some(false),
         intercept,
     })
