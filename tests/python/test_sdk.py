@@ -4,11 +4,13 @@ Nothing here is mocked: every test talks to real sandboxes (QEMU, the guest agen
 SDK's own subprocess and JSON-RPC code.
 """
 
+import base64
 import hashlib
 import io
 import json
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
@@ -347,3 +349,69 @@ def test_volumes():
     assert ml("run", "--image", BUSYBOX, "--disk", "@pyvol:/data:ro", "--", "cat", "/data/f").stdout == "persisted\n"
     c.volume_remove("pyvol")
     assert "pyvol" not in [x.name for x in c.volume_list()]
+
+
+def test_interception_and_secrets_over_raw_rpc():
+    """allowed_hosts + secrets over RPC, as the Go SDK sends them (plus the fork's
+    allowed_private_hosts to reach a server on the host's loopback)."""
+    import http.server
+
+    seen = {}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["auth"] = self.headers.get("Authorization")
+            body = ("echo " + str(self.headers.get("Authorization"))).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    p = subprocess.Popen([BIN, "rpc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(i, method, params):
+        p.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method, "id": i, "params": params}) + "\n")
+        p.stdin.flush()
+        while True:
+            msg = json.loads(p.stdout.readline())
+            if msg.get("id") == i:
+                return msg
+
+    try:
+        r = call(1, "create", {"image": PYTHON, "network": {
+            "allowed_hosts": ["api.test"], "block_private_ips": True,
+            "allowed_private_hosts": ["127.0.0.1"],
+            "add_hosts": [{"host": "api.test", "ip": "127.0.0.1"}, {"host": "other.test", "ip": "127.0.0.1"}],
+            "secrets": {"TOKEN": {"value": "tok-real-77", "hosts": ["api.test"]}}}})
+        assert "result" in r, r
+        script = (
+            "import os, urllib.request, urllib.error\n"
+            "def get(u):\n"
+            "  try:\n"
+            "    r = urllib.request.urlopen(urllib.request.Request(u, headers={'Authorization': 'Bearer ' + os.environ['TOKEN']}), timeout=20)\n"
+            "    return r.status, r.read().decode()\n"
+            "  except urllib.error.HTTPError as e:\n"
+            "    return e.code, e.read().decode().strip()\n"
+            f"print(get('http://api.test:{port}/'))\n"
+            f"print(get('http://other.test:{port}/'))\n"
+        )
+        r = call(2, "exec", {"command": "python3 -c " + shlex.quote(script)})
+        out = base64.b64decode(r["result"]["stdout"]).decode()
+        assert seen.get("auth") == "Bearer tok-real-77", out
+        assert "tok-real-77" not in out
+        assert "(200, 'echo Bearer SANDBOX_SECRET_" in out, out
+        assert "(403, " in out and "not on this sandbox's allow-list" in out, out
+        r = call(3, "allow_list_add", {"hosts": ["other.test"]})
+        assert r["result"]["added"] == ["other.test"], r
+        assert "other.test" in r["result"]["allowed_hosts"]
+    finally:
+        call(9, "close", {"timeout_seconds": 2})
+        p.stdin.close()
+        p.wait(timeout=30)
+        srv.shutdown()
