@@ -415,3 +415,79 @@ def test_interception_and_secrets_over_raw_rpc():
         p.stdin.close()
         p.wait(timeout=30)
         srv.shutdown()
+
+
+def test_network_hook_rules_static_and_callback():
+    """The SDK's typed hook rules and an SDK-local callback, through our proxy."""
+    import http.server
+    from matchlock import (
+        NetworkBodyTransform,
+        NetworkHookRequestMutation,
+        NetworkHookResult,
+        NetworkHookRule,
+        NetworkInterceptionConfig,
+    )
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"hello foo hook={self.headers.get('X-From-Hook')} path={self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    calls = []
+
+    def before(req):
+        calls.append((req.phase, req.host, req.path))
+        headers = dict(req.request_headers or {})
+        headers["X-From-Hook"] = ["yes"]
+        return NetworkHookResult(action="mutate", request=NetworkHookRequestMutation(headers=headers))
+
+    sandbox = (
+        Sandbox(PYTHON)
+        .allow_private_ips()
+        .add_host("api.test", "127.0.0.1")
+        .allow_host("api.test")
+        .with_network_interception(
+            NetworkInterceptionConfig(
+                rules=[
+                    NetworkHookRule(phase="before", hosts=["api.test"], path="/blocked", action="block"),
+                    NetworkHookRule(phase="before", hosts=["api.test"], hook=before, timeout_ms=5000),
+                    NetworkHookRule(
+                        phase="after",
+                        hosts=["api.test"],
+                        action="mutate",
+                        set_response_headers={"X-Intercepted": "true"},
+                        body_replacements=[NetworkBodyTransform(find="foo", replace="bar")],
+                    ),
+                ]
+            )
+        )
+    )
+    script = (
+        "import urllib.request, urllib.error\n"
+        "def get(u):\n"
+        "  try:\n"
+        "    r = urllib.request.urlopen(u, timeout=20)\n"
+        "    return r.status, r.read().decode(), r.headers.get('X-Intercepted')\n"
+        "  except urllib.error.HTTPError as e:\n"
+        "    return e.code, e.read().decode().strip(), None\n"
+        f"print(get('http://api.test:{port}/ok'))\n"
+        f"print(get('http://api.test:{port}/blocked'))\n"
+    )
+    try:
+        with Client() as c:
+            c.create(sandbox.options())
+            out = c.exec("python3 -c " + shlex.quote(script)).stdout
+    finally:
+        srv.shutdown()
+    assert "(200, 'hello bar hook=yes path=/ok', 'true')" in out, out
+    assert "(403, " in out and "blocked by rule" in out, out
+    assert ("before", "api.test", "/ok") in calls, calls

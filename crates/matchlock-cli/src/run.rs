@@ -451,6 +451,7 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
             event_log,
             run_id: args.run_id.clone(),
             agent_system: args.agent_system.clone(),
+            ..Default::default()
         })
     } else {
         if args.event_log.is_some() {

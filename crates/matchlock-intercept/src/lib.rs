@@ -8,4 +8,5 @@ pub mod classify;
 pub mod events;
 pub mod hosts;
 pub mod proxy;
+pub mod rules;
 pub mod secrets;

@@ -11,6 +11,7 @@ use crate::ca::MitmCa;
 use crate::classify::{classify, Flow, MAX_PEEK};
 use crate::events::EventLog;
 use crate::hosts::{normalize, AllowList, NameTable};
+use crate::rules::{RequestView, Rules, Verdict};
 use crate::secrets::{Scrubber, Secrets};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
@@ -27,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Largest response body that `after` body rules buffer.
+const MAX_EDITED_BODY: usize = 16 << 20;
 
 /// The egress check applied to the real upstream address.
 pub type Egress = Arc<dyn Fn(IpAddr) -> Result<(), String> + Send + Sync>;
@@ -49,6 +53,7 @@ pub struct Proxy {
     egress: Egress,
     client_tls: Arc<rustls::ClientConfig>,
     events: Option<Arc<EventLog>>,
+    rules: Rules,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -205,6 +210,7 @@ impl Body for ScrubBody {
 
 impl Proxy {
     /// A proxy for one sandbox.
+    #[allow(clippy::too_many_arguments)] // each is a distinct part of the sandbox's policy
     pub fn new(
         allow: AllowList,
         secrets: Secrets,
@@ -213,8 +219,10 @@ impl Proxy {
         egress: Egress,
         client_tls: rustls::ClientConfig,
         events: Option<Arc<EventLog>>,
+        rules: Rules,
     ) -> Proxy {
         Proxy {
+            rules,
             allow: RwLock::new(allow),
             secrets,
             ca,
@@ -420,14 +428,36 @@ impl Proxy {
             json!({"method": method, "host": host, "path": req.uri().path()}),
         );
         let (mut parts, body) = req.into_parts();
+        // Hook rules see (and may change) the request before secrets are substituted.
+        let mut view = RequestView {
+            host: host.clone(),
+            method: method.clone(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        };
+        if !self.rules.is_empty() {
+            if let Verdict::Block(reason) = self.rules.before(&mut view).await {
+                return self.refuse(&host, tls, StatusCode::FORBIDDEN, reason);
+            }
+        }
         // Secrets: header values and the query, then rebuilt.
-        let mut headers: Vec<(String, Vec<u8>)> = parts
+        let mut headers: Vec<(String, Vec<u8>)> = view
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
             .collect();
-        let path = parts.uri.path().to_string();
-        let mut query = parts.uri.query().unwrap_or("").as_bytes().to_vec();
+        let path = view.path.clone();
+        let mut query = view.query.as_bytes().to_vec();
         match self.secrets.apply_request(&host, &mut headers, &mut query) {
             Ok(injected) => {
                 if !injected.is_empty() {
@@ -504,7 +534,76 @@ impl Proxy {
                     scrubber: self.secrets.scrubber(),
                     done: false,
                 };
-                Response::from_parts(parts, body.boxed())
+                if self.rules.is_empty() {
+                    return Response::from_parts(parts, body.boxed());
+                }
+                let resp_headers: Vec<(String, String)> = parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                let edit = self
+                    .rules
+                    .after(&view, parts.status.as_u16(), &resp_headers)
+                    .await;
+                if let Some(reason) = edit.block {
+                    return self.refuse(&host, tls, StatusCode::FORBIDDEN, reason);
+                }
+                if let Some(h) = &edit.replace_headers {
+                    parts.headers.clear();
+                    for (k, v) in h {
+                        if let (Ok(k), Ok(v)) = (
+                            HeaderName::from_bytes(k.as_bytes()),
+                            HeaderValue::from_str(v),
+                        ) {
+                            parts.headers.append(k, v);
+                        }
+                    }
+                }
+                for k in &edit.delete_headers {
+                    parts.headers.remove(k.as_str());
+                }
+                for (k, v) in &edit.set_headers {
+                    if let (Ok(k), Ok(v)) = (
+                        HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_str(v),
+                    ) {
+                        parts.headers.insert(k, v);
+                    }
+                }
+                if !edit.needs_body() {
+                    return Response::from_parts(parts, body.boxed());
+                }
+                // Body edits need the whole body (bounded); a streaming (SSE) answer that never
+                // ends is cut at the bound.
+                let collected = http_body_util::Limited::new(body, MAX_EDITED_BODY)
+                    .collect()
+                    .await;
+                let Ok(collected) = collected else {
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("upstream {host}: response body too large for the body rules"),
+                    );
+                };
+                let original = collected.to_bytes();
+                let mut data = edit.set_body.clone().unwrap_or_else(|| original.to_vec());
+                data = crate::rules::replace_all(&data, &edit.replacements);
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+                parts.headers.remove(http::header::CONTENT_ENCODING);
+                if let Ok(v) = HeaderValue::from_str(&data.len().to_string()) {
+                    parts.headers.insert(http::header::CONTENT_LENGTH, v);
+                }
+                Response::from_parts(
+                    parts,
+                    Full::new(Bytes::from(data))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
             }
             Err(e) => {
                 self.event(

@@ -273,6 +273,20 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     if !n.hostname.is_empty() {
         validate::hostname(&n.hostname, "network.hostname").map_err(RpcError::params)?;
     }
+    if let Some(i) = n.interception.as_ref().filter(|i| !i.is_null()) {
+        let specs: Vec<matchlock_intercept::rules::RuleSpec> = match i.get("rules") {
+            Some(r) => serde_json::from_value(r.clone())
+                .map_err(|e| RpcError::params(format!("network.interception.rules: {e}")))?,
+            None => Vec::new(),
+        };
+        let socket = i
+            .get("callback_socket")
+            .and_then(|c| c.as_str())
+            .filter(|c| !c.is_empty())
+            .map(std::path::PathBuf::from);
+        matchlock_intercept::rules::Rules::new(specs, socket)
+            .map_err(|e| RpcError::params(format!("network.interception: {e}")))?;
+    }
     for a in &n.allowed_private_hosts {
         a.parse::<std::net::IpAddr>().map_err(|_| {
             RpcError::params(format!(
@@ -341,10 +355,8 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     ))
 }
 
-/// The network from the `network` params: open mode, or interception when an allow-list,
-/// secrets or `intercept` are given. Hook rules need a part of interception that is not wired yet,
-/// so a sandbox that asks for them gets no network interface at all: nothing leaves that the caller
-/// meant to rewrite.
+/// The network from the `network` params: open mode, or interception when an allow-list, secrets,
+/// hook rules or `intercept` are given.
 fn network_config(
     net: Option<&Network>,
     secrets: Vec<matchlock_sandbox::SecretSpec>,
@@ -352,25 +364,48 @@ fn network_config(
     let Some(n) = net else {
         return Some(matchlock_sandbox::NetworkConfig::default());
     };
-    let rules = n.interception.as_ref().is_some_and(|i| !i.is_null());
-    if n.no_network || rules {
+    if n.no_network {
         return None;
     }
-    let intercept =
-        (n.intercept || !n.allowed_hosts.is_empty() || !secrets.is_empty()).then(|| {
-            matchlock_sandbox::InterceptConfig {
-                allowed_hosts: n.allowed_hosts.clone(),
-                secrets,
-                ..Default::default()
-            }
-        });
+    let interception = n.interception.as_ref().filter(|i| !i.is_null());
+    let rules: Vec<matchlock_intercept::rules::RuleSpec> = interception
+        .and_then(|i| i.get("rules"))
+        .and_then(|r| serde_json::from_value(r.clone()).ok())
+        .unwrap_or_default();
+    let callback_socket = interception
+        .and_then(|i| i.get("callback_socket"))
+        .and_then(|c| c.as_str())
+        .filter(|c| !c.is_empty())
+        .map(std::path::PathBuf::from);
+    let intercept = (n.intercept
+        || !n.allowed_hosts.is_empty()
+        || !secrets.is_empty()
+        || interception.is_some())
+    .then(|| matchlock_sandbox::InterceptConfig {
+        allowed_hosts: n.allowed_hosts.clone(),
+        secrets,
+        rules,
+        callback_socket,
+        ..Default::default()
+    });
     Some(matchlock_sandbox::NetworkConfig {
         mtu: if n.mtu > 0 { n.mtu as u16 } else { 1500 },
         dns_servers: n.dns_servers.clone(),
-        allow_private_hosts: n.allowed_private_hosts.clone(),
+        allow_private_hosts: private_hosts(n),
         allow_private_ranges: n.block_private_ips == Some(false),
         intercept,
     })
+}
+
+/// Addresses opened despite the private-range block: the fork's `allowed_private_hosts`, and, when
+/// the caller turned private-IP blocking off, the addresses it mapped names to with `add_hosts`
+/// (the SDKs have no other way to reach a service on the host's loopback).
+fn private_hosts(n: &Network) -> Vec<String> {
+    let mut out = n.allowed_private_hosts.clone();
+    if n.block_private_ips == Some(false) {
+        out.extend(n.add_hosts.iter().map(|h| h.ip.clone()));
+    }
+    out
 }
 
 /// The secret values of `plan`, for [`matchlock_sandbox::start_with_secrets`].

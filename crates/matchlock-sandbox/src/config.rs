@@ -89,6 +89,12 @@ pub struct InterceptConfig {
     /// `agent_system` of the events.
     #[serde(default)]
     pub agent_system: String,
+    /// Hook rules (RPC `network.interception.rules`).
+    #[serde(default)]
+    pub rules: Vec<matchlock_intercept::rules::RuleSpec>,
+    /// Where the SDK serves callback rules.
+    #[serde(default)]
+    pub callback_socket: Option<PathBuf>,
 }
 
 /// A secret as configuration records it: its name, hosts and placeholder, never its value.

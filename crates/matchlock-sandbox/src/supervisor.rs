@@ -528,6 +528,10 @@ fn network_stack(
                 egress,
                 tls,
                 events,
+                matchlock_intercept::rules::Rules::new(
+                    ic.rules.clone(),
+                    ic.callback_socket.clone(),
+                )?,
             )))
         }
     };
