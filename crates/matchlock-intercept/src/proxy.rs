@@ -88,7 +88,7 @@ pub fn upstream_tls(extra_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, St
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
@@ -576,7 +576,13 @@ impl Proxy {
                         parts.headers.insert(k, v);
                     }
                 }
-                if !edit.needs_body() {
+                let encoded = parts
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .is_some_and(|v| v.as_bytes() != b"identity");
+                // Body rules work on plain bodies; a compressed one is passed through untouched
+                // (Content-Encoding is never changed).
+                if !edit.needs_body() || encoded {
                     return Response::from_parts(parts, body.boxed());
                 }
                 // Body edits need the whole body (bounded); a streaming (SSE) answer that never
@@ -594,7 +600,6 @@ impl Proxy {
                 let mut data = edit.set_body.clone().unwrap_or_else(|| original.to_vec());
                 data = crate::rules::replace_all(&data, &edit.replacements);
                 parts.headers.remove(http::header::CONTENT_LENGTH);
-                parts.headers.remove(http::header::CONTENT_ENCODING);
                 if let Ok(v) = HeaderValue::from_str(&data.len().to_string()) {
                     parts.headers.insert(http::header::CONTENT_LENGTH, v);
                 }
@@ -637,6 +642,9 @@ impl Proxy {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
+            if conn.get_ref().1.alpn_protocol() == Some(b"h2") {
+                return send_h2(conn, req, host, target.visible.port()).await;
+            }
             send(conn, req).await
         } else {
             send(tcp, req).await
@@ -654,6 +662,43 @@ where
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// HTTP/2 upstream (when the server chose it by ALPN): requests need an absolute URI, from which
+/// hyper takes `:scheme` and `:authority`.
+async fn send_h2<S>(
+    io: S,
+    mut req: Request<ProxyBody>,
+    host: &str,
+    port: u16,
+) -> Result<Response<Incoming>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    *req.uri_mut() = format!("https://{authority}{pq}")
+        .parse::<Uri>()
+        .map_err(|e| e.to_string())?;
+    *req.version_mut() = http::Version::HTTP_2;
+    // :authority replaces Host in HTTP/2.
+    req.headers_mut().remove(http::header::HOST);
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
