@@ -49,6 +49,9 @@ pub struct SandboxConfig {
     /// Extra ext4 disks attached to the VM and mounted in the guest.
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+    /// Host directories and files served into the guest by the workspace filesystem.
+    #[serde(default)]
+    pub vfs: Vec<VfsMount>,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
@@ -89,6 +92,41 @@ pub struct DiskMount {
     pub guest_path: String,
     /// Attach and mount read-only.
     pub read_only: bool,
+}
+
+/// How a workspace mount treats the guest's writes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VfsMode {
+    /// Live and read-write: the guest's changes land on the host.
+    HostFs,
+    /// Read-only: every write fails.
+    ReadOnly,
+    /// Copy-on-write: the guest may write, but its changes stay in the sandbox.
+    Overlay,
+}
+
+impl VfsMode {
+    /// Parses the `-v` mode word (`host_fs`, `ro`/`readonly`, `overlay`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "host_fs" | "rw" => Some(VfsMode::HostFs),
+            "ro" | "readonly" => Some(VfsMode::ReadOnly),
+            "overlay" => Some(VfsMode::Overlay),
+            _ => None,
+        }
+    }
+}
+
+/// A host directory (or regular file) mounted in the guest by the workspace filesystem (`-v`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VfsMount {
+    /// Absolute host path.
+    pub host_path: PathBuf,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// What happens to the guest's writes.
+    pub mode: VfsMode,
 }
 
 impl SandboxConfig {

@@ -9,7 +9,7 @@
 //! It tells the process that spawned it how the boot went through an inherited pipe (fd 3): one line,
 //! `ok` or the error.
 
-use crate::config::{now_secs, SandboxConfig, State, Status};
+use crate::config::{now_secs, SandboxConfig, State, Status, VfsMode};
 use crate::control::{self, ExecSpec, Reply, Request};
 use crate::store::Store;
 use crate::SandboxError;
@@ -521,6 +521,67 @@ fn console_tail(dir: &Path) -> String {
     }
 }
 
+/// Most streams the guest may have open towards the host at once; each can hold a frame buffer of
+/// up to `MAX_FRAME`, so this bounds what a hostile guest can make us allocate.
+const MAX_GUEST_STREAMS: usize = 64;
+
+/// Opens the workspace mounts' host roots and describes them for the guest.
+fn vfs_server(
+    config: &SandboxConfig,
+) -> Result<
+    (
+        Arc<matchlock_vfs::VfsServer>,
+        Vec<matchlock_proto::GuestVfsMount>,
+    ),
+    String,
+> {
+    let specs: Vec<_> = config
+        .vfs
+        .iter()
+        .map(|m| matchlock_vfs::MountSpec {
+            host_path: m.host_path.clone(),
+            read_only: m.mode != VfsMode::HostFs,
+        })
+        .collect();
+    let server =
+        matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
+    let guest = config
+        .vfs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| matchlock_proto::GuestVfsMount {
+            id: i as u32,
+            path: m.guest_path.clone(),
+            file: m.host_path.is_file(),
+            read_only: m.mode == VfsMode::ReadOnly,
+            overlay: m.mode == VfsMode::Overlay,
+        })
+        .collect();
+    Ok((Arc::new(server), guest))
+}
+
+/// Serves the streams the guest opens: workspace filesystem requests. Anything else, and streams
+/// beyond [`MAX_GUEST_STREAMS`], are dropped (which resets them for the guest).
+async fn guest_streams(
+    mut inbound: tokio::sync::mpsc::UnboundedReceiver<matchlock_proto::mux::Stream>,
+    vfs: Arc<matchlock_vfs::VfsServer>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_STREAMS));
+    while let Some(stream) = inbound.recv().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let vfs = vfs.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (mut rd, wr) = tokio::io::split(stream);
+            if let Ok(Some(Msg::VfsOpen { mount })) = read_msg(&mut rd).await {
+                vfs.serve(mount, rd, wr).await;
+            }
+        });
+    }
+}
+
 async fn supervise(
     store: Store,
     config: SandboxConfig,
@@ -535,6 +596,15 @@ async fn supervise(
         owner,
     } = launched;
     let dir = store.dir(&config.id);
+    let (vfs, guest_vfs) = match vfs_server(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e);
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    };
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -619,9 +689,8 @@ async fn supervise(
                 String::from_utf8_lossy(&hello)
             ));
         }
-        let (mux, mut inbound, _driver) = Mux::start(conn, Role::Client);
-        // The guest never opens streams towards us today; drain them so they are refused.
-        tokio::spawn(async move { while inbound.recv().await.is_some() {} });
+        let (mux, inbound, _driver) = Mux::start(conn, Role::Client);
+        tokio::spawn(guest_streams(inbound, vfs.clone()));
         let mut s = mux.open().await.map_err(|e| e.to_string())?;
         let setup = Setup {
             hostname: config.hostname.clone(),
@@ -650,6 +719,7 @@ async fn supervise(
                     read_only: d.read_only,
                 })
                 .collect(),
+            vfs: guest_vfs.clone(),
         };
         write_msg(&mut s, &Msg::Setup(setup))
             .await
