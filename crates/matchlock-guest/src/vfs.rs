@@ -30,8 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 
-/// How long the kernel may trust attributes and names before asking the host again: short, so
-/// changes made on the host show up quickly in `host_fs` mounts.
+/// How long the kernel may trust names (and, for overlay lowers, attributes) before asking the
+/// host again. Live mounts (`host_fs`, `ro`) do not cache attributes at all, so a file changed on
+/// the host is seen with its new size at once; a name replaced on the host may take this long.
 const TTL: Duration = Duration::from_secs(1);
 /// Requests in flight per mount (one stream each).
 const STREAMS: usize = 8;
@@ -137,6 +138,7 @@ fn mount_one(m: &GuestVfsMount, fd: OwnedFd, mux: Mux, rt: Handle) -> Result<(),
             slots: Semaphore::new(STREAMS),
         }),
         rt,
+        attr_ttl: if m.overlay { TTL } else { Duration::ZERO },
     };
     let config = fuser::Config::default();
     let session = fuser::Session::from_fd(remote, fd, SessionACL::All, config)
@@ -254,6 +256,7 @@ impl Pool {
 struct Remote {
     pool: Arc<Pool>,
     rt: Handle,
+    attr_ttl: Duration,
 }
 
 fn time(t: (i64, u32)) -> SystemTime {
@@ -329,16 +332,18 @@ impl Remote {
     }
 
     fn entry(&self, op: VfsOp, reply: ReplyEntry) {
+        let ttl = self.attr_ttl;
         self.send(op, move |r| match r {
-            VfsReply::Entry(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            VfsReply::Entry(a) => reply.entry_with_ttls(&ttl, &TTL, &file_attr(&a), Generation(0)),
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
     }
 
     fn attr(&self, op: VfsOp, reply: ReplyAttr) {
+        let ttl = self.attr_ttl;
         self.send(op, move |r| match r {
-            VfsReply::Attr(a) => reply.attr(&TTL, &file_attr(&a)),
+            VfsReply::Attr(a) => reply.attr(&ttl, &file_attr(&a)),
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
@@ -683,9 +688,10 @@ impl Filesystem for Remote {
             mode: mode & !umask,
             flags,
         };
+        let ttl = self.attr_ttl;
         self.send(op, move |r| match r {
             VfsReply::Created(a, fh) => reply.created(
-                &TTL,
+                &ttl,
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),
