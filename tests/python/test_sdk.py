@@ -347,3 +347,43 @@ def test_volumes():
     assert ml("run", "--image", BUSYBOX, "--disk", "@pyvol:/data:ro", "--", "cat", "/data/f").stdout == "persisted\n"
     c.volume_remove("pyvol")
     assert "pyvol" not in [x.name for x in c.volume_list()]
+
+
+# ---- workspace mounts (vfs.mounts) ----
+
+def test_workspace_mounts_host_dir_readonly_overlay_and_memory(tmp_path):
+    live, ro, snap = tmp_path / "live", tmp_path / "ro", tmp_path / "snap"
+    for d in (live, ro, snap):
+        d.mkdir()
+        (d / "f.txt").write_text(f"{d.name}\n")
+    sb = (Sandbox(BUSYBOX).with_workspace("/workspace")
+          .mount_memory("/workspace")
+          .mount_host_dir("/workspace/live", str(live))
+          .mount_host_dir_readonly("/workspace/ro", str(ro))
+          .mount_overlay("/workspace/snap", str(snap)))
+    with Client() as c:
+        c.create(sb.options())
+        r = c.exec("cat /workspace/live/f.txt /workspace/ro/f.txt /workspace/snap/f.txt")
+        assert r.stdout == "live\nro\nsnap\n"
+        assert c.exec("echo guest > /workspace/live/new.txt").exit_code == 0
+        r = c.exec("echo x > /workspace/ro/f.txt")
+        assert r.exit_code != 0 and "Read-only" in r.stderr
+        assert c.exec("echo changed > /workspace/snap/f.txt; echo n > /workspace/snap/n").exit_code == 0
+        assert c.exec("cat /workspace/snap/f.txt").stdout == "changed\n"
+        # The memory workspace holds files too.
+        assert c.exec("echo mem > /workspace/m; cat /workspace/m").stdout == "mem\n"
+        # The SDK's file API goes through the same mounts.
+        c.write_file("/workspace/live/sdk.txt", b"via sdk")
+    assert (live / "new.txt").read_text() == "guest\n"
+    assert (live / "sdk.txt").read_bytes() == b"via sdk"
+    assert (ro / "f.txt").read_text() == "ro\n"
+    assert (snap / "f.txt").read_text() == "snap\n"
+    assert sorted(p.name for p in snap.iterdir()) == ["f.txt"]
+
+
+def test_vfs_interception_and_owner_overrides_are_refused(tmp_path):
+    with Client() as c:
+        with pytest.raises(RPCError) as e:
+            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
+                     .mount_host_dir("/workspace/x", str(tmp_path), owner_uid=5).options())
+        assert "owner_uid" in e.value.message

@@ -125,7 +125,7 @@ async fn run_setup(agent: &Arc<Agent>, setup: Setup) -> Msg {
     let rt = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || {
         // The FUSE devices are opened from the initramfs's /dev, before the switch.
-        let fuse = vfs::open_devices(setup.vfs.len())?;
+        let fuse = vfs::open_devices(setup.vfs.iter().filter(|m| !m.memory).count())?;
         let cgroup = init::setup(&setup)?;
         vfs::mount_all(&setup.vfs, fuse, mux, rt)?;
         Ok::<_, String>(cgroup)

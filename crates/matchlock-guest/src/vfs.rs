@@ -61,8 +61,15 @@ pub fn mount_all(
     mux: Mux,
     rt: Handle,
 ) -> Result<(), String> {
-    for (m, fd) in mounts.iter().zip(fds) {
-        mount_one(m, fd, mux.clone(), rt.clone()).map_err(|e| format!("mount {}: {e}", m.path))?;
+    let mut fds = fds.into_iter();
+    for m in mounts {
+        let r = if m.memory {
+            mount_memory(m)
+        } else {
+            let fd = fds.next().ok_or("more mounts than FUSE devices")?;
+            mount_one(m, fd, mux.clone(), rt.clone())
+        };
+        r.map_err(|e| format!("mount {}: {e}", m.path))?;
     }
     Ok(())
 }
@@ -96,6 +103,19 @@ fn mount_point(path: &str, file: bool) -> Result<PathBuf, String> {
         }
     }
     Ok(at)
+}
+
+/// A `memory` mount: an empty tmpfs, nothing on the host.
+fn mount_memory(m: &GuestVfsMount) -> Result<(), String> {
+    let target = mount_point(&m.path, false)?;
+    mount(
+        Some("tmpfs"),
+        &target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mounting tmpfs: {e}"))
 }
 
 fn mount_one(m: &GuestVfsMount, fd: OwnedFd, mux: Mux, rt: Handle) -> Result<(), String> {

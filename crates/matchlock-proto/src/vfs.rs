@@ -191,4 +191,6 @@ pub struct GuestVfsMount {
     /// Put a copy-on-write layer (in guest memory) over the read-only host view, so the guest can
     /// write but nothing reaches the host.
     pub overlay: bool,
+    /// No host side at all: an empty in-memory filesystem (tmpfs) the guest may fill.
+    pub memory: bool,
 }

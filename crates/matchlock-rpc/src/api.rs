@@ -3,7 +3,7 @@
 
 use crate::wire::RpcError;
 use matchlock_image::{ImageConfig, ImageInfo};
-use matchlock_sandbox::{validate, volume, DiskMount, SandboxConfig};
+use matchlock_sandbox::{validate, volume, DiskMount, SandboxConfig, VfsMode, VfsMount};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -163,6 +163,8 @@ pub struct Plan {
     pub params: CreateParams,
     /// Extra disks, resolved.
     pub disks: Vec<DiskMount>,
+    /// Workspace mounts, resolved and ordered parents first.
+    pub vfs: Vec<VfsMount>,
 }
 
 /// Parses and validates `create` params, in Matchlock's order: JSON, image, id, resources, network,
@@ -216,9 +218,10 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
     if let Some(n) = &p.network {
         check_network(n)?;
     }
-    if let Some(v) = &p.vfs {
-        check_vfs(v)?;
-    }
+    let vfs = match &p.vfs {
+        Some(v) => check_vfs(v)?,
+        None => Vec::new(),
+    };
     for (k, v) in &p.env {
         check_env(k, v, "env")?;
     }
@@ -244,7 +247,11 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
                 .map_err(|e| RpcError::params(format!("extra_disks: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Plan { params: p, disks })
+    Ok(Plan {
+        params: p,
+        disks,
+        vfs,
+    })
 }
 
 fn check_env(k: &str, v: &str, what: &str) -> Result<(), RpcError> {
@@ -297,7 +304,9 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
+/// Checks `vfs` and resolves its mounts (parents first). Interception rules are not
+/// implemented, so asking for them is an error rather than a silent no-op.
+fn check_vfs(v: &Vfs) -> Result<Vec<VfsMount>, RpcError> {
     let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
     // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
     // example sends one); with nothing to serve it is only checked.
@@ -310,11 +319,13 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     if has_interception && v.mounts.is_empty() {
         return Err(RpcError::params("vfs.interception requires mounts"));
     }
-    if v.mounts.is_empty() {
-        return Ok(());
+    if has_interception {
+        return Err(RpcError::params(
+            "vfs.interception (VFS hook rules and events) is not available in this version of matchlock yet",
+        ));
     }
-    validate::guest_path(&v.workspace, "vfs.workspace").map_err(RpcError::params)?;
-    for path in v.mounts.keys() {
+    let mut mounts = Vec::new();
+    for (path, spec) in &v.mounts {
         let under = path == &v.workspace
             || path
                 .strip_prefix(v.workspace.as_str())
@@ -325,10 +336,54 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
                 v.workspace
             )));
         }
+        mounts.push(vfs_mount(path, spec, &v.workspace)?);
     }
-    Err(RpcError::params(
-        "vfs mounts (host directories in the workspace) are not available in this version of matchlock yet; copy files in with write_file or attach an ext4 volume with extra_disks",
-    ))
+    validate::vfs_mounts(mounts).map_err(|e| RpcError::params(format!("vfs.mounts: {e}")))
+}
+
+/// One `vfs.mounts` entry: `{"type": "host_fs"|"overlay"|"memory", "host_path", "readonly"}`.
+fn vfs_mount(path: &str, spec: &Value, workspace: &str) -> Result<VfsMount, RpcError> {
+    let what = format!("vfs.mounts[{path}]");
+    let bad = |m: String| RpcError::params(format!("{what}: {m}"));
+    let obj = spec
+        .as_object()
+        .ok_or_else(|| bad("must be an object".into()))?;
+    let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+    let host = obj.get("host_path").and_then(Value::as_str).unwrap_or("");
+    let readonly = obj
+        .get("readonly")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if ["owner_uid", "owner_gid"]
+        .iter()
+        .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+    {
+        return Err(bad(
+            "owner_uid/owner_gid are not supported: files show their host owner".into(),
+        ));
+    }
+    let mode = match (kind, readonly) {
+        ("host_fs", false) => VfsMode::HostFs,
+        ("host_fs", true) => VfsMode::ReadOnly,
+        ("overlay", _) => VfsMode::Overlay,
+        ("memory", _) => {
+            validate::guest_path(path, &what).map_err(RpcError::params)?;
+            return Ok(VfsMount {
+                host_path: Default::default(),
+                guest_path: path.to_string(),
+                mode: VfsMode::Memory,
+            });
+        }
+        (other, _) => {
+            return Err(bad(format!(
+                "unknown type '{other}'; use host_fs, overlay or memory"
+            )))
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("host_path is required".into()));
+    }
+    validate::vfs_mount_parts(host, path, mode, workspace).map_err(bad)
 }
 
 /// Open-mode network from the `network` params. Interception (allow-lists, secrets, hook rules) is
@@ -440,6 +495,7 @@ pub fn sandbox_config(
             })
             .unwrap_or_default(),
         disks: plan.disks.clone(),
+        vfs: plan.vfs.clone(),
         network: network_config(net),
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
@@ -500,6 +556,48 @@ mod tests {
         assert!(err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/etc": {"type": "memory"}}}}))
             .message
             .contains("under it"));
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().to_str().unwrap();
+        let p = plan(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {
+            "/w/src": {"type": "host_fs", "host_path": host},
+            "/w": {"type": "memory"},
+            "/w/ro": {"type": "host_fs", "host_path": host, "readonly": true},
+            "/w/snap": {"type": "overlay", "host_path": host}}}}))
+        .unwrap();
+        let modes: Vec<_> = p
+            .vfs
+            .iter()
+            .map(|m| (m.guest_path.as_str(), m.mode))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("/w", VfsMode::Memory),
+                ("/w/ro", VfsMode::ReadOnly),
+                ("/w/snap", VfsMode::Overlay),
+                ("/w/src", VfsMode::HostFs)
+            ]
+        );
+        for (spec, needle) in [
+            (json!({"type": "host_fs"}), "host_path is required"),
+            (json!({"type": "nfs", "host_path": host}), "unknown type"),
+            (
+                json!({"type": "host_fs", "host_path": "/nonexistent/x"}),
+                "host path",
+            ),
+            (
+                json!({"type": "host_fs", "host_path": host, "owner_uid": 1}),
+                "owner_uid",
+            ),
+        ] {
+            let e =
+                err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/w/x": spec}}}));
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+        assert!(err(json!({"image": "a", "vfs": {"workspace": "/w",
+            "mounts": {"/w": {"type": "memory"}}, "interception": {"rules": []}}}))
+        .message
+        .contains("not available"));
         // Unknown fields are fine.
         assert!(
             plan(json!({"image": "a", "future_field": 1, "network": {"policy_script": ""}}))

@@ -104,6 +104,8 @@ pub enum VfsMode {
     ReadOnly,
     /// Copy-on-write: the guest may write, but its changes stay in the sandbox.
     Overlay,
+    /// No host path: an empty in-memory directory in the guest (RPC `memory` mounts).
+    Memory,
 }
 
 impl VfsMode {
@@ -121,7 +123,7 @@ impl VfsMode {
 /// A host directory (or regular file) mounted in the guest by the workspace filesystem (`-v`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VfsMount {
-    /// Absolute host path.
+    /// Absolute host path (empty for [`VfsMode::Memory`]).
     pub host_path: PathBuf,
     /// Absolute mount point in the guest.
     pub guest_path: String,

@@ -535,28 +535,28 @@ fn vfs_server(
     ),
     String,
 > {
-    let specs: Vec<_> = config
-        .vfs
-        .iter()
-        .map(|m| matchlock_vfs::MountSpec {
-            host_path: m.host_path.clone(),
-            read_only: m.mode != VfsMode::HostFs,
-        })
-        .collect();
-    let server =
-        matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
-    let guest = config
-        .vfs
-        .iter()
-        .enumerate()
-        .map(|(i, m)| matchlock_proto::GuestVfsMount {
-            id: i as u32,
+    let mut specs = Vec::new();
+    let mut guest = Vec::new();
+    for m in &config.vfs {
+        let memory = m.mode == VfsMode::Memory;
+        guest.push(matchlock_proto::GuestVfsMount {
+            // The server's index of the mount; memory mounts have no server side.
+            id: specs.len() as u32,
             path: m.guest_path.clone(),
-            file: m.host_path.is_file(),
+            file: !memory && m.host_path.is_file(),
             read_only: m.mode == VfsMode::ReadOnly,
             overlay: m.mode == VfsMode::Overlay,
-        })
-        .collect();
+            memory,
+        });
+        if !memory {
+            specs.push(matchlock_vfs::MountSpec {
+                host_path: m.host_path.clone(),
+                read_only: m.mode != VfsMode::HostFs,
+            });
+        }
+    }
+    let server =
+        matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
     Ok((Arc::new(server), guest))
 }
 
