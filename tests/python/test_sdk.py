@@ -356,7 +356,8 @@ def test_workspace_mounts_host_dir_readonly_overlay_and_memory(tmp_path):
     for d in (live, ro, snap):
         d.mkdir()
         (d / "f.txt").write_text(f"{d.name}\n")
-    sb = (Sandbox(BUSYBOX).with_workspace("/workspace")
+    # The python image (busybox + python3) so mmap can be exercised too.
+    sb = (Sandbox(PYTHON).with_workspace("/workspace")
           .mount_memory("/workspace")
           .mount_host_dir("/workspace/live", str(live))
           .mount_host_dir_readonly("/workspace/ro", str(ro))
@@ -370,10 +371,20 @@ def test_workspace_mounts_host_dir_readonly_overlay_and_memory(tmp_path):
         assert r.exit_code != 0 and "Read-only" in r.stderr
         assert c.exec("echo changed > /workspace/snap/f.txt; echo n > /workspace/snap/n").exit_code == 0
         assert c.exec("cat /workspace/snap/f.txt").stdout == "changed\n"
+        # Shared mmap through the FUSE page cache: read, write back, msync.
+        mm = ("import mmap\n"
+              "with open('/workspace/live/f.txt', 'r+b') as f:\n"
+              "    m = mmap.mmap(f.fileno(), 0)\n"
+              "    print(m[:4].decode())\n"
+              "    m[0:4] = b'LIVE'\n"
+              "    m.flush()\n")
+        r = c.exec(f"python3 -c \"{mm}\"")
+        assert (r.exit_code, r.stdout) == (0, "live\n"), r.stderr
         # The memory workspace holds files too.
         assert c.exec("echo mem > /workspace/m; cat /workspace/m").stdout == "mem\n"
         # The SDK's file API goes through the same mounts.
         c.write_file("/workspace/live/sdk.txt", b"via sdk")
+    assert (live / "f.txt").read_text() == "LIVE\n"
     assert (live / "new.txt").read_text() == "guest\n"
     assert (live / "sdk.txt").read_bytes() == b"via sdk"
     assert (ro / "f.txt").read_text() == "ro\n"
