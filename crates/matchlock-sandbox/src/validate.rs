@@ -239,7 +239,7 @@ mod vfs_tests {
             format!("{host}:x:rw2"),
             format!("{host}:../etc"),
             format!("{host}:/"),
-            format!("{host}"),
+            host.to_string(),
             "/does/not/exist:x".to_string(),
         ] {
             assert!(vfs_mount(&bad, "/workspace").is_err(), "{bad}");
