@@ -100,6 +100,17 @@ fn attr(ino: u64, st: &libc::stat) -> VfsAttr {
     }
 }
 
+/// Permission bits the guest may set: never set-user-id, and set-group-id only on directories
+/// (where it means group inheritance). A supervisor running as root would otherwise let the guest
+/// plant a setuid-root program on the host.
+fn allowed_mode(mode: u32, dir: bool) -> u32 {
+    if dir {
+        mode & 0o3777
+    } else {
+        mode & 0o1777
+    }
+}
+
 fn is_type(st: &libc::stat, t: u32) -> bool {
     st.st_mode & libc::S_IFMT == t
 }
@@ -342,7 +353,8 @@ impl MountFs {
                     if symlink {
                         return Err(err(libc::EOPNOTSUPP));
                     }
-                    sys::chmod_fd(fd.as_fd(), mode & 0o7777)?;
+                    let dir = is_type(&st, libc::S_IFDIR);
+                    sys::chmod_fd(fd.as_fd(), allowed_mode(mode, dir))?;
                 }
                 if uid.is_some() || gid.is_some() {
                     sys::chown_fd(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
@@ -397,7 +409,7 @@ impl MountFs {
                 self.writable()?;
                 let name = sys::name(&name)?;
                 let (dir, path) = self.dir(parent)?;
-                sys::mkdir_at(dir.as_fd(), &name, mode & 0o7777)?;
+                sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode, true))?;
                 self.entry(dir.as_fd(), &path, &name)
             }
             VfsOp::Unlink { parent, name } => {
@@ -512,7 +524,7 @@ impl MountFs {
                     dir.as_fd(),
                     &name,
                     (flags & keep) | libc::O_CREAT | libc::O_EXCL,
-                    mode & 0o7777,
+                    allowed_mode(mode, false),
                 ) {
                     Ok(f) => f,
                     Err(e)

@@ -331,6 +331,42 @@ fn posix_basics_and_stable_inodes() {
         (m.permissions().mode() & 0o777, m.len(), m.mtime()),
         (0o600, 3, 1000)
     );
+    // No set-user-id bits reach the host, however the guest asks.
+    fs.handle(Op::Setattr {
+        node: inner.ino,
+        fh: None,
+        mode: Some(0o6755),
+        uid: None,
+        gid: None,
+        size: None,
+        atime: None,
+        mtime: None,
+    });
+    assert_eq!(
+        fs::metadata(d.path().join("e/f"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    let R::Created(_, fh) = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"suid".to_vec(),
+        mode: 0o4755,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    fs.handle(Op::Release { fh });
+    assert_eq!(
+        fs::metadata(d.path().join("suid"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
     // A stale node (its file replaced on the host) does not answer for the new file.
     // (The old inode stays alive elsewhere so its number cannot be reused.)
     fs::rename(d.path().join("e/f"), d.path().join("kept")).unwrap();
@@ -373,7 +409,7 @@ fn posix_basics_and_stable_inodes() {
         off = last.offset;
         names.extend(e.into_iter().map(|e| e.name));
     }
-    assert_eq!(names.len(), 2000 + 5 + 2); // b c e kept l, . and ..
+    assert_eq!(names.len(), 2000 + 6 + 2); // b c e kept l suid, . and ..
     assert_eq!(
         fs.handle(Op::Fsync {
             fh: dh,
@@ -442,4 +478,136 @@ async fn garbage_frames_close_the_stream() {
             Some(Msg::Error(_))
         ));
     });
+}
+
+/// Thousands of arbitrary operations (random ids, handles, hostile names, flags) neither panic
+/// nor touch anything outside the root.
+#[test]
+fn random_operations_stay_inside_the_root() {
+    let top = tempfile::tempdir().unwrap();
+    let outside = top.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("keep"), "keep").unwrap();
+    let root = top.path().join("root");
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink("../outside", root.join("up")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("abs")).unwrap();
+    let fs = srv(&root, false);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let names: [&[u8]; 9] = [
+        b"a",
+        b"b",
+        b"..",
+        b"up",
+        b"abs",
+        b"x/y",
+        b"",
+        b"d",
+        b"\xff\xfe",
+    ];
+    let mut ids = vec![ROOT_NODE, 0, 2, u64::MAX];
+    let mut fhs = vec![0, 1, 2, u64::MAX];
+    for _ in 0..5000 {
+        let r = next();
+        let id = ids[(r >> 8) as usize % ids.len()];
+        let id2 = ids[(r >> 16) as usize % ids.len()];
+        let fh = fhs[(r >> 24) as usize % fhs.len()];
+        let name = names[(r >> 32) as usize % names.len()].to_vec();
+        let name2 = names[(r >> 40) as usize % names.len()].to_vec();
+        let flags = [
+            libc::O_RDONLY,
+            libc::O_RDWR,
+            libc::O_WRONLY | libc::O_TRUNC,
+            libc::O_RDWR | libc::O_APPEND,
+        ][(r >> 48) as usize % 4];
+        let op = match r % 19 {
+            0 => Op::Lookup { parent: id, name },
+            1 => Op::Forget {
+                nodes: vec![(id, r >> 60)],
+            },
+            2 => Op::Getattr {
+                node: id,
+                fh: Some(fh),
+            },
+            3 => Op::Setattr {
+                node: id,
+                fh: Some(fh),
+                mode: Some((r >> 20) as u32),
+                uid: None,
+                gid: None,
+                size: Some(r >> 50),
+                atime: Some(VfsTime::Now),
+                mtime: None,
+            },
+            4 => Op::Readlink { node: id },
+            5 => Op::Mkdir {
+                parent: id,
+                name,
+                mode: 0o755,
+            },
+            6 => Op::Unlink { parent: id, name },
+            7 => Op::Rmdir { parent: id, name },
+            8 => Op::Symlink {
+                parent: id,
+                name,
+                target: name2,
+            },
+            9 => Op::Rename {
+                parent: id,
+                name,
+                new_parent: id2,
+                new_name: name2,
+                flags: (r >> 58) as u32 & 3,
+            },
+            10 => Op::Link {
+                node: id,
+                new_parent: id2,
+                new_name: name2,
+            },
+            11 => Op::Open { node: id, flags },
+            12 => Op::Create {
+                parent: id,
+                name,
+                mode: 0o644,
+                flags,
+            },
+            13 => Op::Read {
+                fh,
+                offset: r >> 40,
+                size: (r >> 12) as u32,
+            },
+            14 => Op::Write {
+                fh,
+                offset: r >> 50,
+                data: b"w".to_vec(),
+            },
+            15 => Op::Release { fh },
+            16 => Op::Fsync {
+                fh,
+                datasync: r & 1 == 0,
+            },
+            17 => Op::Opendir { node: id },
+            _ => Op::Readdir {
+                fh,
+                offset: r >> 40,
+            },
+        };
+        match fs.handle(op) {
+            R::Entry(a) | R::Attr(a) => ids.push(a.ino),
+            R::Created(a, h) => {
+                ids.push(a.ino);
+                fhs.push(h);
+            }
+            R::Opened(h) => fhs.push(h),
+            _ => {}
+        }
+    }
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(fs::read(outside.join("keep")).unwrap(), b"keep");
 }
