@@ -14,9 +14,9 @@
 //!
 //! Node ids are the host inode numbers where they are free (so `ls -i` is stable across
 //! lookups and hard links share one), `1` for the root, synthetic ids otherwise. Each node
-//! remembers the path it was last seen at; an operation first checks that the path still leads to
-//! the same `(dev, ino)`, so a stale path (the file was replaced on the host) yields `ENOENT`
-//! rather than another file.
+//! remembers the names it was seen under; an operation uses the first that still leads to the
+//! same `(dev, ino)`, so a stale name (the file was replaced on the host) yields `ENOENT` rather
+//! than another file.
 
 mod ops;
 mod sys;

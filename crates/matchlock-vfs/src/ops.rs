@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 const MAX_NODES: usize = 1 << 20;
 /// Most open file and directory handles per mount.
 const MAX_HANDLES: usize = 4096;
+/// Names remembered per node: enough for `ln a b; rm b` and `link(tmp, final); unlink(tmp)`
+/// to keep resolving.
+const MAX_PATHS: usize = 8;
 /// Synthetic node ids start here, far above real inode numbers.
 const SYNTHETIC_BASE: u64 = 1 << 62;
 
@@ -31,8 +34,9 @@ fn key(st: &libc::stat) -> Key {
 }
 
 struct Node {
-    /// Relative to the mount root; empty for the root.
-    path: PathBuf,
+    /// Names the inode was seen under (hard links have several), most recent first, at most
+    /// [`MAX_PATHS`]; relative to the mount root, empty for the root.
+    paths: Vec<PathBuf>,
     key: Key,
     refs: u64,
 }
@@ -142,7 +146,7 @@ impl MountFs {
         t.nodes.insert(
             ROOT_NODE,
             Node {
-                path: PathBuf::new(),
+                paths: vec![PathBuf::new()],
                 key: key(&st),
                 refs: 1,
             },
@@ -177,11 +181,43 @@ impl MountFs {
         }
     }
 
-    /// The path and identity a node was last seen with.
-    fn node(&self, id: u64) -> io::Result<(PathBuf, Key)> {
+    /// The names and identity of a node.
+    fn node(&self, id: u64) -> io::Result<(Vec<PathBuf>, Key)> {
         let t = self.tables();
         let n = t.nodes.get(&id).ok_or_else(|| err(libc::ENOENT))?;
-        Ok((n.path.clone(), n.key))
+        Ok((n.paths.clone(), n.key))
+    }
+
+    /// The first remembered name of a node that still leads to its inode, with an fd opened
+    /// with `flags` (`O_PATH`, maybe `O_DIRECTORY`) and its stat. Names that no longer do are
+    /// forgotten.
+    fn locate(&self, id: u64, flags: libc::c_int) -> io::Result<(PathBuf, OwnedFd, libc::stat)> {
+        let (paths, k) = self.node(id)?;
+        let mut stale = Vec::new();
+        let mut found = None;
+        for p in paths {
+            let hit = self
+                .open_path(&p, flags)
+                .and_then(|fd| sys::fstat(fd.as_fd()).map(|st| (fd, st)));
+            match hit {
+                Ok((fd, st)) if key(&st) == k => {
+                    found = Some((p, fd, st));
+                    break;
+                }
+                _ => stale.push(p),
+            }
+        }
+        if !stale.is_empty() {
+            let mut t = self.tables();
+            if let Some(n) = t.nodes.get_mut(&id) {
+                // Keep at least one name so a later rename of a parent can still fix it up.
+                n.paths.retain(|p| !stale.contains(p));
+                if n.paths.is_empty() {
+                    n.paths.push(stale.swap_remove(0));
+                }
+            }
+        }
+        found.ok_or_else(|| err(libc::ENOENT))
     }
 
     /// `O_PATH` fd of a relative path (the root for an empty one).
@@ -194,12 +230,7 @@ impl MountFs {
 
     /// `O_PATH` fd and stat of a node, checked to still be the same inode.
     fn node_fd(&self, id: u64) -> io::Result<(OwnedFd, libc::stat)> {
-        let (path, k) = self.node(id)?;
-        let fd = self.open_path(&path, libc::O_PATH)?;
-        let st = sys::fstat(fd.as_fd())?;
-        if key(&st) != k {
-            return Err(err(libc::ENOENT));
-        }
+        let (_, fd, st) = self.locate(id, libc::O_PATH)?;
         Ok((fd, st))
     }
 
@@ -208,11 +239,7 @@ impl MountFs {
         if !self.root_is_dir {
             return Err(err(libc::ENOTDIR));
         }
-        let (path, k) = self.node(parent)?;
-        let fd = self.open_path(&path, libc::O_PATH | libc::O_DIRECTORY)?;
-        if key(&sys::fstat(fd.as_fd())?) != k {
-            return Err(err(libc::ENOENT));
-        }
+        let (path, fd, _) = self.locate(parent, libc::O_PATH | libc::O_DIRECTORY)?;
         Ok((fd, path))
     }
 
@@ -224,7 +251,9 @@ impl MountFs {
             if let Some(n) = t.nodes.get_mut(&id) {
                 n.refs = n.refs.saturating_add(1);
                 if id != ROOT_NODE {
-                    n.path = path;
+                    n.paths.retain(|p| p != &path);
+                    n.paths.insert(0, path);
+                    n.paths.truncate(MAX_PATHS);
                 }
                 return Ok(id);
             }
@@ -245,7 +274,7 @@ impl MountFs {
         t.nodes.insert(
             id,
             Node {
-                path,
+                paths: vec![path],
                 key: k,
                 refs: 1,
             },
@@ -468,13 +497,13 @@ impl MountFs {
             } => {
                 self.writable()?;
                 let new_name = sys::name(&new_name)?;
-                let (path, k) = self.node(node)?;
+                let (path, _, st) = self.locate(node, libc::O_PATH)?;
                 let (Some(src_parent), Some(src_name)) = (path.parent(), path.file_name()) else {
                     return Err(err(libc::EPERM));
                 };
                 let src_dir = self.open_path(src_parent, libc::O_PATH | libc::O_DIRECTORY)?;
                 let src_name = CString::new(src_name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
-                if key(&sys::stat_at(src_dir.as_fd(), &src_name)?) != k {
+                if key(&sys::stat_at(src_dir.as_fd(), &src_name)?) != key(&st) {
                     return Err(err(libc::ENOENT));
                 }
                 let (to, to_path) = self.dir(new_parent)?;
@@ -640,14 +669,16 @@ impl MountFs {
     fn renamed(&self, old: &Path, new: &Path, exchange: bool) {
         let mut t = self.tables();
         for n in t.nodes.values_mut() {
-            if n.path.as_os_str().is_empty() {
-                continue;
-            }
-            if let Ok(rest) = n.path.strip_prefix(old) {
-                n.path = join(new, rest);
-            } else if exchange {
-                if let Ok(rest) = n.path.strip_prefix(new) {
-                    n.path = join(old, rest);
+            for p in n.paths.iter_mut() {
+                if p.as_os_str().is_empty() {
+                    continue;
+                }
+                if let Ok(rest) = p.strip_prefix(old) {
+                    *p = join(new, rest);
+                } else if exchange {
+                    if let Ok(rest) = p.strip_prefix(new) {
+                        *p = join(old, rest);
+                    }
                 }
             }
         }
