@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 from matchlock import Client, CreateOptions, MatchlockError, RPCError, Sandbox
+from matchlock.types import VFSHookRule, VFSInterceptionConfig
 
 from conftest import BIN, BUSYBOX, ENTRY, PYTHON, ml
 
@@ -392,8 +393,35 @@ def test_workspace_mounts_host_dir_readonly_overlay_and_memory(tmp_path):
     assert sorted(p.name for p in snap.iterdir()) == ["f.txt"]
 
 
-def test_vfs_interception_and_owner_overrides_are_refused(tmp_path):
+def test_vfs_block_rules(tmp_path):
+    (tmp_path / "secret.txt").write_text("s3cret\n")
+    (tmp_path / "ok.txt").write_text("fine\n")
+    rules = VFSInterceptionConfig(rules=[
+        VFSHookRule(name="no-locks", action="block", ops=["create", "write"], path="/workspace/*.lock"),
+        VFSHookRule(name="no-secrets", action="block", ops=["open"], path="/workspace/secret*"),
+        VFSHookRule(name="noop", action="allow", ops=["write"]),
+    ])
+    sb = (Sandbox(BUSYBOX).with_workspace("/workspace").mount_host_dir("/workspace", str(tmp_path))
+          .with_vfs_interception(rules))
     with Client() as c:
+        c.create(sb.options())
+        assert c.exec("cat /workspace/ok.txt").stdout == "fine\n"
+        r = c.exec("cat /workspace/secret.txt")
+        assert r.exit_code != 0 and "not permitted" in r.stderr
+        r = c.exec("echo x > /workspace/a.lock")
+        assert r.exit_code != 0 and "not permitted" in r.stderr
+        assert c.exec("echo y > /workspace/b.txt").exit_code == 0
+    assert not (tmp_path / "a.lock").exists()
+    assert (tmp_path / "b.txt").read_text() == "y\n"
+
+
+def test_vfs_events_and_owner_overrides_are_refused(tmp_path):
+    with Client() as c:
+        with pytest.raises(RPCError) as e:
+            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
+                     .mount_host_dir("/workspace/x", str(tmp_path))
+                     .with_vfs_interception(VFSInterceptionConfig(emit_events=True)).options())
+        assert "emit_events" in e.value.message
         with pytest.raises(RPCError) as e:
             c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
                      .mount_host_dir("/workspace/x", str(tmp_path), owner_uid=5).options())

@@ -3,7 +3,9 @@
 
 use crate::wire::RpcError;
 use matchlock_image::{ImageConfig, ImageInfo};
-use matchlock_sandbox::{validate, volume, DiskMount, SandboxConfig, VfsMode, VfsMount};
+use matchlock_sandbox::{
+    validate, volume, DiskMount, SandboxConfig, VfsBlockRule, VfsMode, VfsMount,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -165,6 +167,8 @@ pub struct Plan {
     pub disks: Vec<DiskMount>,
     /// Workspace mounts, resolved and ordered parents first.
     pub vfs: Vec<VfsMount>,
+    /// Workspace operations to refuse.
+    pub vfs_block_rules: Vec<VfsBlockRule>,
 }
 
 /// Parses and validates `create` params, in Matchlock's order: JSON, image, id, resources, network,
@@ -218,9 +222,9 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
     if let Some(n) = &p.network {
         check_network(n)?;
     }
-    let vfs = match &p.vfs {
+    let (vfs, vfs_block_rules) = match &p.vfs {
         Some(v) => check_vfs(v)?,
-        None => Vec::new(),
+        None => Default::default(),
     };
     for (k, v) in &p.env {
         check_env(k, v, "env")?;
@@ -251,6 +255,7 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
         params: p,
         disks,
         vfs,
+        vfs_block_rules,
     })
 }
 
@@ -304,9 +309,8 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Checks `vfs` and resolves its mounts (parents first). Interception rules are not
-/// implemented, so asking for them is an error rather than a silent no-op.
-fn check_vfs(v: &Vfs) -> Result<Vec<VfsMount>, RpcError> {
+/// Checks `vfs` and resolves its mounts (parents first) and interception block rules.
+fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>), RpcError> {
     let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
     // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
     // example sends one); with nothing to serve it is only checked.
@@ -319,11 +323,10 @@ fn check_vfs(v: &Vfs) -> Result<Vec<VfsMount>, RpcError> {
     if has_interception && v.mounts.is_empty() {
         return Err(RpcError::params("vfs.interception requires mounts"));
     }
-    if has_interception {
-        return Err(RpcError::params(
-            "vfs.interception (VFS hook rules and events) is not available in this version of matchlock yet",
-        ));
-    }
+    let rules = match &v.interception {
+        Some(i) if has_interception => interception_rules(i)?,
+        _ => Vec::new(),
+    };
     let mut mounts = Vec::new();
     for (path, spec) in &v.mounts {
         let under = path == &v.workspace
@@ -338,7 +341,72 @@ fn check_vfs(v: &Vfs) -> Result<Vec<VfsMount>, RpcError> {
         }
         mounts.push(vfs_mount(path, spec, &v.workspace)?);
     }
-    validate::vfs_mounts(mounts).map_err(|e| RpcError::params(format!("vfs.mounts: {e}")))
+    let mounts =
+        validate::vfs_mounts(mounts).map_err(|e| RpcError::params(format!("vfs.mounts: {e}")))?;
+    Ok((mounts, rules))
+}
+
+/// `vfs.interception`: `block` rules become [`VfsBlockRule`]s; `allow` rules have no effect (as in
+/// Matchlock). Events and after-phase rules need callbacks to the client, which are not
+/// available, so asking for them is an error rather than a silent no-op.
+fn interception_rules(v: &Value) -> Result<Vec<VfsBlockRule>, RpcError> {
+    let bad = |m: String| RpcError::params(format!("vfs.interception: {m}"));
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("must be an object".into()))?;
+    if obj.get("emit_events").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "emit_events (file event notifications) is not available in this version of matchlock yet".into(),
+        ));
+    }
+    let rules = match obj.get("rules") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("rules must be a list".into())),
+    };
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let bad = |m: String| RpcError::params(format!("vfs.interception.rules[{i}]: {m}"));
+        let r = r
+            .as_object()
+            .ok_or_else(|| bad("must be an object".into()))?;
+        let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("");
+        match field("phase") {
+            "" | "before" => {}
+            "after" => {
+                return Err(bad(
+                    "after-phase rules (hooks) are not available in this version of matchlock yet"
+                        .into(),
+                ))
+            }
+            other => return Err(bad(format!("unknown phase '{other}'; use before"))),
+        }
+        match field("action") {
+            "" | "allow" => continue,
+            "block" => {}
+            other => return Err(bad(format!("unknown action '{other}'; use block or allow"))),
+        }
+        let mut ops = Vec::new();
+        for op in r.get("ops").and_then(Value::as_array).into_iter().flatten() {
+            let name = op.as_str().unwrap_or("");
+            let kind = matchlock_vfs::rules::op_kind(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown op '{name}'; use one of {}",
+                    matchlock_vfs::rules::OP_KINDS.join(", ")
+                ))
+            })?;
+            ops.push(kind.to_string());
+        }
+        let path = field("path");
+        if path.len() > 4096 || path.contains('\0') {
+            return Err(bad("path is not a valid glob".into()));
+        }
+        out.push(VfsBlockRule {
+            ops,
+            path: path.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 /// One `vfs.mounts` entry: `{"type": "host_fs"|"overlay"|"memory", "host_path", "readonly"}`.
@@ -496,6 +564,7 @@ pub fn sandbox_config(
             .unwrap_or_default(),
         disks: plan.disks.clone(),
         vfs: plan.vfs.clone(),
+        vfs_block_rules: plan.vfs_block_rules.clone(),
         network: network_config(net),
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
@@ -594,10 +663,50 @@ mod tests {
                 err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/w/x": spec}}}));
             assert!(e.message.contains(needle), "{}", e.message);
         }
-        assert!(err(json!({"image": "a", "vfs": {"workspace": "/w",
-            "mounts": {"/w": {"type": "memory"}}, "interception": {"rules": []}}}))
-        .message
-        .contains("not available"));
+        let with_rules = |rules: Value, events: bool| {
+            plan(json!({"image": "a", "vfs": {"workspace": "/w",
+                "mounts": {"/w": {"type": "memory"}},
+                "interception": {"emit_events": events, "rules": rules}}}))
+        };
+        let p = with_rules(
+            json!([
+                {"name": "no-env", "action": "block", "ops": ["read", "read_dir"], "path": "/w/*.env"},
+                {"action": "allow", "ops": ["write"]},
+                {"phase": "before", "action": "block"}
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.vfs_block_rules,
+            [
+                VfsBlockRule {
+                    ops: vec!["read".into(), "readdir".into()],
+                    path: "/w/*.env".into()
+                },
+                VfsBlockRule {
+                    ops: vec![],
+                    path: "".into()
+                }
+            ]
+        );
+        for (rules, events, needle) in [
+            (json!([]), true, "emit_events"),
+            (
+                json!([{"action": "block", "phase": "after"}]),
+                false,
+                "after-phase",
+            ),
+            (
+                json!([{"action": "block", "ops": ["explode"]}]),
+                false,
+                "unknown op",
+            ),
+            (json!([{"action": "mutate_write"}]), false, "unknown action"),
+        ] {
+            let e = with_rules(rules, events).unwrap_err();
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
         // Unknown fields are fine.
         assert!(
             plan(json!({"image": "a", "future_field": 1, "network": {"policy_script": ""}}))

@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     /// Host directories and files served into the guest by the workspace filesystem.
     #[serde(default)]
     pub vfs: Vec<VfsMount>,
+    /// Workspace operations refused with `EPERM` (RPC `vfs.interception` block rules).
+    #[serde(default)]
+    pub vfs_block_rules: Vec<VfsBlockRule>,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
@@ -129,6 +132,15 @@ pub struct VfsMount {
     pub guest_path: String,
     /// What happens to the guest's writes.
     pub mode: VfsMode,
+}
+
+/// A workspace operation to refuse: by kind (empty = all) and guest path glob (empty = all).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VfsBlockRule {
+    /// Operation kinds (`read`, `write`, `create`, ...; see `matchlock_vfs::rules::OP_KINDS`).
+    pub ops: Vec<String>,
+    /// Glob over the full guest path; `*` does not cross `/`.
+    pub path: String,
 }
 
 impl SandboxConfig {

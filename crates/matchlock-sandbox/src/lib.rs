@@ -16,7 +16,9 @@ pub mod validate;
 pub mod volume;
 
 pub use client::{start, Client};
-pub use config::{DiskMount, NetworkConfig, SandboxConfig, State, Status, VfsMode, VfsMount};
+pub use config::{
+    DiskMount, NetworkConfig, SandboxConfig, State, Status, VfsBlockRule, VfsMode, VfsMount,
+};
 pub use store::Store;
 
 /// Errors of the sandbox layer; messages are one line and say what to do.

@@ -535,6 +535,14 @@ fn vfs_server(
     ),
     String,
 > {
+    let rules: Vec<_> = config
+        .vfs_block_rules
+        .iter()
+        .map(|r| matchlock_vfs::rules::BlockRule {
+            ops: r.ops.clone(),
+            path: r.path.clone(),
+        })
+        .collect();
     let mut specs = Vec::new();
     let mut guest = Vec::new();
     for m in &config.vfs {
@@ -552,6 +560,8 @@ fn vfs_server(
             specs.push(matchlock_vfs::MountSpec {
                 host_path: m.host_path.clone(),
                 read_only: m.mode != VfsMode::HostFs,
+                guest_path: m.guest_path.clone(),
+                rules: rules.clone(),
             });
         }
     }

@@ -10,7 +10,8 @@
 //!   symlinks itself, in the guest), so neither `..` nor a symlink can lead outside the root;
 //! - read-only mounts refuse every write-class operation here, whatever the guest's kernel does;
 //! - FIFOs, devices and sockets on the host are never opened;
-//! - the node table, the handle table, request sizes and concurrency are all capped.
+//! - the node table, the handle table, request sizes and concurrency are all capped;
+//! - interception rules ([`rules`]) refuse chosen operations on chosen guest paths.
 //!
 //! Node ids are the host inode numbers where they are free (so `ls -i` is stable across
 //! lookups and hard links share one), `1` for the root, synthetic ids otherwise. Each node
@@ -19,6 +20,7 @@
 //! than another file.
 
 mod ops;
+pub mod rules;
 mod sys;
 
 use matchlock_proto::vfs::{VfsOp, VfsReply};
@@ -37,6 +39,10 @@ pub struct MountSpec {
     pub host_path: PathBuf,
     /// Refuse every write-class operation.
     pub read_only: bool,
+    /// Where the guest mounts it (the paths interception rules match against).
+    pub guest_path: String,
+    /// Operations refused with `EPERM` (`vfs.interception` block rules).
+    pub rules: Vec<rules::BlockRule>,
 }
 
 /// Why the server could not start.
@@ -71,7 +77,9 @@ impl VfsServer {
                 path: spec.host_path.display().to_string(),
                 source,
             })?;
-            mounts.push(Arc::new(fs));
+            mounts.push(Arc::new(
+                fs.with_rules(&spec.guest_path, spec.rules.clone()),
+            ));
         }
         Ok(Self {
             mounts,

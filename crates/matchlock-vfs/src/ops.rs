@@ -1,5 +1,6 @@
 //! One mount: its node and handle tables and the operations on them.
 
+use crate::rules::{self, BlockRule};
 use crate::sys;
 use matchlock_proto::vfs::{
     VfsAttr, VfsDirEntry, VfsOp, VfsReply, VfsStatfs, VfsTime, MAX_ENTRIES, MAX_IO, MAX_LINK,
@@ -53,6 +54,8 @@ struct Tables {
     by_key: HashMap<Key, u64>,
     next_synthetic: u64,
     handles: HashMap<u64, Arc<Handle>>,
+    /// The name each handle was opened under, for interception rules.
+    handle_paths: HashMap<u64, PathBuf>,
     next_fh: u64,
 }
 
@@ -62,6 +65,9 @@ pub struct MountFs {
     root: OwnedFd,
     root_is_dir: bool,
     read_only: bool,
+    /// Where the guest mounts this, for interception rules' paths.
+    guest_path: String,
+    rules: Vec<BlockRule>,
     tables: Mutex<Tables>,
 }
 
@@ -156,8 +162,18 @@ impl MountFs {
             root,
             root_is_dir,
             read_only,
+            guest_path: String::new(),
+            rules: Vec::new(),
             tables: Mutex::new(t),
         })
+    }
+
+    /// Applies interception rules: `guest_path` is where the guest mounts this root, and a
+    /// blocked operation fails with `EPERM`.
+    pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
+        self.guest_path = guest_path.trim_end_matches('/').to_string();
+        self.rules = rules;
+        self
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -167,10 +183,96 @@ impl MountFs {
 
     /// Answers one request; never panics on guest input.
     pub fn handle(&self, op: VfsOp) -> VfsReply {
+        if self.blocked(&op) {
+            if let VfsOp::Release { fh } = op {
+                // The kernel ignores release errors; the handle must not leak.
+                self.drop_handle(fh);
+            }
+            return VfsReply::Err(libc::EPERM);
+        }
         match self.dispatch(op) {
             Ok(r) => r,
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         }
+    }
+
+    fn drop_handle(&self, fh: u64) {
+        let mut t = self.tables();
+        t.handles.remove(&fh);
+        t.handle_paths.remove(&fh);
+    }
+
+    /// The guest paths an operation touches, relative to the mount.
+    fn op_paths(&self, op: &VfsOp) -> Vec<PathBuf> {
+        let t = self.tables();
+        let names = |id: &u64| t.nodes.get(id).map(|n| n.paths.clone()).unwrap_or_default();
+        let under = |id: &u64, name: &[u8]| -> Vec<PathBuf> {
+            names(id)
+                .into_iter()
+                .map(|p| join(&p, Path::new(OsStr::from_bytes(name))))
+                .collect()
+        };
+        let of_fh = |fh: &u64| t.handle_paths.get(fh).cloned().into_iter().collect();
+        match op {
+            VfsOp::Lookup { parent, name }
+            | VfsOp::Mkdir { parent, name, .. }
+            | VfsOp::Unlink { parent, name }
+            | VfsOp::Rmdir { parent, name }
+            | VfsOp::Symlink { parent, name, .. }
+            | VfsOp::Create { parent, name, .. } => under(parent, name),
+            VfsOp::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                ..
+            } => {
+                let mut v = under(parent, name);
+                v.extend(under(new_parent, new_name));
+                v
+            }
+            VfsOp::Link {
+                node,
+                new_parent,
+                new_name,
+            } => {
+                let mut v = names(node);
+                v.extend(under(new_parent, new_name));
+                v
+            }
+            VfsOp::Getattr { node, .. }
+            | VfsOp::Setattr { node, .. }
+            | VfsOp::Readlink { node }
+            | VfsOp::Open { node, .. }
+            | VfsOp::Opendir { node } => names(node),
+            VfsOp::Read { fh, .. }
+            | VfsOp::Write { fh, .. }
+            | VfsOp::Release { fh }
+            | VfsOp::Fsync { fh, .. }
+            | VfsOp::Readdir { fh, .. } => of_fh(fh),
+            VfsOp::Statfs => vec![PathBuf::new()],
+            VfsOp::Forget { .. } => Vec::new(),
+        }
+    }
+
+    fn blocked(&self, op: &VfsOp) -> bool {
+        if self.rules.is_empty() {
+            return false;
+        }
+        let kinds = rules::kinds(op);
+        if kinds.is_empty() {
+            return false;
+        }
+        self.op_paths(op).iter().any(|rel| {
+            let full = if rel.as_os_str().is_empty() {
+                self.guest_path.clone()
+            } else {
+                format!("{}/{}", self.guest_path, rel.to_string_lossy())
+            };
+            self.rules
+                .iter()
+                .any(|r| kinds.iter().any(|k| r.blocks(k, &full)))
+        })
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -312,7 +414,7 @@ impl MountFs {
         Ok(VfsReply::Entry(attr(id, &st)))
     }
 
-    fn add_handle(&self, h: Handle) -> io::Result<u64> {
+    fn add_handle(&self, h: Handle, path: PathBuf) -> io::Result<u64> {
         let mut t = self.tables();
         if t.handles.len() >= MAX_HANDLES {
             return Err(err(libc::EMFILE));
@@ -320,6 +422,9 @@ impl MountFs {
         let fh = t.next_fh;
         t.next_fh += 1;
         t.handles.insert(fh, Arc::new(h));
+        if !self.rules.is_empty() {
+            t.handle_paths.insert(fh, path);
+        }
         Ok(fh)
     }
 
@@ -515,7 +620,7 @@ impl MountFs {
                 if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
                     self.writable()?;
                 }
-                let (fd, st) = self.node_fd(node)?;
+                let (path, fd, st) = self.locate(node, libc::O_PATH)?;
                 if is_type(&st, libc::S_IFDIR) {
                     return Err(err(libc::EISDIR));
                 }
@@ -530,7 +635,7 @@ impl MountFs {
                     | libc::O_DSYNC
                     | libc::O_NONBLOCK;
                 let f = sys::reopen(fd.as_fd(), flags & keep)?;
-                Ok(VfsReply::Opened(self.add_handle(Handle::File(f))?))
+                Ok(VfsReply::Opened(self.add_handle(Handle::File(f), path)?))
             }
             VfsOp::Create {
                 parent,
@@ -575,8 +680,9 @@ impl MountFs {
                     Err(e) => return Err(e),
                 };
                 let st = sys::fstat(f.as_fd())?;
-                let id = self.remember(path.join(OsStr::from_bytes(name.to_bytes())), &st)?;
-                let fh = match self.add_handle(Handle::File(f)) {
+                let path = path.join(OsStr::from_bytes(name.to_bytes()));
+                let id = self.remember(path.clone(), &st)?;
+                let fh = match self.add_handle(Handle::File(f), path) {
                     Ok(fh) => fh,
                     Err(e) => {
                         self.forget(&[(id, 1)]);
@@ -606,7 +712,7 @@ impl MountFs {
                 Ok(VfsReply::Written(n as u32))
             }
             VfsOp::Release { fh } => {
-                self.tables().handles.remove(&fh);
+                self.drop_handle(fh);
                 Ok(VfsReply::Ok)
             }
             VfsOp::Fsync { fh, datasync } => {
@@ -621,13 +727,13 @@ impl MountFs {
                 Ok(VfsReply::Ok)
             }
             VfsOp::Opendir { node } => {
-                let (fd, st) = self.node_fd(node)?;
+                let (path, fd, st) = self.locate(node, libc::O_PATH)?;
                 if !is_type(&st, libc::S_IFDIR) {
                     return Err(err(libc::ENOTDIR));
                 }
                 let d = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
                 Ok(VfsReply::Opened(
-                    self.add_handle(Handle::Dir(Mutex::new(d)))?,
+                    self.add_handle(Handle::Dir(Mutex::new(d)), path)?,
                 ))
             }
             VfsOp::Readdir { fh, offset } => {

@@ -447,6 +447,8 @@ async fn garbage_frames_close_the_stream() {
     let server = VfsServer::new(&[MountSpec {
         host_path: d.path().into(),
         read_only: false,
+        guest_path: "/w".into(),
+        rules: Vec::new(),
     }])
     .unwrap();
     let (mut guest, host) = tokio::io::duplex(1 << 16);
@@ -610,4 +612,95 @@ fn random_operations_stay_inside_the_root() {
     }
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
     assert_eq!(fs::read(outside.join("keep")).unwrap(), b"keep");
+}
+
+#[test]
+fn block_rules_refuse_matching_operations() {
+    use crate::rules::BlockRule;
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("secret.env"), "k=v").unwrap();
+    fs::write(d.path().join("notes"), "n").unwrap();
+    let rules = vec![
+        BlockRule {
+            ops: vec!["read".into(), "open".into()],
+            path: "/w/*.env".into(),
+        },
+        BlockRule {
+            ops: vec!["remove".into(), "rename".into()],
+            path: "/w/notes".into(),
+        },
+        BlockRule {
+            ops: vec!["write".into()],
+            path: "".into(),
+        },
+    ];
+    let fs = srv(d.path(), false).with_rules("/w/", rules);
+    let env = ino(lookup(&fs, ROOT_NODE, "secret.env"));
+    assert_eq!(
+        fs.handle(Op::Open {
+            node: env,
+            flags: libc::O_RDONLY
+        }),
+        R::Err(libc::EPERM)
+    );
+    let notes = ino(lookup(&fs, ROOT_NODE, "notes"));
+    let R::Opened(fh) = fs.handle(Op::Open {
+        node: notes,
+        flags: libc::O_RDWR,
+    }) else {
+        panic!()
+    };
+    assert!(matches!(
+        fs.handle(Op::Read {
+            fh,
+            offset: 0,
+            size: 10
+        }),
+        R::Data(_)
+    ));
+    assert_eq!(
+        fs.handle(Op::Write {
+            fh,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        R::Err(libc::EPERM)
+    );
+    assert_eq!(
+        fs.handle(Op::Unlink {
+            parent: ROOT_NODE,
+            name: b"notes".to_vec()
+        }),
+        R::Err(libc::EPERM)
+    );
+    // A rename is checked at both ends.
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"secret.env".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"notes".to_vec(),
+            flags: 0
+        }),
+        R::Err(libc::EPERM)
+    );
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"secret.env".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"plain".to_vec(),
+            flags: 0
+        }),
+        R::Ok
+    );
+    // Under its new name the file is no longer covered, as in Matchlock (rules match paths).
+    assert!(matches!(
+        fs.handle(Op::Open {
+            node: env,
+            flags: libc::O_RDONLY
+        }),
+        R::Opened(_)
+    ));
+    assert_eq!(fs::read(d.path().join("notes")).unwrap(), b"n");
 }
