@@ -9,6 +9,8 @@
 //!
 //! The first message on a stream is a request (`Setup`, `Exec`, `WriteFile`, `ReadFile`, `ListFiles`,
 //! `Shutdown`, `Connect`); what follows depends on it and is documented on each variant of [`Msg`].
+//! The guest opens streams too, for one purpose: workspace filesystem requests ([`vfs`]), which
+//! start with `VfsOpen`.
 
 pub mod frame;
 pub mod msg;
