@@ -17,8 +17,8 @@ use fuser::{
     SessionACL, TimeOrNow, WriteFlags,
 };
 use matchlock_proto::mux::{Mux, Stream};
-use matchlock_proto::vfs::{VfsAttr, VfsOp, VfsReply, VfsTime, MAX_IO};
-use matchlock_proto::{read_msg, write_msg, GuestVfsMount, Msg};
+use matchlock_proto::vfs::{VfsAttr, VfsOp, VfsReply, VfsTime, MAX_IO, MAX_VFS_FRAME};
+use matchlock_proto::{read_msg_max, write_msg, GuestVfsMount, Msg};
 use nix::mount::{mount, MsFlags};
 use std::ffi::OsStr;
 use std::fs;
@@ -34,8 +34,8 @@ use tokio::sync::Semaphore;
 /// host again. Live mounts (`host_fs`, `ro`) do not cache attributes at all, so a file changed on
 /// the host is seen with its new size at once; a name replaced on the host may take this long.
 const TTL: Duration = Duration::from_secs(1);
-/// Requests in flight per mount (one stream each).
-const STREAMS: usize = 8;
+/// Requests in flight per mount (one stream each); the host serves this many per mount.
+const STREAMS: usize = matchlock_proto::vfs::STREAMS_PER_MOUNT;
 /// Private directory of the overlay layers and hidden FUSE views.
 const VFS_DIR: &str = "/run/matchlock-vfs";
 
@@ -240,7 +240,7 @@ impl Pool {
         write_msg(&mut s, &Msg::VfsOpen { mount: self.mount })
             .await
             .ok()?;
-        match read_msg(&mut s).await {
+        match read_msg_max(&mut s, MAX_VFS_FRAME).await {
             Ok(Some(Msg::Ok)) => Some(s),
             _ => None,
         }
@@ -262,7 +262,7 @@ impl Pool {
         if write_msg(&mut s, &Msg::VfsRequest(op)).await.is_err() {
             return VfsReply::Err(libc::EIO);
         }
-        match read_msg(&mut s).await {
+        match read_msg_max(&mut s, MAX_VFS_FRAME).await {
             Ok(Some(Msg::VfsReply(r))) => {
                 self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
                 r

@@ -18,7 +18,7 @@ pub mod mux;
 pub mod relay;
 pub mod vfs;
 
-pub use frame::{read_msg, write_msg, FrameError, MAX_FRAME};
+pub use frame::{read_msg, read_msg_max, write_msg, FrameError, MAX_FRAME};
 pub use msg::*;
 pub use vfs::GuestVfsMount;
 

@@ -18,6 +18,10 @@ pub const MAX_IO: u32 = 1024 * 1024;
 pub const MAX_NAME: usize = 255;
 /// Longest symlink target, as Linux's `PATH_MAX`.
 pub const MAX_LINK: usize = 4096;
+/// Largest VFS frame either side accepts: one [`MAX_IO`] payload plus headroom.
+pub const MAX_VFS_FRAME: usize = MAX_IO as usize + 64 * 1024;
+/// Streams the guest opens per mount at most (requests in flight per mount).
+pub const STREAMS_PER_MOUNT: usize = 8;
 /// Most directory entries in one [`VfsReply::Entries`].
 pub const MAX_ENTRIES: usize = 1024;
 

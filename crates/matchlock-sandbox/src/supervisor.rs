@@ -14,7 +14,7 @@ use crate::control::{self, ExecSpec, Reply, Request};
 use crate::store::Store;
 use crate::SandboxError;
 use matchlock_proto::mux::{Mux, Role};
-use matchlock_proto::{read_msg, write_msg, ExecRequest, Msg, Setup};
+use matchlock_proto::{read_msg, read_msg_max, write_msg, ExecRequest, Msg, Setup};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -521,9 +521,13 @@ fn console_tail(dir: &Path) -> String {
     }
 }
 
-/// Most streams the guest may have open towards the host at once; each can hold a frame buffer of
-/// up to `MAX_FRAME`, so this bounds what a hostile guest can make us allocate.
-const MAX_GUEST_STREAMS: usize = 64;
+/// Guest-opened streams served at once beyond the mounts' own pools (each stream holds at most
+/// one VFS frame buffer, ~1 MiB). Streams beyond the limit wait; their data stays in yamux's
+/// bounded receive window.
+const SPARE_GUEST_STREAMS: usize = 8;
+
+/// How long a guest-opened stream may take to say what it is for.
+const GUEST_STREAM_HELLO: Duration = Duration::from_secs(10);
 
 /// Opens the workspace mounts' host roots and describes them for the guest.
 fn vfs_server(
@@ -570,22 +574,25 @@ fn vfs_server(
     Ok((Arc::new(server), guest))
 }
 
-/// Serves the streams the guest opens: workspace filesystem requests. Anything else, and streams
-/// beyond [`MAX_GUEST_STREAMS`], are dropped (which resets them for the guest).
+/// Serves the streams the guest opens: workspace filesystem requests. Anything else, or a stream
+/// silent for [`GUEST_STREAM_HELLO`], is dropped (which resets it for the guest).
 async fn guest_streams(
     mut inbound: tokio::sync::mpsc::UnboundedReceiver<matchlock_proto::mux::Stream>,
     vfs: Arc<matchlock_vfs::VfsServer>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_STREAMS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        vfs.max_streams() + SPARE_GUEST_STREAMS,
+    ));
     while let Some(stream) = inbound.recv().await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
         let vfs = vfs.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let (mut rd, wr) = tokio::io::split(stream);
-            if let Ok(Some(Msg::VfsOpen { mount })) = read_msg(&mut rd).await {
+            let first = tokio::time::timeout(GUEST_STREAM_HELLO, read_msg_max(&mut rd, 4096)).await;
+            if let Ok(Ok(Some(Msg::VfsOpen { mount }))) = first {
                 vfs.serve(mount, rd, wr).await;
             }
         });

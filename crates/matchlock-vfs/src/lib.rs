@@ -23,8 +23,9 @@ mod ops;
 pub mod rules;
 mod sys;
 
+use matchlock_proto::vfs::MAX_VFS_FRAME;
 use matchlock_proto::vfs::{VfsOp, VfsReply};
-use matchlock_proto::{read_msg, write_msg, Msg};
+use matchlock_proto::{read_msg_max, write_msg, Msg};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -92,6 +93,11 @@ impl VfsServer {
         self.mounts.is_empty()
     }
 
+    /// How many guest streams the server may need at once: every mount's full pool.
+    pub fn max_streams(&self) -> usize {
+        self.mounts.len() * matchlock_proto::vfs::STREAMS_PER_MOUNT
+    }
+
     /// Serves one guest stream whose first message was [`Msg::VfsOpen`] for `mount`: answers
     /// `Ok` (or `Error` for an unknown mount), then one [`Msg::VfsReply`] per
     /// [`Msg::VfsRequest`] until the guest closes the stream or breaks the protocol.
@@ -108,7 +114,7 @@ impl VfsServer {
             return;
         }
         loop {
-            let op = match read_msg(&mut rd).await {
+            let op = match read_msg_max(&mut rd, MAX_VFS_FRAME).await {
                 Ok(Some(Msg::VfsRequest(op))) => op,
                 Ok(None) => break,
                 Ok(Some(_)) | Err(_) => {

@@ -1,4 +1,5 @@
 use super::*;
+use matchlock_proto::read_msg;
 use matchlock_proto::vfs::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
 use std::fs;
 
