@@ -21,6 +21,7 @@ import urllib.request
 
 import pytest
 from matchlock import Client, CreateOptions, MatchlockError, RPCError, Sandbox
+from matchlock.types import VFSHookRule, VFSInterceptionConfig
 
 from conftest import BIN, BUSYBOX, ENTRY, PYTHON, ml
 
@@ -491,3 +492,81 @@ def test_network_hook_rules_static_and_callback():
     assert "(200, 'hello bar hook=yes path=/ok', 'true')" in out, out
     assert "(403, " in out and "blocked by rule" in out, out
     assert ("before", "api.test", "/ok") in calls, calls
+
+
+# ---- workspace mounts (vfs.mounts) ----
+
+def test_workspace_mounts_host_dir_readonly_overlay_and_memory(tmp_path):
+    live, ro, snap = tmp_path / "live", tmp_path / "ro", tmp_path / "snap"
+    for d in (live, ro, snap):
+        d.mkdir()
+        (d / "f.txt").write_text(f"{d.name}\n")
+    # The python image (busybox + python3) so mmap can be exercised too.
+    sb = (Sandbox(PYTHON).with_workspace("/workspace")
+          .mount_memory("/workspace")
+          .mount_host_dir("/workspace/live", str(live))
+          .mount_host_dir_readonly("/workspace/ro", str(ro))
+          .mount_overlay("/workspace/snap", str(snap)))
+    with Client() as c:
+        c.create(sb.options())
+        r = c.exec("cat /workspace/live/f.txt /workspace/ro/f.txt /workspace/snap/f.txt")
+        assert r.stdout == "live\nro\nsnap\n"
+        assert c.exec("echo guest > /workspace/live/new.txt").exit_code == 0
+        r = c.exec("echo x > /workspace/ro/f.txt")
+        assert r.exit_code != 0 and "Read-only" in r.stderr
+        assert c.exec("echo changed > /workspace/snap/f.txt; echo n > /workspace/snap/n").exit_code == 0
+        assert c.exec("cat /workspace/snap/f.txt").stdout == "changed\n"
+        # Shared mmap through the FUSE page cache: read, write back, msync.
+        mm = ("import mmap\n"
+              "with open('/workspace/live/f.txt', 'r+b') as f:\n"
+              "    m = mmap.mmap(f.fileno(), 0)\n"
+              "    print(m[:4].decode())\n"
+              "    m[0:4] = b'LIVE'\n"
+              "    m.flush()\n")
+        r = c.exec(f"python3 -c \"{mm}\"")
+        assert (r.exit_code, r.stdout) == (0, "live\n"), r.stderr
+        # The memory workspace holds files too.
+        assert c.exec("echo mem > /workspace/m; cat /workspace/m").stdout == "mem\n"
+        # The SDK's file API goes through the same mounts.
+        c.write_file("/workspace/live/sdk.txt", b"via sdk")
+    assert (live / "f.txt").read_text() == "LIVE\n"
+    assert (live / "new.txt").read_text() == "guest\n"
+    assert (live / "sdk.txt").read_bytes() == b"via sdk"
+    assert (ro / "f.txt").read_text() == "ro\n"
+    assert (snap / "f.txt").read_text() == "snap\n"
+    assert sorted(p.name for p in snap.iterdir()) == ["f.txt"]
+
+
+def test_vfs_block_rules(tmp_path):
+    (tmp_path / "secret.txt").write_text("s3cret\n")
+    (tmp_path / "ok.txt").write_text("fine\n")
+    rules = VFSInterceptionConfig(rules=[
+        VFSHookRule(name="no-locks", action="block", ops=["create", "write"], path="/workspace/*.lock"),
+        VFSHookRule(name="no-secrets", action="block", ops=["open"], path="/workspace/secret*"),
+        VFSHookRule(name="noop", action="allow", ops=["write"]),
+    ])
+    sb = (Sandbox(BUSYBOX).with_workspace("/workspace").mount_host_dir("/workspace", str(tmp_path))
+          .with_vfs_interception(rules))
+    with Client() as c:
+        c.create(sb.options())
+        assert c.exec("cat /workspace/ok.txt").stdout == "fine\n"
+        r = c.exec("cat /workspace/secret.txt")
+        assert r.exit_code != 0 and "not permitted" in r.stderr
+        r = c.exec("echo x > /workspace/a.lock")
+        assert r.exit_code != 0 and "not permitted" in r.stderr
+        assert c.exec("echo y > /workspace/b.txt").exit_code == 0
+    assert not (tmp_path / "a.lock").exists()
+    assert (tmp_path / "b.txt").read_text() == "y\n"
+
+
+def test_vfs_events_and_owner_overrides_are_refused(tmp_path):
+    with Client() as c:
+        with pytest.raises(RPCError) as e:
+            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
+                     .mount_host_dir("/workspace/x", str(tmp_path))
+                     .with_vfs_interception(VFSInterceptionConfig(emit_events=True)).options())
+        assert "emit_events" in e.value.message
+        with pytest.raises(RPCError) as e:
+            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
+                     .mount_host_dir("/workspace/x", str(tmp_path), owner_uid=5).options())
+        assert "owner_uid" in e.value.message

@@ -335,6 +335,13 @@ pub struct RunArgs {
     /// Attach an ext4 image file (or a named volume, @NAME) at a guest path.
     #[arg(long, value_name = "HOST.ext4|@NAME:GUEST_PATH[:ro]")]
     pub disk: Vec<String>,
+    /// Mount a host directory or file: HOST:GUEST[:MODE], GUEST relative to --workspace; MODE is
+    /// overlay (default: the guest's writes stay in the sandbox), host_fs (live read-write) or ro.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:MODE]")]
+    pub volume: Vec<String>,
+    /// Where relative -v guest paths go.
+    #[arg(long, value_name = "DIR", default_value = "/workspace")]
+    pub workspace: String,
     /// Forward a host port to a guest port while the run is attached ([LOCAL:]REMOTE).
     #[arg(short = 'p', long, value_name = "[LOCAL:]REMOTE")]
     pub publish: Vec<String>,

@@ -96,6 +96,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .map(|d| volume::parse_disk(d))
         .collect::<Result<Vec<_>, _>>()?;
     volume::check_conflicts(&Store::open_default(), &disks)?;
+    let vfs = args
+        .volume
+        .iter()
+        .map(|v| validate::vfs_mount(v, &args.workspace))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(validate::vfs_mounts)
+        .map_err(|e| anyhow!(e))?;
     let publish = args
         .publish
         .iter()
@@ -169,6 +176,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         owner_pid: (args.rm && !args.detach).then(std::process::id),
         add_hosts,
         disks,
+        vfs,
         network,
         command: argv.clone(),
         ..Default::default()

@@ -18,6 +18,7 @@ mod seccomp;
 mod server;
 mod tty;
 mod users;
+mod vfs;
 
 use server::{Agent, Mode};
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! The session: one yamux server over the host channel, one task per inbound stream.
 
 use crate::files::{self, msg_name};
-use crate::{exec, forward, init, log, reaper};
+use crate::{exec, forward, init, log, reaper, vfs};
 use matchlock_proto::mux::{Mux, Role, Stream};
 use matchlock_proto::{read_msg, write_msg, Msg, Setup};
 use std::os::fd::OwnedFd;
@@ -35,6 +35,8 @@ pub struct Agent {
     pub cgroup_procs: OnceLock<OwnedFd>,
     /// Set by the first Setup; a second one is refused.
     setup_started: AtomicBool,
+    /// The session, for streams the guest opens towards the host (workspace filesystems).
+    mux: OnceLock<Mux>,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             seccomp: seccomp.map(Arc::new),
             cgroup_procs: OnceLock::new(),
             setup_started: AtomicBool::new(false),
+            mux: OnceLock::new(),
         }
     }
 }
@@ -54,7 +57,8 @@ pub async fn serve<T>(agent: Arc<Agent>, io: T) -> String
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (_mux, mut inbound, driver) = Mux::start(io, Role::Server);
+    let (mux, mut inbound, driver) = Mux::start(io, Role::Server);
+    let _ = agent.mux.set(mux);
     while let Some(stream) = inbound.recv().await {
         let agent = agent.clone();
         // A panic in one handler ends that task (and resets its stream), nothing else.
@@ -115,7 +119,19 @@ async fn run_setup(agent: &Arc<Agent>, setup: Setup) -> Msg {
         // Mounting and switching root need PID 1 in a VM; the test mode only acknowledges.
         return Msg::Ok;
     }
-    match tokio::task::spawn_blocking(move || init::setup(&setup)).await {
+    let Some(mux) = agent.mux.get().cloned() else {
+        return Msg::Error("Setup arrived outside a session".into());
+    };
+    let rt = tokio::runtime::Handle::current();
+    let result = tokio::task::spawn_blocking(move || {
+        // The FUSE devices are opened from the initramfs's /dev, before the switch.
+        let fuse = vfs::open_devices(setup.vfs.iter().filter(|m| !m.memory).count())?;
+        let cgroup = init::setup(&setup)?;
+        vfs::mount_all(&setup.vfs, fuse, mux, rt)?;
+        Ok::<_, String>(cgroup)
+    })
+    .await;
+    match result {
         Ok(Ok(cgroup)) => {
             if let Some(fd) = cgroup {
                 let _ = agent.cgroup_procs.set(fd);

@@ -247,6 +247,7 @@ async fn pid1_end_to_end() {
         confined: true,
         disks: Vec::new(),
         net: None,
+        vfs: Vec::new(),
     };
     let mut s = request(&mux, Msg::Setup(setup)).await;
     let reply = recv(&mut s).await;

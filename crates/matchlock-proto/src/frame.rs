@@ -16,8 +16,8 @@ pub enum FrameError {
     /// The underlying stream failed.
     #[error("channel I/O: {0}")]
     Io(#[from] std::io::Error),
-    /// The peer announced a frame larger than [`MAX_FRAME`].
-    #[error("peer sent a {0}-byte frame; the limit is {MAX_FRAME}")]
+    /// The peer announced a frame larger than the limit ([`MAX_FRAME`] or the stream's own).
+    #[error("peer sent a {0}-byte frame, over the limit")]
     TooLarge(usize),
     /// The bytes were not a valid message (version mismatch or corruption).
     #[error("malformed message: {0}")]
@@ -40,6 +40,16 @@ pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<()
 
 /// Reads one message; `Ok(None)` on a clean end of stream before a frame starts.
 pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Msg>, FrameError> {
+    read_msg_max(r, MAX_FRAME).await
+}
+
+/// Like [`read_msg`] with a tighter size limit (at most [`MAX_FRAME`]), for streams whose
+/// messages are known to be small: the buffer is allocated before the body arrives.
+pub async fn read_msg_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Msg>, FrameError> {
+    let max = max.min(MAX_FRAME);
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -47,7 +57,7 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Msg>, Fr
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
@@ -88,6 +98,16 @@ mod tests {
         assert!(matches!(
             read_msg(&mut b).await,
             Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stream_limit_is_checked_before_allocating() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&5000u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read_msg_max(&mut b, 4096).await,
+            Err(FrameError::TooLarge(5000))
         ));
     }
 

@@ -9,20 +9,24 @@
 //!
 //! The first message on a stream is a request (`Setup`, `Exec`, `WriteFile`, `ReadFile`, `ListFiles`,
 //! `Shutdown`, `Connect`); what follows depends on it and is documented on each variant of [`Msg`].
+//! The guest opens streams too, for one purpose: workspace filesystem requests ([`vfs`]), which
+//! start with `VfsOpen`.
 
 pub mod frame;
 pub mod msg;
 pub mod mux;
 pub mod relay;
+pub mod vfs;
 
-pub use frame::{read_msg, write_msg, FrameError, MAX_FRAME};
+pub use frame::{read_msg, read_msg_max, write_msg, FrameError, MAX_FRAME};
 pub use msg::*;
+pub use vfs::GuestVfsMount;
 
 /// Protocol version. Bumped whenever a message changes shape; the guest announces it in [`HELLO`].
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// What the guest agent writes, raw, on the channel before the multiplexer starts.
-pub const HELLO: &[u8; 8] = b"MLKAGT02";
+pub const HELLO: &[u8; 8] = b"MLKAGT03";
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "matchlock.agent";

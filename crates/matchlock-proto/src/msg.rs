@@ -92,6 +92,19 @@ pub enum Msg {
         /// TCP port on the guest's loopback.
         port: u16,
     },
+
+    // ---- Workspace filesystem, guest -> host request (see [`crate::vfs`]) ----
+    /// Start a VFS stream for mount `mount` (a [`crate::GuestVfsMount::id`]). Reply: [`Msg::Ok`]
+    /// or [`Msg::Error`]; then any number of [`Msg::VfsRequest`], each answered by one
+    /// [`Msg::VfsReply`].
+    VfsOpen {
+        /// Which mount.
+        mount: u32,
+    },
+    /// A filesystem request.
+    VfsRequest(crate::vfs::VfsOp),
+    /// The host's answer to the last [`Msg::VfsRequest`].
+    VfsReply(crate::vfs::VfsReply),
 }
 
 /// Everything the guest needs before it can run processes.
@@ -117,6 +130,8 @@ pub struct Setup {
     pub disks: Vec<GuestDisk>,
     /// How to configure `eth0`; `None` when the sandbox has no network.
     pub net: Option<GuestNet>,
+    /// Workspace filesystems served by the host, mounted (in order) after the switch to the root.
+    pub vfs: Vec<crate::vfs::GuestVfsMount>,
 }
 
 /// The guest side of the sandbox network: a static IPv4 setup of `eth0`.

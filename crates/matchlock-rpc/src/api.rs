@@ -3,7 +3,9 @@
 
 use crate::wire::RpcError;
 use matchlock_image::{ImageConfig, ImageInfo};
-use matchlock_sandbox::{validate, volume, DiskMount, SandboxConfig};
+use matchlock_sandbox::{
+    validate, volume, DiskMount, SandboxConfig, VfsBlockRule, VfsMode, VfsMount,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -166,6 +168,10 @@ pub struct Plan {
     pub params: CreateParams,
     /// Extra disks, resolved.
     pub disks: Vec<DiskMount>,
+    /// Workspace mounts, resolved and ordered parents first.
+    pub vfs: Vec<VfsMount>,
+    /// Workspace operations to refuse.
+    pub vfs_block_rules: Vec<VfsBlockRule>,
 }
 
 /// Parses and validates `create` params, in Matchlock's order: JSON, image, id, resources, network,
@@ -219,9 +225,10 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
     if let Some(n) = &p.network {
         check_network(n)?;
     }
-    if let Some(v) = &p.vfs {
-        check_vfs(v)?;
-    }
+    let (vfs, vfs_block_rules) = match &p.vfs {
+        Some(v) => check_vfs(v)?,
+        None => Default::default(),
+    };
     for (k, v) in &p.env {
         check_env(k, v, "env")?;
     }
@@ -247,7 +254,12 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
                 .map_err(|e| RpcError::params(format!("extra_disks: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Plan { params: p, disks })
+    Ok(Plan {
+        params: p,
+        disks,
+        vfs,
+        vfs_block_rules,
+    })
 }
 
 fn check_env(k: &str, v: &str, what: &str) -> Result<(), RpcError> {
@@ -321,7 +333,8 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
+/// Checks `vfs` and resolves its mounts (parents first) and interception block rules.
+fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>), RpcError> {
     let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
     // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
     // example sends one); with nothing to serve it is only checked.
@@ -334,11 +347,12 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
     if has_interception && v.mounts.is_empty() {
         return Err(RpcError::params("vfs.interception requires mounts"));
     }
-    if v.mounts.is_empty() {
-        return Ok(());
-    }
-    validate::guest_path(&v.workspace, "vfs.workspace").map_err(RpcError::params)?;
-    for path in v.mounts.keys() {
+    let rules = match &v.interception {
+        Some(i) if has_interception => interception_rules(i)?,
+        _ => Vec::new(),
+    };
+    let mut mounts = Vec::new();
+    for (path, spec) in &v.mounts {
         let under = path == &v.workspace
             || path
                 .strip_prefix(v.workspace.as_str())
@@ -349,10 +363,119 @@ fn check_vfs(v: &Vfs) -> Result<(), RpcError> {
                 v.workspace
             )));
         }
+        mounts.push(vfs_mount(path, spec, &v.workspace)?);
     }
-    Err(RpcError::params(
-        "vfs mounts (host directories in the workspace) are not available in this version of matchlock yet; copy files in with write_file or attach an ext4 volume with extra_disks",
-    ))
+    let mounts =
+        validate::vfs_mounts(mounts).map_err(|e| RpcError::params(format!("vfs.mounts: {e}")))?;
+    Ok((mounts, rules))
+}
+
+/// `vfs.interception`: `block` rules become [`VfsBlockRule`]s; `allow` rules have no effect (as in
+/// Matchlock). Events and after-phase rules need callbacks to the client, which are not
+/// available, so asking for them is an error rather than a silent no-op.
+fn interception_rules(v: &Value) -> Result<Vec<VfsBlockRule>, RpcError> {
+    let bad = |m: String| RpcError::params(format!("vfs.interception: {m}"));
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("must be an object".into()))?;
+    if obj.get("emit_events").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "emit_events (file event notifications) is not available in this version of matchlock yet".into(),
+        ));
+    }
+    let rules = match obj.get("rules") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(bad("rules must be a list".into())),
+    };
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let bad = |m: String| RpcError::params(format!("vfs.interception.rules[{i}]: {m}"));
+        let r = r
+            .as_object()
+            .ok_or_else(|| bad("must be an object".into()))?;
+        let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("");
+        match field("phase") {
+            "" | "before" => {}
+            "after" => {
+                return Err(bad(
+                    "after-phase rules (hooks) are not available in this version of matchlock yet"
+                        .into(),
+                ))
+            }
+            other => return Err(bad(format!("unknown phase '{other}'; use before"))),
+        }
+        match field("action") {
+            "" | "allow" => continue,
+            "block" => {}
+            other => return Err(bad(format!("unknown action '{other}'; use block or allow"))),
+        }
+        let mut ops = Vec::new();
+        for op in r.get("ops").and_then(Value::as_array).into_iter().flatten() {
+            let name = op.as_str().unwrap_or("");
+            let kind = matchlock_vfs::rules::op_kind(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown op '{name}'; use one of {}",
+                    matchlock_vfs::rules::OP_KINDS.join(", ")
+                ))
+            })?;
+            ops.push(kind.to_string());
+        }
+        let path = field("path");
+        if path.len() > 4096 || path.contains('\0') {
+            return Err(bad("path is not a valid glob".into()));
+        }
+        out.push(VfsBlockRule {
+            ops,
+            path: path.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// One `vfs.mounts` entry: `{"type": "host_fs"|"overlay"|"memory", "host_path", "readonly"}`.
+fn vfs_mount(path: &str, spec: &Value, workspace: &str) -> Result<VfsMount, RpcError> {
+    let what = format!("vfs.mounts[{path}]");
+    let bad = |m: String| RpcError::params(format!("{what}: {m}"));
+    let obj = spec
+        .as_object()
+        .ok_or_else(|| bad("must be an object".into()))?;
+    let kind = obj.get("type").and_then(Value::as_str).unwrap_or("");
+    let host = obj.get("host_path").and_then(Value::as_str).unwrap_or("");
+    let readonly = obj
+        .get("readonly")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if ["owner_uid", "owner_gid"]
+        .iter()
+        .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+    {
+        return Err(bad(
+            "owner_uid/owner_gid are not supported: files show their host owner".into(),
+        ));
+    }
+    let mode = match (kind, readonly) {
+        ("host_fs", false) => VfsMode::HostFs,
+        ("host_fs", true) => VfsMode::ReadOnly,
+        ("overlay", _) => VfsMode::Overlay,
+        ("memory", _) => {
+            validate::guest_path(path, &what).map_err(RpcError::params)?;
+            return Ok(VfsMount {
+                host_path: Default::default(),
+                guest_path: path.to_string(),
+                mode: VfsMode::Memory,
+            });
+        }
+        (other, _) => {
+            return Err(bad(format!(
+                "unknown type '{other}'; use host_fs, overlay or memory"
+            )))
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("host_path is required".into()));
+    }
+    validate::vfs_mount_parts(host, path, mode, workspace).map_err(bad)
 }
 
 /// The network from the `network` params: open mode, or interception when an allow-list, secrets,
@@ -515,6 +638,8 @@ pub fn sandbox_config(
             })
             .unwrap_or_default(),
         disks: plan.disks.clone(),
+        vfs: plan.vfs.clone(),
+        vfs_block_rules: plan.vfs_block_rules.clone(),
         network,
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
@@ -575,6 +700,88 @@ mod tests {
         assert!(err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/etc": {"type": "memory"}}}}))
             .message
             .contains("under it"));
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().to_str().unwrap();
+        let p = plan(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {
+            "/w/src": {"type": "host_fs", "host_path": host},
+            "/w": {"type": "memory"},
+            "/w/ro": {"type": "host_fs", "host_path": host, "readonly": true},
+            "/w/snap": {"type": "overlay", "host_path": host}}}}))
+        .unwrap();
+        let modes: Vec<_> = p
+            .vfs
+            .iter()
+            .map(|m| (m.guest_path.as_str(), m.mode))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("/w", VfsMode::Memory),
+                ("/w/ro", VfsMode::ReadOnly),
+                ("/w/snap", VfsMode::Overlay),
+                ("/w/src", VfsMode::HostFs)
+            ]
+        );
+        for (spec, needle) in [
+            (json!({"type": "host_fs"}), "host_path is required"),
+            (json!({"type": "nfs", "host_path": host}), "unknown type"),
+            (
+                json!({"type": "host_fs", "host_path": "/nonexistent/x"}),
+                "host path",
+            ),
+            (
+                json!({"type": "host_fs", "host_path": host, "owner_uid": 1}),
+                "owner_uid",
+            ),
+        ] {
+            let e =
+                err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/w/x": spec}}}));
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+        let with_rules = |rules: Value, events: bool| {
+            plan(json!({"image": "a", "vfs": {"workspace": "/w",
+                "mounts": {"/w": {"type": "memory"}},
+                "interception": {"emit_events": events, "rules": rules}}}))
+        };
+        let p = with_rules(
+            json!([
+                {"name": "no-env", "action": "block", "ops": ["read", "read_dir"], "path": "/w/*.env"},
+                {"action": "allow", "ops": ["write"]},
+                {"phase": "before", "action": "block"}
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p.vfs_block_rules,
+            [
+                VfsBlockRule {
+                    ops: vec!["read".into(), "readdir".into()],
+                    path: "/w/*.env".into()
+                },
+                VfsBlockRule {
+                    ops: vec![],
+                    path: "".into()
+                }
+            ]
+        );
+        for (rules, events, needle) in [
+            (json!([]), true, "emit_events"),
+            (
+                json!([{"action": "block", "phase": "after"}]),
+                false,
+                "after-phase",
+            ),
+            (
+                json!([{"action": "block", "ops": ["explode"]}]),
+                false,
+                "unknown op",
+            ),
+            (json!([{"action": "mutate_write"}]), false, "unknown action"),
+        ] {
+            let e = with_rules(rules, events).unwrap_err();
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
         // Unknown fields are fine.
         assert!(
             plan(json!({"image": "a", "future_field": 1, "network": {"policy_script": ""}}))

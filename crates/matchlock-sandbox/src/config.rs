@@ -49,6 +49,12 @@ pub struct SandboxConfig {
     /// Extra ext4 disks attached to the VM and mounted in the guest.
     #[serde(default)]
     pub disks: Vec<DiskMount>,
+    /// Host directories and files served into the guest by the workspace filesystem.
+    #[serde(default)]
+    pub vfs: Vec<VfsMount>,
+    /// Workspace operations refused with `EPERM` (RPC `vfs.interception` block rules).
+    #[serde(default)]
+    pub vfs_block_rules: Vec<VfsBlockRule>,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
@@ -147,6 +153,52 @@ pub struct DiskMount {
     pub guest_path: String,
     /// Attach and mount read-only.
     pub read_only: bool,
+}
+
+/// How a workspace mount treats the guest's writes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VfsMode {
+    /// Live and read-write: the guest's changes land on the host.
+    HostFs,
+    /// Read-only: every write fails.
+    ReadOnly,
+    /// Copy-on-write: the guest may write, but its changes stay in the sandbox.
+    Overlay,
+    /// No host path: an empty in-memory directory in the guest (RPC `memory` mounts).
+    Memory,
+}
+
+impl VfsMode {
+    /// Parses the `-v` mode word (`host_fs`, `ro`/`readonly`, `overlay`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "host_fs" | "rw" => Some(VfsMode::HostFs),
+            "ro" | "readonly" => Some(VfsMode::ReadOnly),
+            "overlay" => Some(VfsMode::Overlay),
+            _ => None,
+        }
+    }
+}
+
+/// A host directory (or regular file) mounted in the guest by the workspace filesystem (`-v`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VfsMount {
+    /// Absolute host path (empty for [`VfsMode::Memory`]).
+    pub host_path: PathBuf,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// What happens to the guest's writes.
+    pub mode: VfsMode,
+}
+
+/// A workspace operation to refuse: by kind (empty = all) and guest path glob (empty = all).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VfsBlockRule {
+    /// Operation kinds (`read`, `write`, `create`, ...; see `matchlock_vfs::rules::OP_KINDS`).
+    pub ops: Vec<String>,
+    /// Glob over the full guest path; `*` does not cross `/`.
+    pub path: String,
 }
 
 impl SandboxConfig {

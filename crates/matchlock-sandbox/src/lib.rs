@@ -18,6 +18,7 @@ pub mod volume;
 pub use client::{start, start_with_secrets, Client};
 pub use config::{
     DiskMount, InterceptConfig, NetworkConfig, SandboxConfig, SecretSpec, State, Status,
+    VfsBlockRule, VfsMode, VfsMount,
 };
 pub use store::Store;
 

@@ -9,12 +9,12 @@
 //! It tells the process that spawned it how the boot went through an inherited pipe (fd 3): one line,
 //! `ok` or the error.
 
-use crate::config::{now_secs, SandboxConfig, State, Status};
+use crate::config::{now_secs, SandboxConfig, State, Status, VfsMode};
 use crate::control::{self, ExecSpec, Reply, Request};
 use crate::store::Store;
 use crate::SandboxError;
 use matchlock_proto::mux::{Mux, Role};
-use matchlock_proto::{read_msg, write_msg, ExecRequest, Msg, Setup};
+use matchlock_proto::{read_msg, read_msg_max, write_msg, ExecRequest, Msg, Setup};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -680,6 +680,84 @@ fn console_tail(dir: &Path) -> String {
     }
 }
 
+/// Guest-opened streams served at once beyond the mounts' own pools (each stream holds at most
+/// one VFS frame buffer, ~1 MiB). Streams beyond the limit wait; their data stays in yamux's
+/// bounded receive window.
+const SPARE_GUEST_STREAMS: usize = 8;
+
+/// How long a guest-opened stream may take to say what it is for.
+const GUEST_STREAM_HELLO: Duration = Duration::from_secs(10);
+
+/// Opens the workspace mounts' host roots and describes them for the guest.
+fn vfs_server(
+    config: &SandboxConfig,
+) -> Result<
+    (
+        Arc<matchlock_vfs::VfsServer>,
+        Vec<matchlock_proto::GuestVfsMount>,
+    ),
+    String,
+> {
+    let rules: Vec<_> = config
+        .vfs_block_rules
+        .iter()
+        .map(|r| matchlock_vfs::rules::BlockRule {
+            ops: r.ops.clone(),
+            path: r.path.clone(),
+        })
+        .collect();
+    let mut specs = Vec::new();
+    let mut guest = Vec::new();
+    for m in &config.vfs {
+        let memory = m.mode == VfsMode::Memory;
+        guest.push(matchlock_proto::GuestVfsMount {
+            // The server's index of the mount; memory mounts have no server side.
+            id: specs.len() as u32,
+            path: m.guest_path.clone(),
+            file: !memory && m.host_path.is_file(),
+            read_only: m.mode == VfsMode::ReadOnly,
+            overlay: m.mode == VfsMode::Overlay,
+            memory,
+        });
+        if !memory {
+            specs.push(matchlock_vfs::MountSpec {
+                host_path: m.host_path.clone(),
+                read_only: m.mode != VfsMode::HostFs,
+                guest_path: m.guest_path.clone(),
+                rules: rules.clone(),
+            });
+        }
+    }
+    let server =
+        matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
+    Ok((Arc::new(server), guest))
+}
+
+/// Serves the streams the guest opens: workspace filesystem requests. Anything else, or a stream
+/// silent for [`GUEST_STREAM_HELLO`], is dropped (which resets it for the guest).
+async fn guest_streams(
+    mut inbound: tokio::sync::mpsc::UnboundedReceiver<matchlock_proto::mux::Stream>,
+    vfs: Arc<matchlock_vfs::VfsServer>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        vfs.max_streams() + SPARE_GUEST_STREAMS,
+    ));
+    while let Some(stream) = inbound.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let vfs = vfs.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (mut rd, wr) = tokio::io::split(stream);
+            let first = tokio::time::timeout(GUEST_STREAM_HELLO, read_msg_max(&mut rd, 4096)).await;
+            if let Ok(Ok(Some(Msg::VfsOpen { mount }))) = first {
+                vfs.serve(mount, rd, wr).await;
+            }
+        });
+    }
+}
+
 async fn supervise(
     store: Store,
     config: SandboxConfig,
@@ -694,6 +772,15 @@ async fn supervise(
         owner,
     } = launched;
     let dir = store.dir(&config.id);
+    let (vfs, guest_vfs) = match vfs_server(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e);
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    };
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -782,9 +869,8 @@ async fn supervise(
                 String::from_utf8_lossy(&hello)
             ));
         }
-        let (mux, mut inbound, _driver) = Mux::start(conn, Role::Client);
-        // The guest never opens streams towards us today; drain them so they are refused.
-        tokio::spawn(async move { while inbound.recv().await.is_some() {} });
+        let (mux, inbound, _driver) = Mux::start(conn, Role::Client);
+        tokio::spawn(guest_streams(inbound, vfs.clone()));
         let mut s = mux.open().await.map_err(|e| e.to_string())?;
         let setup = Setup {
             hostname: config.hostname.clone(),
@@ -813,6 +899,7 @@ async fn supervise(
                     read_only: d.read_only,
                 })
                 .collect(),
+            vfs: guest_vfs.clone(),
         };
         write_msg(&mut s, &Msg::Setup(setup))
             .await

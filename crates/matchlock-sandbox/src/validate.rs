@@ -149,3 +149,105 @@ mod tests {
         assert!(mtu(100, "m").is_err());
     }
 }
+
+/// Parses a workspace mount `HOST:GUEST[:MODE]` (`-v`): `HOST` must exist and be a directory or
+/// a regular file (it is made absolute), a relative `GUEST` lands under `workspace`, `MODE` is
+/// `overlay` (the default), `host_fs` or `ro`.
+pub fn vfs_mount(spec: &str, workspace: &str) -> Result<crate::VfsMount, String> {
+    let mut parts = spec.splitn(3, ':');
+    let (host, guest) = match (parts.next(), parts.next()) {
+        (Some(h), Some(g)) if !h.is_empty() && !g.is_empty() => (h, g),
+        _ => return Err(format!("-v '{spec}' must be HOST:GUEST[:MODE]")),
+    };
+    let mode = match parts.next() {
+        None => crate::VfsMode::Overlay,
+        Some(m) => crate::VfsMode::parse(m).ok_or_else(|| {
+            format!("-v '{spec}': unknown mode '{m}'; use overlay, host_fs or ro")
+        })?,
+    };
+    vfs_mount_parts(host, guest, mode, workspace).map_err(|e| format!("-v '{spec}': {e}"))
+}
+
+/// Checks one workspace mount given by its parts (shared by `-v` and RPC `vfs.mounts`).
+pub fn vfs_mount_parts(
+    host: &str,
+    guest: &str,
+    mode: crate::VfsMode,
+    workspace: &str,
+) -> Result<crate::VfsMount, String> {
+    guest_path(workspace, "the workspace")?;
+    let host_path = std::fs::canonicalize(host).map_err(|e| format!("host path {host}: {e}"))?;
+    let meta = std::fs::metadata(&host_path).map_err(|e| format!("host path {host}: {e}"))?;
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(format!(
+            "host path {host} is neither a directory nor a regular file"
+        ));
+    }
+    let guest = if guest.starts_with('/') {
+        guest.trim_end_matches('/').to_string()
+    } else {
+        format!(
+            "{}/{}",
+            workspace.trim_end_matches('/'),
+            guest.trim_end_matches('/')
+        )
+    };
+    guest_path(&guest, "guest path")?;
+    if guest == "/" || guest.is_empty() {
+        return Err("the guest path must not be /".into());
+    }
+    Ok(crate::VfsMount {
+        host_path,
+        guest_path: guest,
+        mode,
+    })
+}
+
+/// Orders workspace mounts parents first (the guest mounts them in order) and refuses two at the
+/// same guest path.
+pub fn vfs_mounts(mut mounts: Vec<crate::VfsMount>) -> Result<Vec<crate::VfsMount>, String> {
+    mounts.sort_by_key(|m| m.guest_path.split('/').filter(|c| !c.is_empty()).count());
+    for (i, m) in mounts.iter().enumerate() {
+        if mounts[..i].iter().any(|o| o.guest_path == m.guest_path) {
+            return Err(format!("two mounts at {}", m.guest_path));
+        }
+    }
+    Ok(mounts)
+}
+
+#[cfg(test)]
+mod vfs_tests {
+    use super::*;
+    use crate::VfsMode;
+
+    #[test]
+    fn volume_specs() {
+        let d = tempfile::tempdir().unwrap();
+        let host = d.path().to_str().unwrap();
+        let m = vfs_mount(&format!("{host}:code"), "/workspace").unwrap();
+        assert_eq!(
+            (m.guest_path.as_str(), m.mode),
+            ("/workspace/code", VfsMode::Overlay)
+        );
+        let m = vfs_mount(&format!("{host}:/data/:host_fs"), "/workspace").unwrap();
+        assert_eq!((m.guest_path.as_str(), m.mode), ("/data", VfsMode::HostFs));
+        assert_eq!(
+            vfs_mount(&format!("{host}:x:ro"), "/w").unwrap().mode,
+            VfsMode::ReadOnly
+        );
+        for bad in [
+            format!("{host}:x:rw2"),
+            format!("{host}:../etc"),
+            format!("{host}:/"),
+            host.to_string(),
+            "/does/not/exist:x".to_string(),
+        ] {
+            assert!(vfs_mount(&bad, "/workspace").is_err(), "{bad}");
+        }
+        let a = vfs_mount(&format!("{host}:a/b"), "/w").unwrap();
+        let b = vfs_mount(&format!("{host}:a"), "/w").unwrap();
+        let sorted = vfs_mounts(vec![a.clone(), b.clone()]).unwrap();
+        assert_eq!(sorted[0].guest_path, "/w/a");
+        assert!(vfs_mounts(vec![b.clone(), b]).is_err());
+    }
+}

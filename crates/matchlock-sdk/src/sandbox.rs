@@ -30,6 +30,8 @@ pub struct Sandbox {
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     workspace: Option<String>,
+    /// `(guest path, JSON mount config)`.
+    mounts: Vec<(String, Value)>,
     allowed_hosts: Vec<String>,
     add_hosts: Vec<(String, String)>,
     block_private_ips: Option<bool>,
@@ -60,6 +62,7 @@ impl Sandbox {
             entrypoint: Vec::new(),
             cmd: Vec::new(),
             workspace: None,
+            mounts: Vec::new(),
             allowed_hosts: Vec::new(),
             add_hosts: Vec::new(),
             block_private_ips: None,
@@ -150,6 +153,57 @@ impl Sandbox {
     /// The guest path of the workspace.
     pub fn with_workspace(mut self, path: impl Into<String>) -> Self {
         self.workspace = Some(path.into());
+        self
+    }
+
+    /// Mounts a host directory (or file) at `guest_path`, live and read-write: the guest's
+    /// changes land on the host. `guest_path` must be the workspace or under it.
+    pub fn mount_host_dir(
+        mut self,
+        guest_path: impl Into<String>,
+        host_path: impl Into<String>,
+    ) -> Self {
+        let host: String = host_path.into();
+        self.mounts.push((
+            guest_path.into(),
+            json!({"type": "host_fs", "host_path": host}),
+        ));
+        self
+    }
+
+    /// Mounts a host directory (or file) read-only.
+    pub fn mount_host_dir_readonly(
+        mut self,
+        guest_path: impl Into<String>,
+        host_path: impl Into<String>,
+    ) -> Self {
+        let host: String = host_path.into();
+        self.mounts.push((
+            guest_path.into(),
+            json!({"type": "host_fs", "host_path": host, "readonly": true}),
+        ));
+        self
+    }
+
+    /// Mounts a copy-on-write view of a host directory (or file): the guest may write, but its
+    /// changes stay in the sandbox.
+    pub fn mount_overlay(
+        mut self,
+        guest_path: impl Into<String>,
+        host_path: impl Into<String>,
+    ) -> Self {
+        let host: String = host_path.into();
+        self.mounts.push((
+            guest_path.into(),
+            json!({"type": "overlay", "host_path": host}),
+        ));
+        self
+    }
+
+    /// Mounts an empty in-memory directory.
+    pub fn mount_memory(mut self, guest_path: impl Into<String>) -> Self {
+        self.mounts
+            .push((guest_path.into(), json!({"type": "memory"})));
         self
     }
 
@@ -320,8 +374,16 @@ impl Sandbox {
             }
             p.insert("network".into(), Value::Object(n));
         }
-        if let Some(w) = &self.workspace {
-            p.insert("vfs".into(), json!({"workspace": w}));
+        if self.workspace.is_some() || !self.mounts.is_empty() {
+            let mut v = Map::new();
+            if let Some(w) = &self.workspace {
+                v.insert("workspace".into(), json!(w));
+            }
+            if !self.mounts.is_empty() {
+                let mounts: Map<String, Value> = self.mounts.iter().cloned().collect();
+                v.insert("mounts".into(), Value::Object(mounts));
+            }
+            p.insert("vfs".into(), Value::Object(v));
         }
         if !self.env.is_empty() {
             p.insert("env".into(), json!(self.env));
@@ -389,5 +451,22 @@ mod tests {
             .with_hostname("h")
             .to_params(false);
         assert_eq!(p["network"], json!({"no_network": true, "hostname": "h"}));
+        let p = Sandbox::new("a")
+            .with_workspace("/workspace")
+            .mount_memory("/workspace")
+            .mount_host_dir("/workspace/src", "/h/src")
+            .mount_host_dir_readonly("/workspace/ro", "/h/ro")
+            .mount_overlay("/workspace/snap", "/h/snap")
+            .to_params(false);
+        assert_eq!(
+            p["vfs"],
+            json!({"workspace": "/workspace", "mounts": {
+                "/workspace": {"type": "memory"},
+                "/workspace/src": {"type": "host_fs", "host_path": "/h/src"},
+                "/workspace/ro": {"type": "host_fs", "host_path": "/h/ro", "readonly": true},
+                "/workspace/snap": {"type": "overlay", "host_path": "/h/snap"}}})
+        );
+        let p = Sandbox::new("a").with_workspace("/w").to_params(false);
+        assert_eq!(p["vfs"], json!({"workspace": "/w"}));
     }
 }

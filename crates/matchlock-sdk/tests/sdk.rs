@@ -180,11 +180,26 @@ async fn dropping_the_client_stops_the_sandbox_and_volumes_work() {
         .unwrap()
         .iter()
         .any(|x| x.name == vol));
+    // A workspace mount rides along: the guest's write lands in the host directory.
+    let host_dir = tempfile::tempdir().unwrap();
     let id = client
-        .create(&Sandbox::new(IMAGE).with_disk(format!("@{vol}"), "/vol", false))
+        .create(
+            &Sandbox::new(IMAGE)
+                .with_disk(format!("@{vol}"), "/vol", false)
+                .with_workspace("/workspace")
+                .mount_host_dir("/workspace", host_dir.path().to_str().unwrap()),
+        )
         .await
         .unwrap();
     client.exec("echo on-volume > /vol/f").await.unwrap();
+    client
+        .exec("echo via-sdk > /workspace/w.txt")
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("w.txt")).unwrap(),
+        "via-sdk\n"
+    );
     drop(client);
     let bin = std::env::var_os("MATCHLOCK_BIN").unwrap();
     let mut stopped = false;

@@ -1,0 +1,200 @@
+//! The workspace filesystem protocol: the guest's FUSE server forwards each kernel request to the
+//! host as one [`VfsOp`] and gets one [`VfsReply`] back.
+//!
+//! The guest opens one stream per concurrent request it wants in flight and starts it with
+//! [`crate::Msg::VfsOpen`]; then it sends [`crate::Msg::VfsRequest`] and reads one
+//! [`crate::Msg::VfsReply`] per request, in order. Node ids are the host's: the host answers
+//! lookups with the id (also the `st_ino` the guest sees), `1` is the mount's root. File handles are
+//! the host's too. Everything here comes from the guest and is untrusted on the host: names are
+//! single path components, sizes are capped by [`MAX_IO`], [`MAX_NAME`] and [`MAX_LINK`].
+
+use serde::{Deserialize, Serialize};
+
+/// The node id of a mount's root.
+pub const ROOT_NODE: u64 = 1;
+/// Largest read or write in one request.
+pub const MAX_IO: u32 = 1024 * 1024;
+/// Longest file name (one path component), as Linux's `NAME_MAX`.
+pub const MAX_NAME: usize = 255;
+/// Longest symlink target, as Linux's `PATH_MAX`.
+pub const MAX_LINK: usize = 4096;
+/// Largest VFS frame either side accepts: one [`MAX_IO`] payload plus headroom.
+pub const MAX_VFS_FRAME: usize = MAX_IO as usize + 64 * 1024;
+/// Streams the guest opens per mount at most (requests in flight per mount).
+pub const STREAMS_PER_MOUNT: usize = 8;
+/// Most directory entries in one [`VfsReply::Entries`].
+pub const MAX_ENTRIES: usize = 1024;
+
+/// A timestamp for `setattr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VfsTime {
+    /// The host's current time.
+    Now,
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, u32),
+}
+
+/// One filesystem request. `parent`/`node` are node ids, `fh` file handles from `Open`/`Create`/
+/// `Opendir`, names raw bytes of one path component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VfsOp {
+    /// Find `name` in `parent`. Reply: `Entry`. Each successful lookup counts one reference.
+    Lookup { parent: u64, name: Vec<u8> },
+    /// Drop `(node, count)` lookup references. Reply: `Ok`.
+    Forget { nodes: Vec<(u64, u64)> },
+    /// Attributes of `node` (through `fh` when given). Reply: `Attr`.
+    Getattr { node: u64, fh: Option<u64> },
+    /// Change attributes. Reply: `Attr`.
+    Setattr {
+        node: u64,
+        fh: Option<u64>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<VfsTime>,
+        mtime: Option<VfsTime>,
+    },
+    /// Target of a symlink. Reply: `Data`.
+    Readlink { node: u64 },
+    /// Create a directory. Reply: `Entry`.
+    Mkdir {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+    },
+    /// Remove a non-directory. Reply: `Ok`.
+    Unlink { parent: u64, name: Vec<u8> },
+    /// Remove an empty directory. Reply: `Ok`.
+    Rmdir { parent: u64, name: Vec<u8> },
+    /// Create a symlink `name` -> `target`. Reply: `Entry`.
+    Symlink {
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// `renameat2`; `flags` are `RENAME_NOREPLACE`/`RENAME_EXCHANGE`. Reply: `Ok`.
+    Rename {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    /// Hard link `node` as `new_name` in `new_parent`. Reply: `Entry`.
+    Link {
+        node: u64,
+        new_parent: u64,
+        new_name: Vec<u8>,
+    },
+    /// Open a regular file with `open(2)` flags. Reply: `Opened`.
+    Open { node: u64, flags: i32 },
+    /// Create and open a regular file. Reply: `Created`.
+    Create {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        flags: i32,
+    },
+    /// Read up to `size` bytes at `offset`. Reply: `Data`.
+    Read { fh: u64, offset: u64, size: u32 },
+    /// Write at `offset`. Reply: `Written`.
+    Write { fh: u64, offset: u64, data: Vec<u8> },
+    /// Close a file handle. Reply: `Ok`.
+    Release { fh: u64 },
+    /// `fsync`/`fdatasync` a file or directory handle. Reply: `Ok`.
+    Fsync { fh: u64, datasync: bool },
+    /// Open a directory for reading. Reply: `Opened`.
+    Opendir { node: u64 },
+    /// Entries after `offset` (0: from the start; else an entry's `offset`). Reply: `Entries`,
+    /// empty at the end.
+    Readdir { fh: u64, offset: u64 },
+    /// Filesystem statistics. Reply: `Statfs`.
+    Statfs,
+}
+
+/// Attributes of a node, as `stat(2)` gives them; `ino` is the node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VfsAttr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: (i64, u32),
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    /// `st_mode`: type and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfsDirEntry {
+    /// Inode number on the host (informational, as `d_ino`).
+    pub ino: u64,
+    /// Pass this as the next `Readdir` offset to continue after this entry.
+    pub offset: u64,
+    /// File type bits of `st_mode` (`S_IFMT` part).
+    pub kind: u32,
+    pub name: Vec<u8>,
+}
+
+/// `statfs(2)` numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VfsStatfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// The answer to one [`VfsOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VfsReply {
+    /// A node found or created.
+    Entry(VfsAttr),
+    /// A node's attributes.
+    Attr(VfsAttr),
+    /// Bytes read (or a symlink target).
+    Data(Vec<u8>),
+    /// Bytes written.
+    Written(u32),
+    /// A new file or directory handle.
+    Opened(u64),
+    /// A created and opened file.
+    Created(VfsAttr, u64),
+    /// Directory entries.
+    Entries(Vec<VfsDirEntry>),
+    /// Filesystem statistics.
+    Statfs(VfsStatfs),
+    /// Success without data.
+    Ok,
+    /// Failure: a positive `errno`.
+    Err(i32),
+}
+
+/// How the guest mounts one workspace filesystem (part of [`crate::Setup`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestVfsMount {
+    /// The id the guest names in [`crate::Msg::VfsOpen`].
+    pub id: u32,
+    /// Absolute path in the guest.
+    pub path: String,
+    /// The host side is a single regular file rather than a directory.
+    pub file: bool,
+    /// The host refuses writes; the guest mounts it read-only too.
+    pub read_only: bool,
+    /// Put a copy-on-write layer (in guest memory) over the read-only host view, so the guest can
+    /// write but nothing reaches the host.
+    pub overlay: bool,
+    /// No host side at all: an empty in-memory filesystem (tmpfs) the guest may fill.
+    pub memory: bool,
+}

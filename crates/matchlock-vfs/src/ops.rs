@@ -1,0 +1,792 @@
+//! One mount: its node and handle tables and the operations on them.
+
+use crate::rules::{self, BlockRule};
+use crate::sys;
+use matchlock_proto::vfs::{
+    VfsAttr, VfsDirEntry, VfsOp, VfsReply, VfsStatfs, VfsTime, MAX_ENTRIES, MAX_IO, MAX_LINK,
+    ROOT_NODE,
+};
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Most nodes the guest may hold references to (the kernel forgets them under memory pressure).
+const MAX_NODES: usize = 1 << 20;
+/// Most open file and directory handles per mount.
+const MAX_HANDLES: usize = 4096;
+/// Names remembered per node: enough for `ln a b; rm b` and `link(tmp, final); unlink(tmp)`
+/// to keep resolving.
+const MAX_PATHS: usize = 8;
+/// Synthetic node ids start here, far above real inode numbers.
+const SYNTHETIC_BASE: u64 = 1 << 62;
+
+fn err(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+type Key = (u64, u64);
+
+fn key(st: &libc::stat) -> Key {
+    (st.st_dev, st.st_ino)
+}
+
+struct Node {
+    /// Names the inode was seen under (hard links have several), most recent first, at most
+    /// [`MAX_PATHS`]; relative to the mount root, empty for the root.
+    paths: Vec<PathBuf>,
+    key: Key,
+    refs: u64,
+}
+
+enum Handle {
+    File(OwnedFd),
+    /// Seeking and reading must not interleave between two requests on one handle.
+    Dir(Mutex<OwnedFd>),
+}
+
+#[derive(Default)]
+struct Tables {
+    nodes: HashMap<u64, Node>,
+    by_key: HashMap<Key, u64>,
+    next_synthetic: u64,
+    handles: HashMap<u64, Arc<Handle>>,
+    /// The name each handle was opened under, for interception rules.
+    handle_paths: HashMap<u64, PathBuf>,
+    next_fh: u64,
+}
+
+/// A served host directory (or file) and the guest's view of it.
+pub struct MountFs {
+    /// `O_PATH` fd of the host root: everything is resolved beneath it.
+    root: OwnedFd,
+    root_is_dir: bool,
+    read_only: bool,
+    /// Where the guest mounts this, for interception rules' paths.
+    guest_path: String,
+    rules: Vec<BlockRule>,
+    tables: Mutex<Tables>,
+}
+
+fn c_path(p: &Path) -> io::Result<CString> {
+    let bytes = if p.as_os_str().is_empty() {
+        b".".as_slice()
+    } else {
+        p.as_os_str().as_bytes()
+    };
+    CString::new(bytes).map_err(|_| err(libc::EINVAL))
+}
+
+/// `base/rest` without the trailing `/` that `Path::join("")` adds.
+fn join(base: &Path, rest: &Path) -> PathBuf {
+    if rest.as_os_str().is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rest)
+    }
+}
+
+fn ts(t: i64, n: i64) -> (i64, u32) {
+    (t, n.clamp(0, 999_999_999) as u32)
+}
+
+fn attr(ino: u64, st: &libc::stat) -> VfsAttr {
+    VfsAttr {
+        ino,
+        size: st.st_size.max(0) as u64,
+        blocks: st.st_blocks.max(0) as u64,
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        mode: st.st_mode,
+        nlink: st.st_nlink.min(u32::MAX as u64) as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize.clamp(0, u32::MAX as i64) as u32,
+    }
+}
+
+/// Permission bits the guest may set: never set-user-id, and set-group-id only on directories
+/// (where it means group inheritance). A supervisor running as root would otherwise let the guest
+/// plant a setuid-root program on the host.
+fn allowed_mode(mode: u32, dir: bool) -> u32 {
+    if dir {
+        mode & 0o3777
+    } else {
+        mode & 0o1777
+    }
+}
+
+fn is_type(st: &libc::stat, t: u32) -> bool {
+    st.st_mode & libc::S_IFMT == t
+}
+
+impl MountFs {
+    /// Opens the host root (a directory or a regular file).
+    pub fn open(host: &Path, read_only: bool) -> io::Result<Self> {
+        let c = CString::new(host.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        // The root itself may be reached through symlinks the user chose; nothing below it is.
+        // SAFETY: valid NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let root = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let st = sys::fstat(root.as_fd())?;
+        let root_is_dir = is_type(&st, libc::S_IFDIR);
+        if !root_is_dir && !is_type(&st, libc::S_IFREG) {
+            return Err(io::Error::other(
+                "only directories and regular files can be mounted",
+            ));
+        }
+        let mut t = Tables {
+            next_synthetic: SYNTHETIC_BASE,
+            next_fh: 1,
+            ..Default::default()
+        };
+        t.nodes.insert(
+            ROOT_NODE,
+            Node {
+                paths: vec![PathBuf::new()],
+                key: key(&st),
+                refs: 1,
+            },
+        );
+        t.by_key.insert(key(&st), ROOT_NODE);
+        Ok(Self {
+            root,
+            root_is_dir,
+            read_only,
+            guest_path: String::new(),
+            rules: Vec::new(),
+            tables: Mutex::new(t),
+        })
+    }
+
+    /// Applies interception rules: `guest_path` is where the guest mounts this root, and a
+    /// blocked operation fails with `EPERM`.
+    pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
+        self.guest_path = guest_path.trim_end_matches('/').to_string();
+        self.rules = rules;
+        self
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        // A panic while holding the lock leaves consistent-enough tables; keep serving.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers one request; never panics on guest input.
+    pub fn handle(&self, op: VfsOp) -> VfsReply {
+        if self.blocked(&op) {
+            if let VfsOp::Release { fh } = op {
+                // The kernel ignores release errors; the handle must not leak.
+                self.drop_handle(fh);
+            }
+            return VfsReply::Err(libc::EPERM);
+        }
+        match self.dispatch(op) {
+            Ok(r) => r,
+            Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn drop_handle(&self, fh: u64) {
+        let mut t = self.tables();
+        t.handles.remove(&fh);
+        t.handle_paths.remove(&fh);
+    }
+
+    /// The guest paths an operation touches, relative to the mount.
+    fn op_paths(&self, op: &VfsOp) -> Vec<PathBuf> {
+        let t = self.tables();
+        let names = |id: &u64| t.nodes.get(id).map(|n| n.paths.clone()).unwrap_or_default();
+        let under = |id: &u64, name: &[u8]| -> Vec<PathBuf> {
+            names(id)
+                .into_iter()
+                .map(|p| join(&p, Path::new(OsStr::from_bytes(name))))
+                .collect()
+        };
+        let of_fh = |fh: &u64| t.handle_paths.get(fh).cloned().into_iter().collect();
+        match op {
+            VfsOp::Lookup { parent, name }
+            | VfsOp::Mkdir { parent, name, .. }
+            | VfsOp::Unlink { parent, name }
+            | VfsOp::Rmdir { parent, name }
+            | VfsOp::Symlink { parent, name, .. }
+            | VfsOp::Create { parent, name, .. } => under(parent, name),
+            VfsOp::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                ..
+            } => {
+                let mut v = under(parent, name);
+                v.extend(under(new_parent, new_name));
+                v
+            }
+            VfsOp::Link {
+                node,
+                new_parent,
+                new_name,
+            } => {
+                let mut v = names(node);
+                v.extend(under(new_parent, new_name));
+                v
+            }
+            VfsOp::Getattr { node, .. }
+            | VfsOp::Setattr { node, .. }
+            | VfsOp::Readlink { node }
+            | VfsOp::Open { node, .. }
+            | VfsOp::Opendir { node } => names(node),
+            VfsOp::Read { fh, .. }
+            | VfsOp::Write { fh, .. }
+            | VfsOp::Release { fh }
+            | VfsOp::Fsync { fh, .. }
+            | VfsOp::Readdir { fh, .. } => of_fh(fh),
+            VfsOp::Statfs => vec![PathBuf::new()],
+            VfsOp::Forget { .. } => Vec::new(),
+        }
+    }
+
+    fn blocked(&self, op: &VfsOp) -> bool {
+        if self.rules.is_empty() {
+            return false;
+        }
+        let kinds = rules::kinds(op);
+        if kinds.is_empty() {
+            return false;
+        }
+        self.op_paths(op).iter().any(|rel| {
+            let full = if rel.as_os_str().is_empty() {
+                self.guest_path.clone()
+            } else {
+                format!("{}/{}", self.guest_path, rel.to_string_lossy())
+            };
+            self.rules
+                .iter()
+                .any(|r| kinds.iter().any(|k| r.blocks(k, &full)))
+        })
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(err(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The names and identity of a node.
+    fn node(&self, id: u64) -> io::Result<(Vec<PathBuf>, Key)> {
+        let t = self.tables();
+        let n = t.nodes.get(&id).ok_or_else(|| err(libc::ENOENT))?;
+        Ok((n.paths.clone(), n.key))
+    }
+
+    /// The first remembered name of a node that still leads to its inode, with an fd opened
+    /// with `flags` (`O_PATH`, maybe `O_DIRECTORY`) and its stat. Names that no longer do are
+    /// forgotten.
+    fn locate(&self, id: u64, flags: libc::c_int) -> io::Result<(PathBuf, OwnedFd, libc::stat)> {
+        let (paths, k) = self.node(id)?;
+        let mut stale = Vec::new();
+        let mut found = None;
+        for p in paths {
+            let hit = self
+                .open_path(&p, flags)
+                .and_then(|fd| sys::fstat(fd.as_fd()).map(|st| (fd, st)));
+            match hit {
+                Ok((fd, st)) if key(&st) == k => {
+                    found = Some((p, fd, st));
+                    break;
+                }
+                _ => stale.push(p),
+            }
+        }
+        if !stale.is_empty() {
+            let mut t = self.tables();
+            if let Some(n) = t.nodes.get_mut(&id) {
+                // Keep at least one name so a later rename of a parent can still fix it up.
+                n.paths.retain(|p| !stale.contains(p));
+                if n.paths.is_empty() {
+                    n.paths.push(stale.swap_remove(0));
+                }
+            }
+        }
+        found.ok_or_else(|| err(libc::ENOENT))
+    }
+
+    /// `O_PATH` fd of a relative path (the root for an empty one).
+    fn open_path(&self, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+        if rel.as_os_str().is_empty() {
+            return sys::dup(self.root.as_fd());
+        }
+        sys::open_beneath(self.root.as_fd(), &c_path(rel)?, flags)
+    }
+
+    /// `O_PATH` fd and stat of a node, checked to still be the same inode.
+    fn node_fd(&self, id: u64) -> io::Result<(OwnedFd, libc::stat)> {
+        let (_, fd, st) = self.locate(id, libc::O_PATH)?;
+        Ok((fd, st))
+    }
+
+    /// The directory fd and relative path of a parent node.
+    fn dir(&self, parent: u64) -> io::Result<(OwnedFd, PathBuf)> {
+        if !self.root_is_dir {
+            return Err(err(libc::ENOTDIR));
+        }
+        let (path, fd, _) = self.locate(parent, libc::O_PATH | libc::O_DIRECTORY)?;
+        Ok((fd, path))
+    }
+
+    /// Records a lookup reference to the inode at `path` and returns its node id.
+    fn remember(&self, path: PathBuf, st: &libc::stat) -> io::Result<u64> {
+        let mut t = self.tables();
+        let k = key(st);
+        if let Some(&id) = t.by_key.get(&k) {
+            if let Some(n) = t.nodes.get_mut(&id) {
+                n.refs = n.refs.saturating_add(1);
+                if id != ROOT_NODE {
+                    n.paths.retain(|p| p != &path);
+                    n.paths.insert(0, path);
+                    n.paths.truncate(MAX_PATHS);
+                }
+                return Ok(id);
+            }
+        }
+        if t.nodes.len() >= MAX_NODES {
+            return Err(err(libc::ENFILE));
+        }
+        let mut id = st.st_ino;
+        if id <= ROOT_NODE || id >= SYNTHETIC_BASE || t.nodes.contains_key(&id) {
+            loop {
+                id = t.next_synthetic;
+                t.next_synthetic += 1;
+                if !t.nodes.contains_key(&id) {
+                    break;
+                }
+            }
+        }
+        t.nodes.insert(
+            id,
+            Node {
+                paths: vec![path],
+                key: k,
+                refs: 1,
+            },
+        );
+        t.by_key.insert(k, id);
+        Ok(id)
+    }
+
+    fn forget(&self, nodes: &[(u64, u64)]) {
+        let mut t = self.tables();
+        for &(id, n) in nodes {
+            if id == ROOT_NODE {
+                continue;
+            }
+            let gone = match t.nodes.get_mut(&id) {
+                Some(node) => {
+                    node.refs = node.refs.saturating_sub(n);
+                    (node.refs == 0).then_some(node.key)
+                }
+                None => None,
+            };
+            if let Some(k) = gone {
+                t.nodes.remove(&id);
+                if t.by_key.get(&k) == Some(&id) {
+                    t.by_key.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Looks up `name` in the directory `dir` and answers with its entry.
+    fn entry(&self, dir: BorrowedFd<'_>, dir_path: &Path, name: &CStr) -> io::Result<VfsReply> {
+        let st = sys::stat_at(dir, name)?;
+        let id = self.remember(dir_path.join(OsStr::from_bytes(name.to_bytes())), &st)?;
+        Ok(VfsReply::Entry(attr(id, &st)))
+    }
+
+    fn add_handle(&self, h: Handle, path: PathBuf) -> io::Result<u64> {
+        let mut t = self.tables();
+        if t.handles.len() >= MAX_HANDLES {
+            return Err(err(libc::EMFILE));
+        }
+        let fh = t.next_fh;
+        t.next_fh += 1;
+        t.handles.insert(fh, Arc::new(h));
+        if !self.rules.is_empty() {
+            t.handle_paths.insert(fh, path);
+        }
+        Ok(fh)
+    }
+
+    fn get_handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        self.tables()
+            .handles
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| err(libc::EBADF))
+    }
+
+    fn file(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        let h = self.get_handle(fh)?;
+        match &*h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(err(libc::EISDIR)),
+        }
+    }
+
+    fn dispatch(&self, op: VfsOp) -> io::Result<VfsReply> {
+        match op {
+            VfsOp::Lookup { parent, name } => {
+                let name = sys::name(&name)?;
+                let (dir, path) = self.dir(parent)?;
+                self.entry(dir.as_fd(), &path, &name)
+            }
+            VfsOp::Forget { nodes } => {
+                self.forget(&nodes);
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Getattr { node, fh } => {
+                if let Some(fh) = fh {
+                    if let Ok(h) = self.get_handle(fh) {
+                        let st = match &*h {
+                            Handle::File(f) => sys::fstat(f.as_fd())?,
+                            Handle::Dir(d) => {
+                                sys::fstat(d.lock().unwrap_or_else(|p| p.into_inner()).as_fd())?
+                            }
+                        };
+                        return Ok(VfsReply::Attr(attr(node, &st)));
+                    }
+                }
+                let (_, st) = self.node_fd(node)?;
+                Ok(VfsReply::Attr(attr(node, &st)))
+            }
+            VfsOp::Setattr {
+                node,
+                fh,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            } => {
+                self.writable()?;
+                let (fd, st) = self.node_fd(node)?;
+                let symlink = is_type(&st, libc::S_IFLNK);
+                if let Some(mode) = mode {
+                    if symlink {
+                        return Err(err(libc::EOPNOTSUPP));
+                    }
+                    let dir = is_type(&st, libc::S_IFDIR);
+                    sys::chmod_fd(fd.as_fd(), allowed_mode(mode, dir))?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    sys::chown_fd(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+                }
+                if let Some(size) = size {
+                    match fh.and_then(|fh| self.file(fh).ok()) {
+                        Some(h) => {
+                            let Handle::File(f) = &*h else {
+                                return Err(err(libc::EISDIR));
+                            };
+                            sys::truncate(f.as_fd(), size)?;
+                        }
+                        None => {
+                            if !is_type(&st, libc::S_IFREG) {
+                                return Err(err(libc::EINVAL));
+                            }
+                            let f = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
+                            sys::truncate(f.as_fd(), size)?;
+                        }
+                    }
+                }
+                if atime.is_some() || mtime.is_some() {
+                    if symlink {
+                        return Err(err(libc::EOPNOTSUPP));
+                    }
+                    let conv = |t: Option<VfsTime>| match t {
+                        None => libc::timespec {
+                            tv_sec: 0,
+                            tv_nsec: libc::UTIME_OMIT,
+                        },
+                        Some(VfsTime::Now) => libc::timespec {
+                            tv_sec: 0,
+                            tv_nsec: libc::UTIME_NOW,
+                        },
+                        Some(VfsTime::At(s, n)) => libc::timespec {
+                            tv_sec: s,
+                            tv_nsec: i64::from(n.min(999_999_999)),
+                        },
+                    };
+                    sys::utimes_fd(fd.as_fd(), &[conv(atime), conv(mtime)])?;
+                }
+                Ok(VfsReply::Attr(attr(node, &sys::fstat(fd.as_fd())?)))
+            }
+            VfsOp::Readlink { node } => {
+                let (fd, st) = self.node_fd(node)?;
+                if !is_type(&st, libc::S_IFLNK) {
+                    return Err(err(libc::EINVAL));
+                }
+                Ok(VfsReply::Data(sys::readlink(fd.as_fd())?))
+            }
+            VfsOp::Mkdir { parent, name, mode } => {
+                self.writable()?;
+                let name = sys::name(&name)?;
+                let (dir, path) = self.dir(parent)?;
+                sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode, true))?;
+                self.entry(dir.as_fd(), &path, &name)
+            }
+            VfsOp::Unlink { parent, name } => {
+                self.writable()?;
+                let (dir, _) = self.dir(parent)?;
+                sys::unlink_at(dir.as_fd(), &sys::name(&name)?, false)?;
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Rmdir { parent, name } => {
+                self.writable()?;
+                let (dir, _) = self.dir(parent)?;
+                sys::unlink_at(dir.as_fd(), &sys::name(&name)?, true)?;
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Symlink {
+                parent,
+                name,
+                target,
+            } => {
+                self.writable()?;
+                let name = sys::name(&name)?;
+                if target.is_empty() || target.len() > MAX_LINK {
+                    return Err(err(libc::ENAMETOOLONG));
+                }
+                let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
+                let (dir, path) = self.dir(parent)?;
+                sys::symlink_at(&target, dir.as_fd(), &name)?;
+                self.entry(dir.as_fd(), &path, &name)
+            }
+            VfsOp::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                self.writable()?;
+                let allowed = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+                if flags & !allowed != 0 {
+                    return Err(err(libc::EINVAL));
+                }
+                let name = sys::name(&name)?;
+                let new_name = sys::name(&new_name)?;
+                let (from, from_path) = self.dir(parent)?;
+                let (to, to_path) = self.dir(new_parent)?;
+                sys::rename_at(from.as_fd(), &name, to.as_fd(), &new_name, flags)?;
+                let old = from_path.join(OsStr::from_bytes(name.to_bytes()));
+                let new = to_path.join(OsStr::from_bytes(new_name.to_bytes()));
+                self.renamed(&old, &new, flags & libc::RENAME_EXCHANGE != 0);
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Link {
+                node,
+                new_parent,
+                new_name,
+            } => {
+                self.writable()?;
+                let new_name = sys::name(&new_name)?;
+                let (path, _, st) = self.locate(node, libc::O_PATH)?;
+                let (Some(src_parent), Some(src_name)) = (path.parent(), path.file_name()) else {
+                    return Err(err(libc::EPERM));
+                };
+                let src_dir = self.open_path(src_parent, libc::O_PATH | libc::O_DIRECTORY)?;
+                let src_name = CString::new(src_name.as_bytes()).map_err(|_| err(libc::EINVAL))?;
+                if key(&sys::stat_at(src_dir.as_fd(), &src_name)?) != key(&st) {
+                    return Err(err(libc::ENOENT));
+                }
+                let (to, to_path) = self.dir(new_parent)?;
+                sys::link_at(src_dir.as_fd(), &src_name, to.as_fd(), &new_name)?;
+                self.entry(to.as_fd(), &to_path, &new_name)
+            }
+            VfsOp::Open { node, flags } => {
+                let acc = flags & libc::O_ACCMODE;
+                if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                    self.writable()?;
+                }
+                let (path, fd, st) = self.locate(node, libc::O_PATH)?;
+                if is_type(&st, libc::S_IFDIR) {
+                    return Err(err(libc::EISDIR));
+                }
+                if !is_type(&st, libc::S_IFREG) {
+                    // FIFOs, devices and sockets on the host are never opened for the guest.
+                    return Err(err(libc::EACCES));
+                }
+                let keep = libc::O_ACCMODE
+                    | libc::O_APPEND
+                    | libc::O_TRUNC
+                    | libc::O_SYNC
+                    | libc::O_DSYNC
+                    | libc::O_NONBLOCK;
+                let f = sys::reopen(fd.as_fd(), flags & keep)?;
+                Ok(VfsReply::Opened(self.add_handle(Handle::File(f), path)?))
+            }
+            VfsOp::Create {
+                parent,
+                name,
+                mode,
+                flags,
+            } => {
+                self.writable()?;
+                let name = sys::name(&name)?;
+                let (dir, path) = self.dir(parent)?;
+                let keep = libc::O_ACCMODE
+                    | libc::O_APPEND
+                    | libc::O_TRUNC
+                    | libc::O_SYNC
+                    | libc::O_DSYNC
+                    | libc::O_EXCL;
+                // O_EXCL first: an existing name might be a FIFO or device, which must not be
+                // opened; it gets checked like any open instead.
+                let f = match sys::open_at(
+                    dir.as_fd(),
+                    &name,
+                    (flags & keep) | libc::O_CREAT | libc::O_EXCL,
+                    allowed_mode(mode, false),
+                ) {
+                    Ok(f) => f,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 =>
+                    {
+                        let st = sys::stat_at(dir.as_fd(), &name)?;
+                        if is_type(&st, libc::S_IFDIR) {
+                            return Err(err(libc::EISDIR));
+                        }
+                        if !is_type(&st, libc::S_IFREG) {
+                            return Err(err(libc::EACCES));
+                        }
+                        let p = sys::open_at(dir.as_fd(), &name, libc::O_PATH, 0)?;
+                        if key(&sys::fstat(p.as_fd())?) != key(&st) {
+                            return Err(err(libc::EAGAIN));
+                        }
+                        sys::reopen(p.as_fd(), flags & keep & !libc::O_EXCL)?
+                    }
+                    Err(e) => return Err(e),
+                };
+                let st = sys::fstat(f.as_fd())?;
+                let path = path.join(OsStr::from_bytes(name.to_bytes()));
+                let id = self.remember(path.clone(), &st)?;
+                let fh = match self.add_handle(Handle::File(f), path) {
+                    Ok(fh) => fh,
+                    Err(e) => {
+                        self.forget(&[(id, 1)]);
+                        return Err(e);
+                    }
+                };
+                Ok(VfsReply::Created(attr(id, &st), fh))
+            }
+            VfsOp::Read { fh, offset, size } => {
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                let data = sys::pread(f.as_fd(), offset, size.min(MAX_IO) as usize)?;
+                Ok(VfsReply::Data(data))
+            }
+            VfsOp::Write { fh, offset, data } => {
+                self.writable()?;
+                if data.len() > MAX_IO as usize {
+                    return Err(err(libc::EINVAL));
+                }
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                let n = sys::pwrite(f.as_fd(), offset, &data)?;
+                Ok(VfsReply::Written(n as u32))
+            }
+            VfsOp::Release { fh } => {
+                self.drop_handle(fh);
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Fsync { fh, datasync } => {
+                let h = self.get_handle(fh)?;
+                match &*h {
+                    Handle::File(f) => sys::fsync(f.as_fd(), datasync)?,
+                    Handle::Dir(d) => sys::fsync(
+                        d.lock().unwrap_or_else(|p| p.into_inner()).as_fd(),
+                        datasync,
+                    )?,
+                }
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Opendir { node } => {
+                let (path, fd, st) = self.locate(node, libc::O_PATH)?;
+                if !is_type(&st, libc::S_IFDIR) {
+                    return Err(err(libc::ENOTDIR));
+                }
+                let d = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                Ok(VfsReply::Opened(
+                    self.add_handle(Handle::Dir(Mutex::new(d)), path)?,
+                ))
+            }
+            VfsOp::Readdir { fh, offset } => {
+                let h = self.get_handle(fh)?;
+                let Handle::Dir(d) = &*h else {
+                    return Err(err(libc::ENOTDIR));
+                };
+                let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
+                let entries = raw
+                    .into_iter()
+                    .map(|(ino, off, dtype, name)| VfsDirEntry {
+                        ino,
+                        offset: off as u64,
+                        kind: u32::from(dtype) << 12,
+                        name,
+                    })
+                    .collect();
+                Ok(VfsReply::Entries(entries))
+            }
+            VfsOp::Statfs => {
+                let s = sys::statfs(self.root.as_fd())?;
+                Ok(VfsReply::Statfs(VfsStatfs {
+                    blocks: s.f_blocks,
+                    bfree: s.f_bfree,
+                    bavail: s.f_bavail,
+                    files: s.f_files,
+                    ffree: s.f_ffree,
+                    bsize: s.f_bsize as u32,
+                    namelen: s.f_namelen as u32,
+                    frsize: s.f_frsize as u32,
+                }))
+            }
+        }
+    }
+
+    /// Keeps remembered paths in step with a rename (of a whole subtree for a directory).
+    fn renamed(&self, old: &Path, new: &Path, exchange: bool) {
+        let mut t = self.tables();
+        for n in t.nodes.values_mut() {
+            for p in n.paths.iter_mut() {
+                if p.as_os_str().is_empty() {
+                    continue;
+                }
+                if let Ok(rest) = p.strip_prefix(old) {
+                    *p = join(new, rest);
+                } else if exchange {
+                    if let Ok(rest) = p.strip_prefix(new) {
+                        *p = join(old, rest);
+                    }
+                }
+            }
+        }
+    }
+}

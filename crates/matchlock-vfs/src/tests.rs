@@ -1,0 +1,707 @@
+use super::*;
+use matchlock_proto::read_msg;
+use matchlock_proto::vfs::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
+use std::fs;
+
+fn srv(dir: &std::path::Path, ro: bool) -> MountFs {
+    MountFs::open(dir, ro).unwrap()
+}
+
+fn lookup(fs: &MountFs, parent: u64, name: &str) -> R {
+    fs.handle(Op::Lookup {
+        parent,
+        name: name.into(),
+    })
+}
+
+fn ino(r: R) -> u64 {
+    match r {
+        R::Entry(a) | R::Attr(a) | R::Created(a, _) => a.ino,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn names_that_climb_or_nest_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let fs = srv(d.path(), false);
+    for bad in ["..", ".", "", "a/b", "../etc", "x\0y"] {
+        assert!(matches!(lookup(&fs, ROOT_NODE, bad), R::Err(_)), "{bad:?}");
+        assert!(matches!(
+            fs.handle(Op::Create {
+                parent: ROOT_NODE,
+                name: bad.into(),
+                mode: 0o644,
+                flags: libc::O_WRONLY
+            }),
+            R::Err(_)
+        ));
+    }
+    assert_eq!(
+        lookup(&fs, ROOT_NODE, &"x".repeat(300)),
+        R::Err(libc::ENAMETOOLONG)
+    );
+}
+
+#[test]
+fn host_symlinks_are_never_followed() {
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("secret"), "s").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), d.path().join("out")).unwrap();
+    let fs = srv(d.path(), false);
+    // The link itself is visible as a link...
+    let id = ino(lookup(&fs, ROOT_NODE, "out"));
+    assert_eq!(
+        fs.handle(Op::Readlink { node: id }),
+        R::Data(outside.path().as_os_str().as_encoded_bytes().to_vec())
+    );
+    // ...but nothing resolves through it, and it cannot be opened or listed.
+    assert!(matches!(lookup(&fs, id, "secret"), R::Err(_)));
+    assert!(matches!(
+        fs.handle(Op::Open {
+            node: id,
+            flags: libc::O_RDONLY
+        }),
+        R::Err(_)
+    ));
+    assert!(matches!(fs.handle(Op::Opendir { node: id }), R::Err(_)));
+    assert!(matches!(
+        fs.handle(Op::Create {
+            parent: id,
+            name: "x".into(),
+            mode: 0o644,
+            flags: libc::O_WRONLY
+        }),
+        R::Err(_)
+    ));
+    // Creating over the link fails instead of writing through it.
+    assert!(matches!(
+        fs.handle(Op::Create {
+            parent: ROOT_NODE,
+            name: "out".into(),
+            mode: 0o644,
+            flags: libc::O_WRONLY
+        }),
+        R::Err(_)
+    ));
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn read_only_refuses_every_write() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("f"), "data").unwrap();
+    fs::create_dir(d.path().join("sub")).unwrap();
+    let fs = srv(d.path(), true);
+    let f = ino(lookup(&fs, ROOT_NODE, "f"));
+    let n = |s: &str| s.as_bytes().to_vec();
+    let ops = vec![
+        Op::Create {
+            parent: ROOT_NODE,
+            name: n("new"),
+            mode: 0o644,
+            flags: libc::O_WRONLY,
+        },
+        Op::Mkdir {
+            parent: ROOT_NODE,
+            name: n("d"),
+            mode: 0o755,
+        },
+        Op::Unlink {
+            parent: ROOT_NODE,
+            name: n("f"),
+        },
+        Op::Rmdir {
+            parent: ROOT_NODE,
+            name: n("sub"),
+        },
+        Op::Symlink {
+            parent: ROOT_NODE,
+            name: n("l"),
+            target: n("f"),
+        },
+        Op::Rename {
+            parent: ROOT_NODE,
+            name: n("f"),
+            new_parent: ROOT_NODE,
+            new_name: n("g"),
+            flags: 0,
+        },
+        Op::Link {
+            node: f,
+            new_parent: ROOT_NODE,
+            new_name: n("h"),
+        },
+        Op::Open {
+            node: f,
+            flags: libc::O_WRONLY,
+        },
+        Op::Open {
+            node: f,
+            flags: libc::O_RDONLY | libc::O_TRUNC,
+        },
+        Op::Setattr {
+            node: f,
+            fh: None,
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            size: None,
+            atime: None,
+            mtime: None,
+        },
+        Op::Setattr {
+            node: f,
+            fh: None,
+            mode: None,
+            uid: None,
+            gid: None,
+            size: Some(0),
+            atime: None,
+            mtime: None,
+        },
+    ];
+    for op in ops {
+        assert_eq!(fs.handle(op.clone()), R::Err(libc::EROFS), "{op:?}");
+    }
+    let R::Opened(fh) = fs.handle(Op::Open {
+        node: f,
+        flags: libc::O_RDONLY,
+    }) else {
+        panic!()
+    };
+    assert_eq!(
+        fs.handle(Op::Write {
+            fh,
+            offset: 0,
+            data: n("x")
+        }),
+        R::Err(libc::EROFS)
+    );
+    assert_eq!(
+        fs.handle(Op::Read {
+            fh,
+            offset: 0,
+            size: 100
+        }),
+        R::Data(n("data"))
+    );
+    assert_eq!(fs::read(d.path().join("f")).unwrap(), b"data");
+    assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn special_files_are_not_opened() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = std::ffi::CString::new(d.path().join("p").as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let fs = srv(d.path(), false);
+    let p = ino(lookup(&fs, ROOT_NODE, "p"));
+    // Would block forever if opened.
+    assert_eq!(
+        fs.handle(Op::Open {
+            node: p,
+            flags: libc::O_RDONLY
+        }),
+        R::Err(libc::EACCES)
+    );
+    assert_eq!(
+        fs.handle(Op::Create {
+            parent: ROOT_NODE,
+            name: b"p".to_vec(),
+            mode: 0o644,
+            flags: libc::O_WRONLY
+        }),
+        R::Err(libc::EACCES)
+    );
+}
+
+#[test]
+fn posix_basics_and_stable_inodes() {
+    let d = tempfile::tempdir().unwrap();
+    let fs = srv(d.path(), false);
+    let R::Created(a, fh) = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"a".to_vec(),
+        mode: 0o640,
+        flags: libc::O_RDWR,
+    }) else {
+        panic!()
+    };
+    assert_eq!(
+        fs.handle(Op::Write {
+            fh,
+            offset: 0,
+            data: b"hello".to_vec()
+        }),
+        R::Written(5)
+    );
+    assert_eq!(
+        fs.handle(Op::Fsync {
+            fh,
+            datasync: false
+        }),
+        R::Ok
+    );
+    assert_eq!(fs.handle(Op::Release { fh }), R::Ok);
+    assert_eq!(fs::read(d.path().join("a")).unwrap(), b"hello");
+    assert_eq!(ino(lookup(&fs, ROOT_NODE, "a")), a.ino);
+    // A hard link is the same node.
+    assert_eq!(
+        ino(fs.handle(Op::Link {
+            node: a.ino,
+            new_parent: ROOT_NODE,
+            new_name: b"b".to_vec()
+        })),
+        a.ino
+    );
+    // Rename over an existing file is atomic and the node follows.
+    fs::write(d.path().join("c"), "old").unwrap();
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"a".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"c".to_vec(),
+            flags: 0
+        }),
+        R::Ok
+    );
+    assert_eq!(fs::read(d.path().join("c")).unwrap(), b"hello");
+    assert!(matches!(
+        fs.handle(Op::Getattr {
+            node: a.ino,
+            fh: None
+        }),
+        R::Attr(_)
+    ));
+    // Subtree paths follow a directory rename.
+    let R::Entry(sub) = fs.handle(Op::Mkdir {
+        parent: ROOT_NODE,
+        name: b"d".to_vec(),
+        mode: 0o755,
+    }) else {
+        panic!()
+    };
+    let R::Created(inner, fh) = fs.handle(Op::Create {
+        parent: sub.ino,
+        name: b"f".to_vec(),
+        mode: 0o644,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    fs.handle(Op::Release { fh });
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"d".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"e".to_vec(),
+            flags: 0
+        }),
+        R::Ok
+    );
+    assert!(matches!(
+        fs.handle(Op::Getattr {
+            node: inner.ino,
+            fh: None
+        }),
+        R::Attr(_)
+    ));
+    assert_eq!(
+        fs.handle(Op::Setattr {
+            node: inner.ino,
+            fh: None,
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            size: Some(3),
+            atime: None,
+            mtime: Some(VfsTime::At(1000, 0))
+        }),
+        fs.handle(Op::Getattr {
+            node: inner.ino,
+            fh: None
+        })
+    );
+    let m = fs::metadata(d.path().join("e/f")).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        (m.permissions().mode() & 0o777, m.len(), m.mtime()),
+        (0o600, 3, 1000)
+    );
+    // No set-user-id bits reach the host, however the guest asks.
+    fs.handle(Op::Setattr {
+        node: inner.ino,
+        fh: None,
+        mode: Some(0o6755),
+        uid: None,
+        gid: None,
+        size: None,
+        atime: None,
+        mtime: None,
+    });
+    assert_eq!(
+        fs::metadata(d.path().join("e/f"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    let R::Created(_, fh) = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"suid".to_vec(),
+        mode: 0o4755,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    fs.handle(Op::Release { fh });
+    assert_eq!(
+        fs::metadata(d.path().join("suid"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    // A stale node (its file replaced on the host) does not answer for the new file.
+    // (The old inode stays alive elsewhere so its number cannot be reused.)
+    fs::rename(d.path().join("e/f"), d.path().join("kept")).unwrap();
+    fs::write(d.path().join("e/f"), "other").unwrap();
+    assert_eq!(
+        fs.handle(Op::Getattr {
+            node: inner.ino,
+            fh: None
+        }),
+        R::Err(libc::ENOENT)
+    );
+    // Symlinks store the guest's target verbatim.
+    let R::Entry(l) = fs.handle(Op::Symlink {
+        parent: ROOT_NODE,
+        name: b"l".to_vec(),
+        target: b"/etc/passwd".to_vec(),
+    }) else {
+        panic!()
+    };
+    assert_eq!(
+        fs.handle(Op::Readlink { node: l.ino }),
+        R::Data(b"/etc/passwd".to_vec())
+    );
+    // Readdir pages through everything.
+    for i in 0..2000 {
+        fs::write(d.path().join(format!("many{i}")), "").unwrap();
+    }
+    let R::Opened(dh) = fs.handle(Op::Opendir { node: ROOT_NODE }) else {
+        panic!()
+    };
+    let (mut off, mut names) = (0, Vec::new());
+    loop {
+        let R::Entries(e) = fs.handle(Op::Readdir {
+            fh: dh,
+            offset: off,
+        }) else {
+            panic!()
+        };
+        let Some(last) = e.last() else { break };
+        off = last.offset;
+        names.extend(e.into_iter().map(|e| e.name));
+    }
+    assert_eq!(names.len(), 2000 + 6 + 2); // b c e kept l suid, . and ..
+    assert_eq!(
+        fs.handle(Op::Fsync {
+            fh: dh,
+            datasync: false
+        }),
+        R::Ok
+    );
+    assert!(matches!(fs.handle(Op::Statfs), R::Statfs(_)));
+}
+
+#[test]
+fn single_file_root() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("f"), "one").unwrap();
+    let fs = srv(&d.path().join("f"), false);
+    assert_eq!(lookup(&fs, ROOT_NODE, "x"), R::Err(libc::ENOTDIR));
+    let R::Opened(fh) = fs.handle(Op::Open {
+        node: ROOT_NODE,
+        flags: libc::O_RDWR | libc::O_APPEND,
+    }) else {
+        panic!()
+    };
+    fs.handle(Op::Write {
+        fh,
+        offset: 0,
+        data: b"two".to_vec(),
+    });
+    assert_eq!(fs::read(d.path().join("f")).unwrap(), b"onetwo");
+}
+
+#[tokio::test]
+async fn garbage_frames_close_the_stream() {
+    use tokio::io::AsyncWriteExt;
+    let d = tempfile::tempdir().unwrap();
+    let server = VfsServer::new(&[MountSpec {
+        host_path: d.path().into(),
+        read_only: false,
+        guest_path: "/w".into(),
+        rules: Vec::new(),
+    }])
+    .unwrap();
+    let (mut guest, host) = tokio::io::duplex(1 << 16);
+    let (rd, wr) = tokio::io::split(host);
+    let task = async { server.serve(0, rd, wr).await };
+    let client = async {
+        assert_eq!(read_msg(&mut guest).await.unwrap(), Some(Msg::Ok));
+        write_msg(&mut guest, &Msg::VfsRequest(VfsOp::Statfs))
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_msg(&mut guest).await.unwrap(),
+            Some(Msg::VfsReply(VfsReply::Statfs(_)))
+        ));
+        guest
+            .write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        // The server ends the stream.
+        assert!(read_msg(&mut guest).await.unwrap().is_none());
+    };
+    tokio::join!(task, client);
+    // An unknown mount is an error, not a panic.
+    let (mut guest, host) = tokio::io::duplex(1 << 16);
+    let (rd, wr) = tokio::io::split(host);
+    tokio::join!(server.serve(7, rd, wr), async {
+        assert!(matches!(
+            read_msg(&mut guest).await.unwrap(),
+            Some(Msg::Error(_))
+        ));
+    });
+}
+
+/// Thousands of arbitrary operations (random ids, handles, hostile names, flags) neither panic
+/// nor touch anything outside the root.
+#[test]
+fn random_operations_stay_inside_the_root() {
+    let top = tempfile::tempdir().unwrap();
+    let outside = top.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("keep"), "keep").unwrap();
+    let root = top.path().join("root");
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink("../outside", root.join("up")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("abs")).unwrap();
+    let fs = srv(&root, false);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let names: [&[u8]; 9] = [
+        b"a",
+        b"b",
+        b"..",
+        b"up",
+        b"abs",
+        b"x/y",
+        b"",
+        b"d",
+        b"\xff\xfe",
+    ];
+    let mut ids = vec![ROOT_NODE, 0, 2, u64::MAX];
+    let mut fhs = vec![0, 1, 2, u64::MAX];
+    for _ in 0..5000 {
+        let r = next();
+        let id = ids[(r >> 8) as usize % ids.len()];
+        let id2 = ids[(r >> 16) as usize % ids.len()];
+        let fh = fhs[(r >> 24) as usize % fhs.len()];
+        let name = names[(r >> 32) as usize % names.len()].to_vec();
+        let name2 = names[(r >> 40) as usize % names.len()].to_vec();
+        let flags = [
+            libc::O_RDONLY,
+            libc::O_RDWR,
+            libc::O_WRONLY | libc::O_TRUNC,
+            libc::O_RDWR | libc::O_APPEND,
+        ][(r >> 48) as usize % 4];
+        let op = match r % 19 {
+            0 => Op::Lookup { parent: id, name },
+            1 => Op::Forget {
+                nodes: vec![(id, r >> 60)],
+            },
+            2 => Op::Getattr {
+                node: id,
+                fh: Some(fh),
+            },
+            3 => Op::Setattr {
+                node: id,
+                fh: Some(fh),
+                mode: Some((r >> 20) as u32),
+                uid: None,
+                gid: None,
+                size: Some(r >> 50),
+                atime: Some(VfsTime::Now),
+                mtime: None,
+            },
+            4 => Op::Readlink { node: id },
+            5 => Op::Mkdir {
+                parent: id,
+                name,
+                mode: 0o755,
+            },
+            6 => Op::Unlink { parent: id, name },
+            7 => Op::Rmdir { parent: id, name },
+            8 => Op::Symlink {
+                parent: id,
+                name,
+                target: name2,
+            },
+            9 => Op::Rename {
+                parent: id,
+                name,
+                new_parent: id2,
+                new_name: name2,
+                flags: (r >> 58) as u32 & 3,
+            },
+            10 => Op::Link {
+                node: id,
+                new_parent: id2,
+                new_name: name2,
+            },
+            11 => Op::Open { node: id, flags },
+            12 => Op::Create {
+                parent: id,
+                name,
+                mode: 0o644,
+                flags,
+            },
+            13 => Op::Read {
+                fh,
+                offset: r >> 40,
+                size: (r >> 12) as u32,
+            },
+            14 => Op::Write {
+                fh,
+                offset: r >> 50,
+                data: b"w".to_vec(),
+            },
+            15 => Op::Release { fh },
+            16 => Op::Fsync {
+                fh,
+                datasync: r & 1 == 0,
+            },
+            17 => Op::Opendir { node: id },
+            _ => Op::Readdir {
+                fh,
+                offset: r >> 40,
+            },
+        };
+        match fs.handle(op) {
+            R::Entry(a) | R::Attr(a) => ids.push(a.ino),
+            R::Created(a, h) => {
+                ids.push(a.ino);
+                fhs.push(h);
+            }
+            R::Opened(h) => fhs.push(h),
+            _ => {}
+        }
+    }
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert_eq!(fs::read(outside.join("keep")).unwrap(), b"keep");
+}
+
+#[test]
+fn block_rules_refuse_matching_operations() {
+    use crate::rules::BlockRule;
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("secret.env"), "k=v").unwrap();
+    fs::write(d.path().join("notes"), "n").unwrap();
+    let rules = vec![
+        BlockRule {
+            ops: vec!["read".into(), "open".into()],
+            path: "/w/*.env".into(),
+        },
+        BlockRule {
+            ops: vec!["remove".into(), "rename".into()],
+            path: "/w/notes".into(),
+        },
+        BlockRule {
+            ops: vec!["write".into()],
+            path: "".into(),
+        },
+    ];
+    let fs = srv(d.path(), false).with_rules("/w/", rules);
+    let env = ino(lookup(&fs, ROOT_NODE, "secret.env"));
+    assert_eq!(
+        fs.handle(Op::Open {
+            node: env,
+            flags: libc::O_RDONLY
+        }),
+        R::Err(libc::EPERM)
+    );
+    let notes = ino(lookup(&fs, ROOT_NODE, "notes"));
+    let R::Opened(fh) = fs.handle(Op::Open {
+        node: notes,
+        flags: libc::O_RDWR,
+    }) else {
+        panic!()
+    };
+    assert!(matches!(
+        fs.handle(Op::Read {
+            fh,
+            offset: 0,
+            size: 10
+        }),
+        R::Data(_)
+    ));
+    assert_eq!(
+        fs.handle(Op::Write {
+            fh,
+            offset: 0,
+            data: b"x".to_vec()
+        }),
+        R::Err(libc::EPERM)
+    );
+    assert_eq!(
+        fs.handle(Op::Unlink {
+            parent: ROOT_NODE,
+            name: b"notes".to_vec()
+        }),
+        R::Err(libc::EPERM)
+    );
+    // A rename is checked at both ends.
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"secret.env".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"notes".to_vec(),
+            flags: 0
+        }),
+        R::Err(libc::EPERM)
+    );
+    assert_eq!(
+        fs.handle(Op::Rename {
+            parent: ROOT_NODE,
+            name: b"secret.env".to_vec(),
+            new_parent: ROOT_NODE,
+            new_name: b"plain".to_vec(),
+            flags: 0
+        }),
+        R::Ok
+    );
+    // Under its new name the file is no longer covered, as in Matchlock (rules match paths).
+    assert!(matches!(
+        fs.handle(Op::Open {
+            node: env,
+            flags: libc::O_RDONLY
+        }),
+        R::Opened(_)
+    ));
+    assert_eq!(fs::read(d.path().join("notes")).unwrap(), b"n");
+}

@@ -1,0 +1,245 @@
+//! Workspace mounts end to end: `matchlock run -v` boots a VM whose FUSE mounts are served by the
+//! supervisor from host directories. Busybox tools stand in for real workloads.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// Everything observable about a host tree: per relative path, type+mode, size, mtime, and the
+/// content or link target.
+fn snapshot(root: &Path) -> BTreeMap<String, (u32, u64, i64, i64, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, u64, i64, i64, Vec<u8>)>) {
+        let meta = fs::symlink_metadata(dir).unwrap();
+        let rel = dir.strip_prefix(root).unwrap().display().to_string();
+        let body = if meta.file_type().is_symlink() {
+            fs::read_link(dir)
+                .unwrap()
+                .as_os_str()
+                .as_encoded_bytes()
+                .to_vec()
+        } else if meta.is_file() {
+            fs::read(dir).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.insert(
+            rel,
+            (
+                meta.mode(),
+                meta.len(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                body,
+            ),
+        );
+        if meta.is_dir() {
+            for e in fs::read_dir(dir).unwrap() {
+                walk(root, &e.unwrap().path(), out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn seed(dir: &Path) {
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    fs::write(dir.join("a"), "alpha\n").unwrap();
+    fs::write(dir.join("sub/b"), "beta\n").unwrap();
+    fs::write(dir.join("x"), "ex\n").unwrap();
+    fs::write(dir.join("gone"), "soon\n").unwrap();
+    std::os::unix::fs::symlink("a", dir.join("link")).unwrap();
+}
+
+/// The POSIX workflow through a live `host_fs` mount, escape attempts, and host changes seen by
+/// the guest, in one sandbox.
+#[test]
+fn host_fs_posix_workflow_escapes_and_live_changes() {
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("later.txt"), "before\n").unwrap();
+    // Something outside the mount that a symlink in the mount points to.
+    let outside = host.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), "top secret\n").unwrap();
+    std::os::unix::fs::symlink(&outside, src.join("out")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret", src.join("rel")).unwrap();
+    let outside_before = snapshot(&outside);
+    let escape_name = format!("matchlock-vfs-escape-{}", std::process::id());
+    assert!(!Path::new("/etc").join(&escape_name).exists());
+
+    let spec = format!("{}:src:host_fs", src.display());
+    let sb = Sandbox::detached(&["-v", &spec], &["sleep", "600"]);
+    let script = format!(
+        r#"set -e
+cd /workspace/src
+echo one > f; echo two >> f
+printf 'line\n' > log; printf 'more\n' >> log
+echo new > tmp; echo old > target; mv tmp target
+ln -s target link; test "$(readlink link)" = target; test "$(cat link)" = new
+ln f hard; test "$(stat -c %i f)" = "$(stat -c %i hard)"; test "$(stat -c %h f)" = 2
+test "$(stat -c %i f)" = "$(stat -c %i f)"
+chmod 640 f; test "$(stat -c %a f)" = 640
+touch -d '2001-02-03 04:05:06' log
+printf 'abcdef' > t; truncate -s 3 t; test "$(cat t)" = abc; truncate -s 10 t; test "$(stat -c %s t)" = 10
+mkdir -p d/e; echo deep > d/e/file; mv d moved; test "$(cat moved/e/file)" = deep
+mkdir gone; rmdir gone; test ! -e gone
+rm moved/e/file; rmdir moved/e
+sync f; sync .
+dd if=/dev/urandom of=big bs=64k count=64 2>/dev/null; sha256sum big | cut -d' ' -f1 > big.sum
+i=0; while [ $i -lt 300 ]; do : > many$i; i=$((i+1)); done
+test "$(ls | grep -c '^many')" = 300
+rm many*; test "$(ls | grep -c '^many' || true)" = 0
+stat -f . >/dev/null
+# Escapes: nothing below resolves on the host.
+if cat out/secret 2>/dev/null; then echo ESCAPED-READ; fi
+if cat rel 2>/dev/null; then echo ESCAPED-REL; fi
+if echo pwn 2>/dev/null > out/evil; then echo ESCAPED-WRITE; fi
+test "$(cd /workspace/src/../.. && pwd)" = /
+ln -s /etc etc_link; echo pwn > etc_link/{escape_name}; test -f /etc/{escape_name}
+echo POSIX-OK
+"#
+    );
+    let out = sb.exec(&["sh", "-c", &script]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success() && text.contains("POSIX-OK"),
+        "script failed: {text}\n{}",
+        stderr(&out)
+    );
+    assert!(!text.contains("ESCAPED"), "{text}");
+
+    // The guest's changes are on the host, with the right shapes.
+    assert_eq!(fs::read_to_string(src.join("f")).unwrap(), "one\ntwo\n");
+    assert_eq!(fs::read_to_string(src.join("log")).unwrap(), "line\nmore\n");
+    assert_eq!(fs::read_to_string(src.join("target")).unwrap(), "new\n");
+    assert!(!src.join("tmp").exists());
+    assert_eq!(
+        fs::read_link(src.join("link")).unwrap(),
+        Path::new("target")
+    );
+    let (f, hard) = (
+        fs::metadata(src.join("f")).unwrap(),
+        fs::metadata(src.join("hard")).unwrap(),
+    );
+    assert_eq!((f.ino(), f.nlink()), (hard.ino(), 2));
+    assert_eq!(f.permissions().mode() & 0o777, 0o640);
+    let log = fs::metadata(src.join("log")).unwrap();
+    assert_eq!(log.mtime(), 981173106, "touch -d set the host mtime (UTC)");
+    assert_eq!(fs::read(src.join("t")).unwrap(), b"abc\0\0\0\0\0\0\0");
+    assert!(src.join("moved").is_dir() && !src.join("moved/e").exists());
+    let big = fs::read(src.join("big")).unwrap();
+    assert_eq!(big.len(), 64 * 65536);
+    let sum = fs::read_to_string(src.join("big.sum")).unwrap();
+    let host_sum = stdout(
+        &std::process::Command::new("sha256sum")
+            .arg(src.join("big"))
+            .output()
+            .unwrap(),
+    );
+    assert!(host_sum.starts_with(sum.trim()), "{sum} vs {host_sum}");
+    // The escape attempts touched nothing outside the mount.
+    assert_eq!(snapshot(&outside), outside_before);
+    assert!(!Path::new("/etc").join(&escape_name).exists());
+    assert_eq!(
+        fs::read_link(src.join("etc_link")).unwrap(),
+        Path::new("/etc")
+    );
+
+    // Host changes show up in the guest: a new file, and a file the guest never looked at.
+    fs::write(src.join("fromhost"), "hello from the host\n").unwrap();
+    fs::write(src.join("later.txt"), "after, and longer\n").unwrap();
+    let out = sb.exec(&["cat", "/workspace/src/fromhost", "/workspace/src/later.txt"]);
+    assert_eq!(
+        ok(out),
+        "hello from the host\nafter, and longer\n",
+        "host changes are visible"
+    );
+}
+
+/// `ro` refuses every write class; `overlay` lets the guest write but leaves the host
+/// byte-identical; single files mount in every mode.
+#[test]
+fn read_only_and_overlay_never_touch_the_host() {
+    let host = tempfile::tempdir().unwrap();
+    let (ro, ov) = (host.path().join("ro"), host.path().join("ov"));
+    seed(&ro);
+    seed(&ov);
+    let (cfg, ovf, rwf) = (
+        host.path().join("cfg.txt"),
+        host.path().join("ovf.txt"),
+        host.path().join("rwf.txt"),
+    );
+    fs::write(&cfg, "config\n").unwrap();
+    fs::write(&ovf, "overlay file\n").unwrap();
+    fs::write(&rwf, "live file\n").unwrap();
+    let before = (snapshot(&ro), snapshot(&ov), snapshot(&cfg), snapshot(&ovf));
+
+    let specs = [
+        format!("{}:ro:ro", ro.display()),
+        format!("{}:ov", ov.display()),
+        format!("{}:cfg.txt:ro", cfg.display()),
+        format!("{}:/etc/ovf.txt:overlay", ovf.display()),
+        format!("{}:rwf.txt:host_fs", rwf.display()),
+    ];
+    let mut args = vec!["run", "--image", BUSYBOX];
+    for s in &specs {
+        args.extend(["-v", s.as_str()]);
+    }
+    let script = r#"
+cd /workspace/ro
+for cmd in 'echo x > a' 'echo x >> a' 'echo x > new' 'rm a' 'mv a c' 'mv sub/b b' 'mkdir d' \
+    'rmdir sub' 'ln -s a l2' 'ln a h2' 'chmod 777 a' 'truncate -s 0 a' 'touch a' 'chown 1:1 a' \
+    'mkfifo p' 'rm link' 'echo x >> /workspace/cfg.txt' 'truncate -s 0 /workspace/cfg.txt'; do
+  if sh -c "$cmd" 2>/dev/null; then echo "RO-ALLOWED: $cmd"; fi
+done
+test "$(cat a sub/b link)" = "$(printf 'alpha\nbeta\nalpha')" && echo RO-READ-OK
+test "$(cat /workspace/cfg.txt)" = config && echo CFG-OK
+cd /workspace/ov
+set -e
+echo changed > a; echo more >> sub/b; echo n > new; rm gone; mv x y; mkdir d; ln -s a l2
+ln a hardlink; chmod 600 a; truncate -s 1 sub/b; touch -d '2001-01-01 00:00:00' y; rm link
+test "$(cat a)" = changed; test "$(cat sub/b)" = b; test ! -e gone; test "$(stat -c %a a)" = 600
+echo appended >> /workspace/rwf.txt
+echo over > /etc/ovf.txt; test "$(cat /etc/ovf.txt)" = over
+echo OVERLAY-OK
+"#;
+    args.extend(["--", "sh", "-c", script]);
+    let out = run(&args);
+    let text = stdout(&out);
+    assert!(out.status.success(), "run failed: {text}\n{}", stderr(&out));
+    assert!(!text.contains("RO-ALLOWED"), "{text}");
+    for mark in ["RO-READ-OK", "CFG-OK", "OVERLAY-OK"] {
+        assert!(
+            text.contains(mark),
+            "{mark} missing: {text}\n{}",
+            stderr(&out)
+        );
+    }
+    let after = (snapshot(&ro), snapshot(&ov), snapshot(&cfg), snapshot(&ovf));
+    assert!(before == after, "the host changed: {before:?} -> {after:?}");
+    assert_eq!(fs::read_to_string(&rwf).unwrap(), "live file\nappended\n");
+}
+
+/// Bad `-v` specs fail before anything boots, with a message naming the problem.
+#[test]
+fn bad_volume_specs_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let host = d.path().display().to_string();
+    for (spec, needle) in [
+        (format!("{host}:x:bogus"), "unknown mode"),
+        ("/nonexistent/matchlock:x".to_string(), "host path"),
+        (format!("{host}:../x"), ".."),
+        (host.clone(), "HOST:GUEST"),
+    ] {
+        let out = run(&["run", "--image", BUSYBOX, "-v", &spec, "--", "true"]);
+        assert!(!out.status.success(), "{spec} was accepted");
+        assert!(stderr(&out).contains(needle), "{spec}: {}", stderr(&out));
+    }
+}
