@@ -349,10 +349,13 @@ impl Proxy {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self.clone();
+        // One upstream connection per guest connection, reused across its requests (keep-alive).
+        let slot: UpstreamSlot = Arc::new(tokio::sync::Mutex::new(None));
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let sni = sni.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, target, sni).await) }
+            let slot = slot.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, target, sni, &slot).await) }
         });
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(io), service)
@@ -364,6 +367,7 @@ impl Proxy {
         req: Request<Incoming>,
         target: Target,
         sni: Option<String>,
+        slot: &UpstreamSlot,
     ) -> Response<ProxyBody> {
         let authority = req
             .uri()
@@ -506,7 +510,10 @@ impl Proxy {
         parts.headers = map;
         parts.version = http::Version::HTTP_11;
         let upstream = Request::from_parts(parts, body.boxed());
-        match self.forward(upstream, target, &host, sni.is_some()).await {
+        match self
+            .forward(upstream, target, &host, sni.is_some(), slot)
+            .await
+        {
             Ok(resp) => {
                 self.event(
                     "http_response",
@@ -623,83 +630,121 @@ impl Proxy {
         }
     }
 
+    /// Sends a request upstream, on the guest connection's upstream connection when it is still
+    /// usable, else on a new one (a request the old one could not take is resent, never lost).
     async fn forward(
         &self,
         req: Request<ProxyBody>,
         target: Target,
         host: &str,
         tls: bool,
+        slot: &UpstreamSlot,
     ) -> Result<Response<Incoming>, String> {
+        let cached = slot.lock().await.take();
+        let req = match cached {
+            Some(mut up) => match up.try_send(req).await {
+                Ok(resp) => {
+                    *slot.lock().await = Some(up);
+                    return Ok(resp);
+                }
+                Err((Some(req), _)) => req,
+                Err((None, e)) => return Err(e),
+            },
+            None => req,
+        };
+        let mut up = self.connect(target, host, tls).await?;
+        let resp = up.try_send(req).await.map_err(|(_, e)| e)?;
+        *slot.lock().await = Some(up);
+        Ok(resp)
+    }
+
+    async fn connect(&self, target: Target, host: &str, tls: bool) -> Result<Upstream, String> {
         let tcp = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(target.real))
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        if tls {
-            let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                .map_err(|e| e.to_string())?;
-            let conn = tokio_rustls::TlsConnector::from(self.client_tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            if conn.get_ref().1.alpn_protocol() == Some(b"h2") {
-                return send_h2(conn, req, host, target.visible.port()).await;
+        if !tls {
+            return h1(tcp).await;
+        }
+        let name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let conn = tokio_rustls::TlsConnector::from(self.client_tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        if conn.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, c) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = c.await;
+            });
+            let authority = if target.visible.port() == 443 {
+                host.to_string()
+            } else {
+                format!("{host}:{}", target.visible.port())
+            };
+            return Ok(Upstream::H2(sender, authority));
+        }
+        h1(conn).await
+    }
+}
+
+/// The guest connection's upstream connection.
+type UpstreamSlot = Arc<tokio::sync::Mutex<Option<Upstream>>>;
+
+/// An upstream connection: HTTP/1.1, or HTTP/2 (with the authority its requests carry).
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>, String),
+}
+
+impl Upstream {
+    /// Sends `req`; on failure, gives the request back when it was never sent.
+    async fn try_send(
+        &mut self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, (Option<Request<ProxyBody>>, String)> {
+        match self {
+            Upstream::H1(s) => s.try_send_request(req).await.map_err(|mut e| {
+                let back = e.take_message();
+                (back, e.into_error().to_string())
+            }),
+            Upstream::H2(s, authority) => {
+                // HTTP/2 takes :scheme and :authority from an absolute URI, and no Host.
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "/".into());
+                match format!("https://{authority}{pq}").parse::<Uri>() {
+                    Ok(u) => *req.uri_mut() = u,
+                    Err(e) => return Err((None, e.to_string())),
+                }
+                *req.version_mut() = http::Version::HTTP_2;
+                req.headers_mut().remove(http::header::HOST);
+                s.try_send_request(req).await.map_err(|mut e| {
+                    let back = e.take_message();
+                    (back, e.into_error().to_string())
+                })
             }
-            send(conn, req).await
-        } else {
-            send(tcp, req).await
         }
     }
 }
 
-async fn send<S>(io: S, req: Request<ProxyBody>) -> Result<Response<Incoming>, String>
+async fn h1<S>(io: S) -> Result<Upstream, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    sender.send_request(req).await.map_err(|e| e.to_string())
-}
-
-/// HTTP/2 upstream (when the server chose it by ALPN): requests need an absolute URI, from which
-/// hyper takes `:scheme` and `:authority`.
-async fn send_h2<S>(
-    io: S,
-    mut req: Request<ProxyBody>,
-    host: &str,
-    port: u16,
-) -> Result<Response<Incoming>, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let authority = if port == 443 {
-        host.to_string()
-    } else {
-        format!("{host}:{port}")
-    };
-    *req.uri_mut() = format!("https://{authority}{pq}")
-        .parse::<Uri>()
-        .map_err(|e| e.to_string())?;
-    *req.version_mut() = http::Version::HTTP_2;
-    // :authority replaces Host in HTTP/2.
-    req.headers_mut().remove(http::header::HOST);
-    sender.send_request(req).await.map_err(|e| e.to_string())
+    Ok(Upstream::H1(sender))
 }
 
 fn server_tls(leaf: &crate::ca::Leaf) -> Result<rustls::ServerConfig, String> {

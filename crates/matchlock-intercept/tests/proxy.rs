@@ -14,7 +14,11 @@ use matchlock_intercept::rules::Rules;
 use matchlock_intercept::secrets::{Secret, Secrets};
 use sha2::Digest;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// TCP connections the upstream accepted.
+static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -50,6 +54,7 @@ async fn upstream() -> (u16, String) {
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
+            ACCEPTED.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -160,7 +165,10 @@ async fn h2_and_http1_guests_reach_an_h2_upstream_with_secrets_swapped() {
     let p = proxy(&ca, "PH_K_0123").await;
     let want_sha = hex::encode(sha2::Sha256::digest(b"Bearer real-value-1"));
     for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let before = ACCEPTED.load(Ordering::SeqCst);
         let (status, body) = guest_request(&p, port, alpn).await;
+        // Keep-alive: both requests of the guest connection shared one upstream connection.
+        assert_eq!(ACCEPTED.load(Ordering::SeqCst) - before, 1);
         assert_eq!(status, 200, "{body}");
         // The upstream spoke HTTP/2 (ALPN) whatever the guest spoke, got the real value, and its
         // echo came back as the placeholder.
