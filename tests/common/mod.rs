@@ -24,26 +24,32 @@ pub const PYTHON: &str = "mltest/python:1";
 /// Imports the python test image once per test binary and returns its name.
 pub fn python_image() -> &'static str {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let work = tempfile::tempdir().expect("temp dir");
-        let tar = work.path().join("python.tar");
-        let st = Command::new(repo_root().join("scripts/make-python-image"))
-            .arg(&tar)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run scripts/make-python-image");
-        assert!(st.success(), "scripts/make-python-image failed");
-        let out = ml(&["image", "import", PYTHON])
-            .stdin(std::fs::File::open(&tar).unwrap())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "image import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    DONE.get_or_init(|| build_and_import("make-python-image", &[], PYTHON));
     PYTHON
+}
+
+/// Builds a test image with `scripts/<script> TAR args...` and imports it as `tag`.
+fn build_and_import(script: &str, args: &[&str], tag: &str) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = work.path().join("image.tar");
+    let st = Command::new(repo_root().join("scripts").join(script))
+        .arg(&tar)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    assert!(st.success(), "scripts/{script} failed");
+    // The image store is shared by every test binary (not under MATCHLOCK_HOME).
+    let out = Command::new(bin())
+        .args(["image", "import", tag])
+        .stdin(std::fs::File::open(&tar).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct Env {
@@ -57,26 +63,8 @@ fn env() -> &'static Env {
             .prefix("mlt")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let repo = repo_root();
-        let work = tempfile::tempdir().expect("temp dir");
         for (tag, extra) in [(BUSYBOX, &[][..]), (ENTRY, &["--with-entrypoint"][..])] {
-            let tar = work.path().join("image.tar");
-            let st = Command::new(repo.join("scripts/make-busybox-image"))
-                .arg(&tar)
-                .args(extra)
-                .status()
-                .expect("run scripts/make-busybox-image");
-            assert!(st.success(), "scripts/make-busybox-image failed");
-            let out = Command::new(bin())
-                .args(["image", "import", tag])
-                .stdin(std::fs::File::open(&tar).unwrap())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "image import: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            build_and_import("make-busybox-image", extra, tag);
         }
         Env { home }
     })
