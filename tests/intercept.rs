@@ -160,6 +160,9 @@ out["http"] = get("http://api.test:{http}/a", {{"Authorization": "Bearer " + key
 out["query"] = get("https://api.test:{https}/q?token=" + key)
 out["basic"] = get("https://api.test:{https}/b", {{"Authorization": "Basic " + base64.b64encode(("user:" + key).encode()).decode()}})
 out["glob"] = get("https://x.glob.test:{https}/g")
+out["glob_infix"] = get("http://svc-eu.test:{http}/i")
+out["glob_prefix"] = get("http://pre.fix:{http}/p")
+out["glob_miss"] = get("http://svc.test:{http}/m")
 out["blocked"] = get("http://other.test:{http}/")
 out["wrong_host"] = get("https://x.glob.test:{https}/w", {{"Authorization": "Bearer " + key}})
 # SNI api.test, Host header for another allowed name.
@@ -196,10 +199,16 @@ print(json.dumps(out))
         "x.glob.test:127.0.0.1",
         "--add-host",
         "other.test:127.0.0.1",
+        "--add-host",
+        "svc-eu.test:127.0.0.1",
+        "--add-host",
+        "svc.test:127.0.0.1",
+        "--add-host",
+        "pre.fix:127.0.0.1",
         "--allow-private-host",
         "127.0.0.1",
         "--allow-host",
-        "api.test,*.glob.test",
+        "api.test,*.glob.test,svc-*.test,pre.*",
         "--secret",
         &secret,
         "--dns-servers",
@@ -265,6 +274,9 @@ print(json.dumps(out))
     );
     // Glob, and refusals with reasons.
     assert_eq!(v["glob"][0], 200, "{v}");
+    assert_eq!(v["glob_infix"][0], 200, "{v}");
+    assert_eq!(v["glob_prefix"][0], 200, "{v}");
+    assert_eq!(v["glob_miss"][0], 403, "{v}");
     assert_eq!(v["blocked"][0], 403, "{v}");
     assert!(
         v["blocked"][1]
