@@ -243,3 +243,52 @@ fn bad_volume_specs_are_refused() {
         assert!(stderr(&out).contains(needle), "{spec}: {}", stderr(&out));
     }
 }
+
+/// A real git workflow in a live `host_fs` workspace; the host's own git then reads the result.
+#[test]
+fn git_workflow_in_the_workspace() {
+    let py = python_image();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    fs::create_dir(&repo).unwrap();
+    let spec = format!("{}:repo:host_fs", repo.display());
+    let script = "set -e; cd /workspace/repo; git init -q -b main; \
+        git config user.email t@example.com; git config user.name tester; \
+        printf 'one\\n' > f; mkdir -p d; printf 'x\\n' > d/g; git add -A; git commit -qm first; \
+        git checkout -qb feature; printf 'two\\n' >> f; git mv d/g d/h; git commit -qam second; \
+        git checkout -q main; cat f; git merge -q feature; git log --format=%s | tr '\\n' ' '; \
+        git status --porcelain | wc -l";
+    let out = ok(run(&[
+        "run",
+        "--image",
+        py,
+        "--workspace",
+        "/workspace",
+        "-v",
+        &spec,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]));
+    assert_eq!(out, "one\nsecond first 0\n");
+    // The host's git sees a sound repository with both commits and the merged tree.
+    let git = |args: &[&str]| {
+        let o = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    git(&["fsck", "--strict"]);
+    assert_eq!(git(&["log", "--format=%s"]), "second\nfirst\n");
+    assert_eq!(fs::read_to_string(repo.join("f")).unwrap(), "one\ntwo\n");
+    assert!(repo.join("d/h").exists() && !repo.join("d/g").exists());
+}
