@@ -5,6 +5,7 @@
 //! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
 //! matchlock-bench --net MB [--runs N] [--net-image NAME]
 //! matchlock-bench --net-tls MB [--runs N] [--net-image NAME]
+//! matchlock-bench --vfs MB [--runs N] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -22,11 +23,15 @@
 //!    loopback server through matchlock's stack against QEMU's user networking; see `net.rs`.
 //! 6. `--net-tls MB`: HTTPS download and request latency through the interception proxy (MITM,
 //!    policy, secrets) against the same transfer in open mode with TLS end to end.
+//! 7. `--vfs MB`: workspace (`host_fs`) throughput and small-file rates against the guest's own
+//!    ext4 and QEMU's virtio-9p on the same host file system; see `vfs.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
 mod net;
 mod pull;
+mod rawvm;
+mod vfs;
 
 use anyhow::{bail, Context, Result};
 use matchlock_proto::{read_msg, Msg};
@@ -47,6 +52,7 @@ struct Args {
     rpc_execs: usize,
     net_mb: u64,
     net_tls_mb: u64,
+    vfs_mb: u64,
     net_image: String,
 }
 
@@ -66,6 +72,7 @@ fn parse_args() -> Result<Args> {
         rpc_execs: 200,
         net_mb: 0,
         net_tls_mb: 0,
+        vfs_mb: 0,
         net_image: "mltest/python:1".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -83,6 +90,7 @@ fn parse_args() -> Result<Args> {
             "--rpc-execs" => a.rpc_execs = val()?.parse()?,
             "--net" => a.net_mb = val()?.parse()?,
             "--net-tls" => a.net_tls_mb = val()?.parse()?,
+            "--vfs" => a.vfs_mb = val()?.parse()?,
             "--net-image" => a.net_image = val()?,
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
@@ -108,6 +116,9 @@ fn main() -> Result<()> {
     }
     if args.net_mb > 0 {
         return net::bench(&args.matchlock, &args.net_image, args.net_mb, args.runs);
+    }
+    if args.vfs_mb > 0 {
+        return vfs::bench(&args.matchlock, &args.net_image, args.vfs_mb, args.runs);
     }
     if args.net_tls_mb > 0 {
         return net::bench_tls(&args.matchlock, &args.net_image, args.net_tls_mb, args.runs);

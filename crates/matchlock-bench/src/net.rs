@@ -6,16 +6,14 @@
 //! uses slirp: its NIC always goes through the policy-enforcing stack.
 
 use anyhow::{bail, Context, Result};
-use matchlock_proto::mux::{Mux, Role};
-use matchlock_proto::{read_msg, write_msg, ExecRequest, GuestNet, Msg, Setup, HELLO};
+use matchlock_proto::GuestNet;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
+use std::time::Instant;
 
 /// The guest side: one download of `bytes`, then `conns` sequential connects, as JSON-ish lines.
 fn guest_script(host: &str, port: u16, bytes: u64, conns: u32) -> String {
@@ -130,129 +128,31 @@ fn via_matchlock(matchlock: &str, image: &str, bytes: u64, conns: u32) -> Result
 /// Through slirp: a VM booted here with `-netdev user` (the host's loopback is 10.0.2.2).
 fn via_slirp(rootfs: &Path, bytes: u64, conns: u32) -> Result<(f64, f64)> {
     let (port, download_us) = server(bytes)?;
-    let dir = tempfile::Builder::new().prefix("mlbn").tempdir_in("/tmp")?;
-    let upper = dir.path().join("upper.ext4");
-    std::fs::File::create(&upper)?.set_len(512 << 20)?;
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&upper)
-        .status()?;
-    if !st.success() {
-        bail!("mkfs.ext4 failed");
-    }
-    let qemu = matchlock_vmm::qemu::locate_qemu()?;
-    let kernel = matchlock_vmm::kernel::locate()?;
-    let initramfs = matchlock_vmm::initramfs::cached(&matchlock_vmm::agent::locate()?)?;
-    let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?.accel;
-    let agent_sock = dir.path().join("agent.sock");
-    let console_sock = dir.path().join("console.sock");
-    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock)?;
-    let console_l = std::os::unix::net::UnixListener::bind(&console_sock)?;
-    let spec = matchlock_vmm::qemu::VmSpec {
-        qemu,
-        kernel,
-        initramfs,
-        accel,
-        vcpus: 1,
-        memory_mb: 512,
-        disks: vec![
-            matchlock_vmm::qemu::Disk {
-                path: rootfs.to_path_buf(),
-                serial: "ml-root".into(),
-                read_only: true,
-            },
-            matchlock_vmm::qemu::Disk {
-                path: upper,
-                serial: "ml-upper".into(),
-                read_only: false,
-            },
-        ],
-        agent_socket: agent_sock,
-        console_socket: console_sock,
-        extra_cmdline: Vec::new(),
-        net: None,
-    };
-    let mut cmd = spec.command();
-    cmd.args([
+    let net = [
         "-netdev",
         "user,id=n0",
         "-device",
         "virtio-net-device,netdev=n0",
-    ]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().context("starting QEMU")?;
-    std::thread::spawn(move || {
-        if let Ok((mut c, _)) = console_l.accept() {
-            let mut buf = [0u8; 4096];
-            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
-        }
-    });
-    let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(async {
-        agent_l.set_nonblocking(true)?;
-        let l = tokio::net::UnixListener::from_std(agent_l)?;
-        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(90), l.accept()).await??;
-        let mut hello = [0u8; 8];
-        conn.read_exact(&mut hello).await?;
-        if &hello != HELLO {
-            bail!("unexpected agent hello");
-        }
-        let (mux, _inbound, _driver) = Mux::start(conn, Role::Client);
-        let mut s = mux.open().await?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
-        let setup = Setup {
-            hostname: "slirp".into(),
-            root_serial: "ml-root".into(),
-            upper_serial: Some("ml-upper".into()),
-            time_unix_ms: now_ms,
-            net: Some(GuestNet {
-                address: [10, 0, 2, 15],
-                prefix: 24,
-                gateway: [10, 0, 2, 2],
-                mtu: 1500,
-            }),
-            ..Default::default()
-        };
-        write_msg(&mut s, &Msg::Setup(setup)).await?;
-        match read_msg(&mut s).await? {
-            Some(Msg::Ok) => {}
-            other => bail!("guest setup failed: {other:?}"),
-        }
-        let mut s = mux.open().await?;
-        let req = ExecRequest {
-            argv: vec![
-                "python3".into(),
-                "-c".into(),
-                guest_script("10.0.2.2", port, bytes, conns),
-            ],
-            env: vec![("PATH".into(), matchlock_image::DEFAULT_PATH.into())],
-            cwd: Some("/".into()),
-            ..Default::default()
-        };
-        write_msg(&mut s, &Msg::Exec(req)).await?;
-        let mut out = Vec::new();
-        loop {
-            match read_msg(&mut s).await? {
-                Some(Msg::Stdout(d)) | Some(Msg::Stderr(d)) => out.extend_from_slice(&d),
-                Some(Msg::Exited(st)) if st.code == 0 => break,
-                Some(Msg::Exited(st)) => bail!(
-                    "guest script exited {}: {}",
-                    st.code,
-                    String::from_utf8_lossy(&out)
-                ),
-                Some(_) => {}
-                None => bail!("agent closed the stream"),
-            }
-        }
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    let p50 = parse_guest(&result?)?;
+    ];
+    let vm = crate::rawvm::RawVm::boot(
+        rootfs,
+        &net.map(String::from),
+        Some(GuestNet {
+            address: [10, 0, 2, 15],
+            prefix: 24,
+            gateway: [10, 0, 2, 2],
+            mtu: 1500,
+        }),
+    )?;
+    let out = vm.exec(
+        vec![
+            "python3".into(),
+            "-c".into(),
+            guest_script("10.0.2.2", port, bytes, conns),
+        ],
+        false,
+    )?;
+    let p50 = parse_guest(&out)?;
     let us = download_us.load(Ordering::SeqCst) as f64;
     Ok((bytes as f64 / (us / 1e6) / 1e6, p50))
 }

@@ -1,0 +1,172 @@
+//! `--vfs MB`: workspace file system throughput. Sequential write and read of `MB` MiB and
+//! small-file create/stat/unlink rates, measured in the guest: on a matchlock `host_fs` workspace,
+//! on the guest's own ext4 disk (same VM, same run), and on QEMU's virtio-9p sharing a host
+//! directory of the same file system (a VM booted directly, as matchlock never uses 9p).
+
+use anyhow::{bail, Context, Result};
+use std::process::{Command, Stdio};
+
+/// The guest side: prints `write_mbps read_mbps create_ops stat_ops unlink_ops` for `dir`.
+fn script(mb: u64, files: u32) -> String {
+    format!(
+        r#"
+import os, sys, time
+def drop():
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f: f.write("3")
+    except OSError: pass
+for d in sys.argv[1:]:
+    os.makedirs(d, exist_ok=True)
+    p = os.path.join(d, "big")
+    chunk = os.urandom(1 << 20)
+    t = time.perf_counter()
+    with open(p, "wb") as f:
+        for i in range({mb}): f.write(chunk)
+        f.flush(); os.fsync(f.fileno())
+    w = {mb} / (time.perf_counter() - t)
+    drop()
+    t = time.perf_counter()
+    with open(p, "rb") as f:
+        while f.read(1 << 20): pass
+    r = {mb} / (time.perf_counter() - t)
+    os.unlink(p)
+    names = [os.path.join(d, "f%d" % i) for i in range({files})]
+    t = time.perf_counter()
+    for n in names:
+        with open(n, "wb") as f: f.write(b"x" * 1024)
+    c = {files} / (time.perf_counter() - t)
+    drop()
+    t = time.perf_counter()
+    for n in names: os.stat(n)
+    s = {files} / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for n in names: os.unlink(n)
+    u = {files} / (time.perf_counter() - t)
+    print(d, w, r, c, s, u, flush=True)
+"#
+    )
+}
+
+fn parse(out: &str, dir: &str) -> Result<[f64; 5]> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("{dir} ")))
+        .with_context(|| format!("no result for {dir} in: {out}"))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() != 5 {
+        bail!("bad result line: {line}");
+    }
+    Ok([v[0], v[1], v[2], v[3], v[4]])
+}
+
+/// Runs `runs` rounds of all three and prints medians with ratios.
+pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
+    let store = matchlock_image::ImageStore::open_default()?;
+    let info = store
+        .resolve(image)
+        .with_context(|| format!("--vfs needs an image with python3 ({image}); see --net"))?;
+    let files = 300;
+    let code = script(mb, files);
+    let (mut vfs, mut ext4, mut ninep) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let host = tempfile::Builder::new()
+            .prefix("mlbvfs")
+            .tempdir_in("/tmp")?;
+        let spec = format!("{}:bench:host_fs", host.path().display());
+        let out = Command::new(matchlock)
+            .args([
+                "run",
+                "--privileged",
+                "--image",
+                image,
+                "--workspace",
+                "/workspace",
+                "-v",
+                &spec,
+                "--",
+                "python3",
+                "-c",
+                &code,
+                "/workspace/bench/t",
+                "/root/t",
+            ])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "matchlock run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        vfs.push(parse(&text, "/workspace/bench/t")?);
+        ext4.push(parse(&text, "/root/t")?);
+
+        let host9 = tempfile::Builder::new()
+            .prefix("mlb9p")
+            .tempdir_in("/tmp")?;
+        let extra = [
+            "-fsdev".to_string(),
+            format!(
+                "local,id=fs0,path={},security_model=none",
+                host9.path().display()
+            ),
+            "-device".to_string(),
+            "virtio-9p-device,fsdev=fs0,mount_tag=bench".to_string(),
+        ];
+        let vm = crate::rawvm::RawVm::boot(&info.rootfs, &extra, None)?;
+        vm.exec(["mkdir", "-p", "/mnt/9p"].map(String::from).to_vec(), true)?;
+        vm.exec(
+            [
+                "mount",
+                "-t",
+                "9p",
+                "-o",
+                "trans=virtio,version=9p2000.L,msize=262144",
+                "bench",
+                "/mnt/9p",
+            ]
+            .map(String::from)
+            .to_vec(),
+            true,
+        )?;
+        let out = vm.exec(
+            vec![
+                "python3".into(),
+                "-c".into(),
+                code.clone(),
+                "/mnt/9p/t".into(),
+            ],
+            true,
+        )?;
+        ninep.push(parse(&out, "/mnt/9p/t")?);
+    }
+    let median = |v: &Vec<[f64; 5]>, i: usize| {
+        let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        x[x.len() / 2]
+    };
+    println!("\n## workspace file system ({mb} MiB sequential, {files} small files; {runs} runs, medians)");
+    println!(
+        "{:<28} {:>12} {:>12} {:>12} {:>12}",
+        "", "matchlock", "virtio-9p", "guest ext4", "vs 9p"
+    );
+    for (i, name) in [
+        "seq write MB/s",
+        "seq read MB/s",
+        "create ops/s",
+        "stat ops/s",
+        "unlink ops/s",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (a, b, c) = (median(&vfs, i), median(&ninep, i), median(&ext4, i));
+        println!("{name:<28} {a:>12.1} {b:>12.1} {c:>12.1} {:>11.2}x", a / b);
+    }
+    Ok(())
+}
