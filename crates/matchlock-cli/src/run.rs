@@ -113,8 +113,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         bail!("--publish needs an attached run (the forwards live in the 'run' process); with -d use 'matchlock port-forward ID PORT'");
     }
     let mut user_env = parse_env(&args.process)?;
-    let network = network_config(&args)?;
     let secrets = parse_secrets(&args.secret)?;
+    let specs: Vec<_> = secrets.iter().map(|(spec, _)| spec.clone()).collect();
+    let network = network_config(&args, specs)?;
     if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
         // TLS clients in the guest trust the sandbox CA through the bundle it is appended to;
         // the user's own -e settings still win.
@@ -416,7 +417,11 @@ pub async fn attach(
 }
 
 /// The network from `--no-network`, `--allow-private-host`, `--dns-servers` and `--mtu`.
-fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkConfig>> {
+/// The network from the flags; `secrets` are the parsed `--secret` specs (values stay out).
+fn network_config(
+    args: &RunArgs,
+    secrets: Vec<matchlock_sandbox::SecretSpec>,
+) -> Result<Option<matchlock_sandbox::NetworkConfig>> {
     if args.no_network {
         if !args.allow_private_host.is_empty()
             || !args.dns_servers.is_empty()
@@ -436,10 +441,6 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
             matchlock_intercept::hosts::HostPattern::parse(h)
                 .map_err(|e| anyhow!("--allow-host: {e}"))?;
         }
-        let secrets = parse_secrets(&args.secret)?
-            .into_iter()
-            .map(|(spec, _)| spec)
-            .collect();
         let event_log = match &args.event_log {
             Some(p) => {
                 // Absolute, since the supervisor runs elsewhere; opened here so a bad path
@@ -484,13 +485,9 @@ fn network_config(args: &RunArgs) -> Result<Option<matchlock_sandbox::NetworkCon
     }))
 }
 
-/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment).
-/// Placeholders are derived from the name and a per-process random part, so parsing twice in one
-/// run gives the same result.
+/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment),
+/// giving each a fresh placeholder.
 fn parse_secrets(items: &[String]) -> Result<Vec<(matchlock_sandbox::SecretSpec, String)>> {
-    static PLACEHOLDERS: std::sync::OnceLock<std::sync::Mutex<Vec<(String, String)>>> =
-        std::sync::OnceLock::new();
-    let table = PLACEHOLDERS.get_or_init(Default::default);
     let mut out = Vec::new();
     for item in items {
         // Never echo the item: it may hold the value.
@@ -525,15 +522,7 @@ fn parse_secrets(items: &[String]) -> Result<Vec<(matchlock_sandbox::SecretSpec,
             matchlock_intercept::hosts::HostPattern::parse(h)
                 .map_err(|e| anyhow!("--secret {name}: {e}"))?;
         }
-        let mut t = table.lock().unwrap();
-        let placeholder = match t.iter().find(|(n, _)| *n == name) {
-            Some((_, p)) => p.clone(),
-            None => {
-                let p = matchlock_intercept::secrets::placeholder();
-                t.push((name.clone(), p.clone()));
-                p
-            }
-        };
+        let placeholder = matchlock_intercept::secrets::placeholder();
         out.push((
             matchlock_sandbox::SecretSpec {
                 name,

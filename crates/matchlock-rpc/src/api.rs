@@ -76,7 +76,7 @@ pub struct Network {
     /// Force interception mode.
     pub intercept: bool,
     /// Hook rules.
-    pub interception: Option<Value>,
+    pub interception: Option<NetInterception>,
     /// Secrets by environment variable name.
     pub secrets: BTreeMap<String, Secret>,
     /// Upstream DNS servers.
@@ -88,6 +88,24 @@ pub struct Network {
     /// Addresses opened despite the private-range block (Matchlock fork's field; the CLI's
     /// `--allow-private-host`).
     pub allowed_private_hosts: Vec<String>,
+}
+
+/// `network.interception`: hook rules, and where the SDK serves the callback ones.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NetInterception {
+    /// The rules, in order.
+    pub rules: Vec<matchlock_intercept::rules::RuleSpec>,
+    /// The SDK's callback socket (SDK-internal).
+    pub callback_socket: String,
+}
+
+impl NetInterception {
+    fn socket(&self) -> Option<std::path::PathBuf> {
+        Some(self.callback_socket.as_str())
+            .filter(|c| !c.is_empty())
+            .map(std::path::PathBuf::from)
+    }
 }
 
 /// One `add_hosts` entry.
@@ -276,7 +294,7 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
         && (!n.allowed_hosts.is_empty()
             || !n.secrets.is_empty()
             || n.intercept
-            || n.interception.as_ref().is_some_and(|v| !v.is_null()))
+            || n.interception.is_some())
     {
         return Err(RpcError::params(
             "no_network cannot be combined with allowed_hosts, secrets or interception",
@@ -285,18 +303,8 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     if !n.hostname.is_empty() {
         validate::hostname(&n.hostname, "network.hostname").map_err(RpcError::params)?;
     }
-    if let Some(i) = n.interception.as_ref().filter(|i| !i.is_null()) {
-        let specs: Vec<matchlock_intercept::rules::RuleSpec> = match i.get("rules") {
-            Some(r) => serde_json::from_value(r.clone())
-                .map_err(|e| RpcError::params(format!("network.interception.rules: {e}")))?,
-            None => Vec::new(),
-        };
-        let socket = i
-            .get("callback_socket")
-            .and_then(|c| c.as_str())
-            .filter(|c| !c.is_empty())
-            .map(std::path::PathBuf::from);
-        matchlock_intercept::rules::Rules::new(specs, socket)
+    if let Some(i) = &n.interception {
+        matchlock_intercept::rules::Rules::new(i.rules.clone(), i.socket())
             .map_err(|e| RpcError::params(format!("network.interception: {e}")))?;
     }
     for a in &n.allowed_private_hosts {
@@ -490,16 +498,7 @@ fn network_config(
     if n.no_network {
         return None;
     }
-    let interception = n.interception.as_ref().filter(|i| !i.is_null());
-    let rules: Vec<matchlock_intercept::rules::RuleSpec> = interception
-        .and_then(|i| i.get("rules"))
-        .and_then(|r| serde_json::from_value(r.clone()).ok())
-        .unwrap_or_default();
-    let callback_socket = interception
-        .and_then(|i| i.get("callback_socket"))
-        .and_then(|c| c.as_str())
-        .filter(|c| !c.is_empty())
-        .map(std::path::PathBuf::from);
+    let interception = n.interception.as_ref();
     let intercept = (n.intercept
         || !n.allowed_hosts.is_empty()
         || !secrets.is_empty()
@@ -507,8 +506,8 @@ fn network_config(
     .then(|| matchlock_sandbox::InterceptConfig {
         allowed_hosts: n.allowed_hosts.clone(),
         secrets,
-        rules,
-        callback_socket,
+        rules: interception.map(|i| i.rules.clone()).unwrap_or_default(),
+        callback_socket: interception.and_then(NetInterception::socket),
         ..Default::default()
     });
     Some(matchlock_sandbox::NetworkConfig {
