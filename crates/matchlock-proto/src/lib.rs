@@ -16,6 +16,7 @@ pub mod frame;
 pub mod msg;
 pub mod mux;
 pub mod relay;
+pub mod transfer;
 pub mod vfs;
 
 pub use frame::{read_msg, read_msg_max, write_msg, FrameError, MAX_FRAME};

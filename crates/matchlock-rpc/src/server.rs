@@ -9,7 +9,7 @@ use crate::api;
 use crate::wire::{self, code, Incoming, Line, RpcError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use matchlock_proto::{read_msg, write_msg, Msg, WinSize, CHUNK};
+use matchlock_proto::{read_msg, write_msg, Msg, WinSize};
 use matchlock_sandbox::control::ExecSpec;
 use matchlock_sandbox::forward::{Forwarder, PortMap};
 use matchlock_sandbox::{Client, Store};
@@ -693,17 +693,10 @@ async fn write_file(shared: &Arc<Shared>, p: WriteFileParams) -> Result<Value, R
         }))
         .await
         .map_err(file_err)?;
-    for chunk in content.chunks(CHUNK) {
-        write_msg(&mut s, &Msg::Data(chunk.to_vec()))
-            .await
-            .map_err(file_err)?;
-    }
-    write_msg(&mut s, &Msg::Eof).await.map_err(file_err)?;
-    match read_msg(&mut s).await.map_err(file_err)? {
-        Some(Msg::Ok) => Ok(json!({})),
-        Some(Msg::Error(e)) => Err(file_err(e)),
-        other => Err(file_err(format!("unexpected reply {other:?}"))),
-    }
+    matchlock_proto::transfer::send_file_body(&mut s, &content)
+        .await
+        .map_err(file_err)?;
+    Ok(json!({}))
 }
 
 #[derive(Deserialize, Default)]

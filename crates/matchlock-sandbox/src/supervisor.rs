@@ -600,19 +600,9 @@ async fn install_ca(mux: &Mux, pem: &str) -> Result<(), String> {
         write_msg(&mut s, &Msg::WriteFile(req))
             .await
             .map_err(|e| e.to_string())?;
-        for chunk in data.chunks(matchlock_proto::CHUNK) {
-            write_msg(&mut s, &Msg::Data(chunk.to_vec()))
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        write_msg(&mut s, &Msg::Eof)
+        matchlock_proto::transfer::send_file_body(&mut s, data)
             .await
-            .map_err(|e| e.to_string())?;
-        match read_msg(&mut s).await {
-            Ok(Some(Msg::Ok)) => {}
-            Ok(Some(Msg::Error(e))) => return Err(format!("{path}: {e}")),
-            other => return Err(format!("{path}: unexpected reply {other:?}")),
-        }
+            .map_err(|e| format!("{path}: {e}"))?;
     }
     Ok(())
 }
