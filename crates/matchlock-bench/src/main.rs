@@ -109,6 +109,67 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Prints n, p50, p90 and p99 of each sorted series.
+fn print_latencies(rows: &[(&str, &Vec<Duration>)]) {
+    for (name, v) in rows {
+        println!(
+            "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
+            v.len(),
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.9)),
+            ms(percentile(v, 0.99))
+        );
+    }
+}
+
+/// The baseline of the start-up measurements: a bare QEMU boot of our kernel and initramfs to
+/// `/init` (the accelerator probe path).
+struct BareBoot<'a> {
+    qemu: &'a std::path::Path,
+    kernel: &'a std::path::Path,
+    initramfs: &'a std::path::Path,
+    accel: matchlock_vmm::accel::Accel,
+}
+
+impl BareBoot<'_> {
+    /// Runs `runs` rounds of the bare boot interleaved with `measured` (so machine noise hits both
+    /// alike) and prints the medians and the overhead.
+    fn against(
+        &self,
+        runs: usize,
+        title: &str,
+        label: &str,
+        mut measured: impl FnMut() -> Result<Duration>,
+    ) -> Result<()> {
+        let (mut bare, mut full) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let start = Instant::now();
+            matchlock_vmm::accel::probe(
+                self.qemu,
+                self.kernel,
+                self.initramfs,
+                self.accel,
+                Duration::from_secs(60),
+            )
+            .map_err(anyhow::Error::msg)?;
+            bare.push(start.elapsed());
+            full.push(measured()?);
+        }
+        bare.sort();
+        full.sort();
+        let (b, f) = (percentile(&bare, 0.5), percentile(&full, 0.5));
+        println!("\n## {title} ({runs} runs each, medians)");
+        println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
+        println!("{label:<36}{:8.1} ms", ms(f));
+        println!(
+            "overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)",
+            ms(f) - ms(b),
+            (ms(f) - ms(b)) / ms(b) * 100.0
+        );
+        Ok(())
+    }
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     if args.pull {
@@ -155,14 +216,13 @@ fn boot_overhead(
     initramfs: &std::path::Path,
     accel: matchlock_vmm::accel::Accel,
 ) -> Result<()> {
-    // Interleave the two so machine noise hits both alike.
-    let mut bare = Vec::new();
-    let mut full = Vec::new();
-    for _ in 0..args.boots {
-        let start = Instant::now();
-        matchlock_vmm::accel::probe(qemu, kernel, initramfs, accel, Duration::from_secs(60))
-            .map_err(anyhow::Error::msg)?;
-        bare.push(start.elapsed());
+    let bare = BareBoot {
+        qemu,
+        kernel,
+        initramfs,
+        accel,
+    };
+    bare.against(args.boots, "boot", "matchlock run -- true:", || {
         let start = Instant::now();
         let st = Command::new(&args.matchlock)
             .args(["run", "--image", &args.image, "--", "true"])
@@ -172,19 +232,8 @@ fn boot_overhead(
         if !st.success() {
             bail!("matchlock run failed");
         }
-        full.push(start.elapsed());
-    }
-    bare.sort();
-    full.sort();
-    let (b, f) = (percentile(&bare, 0.5), percentile(&full, 0.5));
-    println!("\n## boot ({} runs each, medians)", args.boots);
-    println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
-    println!("matchlock run -- true:              {:8.1} ms", ms(f));
-    println!(
-        "overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)",
-        ms(f) - ms(b),
-        (ms(f) - ms(b)) / ms(b) * 100.0
-    );
+        Ok(start.elapsed())
+    })?;
     Ok(())
 }
 
@@ -248,18 +297,10 @@ fn exec_latency(args: &Args, id: &str) -> Result<()> {
     api.sort();
     cli.sort();
     println!("\n## exec round trip of `true` in a running sandbox");
-    for (name, v) in [
+    print_latencies(&[
         ("control socket (API)", &api),
         ("matchlock exec (CLI process)", &cli),
-    ] {
-        println!(
-            "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
-            v.len(),
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.9)),
-            ms(percentile(v, 0.99))
-        );
-    }
+    ]);
     println!("Matchlock (Go) baseline: a fixed 100 ms sleep per exec, i.e. p50 >= 100 ms");
     Ok(())
 }
@@ -330,37 +371,29 @@ fn rpc_section(
     initramfs: &std::path::Path,
     accel: matchlock_vmm::accel::Accel,
 ) -> Result<()> {
-    let mut bare = Vec::new();
-    let mut first = Vec::new();
-    for _ in 0..args.rpc_starts {
-        let start = Instant::now();
-        matchlock_vmm::accel::probe(qemu, kernel, initramfs, accel, Duration::from_secs(60))
-            .map_err(anyhow::Error::msg)?;
-        bare.push(start.elapsed());
-        let start = Instant::now();
-        let mut rpc = Rpc::start(&args.matchlock)?;
-        rpc.call("create", serde_json::json!({"image": args.image}))?;
-        let r = rpc.call("exec", serde_json::json!({"command": "true"}))?;
-        first.push(start.elapsed());
-        if r["exit_code"] != 0 {
-            bail!("true failed over rpc: {r}");
-        }
-        rpc.close()?;
-    }
-    bare.sort();
-    first.sort();
-    let (b, f) = (percentile(&bare, 0.5), percentile(&first, 0.5));
-    println!(
-        "\n## SDK start to first exec result ({} runs each, medians)",
-        args.rpc_starts
-    );
-    println!("bare QEMU to /init (baseline):      {:8.1} ms", ms(b));
-    println!("rpc spawn + create + exec true:     {:8.1} ms", ms(f));
-    println!(
-        "overhead over bare boot:            {:8.1} ms ({:.0}% of the bare boot)",
-        ms(f) - ms(b),
-        (ms(f) - ms(b)) / ms(b) * 100.0
-    );
+    let bare = BareBoot {
+        qemu,
+        kernel,
+        initramfs,
+        accel,
+    };
+    bare.against(
+        args.rpc_starts,
+        "SDK start to first exec result",
+        "rpc spawn + create + exec true:",
+        || {
+            let start = Instant::now();
+            let mut rpc = Rpc::start(&args.matchlock)?;
+            rpc.call("create", serde_json::json!({"image": args.image}))?;
+            let r = rpc.call("exec", serde_json::json!({"command": "true"}))?;
+            let took = start.elapsed();
+            if r["exit_code"] != 0 {
+                bail!("true failed over rpc: {r}");
+            }
+            rpc.close()?;
+            Ok(took)
+        },
+    )?;
 
     let mut rpc = Rpc::start(&args.matchlock)?;
     let id = rpc.call("create", serde_json::json!({"image": args.image}))?["id"]
@@ -392,18 +425,10 @@ fn rpc_section(
     over_rpc.sort();
     over_cli.sort();
     println!("\n## exec of `true` (as `sh -c true`, which RPC exec runs) in one sandbox");
-    for (name, v) in [
+    print_latencies(&[
         ("JSON-RPC exec", &over_rpc),
         ("matchlock exec (CLI process)", &over_cli),
-    ] {
-        println!(
-            "{name:<30} n={:<4} p50 {:6.1} ms  p90 {:6.1} ms  p99 {:6.1} ms",
-            v.len(),
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.9)),
-            ms(percentile(v, 0.99))
-        );
-    }
+    ]);
     let (r, c) = (
         ms(percentile(&over_rpc, 0.5)),
         ms(percentile(&over_cli, 0.5)),
