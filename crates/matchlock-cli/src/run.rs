@@ -445,11 +445,12 @@ fn network_config(
             Some(p) => {
                 // Absolute, since the supervisor runs elsewhere; opened here so a bad path
                 // fails before anything boots.
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| anyhow!("--event-log {}: {e}", p.display()))?;
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new().create(true).append(true),
+                    0o600,
+                )
+                .open(p)
+                .map_err(|e| anyhow!("--event-log {}: {e}", p.display()))?;
                 Some(std::fs::canonicalize(p)?)
             }
             None => None,
