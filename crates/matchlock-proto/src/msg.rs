@@ -39,7 +39,7 @@ pub enum Msg {
     // ---- Exec stream, host -> guest ----
     /// Bytes for the process's stdin (or the TTY). The guest queues about 1 MiB for a process that
     /// does not read; beyond that it stops reading the stream (flow control).
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Close the process's stdin. With a TTY, sends the terminal's EOF character instead.
     StdinEof,
     /// New terminal size (TTY execs only).
@@ -59,15 +59,15 @@ pub enum Msg {
         pid: u32,
     },
     /// Process output.
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Process error output (not used with a TTY, where both go to `Stdout`).
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The process ended; the last message of an exec stream.
     Exited(ExitStatus),
 
     // ---- Generic ----
     /// A chunk of file content, at most [`crate::CHUNK`] bytes.
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// End of a sequence of [`Msg::Data`].
     Eof,
     /// Success.

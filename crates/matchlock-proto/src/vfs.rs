@@ -39,7 +39,11 @@ pub enum VfsTime {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VfsOp {
     /// Find `name` in `parent`. Reply: `Entry`. Each successful lookup counts one reference.
-    Lookup { parent: u64, name: Vec<u8> },
+    Lookup {
+        parent: u64,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
     /// Drop `(node, count)` lookup references. Reply: `Ok`.
     Forget { nodes: Vec<(u64, u64)> },
     /// Attributes of `node` (through `fh` when given). Reply: `Attr`.
@@ -60,24 +64,37 @@ pub enum VfsOp {
     /// Create a directory. Reply: `Entry`.
     Mkdir {
         parent: u64,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         mode: u32,
     },
     /// Remove a non-directory. Reply: `Ok`.
-    Unlink { parent: u64, name: Vec<u8> },
+    Unlink {
+        parent: u64,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
     /// Remove an empty directory. Reply: `Ok`.
-    Rmdir { parent: u64, name: Vec<u8> },
+    Rmdir {
+        parent: u64,
+        #[serde(with = "serde_bytes")]
+        name: Vec<u8>,
+    },
     /// Create a symlink `name` -> `target`. Reply: `Entry`.
     Symlink {
         parent: u64,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// `renameat2`; `flags` are `RENAME_NOREPLACE`/`RENAME_EXCHANGE`. Reply: `Ok`.
     Rename {
         parent: u64,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         new_parent: u64,
+        #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
         flags: u32,
     },
@@ -85,6 +102,7 @@ pub enum VfsOp {
     Link {
         node: u64,
         new_parent: u64,
+        #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
     },
     /// Open a regular file with `open(2)` flags. Reply: `Opened`.
@@ -92,6 +110,7 @@ pub enum VfsOp {
     /// Create and open a regular file. Reply: `Created`.
     Create {
         parent: u64,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         mode: u32,
         flags: i32,
@@ -99,7 +118,12 @@ pub enum VfsOp {
     /// Read up to `size` bytes at `offset`. Reply: `Data`.
     Read { fh: u64, offset: u64, size: u32 },
     /// Write at `offset`. Reply: `Written`.
-    Write { fh: u64, offset: u64, data: Vec<u8> },
+    Write {
+        fh: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
     /// Close a file handle. Reply: `Ok`.
     Release { fh: u64 },
     /// `fsync`/`fdatasync` a file or directory handle. Reply: `Ok`.
@@ -140,6 +164,7 @@ pub struct VfsDirEntry {
     pub offset: u64,
     /// File type bits of `st_mode` (`S_IFMT` part).
     pub kind: u32,
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
 }
 
@@ -164,7 +189,7 @@ pub enum VfsReply {
     /// A node's attributes.
     Attr(VfsAttr),
     /// Bytes read (or a symlink target).
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes written.
     Written(u32),
     /// A new file or directory handle.
