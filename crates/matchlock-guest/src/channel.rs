@@ -171,6 +171,11 @@ impl AsyncWrite for PortIo {
 
 /// Finds the `/dev/vportNpM` whose sysfs name is [`PORT_NAME`].
 pub fn find_port() -> io::Result<Option<PathBuf>> {
+    find_port_named(PORT_NAME)
+}
+
+/// Finds the `/dev/vportNpM` whose sysfs name is `wanted`.
+pub fn find_port_named(wanted: &str) -> io::Result<Option<PathBuf>> {
     let dir = match std::fs::read_dir("/sys/class/virtio-ports") {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -179,7 +184,7 @@ pub fn find_port() -> io::Result<Option<PathBuf>> {
     for entry in dir {
         let entry = entry?;
         let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-        if name.trim_end_matches(['\n', '\0']) == PORT_NAME {
+        if name.trim_end_matches(['\n', '\0']) == wanted {
             return Ok(Some(PathBuf::from("/dev").join(entry.file_name())));
         }
     }

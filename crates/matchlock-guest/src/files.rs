@@ -268,8 +268,5 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::FileInfo { .. } => "FileInfo",
         Msg::Entries(_) => "Entries",
         Msg::Connect { .. } => "Connect",
-        Msg::VfsOpen { .. } => "VfsOpen",
-        Msg::VfsRequest(_) => "VfsRequest",
-        Msg::VfsReply(_) => "VfsReply",
     }
 }

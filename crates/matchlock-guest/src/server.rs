@@ -119,15 +119,18 @@ async fn run_setup(agent: &Arc<Agent>, setup: Setup) -> Msg {
         // Mounting and switching root need PID 1 in a VM; the test mode only acknowledges.
         return Msg::Ok;
     }
-    let Some(mux) = agent.mux.get().cloned() else {
-        return Msg::Error("Setup arrived outside a session".into());
-    };
-    let rt = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || {
-        // The FUSE devices are opened from the initramfs's /dev, before the switch.
-        let fuse = vfs::open_devices(setup.vfs.iter().filter(|m| !m.memory).count())?;
+        // The FUSE devices and the VFS port are opened from the initramfs's /dev, before the
+        // switch.
+        let served = setup.vfs.iter().filter(|m| !m.memory).count();
+        let fuse = vfs::open_devices(served)?;
+        let port = if served > 0 {
+            Some(vfs::Port::open()?)
+        } else {
+            None
+        };
         let cgroup = init::setup(&setup)?;
-        vfs::mount_all(&setup.vfs, fuse, mux, rt)?;
+        vfs::mount_all(&setup.vfs, fuse, port)?;
         Ok::<_, String>(cgroup)
     })
     .await;

@@ -1,10 +1,11 @@
 //! Workspace mounts: a FUSE filesystem per mount whose every request is forwarded to the host's
-//! VFS server (`matchlock-vfs`) over channel streams.
+//! VFS server (`matchlock-vfs`) over the VFS port ([`matchlock_proto::vfs`]).
 //!
 //! `fuser` parses the kernel's FUSE protocol; it runs from a `/dev/fuse` fd we mounted ourselves
-//! (PID 1 is root and needs no `fusermount`). Its callbacks hand each request to the tokio runtime,
-//! which forwards it on one of a small pool of streams and replies when the host answers, so
-//! several requests are in flight at once while the session thread keeps reading the device.
+//! (PID 1 is root and needs no `fusermount`). Its callbacks write each request straight to the
+//! port and return; one reader thread takes the host's answers off the port and replies to the
+//! kernel. So many requests are in flight at once while each mount's session thread keeps reading
+//! its device, and a request costs two thread wakeups in the guest, no more.
 //!
 //! `overlay` mounts put a kernel overlayfs, with its upper layer on a private tmpfs, over a
 //! read-only FUSE view of the host: the guest writes freely and nothing reaches the host.
@@ -16,26 +17,29 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
     SessionACL, TimeOrNow, WriteFlags,
 };
-use matchlock_proto::mux::{Mux, Stream};
-use matchlock_proto::vfs::{VfsAttr, VfsOp, VfsReply, VfsTime, MAX_IO, MAX_VFS_FRAME};
-use matchlock_proto::{read_msg_max, write_msg, GuestVfsMount, Msg};
+use matchlock_proto::frame::{encode, read_frame_blocking, FrameError};
+use matchlock_proto::vfs::{
+    encode_write, VfsAnswer, VfsAttr, VfsCall, VfsOp, VfsReply, VfsTime, MAX_IO, MAX_VFS_FRAME,
+};
+use matchlock_proto::GuestVfsMount;
 use nix::mount::{mount, MsFlags};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
+use std::io::{BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 
-/// How long the kernel may trust names (and, for overlay lowers, attributes) before asking the
-/// host again. Live mounts (`host_fs`, `ro`) do not cache attributes at all, so a file changed on
-/// the host is seen with its new size at once; a name replaced on the host may take this long.
+/// How long the kernel may trust names and attributes before asking the host again, so a change
+/// made on the host side of a live mount (`host_fs`, `ro`) shows in the guest within this long
+/// (virtiofs's default, `cache=auto`, makes the same trade). Trusting nothing would cost a host
+/// round trip for every permission check and `stat`, which more than doubles the cost of
+/// creating, stating and removing files. Changes the guest makes are seen by it at once.
 const TTL: Duration = Duration::from_secs(1);
-/// Requests in flight per mount (one stream each); the host serves this many per mount.
-const STREAMS: usize = matchlock_proto::vfs::STREAMS_PER_MOUNT;
 /// Private directory of the overlay layers and hidden FUSE views.
 const VFS_DIR: &str = "/run/matchlock-vfs";
 
@@ -55,11 +59,11 @@ pub fn open_devices(n: usize) -> Result<Vec<OwnedFd>, String> {
 }
 
 /// Mounts every workspace filesystem, in order (a later mount may sit inside an earlier one).
+/// `port` is `None` only when every mount is a `memory` one.
 pub fn mount_all(
     mounts: &[GuestVfsMount],
     fds: Vec<OwnedFd>,
-    mux: Mux,
-    rt: Handle,
+    port: Option<Arc<Port>>,
 ) -> Result<(), String> {
     let mut fds = fds.into_iter();
     for m in mounts {
@@ -67,7 +71,8 @@ pub fn mount_all(
             mount_memory(m)
         } else {
             let fd = fds.next().ok_or("more mounts than FUSE devices")?;
-            mount_one(m, fd, mux.clone(), rt.clone())
+            let port = port.clone().ok_or("no VFS port")?;
+            mount_one(m, fd, port)
         };
         r.map_err(|e| format!("mount {}: {e}", m.path))?;
     }
@@ -118,7 +123,7 @@ fn mount_memory(m: &GuestVfsMount) -> Result<(), String> {
     .map_err(|e| format!("mounting tmpfs: {e}"))
 }
 
-fn mount_one(m: &GuestVfsMount, fd: OwnedFd, mux: Mux, rt: Handle) -> Result<(), String> {
+fn mount_one(m: &GuestVfsMount, fd: OwnedFd, port: Arc<Port>) -> Result<(), String> {
     let target = mount_point(&m.path, m.file)?;
     let private = PathBuf::from(format!("{VFS_DIR}/{}", m.id));
     let fuse_at = if m.overlay {
@@ -150,19 +155,16 @@ fn mount_one(m: &GuestVfsMount, fd: OwnedFd, mux: Mux, rt: Handle) -> Result<(),
         Some(opts.as_str()),
     )
     .map_err(|e| format!("mounting FUSE: {e}"))?;
+    let seen = Arc::new(Seen::default());
     let remote = Remote {
-        pool: Arc::new(Pool {
-            mux,
-            mount: m.id,
-            idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(STREAMS),
-        }),
-        rt,
-        attr_ttl: if m.overlay { TTL } else { Duration::ZERO },
+        port,
+        mount: m.id,
+        seen: seen.clone(),
     };
     let config = fuser::Config::default();
     let session = fuser::Session::from_fd(remote, fd, SessionACL::All, config)
         .map_err(|e| format!("FUSE handshake: {e}"))?;
+    let _ = seen.notifier.set(session.notifier());
     let path = m.path.clone();
     std::thread::Builder::new()
         .name(format!("vfs-{}", m.id))
@@ -226,57 +228,149 @@ fn overlay(private: &Path, lower: &Path, target: &Path, file: bool) -> Result<()
     .map_err(|e| format!("mounting overlayfs: {e}"))
 }
 
-/// The streams of one mount: reused while idle, at most [`STREAMS`] at once.
-struct Pool {
-    mux: Mux,
-    mount: u32,
-    idle: Mutex<Vec<Stream>>,
-    slots: Semaphore,
+/// A reply waiting for its answer.
+type Done = Box<dyn FnOnce(VfsReply) + Send>;
+
+/// How long to wait before reading the port again while the host end is not connected (a
+/// virtio-serial read then returns end-of-file at once).
+const PORT_RETRY: Duration = Duration::from_millis(50);
+
+/// The guest end of the VFS port, shared by every mount.
+pub struct Port {
+    out: Mutex<fs::File>,
+    pending: Mutex<HashMap<u64, Done>>,
+    next: AtomicU64,
 }
 
-impl Pool {
-    async fn open(&self) -> Option<Stream> {
-        let mut s = self.mux.open().await.ok()?;
-        write_msg(&mut s, &Msg::VfsOpen { mount: self.mount })
-            .await
-            .ok()?;
-        match read_msg_max(&mut s, MAX_VFS_FRAME).await {
-            Ok(Some(Msg::Ok)) => Some(s),
-            _ => None,
-        }
+impl Port {
+    /// Finds and opens the port and starts its reader thread. Called before the switch to the
+    /// image root, whose `/dev` may lack the port's node.
+    pub fn open() -> Result<Arc<Self>, String> {
+        let path = crate::channel::find_port_named(matchlock_proto::vfs::PORT_NAME)
+            .map_err(|e| format!("looking for the VFS port: {e}"))?
+            .ok_or("the VFS port is missing (the host did not attach it)")?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let reader = file
+            .try_clone()
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let port = Arc::new(Self {
+            out: Mutex::new(file),
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        });
+        let p = port.clone();
+        std::thread::Builder::new()
+            .name("vfs-port".into())
+            .spawn(move || p.read_answers(reader))
+            .map_err(|e| format!("starting the VFS reader: {e}"))?;
+        Ok(port)
     }
 
-    /// Sends one request and waits for its answer; any channel failure is `EIO`.
-    async fn call(&self, op: VfsOp) -> VfsReply {
-        let Ok(_slot) = self.slots.acquire().await else {
-            return VfsReply::Err(libc::EIO);
-        };
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut s = match idle {
-            Some(s) => s,
-            None => match self.open().await {
-                Some(s) => s,
-                None => return VfsReply::Err(libc::EIO),
-            },
-        };
-        if write_msg(&mut s, &Msg::VfsRequest(op)).await.is_err() {
-            return VfsReply::Err(libc::EIO);
-        }
-        match read_msg_max(&mut s, MAX_VFS_FRAME).await {
-            Ok(Some(Msg::VfsReply(r))) => {
-                self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(s);
-                r
+    /// Sends `op`; `done` (none for `Forget`) gets the answer, or `EIO` if the port failed.
+    fn call(&self, mount: u32, op: VfsOp, done: Option<Done>) {
+        let id = self.next_id();
+        self.send_frame(id, encode(&VfsCall { id, mount, op }), done);
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers `done` under `id` and writes the already encoded call.
+    fn send_frame(&self, id: u64, frame: Result<Vec<u8>, FrameError>, done: Option<Done>) {
+        let Ok(frame) = frame else {
+            if let Some(done) = done {
+                done(VfsReply::Err(libc::EIO));
             }
-            _ => VfsReply::Err(libc::EIO),
+            return;
+        };
+        if let Some(done) = done {
+            self.pending().insert(id, done);
+        }
+        let sent = self
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&frame);
+        if let Err(e) = sent {
+            log(format_args!("vfs: writing the port: {e}"));
+            if let Some(done) = self.pending().remove(&id) {
+                done(VfsReply::Err(libc::EIO));
+            }
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Done>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reader thread: hands each answer to the reply waiting for it.
+    fn read_answers(&self, file: fs::File) {
+        // Small, so a large body is read straight into its own buffer instead of through this
+        // one; the many small answers still come in few reads.
+        let mut rd = BufReader::with_capacity(16 * 1024, file);
+        loop {
+            match read_frame_blocking::<VfsAnswer, _>(&mut rd, MAX_VFS_FRAME) {
+                Ok(Some(a)) => {
+                    let done = self.pending().remove(&a.id);
+                    if let Some(done) = done {
+                        done(a.reply);
+                    }
+                }
+                Ok(None) => std::thread::sleep(PORT_RETRY),
+                Err(e) => {
+                    log(format_args!("vfs: reading the port: {e}"));
+                    std::thread::sleep(PORT_RETRY);
+                }
+            }
         }
     }
 }
 
-/// The `fuser` filesystem: every callback becomes one host request.
+/// The `fuser` filesystem of one mount: every callback becomes one host request.
 struct Remote {
-    pool: Arc<Pool>,
-    rt: Handle,
-    attr_ttl: Duration,
+    port: Arc<Port>,
+    mount: u32,
+    seen: Arc<Seen>,
+}
+
+/// What the kernel was last told about each node's size and times, so that an open can tell
+/// whether the host changed the file while the kernel trusted its cached attributes ([`TTL`]),
+/// and make the kernel drop them: a file edited on the host then reads whole at once, not cut at
+/// its old size.
+#[derive(Default)]
+struct Seen {
+    attrs: Mutex<HashMap<u64, Stamp>>,
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+}
+
+type Stamp = (u64, (i64, u32), (i64, u32));
+
+impl Seen {
+    fn told(&self, a: &VfsAttr) {
+        self.map().insert(a.ino, (a.size, a.mtime, a.ctime));
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Stamp>> {
+        self.attrs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `a` (fresh from an open) and drops the kernel's cached attributes if they differ.
+    fn refresh(&self, a: &VfsAttr) {
+        let now = (a.size, a.mtime, a.ctime);
+        let old = self.map().insert(a.ino, now);
+        if old.is_some_and(|old| old != now) {
+            if let Some(n) = self.notifier.get() {
+                // A negative offset invalidates the attributes only: no page locks are taken,
+                // so this cannot deadlock against the open waiting for our reply.
+                let _ = n.inval_inode(INodeNo(a.ino), -1, 0);
+            }
+        }
+    }
 }
 
 fn time(t: (i64, u32)) -> SystemTime {
@@ -342,28 +436,33 @@ fn bytes(name: &OsStr) -> Vec<u8> {
 }
 
 impl Remote {
-    /// Forwards `op` and hands the answer to `done` on the runtime.
+    /// Forwards `op`; the port's reader thread hands the answer to `done`.
     fn send<F>(&self, op: VfsOp, done: F)
     where
         F: FnOnce(VfsReply) + Send + 'static,
     {
-        let pool = self.pool.clone();
-        self.rt.spawn(async move { done(pool.call(op).await) });
+        self.port.call(self.mount, op, Some(Box::new(done)));
     }
 
     fn entry(&self, op: VfsOp, reply: ReplyEntry) {
-        let ttl = self.attr_ttl;
+        let seen = self.seen.clone();
         self.send(op, move |r| match r {
-            VfsReply::Entry(a) => reply.entry_with_ttls(&ttl, &TTL, &file_attr(&a), Generation(0)),
+            VfsReply::Entry(a) => {
+                seen.told(&a);
+                reply.entry(&TTL, &file_attr(&a), Generation(0))
+            }
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
     }
 
     fn attr(&self, op: VfsOp, reply: ReplyAttr) {
-        let ttl = self.attr_ttl;
+        let seen = self.seen.clone();
         self.send(op, move |r| match r {
-            VfsReply::Attr(a) => reply.attr(&ttl, &file_attr(&a)),
+            VfsReply::Attr(a) => {
+                seen.told(&a);
+                reply.attr(&TTL, &file_attr(&a))
+            }
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
@@ -378,8 +477,13 @@ impl Remote {
     }
 
     fn opened(&self, op: VfsOp, reply: ReplyOpen) {
+        let seen = self.seen.clone();
         self.send(op, move |r| match r {
             VfsReply::Opened(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            VfsReply::OpenedFile(fh, a) => {
+                seen.refresh(&a);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
@@ -401,12 +505,11 @@ impl Filesystem for Remote {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.send(
-            VfsOp::Forget {
-                nodes: vec![(ino.0, nlookup)],
-            },
-            |_| {},
-        );
+        // Possibly early (the kernel may still hold the node): then the next open merely
+        // finds nothing to compare with.
+        self.seen.map().remove(&ino.0);
+        let nodes = vec![(ino.0, nlookup)];
+        self.port.call(self.mount, VfsOp::Forget { nodes }, None);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -584,16 +687,14 @@ impl Filesystem for Remote {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let op = VfsOp::Write {
-            fh: fh.0,
-            offset,
-            data: data.to_vec(),
-        };
-        self.send(op, move |r| match r {
+        let id = self.port.next_id();
+        let frame = encode_write(id, self.mount, fh.0, offset, data);
+        let done: Done = Box::new(move |r| match r {
             VfsReply::Written(n) => reply.written(n),
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });
+        self.port.send_frame(id, frame, Some(done));
     }
 
     fn flush(
@@ -708,15 +809,19 @@ impl Filesystem for Remote {
             mode: mode & !umask,
             flags,
         };
-        let ttl = self.attr_ttl;
+        let seen = self.seen.clone();
         self.send(op, move |r| match r {
-            VfsReply::Created(a, fh) => reply.created(
-                &ttl,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            VfsReply::Created(a, fh) => {
+                seen.told(&a);
+                let attr = file_attr(&a);
+                reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
         });

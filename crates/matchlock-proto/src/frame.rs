@@ -4,6 +4,8 @@
 //! [`MAX_FRAME`], so a misbehaving peer cannot make the other side allocate without limit.
 
 use crate::Msg;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest encoded message accepted. Data chunks are at most [`crate::CHUNK`] bytes; the rest is headroom
@@ -24,15 +26,33 @@ pub enum FrameError {
     Decode(#[from] postcard::Error),
 }
 
+/// Encodes one frame: the length, then `value` in postcard.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    encode_with_capacity(value, 256)
+}
+
+/// [`encode`] into a buffer sized for `capacity` bytes up front, so a large payload is copied
+/// once rather than again at every growth of the buffer.
+pub fn encode_with_capacity<T: Serialize>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, FrameError> {
+    // Reserve the length first so the body is encoded in place, not copied after.
+    let mut buf = Vec::with_capacity(4 + capacity);
+    buf.extend_from_slice(&[0u8; 4]);
+    let buf = postcard::to_extend(value, buf)?;
+    let len = buf.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = buf;
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
 /// Writes one message and flushes it.
 pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Msg) -> Result<(), FrameError> {
-    let body = postcard::to_stdvec(msg)?;
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len()));
-    }
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&body);
+    let buf = encode(msg)?;
     w.write_all(&buf).await?;
     w.flush().await?;
     Ok(())
@@ -49,20 +69,50 @@ pub async fn read_msg_max<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<Msg>, FrameError> {
-    let max = max.min(MAX_FRAME);
+    read_frame(r, max).await
+}
+
+/// Reads one frame of any message type, at most `max` (and [`MAX_FRAME`]) bytes long; `Ok(None)`
+/// on a clean end of stream before a frame starts.
+pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge(len));
-    }
+    let len = checked_len(len, max)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Some(postcard::from_bytes(&body)?))
+}
+
+/// [`read_frame`] for blocking readers (the guest's filesystem thread).
+pub fn read_frame_blocking<T: DeserializeOwned, R: std::io::Read>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = checked_len(len, max)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(postcard::from_bytes(&body)?))
+}
+
+fn checked_len(len: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max.min(MAX_FRAME) {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
 }
 
 #[cfg(test)]

@@ -92,19 +92,6 @@ pub enum Msg {
         /// TCP port on the guest's loopback.
         port: u16,
     },
-
-    // ---- Workspace filesystem, guest -> host request (see [`crate::vfs`]) ----
-    /// Start a VFS stream for mount `mount` (a [`crate::GuestVfsMount::id`]). Reply: [`Msg::Ok`]
-    /// or [`Msg::Error`]; then any number of [`Msg::VfsRequest`], each answered by one
-    /// [`Msg::VfsReply`].
-    VfsOpen {
-        /// Which mount.
-        mount: u32,
-    },
-    /// A filesystem request.
-    VfsRequest(crate::vfs::VfsOp),
-    /// The host's answer to the last [`Msg::VfsRequest`].
-    VfsReply(crate::vfs::VfsReply),
 }
 
 /// Everything the guest needs before it can run processes.

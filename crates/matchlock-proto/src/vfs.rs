@@ -1,12 +1,17 @@
 //! The workspace filesystem protocol: the guest's FUSE server forwards each kernel request to the
 //! host as one [`VfsOp`] and gets one [`VfsReply`] back.
 //!
-//! The guest opens one stream per concurrent request it wants in flight and starts it with
-//! [`crate::Msg::VfsOpen`]; then it sends [`crate::Msg::VfsRequest`] and reads one
-//! [`crate::Msg::VfsReply`] per request, in order. Node ids are the host's: the host answers
-//! lookups with the id (also the `st_ino` the guest sees), `1` is the mount's root. File handles are
-//! the host's too. Everything here comes from the guest and is untrusted on the host: names are
-//! single path components, sizes are capped by [`MAX_IO`], [`MAX_NAME`] and [`MAX_LINK`].
+//! Requests travel on a virtio-serial port of their own ([`PORT_NAME`]), not on the agent's
+//! multiplexed channel: a filesystem request is small and latency-bound, and the multiplexer's
+//! per-stream flow control, frame splitting and task hand-offs cost more than the request itself.
+//! Each direction is a sequence of [`crate::frame`] frames: the guest sends [`VfsCall`]s, the host
+//! answers each with one [`VfsAnswer`] carrying the same `id`, in any order (requests run
+//! concurrently on the host). [`VfsOp::Forget`] gets no answer.
+//!
+//! Node ids are the host's: the host answers lookups with the id (also the `st_ino` the guest
+//! sees), `1` is the mount's root. File handles are the host's too. Everything here comes from the
+//! guest and is untrusted on the host: names are single path components, sizes are capped by
+//! [`MAX_IO`], [`MAX_NAME`] and [`MAX_LINK`].
 
 use serde::{Deserialize, Serialize};
 
@@ -20,10 +25,74 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_LINK: usize = 4096;
 /// Largest VFS frame either side accepts: one [`MAX_IO`] payload plus headroom.
 pub const MAX_VFS_FRAME: usize = MAX_IO as usize + 64 * 1024;
-/// Streams the guest opens per mount at most (requests in flight per mount).
-pub const STREAMS_PER_MOUNT: usize = 8;
+/// Name of the workspace filesystem's virtio-serial port (`/sys/class/virtio-ports/*/name`).
+pub const PORT_NAME: &str = "matchlock.vfs";
 /// Most directory entries in one [`VfsReply::Entries`].
 pub const MAX_ENTRIES: usize = 1024;
+
+/// One request, guest to host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfsCall {
+    /// Chosen by the guest; the answer carries it back.
+    pub id: u64,
+    /// Which mount (a [`GuestVfsMount::id`]).
+    pub mount: u32,
+    /// What to do.
+    pub op: VfsOp,
+}
+
+/// One answer, host to guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfsAnswer {
+    /// The [`VfsCall::id`] answered.
+    pub id: u64,
+    /// The outcome.
+    pub reply: VfsReply,
+}
+
+/// Encodes a [`VfsOp::Write`] call straight from the caller's buffer: the same frame as
+/// `frame::encode(&VfsCall { id, mount, op: VfsOp::Write { fh, offset, data } })`, without first
+/// copying `data` into a `VfsOp` (in an emulated guest, copying a megabyte takes milliseconds).
+pub fn encode_write(
+    id: u64,
+    mount: u32,
+    fh: u64,
+    offset: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, crate::FrameError> {
+    /// `VfsOp::Write` with borrowed data; serde's derive cannot borrow into an owned enum.
+    struct WriteRef<'a> {
+        fh: u64,
+        offset: u64,
+        data: &'a [u8],
+    }
+    impl Serialize for WriteRef<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeStructVariant;
+            let mut v = s.serialize_struct_variant("VfsOp", WRITE_VARIANT, "Write", 3)?;
+            v.serialize_field("fh", &self.fh)?;
+            v.serialize_field("offset", &self.offset)?;
+            v.serialize_field("data", serde_bytes::Bytes::new(self.data))?;
+            v.end()
+        }
+    }
+    #[derive(Serialize)]
+    struct CallRef<'a> {
+        id: u64,
+        mount: u32,
+        op: WriteRef<'a>,
+    }
+    let call = CallRef {
+        id,
+        mount,
+        op: WriteRef { fh, offset, data },
+    };
+    crate::frame::encode_with_capacity(&call, data.len() + 64)
+}
+
+/// The position of `Write` in [`VfsOp`] (postcard encodes variants by position); a test checks
+/// [`encode_write`] against the derived encoding.
+const WRITE_VARIANT: u32 = 14;
 
 /// A timestamp for `setattr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +113,7 @@ pub enum VfsOp {
         #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
-    /// Drop `(node, count)` lookup references. Reply: `Ok`.
+    /// Drop `(node, count)` lookup references. No reply.
     Forget { nodes: Vec<(u64, u64)> },
     /// Attributes of `node` (through `fh` when given). Reply: `Attr`.
     Getattr { node: u64, fh: Option<u64> },
@@ -105,7 +174,7 @@ pub enum VfsOp {
         #[serde(with = "serde_bytes")]
         new_name: Vec<u8>,
     },
-    /// Open a regular file with `open(2)` flags. Reply: `Opened`.
+    /// Open a regular file with `open(2)` flags. Reply: `OpenedFile`.
     Open { node: u64, flags: i32 },
     /// Create and open a regular file. Reply: `Created`.
     Create {
@@ -192,8 +261,10 @@ pub enum VfsReply {
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes written.
     Written(u32),
-    /// A new file or directory handle.
+    /// A new directory handle.
     Opened(u64),
+    /// A new file handle, and the file's attributes as of the open.
+    OpenedFile(u64, VfsAttr),
     /// A created and opened file.
     Created(VfsAttr, u64),
     /// Directory entries.
@@ -222,4 +293,25 @@ pub struct GuestVfsMount {
     pub overlay: bool,
     /// No host side at all: an empty in-memory filesystem (tmpfs) the guest may fill.
     pub memory: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn borrowed_write_encodes_like_the_owned_one() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        let owned = VfsCall {
+            id: 300,
+            mount: 2,
+            op: VfsOp::Write {
+                fh: 1 << 40,
+                offset: 5,
+                data: data.clone(),
+            },
+        };
+        let direct = encode_write(300, 2, 1 << 40, 5, &data).unwrap();
+        assert_eq!(direct, crate::frame::encode(&owned).unwrap());
+    }
 }

@@ -14,7 +14,7 @@ use crate::control::{self, ExecSpec, Reply, Request};
 use crate::store::Store;
 use crate::SandboxError;
 use matchlock_proto::mux::{Mux, Role};
-use matchlock_proto::{read_msg, read_msg_max, write_msg, ExecRequest, Msg, Setup};
+use matchlock_proto::{read_msg, write_msg, ExecRequest, Msg, Setup};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -239,6 +239,7 @@ struct Listeners {
     agent: std::os::unix::net::UnixListener,
     console: std::os::unix::net::UnixListener,
     net: Option<std::os::unix::net::UnixListener>,
+    vfs: Option<std::os::unix::net::UnixListener>,
 }
 
 fn kill_qemu(q: &Qemu) -> std::io::Result<()> {
@@ -275,32 +276,20 @@ fn prepare_and_spawn(
 
     let agent_sock = dir.join("agent.sock");
     let console_sock = dir.join("console.sock");
-    for s in [&agent_sock, &console_sock, &dir.join("control.sock")] {
-        check_socket_path(s)?;
-        let _ = std::fs::remove_file(s);
-    }
-    let agent_l = std::os::unix::net::UnixListener::bind(&agent_sock).map_err(SandboxError::io(
-        format!("binding {}", agent_sock.display()),
-    ))?;
-    let console_l = std::os::unix::net::UnixListener::bind(&console_sock).map_err(
-        SandboxError::io(format!("binding {}", console_sock.display())),
-    )?;
-    for l in [&agent_l, &console_l] {
-        l.set_nonblocking(true)
-            .map_err(SandboxError::io("socket setup"))?;
-    }
+    check_socket_path(&dir.join("control.sock"))?;
+    let _ = std::fs::remove_file(dir.join("control.sock"));
+    let agent_l = listen(&agent_sock)?;
+    let console_l = listen(&console_sock)?;
     let net_sock = dir.join("net.sock");
     let net_l = match &config.network {
-        Some(_) => {
-            check_socket_path(&net_sock)?;
-            let _ = std::fs::remove_file(&net_sock);
-            let l = std::os::unix::net::UnixListener::bind(&net_sock)
-                .map_err(SandboxError::io(format!("binding {}", net_sock.display())))?;
-            l.set_nonblocking(true)
-                .map_err(SandboxError::io("socket setup"))?;
-            Some(l)
-        }
+        Some(_) => Some(listen(&net_sock)?),
         None => None,
+    };
+    // Workspace mounts other than `memory` are served over a port of their own.
+    let vfs_sock = dir.join("vfs.sock");
+    let vfs_l = match config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
+        true => Some(listen(&vfs_sock)?),
+        false => None,
     };
 
     let mut disks = vec![
@@ -338,6 +327,7 @@ fn prepare_and_spawn(
         memory_mb: config.memory_mb,
         disks,
         agent_socket: agent_sock,
+        vfs_socket: vfs_l.as_ref().map(|_| vfs_sock.clone()),
         console_socket: console_sock,
         extra_cmdline: Vec::new(),
         net: net_l.as_ref().map(|_| matchlock_vmm::qemu::NetDev {
@@ -380,8 +370,20 @@ fn prepare_and_spawn(
             agent: agent_l,
             console: console_l,
             net: net_l,
+            vfs: vfs_l,
         },
     ))
+}
+
+/// Binds a fresh listening socket at `p` (replacing a stale one), non-blocking for tokio.
+fn listen(p: &Path) -> Result<std::os::unix::net::UnixListener, SandboxError> {
+    check_socket_path(p)?;
+    let _ = std::fs::remove_file(p);
+    let l = std::os::unix::net::UnixListener::bind(p)
+        .map_err(SandboxError::io(format!("binding {}", p.display())))?;
+    l.set_nonblocking(true)
+        .map_err(SandboxError::io("socket setup"))?;
+    Ok(l)
 }
 
 fn check_socket_path(p: &Path) -> Result<(), SandboxError> {
@@ -670,14 +672,6 @@ fn console_tail(dir: &Path) -> String {
     }
 }
 
-/// Guest-opened streams served at once beyond the mounts' own pools (each stream holds at most
-/// one VFS frame buffer, ~1 MiB). Streams beyond the limit wait; their data stays in yamux's
-/// bounded receive window.
-const SPARE_GUEST_STREAMS: usize = 8;
-
-/// How long a guest-opened stream may take to say what it is for.
-const GUEST_STREAM_HELLO: Duration = Duration::from_secs(10);
-
 /// Opens the workspace mounts' host roots and describes them for the guest.
 fn vfs_server(
     config: &SandboxConfig,
@@ -721,31 +715,6 @@ fn vfs_server(
     let server =
         matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
     Ok((Arc::new(server), guest))
-}
-
-/// Serves the streams the guest opens: workspace filesystem requests. Anything else, or a stream
-/// silent for [`GUEST_STREAM_HELLO`], is dropped (which resets it for the guest).
-async fn guest_streams(
-    mut inbound: tokio::sync::mpsc::UnboundedReceiver<matchlock_proto::mux::Stream>,
-    vfs: Arc<matchlock_vfs::VfsServer>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        vfs.max_streams() + SPARE_GUEST_STREAMS,
-    ));
-    while let Some(stream) = inbound.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let vfs = vfs.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let (mut rd, wr) = tokio::io::split(stream);
-            let first = tokio::time::timeout(GUEST_STREAM_HELLO, read_msg_max(&mut rd, 4096)).await;
-            if let Ok(Ok(Some(Msg::VfsOpen { mount }))) = first {
-                vfs.serve(mount, rd, wr).await;
-            }
-        });
-    }
 }
 
 async fn supervise(
@@ -813,6 +782,23 @@ async fn supervise(
         }
     });
 
+    // Workspace: QEMU connects the guest's VFS port to vfs.sock.
+    if let Some(l) = listeners.vfs {
+        let Ok(l) = UnixListener::from_std(l) else {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, "socket setup failed");
+            report(&mut ready, "error: socket setup failed");
+            return 1;
+        };
+        let vfs = vfs.clone();
+        tokio::spawn(async move {
+            if let Ok((conn, _)) = l.accept().await {
+                let (rd, wr) = conn.into_split();
+                vfs.serve_port(rd, wr).await;
+            }
+        });
+    }
+
     // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
     let mut ca_pem: Option<String> = None;
     let mut proxy_handle = None;
@@ -859,8 +845,8 @@ async fn supervise(
                 String::from_utf8_lossy(&hello)
             ));
         }
-        let (mux, inbound, _driver) = Mux::start(conn, Role::Client);
-        tokio::spawn(guest_streams(inbound, vfs.clone()));
+        // The guest opens no streams of its own (its filesystem requests have their own port).
+        let (mux, _inbound, _driver) = Mux::start(conn, Role::Client);
         let mut s = mux.open().await.map_err(|e| e.to_string())?;
         let setup = Setup {
             hostname: config.hostname.clone(),

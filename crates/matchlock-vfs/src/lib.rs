@@ -1,8 +1,8 @@
 //! The host side of Matchlock's workspace filesystem.
 //!
 //! The guest agent mounts FUSE at each workspace mount point and forwards every kernel request over
-//! a channel stream ([`matchlock_proto::vfs`]); [`VfsServer`] answers them from a host directory (or
-//! a single host file). The guest is untrusted, so:
+//! the VFS port ([`matchlock_proto::vfs`]); [`VfsServer`] answers them from a host directory (or a
+//! single host file). The guest is untrusted, so:
 //!
 //! - every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //!   RESOLVE_NO_MAGICLINKS)` against the mount's root, and every name the guest sends must be one
@@ -23,13 +23,12 @@ mod ops;
 pub mod rules;
 mod sys;
 
-use matchlock_proto::vfs::MAX_VFS_FRAME;
-use matchlock_proto::vfs::{VfsOp, VfsReply};
-use matchlock_proto::{read_msg_max, write_msg, Msg};
+use matchlock_proto::frame::{self, read_frame};
+use matchlock_proto::vfs::{VfsAnswer, VfsCall, VfsOp, VfsReply, MAX_VFS_FRAME};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 pub use ops::MountFs;
 
@@ -93,52 +92,84 @@ impl VfsServer {
         self.mounts.is_empty()
     }
 
-    /// How many guest streams the server may need at once: every mount's full pool.
-    pub fn max_streams(&self) -> usize {
-        self.mounts.len() * matchlock_proto::vfs::STREAMS_PER_MOUNT
-    }
-
-    /// Serves one guest stream whose first message was [`Msg::VfsOpen`] for `mount`: answers
-    /// `Ok` (or `Error` for an unknown mount), then one [`Msg::VfsReply`] per
-    /// [`Msg::VfsRequest`] until the guest closes the stream or breaks the protocol.
-    pub async fn serve<R, W>(&self, mount: u32, mut rd: R, mut wr: W)
+    /// Serves the guest's VFS port until the guest closes it or breaks the protocol: reads
+    /// [`VfsCall`]s, runs up to [`MAX_CONCURRENT_OPS`] of them at once, and writes each
+    /// [`VfsAnswer`] as soon as it is ready. While every slot is busy the port is not read, so a
+    /// guest that floods it only stalls itself. A frame that does not decode ends the session:
+    /// its length was bounded before it was read, but an answer without an id could not be routed.
+    pub async fn serve_port<R, W>(self: Arc<Self>, mut rd: R, wr: W)
     where
         R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
-        let Some(fs) = self.mounts.get(mount as usize).cloned() else {
-            let _ = write_msg(&mut wr, &Msg::Error(format!("no VFS mount {mount}"))).await;
-            return;
-        };
-        if write_msg(&mut wr, &Msg::Ok).await.is_err() {
-            return;
-        }
+        let (tx, rx) = mpsc::channel::<VfsAnswer>(MAX_CONCURRENT_OPS);
+        let writer = tokio::spawn(write_answers(rx, wr));
         loop {
-            let op = match read_msg_max(&mut rd, MAX_VFS_FRAME).await {
-                Ok(Some(Msg::VfsRequest(op))) => op,
+            let call: VfsCall = match read_frame(&mut rd, MAX_VFS_FRAME).await {
+                Ok(Some(c)) => c,
                 Ok(None) => break,
-                Ok(Some(_)) | Err(_) => {
-                    tracing::debug!("VFS stream: protocol violation from the guest; closing it");
+                Err(e) => {
+                    tracing::debug!("VFS port: {e}; closing it");
                     break;
                 }
             };
-            let reply = self.run(&fs, op).await;
-            if write_msg(&mut wr, &Msg::VfsReply(reply)).await.is_err() {
+            let Ok(permit) = self.ops.clone().acquire_owned().await else {
                 break;
+            };
+            let fs = self.mounts.get(call.mount as usize).cloned();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let forget = matches!(call.op, VfsOp::Forget { .. });
+                let reply = match fs {
+                    Some(fs) => {
+                        let op = call.op;
+                        tokio::task::spawn_blocking(move || fs.handle(op))
+                            .await
+                            .unwrap_or(VfsReply::Err(libc::EIO))
+                    }
+                    None => VfsReply::Err(libc::ENODEV),
+                };
+                if !forget {
+                    let _ = tx.send(VfsAnswer { id: call.id, reply }).await;
+                }
+            });
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+}
+
+/// Most bytes of answers written with one call: answers that are ready together go out together,
+/// which saves the guest a wakeup per answer.
+const ANSWER_BATCH: usize = 2 * 1024 * 1024;
+
+async fn write_answers<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<VfsAnswer>, mut wr: W) {
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(answer) = next.take() {
+            let id = answer.id;
+            // Replies are bounded by MAX_IO, so this cannot fail; if it did, EIO beats a hang.
+            let frame = frame::encode(&answer).or_else(|_| {
+                frame::encode(&VfsAnswer {
+                    id,
+                    reply: VfsReply::Err(libc::EIO),
+                })
+            });
+            if let Ok(f) = frame {
+                buf.extend_from_slice(&f);
+            }
+            if buf.len() < ANSWER_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        let _ = wr.shutdown().await;
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
     }
-
-    async fn run(&self, fs: &Arc<MountFs>, op: VfsOp) -> VfsReply {
-        let Ok(_permit) = self.ops.clone().acquire_owned().await else {
-            return VfsReply::Err(libc::EIO);
-        };
-        let fs = fs.clone();
-        tokio::task::spawn_blocking(move || fs.handle(op))
-            .await
-            .unwrap_or(VfsReply::Err(libc::EIO))
-    }
+    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]

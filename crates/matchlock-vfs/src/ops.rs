@@ -635,7 +635,12 @@ impl MountFs {
                     | libc::O_DSYNC
                     | libc::O_NONBLOCK;
                 let f = sys::reopen(fd.as_fd(), flags & keep)?;
-                Ok(VfsReply::Opened(self.add_handle(Handle::File(f), path)?))
+                // Fresh attributes, so the guest can tell whether its cached ones went stale.
+                let now = attr(node, &sys::fstat(f.as_fd())?);
+                Ok(VfsReply::OpenedFile(
+                    self.add_handle(Handle::File(f), path)?,
+                    now,
+                ))
             }
             VfsOp::Create {
                 parent,

@@ -1,5 +1,5 @@
 use super::*;
-use matchlock_proto::read_msg;
+use matchlock_proto::vfs::{VfsAnswer, VfsCall};
 use matchlock_proto::vfs::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
 use std::fs;
 
@@ -165,7 +165,7 @@ fn read_only_refuses_every_write() {
     for op in ops {
         assert_eq!(fs.handle(op.clone()), R::Err(libc::EROFS), "{op:?}");
     }
-    let R::Opened(fh) = fs.handle(Op::Open {
+    let R::OpenedFile(fh, _) = fs.handle(Op::Open {
         node: f,
         flags: libc::O_RDONLY,
     }) else {
@@ -427,7 +427,7 @@ fn single_file_root() {
     fs::write(d.path().join("f"), "one").unwrap();
     let fs = srv(&d.path().join("f"), false);
     assert_eq!(lookup(&fs, ROOT_NODE, "x"), R::Err(libc::ENOTDIR));
-    let R::Opened(fh) = fs.handle(Op::Open {
+    let R::OpenedFile(fh, _) = fs.handle(Op::Open {
         node: ROOT_NODE,
         flags: libc::O_RDWR | libc::O_APPEND,
     }) else {
@@ -441,46 +441,88 @@ fn single_file_root() {
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"onetwo");
 }
 
+/// Writes one call on the guest's end of a port.
+async fn call(guest: &mut tokio::io::DuplexStream, id: u64, mount: u32, op: VfsOp) {
+    use tokio::io::AsyncWriteExt;
+    let f = matchlock_proto::frame::encode(&VfsCall { id, mount, op }).unwrap();
+    guest.write_all(&f).await.unwrap();
+}
+
+async fn answer(guest: &mut tokio::io::DuplexStream) -> Option<VfsAnswer> {
+    matchlock_proto::frame::read_frame(guest, MAX_VFS_FRAME)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn garbage_frames_close_the_stream() {
+async fn port_answers_by_id_and_garbage_closes_it() {
     use tokio::io::AsyncWriteExt;
     let d = tempfile::tempdir().unwrap();
-    let server = VfsServer::new(&[MountSpec {
-        host_path: d.path().into(),
-        read_only: false,
-        guest_path: "/w".into(),
-        rules: Vec::new(),
-    }])
-    .unwrap();
+    fs::write(d.path().join("f"), "x").unwrap();
+    let server = Arc::new(
+        VfsServer::new(&[MountSpec {
+            host_path: d.path().into(),
+            read_only: false,
+            guest_path: "/w".into(),
+            rules: Vec::new(),
+        }])
+        .unwrap(),
+    );
     let (mut guest, host) = tokio::io::duplex(1 << 16);
     let (rd, wr) = tokio::io::split(host);
-    let task = async { server.serve(0, rd, wr).await };
+    let task = server.clone().serve_port(rd, wr);
     let client = async {
-        assert_eq!(read_msg(&mut guest).await.unwrap(), Some(Msg::Ok));
-        write_msg(&mut guest, &Msg::VfsRequest(VfsOp::Statfs))
-            .await
-            .unwrap();
-        assert!(matches!(
-            read_msg(&mut guest).await.unwrap(),
-            Some(Msg::VfsReply(VfsReply::Statfs(_)))
-        ));
+        call(&mut guest, 7, 0, VfsOp::Statfs).await;
+        // Forget gets no answer; an unknown mount gets ENODEV, not a panic.
+        call(
+            &mut guest,
+            8,
+            0,
+            VfsOp::Forget {
+                nodes: vec![(1, 1)],
+            },
+        )
+        .await;
+        call(&mut guest, 9, 5, VfsOp::Statfs).await;
+        let lookup = VfsOp::Lookup {
+            parent: ROOT_NODE,
+            name: b"f".to_vec(),
+        };
+        call(&mut guest, 10, 0, lookup).await;
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..3 {
+            let a = answer(&mut guest).await.unwrap();
+            got.insert(a.id, a.reply);
+        }
+        assert!(matches!(got[&7], VfsReply::Statfs(_)), "{got:?}");
+        assert_eq!(got[&9], VfsReply::Err(libc::ENODEV));
+        assert!(
+            matches!(got[&10], VfsReply::Entry(a) if a.size == 1),
+            "{got:?}"
+        );
+        assert!(!got.contains_key(&8));
         guest
             .write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
             .await
             .unwrap();
-        // The server ends the stream.
-        assert!(read_msg(&mut guest).await.unwrap().is_none());
+        // The server ends the session.
+        assert!(answer(&mut guest).await.is_none());
     };
     tokio::join!(task, client);
-    // An unknown mount is an error, not a panic.
+}
+
+#[tokio::test]
+async fn port_refuses_oversized_frames_before_reading_them() {
+    use tokio::io::AsyncWriteExt;
+    let server = Arc::new(VfsServer::new(&[]).unwrap());
     let (mut guest, host) = tokio::io::duplex(1 << 16);
     let (rd, wr) = tokio::io::split(host);
-    tokio::join!(server.serve(7, rd, wr), async {
-        assert!(matches!(
-            read_msg(&mut guest).await.unwrap(),
-            Some(Msg::Error(_))
-        ));
-    });
+    let task = server.serve_port(rd, wr);
+    let client = async {
+        guest.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(answer(&mut guest).await.is_none());
+    };
+    tokio::join!(task, client);
 }
 
 /// Thousands of arbitrary operations (random ids, handles, hostile names, flags) neither panic
@@ -607,7 +649,7 @@ fn random_operations_stay_inside_the_root() {
                 ids.push(a.ino);
                 fhs.push(h);
             }
-            R::Opened(h) => fhs.push(h),
+            R::Opened(h) | R::OpenedFile(h, _) => fhs.push(h),
             _ => {}
         }
     }
@@ -645,7 +687,7 @@ fn block_rules_refuse_matching_operations() {
         R::Err(libc::EPERM)
     );
     let notes = ino(lookup(&fs, ROOT_NODE, "notes"));
-    let R::Opened(fh) = fs.handle(Op::Open {
+    let R::OpenedFile(fh, _) = fs.handle(Op::Open {
         node: notes,
         flags: libc::O_RDWR,
     }) else {
@@ -701,7 +743,7 @@ fn block_rules_refuse_matching_operations() {
             node: env,
             flags: libc::O_RDONLY
         }),
-        R::Opened(_)
+        R::OpenedFile(..)
     ));
     assert_eq!(fs::read(d.path().join("notes")).unwrap(), b"n");
 }

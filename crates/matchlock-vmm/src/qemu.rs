@@ -40,6 +40,9 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// Unix socket QEMU connects to for the agent channel (the supervisor listens there).
     pub agent_socket: PathBuf,
+    /// Unix socket QEMU connects the workspace filesystem's port to, when there are workspace
+    /// mounts (`matchlock_proto::vfs::PORT_NAME`).
+    pub vfs_socket: Option<PathBuf>,
     /// Unix socket QEMU connects its serial console to (the supervisor copies it into the log).
     pub console_socket: PathBuf,
     /// Extra kernel command line words.
@@ -196,6 +199,15 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={}", PORT_NAME),
         ]);
+        if let Some(vfs) = &self.vfs_socket {
+            let mut chardev = OsString::from("socket,id=vfs,path=");
+            chardev.push(escape_commas(&vfs.to_string_lossy()));
+            c.arg("-chardev").arg(chardev);
+            c.args([
+                "-device",
+                &format!("virtserialport,chardev=vfs,name={}", VFS_PORT_NAME),
+            ]);
+        }
         if let Some(net) = &self.net {
             let mut netdev = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
             netdev.push(escape_commas(&net.socket.to_string_lossy()));
@@ -215,6 +227,8 @@ impl VmSpec {
 
 /// Name of the agent's virtio-serial port; must match `matchlock_proto::PORT_NAME`.
 pub const PORT_NAME: &str = "matchlock.agent";
+/// Name of the workspace filesystem's port; must match `matchlock_proto::vfs::PORT_NAME`.
+pub const VFS_PORT_NAME: &str = "matchlock.vfs";
 
 fn escape_commas(s: &str) -> String {
     s.replace(',', ",,")
@@ -239,6 +253,7 @@ mod tests {
                 read_only: true,
             }],
             agent_socket: "/s/agent.sock".into(),
+            vfs_socket: Some("/s/vfs.sock".into()),
             console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
             net: None,
@@ -257,6 +272,8 @@ mod tests {
             "file=/a,,b/root.ext4,readonly=on",
             "serial=ml-root",
             "name=matchlock.agent",
+            "socket,id=vfs,path=/s/vfs.sock",
+            "name=matchlock.vfs",
             "x=1",
             "-smp 2",
             "-m 512M",
