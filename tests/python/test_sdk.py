@@ -559,14 +559,35 @@ def test_vfs_block_rules(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "y\n"
 
 
-def test_vfs_events_and_owner_overrides_are_refused(tmp_path):
+def test_vfs_after_hooks_get_events_and_owner_overrides_apply(tmp_path):
+    seen = []
+    got = threading.Event()
+
+    def hook(event):
+        seen.append((event.op, event.path, event.size))
+        if event.op == "write" and event.path == "/workspace/a.txt":
+            got.set()
+
+    rules = VFSInterceptionConfig(rules=[
+        VFSHookRule(name="writes", phase="after", ops=["write"], path="/workspace/*", hook=hook),
+    ])
+    sb = (Sandbox(BUSYBOX).with_workspace("/workspace")
+          .mount_host_dir("/workspace", str(tmp_path), owner_uid=1000, owner_gid=1001)
+          .with_vfs_interception(rules))
     with Client() as c:
-        with pytest.raises(RPCError) as e:
-            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
-                     .mount_host_dir("/workspace/x", str(tmp_path))
-                     .with_vfs_interception(VFSInterceptionConfig(emit_events=True)).options())
-        assert "emit_events" in e.value.message
-        with pytest.raises(RPCError) as e:
-            c.create(Sandbox(BUSYBOX).with_workspace("/workspace")
-                     .mount_host_dir("/workspace/x", str(tmp_path), owner_uid=5).options())
-        assert "owner_uid" in e.value.message
+        c.create(sb.options())
+        assert c.exec("echo hello > /workspace/a.txt; cat /workspace/a.txt").stdout == "hello\n"
+        # The SDK runs after-hooks from the server's event notifications.
+        assert got.wait(20), seen
+        assert ("write", "/workspace/a.txt", 6) in seen, seen
+        # Only the hook's ops and paths reach it.
+        assert all(op == "write" for op, _, _ in seen), seen
+        # Files show the mount's owner in the guest; chown to it is a no-op, to others refused.
+        assert c.exec("stat -c %u:%g /workspace/a.txt /workspace").stdout == "1000:1001\n1000:1001\n"
+        assert c.exec("chown 1000:1001 /workspace/a.txt").exit_code == 0
+        r = c.exec("chown 0 /workspace/a.txt")
+        assert r.exit_code != 0 and "not permitted" in r.stderr
+    st = (tmp_path / "a.txt").stat()
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    assert (tmp_path / "a.txt").read_text() == "hello\n"
+

@@ -190,6 +190,8 @@ pub struct Plan {
     pub vfs: Vec<VfsMount>,
     /// Workspace operations to refuse.
     pub vfs_block_rules: Vec<VfsBlockRule>,
+    /// Send `event` notifications for completed workspace operations.
+    pub vfs_emit_events: bool,
 }
 
 /// Parses and validates `create` params, in Matchlock's order: JSON, image, id, resources, network,
@@ -243,7 +245,7 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
     if let Some(n) = &p.network {
         check_network(n)?;
     }
-    let (vfs, vfs_block_rules) = match &p.vfs {
+    let (vfs, vfs_block_rules, vfs_emit_events) = match &p.vfs {
         Some(v) => check_vfs(v)?,
         None => Default::default(),
     };
@@ -277,6 +279,7 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
         disks,
         vfs,
         vfs_block_rules,
+        vfs_emit_events,
     })
 }
 
@@ -341,8 +344,9 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Checks `vfs` and resolves its mounts (parents first) and interception block rules.
-fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>), RpcError> {
+/// Checks `vfs` and resolves its mounts (parents first), interception block rules and whether
+/// to emit events.
+fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>, bool), RpcError> {
     let has_interception = v.interception.as_ref().is_some_and(|i| !i.is_null());
     // Unlike Matchlock, a workspace without mounts is accepted (the SDK README's own builder
     // example sends one); with nothing to serve it is only checked.
@@ -355,9 +359,9 @@ fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>), RpcError> {
     if has_interception && v.mounts.is_empty() {
         return Err(RpcError::params("vfs.interception requires mounts"));
     }
-    let rules = match &v.interception {
+    let (rules, events) = match &v.interception {
         Some(i) if has_interception => interception_rules(i)?,
-        _ => Vec::new(),
+        _ => Default::default(),
     };
     let mut mounts = Vec::new();
     for (path, spec) in &v.mounts {
@@ -375,24 +379,21 @@ fn check_vfs(v: &Vfs) -> Result<(Vec<VfsMount>, Vec<VfsBlockRule>), RpcError> {
     }
     let mounts =
         validate::vfs_mounts(mounts).map_err(|e| RpcError::params(format!("vfs.mounts: {e}")))?;
-    Ok((mounts, rules))
+    Ok((mounts, rules, events))
 }
 
 /// `vfs.interception`: `block` rules become [`VfsBlockRule`]s; `allow` rules have no effect (as in
-/// Matchlock). Events and after-phase rules need callbacks to the client, which are not
-/// available, so asking for them is an error rather than a silent no-op.
-fn interception_rules(v: &Value) -> Result<Vec<VfsBlockRule>, RpcError> {
+/// Matchlock), and `emit_events` asks for `event` notifications, which is how the SDKs run their
+/// after-phase hooks (client-side, on those events). A `block` rule acts before the operation,
+/// so an after-phase one is refused rather than silently moved.
+fn interception_rules(v: &Value) -> Result<(Vec<VfsBlockRule>, bool), RpcError> {
     let bad = |m: String| RpcError::params(format!("vfs.interception: {m}"));
     let obj = v
         .as_object()
         .ok_or_else(|| bad("must be an object".into()))?;
-    if obj.get("emit_events").and_then(Value::as_bool) == Some(true) {
-        return Err(bad(
-            "emit_events (file event notifications) is not available in this version of matchlock yet".into(),
-        ));
-    }
+    let events = obj.get("emit_events").and_then(Value::as_bool) == Some(true);
     let rules = match obj.get("rules") {
-        None | Some(Value::Null) => return Ok(Vec::new()),
+        None | Some(Value::Null) => return Ok((Vec::new(), events)),
         Some(Value::Array(a)) => a,
         Some(_) => return Err(bad("rules must be a list".into())),
     };
@@ -403,18 +404,19 @@ fn interception_rules(v: &Value) -> Result<Vec<VfsBlockRule>, RpcError> {
             .as_object()
             .ok_or_else(|| bad("must be an object".into()))?;
         let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("");
-        match field("phase") {
-            "" | "before" => {}
-            "after" => {
+        let after = match field("phase") {
+            "" | "before" => false,
+            "after" => true,
+            other => return Err(bad(format!("unknown phase '{other}'; use before or after"))),
+        };
+        match field("action") {
+            "" | "allow" => continue,
+            "block" if after => {
                 return Err(bad(
-                    "after-phase rules (hooks) are not available in this version of matchlock yet"
+                    "a block rule refuses the operation before it runs; use phase before (after-phase hooks run in the SDK, on emit_events)"
                         .into(),
                 ))
             }
-            other => return Err(bad(format!("unknown phase '{other}'; use before"))),
-        }
-        match field("action") {
-            "" | "allow" => continue,
             "block" => {}
             other => return Err(bad(format!("unknown action '{other}'; use block or allow"))),
         }
@@ -438,7 +440,7 @@ fn interception_rules(v: &Value) -> Result<Vec<VfsBlockRule>, RpcError> {
             path: path.to_string(),
         });
     }
-    Ok(out)
+    Ok((out, events))
 }
 
 /// One `vfs.mounts` entry: `{"type": "host_fs"|"overlay"|"memory", "host_path", "readonly"}`.
@@ -454,24 +456,34 @@ fn vfs_mount(path: &str, spec: &Value, workspace: &str) -> Result<VfsMount, RpcE
         .get("readonly")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    if ["owner_uid", "owner_gid"]
-        .iter()
-        .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
-    {
-        return Err(bad(
-            "owner_uid/owner_gid are not supported: files show their host owner".into(),
-        ));
-    }
+    let id = |k: &str| -> Result<Option<u32>, RpcError> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| bad(format!("{k} must be a number from 0 to 4294967295"))),
+        }
+    };
+    let (owner_uid, owner_gid) = (id("owner_uid")?, id("owner_gid")?);
     let mode = match (kind, readonly) {
         ("host_fs", false) => VfsMode::HostFs,
         ("host_fs", true) => VfsMode::ReadOnly,
         ("overlay", _) => VfsMode::Overlay,
         ("memory", _) => {
             validate::guest_path(path, &what).map_err(RpcError::params)?;
+            if owner_uid.is_some() || owner_gid.is_some() {
+                return Err(bad(
+                    "owner_uid/owner_gid apply to host directories, not memory mounts".into(),
+                ));
+            }
             return Ok(VfsMount {
                 host_path: Default::default(),
                 guest_path: path.to_string(),
                 mode: VfsMode::Memory,
+                owner_uid: None,
+                owner_gid: None,
             });
         }
         (other, _) => {
@@ -483,7 +495,10 @@ fn vfs_mount(path: &str, spec: &Value, workspace: &str) -> Result<VfsMount, RpcE
     if host.is_empty() {
         return Err(bad("host_path is required".into()));
     }
-    validate::vfs_mount_parts(host, path, mode, workspace).map_err(bad)
+    let mut m = validate::vfs_mount_parts(host, path, mode, workspace).map_err(bad)?;
+    m.owner_uid = owner_uid;
+    m.owner_gid = owner_gid;
+    Ok(m)
 }
 
 /// The network from the `network` params: open mode, or interception when an allow-list, secrets,
@@ -639,6 +654,7 @@ pub fn sandbox_config(
         disks: plan.disks.clone(),
         vfs: plan.vfs.clone(),
         vfs_block_rules: plan.vfs_block_rules.clone(),
+        vfs_emit_events: plan.vfs_emit_events,
         network,
         owner_pid: Some(std::process::id()),
         command: launch.clone().unwrap_or_default(),
@@ -729,14 +745,25 @@ mod tests {
                 "host path",
             ),
             (
-                json!({"type": "host_fs", "host_path": host, "owner_uid": 1}),
-                "owner_uid",
+                json!({"type": "host_fs", "host_path": host, "owner_uid": -1}),
+                "owner_uid must be a number",
+            ),
+            (
+                json!({"type": "memory", "owner_gid": 5}),
+                "not memory mounts",
             ),
         ] {
             let e =
                 err(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {"/w/x": spec}}}));
             assert!(e.message.contains(needle), "{}", e.message);
         }
+        let owned = plan(json!({"image": "a", "vfs": {"workspace": "/w", "mounts": {
+            "/w/x": {"type": "host_fs", "host_path": host, "owner_uid": 1000, "owner_gid": 100}}}}))
+        .unwrap();
+        assert_eq!(
+            (owned.vfs[0].owner_uid, owned.vfs[0].owner_gid),
+            (Some(1000), Some(100))
+        );
         let with_rules = |rules: Value, events: bool| {
             plan(json!({"image": "a", "vfs": {"workspace": "/w",
                 "mounts": {"/w": {"type": "memory"}},
@@ -764,12 +791,15 @@ mod tests {
                 }
             ]
         );
+        // Events, and after-phase allow rules (which the SDK's hooks never send, and which do
+        // nothing), are accepted.
+        let p = with_rules(json!([{"action": "allow", "phase": "after"}]), true).unwrap();
+        assert!(p.vfs_emit_events && p.vfs_block_rules.is_empty());
         for (rules, events, needle) in [
-            (json!([]), true, "emit_events"),
             (
                 json!([{"action": "block", "phase": "after"}]),
                 false,
-                "after-phase",
+                "use phase before",
             ),
             (
                 json!([{"action": "block", "ops": ["explode"]}]),

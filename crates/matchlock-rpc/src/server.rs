@@ -421,6 +421,7 @@ async fn handle(
 
 async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value, RpcError> {
     let plan = api::plan(params)?;
+    let emit_events = plan.vfs_emit_events;
     let _guard = shared.lifecycle.lock().await;
     // A second create replaces the sandbox (Matchlock leaks the first): what ran against the
     // old one ends with it.
@@ -461,6 +462,23 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
         client: client.clone(),
         forwards: None,
     });
+    if emit_events {
+        // Subscribed before create answers, so no operation the client causes goes unreported.
+        let mut events = match client.events().await {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = shared.stop_vm(0).await;
+                return Err(RpcError::new(code::VM_FAILED, e.to_string()));
+            }
+        };
+        let out = shared.out.clone();
+        tokio::spawn(async move {
+            // Ends when the sandbox stops (replaced or closed).
+            while let Some(e) = events.next().await {
+                out.notify("event", file_event(&e)).await;
+            }
+        });
+    }
     if let Some(argv) = launch {
         let spec = ExecSpec {
             argv,
@@ -475,6 +493,18 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
         }
     }
     Ok(json!({ "id": vm_id }))
+}
+
+/// An `event` notification's params for a workspace operation, as Matchlock sends them
+/// (`timestamp` in milliseconds for file events; `mode`/`uid`/`gid` omitted when zero).
+fn file_event(e: &matchlock_vfs::FileEvent) -> Value {
+    let mut file = json!({"op": e.op, "path": e.path, "size": e.size});
+    for (k, v) in [("mode", e.mode), ("uid", e.uid), ("gid", e.gid)] {
+        if v != 0 {
+            file[k] = json!(v);
+        }
+    }
+    json!({"type": "file", "timestamp": e.timestamp_ms, "file": file})
 }
 
 /// Cancels every request in flight except `me`.

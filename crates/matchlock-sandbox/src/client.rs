@@ -259,4 +259,31 @@ impl Client {
     pub async fn ping(&self) -> Result<(), SandboxError> {
         self.simple(&Request::Ping).await
     }
+
+    /// Subscribes to workspace events (the sandbox must have been created with
+    /// `vfs_emit_events`); everything completed after this returns is reported.
+    pub async fn events(&self) -> Result<Events, SandboxError> {
+        let mut s = self.send(&Request::Events).await?;
+        match control::read_json::<_, Reply>(&mut s).await {
+            Ok(Reply::Ok) => Ok(Events { conn: s }),
+            Ok(Reply::Error(e)) => Err(SandboxError::Invalid(e)),
+            Ok(Reply::AllowList { .. }) => Err(SandboxError::Channel("unexpected reply".into())),
+            Err(e) => Err(SandboxError::Channel(format!(
+                "no reply from sandbox {}: {e}",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// A subscription to a sandbox's workspace events ([`Client::events`]).
+pub struct Events {
+    conn: UnixStream,
+}
+
+impl Events {
+    /// The next event; `None` once the sandbox has stopped.
+    pub async fn next(&mut self) -> Option<matchlock_vfs::FileEvent> {
+        control::read_json(&mut self.conn).await.ok()
+    }
 }

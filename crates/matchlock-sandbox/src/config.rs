@@ -55,6 +55,10 @@ pub struct SandboxConfig {
     /// Workspace operations refused with `EPERM` (RPC `vfs.interception` block rules).
     #[serde(default)]
     pub vfs_block_rules: Vec<VfsBlockRule>,
+    /// Report completed workspace operations to [`crate::control::Request::Events`] subscribers
+    /// (RPC `vfs.interception.emit_events`).
+    #[serde(default)]
+    pub vfs_emit_events: bool,
     /// The command `run` started, for `inspect`.
     pub command: Vec<String>,
     /// Creation time, seconds since the epoch.
@@ -190,6 +194,12 @@ pub struct VfsMount {
     pub guest_path: String,
     /// What happens to the guest's writes.
     pub mode: VfsMode,
+    /// The uid every file shows in the guest (`owner_uid`); the host owner's when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    /// The gid every file shows in the guest (`owner_gid`); the host owner's when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_gid: Option<u32>,
 }
 
 /// A workspace operation to refuse: by kind (empty = all) and guest path glob (empty = all).

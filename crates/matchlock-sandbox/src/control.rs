@@ -58,6 +58,11 @@ pub enum Request {
     },
     /// Liveness check.
     Ping,
+    /// Subscribe to workspace events: the supervisor replies [`Reply::Ok`] (or an error when the
+    /// sandbox was created without `vfs_emit_events`), then writes one length-prefixed JSON
+    /// [`matchlock_vfs::FileEvent`] per completed operation until either side closes. A
+    /// subscriber that falls behind loses the oldest events rather than stall the guest.
+    Events,
     /// Change the interception allow-list. Replies [`Reply::AllowList`].
     AllowList {
         /// Patterns to add.

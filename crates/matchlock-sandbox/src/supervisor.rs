@@ -77,6 +77,8 @@ struct Ctx {
     log: Arc<Mutex<CappedLog>>,
     /// The interception proxy, when the sandbox intercepts.
     proxy: Option<Arc<matchlock_intercept::proxy::Proxy>>,
+    /// The workspace filesystem server (for event subscriptions).
+    vfs: Arc<matchlock_vfs::VfsServer>,
 }
 
 /// Largest `logs/vm.log`: everything in it comes from the guest, which must not be able to fill
@@ -709,6 +711,11 @@ fn vfs_server(
                 read_only: m.mode != VfsMode::HostFs,
                 guest_path: m.guest_path.clone(),
                 rules: rules.clone(),
+                owner: matchlock_vfs::Owner {
+                    uid: m.owner_uid,
+                    gid: m.owner_gid,
+                },
+                emit_events: config.vfs_emit_events,
             });
         }
     }
@@ -946,6 +953,7 @@ async fn supervise(
         stop_tx: stop_tx.clone(),
         log,
         proxy: proxy_handle,
+        vfs: vfs.clone(),
     });
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -1146,6 +1154,31 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         }
         Request::Ping => {
             let _ = control::write_json(&mut conn, &Reply::Ok).await;
+        }
+        Request::Events => {
+            if !ctx.config.vfs_emit_events {
+                let e = "this sandbox was created without workspace events (emit_events)";
+                let _ = control::write_json(&mut conn, &Reply::Error(e.into())).await;
+                return;
+            }
+            // Subscribed before the Ok, so the client misses nothing after it.
+            let mut events = ctx.vfs.subscribe();
+            if control::write_json(&mut conn, &Reply::Ok).await.is_err() {
+                return;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(e) => {
+                        if control::write_json(&mut conn, &e).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!("event subscriber fell behind; {n} events dropped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
         }
         Request::AllowList { add, remove } => {
             let reply = match &ctx.proxy {

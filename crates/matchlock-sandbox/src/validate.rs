@@ -200,6 +200,8 @@ pub fn vfs_mount_parts(
         host_path,
         guest_path: guest,
         mode,
+        owner_uid: None,
+        owner_gid: None,
     })
 }
 

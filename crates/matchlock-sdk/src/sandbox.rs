@@ -171,6 +171,24 @@ impl Sandbox {
         self
     }
 
+    /// Like [`Sandbox::mount_host_dir`], with every file shown as owned by `uid`:`gid` in the
+    /// guest (so a non-root guest user can work on files the host user owns). The host's
+    /// ownership is unchanged; a guest `chown` to other ids is refused.
+    pub fn mount_host_dir_owned(
+        mut self,
+        guest_path: impl Into<String>,
+        host_path: impl Into<String>,
+        uid: u32,
+        gid: u32,
+    ) -> Self {
+        let host: String = host_path.into();
+        self.mounts.push((
+            guest_path.into(),
+            json!({"type": "host_fs", "host_path": host, "owner_uid": uid, "owner_gid": gid}),
+        ));
+        self
+    }
+
     /// Mounts a host directory (or file) read-only.
     pub fn mount_host_dir_readonly(
         mut self,
@@ -455,6 +473,7 @@ mod tests {
             .with_workspace("/workspace")
             .mount_memory("/workspace")
             .mount_host_dir("/workspace/src", "/h/src")
+            .mount_host_dir_owned("/workspace/own", "/h/own", 1000, 100)
             .mount_host_dir_readonly("/workspace/ro", "/h/ro")
             .mount_overlay("/workspace/snap", "/h/snap")
             .to_params(false);
@@ -463,6 +482,8 @@ mod tests {
             json!({"workspace": "/workspace", "mounts": {
                 "/workspace": {"type": "memory"},
                 "/workspace/src": {"type": "host_fs", "host_path": "/h/src"},
+                "/workspace/own": {"type": "host_fs", "host_path": "/h/own",
+                                   "owner_uid": 1000, "owner_gid": 100},
                 "/workspace/ro": {"type": "host_fs", "host_path": "/h/ro", "readonly": true},
                 "/workspace/snap": {"type": "overlay", "host_path": "/h/snap"}}})
         );

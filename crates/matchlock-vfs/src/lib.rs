@@ -28,9 +28,33 @@ use matchlock_proto::vfs::{VfsAnswer, VfsCall, VfsOp, VfsReply, MAX_VFS_FRAME};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 
-pub use ops::MountFs;
+pub use ops::{MountFs, Owner};
+
+/// A guest operation on a workspace mount that completed, for `emit_events` (the RPC server turns
+/// these into `event` notifications).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileEvent {
+    /// The operation's kind, as interception rules name it ([`rules::OP_KINDS`]).
+    pub op: String,
+    /// Full guest path.
+    pub path: String,
+    /// Bytes read or written; otherwise the file's size, when the operation returned it.
+    pub size: u64,
+    /// `st_mode`, when the operation returned attributes.
+    pub mode: u32,
+    /// Owner uid, when the operation returned attributes.
+    pub uid: u32,
+    /// Owner gid, when the operation returned attributes.
+    pub gid: u32,
+    /// When it completed, milliseconds since the epoch.
+    pub timestamp_ms: u64,
+}
+
+/// Events buffered per subscriber; one that falls further behind loses the oldest (a slow client
+/// must not stall the guest's filesystem).
+const EVENT_BUFFER: usize = 4096;
 
 /// One host directory or file served to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +67,10 @@ pub struct MountSpec {
     pub guest_path: String,
     /// Operations refused with `EPERM` (`vfs.interception` block rules).
     pub rules: Vec<rules::BlockRule>,
+    /// Ownership the guest sees (`owner_uid`/`owner_gid`).
+    pub owner: Owner,
+    /// Report completed operations to subscribers ([`VfsServer::subscribe`]).
+    pub emit_events: bool,
 }
 
 /// Why the server could not start.
@@ -64,6 +92,7 @@ const MAX_CONCURRENT_OPS: usize = 16;
 pub struct VfsServer {
     mounts: Vec<Arc<MountFs>>,
     ops: Arc<Semaphore>,
+    events: broadcast::Sender<FileEvent>,
 }
 
 impl VfsServer {
@@ -71,20 +100,31 @@ impl VfsServer {
     /// regular file.
     pub fn new(specs: &[MountSpec]) -> Result<Self, VfsError> {
         sys::raise_nofile_limit();
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut mounts = Vec::with_capacity(specs.len());
         for spec in specs {
-            let fs = MountFs::open(&spec.host_path, spec.read_only).map_err(|source| VfsError {
-                path: spec.host_path.display().to_string(),
-                source,
-            })?;
-            mounts.push(Arc::new(
-                fs.with_rules(&spec.guest_path, spec.rules.clone()),
-            ));
+            let mut fs = MountFs::open(&spec.host_path, spec.read_only)
+                .map_err(|source| VfsError {
+                    path: spec.host_path.display().to_string(),
+                    source,
+                })?
+                .with_rules(&spec.guest_path, spec.rules.clone())
+                .with_owner(spec.owner);
+            if spec.emit_events {
+                fs = fs.with_events(events.clone());
+            }
+            mounts.push(Arc::new(fs));
         }
         Ok(Self {
             mounts,
             ops: Arc::new(Semaphore::new(MAX_CONCURRENT_OPS)),
+            events,
         })
+    }
+
+    /// Completed operations on mounts with [`MountSpec::emit_events`], from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<FileEvent> {
+        self.events.subscribe()
     }
 
     /// Whether there is nothing to serve.

@@ -68,7 +68,21 @@ pub struct MountFs {
     /// Where the guest mounts this, for interception rules' paths.
     guest_path: String,
     rules: Vec<BlockRule>,
+    /// Ownership the guest sees on every file, when the mount overrides it.
+    owner: Owner,
+    /// Where completed operations are reported (`emit_events`), if anywhere.
+    events: Option<tokio::sync::broadcast::Sender<crate::FileEvent>>,
     tables: Mutex<Tables>,
+}
+
+/// A mount's ownership override: files appear owned by these ids in the guest, whoever owns
+/// them on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The uid every file shows.
+    pub uid: Option<u32>,
+    /// The gid every file shows.
+    pub gid: Option<u32>,
 }
 
 fn c_path(p: &Path) -> io::Result<CString> {
@@ -164,6 +178,8 @@ impl MountFs {
             read_only,
             guest_path: String::new(),
             rules: Vec::new(),
+            owner: Owner::default(),
+            events: None,
             tables: Mutex::new(t),
         })
     }
@@ -173,6 +189,19 @@ impl MountFs {
     pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
         self.guest_path = guest_path.trim_end_matches('/').to_string();
         self.rules = rules;
+        self
+    }
+
+    /// Shows every file as owned by `owner`'s ids; `chown` to those ids succeeds without
+    /// touching the host, `chown` to others is refused (`EPERM`), since the view cannot hold them.
+    pub fn with_owner(mut self, owner: Owner) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    /// Reports every operation that succeeds to `events`.
+    pub fn with_events(mut self, events: tokio::sync::broadcast::Sender<crate::FileEvent>) -> Self {
+        self.events = Some(events);
         self
     }
 
@@ -190,9 +219,79 @@ impl MountFs {
             }
             return VfsReply::Err(libc::EPERM);
         }
-        match self.dispatch(op) {
+        let op = match self.owned(op) {
+            Ok(op) => op,
+            Err(e) => return VfsReply::Err(e),
+        };
+        // Named before the operation runs: a release or rename changes what names lead where.
+        let event = match &self.events {
+            Some(_) => rules::kinds(&op)
+                .first()
+                .map(|k| (*k, self.op_paths(&op).into_iter().next())),
+            None => None,
+        };
+        let mut reply = match self.dispatch(op) {
             Ok(r) => r,
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        };
+        if let VfsReply::Entry(a)
+        | VfsReply::Attr(a)
+        | VfsReply::Created(a, _)
+        | VfsReply::OpenedFile(_, a) = &mut reply
+        {
+            a.uid = self.owner.uid.unwrap_or(a.uid);
+            a.gid = self.owner.gid.unwrap_or(a.gid);
+        }
+        if let (Some(tx), Some((op, rel))) = (&self.events, event) {
+            if !matches!(reply, VfsReply::Err(_)) {
+                let _ = tx.send(self.event(op, rel, &reply));
+            }
+        }
+        reply
+    }
+
+    /// Applies the ownership override to a `chown`.
+    fn owned(&self, mut op: VfsOp) -> Result<VfsOp, i32> {
+        if let VfsOp::Setattr { uid, gid, .. } = &mut op {
+            for (asked, fixed) in [(uid, self.owner.uid), (gid, self.owner.gid)] {
+                match (*asked, fixed) {
+                    (Some(a), Some(f)) if a == f => *asked = None,
+                    (Some(_), Some(_)) => return Err(libc::EPERM),
+                    _ => {}
+                }
+            }
+        }
+        Ok(op)
+    }
+
+    /// The event for a completed operation of kind `op` on `rel`.
+    fn event(&self, op: &'static str, rel: Option<PathBuf>, reply: &VfsReply) -> crate::FileEvent {
+        let path = match rel {
+            Some(rel) if !rel.as_os_str().is_empty() => {
+                format!("{}/{}", self.guest_path, rel.to_string_lossy())
+            }
+            _ => self.guest_path.clone(),
+        };
+        let (size, mode, uid, gid) = match reply {
+            VfsReply::Entry(a)
+            | VfsReply::Attr(a)
+            | VfsReply::Created(a, _)
+            | VfsReply::OpenedFile(_, a) => (a.size, a.mode, a.uid, a.gid),
+            VfsReply::Written(n) => (u64::from(*n), 0, 0, 0),
+            VfsReply::Data(d) => (d.len() as u64, 0, 0, 0),
+            _ => (0, 0, 0, 0),
+        };
+        crate::FileEvent {
+            op: op.to_string(),
+            path,
+            size,
+            mode,
+            uid,
+            gid,
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         }
     }
 
@@ -422,7 +521,7 @@ impl MountFs {
         let fh = t.next_fh;
         t.next_fh += 1;
         t.handles.insert(fh, Arc::new(h));
-        if !self.rules.is_empty() {
+        if !self.rules.is_empty() || self.events.is_some() {
             t.handle_paths.insert(fh, path);
         }
         Ok(fh)

@@ -2,6 +2,7 @@ use super::*;
 use matchlock_proto::vfs::{VfsAnswer, VfsCall};
 use matchlock_proto::vfs::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 
 fn srv(dir: &std::path::Path, ro: bool) -> MountFs {
     MountFs::open(dir, ro).unwrap()
@@ -465,6 +466,8 @@ async fn port_answers_by_id_and_garbage_closes_it() {
             read_only: false,
             guest_path: "/w".into(),
             rules: Vec::new(),
+            owner: Owner::default(),
+            emit_events: false,
         }])
         .unwrap(),
     );
@@ -746,4 +749,97 @@ fn block_rules_refuse_matching_operations() {
         R::OpenedFile(..)
     ));
     assert_eq!(fs::read(d.path().join("notes")).unwrap(), b"n");
+}
+
+#[test]
+fn owner_override_shows_fixed_ids_and_refuses_other_chowns() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("f"), "x").unwrap();
+    let host = fs::metadata(d.path().join("f")).unwrap();
+    let owner = Owner {
+        uid: Some(4242),
+        gid: Some(4343),
+    };
+    let fs = srv(d.path(), false).with_owner(owner);
+    let R::Entry(a) = lookup(&fs, ROOT_NODE, "f") else {
+        panic!()
+    };
+    assert_eq!((a.uid, a.gid), (4242, 4343));
+    let chown = |uid, gid| Op::Setattr {
+        node: a.ino,
+        fh: None,
+        mode: None,
+        uid,
+        gid,
+        size: None,
+        atime: None,
+        mtime: None,
+    };
+    // chown to the shown owner is a no-op that succeeds; to anyone else it is refused.
+    assert!(matches!(fs.handle(chown(Some(4242), Some(4343))), R::Attr(a) if a.uid == 4242));
+    assert_eq!(fs.handle(chown(Some(0), None)), R::Err(libc::EPERM));
+    assert_eq!(fs.handle(chown(None, Some(7))), R::Err(libc::EPERM));
+    let after = fs::metadata(d.path().join("f")).unwrap();
+    assert_eq!((after.uid(), after.gid()), (host.uid(), host.gid()));
+    // Files the guest creates show the same owner.
+    let R::Created(c, _) = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"new".to_vec(),
+        mode: 0o644,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    assert_eq!((c.uid, c.gid), (4242, 4343));
+    // Only uid overridden: gid is the host's.
+    let fs = srv(d.path(), false).with_owner(Owner {
+        uid: Some(1),
+        gid: None,
+    });
+    let R::Entry(a) = lookup(&fs, ROOT_NODE, "f") else {
+        panic!()
+    };
+    assert_eq!((a.uid, a.gid), (1, host.gid()));
+}
+
+#[test]
+fn completed_operations_are_reported_with_guest_paths() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir(d.path().join("sub")).unwrap();
+    let (tx, mut rx) = tokio::sync::broadcast::channel(64);
+    let fs = srv(d.path(), false)
+        .with_rules("/workspace", Vec::new())
+        .with_events(tx);
+    let sub = ino(lookup(&fs, ROOT_NODE, "sub"));
+    let R::Created(_, fh) = fs.handle(Op::Create {
+        parent: sub,
+        name: b"a.txt".to_vec(),
+        mode: 0o644,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    fs.handle(Op::Write {
+        fh,
+        offset: 0,
+        data: b"hello".to_vec(),
+    });
+    fs.handle(Op::Release { fh });
+    // A failed operation is not reported.
+    assert_eq!(lookup(&fs, ROOT_NODE, "missing"), R::Err(libc::ENOENT));
+    let mut got = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        // Sizes of directories vary by host file system; the write's is the bytes written.
+        let size = if e.op == "write" { e.size } else { 0 };
+        got.push((e.op.clone(), e.path, size));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("stat".to_string(), "/workspace/sub".to_string(), 0),
+            ("create".into(), "/workspace/sub/a.txt".into(), 0),
+            ("write".into(), "/workspace/sub/a.txt".into(), 5),
+            ("close".into(), "/workspace/sub/a.txt".into(), 0),
+        ]
+    );
 }
