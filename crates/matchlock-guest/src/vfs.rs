@@ -14,16 +14,17 @@ use crate::log;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    SessionACL, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use matchlock_proto::frame::{encode, read_frame_blocking, FrameError};
 use matchlock_proto::vfs::{
-    encode_write, VfsAnswer, VfsAttr, VfsCall, VfsOp, VfsReply, VfsTime, MAX_IO, MAX_VFS_FRAME,
+    encode_write, VfsAnswer, VfsAttr, VfsCall, VfsDirEntryPlus, VfsOp, VfsReply, VfsTime, MAX_IO,
+    MAX_VFS_FRAME,
 };
 use matchlock_proto::GuestVfsMount;
 use nix::mount::{mount, MsFlags};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufReader, Write};
@@ -156,10 +157,16 @@ fn mount_one(m: &GuestVfsMount, fd: OwnedFd, port: Arc<Port>) -> Result<(), Stri
     )
     .map_err(|e| format!("mounting FUSE: {e}"))?;
     let seen = Arc::new(Seen::default());
+    let dirs = Arc::new(Dirs {
+        tails: Mutex::default(),
+        port: port.clone(),
+        mount: m.id,
+    });
     let remote = Remote {
         port,
         mount: m.id,
         seen: seen.clone(),
+        dirs,
     };
     let config = fuser::Config::default();
     let session = fuser::Session::from_fd(remote, fd, SessionACL::All, config)
@@ -336,6 +343,147 @@ struct Remote {
     port: Arc<Port>,
     mount: u32,
     seen: Arc<Seen>,
+    dirs: Arc<Dirs>,
+}
+
+/// Directory entries the host sent that did not fit in the kernel's buffer, per directory
+/// handle. The kernel asks for a page of entries at a time while the host answers with up to
+/// [`matchlock_proto::vfs::MAX_ENTRIES`]; keeping the rest serves the kernel's next request,
+/// which continues where the last one stopped, without another round trip.
+struct Dirs {
+    tails: Mutex<HashMap<u64, DirTail>>,
+    port: Arc<Port>,
+    mount: u32,
+}
+
+struct DirTail {
+    /// The offset the kernel's next request carries if it continues.
+    after: u64,
+    entries: VecDeque<VfsDirEntryPlus>,
+}
+
+impl Dirs {
+    fn tails(&self) -> std::sync::MutexGuard<'_, HashMap<u64, DirTail>> {
+        self.tails.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `fh`'s kept entries if the kernel continues at `offset`; kept entries it skipped are
+    /// dropped.
+    fn take(&self, fh: u64, offset: u64) -> Option<VecDeque<VfsDirEntryPlus>> {
+        let tail = self.tails().remove(&fh)?;
+        if tail.after == offset {
+            return Some(tail.entries);
+        }
+        self.unused(tail.entries.iter());
+        None
+    }
+
+    fn keep(&self, fh: u64, after: u64, entries: VecDeque<VfsDirEntryPlus>) {
+        if entries.is_empty() {
+            return;
+        }
+        let old = self.tails().insert(fh, DirTail { after, entries });
+        if let Some(old) = old {
+            self.unused(old.entries.iter());
+        }
+    }
+
+    fn discard(&self, fh: u64) {
+        let old = self.tails().remove(&fh);
+        if let Some(old) = old {
+            self.unused(old.entries.iter());
+        }
+    }
+
+    /// Entries the host described (each counted as a lookup there) that never reached the
+    /// kernel as such: the host forgets them, or its node table would only grow.
+    fn unused<'a>(&self, entries: impl Iterator<Item = &'a VfsDirEntryPlus>) {
+        let nodes: Vec<(u64, u64)> = entries.filter_map(|e| e.attr.map(|a| (a.ino, 1))).collect();
+        if !nodes.is_empty() {
+            self.port.call(self.mount, VfsOp::Forget { nodes }, None);
+        }
+    }
+}
+
+/// Hands `entries` to a plain `readdir` and keeps what does not fit.
+fn fill_dir(
+    dirs: &Dirs,
+    fh: u64,
+    offset: u64,
+    mut entries: VecDeque<VfsDirEntryPlus>,
+    mut reply: ReplyDirectory,
+) {
+    let mut after = offset;
+    let mut given = Vec::new();
+    while let Some(e) = entries.front() {
+        let name = OsStr::from_bytes(&e.entry.name);
+        if reply.add(
+            INodeNo(e.entry.ino),
+            e.entry.offset,
+            kind(e.entry.kind),
+            name,
+        ) {
+            break;
+        }
+        after = e.entry.offset;
+        given.extend(entries.pop_front());
+    }
+    dirs.unused(given.iter());
+    dirs.keep(fh, after, entries);
+    reply.ok();
+}
+
+/// Hands `entries` to a `readdirplus` and keeps what does not fit.
+fn fill_dir_plus(
+    dirs: &Dirs,
+    seen: &Seen,
+    fh: u64,
+    offset: u64,
+    mut entries: VecDeque<VfsDirEntryPlus>,
+    mut reply: ReplyDirectoryPlus,
+) {
+    let mut after = offset;
+    while let Some(e) = entries.front() {
+        let name = OsStr::from_bytes(&e.entry.name);
+        let full = match &e.attr {
+            Some(a) => reply.add(
+                INodeNo(a.ino),
+                e.entry.offset,
+                name,
+                &TTL,
+                &file_attr(a),
+                Generation(0),
+            ),
+            None => {
+                // Node id 0 tells the kernel to list the name without making a node of it;
+                // `.` and `..` keep their numbers (the kernel never makes nodes of those).
+                let dots = e.entry.name == b"." || e.entry.name == b"..";
+                let bare = VfsAttr {
+                    ino: if dots { e.entry.ino } else { 0 },
+                    mode: e.entry.kind,
+                    ..Default::default()
+                };
+                reply.add(
+                    INodeNo(bare.ino),
+                    e.entry.offset,
+                    name,
+                    &Duration::ZERO,
+                    &file_attr(&bare),
+                    Generation(0),
+                )
+            }
+        };
+        if full {
+            break;
+        }
+        after = e.entry.offset;
+        if let Some(a) = &e.attr {
+            seen.told(a);
+        }
+        entries.pop_front();
+    }
+    dirs.keep(fh, after, entries);
+    reply.ok();
 }
 
 /// What the kernel was last told about each node's size and times, so that an open can tell
@@ -493,6 +641,11 @@ impl Remote {
 impl Filesystem for Remote {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
+        // Listings carry attributes when the kernel sees they will be wanted (`ls -l`, `find`,
+        // `git status`), saving a lookup round trip per entry.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -743,18 +896,42 @@ impl Filesystem for Remote {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        if let Some(entries) = self.dirs.take(fh.0, offset) {
+            return fill_dir(&self.dirs, fh.0, offset, entries, reply);
+        }
         let op = VfsOp::Readdir { fh: fh.0, offset };
+        let dirs = self.dirs.clone();
         self.send(op, move |r| match r {
             VfsReply::Entries(entries) => {
-                for e in entries {
-                    let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.ino), e.offset, kind(e.kind), name) {
-                        break;
-                    }
-                }
-                reply.ok();
+                let plus = entries
+                    .into_iter()
+                    .map(|entry| VfsDirEntryPlus { entry, attr: None })
+                    .collect();
+                fill_dir(&dirs, fh.0, offset, plus, reply)
+            }
+            VfsReply::Err(e) => reply.error(errno(e)),
+            _ => reply.error(unexpected()),
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        if let Some(entries) = self.dirs.take(fh.0, offset) {
+            return fill_dir_plus(&self.dirs, &self.seen, fh.0, offset, entries, reply);
+        }
+        let op = VfsOp::ReaddirPlus { fh: fh.0, offset };
+        let (dirs, seen) = (self.dirs.clone(), self.seen.clone());
+        self.send(op, move |r| match r {
+            VfsReply::EntriesPlus(entries) => {
+                fill_dir_plus(&dirs, &seen, fh.0, offset, entries.into(), reply)
             }
             VfsReply::Err(e) => reply.error(errno(e)),
             _ => reply.error(unexpected()),
@@ -769,6 +946,7 @@ impl Filesystem for Remote {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.dirs.discard(fh.0);
         self.empty(VfsOp::Release { fh: fh.0 }, reply);
     }
 

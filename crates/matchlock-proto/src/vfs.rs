@@ -204,6 +204,10 @@ pub enum VfsOp {
     Readdir { fh: u64, offset: u64 },
     /// Filesystem statistics. Reply: `Statfs`.
     Statfs,
+    /// Like `Readdir`, with each entry's attributes. Every entry returned with attributes counts
+    /// one lookup reference, as a `Lookup` would (`.` and `..` come without). Reply:
+    /// `EntriesPlus`, empty at the end.
+    ReaddirPlus { fh: u64, offset: u64 },
 }
 
 /// Attributes of a node, as `stat(2)` gives them; `ino` is the node id.
@@ -235,6 +239,16 @@ pub struct VfsDirEntry {
     pub kind: u32,
     #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
+}
+
+/// One directory entry with its attributes, when the host gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfsDirEntryPlus {
+    /// The entry.
+    pub entry: VfsDirEntry,
+    /// Its attributes (`ino` is the node id); `None` for `.`, `..` and entries the host will
+    /// not describe.
+    pub attr: Option<VfsAttr>,
 }
 
 /// `statfs(2)` numbers.
@@ -269,6 +283,8 @@ pub enum VfsReply {
     Created(VfsAttr, u64),
     /// Directory entries.
     Entries(Vec<VfsDirEntry>),
+    /// Directory entries with attributes.
+    EntriesPlus(Vec<VfsDirEntryPlus>),
     /// Filesystem statistics.
     Statfs(VfsStatfs),
     /// Success without data.

@@ -3,8 +3,8 @@
 use crate::rules::{self, BlockRule};
 use crate::sys;
 use matchlock_proto::vfs::{
-    VfsAttr, VfsDirEntry, VfsOp, VfsReply, VfsStatfs, VfsTime, MAX_ENTRIES, MAX_IO, MAX_LINK,
-    ROOT_NODE,
+    VfsAttr, VfsDirEntry, VfsDirEntryPlus, VfsOp, VfsReply, VfsStatfs, VfsTime, MAX_ENTRIES,
+    MAX_IO, MAX_LINK, ROOT_NODE,
 };
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
@@ -45,7 +45,13 @@ struct Node {
 enum Handle {
     File(OwnedFd),
     /// Seeking and reading must not interleave between two requests on one handle.
-    Dir(Mutex<OwnedFd>),
+    Dir(Mutex<OwnedFd>, DirOf),
+}
+
+/// Which directory a handle reads, for `ReaddirPlus` (its entries' lookups and rules).
+struct DirOf {
+    node: u64,
+    path: PathBuf,
 }
 
 #[derive(Default)]
@@ -83,6 +89,13 @@ pub struct Owner {
     pub uid: Option<u32>,
     /// The gid every file shows.
     pub gid: Option<u32>,
+}
+
+impl Owner {
+    fn apply(&self, a: &mut VfsAttr) {
+        a.uid = self.uid.unwrap_or(a.uid);
+        a.gid = self.gid.unwrap_or(a.gid);
+    }
 }
 
 fn c_path(p: &Path) -> io::Result<CString> {
@@ -234,13 +247,17 @@ impl MountFs {
             Ok(r) => r,
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
-        if let VfsReply::Entry(a)
-        | VfsReply::Attr(a)
-        | VfsReply::Created(a, _)
-        | VfsReply::OpenedFile(_, a) = &mut reply
-        {
-            a.uid = self.owner.uid.unwrap_or(a.uid);
-            a.gid = self.owner.gid.unwrap_or(a.gid);
+        match &mut reply {
+            VfsReply::Entry(a)
+            | VfsReply::Attr(a)
+            | VfsReply::Created(a, _)
+            | VfsReply::OpenedFile(_, a) => self.owner.apply(a),
+            VfsReply::EntriesPlus(entries) => {
+                for a in entries.iter_mut().filter_map(|e| e.attr.as_mut()) {
+                    self.owner.apply(a);
+                }
+            }
+            _ => {}
         }
         if let (Some(tx), Some((op, rel))) = (&self.events, event) {
             if !matches!(reply, VfsReply::Err(_)) {
@@ -348,7 +365,8 @@ impl MountFs {
             | VfsOp::Write { fh, .. }
             | VfsOp::Release { fh }
             | VfsOp::Fsync { fh, .. }
-            | VfsOp::Readdir { fh, .. } => of_fh(fh),
+            | VfsOp::Readdir { fh, .. }
+            | VfsOp::ReaddirPlus { fh, .. } => of_fh(fh),
             VfsOp::Statfs => vec![PathBuf::new()],
             VfsOp::Forget { .. } => Vec::new(),
         }
@@ -539,7 +557,7 @@ impl MountFs {
         let h = self.get_handle(fh)?;
         match &*h {
             Handle::File(_) => Ok(h),
-            Handle::Dir(_) => Err(err(libc::EISDIR)),
+            Handle::Dir(..) => Err(err(libc::EISDIR)),
         }
     }
 
@@ -559,7 +577,7 @@ impl MountFs {
                     if let Ok(h) = self.get_handle(fh) {
                         let st = match &*h {
                             Handle::File(f) => sys::fstat(f.as_fd())?,
-                            Handle::Dir(d) => {
+                            Handle::Dir(d, _) => {
                                 sys::fstat(d.lock().unwrap_or_else(|p| p.into_inner()).as_fd())?
                             }
                         };
@@ -823,7 +841,7 @@ impl MountFs {
                 let h = self.get_handle(fh)?;
                 match &*h {
                     Handle::File(f) => sys::fsync(f.as_fd(), datasync)?,
-                    Handle::Dir(d) => sys::fsync(
+                    Handle::Dir(d, _) => sys::fsync(
                         d.lock().unwrap_or_else(|p| p.into_inner()).as_fd(),
                         datasync,
                     )?,
@@ -836,13 +854,52 @@ impl MountFs {
                     return Err(err(libc::ENOTDIR));
                 }
                 let d = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let of = DirOf {
+                    node,
+                    path: path.clone(),
+                };
                 Ok(VfsReply::Opened(
-                    self.add_handle(Handle::Dir(Mutex::new(d)), path)?,
+                    self.add_handle(Handle::Dir(Mutex::new(d), of), path)?,
                 ))
+            }
+            VfsOp::ReaddirPlus { fh, offset } => {
+                let h = self.get_handle(fh)?;
+                let Handle::Dir(d, of) = &*h else {
+                    return Err(err(libc::ENOTDIR));
+                };
+                let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
+                let mut entries = Vec::with_capacity(raw.len());
+                for (ino, off, dtype, name) in raw {
+                    let dots = name == b"." || name == b"..";
+                    let lookup = VfsOp::Lookup {
+                        parent: of.node,
+                        name: name.clone(),
+                    };
+                    // An entry a stat rule hides, or one gone since it was listed, comes bare.
+                    let attr = match CString::new(name.as_slice()) {
+                        Ok(c) if !dots && !self.blocked(&lookup) => {
+                            match self.entry(d.as_fd(), &of.path, &c) {
+                                Ok(VfsReply::Entry(a)) => Some(a),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    };
+                    let entry = VfsDirEntry {
+                        ino,
+                        offset: off as u64,
+                        kind: u32::from(dtype) << 12,
+                        name,
+                    };
+                    entries.push(VfsDirEntryPlus { entry, attr });
+                }
+                Ok(VfsReply::EntriesPlus(entries))
             }
             VfsOp::Readdir { fh, offset } => {
                 let h = self.get_handle(fh)?;
-                let Handle::Dir(d) = &*h else {
+                let Handle::Dir(d, _) = &*h else {
                     return Err(err(libc::ENOTDIR));
                 };
                 let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;

@@ -77,7 +77,9 @@ pub fn kinds(op: &VfsOp) -> Vec<&'static str> {
         VfsOp::Write { .. } => vec!["write"],
         VfsOp::Release { .. } => vec!["close"],
         VfsOp::Fsync { .. } => vec!["sync"],
-        VfsOp::Opendir { .. } | VfsOp::Readdir { .. } => vec!["readdir"],
+        VfsOp::Opendir { .. } | VfsOp::Readdir { .. } | VfsOp::ReaddirPlus { .. } => {
+            vec!["readdir"]
+        }
     }
 }
 

@@ -574,7 +574,7 @@ fn random_operations_stay_inside_the_root() {
             libc::O_WRONLY | libc::O_TRUNC,
             libc::O_RDWR | libc::O_APPEND,
         ][(r >> 48) as usize % 4];
-        let op = match r % 19 {
+        let op = match r % 20 {
             0 => Op::Lookup { parent: id, name },
             1 => Op::Forget {
                 nodes: vec![(id, r >> 60)],
@@ -641,12 +641,17 @@ fn random_operations_stay_inside_the_root() {
                 datasync: r & 1 == 0,
             },
             17 => Op::Opendir { node: id },
+            18 => Op::ReaddirPlus {
+                fh,
+                offset: r >> 40,
+            },
             _ => Op::Readdir {
                 fh,
                 offset: r >> 40,
             },
         };
         match fs.handle(op) {
+            R::EntriesPlus(es) => ids.extend(es.iter().filter_map(|e| e.attr).map(|a| a.ino)),
             R::Entry(a) | R::Attr(a) => ids.push(a.ino),
             R::Created(a, h) => {
                 ids.push(a.ino);
@@ -841,5 +846,59 @@ fn completed_operations_are_reported_with_guest_paths() {
             ("write".into(), "/workspace/sub/a.txt".into(), 5),
             ("close".into(), "/workspace/sub/a.txt".into(), 0),
         ]
+    );
+}
+
+#[test]
+fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("a"), "aaa").unwrap();
+    fs::create_dir(d.path().join("sub")).unwrap();
+    fs::write(d.path().join("hidden.env"), "x").unwrap();
+    let rule = crate::rules::BlockRule {
+        ops: vec!["stat".into()],
+        path: "/w/*.env".into(),
+    };
+    let fs = srv(d.path(), false).with_rules("/w", vec![rule]);
+    let R::Opened(dh) = fs.handle(Op::Opendir { node: ROOT_NODE }) else {
+        panic!()
+    };
+    let R::EntriesPlus(es) = fs.handle(Op::ReaddirPlus { fh: dh, offset: 0 }) else {
+        panic!()
+    };
+    let by_name: std::collections::HashMap<Vec<u8>, _> =
+        es.iter().map(|e| (e.entry.name.clone(), e.attr)).collect();
+    assert_eq!(by_name.len(), 5, "{es:?}");
+    assert!(by_name[&b".".to_vec()].is_none() && by_name[&b"..".to_vec()].is_none());
+    assert!(
+        by_name[&b"hidden.env".to_vec()].is_none(),
+        "a stat rule hides it"
+    );
+    let a = by_name[&b"a".to_vec()].unwrap();
+    assert_eq!(a.size, 3);
+    assert_eq!(
+        by_name[&b"sub".to_vec()].unwrap().mode & libc::S_IFMT,
+        libc::S_IFDIR
+    );
+    // The entry is a real node: usable at once, and gone once its one lookup is forgotten.
+    assert!(matches!(fs.handle(Op::Getattr { node: a.ino, fh: None }), R::Attr(x) if x.size == 3));
+    fs.handle(Op::Forget {
+        nodes: vec![(a.ino, 1)],
+    });
+    assert_eq!(
+        fs.handle(Op::Getattr {
+            node: a.ino,
+            fh: None
+        }),
+        R::Err(libc::ENOENT)
+    );
+    // Past the end: empty.
+    let last = es.last().unwrap().entry.offset;
+    assert_eq!(
+        fs.handle(Op::ReaddirPlus {
+            fh: dh,
+            offset: last
+        }),
+        R::EntriesPlus(Vec::new())
     );
 }
