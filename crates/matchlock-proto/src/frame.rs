@@ -90,21 +90,14 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     Ok(Some(postcard::from_bytes(&body)?))
 }
 
-/// [`read_frame`] for blocking readers (the guest's filesystem thread).
-pub fn read_frame_blocking<T: DeserializeOwned, R: std::io::Read>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<T>, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = checked_len(len, max)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok(Some(postcard::from_bytes(&body)?))
+/// Decodes a frame body read by other means.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(postcard::from_bytes(body)?)
+}
+
+/// The body length announced by a frame's 4-byte prefix, if within `max` (and [`MAX_FRAME`]).
+pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    checked_len(prefix, max)
 }
 
 fn checked_len(len: [u8; 4], max: usize) -> Result<usize, FrameError> {

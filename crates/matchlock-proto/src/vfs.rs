@@ -50,15 +50,16 @@ pub struct VfsAnswer {
     pub reply: VfsReply,
 }
 
-/// Encodes a [`VfsOp::Write`] call straight from the caller's buffer: the same frame as
-/// `frame::encode(&VfsCall { id, mount, op: VfsOp::Write { fh, offset, data } })`, without first
-/// copying `data` into a `VfsOp` (in an emulated guest, copying a megabyte takes milliseconds).
-pub fn encode_write(
+/// The frame of a [`VfsOp::Write`] call up to its data: this header followed by the `len` data
+/// bytes is exactly `frame::encode(&VfsCall { id, mount, op: VfsOp::Write { fh, offset, data } })`,
+/// so the caller can send the data straight from its own buffer (in an emulated guest, copying a
+/// megabyte takes milliseconds).
+pub fn write_header(
     id: u64,
     mount: u32,
     fh: u64,
     offset: u64,
-    data: &[u8],
+    len: usize,
 ) -> Result<Vec<u8>, crate::FrameError> {
     /// `VfsOp::Write` with borrowed data; serde's derive cannot borrow into an owned enum.
     struct WriteRef<'a> {
@@ -85,14 +86,55 @@ pub fn encode_write(
     let call = CallRef {
         id,
         mount,
-        op: WriteRef { fh, offset, data },
+        op: WriteRef {
+            fh,
+            offset,
+            data: &[],
+        },
     };
-    crate::frame::encode_with_capacity(&call, data.len() + 64)
+    // The data comes last, as a varint length and the bytes: encode it empty, then put the
+    // real length (LEB128, as postcard writes it) in place of the empty one.
+    let mut f = crate::frame::encode(&call)?;
+    f.pop();
+    let mut n = len;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            f.push(byte);
+            break;
+        }
+        f.push(byte | 0x80);
+    }
+    let body = f.len() - 4 + len;
+    if body > crate::MAX_FRAME {
+        return Err(crate::FrameError::TooLarge(body));
+    }
+    f[..4].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(f)
 }
 
 /// The position of `Write` in [`VfsOp`] (postcard encodes variants by position); a test checks
-/// [`encode_write`] against the derived encoding.
+/// [`write_header`] against the derived encoding.
 const WRITE_VARIANT: u32 = 14;
+
+/// The position of `Data` in [`VfsReply`]; a test checks [`data_answer`] against the derived
+/// encoding.
+const DATA_VARIANT: u64 = 2;
+
+/// Recognises the start of a [`VfsAnswer`] frame body carrying [`VfsReply::Data`]: given at
+/// least its first 32 bytes (or all of a shorter body), returns the answer's id, where the data
+/// starts and how long it is, so the reader can receive the data into its own buffer instead of
+/// decoding a copy. `None` for any other answer (decode those normally).
+pub fn data_answer(head: &[u8]) -> Option<(u64, usize, usize)> {
+    let (id, rest) = postcard::take_from_bytes::<u64>(head).ok()?;
+    let (variant, rest) = postcard::take_from_bytes::<u64>(rest).ok()?;
+    if variant != DATA_VARIANT {
+        return None;
+    }
+    let (len, rest) = postcard::take_from_bytes::<u64>(rest).ok()?;
+    Some((id, head.len() - rest.len(), usize::try_from(len).ok()?))
+}
 
 /// A timestamp for `setattr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,18 +358,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn borrowed_write_encodes_like_the_owned_one() {
-        let data: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
-        let owned = VfsCall {
-            id: 300,
-            mount: 2,
-            op: VfsOp::Write {
-                fh: 1 << 40,
-                offset: 5,
-                data: data.clone(),
-            },
+    fn write_header_and_data_encode_like_the_owned_call() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 70_000, 1 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let owned = VfsCall {
+                id: 300,
+                mount: 2,
+                op: VfsOp::Write {
+                    fh: 1 << 40,
+                    offset: 5,
+                    data: data.clone(),
+                },
+            };
+            let mut direct = write_header(300, 2, 1 << 40, 5, len).unwrap();
+            direct.extend_from_slice(&data);
+            assert_eq!(direct, crate::frame::encode(&owned).unwrap(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn data_answers_are_recognised_from_their_start() {
+        for len in [0usize, 5, 200, 1 << 20] {
+            let data = vec![7u8; len];
+            let a = VfsAnswer {
+                id: 1 << 33,
+                reply: VfsReply::Data(data),
+            };
+            let f = crate::frame::encode(&a).unwrap();
+            let body = &f[4..];
+            let head = &body[..body.len().min(32)];
+            let (id, start, n) = data_answer(head).unwrap();
+            assert_eq!((id, n, start + n), (1 << 33, len, body.len()));
+        }
+        let other = VfsAnswer {
+            id: 3,
+            reply: VfsReply::Written(9),
         };
-        let direct = encode_write(300, 2, 1 << 40, 5, &data).unwrap();
-        assert_eq!(direct, crate::frame::encode(&owned).unwrap());
+        let f = crate::frame::encode(&other).unwrap();
+        assert_eq!(data_answer(&f[4..]), None);
     }
 }
