@@ -763,11 +763,12 @@ async fn supervise(
             return 1;
         }
     };
-    let (agent_l, console_l) = match (
+    let (agent_l, console_l, vfs_l) = match (
         UnixListener::from_std(listeners.agent),
         UnixListener::from_std(listeners.console),
+        listeners.vfs.map(UnixListener::from_std).transpose(),
     ) {
-        (Ok(a), Ok(c)) => (a, c),
+        (Ok(a), Ok(c), Ok(v)) => (a, c, v),
         _ => {
             let _ = kill_qemu(&qemu);
             fail(&store, &config, &mut state, "socket setup failed");
@@ -790,13 +791,7 @@ async fn supervise(
     });
 
     // Workspace: QEMU connects the guest's VFS port to vfs.sock.
-    if let Some(l) = listeners.vfs {
-        let Ok(l) = UnixListener::from_std(l) else {
-            let _ = kill_qemu(&qemu);
-            fail(&store, &config, &mut state, "socket setup failed");
-            report(&mut ready, "error: socket setup failed");
-            return 1;
-        };
+    if let Some(l) = vfs_l {
         let vfs = vfs.clone();
         tokio::spawn(async move {
             if let Ok((conn, _)) = l.accept().await {

@@ -531,6 +531,36 @@ impl MountFs {
         Ok(VfsReply::Entry(attr(id, &st)))
     }
 
+    /// Up to [`MAX_ENTRIES`] entries of directory handle `fh` after `offset`, each passed to
+    /// `each` with the open directory (locked: seeking and reading must not interleave) and
+    /// which directory it is.
+    fn dir_page<T>(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut each: impl FnMut(BorrowedFd<'_>, &DirOf, VfsDirEntry) -> T,
+    ) -> io::Result<Vec<T>> {
+        let h = self.get_handle(fh)?;
+        let Handle::Dir(d, of) = &*h else {
+            return Err(err(libc::ENOTDIR));
+        };
+        let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
+        let d = d.lock().unwrap_or_else(|p| p.into_inner());
+        let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
+        Ok(raw
+            .into_iter()
+            .map(|(ino, off, dtype, name)| {
+                let entry = VfsDirEntry {
+                    ino,
+                    offset: off as u64,
+                    kind: u32::from(dtype) << 12,
+                    name,
+                };
+                each(d.as_fd(), of, entry)
+            })
+            .collect())
+    }
+
     fn add_handle(&self, h: Handle, path: PathBuf) -> io::Result<u64> {
         let mut t = self.tables();
         if t.handles.len() >= MAX_HANDLES {
@@ -863,59 +893,31 @@ impl MountFs {
                 ))
             }
             VfsOp::ReaddirPlus { fh, offset } => {
-                let h = self.get_handle(fh)?;
-                let Handle::Dir(d, of) = &*h else {
-                    return Err(err(libc::ENOTDIR));
-                };
-                let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
-                let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
-                let mut entries = Vec::with_capacity(raw.len());
-                for (ino, off, dtype, name) in raw {
-                    let dots = name == b"." || name == b"..";
+                let entries = self.dir_page(fh, offset, |dir, of, entry| {
+                    let dots = entry.name == b"." || entry.name == b"..";
                     let lookup = VfsOp::Lookup {
                         parent: of.node,
-                        name: name.clone(),
+                        name: entry.name.clone(),
                     };
                     // An entry a stat rule hides, or one gone since it was listed, comes bare.
-                    let attr = match CString::new(name.as_slice()) {
+                    let attr = match CString::new(entry.name.as_slice()) {
                         Ok(c) if !dots && !self.blocked(&lookup) => {
-                            match self.entry(d.as_fd(), &of.path, &c) {
+                            match self.entry(dir, &of.path, &c) {
                                 Ok(VfsReply::Entry(a)) => Some(a),
                                 _ => None,
                             }
                         }
                         _ => None,
                     };
-                    let entry = VfsDirEntry {
-                        ino,
-                        offset: off as u64,
-                        kind: u32::from(dtype) << 12,
-                        name,
-                    };
-                    entries.push(VfsDirEntryPlus { entry, attr });
-                }
+                    VfsDirEntryPlus { entry, attr }
+                })?;
                 Ok(VfsReply::EntriesPlus(entries))
             }
-            VfsOp::Readdir { fh, offset } => {
-                let h = self.get_handle(fh)?;
-                let Handle::Dir(d, _) = &*h else {
-                    return Err(err(libc::ENOTDIR));
-                };
-                let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
-                let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
-                let entries = raw
-                    .into_iter()
-                    .map(|(ino, off, dtype, name)| VfsDirEntry {
-                        ino,
-                        offset: off as u64,
-                        kind: u32::from(dtype) << 12,
-                        name,
-                    })
-                    .collect();
-                Ok(VfsReply::Entries(entries))
-            }
+            VfsOp::Readdir { fh, offset } => Ok(VfsReply::Entries(self.dir_page(
+                fh,
+                offset,
+                |_, _, entry| entry,
+            )?)),
             VfsOp::Statfs => {
                 let s = sys::statfs(self.root.as_fd())?;
                 Ok(VfsReply::Statfs(VfsStatfs {
