@@ -349,3 +349,58 @@ echo made > many/e100000; count"
     .unwrap();
     assert_eq!(&tail, b"tail");
 }
+
+/// SQLite in the workspace, with a rollback journal and in WAL mode (whose shared-memory index is a
+/// shared writable mapping of a workspace file): transactions commit, fsync reaches the host, and
+/// the host's own SQLite then reads a consistent database.
+#[test]
+fn sqlite_journal_and_wal_in_the_workspace() {
+    let py = python_image();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("{}:db:host_fs", dir.path().display());
+    let script = r#"
+import sqlite3
+for name, mode in (("journal.db", "DELETE"), ("wal.db", "WAL")):
+    c = sqlite3.connect("/workspace/db/" + name)
+    assert c.execute("PRAGMA journal_mode=" + mode).fetchone()[0].upper() == mode
+    c.execute("PRAGMA synchronous=FULL")
+    c.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    with c:
+        c.executemany("INSERT INTO t (v) VALUES (?)", [("row %d" % i,) for i in range(500)])
+    with c:
+        c.execute("UPDATE t SET v = 'changed' WHERE k % 2 = 0")
+    try:
+        with c:
+            c.execute("DELETE FROM t")
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if mode == "WAL":
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    print(name, c.execute("SELECT count(*), sum(v = 'changed') FROM t").fetchone())
+    c.close()
+"#;
+    let out = ok(run(&[
+        "run", "--image", py, "-v", &spec, "--", "python3", "-c", script,
+    ]));
+    assert_eq!(out, "journal.db (500, 250)\nwal.db (500, 250)\n");
+    for name in ["journal.db", "wal.db"] {
+        let check = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3; c = sqlite3.connect('file:{}?mode=ro', uri=True); \
+                 print(c.execute('PRAGMA integrity_check').fetchone()[0], \
+                 c.execute(\"SELECT count(*), sum(v = 'changed') FROM t\").fetchone())",
+                dir.path().join(name).display()
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&check.stdout),
+            "ok (500, 250)\n",
+            "{name}: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
