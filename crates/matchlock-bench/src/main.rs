@@ -5,7 +5,7 @@
 //! matchlock-bench --pull [--runs N] [--layer-dir DIR]...
 //! matchlock-bench --net MB [--runs N] [--net-image NAME]
 //! matchlock-bench --net-tls MB [--runs N] [--net-image NAME]
-//! matchlock-bench --vfs MB [--runs N] [--net-image NAME]
+//! matchlock-bench --vfs MB [--runs N] [--net-image NAME] [--vfs-virtiofs]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -24,7 +24,8 @@
 //! 6. `--net-tls MB`: HTTPS download and request latency through the interception proxy (MITM,
 //!    policy, secrets) against the same transfer in open mode with TLS end to end.
 //! 7. `--vfs MB`: workspace (`host_fs`) throughput and small-file rates against the guest's own
-//!    ext4 and QEMU's virtio-9p on the same host file system; see `vfs.rs`.
+//!    ext4 and QEMU's virtio-9p on the same host file system; `--vfs-virtiofs` adds virtio-fs
+//!    served by QEMU's `virtiofsd`, the transport a next step could take; see `vfs.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
@@ -53,6 +54,7 @@ struct Args {
     net_mb: u64,
     net_tls_mb: u64,
     vfs_mb: u64,
+    vfs_virtiofs: bool,
     net_image: String,
 }
 
@@ -73,6 +75,7 @@ fn parse_args() -> Result<Args> {
         net_mb: 0,
         net_tls_mb: 0,
         vfs_mb: 0,
+        vfs_virtiofs: false,
         net_image: "mltest/python:1".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -91,6 +94,7 @@ fn parse_args() -> Result<Args> {
             "--net" => a.net_mb = val()?.parse()?,
             "--net-tls" => a.net_tls_mb = val()?.parse()?,
             "--vfs" => a.vfs_mb = val()?.parse()?,
+            "--vfs-virtiofs" => a.vfs_virtiofs = true,
             "--net-image" => a.net_image = val()?,
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
@@ -179,7 +183,13 @@ fn main() -> Result<()> {
         return net::bench(&args.matchlock, &args.net_image, args.net_mb, args.runs);
     }
     if args.vfs_mb > 0 {
-        return vfs::bench(&args.matchlock, &args.net_image, args.vfs_mb, args.runs);
+        return vfs::bench(
+            &args.matchlock,
+            &args.net_image,
+            args.vfs_mb,
+            args.runs,
+            args.vfs_virtiofs,
+        );
     }
     if args.net_tls_mb > 0 {
         return net::bench_tls(&args.matchlock, &args.net_image, args.net_tls_mb, args.runs);

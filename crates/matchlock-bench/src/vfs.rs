@@ -1,7 +1,8 @@
 //! `--vfs MB`: workspace file system throughput. Sequential write and read of `MB` MiB and
 //! small-file create/stat/unlink rates, measured in the guest: on a matchlock `host_fs` workspace,
 //! on the guest's own ext4 disk (same VM, same run), and on QEMU's virtio-9p sharing a host
-//! directory of the same file system (a VM booted directly, as matchlock never uses 9p).
+//! directory of the same file system (a VM booted directly, as matchlock never uses 9p); with
+//! `--vfs-virtiofs`, also on virtio-fs served by QEMU's `virtiofsd`.
 
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
@@ -64,7 +65,9 @@ fn parse(out: &str, dir: &str) -> Result<[f64; 5]> {
 }
 
 /// Runs `runs` rounds of all three and prints medians with ratios.
-pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
+/// With `virtiofs`, also on virtio-fs served by QEMU's C `virtiofsd` (what a vhost-user-fs
+/// transport could reach; our kernel has `CONFIG_VIRTIO_FS` for this comparison).
+pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool) -> Result<()> {
     let store = matchlock_image::ImageStore::open_default()?;
     let info = store
         .resolve(image)
@@ -72,6 +75,7 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
     let files = 300;
     let code = script(mb, files);
     let (mut vfs, mut ext4, mut ninep) = (Vec::new(), Vec::new(), Vec::new());
+    let mut vfsd = Vec::new();
     for _ in 0..runs {
         let host = tempfile::Builder::new()
             .prefix("mlbvfs")
@@ -144,6 +148,10 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
             true,
         )?;
         ninep.push(parse(&out, "/mnt/9p/t")?);
+        drop(vm);
+        if virtiofs {
+            vfsd.push(virtiofs_run(&info.rootfs, &code)?);
+        }
     }
     let median = |v: &Vec<[f64; 5]>, i: usize| {
         let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
@@ -151,8 +159,9 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
         x[x.len() / 2]
     };
     println!("\n## workspace file system ({mb} MiB sequential, {files} small files; {runs} runs, medians)");
+    let extra = if virtiofs { "   virtio-fs" } else { "" };
     println!(
-        "{:<28} {:>12} {:>12} {:>12} {:>12}",
+        "{:<28} {:>12} {:>12} {:>12} {:>12}{extra}",
         "", "matchlock", "virtio-9p", "guest ext4", "vs 9p"
     );
     for (i, name) in [
@@ -166,7 +175,87 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize) -> Result<()> {
     .enumerate()
     {
         let (a, b, c) = (median(&vfs, i), median(&ninep, i), median(&ext4, i));
-        println!("{name:<28} {a:>12.1} {b:>12.1} {c:>12.1} {:>11.2}x", a / b);
+        let d = if virtiofs {
+            format!(" {:>11.1}", median(&vfsd, i))
+        } else {
+            String::new()
+        };
+        println!(
+            "{name:<28} {a:>12.1} {b:>12.1} {c:>12.1} {:>11.2}x{d}",
+            a / b
+        );
     }
     Ok(())
+}
+
+/// The script on virtio-fs served by QEMU's C `virtiofsd` (`cache=auto`) from a fresh host
+/// directory, in a VM booted directly with shared memory, as vhost-user requires.
+fn virtiofs_run(rootfs: &std::path::Path, code: &str) -> Result<[f64; 5]> {
+    let host = tempfile::Builder::new()
+        .prefix("mlbvfsd")
+        .tempdir_in("/tmp")?;
+    let data = host.path().join("data");
+    std::fs::create_dir(&data)?;
+    let sock = host.path().join("vfsd.sock");
+    let daemon_log = host.path().join("virtiofsd.log");
+    let mut daemon = Command::new("/usr/lib/qemu/virtiofsd")
+        .arg(format!("--socket-path={}", sock.display()))
+        .args([
+            "-o",
+            &format!("source={}", data.display()),
+            "-o",
+            "cache=auto",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&daemon_log)?)
+        .spawn()
+        .context("starting /usr/lib/qemu/virtiofsd (Debian's qemu-system-x86 ships it)")?;
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let extra = [
+        // vhost-user needs modern virtio-mmio (microvm defaults to legacy) and shared guest RAM.
+        "-global".to_string(),
+        "virtio-mmio.force-legacy=false".to_string(),
+        "-object".to_string(),
+        "memory-backend-memfd,id=mem,size=512M,share=on".to_string(),
+        "-machine".to_string(),
+        "memory-backend=mem".to_string(),
+        "-chardev".to_string(),
+        format!("socket,id=vfsd,path={}", sock.display()),
+        "-device".to_string(),
+        "vhost-user-fs-device,chardev=vfsd,tag=bench".to_string(),
+    ];
+    let result = (|| {
+        let vm = crate::rawvm::RawVm::boot(rootfs, &extra, None)?;
+        vm.exec(
+            ["mkdir", "-p", "/mnt/vfsd"].map(String::from).to_vec(),
+            true,
+        )?;
+        vm.exec(
+            ["mount", "-t", "virtiofs", "bench", "/mnt/vfsd"]
+                .map(String::from)
+                .to_vec(),
+            true,
+        )?;
+        let out = vm.exec(
+            vec![
+                "python3".into(),
+                "-c".into(),
+                code.to_string(),
+                "/mnt/vfsd/t".into(),
+            ],
+            true,
+        )?;
+        parse(&out, "/mnt/vfsd/t")
+    })();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    result.with_context(|| {
+        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        format!("virtio-fs baseline failed; virtiofsd said:\n{log}")
+    })
 }
