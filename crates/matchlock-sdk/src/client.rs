@@ -126,6 +126,30 @@ struct Conn {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     closed: AtomicBool,
+    /// Where `event` notifications for workspace operations go ([`Client::file_events`]).
+    file_events: Mutex<Option<mpsc::UnboundedSender<FileEvent>>>,
+}
+
+/// A guest operation on a workspace mount that completed, from a sandbox created with
+/// [`crate::Sandbox::with_vfs_events`] ([`Client::file_events`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FileEvent {
+    /// The kind of operation (`write`, `create`, `remove`, `stat`, ...).
+    pub op: String,
+    /// Full guest path.
+    pub path: String,
+    /// Bytes read or written; otherwise the file's size when known.
+    #[serde(default)]
+    pub size: u64,
+    /// `st_mode`, when known.
+    #[serde(default)]
+    pub mode: u32,
+    /// Owner uid, when known.
+    #[serde(default)]
+    pub uid: u32,
+    /// Owner gid, when known.
+    #[serde(default)]
+    pub gid: u32,
 }
 
 impl Conn {
@@ -173,6 +197,15 @@ impl Conn {
         else {
             return;
         };
+        if method == "event" {
+            let file = params
+                .get("file")
+                .and_then(|f| serde_json::from_value::<FileEvent>(f.clone()).ok());
+            if let (Some(e), Some(tx)) = (file, self.file_events.lock().unwrap().as_ref()) {
+                let _ = tx.send(e);
+            }
+            return;
+        }
         let Some(id) = params.get("id").and_then(Value::as_u64) else {
             return;
         };
@@ -212,6 +245,16 @@ impl Client {
         Client::start_with(Config::default()).await
     }
 
+    /// Workspace operations the guest completes from now on, for a sandbox created with
+    /// [`crate::Sandbox::with_vfs_events`] (after-the-fact hooks: react to a write, index a new
+    /// file). A later call replaces the earlier receiver. Events arrive in order; the server drops
+    /// the oldest if this side falls far behind.
+    pub fn file_events(&self) -> mpsc::UnboundedReceiver<FileEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.conn.file_events.lock().unwrap() = Some(tx);
+        rx
+    }
+
     /// Starts `matchlock rpc` as `config` says.
     pub async fn start_with(config: Config) -> Result<Client, Error> {
         let mut child = tokio::process::Command::new(&config.binary)
@@ -232,6 +275,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            file_events: Mutex::new(None),
         });
         let reader = conn.clone();
         tokio::spawn(async move {

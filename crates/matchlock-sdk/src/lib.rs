@@ -25,7 +25,8 @@ mod error;
 mod sandbox;
 
 pub use client::{
-    Client, Config, ExecOptions, ExecResult, ExitInfo, FileInfo, PortForwardBinding, VolumeInfo,
+    Client, Config, ExecOptions, ExecResult, ExitInfo, FileEvent, FileInfo, PortForwardBinding,
+    VolumeInfo,
 };
 pub use error::{code, Error};
 pub use sandbox::Sandbox;

@@ -32,6 +32,8 @@ pub struct Sandbox {
     workspace: Option<String>,
     /// `(guest path, JSON mount config)`.
     mounts: Vec<(String, Value)>,
+    /// Ask for workspace events (`vfs.interception.emit_events`).
+    vfs_events: bool,
     allowed_hosts: Vec<String>,
     add_hosts: Vec<(String, String)>,
     block_private_ips: Option<bool>,
@@ -63,6 +65,7 @@ impl Sandbox {
             cmd: Vec::new(),
             workspace: None,
             mounts: Vec::new(),
+            vfs_events: false,
             allowed_hosts: Vec::new(),
             add_hosts: Vec::new(),
             block_private_ips: None,
@@ -215,6 +218,12 @@ impl Sandbox {
             guest_path.into(),
             json!({"type": "overlay", "host_path": host}),
         ));
+        self
+    }
+
+    /// Reports every completed workspace operation to [`crate::Client::file_events`].
+    pub fn with_vfs_events(mut self) -> Self {
+        self.vfs_events = true;
         self
     }
 
@@ -401,6 +410,9 @@ impl Sandbox {
                 let mounts: Map<String, Value> = self.mounts.iter().cloned().collect();
                 v.insert("mounts".into(), Value::Object(mounts));
             }
+            if self.vfs_events {
+                v.insert("interception".into(), json!({"emit_events": true}));
+            }
             p.insert("vfs".into(), Value::Object(v));
         }
         if !self.env.is_empty() {
@@ -489,5 +501,11 @@ mod tests {
         );
         let p = Sandbox::new("a").with_workspace("/w").to_params(false);
         assert_eq!(p["vfs"], json!({"workspace": "/w"}));
+        let p = Sandbox::new("a")
+            .with_workspace("/w")
+            .mount_memory("/w")
+            .with_vfs_events()
+            .to_params(false);
+        assert_eq!(p["vfs"]["interception"], json!({"emit_events": true}));
     }
 }

@@ -180,26 +180,42 @@ async fn dropping_the_client_stops_the_sandbox_and_volumes_work() {
         .unwrap()
         .iter()
         .any(|x| x.name == vol));
-    // A workspace mount rides along: the guest's write lands in the host directory.
+    // A workspace mount rides along: the guest's write lands in the host directory, shown as
+    // owned by the chosen ids, and is reported as an event.
     let host_dir = tempfile::tempdir().unwrap();
+    let mut events = client.file_events();
     let id = client
         .create(
             &Sandbox::new(IMAGE)
                 .with_disk(format!("@{vol}"), "/vol", false)
                 .with_workspace("/workspace")
-                .mount_host_dir("/workspace", host_dir.path().to_str().unwrap()),
+                .mount_host_dir_owned("/workspace", host_dir.path().to_str().unwrap(), 1000, 1000)
+                .with_vfs_events(),
         )
         .await
         .unwrap();
     client.exec("echo on-volume > /vol/f").await.unwrap();
-    client
-        .exec("echo via-sdk > /workspace/w.txt")
+    let r = client
+        .exec("echo via-sdk > /workspace/w.txt; stat -c %u:%g /workspace/w.txt")
         .await
         .unwrap();
+    assert_eq!(r.stdout, b"1000:1000\n");
     assert_eq!(
         std::fs::read_to_string(host_dir.path().join("w.txt")).unwrap(),
         "via-sdk\n"
     );
+    let write = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(e) = events.recv().await {
+            if e.op == "write" {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await
+    .expect("no write event within 20 s")
+    .expect("the event stream ended");
+    assert_eq!((write.path.as_str(), write.size), ("/workspace/w.txt", 8));
     drop(client);
     let bin = std::env::var_os("MATCHLOCK_BIN").unwrap();
     let mut stopped = false;
