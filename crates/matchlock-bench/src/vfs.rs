@@ -122,33 +122,13 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool)
             "-device".to_string(),
             "virtio-9p-device,fsdev=fs0,mount_tag=bench".to_string(),
         ];
-        let vm = crate::rawvm::RawVm::boot(&info.rootfs, &extra, None)?;
-        vm.exec(["mkdir", "-p", "/mnt/9p"].map(String::from).to_vec(), true)?;
-        vm.exec(
-            [
-                "mount",
-                "-t",
-                "9p",
-                "-o",
-                "trans=virtio,version=9p2000.L,msize=262144",
-                "bench",
-                "/mnt/9p",
-            ]
-            .map(String::from)
-            .to_vec(),
-            true,
-        )?;
-        let out = vm.exec(
-            vec![
-                "python3".into(),
-                "-c".into(),
-                code.clone(),
-                "/mnt/9p/t".into(),
-            ],
-            true,
-        )?;
-        ninep.push(parse(&out, "/mnt/9p/t")?);
-        drop(vm);
+        let nine = [
+            "-t",
+            "9p",
+            "-o",
+            "trans=virtio,version=9p2000.L,msize=262144",
+        ];
+        ninep.push(mounted_run(&info.rootfs, &extra, &nine, "/mnt/9p", &code)?);
         if virtiofs {
             vfsd.push(virtiofs_run(&info.rootfs, &code)?);
         }
@@ -229,33 +209,34 @@ fn virtiofs_run(rootfs: &std::path::Path, code: &str) -> Result<[f64; 5]> {
         "-device".to_string(),
         "vhost-user-fs-device,chardev=vfsd,tag=bench".to_string(),
     ];
-    let result = (|| {
-        let vm = crate::rawvm::RawVm::boot(rootfs, &extra, None)?;
-        vm.exec(
-            ["mkdir", "-p", "/mnt/vfsd"].map(String::from).to_vec(),
-            true,
-        )?;
-        vm.exec(
-            ["mount", "-t", "virtiofs", "bench", "/mnt/vfsd"]
-                .map(String::from)
-                .to_vec(),
-            true,
-        )?;
-        let out = vm.exec(
-            vec![
-                "python3".into(),
-                "-c".into(),
-                code.to_string(),
-                "/mnt/vfsd/t".into(),
-            ],
-            true,
-        )?;
-        parse(&out, "/mnt/vfsd/t")
-    })();
+    let result = mounted_run(rootfs, &extra, &["-t", "virtiofs"], "/mnt/vfsd", code);
     let _ = daemon.kill();
     let _ = daemon.wait();
     result.with_context(|| {
         let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
         format!("virtio-fs baseline failed; virtiofsd said:\n{log}")
     })
+}
+
+/// Boots a VM directly with `extra` QEMU arguments, mounts the device tagged `bench` at `at` with
+/// `mount_args`, and runs the benchmark script there.
+fn mounted_run(
+    rootfs: &std::path::Path,
+    extra: &[String],
+    mount_args: &[&str],
+    at: &str,
+    code: &str,
+) -> Result<[f64; 5]> {
+    let vm = crate::rawvm::RawVm::boot(rootfs, extra, None)?;
+    vm.exec(vec!["mkdir".into(), "-p".into(), at.into()], true)?;
+    let mut mount: Vec<String> = vec!["mount".into()];
+    mount.extend(mount_args.iter().map(|a| a.to_string()));
+    mount.extend(["bench".into(), at.into()]);
+    vm.exec(mount, true)?;
+    let dir = format!("{at}/t");
+    let out = vm.exec(
+        vec!["python3".into(), "-c".into(), code.to_string(), dir.clone()],
+        true,
+    )?;
+    parse(&out, &dir)
 }
