@@ -41,6 +41,17 @@ print("left", left, "p50_ms", lat[len(lat) // 2] * 1000)
     )
 }
 
+/// Writes `bytes` bytes of `chunk`, repeated, in writes of up to a whole chunk.
+fn send(w: &mut impl Write, chunk: &[u8], bytes: u64) -> std::io::Result<()> {
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        w.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// A loopback server: "D" gets `bytes` bytes (download time measured here, from the request to
 /// the client's close), "P" gets one byte (a connect probe).
 fn server(bytes: u64) -> Result<(u16, Arc<AtomicU64>)> {
@@ -64,13 +75,8 @@ fn server(bytes: u64) -> Result<(u16, Arc<AtomicU64>)> {
                     return;
                 }
                 let start = Instant::now();
-                let mut left = bytes;
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    if c.write_all(&chunk[..n]).is_err() {
-                        return;
-                    }
-                    left -= n as u64;
+                if send(&mut c, &chunk, bytes).is_err() {
+                    return;
                 }
                 // Done when the guest has read everything and closed.
                 let mut sink = [0u8; 16];
@@ -244,13 +250,8 @@ fn tls_server(bytes: u64) -> Result<(u16, String)> {
                     "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
                 );
                 if big {
-                    let mut left = bytes;
-                    while left > 0 {
-                        let n = left.min(chunk.len() as u64) as usize;
-                        if s.write_all(&chunk[..n]).is_err() {
-                            return;
-                        }
-                        left -= n as u64;
+                    if send(&mut s, &chunk, bytes).is_err() {
+                        return;
                     }
                 } else {
                     let _ = s.write_all(b"ok");

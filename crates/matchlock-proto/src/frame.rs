@@ -28,24 +28,12 @@ pub enum FrameError {
 
 /// Encodes one frame: the length, then `value` in postcard.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
-    encode_with_capacity(value, 256)
-}
-
-/// [`encode`] into a buffer sized for `capacity` bytes up front, so a large payload is copied
-/// once rather than again at every growth of the buffer.
-pub fn encode_with_capacity<T: Serialize>(
-    value: &T,
-    capacity: usize,
-) -> Result<Vec<u8>, FrameError> {
     // Reserve the length first so the body is encoded in place, not copied after.
-    let mut buf = Vec::with_capacity(4 + capacity);
-    buf.extend_from_slice(&[0u8; 4]);
-    let buf = postcard::to_extend(value, buf)?;
+    let mut buf = postcard::to_extend(value, vec![0u8; 4])?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut buf = buf;
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(buf)
 }
@@ -84,7 +72,7 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = checked_len(len, max)?;
+    let len = body_len(len, max)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Some(postcard::from_bytes(&body)?))
@@ -97,11 +85,7 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 
 /// The body length announced by a frame's 4-byte prefix, if within `max` (and [`MAX_FRAME`]).
 pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
-    checked_len(prefix, max)
-}
-
-fn checked_len(len: [u8; 4], max: usize) -> Result<usize, FrameError> {
-    let len = u32::from_be_bytes(len) as usize;
+    let len = u32::from_be_bytes(prefix) as usize;
     if len > max.min(MAX_FRAME) {
         return Err(FrameError::TooLarge(len));
     }

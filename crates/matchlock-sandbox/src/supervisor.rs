@@ -289,9 +289,10 @@ fn prepare_and_spawn(
     };
     // Workspace mounts other than `memory` are served over a port of their own.
     let vfs_sock = dir.join("vfs.sock");
-    let vfs_l = match config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
-        true => Some(listen(&vfs_sock)?),
-        false => None,
+    let vfs_l = if config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
+        Some(listen(&vfs_sock)?)
+    } else {
+        None
     };
 
     let mut disks = vec![

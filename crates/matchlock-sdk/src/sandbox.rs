@@ -162,75 +162,66 @@ impl Sandbox {
     /// Mounts a host directory (or file) at `guest_path`, live and read-write: the guest's
     /// changes land on the host. `guest_path` must be the workspace or under it.
     pub fn mount_host_dir(
-        mut self,
+        self,
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
         let host: String = host_path.into();
-        self.mounts.push((
-            guest_path.into(),
-            json!({"type": "host_fs", "host_path": host}),
-        ));
-        self
+        self.mount(guest_path, json!({"type": "host_fs", "host_path": host}))
     }
 
     /// Like [`Sandbox::mount_host_dir`], with every file shown as owned by `uid`:`gid` in the
     /// guest (so a non-root guest user can work on files the host user owns). The host's
     /// ownership is unchanged; a guest `chown` to other ids is refused.
     pub fn mount_host_dir_owned(
-        mut self,
+        self,
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
         uid: u32,
         gid: u32,
     ) -> Self {
         let host: String = host_path.into();
-        self.mounts.push((
-            guest_path.into(),
-            json!({"type": "host_fs", "host_path": host, "owner_uid": uid, "owner_gid": gid}),
-        ));
-        self
+        let spec =
+            json!({"type": "host_fs", "host_path": host, "owner_uid": uid, "owner_gid": gid});
+        self.mount(guest_path, spec)
     }
 
     /// Mounts a host directory (or file) read-only.
     pub fn mount_host_dir_readonly(
-        mut self,
+        self,
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
         let host: String = host_path.into();
-        self.mounts.push((
-            guest_path.into(),
-            json!({"type": "host_fs", "host_path": host, "readonly": true}),
-        ));
-        self
+        let spec = json!({"type": "host_fs", "host_path": host, "readonly": true});
+        self.mount(guest_path, spec)
     }
 
     /// Mounts a copy-on-write view of a host directory (or file): the guest may write, but its
     /// changes stay in the sandbox.
     pub fn mount_overlay(
-        mut self,
+        self,
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
         let host: String = host_path.into();
-        self.mounts.push((
-            guest_path.into(),
-            json!({"type": "overlay", "host_path": host}),
-        ));
+        self.mount(guest_path, json!({"type": "overlay", "host_path": host}))
+    }
+
+    /// Mounts an empty in-memory directory.
+    pub fn mount_memory(self, guest_path: impl Into<String>) -> Self {
+        self.mount(guest_path, json!({"type": "memory"}))
+    }
+
+    /// Adds one `vfs.mounts` entry.
+    fn mount(mut self, guest_path: impl Into<String>, spec: Value) -> Self {
+        self.mounts.push((guest_path.into(), spec));
         self
     }
 
     /// Reports every completed workspace operation to [`crate::Client::file_events`].
     pub fn with_vfs_events(mut self) -> Self {
         self.vfs_events = true;
-        self
-    }
-
-    /// Mounts an empty in-memory directory.
-    pub fn mount_memory(mut self, guest_path: impl Into<String>) -> Self {
-        self.mounts
-            .push((guest_path.into(), json!({"type": "memory"})));
         self
     }
 

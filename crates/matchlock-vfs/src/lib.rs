@@ -127,11 +127,6 @@ impl VfsServer {
         self.events.subscribe()
     }
 
-    /// Whether there is nothing to serve.
-    pub fn is_empty(&self) -> bool {
-        self.mounts.is_empty()
-    }
-
     /// Serves the guest's VFS port until the guest closes it or breaks the protocol: reads
     /// [`VfsCall`]s, runs up to [`MAX_CONCURRENT_OPS`] of them at once, and writes each
     /// [`VfsAnswer`] as soon as it is ready. While every slot is busy the port is not read, so a

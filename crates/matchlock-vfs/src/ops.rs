@@ -225,7 +225,20 @@ impl MountFs {
 
     /// Answers one request; never panics on guest input.
     pub fn handle(&self, op: VfsOp) -> VfsReply {
-        if self.blocked(&op) {
+        // What the operation is and which guest paths it names, for rules and events, worked
+        // out once and before it runs: a release or rename changes what names lead where.
+        let (kinds, paths) = if self.rules.is_empty() && self.events.is_none() {
+            (Vec::new(), Vec::new())
+        } else {
+            let kinds = rules::kinds(&op);
+            let paths = if kinds.is_empty() {
+                Vec::new()
+            } else {
+                self.guest_paths(&op)
+            };
+            (kinds, paths)
+        };
+        if self.blocks(&kinds, &paths) {
             if let VfsOp::Release { fh } = op {
                 // The kernel ignores release errors; the handle must not leak.
                 self.drop_handle(fh);
@@ -235,13 +248,6 @@ impl MountFs {
         let op = match self.owned(op) {
             Ok(op) => op,
             Err(e) => return VfsReply::Err(e),
-        };
-        // Named before the operation runs: a release or rename changes what names lead where.
-        let event = match &self.events {
-            Some(_) => rules::kinds(&op)
-                .first()
-                .map(|k| (*k, self.op_paths(&op).into_iter().next())),
-            None => None,
         };
         let mut reply = match self.dispatch(op) {
             Ok(r) => r,
@@ -259,9 +265,10 @@ impl MountFs {
             }
             _ => {}
         }
-        if let (Some(tx), Some((op, rel))) = (&self.events, event) {
+        if let (Some(tx), Some(kind)) = (&self.events, kinds.first()) {
             if !matches!(reply, VfsReply::Err(_)) {
-                let _ = tx.send(self.event(op, rel, &reply));
+                let path = paths.into_iter().next();
+                let _ = tx.send(self.event(kind, path, &reply));
             }
         }
         reply
@@ -282,13 +289,8 @@ impl MountFs {
     }
 
     /// The event for a completed operation of kind `op` on `rel`.
-    fn event(&self, op: &'static str, rel: Option<PathBuf>, reply: &VfsReply) -> crate::FileEvent {
-        let path = match rel {
-            Some(rel) if !rel.as_os_str().is_empty() => {
-                format!("{}/{}", self.guest_path, rel.to_string_lossy())
-            }
-            _ => self.guest_path.clone(),
-        };
+    fn event(&self, op: &str, path: Option<String>, reply: &VfsReply) -> crate::FileEvent {
+        let path = path.unwrap_or_else(|| self.guest_path.clone());
         let (size, mode, uid, gid) = match reply {
             VfsReply::Entry(a)
             | VfsReply::Attr(a)
@@ -372,24 +374,34 @@ impl MountFs {
         }
     }
 
+    /// The full guest paths an operation touches.
+    fn guest_paths(&self, op: &VfsOp) -> Vec<String> {
+        self.op_paths(op)
+            .iter()
+            .map(|rel| {
+                if rel.as_os_str().is_empty() {
+                    self.guest_path.clone()
+                } else {
+                    format!("{}/{}", self.guest_path, rel.to_string_lossy())
+                }
+            })
+            .collect()
+    }
+
+    /// Whether a rule refuses an operation of `kinds` on any of `paths`.
+    fn blocks(&self, kinds: &[&str], paths: &[String]) -> bool {
+        paths.iter().any(|p| {
+            self.rules
+                .iter()
+                .any(|r| kinds.iter().any(|k| r.blocks(k, p)))
+        })
+    }
+
     fn blocked(&self, op: &VfsOp) -> bool {
         if self.rules.is_empty() {
             return false;
         }
-        let kinds = rules::kinds(op);
-        if kinds.is_empty() {
-            return false;
-        }
-        self.op_paths(op).iter().any(|rel| {
-            let full = if rel.as_os_str().is_empty() {
-                self.guest_path.clone()
-            } else {
-                format!("{}/{}", self.guest_path, rel.to_string_lossy())
-            };
-            self.rules
-                .iter()
-                .any(|r| kinds.iter().any(|k| r.blocks(k, &full)))
-        })
+        self.blocks(&rules::kinds(op), &self.guest_paths(op))
     }
 
     fn writable(&self) -> io::Result<()> {
