@@ -66,7 +66,7 @@ impl RawVm {
                 },
             ],
             agent_socket: agent_sock,
-            vfs_socket: None,
+            fs_devices: Vec::new(),
             console_socket: console_sock,
             extra_cmdline: Vec::new(),
             net: None,

@@ -120,17 +120,8 @@ async fn run_setup(agent: &Arc<Agent>, setup: Setup) -> Msg {
         return Msg::Ok;
     }
     let result = tokio::task::spawn_blocking(move || {
-        // The FUSE devices and the VFS port are opened from the initramfs's /dev, before the
-        // switch.
-        let served = setup.vfs.iter().filter(|m| !m.memory).count();
-        let fuse = vfs::open_devices(served)?;
-        let port = if served > 0 {
-            Some(vfs::Port::open()?)
-        } else {
-            None
-        };
         let cgroup = init::setup(&setup)?;
-        vfs::mount_all(&setup.vfs, fuse, port)?;
+        vfs::mount_all(&setup.vfs)?;
         Ok::<_, String>(cgroup)
     })
     .await;

@@ -4,7 +4,6 @@
 //! [`MAX_FRAME`], so a misbehaving peer cannot make the other side allocate without limit.
 
 use crate::Msg;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -57,39 +56,19 @@ pub async fn read_msg_max<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<Msg>, FrameError> {
-    read_frame(r, max).await
-}
-
-/// Reads one frame of any message type, at most `max` (and [`MAX_FRAME`]) bytes long; `Ok(None)`
-/// on a clean end of stream before a frame starts.
-pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<T>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let len = body_len(len, max)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(Some(postcard::from_bytes(&body)?))
-}
-
-/// Decodes a frame body read by other means.
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    Ok(postcard::from_bytes(body)?)
-}
-
-/// The body length announced by a frame's 4-byte prefix, if within `max` (and [`MAX_FRAME`]).
-pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
-    let len = u32::from_be_bytes(prefix) as usize;
+    let len = u32::from_be_bytes(len) as usize;
     if len > max.min(MAX_FRAME) {
         return Err(FrameError::TooLarge(len));
     }
-    Ok(len)
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(postcard::from_bytes(&body)?))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //!
 //! The first message on a stream is a request (`Setup`, `Exec`, `WriteFile`, `ReadFile`, `ListFiles`,
 //! `Shutdown`, `Connect`); what follows depends on it and is documented on each variant of [`Msg`].
-//! Workspace filesystem requests ([`vfs`]) travel on a second port of their own.
+//! Workspace filesystems ([`vfs`]) are virtio-fs devices of their own, outside this channel.
 
 pub mod frame;
 pub mod msg;
@@ -23,10 +23,10 @@ pub use msg::*;
 pub use vfs::GuestVfsMount;
 
 /// Protocol version. Bumped whenever a message changes shape; the guest announces it in [`HELLO`].
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// What the guest agent writes, raw, on the channel before the multiplexer starts.
-pub const HELLO: &[u8; 8] = b"MLKAGT04";
+pub const HELLO: &[u8; 8] = b"MLKAGT05";
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "matchlock.agent";

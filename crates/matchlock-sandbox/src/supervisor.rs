@@ -241,6 +241,7 @@ struct Listeners {
     agent: std::os::unix::net::UnixListener,
     console: std::os::unix::net::UnixListener,
     net: Option<std::os::unix::net::UnixListener>,
+    /// The workspace's virtio-fs device (`vfs.sock`), when a mount is served from the host.
     vfs: Option<std::os::unix::net::UnixListener>,
 }
 
@@ -287,13 +288,22 @@ fn prepare_and_spawn(
         Some(_) => Some(listen(&net_sock)?),
         None => None,
     };
-    // Workspace mounts other than `memory` are served over a port of their own.
-    let vfs_sock = dir.join("vfs.sock");
-    let vfs_l = if config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
-        Some(listen(&vfs_sock)?)
-    } else {
-        None
-    };
+    // Workspace mounts other than `memory` share one virtio-fs device.
+    let mut fs_devices = Vec::new();
+    let mut vfs_l = None;
+    if config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
+        let sock = dir.join("vfs.sock");
+        let l = listen(&sock)?;
+        // The vhost-user backend accepts with a blocking call on a thread of its own.
+        l.set_nonblocking(false)
+            .map_err(SandboxError::io("socket setup"))?;
+        vfs_l = Some(l);
+        fs_devices.push(matchlock_vmm::qemu::FsDevice {
+            socket: sock,
+            tag: matchlock_proto::vfs::TAG.into(),
+            queue_size: matchlock_vfs::virtiofs::QUEUE_SIZE as u16,
+        });
+    }
 
     let mut disks = vec![
         matchlock_vmm::qemu::Disk {
@@ -330,7 +340,7 @@ fn prepare_and_spawn(
         memory_mb: config.memory_mb,
         disks,
         agent_socket: agent_sock,
-        vfs_socket: vfs_l.as_ref().map(|_| vfs_sock.clone()),
+        fs_devices,
         console_socket: console_sock,
         extra_cmdline: Vec::new(),
         net: net_l.as_ref().map(|_| matchlock_vmm::qemu::NetDev {
@@ -764,12 +774,21 @@ async fn supervise(
             return 1;
         }
     };
-    let (agent_l, console_l, vfs_l) = match (
+    // Workspace: QEMU's virtio-fs device connects to vfs.sock (QEMU waits for the handshake).
+    if let Some(l) = listeners.vfs {
+        if let Err(e) = vfs.serve_virtiofs(l) {
+            let _ = kill_qemu(&qemu);
+            let e = format!("starting the workspace device: {e}");
+            fail(&store, &config, &mut state, &e);
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    }
+    let (agent_l, console_l) = match (
         UnixListener::from_std(listeners.agent),
         UnixListener::from_std(listeners.console),
-        listeners.vfs.map(UnixListener::from_std).transpose(),
     ) {
-        (Ok(a), Ok(c), Ok(v)) => (a, c, v),
+        (Ok(a), Ok(c)) => (a, c),
         _ => {
             let _ = kill_qemu(&qemu);
             fail(&store, &config, &mut state, "socket setup failed");
@@ -790,17 +809,6 @@ async fn supervise(
             }
         }
     });
-
-    // Workspace: QEMU connects the guest's VFS port to vfs.sock.
-    if let Some(l) = vfs_l {
-        let vfs = vfs.clone();
-        tokio::spawn(async move {
-            if let Ok((conn, _)) = l.accept().await {
-                let (rd, wr) = conn.into_split();
-                vfs.serve_port(rd, wr).await;
-            }
-        });
-    }
 
     // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
     let mut ca_pem: Option<String> = None;

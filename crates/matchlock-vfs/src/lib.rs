@@ -1,8 +1,9 @@
 //! The host side of Matchlock's workspace filesystem.
 //!
-//! The guest agent mounts FUSE at each workspace mount point and forwards every kernel request over
-//! the VFS port ([`matchlock_proto::vfs`]); [`VfsServer`] answers them from a host directory (or a
-//! single host file). The guest is untrusted, so:
+//! A sandbox's workspace mounts are served by one virtio-fs device ([`virtiofs`]): the guest
+//! kernel's FUSE client sends its requests over a virtqueue, [`fuse`] reads them, and each mount's
+//! [`MountFs`] answers them from a host directory (or a single host file). The guest is
+//! untrusted, so:
 //!
 //! - every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //!   RESOLVE_NO_MAGICLINKS)` against the mount's root, and every name the guest sends must be one
@@ -19,16 +20,17 @@
 //! same `(dev, ino)`, so a stale name (the file was replaced on the host) yields `ENOENT` rather
 //! than another file.
 
+pub mod fuse;
+pub mod op;
 mod ops;
 pub mod rules;
 mod sys;
+pub mod virtiofs;
 
-use matchlock_proto::frame::{self, read_frame};
-use matchlock_proto::vfs::{VfsAnswer, VfsCall, VfsOp, VfsReply, MAX_VFS_FRAME};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::broadcast;
 
 pub use ops::{MountFs, Owner};
 
@@ -83,22 +85,25 @@ pub struct VfsError {
     pub source: std::io::Error,
 }
 
-/// Most filesystem operations executing at once (each may hold a [`matchlock_proto::vfs::MAX_IO`]
-/// buffer), across all mounts of a sandbox.
-const MAX_CONCURRENT_OPS: usize = 16;
-
-/// The host filesystem server of one sandbox: its mounts, indexed by
-/// [`matchlock_proto::GuestVfsMount::id`].
+/// The host filesystem server of one sandbox: its mounts, in the order given to [`VfsServer::new`].
 pub struct VfsServer {
-    mounts: Vec<Arc<MountFs>>,
-    ops: Arc<Semaphore>,
+    fuse: Arc<fuse::FuseFs>,
     events: broadcast::Sender<FileEvent>,
 }
 
 impl VfsServer {
     /// Opens every mount's root. Fails if a host path is missing or is neither a directory nor a
-    /// regular file.
+    /// regular file, or if there are more than [`fuse::MAX_MOUNTS`].
     pub fn new(specs: &[MountSpec]) -> Result<Self, VfsError> {
+        if specs.len() > fuse::MAX_MOUNTS {
+            return Err(VfsError {
+                path: specs[fuse::MAX_MOUNTS].host_path.display().to_string(),
+                source: std::io::Error::other(format!(
+                    "a sandbox serves at most {} host mounts; combine some under one directory",
+                    fuse::MAX_MOUNTS
+                )),
+            });
+        }
         sys::raise_nofile_limit();
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut mounts = Vec::with_capacity(specs.len());
@@ -116,8 +121,7 @@ impl VfsServer {
             mounts.push(Arc::new(fs));
         }
         Ok(Self {
-            mounts,
-            ops: Arc::new(Semaphore::new(MAX_CONCURRENT_OPS)),
+            fuse: Arc::new(fuse::FuseFs::new(mounts)),
             events,
         })
     }
@@ -127,84 +131,22 @@ impl VfsServer {
         self.events.subscribe()
     }
 
-    /// Serves the guest's VFS port until the guest closes it or breaks the protocol: reads
-    /// [`VfsCall`]s, runs up to [`MAX_CONCURRENT_OPS`] of them at once, and writes each
-    /// [`VfsAnswer`] as soon as it is ready. While every slot is busy the port is not read, so a
-    /// guest that floods it only stalls itself. A frame that does not decode ends the session:
-    /// its length was bounded before it was read, but an answer without an id could not be routed.
-    pub async fn serve_port<R, W>(self: Arc<Self>, mut rd: R, wr: W)
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel::<VfsAnswer>(MAX_CONCURRENT_OPS);
-        let writer = tokio::spawn(write_answers(rx, wr));
-        loop {
-            let call: VfsCall = match read_frame(&mut rd, MAX_VFS_FRAME).await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!("VFS port: {e}; closing it");
-                    break;
+    /// Serves every mount as one vhost-user virtio-fs device: waits on `listener` for QEMU
+    /// (its `vhost-user-fs-device` connects there at start) and answers the guest until the VM
+    /// stops. Runs on threads of its own; the returned handle ends with the device.
+    pub fn serve_virtiofs(
+        &self,
+        listener: UnixListener,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let fuse = self.fuse.clone();
+        std::thread::Builder::new()
+            .name("vfs".into())
+            .spawn(move || {
+                if let Err(e) = virtiofs::serve("vfs", listener, fuse) {
+                    tracing::warn!("workspace: the virtio-fs device stopped: {e}");
                 }
-            };
-            let Ok(permit) = self.ops.clone().acquire_owned().await else {
-                break;
-            };
-            let fs = self.mounts.get(call.mount as usize).cloned();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let forget = matches!(call.op, VfsOp::Forget { .. });
-                let reply = match fs {
-                    Some(fs) => {
-                        let op = call.op;
-                        tokio::task::spawn_blocking(move || fs.handle(op))
-                            .await
-                            .unwrap_or(VfsReply::Err(libc::EIO))
-                    }
-                    None => VfsReply::Err(libc::ENODEV),
-                };
-                if !forget {
-                    let _ = tx.send(VfsAnswer { id: call.id, reply }).await;
-                }
-            });
-        }
-        drop(tx);
-        let _ = writer.await;
+            })
     }
-}
-
-/// Most bytes of answers written with one call: answers that are ready together go out together,
-/// which saves the guest a wakeup per answer.
-const ANSWER_BATCH: usize = 2 * 1024 * 1024;
-
-async fn write_answers<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<VfsAnswer>, mut wr: W) {
-    let mut buf = Vec::new();
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        let mut next = Some(first);
-        while let Some(answer) = next.take() {
-            let id = answer.id;
-            // Replies are bounded by MAX_IO, so this cannot fail; if it did, EIO beats a hang.
-            let frame = frame::encode(&answer).or_else(|_| {
-                frame::encode(&VfsAnswer {
-                    id,
-                    reply: VfsReply::Err(libc::EIO),
-                })
-            });
-            if let Ok(f) = frame {
-                buf.extend_from_slice(&f);
-            }
-            if buf.len() < ANSWER_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]

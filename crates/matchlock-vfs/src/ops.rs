@@ -1,11 +1,11 @@
 //! One mount: its node and handle tables and the operations on them.
 
+use crate::op::{
+    dirent_size, direntplus_size, VfsAttr, VfsDirEntry, VfsDirEntryPlus, VfsOp, VfsReply,
+    VfsStatfs, VfsTime, MAX_ENTRIES, MAX_IO, MAX_LINK, ROOT_NODE,
+};
 use crate::rules::{self, BlockRule};
 use crate::sys;
-use matchlock_proto::vfs::{
-    VfsAttr, VfsDirEntry, VfsDirEntryPlus, VfsOp, VfsReply, VfsStatfs, VfsTime, MAX_ENTRIES,
-    MAX_IO, MAX_LINK, ROOT_NODE,
-};
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -21,8 +21,12 @@ const MAX_HANDLES: usize = 4096;
 /// Names remembered per node: enough for `ln a b; rm b` and `link(tmp, final); unlink(tmp)`
 /// to keep resolving.
 const MAX_PATHS: usize = 8;
-/// Synthetic node ids start here, far above real inode numbers.
-const SYNTHETIC_BASE: u64 = 1 << 62;
+/// Synthetic node ids start here, above the inode numbers of common file systems; every id stays
+/// below [`NODE_ID_LIMIT`] (host inode numbers above this base get synthetic ids too).
+const SYNTHETIC_BASE: u64 = 1 << 47;
+/// Node ids are below this, so the FUSE layer can put the mount's index above them
+/// ([`crate::fuse`]).
+pub const NODE_ID_LIMIT: u64 = 1 << 48;
 
 fn err(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)
@@ -197,6 +201,11 @@ impl MountFs {
         })
     }
 
+    /// Whether the host root is a directory (else a single regular file).
+    pub fn is_dir(&self) -> bool {
+        self.root_is_dir
+    }
+
     /// Applies interception rules: `guest_path` is where the guest mounts this root, and a
     /// blocked operation fails with `EPERM`.
     pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
@@ -337,6 +346,7 @@ impl MountFs {
             | VfsOp::Unlink { parent, name }
             | VfsOp::Rmdir { parent, name }
             | VfsOp::Symlink { parent, name, .. }
+            | VfsOp::Mknod { parent, name, .. }
             | VfsOp::Create { parent, name, .. } => under(parent, name),
             VfsOp::Rename {
                 parent,
@@ -368,8 +378,10 @@ impl MountFs {
             | VfsOp::Release { fh }
             | VfsOp::Fsync { fh, .. }
             | VfsOp::Readdir { fh, .. }
-            | VfsOp::ReaddirPlus { fh, .. } => of_fh(fh),
-            VfsOp::Statfs => vec![PathBuf::new()],
+            | VfsOp::ReaddirPlus { fh, .. }
+            | VfsOp::Fallocate { fh, .. }
+            | VfsOp::Lseek { fh, .. } => of_fh(fh),
+            VfsOp::Statfs | VfsOp::Syncfs => vec![PathBuf::new()],
             VfsOp::Forget { .. } => Vec::new(),
         }
     }
@@ -543,13 +555,16 @@ impl MountFs {
         Ok(VfsReply::Entry(attr(id, &st)))
     }
 
-    /// Up to [`MAX_ENTRIES`] entries of directory handle `fh` after `offset`, each passed to
-    /// `each` with the open directory (locked: seeking and reading must not interleave) and
-    /// which directory it is.
+    /// Up to [`MAX_ENTRIES`] entries of directory handle `fh` after `offset`, as many as fit in
+    /// `budget` bytes at `cost(name length)` each, each passed to `each` with the open directory
+    /// (locked: seeking and reading must not interleave) and which directory it is. Entries that
+    /// do not fit are not passed to `each` at all (a READDIRPLUS entry counts a lookup there).
     fn dir_page<T>(
         &self,
         fh: u64,
         offset: u64,
+        budget: u32,
+        cost: fn(usize) -> usize,
         mut each: impl FnMut(BorrowedFd<'_>, &DirOf, VfsDirEntry) -> T,
     ) -> io::Result<Vec<T>> {
         let h = self.get_handle(fh)?;
@@ -559,8 +574,15 @@ impl MountFs {
         let offset = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
         let d = d.lock().unwrap_or_else(|p| p.into_inner());
         let raw = sys::read_dir_at(d.as_fd(), offset, MAX_ENTRIES)?;
+        let mut left = budget as usize;
         Ok(raw
             .into_iter()
+            .take_while(|(_, _, _, name)| {
+                let c = cost(name.len());
+                let fits = c <= left;
+                left = left.saturating_sub(c);
+                fits
+            })
             .map(|(ino, off, dtype, name)| {
                 let entry = VfsDirEntry {
                     ino,
@@ -904,32 +926,78 @@ impl MountFs {
                     self.add_handle(Handle::Dir(Mutex::new(d), of), path)?,
                 ))
             }
-            VfsOp::ReaddirPlus { fh, offset } => {
-                let entries = self.dir_page(fh, offset, |dir, of, entry| {
-                    let dots = entry.name == b"." || entry.name == b"..";
-                    let lookup = VfsOp::Lookup {
-                        parent: of.node,
-                        name: entry.name.clone(),
-                    };
-                    // An entry a stat rule hides, or one gone since it was listed, comes bare.
-                    let attr = match CString::new(entry.name.as_slice()) {
-                        Ok(c) if !dots && !self.blocked(&lookup) => {
-                            match self.entry(dir, &of.path, &c) {
-                                Ok(VfsReply::Entry(a)) => Some(a),
-                                _ => None,
+            VfsOp::ReaddirPlus { fh, offset, size } => {
+                let entries =
+                    self.dir_page(fh, offset, size, direntplus_size, |dir, of, entry| {
+                        let dots = entry.name == b"." || entry.name == b"..";
+                        let lookup = VfsOp::Lookup {
+                            parent: of.node,
+                            name: entry.name.clone(),
+                        };
+                        // An entry a stat rule hides, or one gone since it was listed, comes bare.
+                        let attr = match CString::new(entry.name.as_slice()) {
+                            Ok(c) if !dots && !self.blocked(&lookup) => {
+                                match self.entry(dir, &of.path, &c) {
+                                    Ok(VfsReply::Entry(a)) => Some(a),
+                                    _ => None,
+                                }
                             }
-                        }
-                        _ => None,
-                    };
-                    VfsDirEntryPlus { entry, attr }
-                })?;
+                            _ => None,
+                        };
+                        VfsDirEntryPlus { entry, attr }
+                    })?;
                 Ok(VfsReply::EntriesPlus(entries))
             }
-            VfsOp::Readdir { fh, offset } => Ok(VfsReply::Entries(self.dir_page(
+            VfsOp::Readdir { fh, offset, size } => Ok(VfsReply::Entries(self.dir_page(
                 fh,
                 offset,
+                size,
+                dirent_size,
                 |_, _, entry| entry,
             )?)),
+            VfsOp::Mknod { parent, name, mode } => {
+                self.writable()?;
+                let name = sys::name(&name)?;
+                // FIFOs and sockets are only names on the host (the guest's kernel runs them; the
+                // host never opens one); a device node would be a real device on the host.
+                let kind = mode & libc::S_IFMT;
+                if ![libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK].contains(&kind) {
+                    return Err(err(libc::EPERM));
+                }
+                let (dir, path) = self.dir(parent)?;
+                sys::mknod_at(dir.as_fd(), &name, kind | allowed_mode(mode, false))?;
+                self.entry(dir.as_fd(), &path, &name)
+            }
+            VfsOp::Fallocate {
+                fh,
+                mode,
+                offset,
+                length,
+            } => {
+                self.writable()?;
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                sys::fallocate(f.as_fd(), mode, offset, length)?;
+                Ok(VfsReply::Ok)
+            }
+            VfsOp::Lseek { fh, offset, whence } => {
+                let whence = match whence as i32 {
+                    w @ (libc::SEEK_DATA | libc::SEEK_HOLE) => w,
+                    _ => return Err(err(libc::EINVAL)),
+                };
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                Ok(VfsReply::Offset(sys::lseek(f.as_fd(), offset, whence)?))
+            }
+            VfsOp::Syncfs => {
+                // syncfs refuses O_PATH descriptors.
+                sys::syncfs(sys::reopen(self.root.as_fd(), libc::O_RDONLY)?.as_fd())?;
+                Ok(VfsReply::Ok)
+            }
             VfsOp::Statfs => {
                 let s = sys::statfs(self.root.as_fd())?;
                 Ok(VfsReply::Statfs(VfsStatfs {

@@ -1,7 +1,7 @@
 //! VFS interception rules: operations blocked by kind and guest path glob (Matchlock's
 //! `vfs.interception.rules` with `action: block`; a blocked operation fails with `EPERM`).
 
-use matchlock_proto::vfs::VfsOp;
+use crate::op::VfsOp;
 
 /// The operation kinds rules name (Matchlock's names; aliases are resolved by [`op_kind`]).
 pub const OP_KINDS: &[&str] = &[
@@ -71,12 +71,13 @@ pub fn kinds(op: &VfsOp) -> Vec<&'static str> {
         VfsOp::Unlink { .. } | VfsOp::Rmdir { .. } => vec!["remove"],
         VfsOp::Symlink { .. } => vec!["symlink"],
         VfsOp::Rename { .. } => vec!["rename"],
-        VfsOp::Link { .. } | VfsOp::Create { .. } => vec!["create"],
+        VfsOp::Link { .. } | VfsOp::Create { .. } | VfsOp::Mknod { .. } => vec!["create"],
         VfsOp::Open { .. } => vec!["open"],
-        VfsOp::Read { .. } => vec!["read"],
-        VfsOp::Write { .. } => vec!["write"],
+        // Finding holes and data reads the file's layout.
+        VfsOp::Read { .. } | VfsOp::Lseek { .. } => vec!["read"],
+        VfsOp::Write { .. } | VfsOp::Fallocate { .. } => vec!["write"],
         VfsOp::Release { .. } => vec!["close"],
-        VfsOp::Fsync { .. } => vec!["sync"],
+        VfsOp::Fsync { .. } | VfsOp::Syncfs => vec!["sync"],
         VfsOp::Opendir { .. } | VfsOp::Readdir { .. } | VfsOp::ReaddirPlus { .. } => {
             vec!["readdir"]
         }

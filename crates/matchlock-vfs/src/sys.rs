@@ -16,7 +16,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 /// A checked single path component: not empty, not `.` or `..`, no `/` or NUL, at most
 /// `NAME_MAX` bytes.
 pub fn name(raw: &[u8]) -> io::Result<CString> {
-    if raw.len() > matchlock_proto::vfs::MAX_NAME {
+    if raw.len() > crate::op::MAX_NAME {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
     if raw.is_empty() || raw == b"." || raw == b".." || raw.contains(&b'/') {
@@ -108,6 +108,13 @@ pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
 }
 
+/// `mknodat` of a regular file, FIFO or socket (`mode` carries the type; devices are refused
+/// by the caller).
+pub fn mknod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid NUL-terminated name.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
 /// `unlinkat`, with `AT_REMOVEDIR` when `dir_entry`.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &CStr, dir_entry: bool) -> io::Result<()> {
     let flags = if dir_entry { libc::AT_REMOVEDIR } else { 0 };
@@ -165,7 +172,7 @@ pub fn link_at(
 
 /// `readlinkat(fd, "")` of an `O_PATH | O_NOFOLLOW` fd on a symlink.
 pub fn readlink(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; matchlock_proto::vfs::MAX_LINK + 1];
+    let mut buf = vec![0u8; crate::op::MAX_LINK + 1];
     // SAFETY: buffer of the given length.
     let n = unsafe {
         libc::readlinkat(
@@ -278,6 +285,32 @@ pub fn pwrite(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> io::Result<usize>
         done += n as usize;
     }
     Ok(done)
+}
+
+/// `fallocate`.
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, length: u64) -> io::Result<()> {
+    let big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = i64::try_from(offset).map_err(|_| big())?;
+    let length = i64::try_from(length).map_err(|_| big())?;
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, length) }).map(drop)
+}
+
+/// `lseek` (for `SEEK_DATA`/`SEEK_HOLE`: the fd's own position is not shared with anything).
+pub fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> io::Result<u64> {
+    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain syscall.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
+}
+
+/// `syncfs`.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
 }
 
 /// `fstatfs`.

@@ -1,6 +1,5 @@
 use super::*;
-use matchlock_proto::vfs::{VfsAnswer, VfsCall};
-use matchlock_proto::vfs::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
+use crate::op::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
@@ -404,6 +403,7 @@ fn posix_basics_and_stable_inodes() {
         let R::Entries(e) = fs.handle(Op::Readdir {
             fh: dh,
             offset: off,
+            size: 4096,
         }) else {
             panic!()
         };
@@ -440,92 +440,6 @@ fn single_file_root() {
         data: b"two".to_vec(),
     });
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"onetwo");
-}
-
-/// Writes one call on the guest's end of a port.
-async fn call(guest: &mut tokio::io::DuplexStream, id: u64, mount: u32, op: VfsOp) {
-    use tokio::io::AsyncWriteExt;
-    let f = matchlock_proto::frame::encode(&VfsCall { id, mount, op }).unwrap();
-    guest.write_all(&f).await.unwrap();
-}
-
-async fn answer(guest: &mut tokio::io::DuplexStream) -> Option<VfsAnswer> {
-    matchlock_proto::frame::read_frame(guest, MAX_VFS_FRAME)
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn port_answers_by_id_and_garbage_closes_it() {
-    use tokio::io::AsyncWriteExt;
-    let d = tempfile::tempdir().unwrap();
-    fs::write(d.path().join("f"), "x").unwrap();
-    let server = Arc::new(
-        VfsServer::new(&[MountSpec {
-            host_path: d.path().into(),
-            read_only: false,
-            guest_path: "/w".into(),
-            rules: Vec::new(),
-            owner: Owner::default(),
-            emit_events: false,
-        }])
-        .unwrap(),
-    );
-    let (mut guest, host) = tokio::io::duplex(1 << 16);
-    let (rd, wr) = tokio::io::split(host);
-    let task = server.clone().serve_port(rd, wr);
-    let client = async {
-        call(&mut guest, 7, 0, VfsOp::Statfs).await;
-        // Forget gets no answer; an unknown mount gets ENODEV, not a panic.
-        call(
-            &mut guest,
-            8,
-            0,
-            VfsOp::Forget {
-                nodes: vec![(1, 1)],
-            },
-        )
-        .await;
-        call(&mut guest, 9, 5, VfsOp::Statfs).await;
-        let lookup = VfsOp::Lookup {
-            parent: ROOT_NODE,
-            name: b"f".to_vec(),
-        };
-        call(&mut guest, 10, 0, lookup).await;
-        let mut got = std::collections::HashMap::new();
-        for _ in 0..3 {
-            let a = answer(&mut guest).await.unwrap();
-            got.insert(a.id, a.reply);
-        }
-        assert!(matches!(got[&7], VfsReply::Statfs(_)), "{got:?}");
-        assert_eq!(got[&9], VfsReply::Err(libc::ENODEV));
-        assert!(
-            matches!(got[&10], VfsReply::Entry(a) if a.size == 1),
-            "{got:?}"
-        );
-        assert!(!got.contains_key(&8));
-        guest
-            .write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
-            .await
-            .unwrap();
-        // The server ends the session.
-        assert!(answer(&mut guest).await.is_none());
-    };
-    tokio::join!(task, client);
-}
-
-#[tokio::test]
-async fn port_refuses_oversized_frames_before_reading_them() {
-    use tokio::io::AsyncWriteExt;
-    let server = Arc::new(VfsServer::new(&[]).unwrap());
-    let (mut guest, host) = tokio::io::duplex(1 << 16);
-    let (rd, wr) = tokio::io::split(host);
-    let task = server.serve_port(rd, wr);
-    let client = async {
-        guest.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-        assert!(answer(&mut guest).await.is_none());
-    };
-    tokio::join!(task, client);
 }
 
 /// Thousands of arbitrary operations (random ids, handles, hostile names, flags) neither panic
@@ -644,10 +558,12 @@ fn random_operations_stay_inside_the_root() {
             18 => Op::ReaddirPlus {
                 fh,
                 offset: r >> 40,
+                size: (r >> 20) as u32 & 0xffff,
             },
             _ => Op::Readdir {
                 fh,
                 offset: r >> 40,
+                size: (r >> 20) as u32 & 0xffff,
             },
         };
         match fs.handle(op) {
@@ -863,7 +779,11 @@ fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
     let R::Opened(dh) = fs.handle(Op::Opendir { node: ROOT_NODE }) else {
         panic!()
     };
-    let R::EntriesPlus(es) = fs.handle(Op::ReaddirPlus { fh: dh, offset: 0 }) else {
+    let R::EntriesPlus(es) = fs.handle(Op::ReaddirPlus {
+        fh: dh,
+        offset: 0,
+        size: 4096,
+    }) else {
         panic!()
     };
     let by_name: std::collections::HashMap<Vec<u8>, _> =
@@ -897,7 +817,8 @@ fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
     assert_eq!(
         fs.handle(Op::ReaddirPlus {
             fh: dh,
-            offset: last
+            offset: last,
+            size: 4096,
         }),
         R::EntriesPlus(Vec::new())
     );

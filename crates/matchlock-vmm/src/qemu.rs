@@ -40,15 +40,26 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// Unix socket QEMU connects to for the agent channel (the supervisor listens there).
     pub agent_socket: PathBuf,
-    /// Unix socket QEMU connects the workspace filesystem's port to, when there are workspace
-    /// mounts (`matchlock_proto::vfs::PORT_NAME`).
-    pub vfs_socket: Option<PathBuf>,
+    /// Workspace mounts, each a vhost-user virtio-fs device served by the supervisor. Any of
+    /// them puts guest RAM in a shared memfd, which vhost-user needs.
+    pub fs_devices: Vec<FsDevice>,
     /// Unix socket QEMU connects its serial console to (the supervisor copies it into the log).
     pub console_socket: PathBuf,
     /// Extra kernel command line words.
     pub extra_cmdline: Vec<String>,
     /// The guest NIC, when the sandbox has a network.
     pub net: Option<NetDev>,
+}
+
+/// A virtio-fs device whose requests go to a vhost-user backend on a Unix socket.
+#[derive(Debug, Clone)]
+pub struct FsDevice {
+    /// The socket QEMU connects to (the backend listens there before QEMU starts).
+    pub socket: PathBuf,
+    /// The tag the guest mounts it by (`mount -t virtiofs TAG DIR`), at most 36 bytes.
+    pub tag: String,
+    /// Descriptors per virtqueue; the guest's largest request is about this many pages.
+    pub queue_size: u16,
 }
 
 /// A virtio-net NIC whose frames go to a Unix socket (`-netdev stream`, QEMU >= 7.2), where the
@@ -144,6 +155,11 @@ pub fn machine_command(
         "-no-user-config",
         "-display",
         "none",
+        // Modern (virtio 1.0) devices rather than microvm's legacy default: vhost-user devices
+        // require them, and one device model for every sandbox keeps the guest's drivers on
+        // one path.
+        "-global",
+        "virtio-mmio.force-legacy=false",
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
@@ -202,14 +218,24 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={}", PORT_NAME),
         ]);
-        if let Some(vfs) = &self.vfs_socket {
-            let mut chardev = OsString::from("socket,id=vfs,path=");
-            chardev.push(escape_commas(&vfs.to_string_lossy()));
+        if !self.fs_devices.is_empty() {
+            // The backend reads and writes request buffers in guest RAM directly: RAM must be a
+            // file it can map.
+            c.args(["-object"]).arg(format!(
+                "memory-backend-memfd,id=ram,size={}M,share=on",
+                self.memory_mb
+            ));
+            c.args(["-machine", "memory-backend=ram"]);
+        }
+        for (i, fs) in self.fs_devices.iter().enumerate() {
+            let mut chardev = OsString::from(format!("socket,id=fs{i},path="));
+            chardev.push(escape_commas(&fs.socket.to_string_lossy()));
             c.arg("-chardev").arg(chardev);
-            c.args([
-                "-device",
-                &format!("virtserialport,chardev=vfs,name={}", VFS_PORT_NAME),
-            ]);
+            c.arg("-device").arg(format!(
+                "vhost-user-fs-device,chardev=fs{i},tag={},queue-size={}",
+                escape_commas(&fs.tag),
+                fs.queue_size
+            ));
         }
         if let Some(net) = &self.net {
             let mut netdev = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
@@ -230,8 +256,6 @@ impl VmSpec {
 
 /// Name of the agent's virtio-serial port; must match `matchlock_proto::PORT_NAME`.
 pub const PORT_NAME: &str = "matchlock.agent";
-/// Name of the workspace filesystem's port; must match `matchlock_proto::vfs::PORT_NAME`.
-pub const VFS_PORT_NAME: &str = "matchlock.vfs";
 
 fn escape_commas(s: &str) -> String {
     s.replace(',', ",,")
@@ -256,7 +280,11 @@ mod tests {
                 read_only: true,
             }],
             agent_socket: "/s/agent.sock".into(),
-            vfs_socket: Some("/s/vfs.sock".into()),
+            fs_devices: vec![FsDevice {
+                socket: "/s/fs,0.sock".into(),
+                tag: "ml0".into(),
+                queue_size: 1024,
+            }],
             console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
             net: None,
@@ -275,8 +303,11 @@ mod tests {
             "file=/a,,b/root.ext4,readonly=on",
             "serial=ml-root",
             "name=matchlock.agent",
-            "socket,id=vfs,path=/s/vfs.sock",
-            "name=matchlock.vfs",
+            "socket,id=fs0,path=/s/fs,,0.sock",
+            "vhost-user-fs-device,chardev=fs0,tag=ml0,queue-size=1024",
+            "memory-backend-memfd,id=ram,size=512M,share=on",
+            "memory-backend=ram",
+            "virtio-mmio.force-legacy=false",
             "x=1",
             "-smp 2",
             "-m 512M",
