@@ -21,7 +21,7 @@
 //! its NUL, a count larger than the bytes that carry it, all get an error reply (or, when not even
 //! the header is readable, none), never a panic.
 
-use crate::op::{dirent_size, VfsAttr, VfsOp, VfsReply, VfsTime, MAX_IO, ROOT_NODE};
+use crate::op::{dirent_size, Payload, VfsAttr, VfsOp, VfsReply, VfsTime, MAX_IO, ROOT_NODE};
 use crate::ops::NODE_ID_LIMIT;
 use crate::MountFs;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -285,13 +285,14 @@ impl FuseFs {
         }
     }
 
-    /// Answers one request (`req`: header and arguments, as the guest wrote them), appending
-    /// the reply, header included, to `out`. Returns `false` when the request takes no reply
-    /// (forgets, interrupts, or a request too short to carry a header).
-    pub fn handle(&self, req: &[u8], out: &mut Vec<u8>) -> bool {
-        let Some(h) = InHeader::parse(req) else {
-            return false;
-        };
+    /// Answers one request, appending the reply's header and arguments to `out`. `req` is the
+    /// request as the guest wrote it, header and arguments, except for a write's data when
+    /// `payload` holds it; a read's data goes to `payload` (after the header and arguments,
+    /// which must then be nothing but the header). Returns the reply's whole length (`out`'s new
+    /// bytes and the payload's), or `None` when the request takes no reply (forgets,
+    /// interrupts, or a request too short to carry a header).
+    pub fn handle(&self, req: &[u8], payload: &mut dyn Payload, out: &mut Vec<u8>) -> Option<usize> {
+        let h = InHeader::parse(req)?;
         if matches!(
             h.opcode,
             opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
@@ -300,25 +301,29 @@ impl FuseFs {
             if h.opcode != opcode::INTERRUPT {
                 let _ = self.forget(&h, &req[IN_HEADER..]);
             }
-            return false;
+            return None;
         }
         let start = out.len();
         out.extend_from_slice(&[0u8; OUT_HEADER]);
         // The header's length must match what arrived: a shorter claim would let a later
         // request's bytes be read as this one's arguments.
-        let result = if h.len as usize != req.len() {
+        let result = if h.len as usize != req.len() + payload.pending() {
             Err(libc::EINVAL)
         } else {
-            self.dispatch(&h, &req[IN_HEADER..], out)
+            self.dispatch(&h, &req[IN_HEADER..], payload, out)
         };
-        if let Err(errno) = result {
-            out.truncate(start + OUT_HEADER);
-            out[start + 4..start + 8].copy_from_slice(&(-errno).to_le_bytes());
-        }
-        let len = (out.len() - start) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        let data = match result {
+            Ok(n) => n,
+            Err(errno) => {
+                out.truncate(start + OUT_HEADER);
+                out[start + 4..start + 8].copy_from_slice(&(-errno).to_le_bytes());
+                0
+            }
+        };
+        let len = out.len() - start + data;
+        out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
         out[start + 8..start + 16].copy_from_slice(&h.unique.to_le_bytes());
-        true
+        Some(len)
     }
 
     fn forget(&self, h: &InHeader, body: &[u8]) -> Result<(), Malformed> {
@@ -369,7 +374,16 @@ impl FuseFs {
     /// Runs `op` on mount `m`; an error reply becomes `Err`. Attributes come back with FUSE
     /// node ids.
     fn call(&self, m: usize, op: VfsOp) -> Result<VfsReply, i32> {
-        let mut r = match self.mounts[m].handle(op) {
+        self.call_with(m, op, None)
+    }
+
+    fn call_with(
+        &self,
+        m: usize,
+        op: VfsOp,
+        payload: Option<&mut dyn Payload>,
+    ) -> Result<VfsReply, i32> {
+        let mut r = match self.mounts[m].handle_with(op, payload) {
             VfsReply::Err(e) => return Err(e),
             r => r,
         };
@@ -398,24 +412,30 @@ impl FuseFs {
         }
     }
 
-    fn dispatch(&self, h: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
+    fn dispatch(
+        &self,
+        h: &InHeader,
+        body: &[u8],
+        payload: &mut dyn Payload,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, i32> {
         if h.opcode == opcode::INIT {
-            return self.init(body, out);
+            return self.init(body, out).map(|_| 0);
         }
         if !self.ready.load(Ordering::Acquire) {
             return Err(libc::EIO);
         }
         if h.opcode == opcode::DESTROY {
-            return Ok(());
+            return Ok(0);
         }
         match self.node(h.nodeid)? {
             Node::Root => self.root_op(h, body, out),
-            Node::In(m, local) => self.mount_op(h, m, local, body, out),
+            Node::In(m, local) => self.mount_op(h, m, local, body, payload, out),
         }
     }
 
     /// Requests about the synthetic root: look up a mount by index, list the mounts, stat.
-    fn root_op(&self, h: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
+    fn root_op(&self, h: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Result<usize, i32> {
         let mut a = Args { b: body };
         let bad = |_: Malformed| libc::EINVAL;
         match h.opcode {
@@ -439,17 +459,17 @@ impl FuseFs {
                     return Err(libc::EIO);
                 };
                 Out(out).entry(attr.ino, &attr);
-                Ok(())
+                Ok(0)
             }
             opcode::GETATTR => {
                 Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&self.root_attr());
-                Ok(())
+                Ok(0)
             }
             opcode::OPENDIR => {
                 Out(out).u64(ROOT_DIR_FH).u32(0).u32(0);
-                Ok(())
+                Ok(0)
             }
-            opcode::RELEASEDIR | opcode::FSYNCDIR => Ok(()),
+            opcode::RELEASEDIR | opcode::FSYNCDIR => Ok(0),
             opcode::READDIR | opcode::READDIRPLUS => {
                 a.u64().map_err(bad)?;
                 let offset = a.u64().map_err(bad)?;
@@ -472,11 +492,11 @@ impl FuseFs {
                     }
                     out.extend_from_slice(&entry);
                 }
-                Ok(())
+                Ok(0)
             }
             opcode::STATFS => {
                 Out(out).zeros(80);
-                Ok(())
+                Ok(0)
             }
             opcode::READLINK | opcode::OPEN => Err(libc::EACCES),
             opcode::SETATTR
@@ -493,11 +513,11 @@ impl FuseFs {
         }
     }
 
-    fn entry_reply(&self, r: VfsReply, out: &mut Vec<u8>) -> Result<(), i32> {
+    fn entry_reply(&self, r: VfsReply, out: &mut Vec<u8>) -> Result<usize, i32> {
         match r {
             VfsReply::Entry(a) => {
                 Out(out).entry(a.ino, &a);
-                Ok(())
+                Ok(0)
             }
             _ => Err(libc::EIO),
         }
@@ -520,8 +540,9 @@ impl FuseFs {
         m: usize,
         node: u64,
         body: &[u8],
+        payload: &mut dyn Payload,
         out: &mut Vec<u8>,
-    ) -> Result<(), i32> {
+    ) -> Result<usize, i32> {
         let mut a = Args { b: body };
         let bad = |_: Malformed| libc::EINVAL;
         let call = |op| self.call(m, op);
@@ -540,7 +561,7 @@ impl FuseFs {
                     return Err(libc::EIO);
                 };
                 Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&attr);
-                Ok(())
+                Ok(0)
             }
             opcode::SETATTR => {
                 let valid = a.u32().map_err(bad)?;
@@ -582,12 +603,12 @@ impl FuseFs {
                     return Err(libc::EIO);
                 };
                 Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&attr);
-                Ok(())
+                Ok(0)
             }
             opcode::READLINK => match call(VfsOp::Readlink { node })? {
                 VfsReply::Data(d) => {
                     out.extend_from_slice(&d);
-                    Ok(())
+                    Ok(0)
                 }
                 _ => Err(libc::EIO),
             },
@@ -630,7 +651,7 @@ impl FuseFs {
                 } else {
                     VfsOp::Rmdir { parent: node, name }
                 };
-                call(op).map(drop)
+                call(op).map(|_| 0)
             }
             opcode::RENAME | opcode::RENAME2 => {
                 let new_parent = self.same_mount(m, a.u64().map_err(bad)?)?;
@@ -650,7 +671,7 @@ impl FuseFs {
                     new_name,
                     flags,
                 })
-                .map(drop)
+                .map(|_| 0)
             }
             opcode::LINK => {
                 let source = self.same_mount(m, a.u64().map_err(bad)?)?;
@@ -667,7 +688,7 @@ impl FuseFs {
                 match call(VfsOp::Open { node, flags })? {
                     VfsReply::OpenedFile(fh, _) => {
                         Out(out).u64(fh).u32(open_flags(flags)).u32(0);
-                        Ok(())
+                        Ok(0)
                     }
                     _ => Err(libc::EIO),
                 }
@@ -691,17 +712,14 @@ impl FuseFs {
                     .u64(fh)
                     .u32(open_flags(flags))
                     .u32(0);
-                Ok(())
+                Ok(0)
             }
             opcode::READ => {
                 let fh = a.u64().map_err(bad)?;
                 let offset = a.u64().map_err(bad)?;
                 let size = a.u32().map_err(bad)?;
-                match call(VfsOp::Read { fh, offset, size })? {
-                    VfsReply::Data(d) => {
-                        out.extend_from_slice(&d);
-                        Ok(())
-                    }
+                match self.call_with(m, VfsOp::ReadTo { fh, offset, size }, Some(payload))? {
+                    VfsReply::Transferred(n) => Ok(n as usize),
                     _ => Err(libc::EIO),
                 }
             }
@@ -713,11 +731,20 @@ impl FuseFs {
                 if size > MAX_IO {
                     return Err(libc::EINVAL);
                 }
-                let data = a.take(size as usize).map_err(bad)?.to_vec();
-                match call(VfsOp::Write { fh, offset, data })? {
+                // The data is either still in the transport's buffers or in the arguments.
+                let r = if payload.pending() > 0 {
+                    if payload.pending() != size as usize || !a.b.is_empty() {
+                        return Err(libc::EINVAL);
+                    }
+                    self.call_with(m, VfsOp::WriteFrom { fh, offset }, Some(payload))?
+                } else {
+                    let data = a.take(size as usize).map_err(bad)?.to_vec();
+                    call(VfsOp::Write { fh, offset, data })?
+                };
+                match r {
                     VfsReply::Written(n) => {
                         Out(out).u32(n).u32(0);
-                        Ok(())
+                        Ok(0)
                     }
                     _ => Err(libc::EIO),
                 }
@@ -734,13 +761,13 @@ impl FuseFs {
                         .u32(s.namelen)
                         .u32(s.frsize)
                         .zeros(4 + 24);
-                    Ok(())
+                    Ok(0)
                 }
                 _ => Err(libc::EIO),
             },
             opcode::RELEASE | opcode::RELEASEDIR => {
                 let fh = a.u64().map_err(bad)?;
-                call(VfsOp::Release { fh }).map(drop)
+                call(VfsOp::Release { fh }).map(|_| 0)
             }
             opcode::FSYNC | opcode::FSYNCDIR => {
                 let fh = a.u64().map_err(bad)?;
@@ -749,12 +776,12 @@ impl FuseFs {
                     fh,
                     datasync: flags & FSYNC_FDATASYNC != 0,
                 })
-                .map(drop)
+                .map(|_| 0)
             }
             opcode::OPENDIR => match call(VfsOp::Opendir { node })? {
                 VfsReply::Opened(fh) => {
                     Out(out).u64(fh).u32(0).u32(0);
-                    Ok(())
+                    Ok(0)
                 }
                 _ => Err(libc::EIO),
             },
@@ -769,7 +796,7 @@ impl FuseFs {
                 for e in entries {
                     Out(out).dirent(e.ino, e.offset, e.kind, &e.name);
                 }
-                Ok(())
+                Ok(0)
             }
             opcode::READDIRPLUS => {
                 let fh = a.u64().map_err(bad)?;
@@ -789,7 +816,7 @@ impl FuseFs {
                         .entry(id, &attr)
                         .dirent(d.ino, d.offset, d.kind, &d.name);
                 }
-                Ok(())
+                Ok(0)
             }
             opcode::FALLOCATE => {
                 let fh = a.u64().map_err(bad)?;
@@ -802,7 +829,7 @@ impl FuseFs {
                     offset,
                     length,
                 })
-                .map(drop)
+                .map(|_| 0)
             }
             opcode::LSEEK => {
                 let fh = a.u64().map_err(bad)?;
@@ -811,12 +838,12 @@ impl FuseFs {
                 match call(VfsOp::Lseek { fh, offset, whence })? {
                     VfsReply::Offset(o) => {
                         Out(out).u64(o);
-                        Ok(())
+                        Ok(0)
                     }
                     _ => Err(libc::EIO),
                 }
             }
-            opcode::SYNCFS => call(VfsOp::Syncfs).map(drop),
+            opcode::SYNCFS => call(VfsOp::Syncfs).map(|_| 0),
             // Everything else (xattrs, flush, locks, ioctl, poll, copy_file_range, tmpfile, DAX
             // mappings): the kernel remembers ENOSYS and stops asking, or falls back to doing
             // it itself.

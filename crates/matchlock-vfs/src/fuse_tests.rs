@@ -46,15 +46,50 @@ impl B {
     }
 }
 
-/// Sends one request; returns `(error, body)` after checking the reply header.
-fn call(f: &FuseFs, r: &[u8]) -> (i32, Vec<u8>) {
+/// A transport's buffers as plain memory: write data to hand over, read data received.
+#[derive(Default)]
+struct Mem {
+    write: Vec<u8>,
+    read: Vec<u8>,
+}
+
+impl Payload for Mem {
+    fn pending(&self) -> usize {
+        self.write.len()
+    }
+    fn write_to(&mut self, fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> std::io::Result<usize> {
+        crate::sys::pwrite(fd, offset, &self.write)
+    }
+    fn read_from(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        self.read = crate::sys::pread(fd, offset, len)?;
+        Ok(self.read.len())
+    }
+}
+
+fn handle(f: &FuseFs, r: &[u8], out: &mut Vec<u8>) -> bool {
+    f.handle(r, &mut Mem::default(), out).is_some()
+}
+
+/// Sends one request (its data, if any, in `payload`); returns `(error, body)` after checking
+/// the reply header, with read data after the body as the guest would see it.
+fn call_with(f: &FuseFs, r: &[u8], mut payload: Mem) -> (i32, Vec<u8>) {
     let mut out = Vec::new();
-    assert!(f.handle(r, &mut out), "no reply");
-    let len = u32::from_le_bytes(out[0..4].try_into().unwrap()) as usize;
+    let len = f.handle(r, &mut payload, &mut out).expect("no reply");
+    out.extend_from_slice(&payload.read);
     assert_eq!(len, out.len());
+    assert_eq!(u32_at(&out, 0) as usize, len);
     let err = i32::from_le_bytes(out[4..8].try_into().unwrap());
     assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 77);
     (err, out[16..].to_vec())
+}
+
+fn call(f: &FuseFs, r: &[u8]) -> (i32, Vec<u8>) {
+    call_with(f, r, Mem::default())
 }
 
 fn ok(f: &FuseFs, r: &[u8]) -> Vec<u8> {
@@ -213,6 +248,10 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
     let b = ok(&f, &req(opcode::SETATTR, node, &setattr));
     assert_eq!((u64_at(&b, 0), u64_at(&b, 16 + 8)), (TTL_SECS, 2));
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"he");
+    // Write-only opens bypass the guest's page cache, others keep it.
+    let b = ok(&f, &req(opcode::OPEN, node, &B::default().u32(libc::O_WRONLY as u32).u32(0).0));
+    assert_eq!(u32_at(&b, 8), FOPEN_DIRECT_IO);
+    ok(&f, &req(opcode::RELEASE, node, &B::default().u64(u64_at(&b, 0)).raw(&[0; 16]).0));
     ok(
         &f,
         &req(opcode::RELEASE, node, &B::default().u64(fh).raw(&[0; 16]).0),
@@ -324,7 +363,7 @@ fn directory_pages_fit_the_kernels_buffer_and_count_only_what_they_send() {
         forgets = forgets.u64(entry(&b).0).u64(if i == 0 { 1 } else { 2 });
     }
     let mut out = Vec::new();
-    assert!(!f.handle(&req(opcode::BATCH_FORGET, 0, &forgets.0), &mut out));
+    assert!(!handle(&f, &req(opcode::BATCH_FORGET, 0, &forgets.0), &mut out));
     assert!(out.is_empty());
     ok(&f, &req(opcode::GETATTR, nodes[0], &[0; 16]));
     for n in &nodes[1..] {
@@ -425,7 +464,7 @@ fn malformed_requests_get_errors_not_panics() {
     let f = mounted(d.path());
     let mut out = Vec::new();
     // Shorter than a header: nothing to answer to.
-    assert!(!f.handle(&[1, 2, 3], &mut out));
+    assert!(!handle(&f, &[1, 2, 3], &mut out));
     // A length that disagrees with what arrived.
     let r = req_with_len(opcode::LOOKUP, R0, b"f\0", Some(41));
     assert_eq!(call(&f, &r).0, -libc::EINVAL);
@@ -447,7 +486,7 @@ fn malformed_requests_get_errors_not_panics() {
     assert_eq!(call(&f, &req(opcode::WRITE, R0, &write)).0, -libc::EINVAL);
     // A batch forget that claims more entries than it carries.
     let forgets = B::default().u32(u32::MAX).u32(0).u64(1).u64(1).0;
-    assert!(!f.handle(&req(opcode::BATCH_FORGET, 0, &forgets), &mut out));
+    assert!(!handle(&f, &req(opcode::BATCH_FORGET, 0, &forgets), &mut out));
     // A handle that was never opened, a node that was never looked up.
     let read = B::default().u64(999).u64(0).u32(10).raw(&[0; 20]).0;
     assert_eq!(call(&f, &req(opcode::READ, R0, &read)).0, -libc::EBADF);
@@ -473,8 +512,8 @@ fn malformed_requests_get_errors_not_panics() {
         let len = (r >> 20 & 1 == 0).then_some((next() % 300) as u32);
         let mut out = Vec::new();
         let node = [1, R0, R0 + 1, next()][(r >> 30) as usize % 4];
-        if f.handle(&req_with_len(op, node, &body, len), &mut out) {
-            assert_eq!(u32_at(&out, 0) as usize, out.len());
+        if let Some(n) = f.handle(&req_with_len(op, node, &body, len), &mut Mem::default(), &mut out) {
+            assert!(u32_at(&out, 0) as usize == n && n >= out.len());
         }
     }
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"x");

@@ -7,6 +7,9 @@
 //! untrusted: names are single path components, sizes are capped by [`MAX_IO`], [`MAX_NAME`] and
 //! [`MAX_LINK`].
 
+use std::io;
+use std::os::fd::BorrowedFd;
+
 /// The node id of a mount's root.
 pub const ROOT_NODE: u64 = 1;
 /// Largest read or write in one request.
@@ -127,6 +130,12 @@ pub enum VfsOp {
     Lseek { fh: u64, offset: u64, whence: u32 },
     /// `syncfs(2)` of the mount's host file system. Reply: `Ok`.
     Syncfs,
+    /// Like `Read`, with the data going straight into the transport's reply buffers
+    /// ([`Payload::read_from`]). Reply: `Transferred`.
+    ReadTo { fh: u64, offset: u64, size: u32 },
+    /// Like `Write`, with the data taken straight from the transport's request buffers
+    /// ([`Payload::write_to`]). Reply: `Written`.
+    WriteFrom { fh: u64, offset: u64 },
 }
 
 /// Attributes of a node, as `stat(2)` gives them; `ino` is the node id.
@@ -207,6 +216,8 @@ pub enum VfsReply {
     Statfs(VfsStatfs),
     /// A file offset.
     Offset(u64),
+    /// Bytes read into the transport's buffers.
+    Transferred(u32),
     /// Success without data.
     Ok,
     /// Failure: a positive `errno`.
@@ -222,4 +233,17 @@ pub const fn dirent_size(name_len: usize) -> usize {
 /// Bytes a directory entry takes in a FUSE `READDIRPLUS` reply (`struct fuse_direntplus`).
 pub const fn direntplus_size(name_len: usize) -> usize {
     128 + dirent_size(name_len)
+}
+
+/// File data that stays in the transport's buffers (for virtio-fs, the guest's memory) rather
+/// than being copied into a [`VfsOp::Write`] or out of a [`VfsReply::Data`]: the host kernel
+/// moves it between those buffers and the file in one copy.
+pub trait Payload {
+    /// Bytes of request data waiting in the transport's buffers (a write's payload).
+    fn pending(&self) -> usize;
+    /// Writes all pending bytes to `fd` at `offset`; returns how many were written.
+    fn write_to(&mut self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize>;
+    /// Reads up to `len` bytes of `fd` at `offset` into the reply's data area; returns how
+    /// many (fewer at the end of the file).
+    fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize>;
 }

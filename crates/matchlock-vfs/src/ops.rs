@@ -1,7 +1,7 @@
 //! One mount: its node and handle tables and the operations on them.
 
 use crate::op::{
-    dirent_size, direntplus_size, VfsAttr, VfsDirEntry, VfsDirEntryPlus, VfsOp, VfsReply,
+    dirent_size, direntplus_size, Payload, VfsAttr, VfsDirEntry, VfsDirEntryPlus, VfsOp, VfsReply,
     VfsStatfs, VfsTime, MAX_ENTRIES, MAX_IO, MAX_LINK, ROOT_NODE,
 };
 use crate::rules::{self, BlockRule};
@@ -234,6 +234,12 @@ impl MountFs {
 
     /// Answers one request; never panics on guest input.
     pub fn handle(&self, op: VfsOp) -> VfsReply {
+        self.handle_with(op, None)
+    }
+
+    /// Like [`MountFs::handle`], with `payload` carrying the data of [`VfsOp::ReadTo`] and
+    /// [`VfsOp::WriteFrom`].
+    pub fn handle_with(&self, op: VfsOp, payload: Option<&mut dyn Payload>) -> VfsReply {
         // What the operation is and which guest paths it names, for rules and events, worked
         // out once and before it runs: a release or rename changes what names lead where.
         let (kinds, paths) = if self.rules.is_empty() && self.events.is_none() {
@@ -258,7 +264,7 @@ impl MountFs {
             Ok(op) => op,
             Err(e) => return VfsReply::Err(e),
         };
-        let mut reply = match self.dispatch(op) {
+        let mut reply = match self.dispatch(op, payload) {
             Ok(r) => r,
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
@@ -305,7 +311,7 @@ impl MountFs {
             | VfsReply::Attr(a)
             | VfsReply::Created(a, _)
             | VfsReply::OpenedFile(_, a) => (a.size, a.mode, a.uid, a.gid),
-            VfsReply::Written(n) => (u64::from(*n), 0, 0, 0),
+            VfsReply::Written(n) | VfsReply::Transferred(n) => (u64::from(*n), 0, 0, 0),
             VfsReply::Data(d) => (d.len() as u64, 0, 0, 0),
             _ => (0, 0, 0, 0),
         };
@@ -380,7 +386,9 @@ impl MountFs {
             | VfsOp::Readdir { fh, .. }
             | VfsOp::ReaddirPlus { fh, .. }
             | VfsOp::Fallocate { fh, .. }
-            | VfsOp::Lseek { fh, .. } => of_fh(fh),
+            | VfsOp::Lseek { fh, .. }
+            | VfsOp::ReadTo { fh, .. }
+            | VfsOp::WriteFrom { fh, .. } => of_fh(fh),
             VfsOp::Statfs | VfsOp::Syncfs => vec![PathBuf::new()],
             VfsOp::Forget { .. } => Vec::new(),
         }
@@ -625,7 +633,7 @@ impl MountFs {
         }
     }
 
-    fn dispatch(&self, op: VfsOp) -> io::Result<VfsReply> {
+    fn dispatch(&self, op: VfsOp, payload: Option<&mut dyn Payload>) -> io::Result<VfsReply> {
         match op {
             VfsOp::Lookup { parent, name } => {
                 let name = sys::name(&name)?;
@@ -992,6 +1000,27 @@ impl MountFs {
                     return Err(err(libc::EISDIR));
                 };
                 Ok(VfsReply::Offset(sys::lseek(f.as_fd(), offset, whence)?))
+            }
+            VfsOp::ReadTo { fh, offset, size } => {
+                let payload = payload.ok_or_else(|| err(libc::EIO))?;
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                let n = payload.read_from(f.as_fd(), offset, size.min(MAX_IO) as usize)?;
+                Ok(VfsReply::Transferred(n as u32))
+            }
+            VfsOp::WriteFrom { fh, offset } => {
+                self.writable()?;
+                let payload = payload.ok_or_else(|| err(libc::EIO))?;
+                if payload.pending() > MAX_IO as usize {
+                    return Err(err(libc::EINVAL));
+                }
+                let h = self.file(fh)?;
+                let Handle::File(f) = &*h else {
+                    return Err(err(libc::EISDIR));
+                };
+                Ok(VfsReply::Written(payload.write_to(f.as_fd(), offset)? as u32))
             }
             VfsOp::Syncfs => {
                 // syncfs refuses O_PATH descriptors.

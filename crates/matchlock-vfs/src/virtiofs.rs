@@ -9,7 +9,9 @@
 //! Queue 0 is virtio-fs's high-priority queue (forgets), queue 1 its request queue.
 
 use crate::fuse::{FuseFs, InHeader, IN_HEADER, MAX_REQUEST, OUT_HEADER};
-use std::io::{self, Read, Write};
+use crate::op::Payload;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -19,8 +21,11 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{
+    GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+    Permissions, VolatileSlice,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -94,45 +99,223 @@ impl Backend {
     }
 
     /// Answers one request; returns the bytes written into the guest's reply buffers. A chain
-    /// the guest built wrong (outside its memory, too long) is returned with nothing written.
+    /// the guest built wrong (outside its memory, no room for a header) is returned with
+    /// nothing written.
     fn process_chain(&self, chain: Chain) -> u32 {
-        let mem = chain.memory();
-        let (Ok(mut reader), Ok(mut writer)) = (
-            Reader::new(mem, chain.clone()),
-            Writer::new(mem, chain.clone()),
-        ) else {
+        let Some(bufs) = Buffers::new(chain.memory(), &chain) else {
             return 0;
         };
-        let n = reader.available_bytes();
-        let mut reply = self.reply.lock().unwrap_or_else(|p| p.into_inner());
-        reply.clear();
-        if n > MAX_REQUEST {
-            // Too large to have come from a well-behaved kernel: answer without reading it.
-            let mut head = [0u8; IN_HEADER];
-            if reader.read_exact(&mut head).is_err() {
-                return 0;
-            }
-            match InHeader::parse(&head) {
-                Some(h) => error_reply(&mut reply, h.unique, libc::E2BIG),
-                None => return 0,
-            }
-        } else {
-            let mut req = vec![0u8; n];
-            if reader.read_exact(&mut req).is_err() || !self.fuse.handle(&req, &mut reply) {
-                return 0;
-            }
-        }
-        if reply.len() > writer.available_bytes() {
-            // The kernel sized its buffer for the largest valid answer; if ours is larger, say
-            // so rather than write a truncated one.
-            let unique = u64::from_le_bytes(reply[8..16].try_into().unwrap_or_default());
-            reply.clear();
-            error_reply(&mut reply, unique, libc::EIO);
-        }
-        if writer.write_all(&reply).is_err() {
+        let mut head = [0u8; IN_HEADER];
+        if bufs.input_len < IN_HEADER || bufs.copy_in(0, &mut head) != IN_HEADER {
             return 0;
         }
-        writer.bytes_written() as u32
+        let Some(h) = InHeader::parse(&head) else {
+            return 0;
+        };
+        let mut reply = self.reply.lock().unwrap_or_else(|p| p.into_inner());
+        reply.clear();
+        // A write's data stays in guest memory: the host kernel copies it into the file.
+        let args = if h.opcode == WRITE {
+            bufs.input_len.min(IN_HEADER + WRITE_IN)
+        } else {
+            bufs.input_len
+        };
+        let len = if args > MAX_REQUEST {
+            // Too large to have come from a well-behaved kernel: answer without reading it.
+            error_reply(&mut reply, h.unique, libc::E2BIG);
+            reply.len()
+        } else {
+            let mut req = vec![0u8; args];
+            bufs.copy_in(0, &mut req);
+            let mut payload = GuestPayload {
+                bufs: &bufs,
+                pending: bufs.input_len - args,
+                data_at: args,
+            };
+            match self.fuse.handle(&req, &mut payload, &mut reply) {
+                Some(len) => len,
+                None => return 0,
+            }
+        };
+        if len > bufs.output_len {
+            // The kernel sized its buffer for the largest valid answer; if ours is larger, say
+            // so rather than write a truncated one.
+            reply.clear();
+            error_reply(&mut reply, h.unique, libc::EIO);
+            bufs.copy_out(0, &reply);
+            return OUT_HEADER as u32;
+        }
+        // A read's data is already in place after the header.
+        bufs.copy_out(0, &reply);
+        len as u32
+    }
+}
+
+/// `FUSE_WRITE`'s opcode and the size of its `fuse_write_in`.
+const WRITE: u32 = 16;
+const WRITE_IN: usize = 40;
+
+/// The guest memory of one request: the buffers the guest filled (the request) and those it
+/// left for the reply, in order.
+struct Buffers<'a> {
+    input: Vec<VolatileSlice<'a>>,
+    input_len: usize,
+    output: Vec<VolatileSlice<'a>>,
+    output_len: usize,
+}
+
+impl<'a> Buffers<'a> {
+    /// `None` if a descriptor points outside guest memory or the lengths overflow.
+    fn new(mem: &'a GuestMemoryMmap, chain: &Chain) -> Option<Self> {
+        let mut b = Buffers {
+            input: Vec::new(),
+            input_len: 0,
+            output: Vec::new(),
+            output_len: 0,
+        };
+        for d in chain.clone() {
+            let (list, total, access) = if d.is_write_only() {
+                (&mut b.output, &mut b.output_len, Permissions::Write)
+            } else {
+                (&mut b.input, &mut b.input_len, Permissions::Read)
+            };
+            *total = total.checked_add(d.len() as usize)?;
+            for slice in mem.get_slices(d.addr(), d.len() as usize, access).ok()? {
+                list.push(slice.ok()?);
+            }
+        }
+        Some(b)
+    }
+
+    /// Copies request bytes from `at` into `buf`; returns how many there were.
+    fn copy_in(&self, at: usize, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        for s in spans(&self.input, at, buf.len()) {
+            done += s.copy_to(&mut buf[done..]);
+        }
+        done
+    }
+
+    /// Copies `data` into the reply buffers at `at`.
+    fn copy_out(&self, at: usize, data: &[u8]) {
+        let mut done = 0;
+        for s in spans(&self.output, at, data.len()) {
+            s.copy_from(&data[done..done + s.len()]);
+            done += s.len();
+        }
+    }
+}
+
+/// The parts of `slices` that cover `len` bytes from `at`.
+fn spans<'a>(slices: &[VolatileSlice<'a>], mut at: usize, mut len: usize) -> Vec<VolatileSlice<'a>> {
+    let mut out = Vec::new();
+    for s in slices {
+        if len == 0 {
+            break;
+        }
+        if at >= s.len() {
+            at -= s.len();
+            continue;
+        }
+        let n = (s.len() - at).min(len);
+        if let Ok(sub) = s.subslice(at, n) {
+            out.push(sub);
+        }
+        at = 0;
+        len -= n;
+    }
+    out
+}
+
+/// `iovec`s over guest memory, for `preadv`/`pwritev`.
+fn iovecs(spans: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
+    spans
+        .iter()
+        .map(|s| libc::iovec {
+            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_len: s.len(),
+        })
+        .collect()
+}
+
+/// Drops the first `n` bytes from `iov`.
+fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    while n > 0 && !iov.is_empty() {
+        if n >= iov[0].iov_len {
+            n -= iov[0].iov_len;
+            iov.remove(0);
+        } else {
+            // SAFETY: stays within the buffer the iovec describes.
+            iov[0].iov_base = unsafe { iov[0].iov_base.cast::<u8>().add(n) }.cast();
+            iov[0].iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+/// A request's data and reply data left in guest memory ([`Payload`]).
+struct GuestPayload<'b, 'a> {
+    bufs: &'b Buffers<'a>,
+    /// Request bytes after the arguments (a write's data).
+    pending: usize,
+    /// Where they start.
+    data_at: usize,
+}
+
+impl Payload for GuestPayload<'_, '_> {
+    fn pending(&self) -> usize {
+        self.pending
+    }
+
+    fn write_to(&mut self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+        let mut iov = iovecs(&spans(&self.bufs.input, self.data_at, self.pending));
+        let mut done = 0;
+        while !iov.is_empty() {
+            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            let n = iov.len().min(1024) as i32;
+            // SAFETY: every iovec describes mapped guest memory held by the chain's guard;
+            // the kernel only reads from it.
+            let r = unsafe { libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), n, at) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+            advance(&mut iov, r as usize);
+        }
+        Ok(done)
+    }
+
+    fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        let room = self.bufs.output_len.saturating_sub(OUT_HEADER);
+        let mut iov = iovecs(&spans(&self.bufs.output, OUT_HEADER, len.min(room)));
+        let mut done = 0;
+        while !iov.is_empty() {
+            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let n = iov.len().min(1024) as i32;
+            // SAFETY: every iovec describes mapped, guest-writable memory held by the chain's
+            // guard.
+            let r = unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), n, at) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as usize;
+            advance(&mut iov, r as usize);
+        }
+        Ok(done)
     }
 }
 
