@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Matchlock guest kernel (an ELF vmlinux booted by QEMU microvm via PVH) from Debian's
-# linux-source-6.1, once per machine, cached by the hash of our config fragment and the source version:
+# linux-source-6.1 with our patches (patches/*.patch, applied in name order), once per machine,
+# cached by the hash of our config fragment and patches:
 #   ${MATCHLOCK_CACHE_DIR:-~/.cache/matchlock}/kernel/<hash>/vmlinux
 # Prints the path of the vmlinux on stdout; progress goes to stderr.
 # MATCHLOCK_KERNEL=/path/to/vmlinux skips the build and is printed as is.
@@ -9,7 +10,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fragment="$here/config"
 src_tar=/usr/src/linux-source-6.1.tar.xz
-packages=(linux-source-6.1 flex bison bc libelf-dev libssl-dev make gcc xz-utils)
+packages=(linux-source-6.1 flex bison bc libelf-dev libssl-dev make gcc xz-utils patch)
 
 say() { printf 'matchlock kernel: %s\n' "$*" >&2; }
 die() { printf 'matchlock kernel: error: %s\n' "$*" >&2; exit 1; }
@@ -34,9 +35,11 @@ if ((${#missing[@]})); then
 fi
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-# The matchlock binary computes the same hash from its embedded copy of the fragment (matchlock-vmm),
-# so it knows where to find the kernel without running this script.
-hash=$( { cat "$fragment"; echo "script=2"; } | sha256sum | cut -c1-16)
+# The matchlock binary computes the same hash from its embedded copies of the fragment and the
+# patches (matchlock-vmm), so it knows where to find the kernel without running this script.
+patches=("$here"/patches/*.patch)
+[[ -e "${patches[0]}" ]] || patches=()
+hash=$( { cat "$fragment"; echo "script=3"; for p in "${patches[@]}"; do cat "$p"; done; } | sha256sum | cut -c1-16)
 cache=${MATCHLOCK_CACHE_DIR:-$HOME/.cache/matchlock}/kernel/$hash
 if [[ -f "$cache/vmlinux" ]]; then
     printf '%s\n' "$cache/vmlinux"
@@ -51,6 +54,10 @@ say "unpacking linux-source $src_version (once per machine; cached in $cache)"
 tar -xJf "$src_tar" -C "$work"
 ksrc=$(echo "$work"/linux-source-*)
 cd "$ksrc"
+for p in "${patches[@]}"; do
+    say "applying $(basename "$p")"
+    patch -p1 --forward --quiet <"$p" >&2 || die "$(basename "$p") does not apply to linux-source $src_version"
+done
 make -s tinyconfig >&2
 scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
 make -s olddefconfig >&2

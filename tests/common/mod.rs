@@ -151,7 +151,12 @@ pub struct Sandbox {
 impl Sandbox {
     /// Starts `run -d` with extra flags and `command` as the detached process.
     pub fn detached(flags: &[&str], command: &[&str]) -> Sandbox {
-        let mut args = vec!["run", "-d", "--image", BUSYBOX];
+        Self::detached_from(BUSYBOX, flags, command)
+    }
+
+    /// Like [`Sandbox::detached`], from `image`.
+    pub fn detached_from(image: &str, flags: &[&str], command: &[&str]) -> Sandbox {
+        let mut args = vec!["run", "-d", "--image", image];
         args.extend_from_slice(flags);
         args.push("--");
         args.extend_from_slice(command);

@@ -86,6 +86,10 @@ fn kernel(cmd: KernelCommand) -> anyhow::Result<i32> {
                 dir.path().join("build.sh"),
                 matchlock_vmm::kernel::BUILD_SCRIPT,
             )?;
+            std::fs::create_dir(dir.path().join("patches"))?;
+            for (name, patch) in matchlock_vmm::kernel::PATCHES {
+                std::fs::write(dir.path().join("patches").join(name), patch)?;
+            }
             let status = std::process::Command::new("bash")
                 .arg(dir.path().join("build.sh"))
                 .env_remove("MATCHLOCK_KERNEL")

@@ -102,8 +102,8 @@ const FSYNC_FDATASYNC: u32 = 1 << 0;
 /// `fuse_open_out.open_flags`: bypass the guest's page cache for this open file.
 const FOPEN_DIRECT_IO: u32 = 1 << 0;
 /// `fuse_open_out.open_flags`: keep the page cache across opens. Host changes still reach it:
-/// lookups of regular files are never cached ([`entry_ttl`]), and a lookup that finds a changed
-/// size or mtime drops the cached pages (`FUSE_AUTO_INVAL_DATA`).
+/// attributes that show a changed size or mtime drop the cached pages (`FUSE_AUTO_INVAL_DATA`),
+/// and an open of a file changed on the host makes the kernel fetch them first.
 const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 
 /// How the guest's kernel should treat a file opened with `flags`. A write-only open goes
@@ -122,27 +122,18 @@ fn open_flags(flags: i32) -> u32 {
     }
 }
 
-/// How long the kernel may trust attributes, and names of directories, before asking again: a
-/// change made on the host side of a live mount shows in the guest within this long (virtiofs's
-/// `cache=auto` makes the same trade). Trusting nothing would cost a round trip for every
-/// permission check along every path.
+/// How long the kernel may trust names and attributes before asking again: a `stat` of something
+/// changed on the host side of a live mount shows the change within this long (virtiofs's
+/// `cache=auto` makes the same trade), an `open` at once ([`MountFs`] answers it with `ESTALE`
+/// when the guest's view is out of date, and the kernel looks again). Trusting nothing would
+/// cost a round trip for every permission check along every path, and would drop a file's
+/// cached pages at every close (the kernel evicts inodes whose names expired).
 const TTL_SECS: u64 = 1;
 
 /// Most mounts one device serves (node ids stay below 2^53).
 pub const MAX_MOUNTS: usize = 31;
 /// The directory handle of the synthetic root.
 const ROOT_DIR_FH: u64 = u64::MAX;
-
-/// How long the kernel may trust a name that leads to a node of type `mode`. Zero for all but
-/// directories: every `open` or `stat` by path then looks the name up, which returns fresh
-/// attributes, so a file replaced or changed on the host is seen at once.
-fn entry_ttl(mode: u32) -> u64 {
-    if mode & libc::S_IFMT == libc::S_IFDIR {
-        TTL_SECS
-    } else {
-        0
-    }
-}
 
 /// A sandbox's mounts served over FUSE: the translation between the kernel's requests and
 /// [`MountFs::handle`].
@@ -261,7 +252,7 @@ impl Out<'_> {
     }
     /// `struct fuse_entry_out` (128 bytes); node 0 says "no entry" (a bare READDIRPLUS entry).
     fn entry(&mut self, node: u64, a: &VfsAttr) -> &mut Self {
-        let ttl = if node == 0 { 0 } else { entry_ttl(a.mode) };
+        let ttl = if node == 0 { 0 } else { TTL_SECS };
         self.u64(node).u64(0).u64(ttl).u64(TTL_SECS).u32(0).u32(0);
         self.attr(a)
     }
@@ -291,7 +282,12 @@ impl FuseFs {
     /// which must then be nothing but the header). Returns the reply's whole length (`out`'s new
     /// bytes and the payload's), or `None` when the request takes no reply (forgets,
     /// interrupts, or a request too short to carry a header).
-    pub fn handle(&self, req: &[u8], payload: &mut dyn Payload, out: &mut Vec<u8>) -> Option<usize> {
+    pub fn handle(
+        &self,
+        req: &[u8],
+        payload: &mut dyn Payload,
+        out: &mut Vec<u8>,
+    ) -> Option<usize> {
         let h = InHeader::parse(req)?;
         if matches!(
             h.opcode,

@@ -188,7 +188,7 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
     );
     assert_eq!(b.len(), 128 + 16);
     let (node, entry_ttl, attr_ttl, size, mode) = entry(&b);
-    assert_eq!((entry_ttl, attr_ttl, size), (0, TTL_SECS, 0));
+    assert_eq!((entry_ttl, attr_ttl, size), (TTL_SECS, TTL_SECS, 0));
     assert_eq!(mode, libc::S_IFREG | 0o640);
     let fh = u64_at(&b, 128);
     assert_eq!(u32_at(&b, 136), FOPEN_KEEP_CACHE);
@@ -249,14 +249,28 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
     assert_eq!((u64_at(&b, 0), u64_at(&b, 16 + 8)), (TTL_SECS, 2));
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"he");
     // Write-only opens bypass the guest's page cache, others keep it.
-    let b = ok(&f, &req(opcode::OPEN, node, &B::default().u32(libc::O_WRONLY as u32).u32(0).0));
+    let b = ok(
+        &f,
+        &req(
+            opcode::OPEN,
+            node,
+            &B::default().u32(libc::O_WRONLY as u32).u32(0).0,
+        ),
+    );
     assert_eq!(u32_at(&b, 8), FOPEN_DIRECT_IO);
-    ok(&f, &req(opcode::RELEASE, node, &B::default().u64(u64_at(&b, 0)).raw(&[0; 16]).0));
+    ok(
+        &f,
+        &req(
+            opcode::RELEASE,
+            node,
+            &B::default().u64(u64_at(&b, 0)).raw(&[0; 16]).0,
+        ),
+    );
     ok(
         &f,
         &req(opcode::RELEASE, node, &B::default().u64(fh).raw(&[0; 16]).0),
     );
-    // A directory's name may be cached; a file's never is.
+    // Names and attributes are trusted for a second.
     let b = ok(
         &f,
         &req(
@@ -268,7 +282,7 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
     assert_eq!(entry(&b).1, TTL_SECS);
     let b = ok(&f, &req(opcode::LOOKUP, R0, &B::default().name("f").0));
     assert_eq!(entry(&b).0, node, "the same node: stable ids");
-    assert_eq!(entry(&b).1, 0);
+    assert_eq!(entry(&b).1, TTL_SECS);
     // Symlink and readlink.
     let b = ok(
         &f,
@@ -363,13 +377,17 @@ fn directory_pages_fit_the_kernels_buffer_and_count_only_what_they_send() {
         forgets = forgets.u64(entry(&b).0).u64(if i == 0 { 1 } else { 2 });
     }
     let mut out = Vec::new();
-    assert!(!handle(&f, &req(opcode::BATCH_FORGET, 0, &forgets.0), &mut out));
+    assert!(!handle(
+        &f,
+        &req(opcode::BATCH_FORGET, 0, &forgets.0),
+        &mut out
+    ));
     assert!(out.is_empty());
     ok(&f, &req(opcode::GETATTR, nodes[0], &[0; 16]));
     for n in &nodes[1..] {
         assert_eq!(
             call(&f, &req(opcode::GETATTR, *n, &[0; 16])).0,
-            -libc::ENOENT
+            -libc::ESTALE
         );
     }
 }
@@ -398,7 +416,7 @@ fn mounts_sit_under_a_read_only_root_by_index_and_never_mix() {
     // A single file is the mount's root itself.
     let b = ok(&f, &req(opcode::LOOKUP, 1, &B::default().name("1").0));
     let (node, entry_ttl, _, size, mode) = entry(&b);
-    assert_eq!((node, entry_ttl, size), (R1, 0, 4));
+    assert_eq!((node, entry_ttl, size), (R1, TTL_SECS, 4));
     assert_eq!(mode & libc::S_IFMT, libc::S_IFREG);
     let b = ok(
         &f,
@@ -486,13 +504,17 @@ fn malformed_requests_get_errors_not_panics() {
     assert_eq!(call(&f, &req(opcode::WRITE, R0, &write)).0, -libc::EINVAL);
     // A batch forget that claims more entries than it carries.
     let forgets = B::default().u32(u32::MAX).u32(0).u64(1).u64(1).0;
-    assert!(!handle(&f, &req(opcode::BATCH_FORGET, 0, &forgets), &mut out));
+    assert!(!handle(
+        &f,
+        &req(opcode::BATCH_FORGET, 0, &forgets),
+        &mut out
+    ));
     // A handle that was never opened, a node that was never looked up.
     let read = B::default().u64(999).u64(0).u32(10).raw(&[0; 20]).0;
     assert_eq!(call(&f, &req(opcode::READ, R0, &read)).0, -libc::EBADF);
     assert_eq!(
         call(&f, &req(opcode::GETATTR, R0 + 12345, &[0; 16])).0,
-        -libc::ENOENT
+        -libc::ESTALE
     );
     // Random requests: every opcode, random bodies, random lengths.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -512,7 +534,11 @@ fn malformed_requests_get_errors_not_panics() {
         let len = (r >> 20 & 1 == 0).then_some((next() % 300) as u32);
         let mut out = Vec::new();
         let node = [1, R0, R0 + 1, next()][(r >> 30) as usize % 4];
-        if let Some(n) = f.handle(&req_with_len(op, node, &body, len), &mut Mem::default(), &mut out) {
+        if let Some(n) = f.handle(
+            &req_with_len(op, node, &body, len),
+            &mut Mem::default(),
+            &mut out,
+        ) {
             assert!(u32_at(&out, 0) as usize == n && n >= out.len());
         }
     }

@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Most nodes the guest may hold references to (the kernel forgets them under memory pressure).
 const MAX_NODES: usize = 1 << 20;
@@ -44,7 +45,22 @@ struct Node {
     paths: Vec<PathBuf>,
     key: Key,
     refs: u64,
+    /// The file's size and mtime as the guest last heard them (its kernel trusts attributes
+    /// for a second).
+    seen: Option<(u64, (i64, u32))>,
+    /// When an open of it was last refused as stale, until the guest looks it up again.
+    refused: Option<Instant>,
+    /// The guest looked it up after a refusal: its next open is its retry, and passes.
+    retrying: bool,
 }
+
+/// An `open` of a file whose size or mtime changed on the host since the guest last heard of
+/// them fails with `ESTALE`: the guest's kernel then looks the path up again (getting fresh
+/// attributes, and dropping cached pages of a changed file) and retries once, so a file changed
+/// on the host reads whole and current at its next open. The retry passes even if the host
+/// changed the file again meanwhile (a log it keeps writing); an open that cannot be retried
+/// (through `/proc/self/fd`) passes if it comes within this long of the refusal.
+pub(crate) const RETRY_WINDOW: Duration = Duration::from_secs(1);
 
 enum Handle {
     File(OwnedFd),
@@ -186,6 +202,9 @@ impl MountFs {
                 paths: vec![PathBuf::new()],
                 key: key(&st),
                 refs: 1,
+                seen: None,
+                refused: None,
+                retrying: false,
             },
         );
         t.by_key.insert(key(&st), ROOT_NODE);
@@ -269,14 +288,18 @@ impl MountFs {
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
         match &mut reply {
-            VfsReply::Entry(a)
-            | VfsReply::Attr(a)
-            | VfsReply::Created(a, _)
-            | VfsReply::OpenedFile(_, a) => self.owner.apply(a),
+            // What the guest's kernel receives attributes from (an open's reply carries none).
+            VfsReply::Entry(a) | VfsReply::Attr(a) | VfsReply::Created(a, _) => {
+                self.owner.apply(a);
+                self.told(&[*a]);
+            }
+            VfsReply::OpenedFile(_, a) => self.owner.apply(a),
             VfsReply::EntriesPlus(entries) => {
                 for a in entries.iter_mut().filter_map(|e| e.attr.as_mut()) {
                     self.owner.apply(a);
                 }
+                let told: Vec<VfsAttr> = entries.iter().filter_map(|e| e.attr).collect();
+                self.told(&told);
             }
             _ => {}
         }
@@ -287,6 +310,50 @@ impl MountFs {
             }
         }
         reply
+    }
+
+    /// Remembers what the guest was just told about these nodes.
+    fn told(&self, attrs: &[VfsAttr]) {
+        let mut t = self.tables();
+        for a in attrs {
+            if let Some(n) = t.nodes.get_mut(&a.ino) {
+                n.seen = Some((a.size, a.mtime));
+                if n.refused.take().is_some() {
+                    n.retrying = true;
+                }
+            }
+        }
+    }
+
+    /// Whether an open of `node` (whose file now has `st`) should make the guest look again
+    /// ([`RETRY_WINDOW`]); a refusal is remembered.
+    fn refuse_stale(&self, node: u64, st: &libc::stat) -> bool {
+        let mut t = self.tables();
+        let Some(n) = t.nodes.get_mut(&node) else {
+            return false;
+        };
+        if std::mem::take(&mut n.retrying) {
+            return false;
+        }
+        let now = attr(node, st);
+        let changed = n.seen.is_some_and(|s| s != (now.size, now.mtime));
+        if !changed || n.refused.is_some_and(|at| at.elapsed() < RETRY_WINDOW) {
+            return false;
+        }
+        n.refused = Some(Instant::now());
+        true
+    }
+
+    /// Records the guest's own change to the file behind `fd`: its kernel updated its idea of
+    /// the file itself, so the next open must not take it for a host change.
+    fn changed_by_guest(&self, fd: BorrowedFd<'_>) {
+        let Ok(st) = sys::fstat(fd) else {
+            return;
+        };
+        let node = self.tables().by_key.get(&key(&st)).copied();
+        if let Some(node) = node {
+            self.told(&[attr(node, &st)]);
+        }
     }
 
     /// Applies the ownership override to a `chown`.
@@ -435,7 +502,7 @@ impl MountFs {
     /// The names and identity of a node.
     fn node(&self, id: u64) -> io::Result<(Vec<PathBuf>, Key)> {
         let t = self.tables();
-        let n = t.nodes.get(&id).ok_or_else(|| err(libc::ENOENT))?;
+        let n = t.nodes.get(&id).ok_or_else(|| err(libc::ESTALE))?;
         Ok((n.paths.clone(), n.key))
     }
 
@@ -468,7 +535,9 @@ impl MountFs {
                 }
             }
         }
-        found.ok_or_else(|| err(libc::ENOENT))
+        // ESTALE, not ENOENT: the guest's kernel then looks the name up again and retries,
+        // finding whatever the host put there.
+        found.ok_or_else(|| err(libc::ESTALE))
     }
 
     /// `O_PATH` fd of a relative path (the root for an empty one).
@@ -528,6 +597,9 @@ impl MountFs {
                 paths: vec![path],
                 key: k,
                 refs: 1,
+                seen: None,
+                refused: None,
+                retrying: false,
             },
         );
         t.by_key.insert(k, id);
@@ -817,6 +889,10 @@ impl MountFs {
                     // FIFOs, devices and sockets on the host are never opened for the guest.
                     return Err(err(libc::EACCES));
                 }
+                // A truncating open discards what the guest might have cached anyway.
+                if flags & libc::O_TRUNC == 0 && self.refuse_stale(node, &st) {
+                    return Err(err(libc::ESTALE));
+                }
                 let keep = libc::O_ACCMODE
                     | libc::O_APPEND
                     | libc::O_TRUNC
@@ -824,7 +900,9 @@ impl MountFs {
                     | libc::O_DSYNC
                     | libc::O_NONBLOCK;
                 let f = sys::reopen(fd.as_fd(), flags & keep)?;
-                // Fresh attributes, so the guest can tell whether its cached ones went stale.
+                if flags & libc::O_TRUNC != 0 {
+                    self.changed_by_guest(f.as_fd());
+                }
                 let now = attr(node, &sys::fstat(f.as_fd())?);
                 Ok(VfsReply::OpenedFile(
                     self.add_handle(Handle::File(f), path)?,
@@ -903,6 +981,7 @@ impl MountFs {
                     return Err(err(libc::EISDIR));
                 };
                 let n = sys::pwrite(f.as_fd(), offset, &data)?;
+                self.changed_by_guest(f.as_fd());
                 Ok(VfsReply::Written(n as u32))
             }
             VfsOp::Release { fh } => {
@@ -988,6 +1067,7 @@ impl MountFs {
                     return Err(err(libc::EISDIR));
                 };
                 sys::fallocate(f.as_fd(), mode, offset, length)?;
+                self.changed_by_guest(f.as_fd());
                 Ok(VfsReply::Ok)
             }
             VfsOp::Lseek { fh, offset, whence } => {
@@ -1020,7 +1100,9 @@ impl MountFs {
                 let Handle::File(f) = &*h else {
                     return Err(err(libc::EISDIR));
                 };
-                Ok(VfsReply::Written(payload.write_to(f.as_fd(), offset)? as u32))
+                let n = payload.write_to(f.as_fd(), offset)?;
+                self.changed_by_guest(f.as_fd());
+                Ok(VfsReply::Written(n as u32))
             }
             VfsOp::Syncfs => {
                 // syncfs refuses O_PATH descriptors.

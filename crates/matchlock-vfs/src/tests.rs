@@ -368,8 +368,9 @@ fn posix_basics_and_stable_inodes() {
             & 0o7777,
         0o755
     );
-    // A stale node (its file replaced on the host) does not answer for the new file.
-    // (The old inode stays alive elsewhere so its number cannot be reused.)
+    // A stale node (its file replaced on the host) does not answer for the new file: ESTALE
+    // makes the guest's kernel look the name up again. (The old inode stays alive elsewhere so
+    // its number cannot be reused.)
     fs::rename(d.path().join("e/f"), d.path().join("kept")).unwrap();
     fs::write(d.path().join("e/f"), "other").unwrap();
     assert_eq!(
@@ -377,7 +378,7 @@ fn posix_basics_and_stable_inodes() {
             node: inner.ino,
             fh: None
         }),
-        R::Err(libc::ENOENT)
+        R::Err(libc::ESTALE)
     );
     // Symlinks store the guest's target verbatim.
     let R::Entry(l) = fs.handle(Op::Symlink {
@@ -810,7 +811,7 @@ fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
             node: a.ino,
             fh: None
         }),
-        R::Err(libc::ENOENT)
+        R::Err(libc::ESTALE)
     );
     // Past the end: empty.
     let last = es.last().unwrap().entry.offset;
@@ -822,4 +823,47 @@ fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
         }),
         R::EntriesPlus(Vec::new())
     );
+}
+
+/// An open of a file the host changed after the guest last heard of it fails with ESTALE (the
+/// kernel then looks again and retries); the guest's own writes do not count as changes, and
+/// the retry goes through even if the host changed the file again meanwhile.
+#[test]
+fn opens_of_files_changed_on_the_host_ask_the_guest_to_look_again() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("f"), "one").unwrap();
+    let fs = srv(d.path(), false);
+    let node = ino(lookup(&fs, ROOT_NODE, "f"));
+    let open = |flags| fs.handle(Op::Open { node, flags });
+    let R::OpenedFile(fh, _) = open(libc::O_RDWR) else {
+        panic!()
+    };
+    // The guest's own write is not a host change.
+    fs.handle(Op::Write {
+        fh,
+        offset: 3,
+        data: b" two".to_vec(),
+    });
+    assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
+    // A host change is; the retried open passes, whatever the host did in between.
+    fs::write(d.path().join("f"), "changed on the host").unwrap();
+    assert_eq!(open(libc::O_RDONLY), R::Err(libc::ESTALE));
+    assert_eq!(ino(lookup(&fs, ROOT_NODE, "f")), node);
+    fs::write(d.path().join("f"), "changed again").unwrap();
+    assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
+    // The next change is refused again, at once.
+    fs::write(d.path().join("f"), "and again").unwrap();
+    assert_eq!(open(libc::O_RDONLY), R::Err(libc::ESTALE));
+    // An open that cannot be retried (no lookup comes) passes within the window; after it, an
+    // unseen change is refused again.
+    assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
+    std::thread::sleep(super::ops::RETRY_WINDOW);
+    assert_eq!(open(libc::O_RDONLY), R::Err(libc::ESTALE));
+    // A truncating open does not care, and counts as the guest's own change.
+    assert!(matches!(
+        open(libc::O_WRONLY | libc::O_TRUNC),
+        R::OpenedFile(..)
+    ));
+    std::thread::sleep(super::ops::RETRY_WINDOW);
+    assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
 }

@@ -207,7 +207,11 @@ impl<'a> Buffers<'a> {
 }
 
 /// The parts of `slices` that cover `len` bytes from `at`.
-fn spans<'a>(slices: &[VolatileSlice<'a>], mut at: usize, mut len: usize) -> Vec<VolatileSlice<'a>> {
+fn spans<'a>(
+    slices: &[VolatileSlice<'a>],
+    mut at: usize,
+    mut len: usize,
+) -> Vec<VolatileSlice<'a>> {
     let mut out = Vec::new();
     for s in slices {
         if len == 0 {
@@ -271,7 +275,8 @@ impl Payload for GuestPayload<'_, '_> {
         let mut iov = iovecs(&spans(&self.bufs.input, self.data_at, self.pending));
         let mut done = 0;
         while !iov.is_empty() {
-            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+            let at = i64::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
             let n = iov.len().min(1024) as i32;
             // SAFETY: every iovec describes mapped guest memory held by the chain's guard;
             // the kernel only reads from it.
@@ -297,7 +302,8 @@ impl Payload for GuestPayload<'_, '_> {
         let mut iov = iovecs(&spans(&self.bufs.output, OUT_HEADER, len.min(room)));
         let mut done = 0;
         while !iov.is_empty() {
-            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let at = i64::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             let n = iov.len().min(1024) as i32;
             // SAFETY: every iovec describes mapped, guest-writable memory held by the chain's
             // guard.
