@@ -25,7 +25,7 @@
 //!    policy, secrets) against the same transfer in open mode with TLS end to end.
 //! 7. `--vfs MB`: workspace (`host_fs`) throughput and small-file rates against the guest's own
 //!    ext4 and QEMU's virtio-9p on the same host file system; `--vfs-virtiofs` adds virtio-fs
-//!    served by QEMU's `virtiofsd`, the transport a next step could take; see `vfs.rs`.
+//!    served by QEMU's own `virtiofsd` (the same transport, its reference daemon); see `vfs.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 

@@ -1,13 +1,15 @@
-//! `--vfs MB`: workspace file system throughput. Sequential write and read of `MB` MiB and
-//! small-file create/stat/unlink rates, measured in the guest: on a matchlock `host_fs` workspace,
-//! on the guest's own ext4 disk (same VM, same run), and on QEMU's virtio-9p sharing a host
-//! directory of the same file system (a VM booted directly, as matchlock never uses 9p); with
+//! `--vfs MB`: workspace file system throughput. Sequential write and read of `MB` MiB (1 MiB
+//! calls; the read also with 8 KiB calls, as line-by-line readers do) and small-file
+//! create/stat/unlink rates, measured in the guest: on a matchlock `host_fs` workspace, on the
+//! guest's own ext4 disk (same VM, same run), and on QEMU's virtio-9p sharing a host directory of
+//! the same file system (a VM booted directly, as matchlock never uses 9p); with
 //! `--vfs-virtiofs`, also on virtio-fs served by QEMU's `virtiofsd`.
 
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
 
-/// The guest side: prints `write_mbps read_mbps create_ops stat_ops unlink_ops` for `dir`.
+/// The guest side: prints `write_mbps read_mbps read8k_mbps create_ops stat_ops unlink_ops`
+/// for `dir`.
 fn script(mb: u64, files: u32) -> String {
     format!(
         r#"
@@ -30,6 +32,11 @@ for d in sys.argv[1:]:
     with open(p, "rb") as f:
         while f.read(1 << 20): pass
     r = {mb} / (time.perf_counter() - t)
+    drop()
+    t = time.perf_counter()
+    with open(p, "rb", buffering=0) as f:
+        while f.read(8192): pass
+    r8 = {mb} / (time.perf_counter() - t)
     os.unlink(p)
     names = [os.path.join(d, "f%d" % i) for i in range({files})]
     t = time.perf_counter()
@@ -43,12 +50,25 @@ for d in sys.argv[1:]:
     t = time.perf_counter()
     for n in names: os.unlink(n)
     u = {files} / (time.perf_counter() - t)
-    print(d, w, r, c, s, u, flush=True)
+    print(d, w, r, r8, c, s, u, flush=True)
 "#
     )
 }
 
-fn parse(out: &str, dir: &str) -> Result<[f64; 5]> {
+/// Results per place, in [`ROWS`] order.
+type Row = [f64; 6];
+
+/// What each result measures.
+const ROWS: [&str; 6] = [
+    "seq write MB/s",
+    "seq read MB/s",
+    "seq read, 8 KiB calls MB/s",
+    "create ops/s",
+    "stat ops/s",
+    "unlink ops/s",
+];
+
+fn parse(out: &str, dir: &str) -> Result<Row> {
     let line = out
         .lines()
         .find(|l| l.starts_with(&format!("{dir} ")))
@@ -58,15 +78,13 @@ fn parse(out: &str, dir: &str) -> Result<[f64; 5]> {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    if v.len() != 5 {
-        bail!("bad result line: {line}");
-    }
-    Ok([v[0], v[1], v[2], v[3], v[4]])
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("bad result line: {line}"))
 }
 
 /// Runs `runs` rounds of all three and prints medians with ratios.
-/// With `virtiofs`, also on virtio-fs served by QEMU's C `virtiofsd` (what a vhost-user-fs
-/// transport could reach; our kernel has `CONFIG_VIRTIO_FS` for this comparison).
+/// With `virtiofs`, also on virtio-fs served by QEMU's C `virtiofsd` (the same transport as the
+/// workspace, served by QEMU's reference daemon instead of matchlock's).
 pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool) -> Result<()> {
     let store = matchlock_image::ImageStore::open_default()?;
     let info = store
@@ -133,7 +151,7 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool)
             vfsd.push(virtiofs_run(&info.rootfs, &code)?);
         }
     }
-    let median = |v: &Vec<[f64; 5]>, i: usize| {
+    let median = |v: &Vec<Row>, i: usize| {
         let mut x: Vec<f64> = v.iter().map(|r| r[i]).collect();
         x.sort_by(|a, b| a.total_cmp(b));
         x[x.len() / 2]
@@ -144,16 +162,7 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool)
         "{:<28} {:>12} {:>12} {:>12} {:>12}{extra}",
         "", "matchlock", "virtio-9p", "guest ext4", "vs 9p"
     );
-    for (i, name) in [
-        "seq write MB/s",
-        "seq read MB/s",
-        "create ops/s",
-        "stat ops/s",
-        "unlink ops/s",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, name) in ROWS.iter().enumerate() {
         let (a, b, c) = (median(&vfs, i), median(&ninep, i), median(&ext4, i));
         let d = if virtiofs {
             format!(" {:>11.1}", median(&vfsd, i))
@@ -170,7 +179,7 @@ pub fn bench(matchlock: &str, image: &str, mb: u64, runs: usize, virtiofs: bool)
 
 /// The script on virtio-fs served by QEMU's C `virtiofsd` (`cache=auto`) from a fresh host
 /// directory, in a VM booted directly with shared memory, as vhost-user requires.
-fn virtiofs_run(rootfs: &std::path::Path, code: &str) -> Result<[f64; 5]> {
+fn virtiofs_run(rootfs: &std::path::Path, code: &str) -> Result<Row> {
     let host = tempfile::Builder::new()
         .prefix("mlbvfsd")
         .tempdir_in("/tmp")?;
@@ -226,7 +235,7 @@ fn mounted_run(
     mount_args: &[&str],
     at: &str,
     code: &str,
-) -> Result<[f64; 5]> {
+) -> Result<Row> {
     let vm = crate::rawvm::RawVm::boot(rootfs, extra, None)?;
     vm.exec(vec!["mkdir".into(), "-p".into(), at.into()], true)?;
     let mut mount: Vec<String> = vec!["mount".into()];

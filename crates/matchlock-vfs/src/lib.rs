@@ -11,14 +11,16 @@
 //!   symlinks itself, in the guest), so neither `..` nor a symlink can lead outside the root;
 //! - read-only mounts refuse every write-class operation here, whatever the guest's kernel does;
 //! - FIFOs, devices and sockets on the host are never opened;
-//! - the node table, the handle table, request sizes and concurrency are all capped;
+//! - the node table, the handle table, request sizes and the number of mounts are all capped,
+//!   and descriptor chains are checked against guest memory;
 //! - interception rules ([`rules`]) refuse chosen operations on chosen guest paths.
 //!
-//! Node ids are the host inode numbers where they are free (so `ls -i` is stable across
-//! lookups and hard links share one), `1` for the root, synthetic ids otherwise. Each node
-//! remembers the names it was seen under; an operation uses the first that still leads to the
-//! same `(dev, ino)`, so a stale name (the file was replaced on the host) yields `ENOENT` rather
-//! than another file.
+//! A mount's node ids are the host inode numbers where they are free (so `ls -i` is stable across
+//! lookups and hard links share one), `1` for the root, synthetic ids otherwise; [`fuse`] puts the
+//! mount's index above them. Each node remembers the names it was seen under; an operation uses
+//! the first that still leads to the same `(dev, ino)`, so a stale name (the file was replaced on
+//! the host) yields `ESTALE`, on which the guest's kernel looks the name up again, rather than
+//! another file.
 
 pub mod fuse;
 pub mod op;
