@@ -355,57 +355,50 @@ impl Payload for GuestPayload<'_, '_> {
     }
 
     fn write_to(&mut self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
-        let mut iov = iovecs(&spans(&self.bufs.input, self.data_at, self.pending));
-        let mut done = 0;
-        while !iov.is_empty() {
-            let at = i64::try_from(offset + done as u64)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-            let n = iov.len().min(1024) as i32;
-            // SAFETY: every iovec describes mapped guest memory held by the chain's guard;
-            // the kernel only reads from it.
-            let r = unsafe { libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), n, at) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                break;
-            }
-            done += r as usize;
-            advance(&mut iov, r as usize);
-        }
-        Ok(done)
+        let iov = iovecs(&spans(&self.bufs.input, self.data_at, self.pending));
+        // SAFETY: every iovec describes mapped guest memory held by the chain's guard; pwritev
+        // only reads from it.
+        transfer(iov, offset, |iov, n, at| unsafe {
+            libc::pwritev(fd.as_raw_fd(), iov, n, at)
+        })
     }
 
     fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
         let room = self.bufs.output_len.saturating_sub(OUT_HEADER);
-        let mut iov = iovecs(&spans(&self.bufs.output, OUT_HEADER, len.min(room)));
-        let mut done = 0;
-        while !iov.is_empty() {
-            let at = i64::try_from(offset + done as u64)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            let n = iov.len().min(1024) as i32;
-            // SAFETY: every iovec describes mapped, guest-writable memory held by the chain's
-            // guard.
-            let r = unsafe { libc::preadv(fd.as_raw_fd(), iov.as_ptr(), n, at) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                break;
-            }
-            done += r as usize;
-            advance(&mut iov, r as usize);
-        }
-        Ok(done)
+        let iov = iovecs(&spans(&self.bufs.output, OUT_HEADER, len.min(room)));
+        // SAFETY: every iovec describes mapped, guest-writable memory held by the chain's guard.
+        transfer(iov, offset, |iov, n, at| unsafe {
+            libc::preadv(fd.as_raw_fd(), iov, n, at)
+        })
     }
+}
+
+/// Runs `io` (`preadv` or `pwritev` at an offset) over `iov` until all of it is done or the
+/// file ends; returns the bytes moved.
+fn transfer(
+    mut iov: Vec<libc::iovec>,
+    offset: u64,
+    io: impl Fn(*const libc::iovec, i32, i64) -> isize,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while !iov.is_empty() {
+        let at = i64::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let r = io(iov.as_ptr(), iov.len().min(1024) as i32, at);
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        done += r as usize;
+        advance(&mut iov, r as usize);
+    }
+    Ok(done)
 }
 
 /// A bare `fuse_out_header` carrying `-errno`.
