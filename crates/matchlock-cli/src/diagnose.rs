@@ -74,6 +74,26 @@ pub fn diagnose(json: bool) -> Result<i32> {
             },
         ));
     }
+    if let Ok(q) = &qemu {
+        // Workspace mounts (`-v`) are a vhost-user virtio-fs device.
+        let out = std::process::Command::new(q)
+            .args(["-device", "help"])
+            .output();
+        let has = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("vhost-user-fs-device"))
+            .unwrap_or(false);
+        checks.push(check(
+            "qemu virtio-fs",
+            if has {
+                Ok("vhost-user-fs-device available (workspace mounts)".into())
+            } else {
+                Err((
+                    "QEMU lacks vhost-user-fs-device, so -v mounts cannot work".into(),
+                    "install Debian's qemu-system-x86 (7.2 or newer), which has it".into(),
+                ))
+            },
+        ));
+    }
     let kernel = matchlock_vmm::kernel::locate();
     checks.push(check(
         "guest kernel",
