@@ -152,37 +152,33 @@ enum Node {
     In(usize, u64),
 }
 
-/// Why a request could not be read.
-#[derive(Debug)]
-struct Malformed;
-
-/// A bounded little-endian reader over a request's argument bytes.
+/// A bounded little-endian reader over a request's argument bytes; running short is `EINVAL`.
 struct Args<'a> {
     b: &'a [u8],
 }
 
 impl<'a> Args<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], i32> {
         if self.b.len() < n {
-            return Err(Malformed);
+            return Err(libc::EINVAL);
         }
         let (head, rest) = self.b.split_at(n);
         self.b = rest;
         Ok(head)
     }
-    fn u32(&mut self) -> Result<u32, Malformed> {
+    fn u32(&mut self) -> Result<u32, i32> {
         Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().map_err(|_| Malformed)?,
+            self.take(4)?.try_into().map_err(|_| libc::EINVAL)?,
         ))
     }
-    fn u64(&mut self) -> Result<u64, Malformed> {
+    fn u64(&mut self) -> Result<u64, i32> {
         Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().map_err(|_| Malformed)?,
+            self.take(8)?.try_into().map_err(|_| libc::EINVAL)?,
         ))
     }
     /// A NUL-terminated string, without its NUL.
-    fn name(&mut self) -> Result<Vec<u8>, Malformed> {
-        let end = self.b.iter().position(|&c| c == 0).ok_or(Malformed)?;
+    fn name(&mut self) -> Result<Vec<u8>, i32> {
+        let end = self.b.iter().position(|&c| c == 0).ok_or(libc::EINVAL)?;
         let s = self.b[..end].to_vec();
         self.b = &self.b[end + 1..];
         Ok(s)
@@ -250,6 +246,10 @@ impl Out<'_> {
         self.u32(a.mode).u32(a.nlink).u32(a.uid).u32(a.gid);
         self.u32(a.rdev).u32(a.blksize).u32(0)
     }
+    /// `struct fuse_attr_out` (104 bytes).
+    fn attr_out(&mut self, a: &VfsAttr) -> &mut Self {
+        self.u64(TTL_SECS).u32(0).u32(0).attr(a)
+    }
     /// `struct fuse_entry_out` (128 bytes); node 0 says "no entry" (a bare READDIRPLUS entry).
     fn entry(&mut self, node: u64, a: &VfsAttr) -> &mut Self {
         let ttl = if node == 0 { 0 } else { TTL_SECS };
@@ -277,11 +277,10 @@ impl FuseFs {
     }
 
     /// Answers one request, appending the reply's header and arguments to `out`. `req` is the
-    /// request as the guest wrote it, header and arguments, except for a write's data when
-    /// `payload` holds it; a read's data goes to `payload` (after the header and arguments,
-    /// which must then be nothing but the header). Returns the reply's whole length (`out`'s new
-    /// bytes and the payload's), or `None` when the request takes no reply (forgets,
-    /// interrupts, or a request too short to carry a header).
+    /// request as the guest wrote it, header and arguments; a write's data stays in `payload`,
+    /// and a read's data goes there (after the reply's header). Returns the reply's whole length
+    /// (`out`'s new bytes and the payload's), or `None` when the request takes no reply
+    /// (forgets, interrupts, or a request too short to carry a header).
     pub fn handle(
         &self,
         req: &[u8],
@@ -322,7 +321,7 @@ impl FuseFs {
         Some(len)
     }
 
-    fn forget(&self, h: &InHeader, body: &[u8]) -> Result<(), Malformed> {
+    fn forget(&self, h: &InHeader, body: &[u8]) -> Result<(), i32> {
         let mut a = Args { b: body };
         let mut nodes = Vec::new();
         if h.opcode == opcode::FORGET {
@@ -433,10 +432,9 @@ impl FuseFs {
     /// Requests about the synthetic root: look up a mount by index, list the mounts, stat.
     fn root_op(&self, h: &InHeader, body: &[u8], out: &mut Vec<u8>) -> Result<usize, i32> {
         let mut a = Args { b: body };
-        let bad = |_: Malformed| libc::EINVAL;
         match h.opcode {
             opcode::LOOKUP => {
-                let name = a.name().map_err(bad)?;
+                let name = a.name()?;
                 // Only the canonical spelling, so each mount has one name.
                 let m = std::str::from_utf8(&name)
                     .ok()
@@ -458,7 +456,7 @@ impl FuseFs {
                 Ok(0)
             }
             opcode::GETATTR => {
-                Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&self.root_attr());
+                Out(out).attr_out(&self.root_attr());
                 Ok(0)
             }
             opcode::OPENDIR => {
@@ -467,9 +465,9 @@ impl FuseFs {
             }
             opcode::RELEASEDIR | opcode::FSYNCDIR => Ok(0),
             opcode::READDIR | opcode::READDIRPLUS => {
-                a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let size = a.u32().map_err(bad)? as usize;
+                a.u64()?;
+                let offset = a.u64()?;
+                let size = a.u32()? as usize;
                 let plus = h.opcode == opcode::READDIRPLUS;
                 let names = [".".to_string(), "..".to_string()]
                     .into_iter()
@@ -540,41 +538,40 @@ impl FuseFs {
         out: &mut Vec<u8>,
     ) -> Result<usize, i32> {
         let mut a = Args { b: body };
-        let bad = |_: Malformed| libc::EINVAL;
         let call = |op| self.call(m, op);
         match h.opcode {
             opcode::LOOKUP => {
-                let name = a.name().map_err(bad)?;
+                let name = a.name()?;
                 let r = call(VfsOp::Lookup { parent: node, name })?;
                 self.entry_reply(r, out)
             }
             opcode::GETATTR => {
-                let flags = a.u32().map_err(bad)?;
-                a.u32().map_err(bad)?;
-                let fh = a.u64().map_err(bad)?;
+                let flags = a.u32()?;
+                a.u32()?;
+                let fh = a.u64()?;
                 let fh = (flags & GETATTR_FH != 0).then_some(fh);
                 let VfsReply::Attr(attr) = call(VfsOp::Getattr { node, fh })? else {
                     return Err(libc::EIO);
                 };
-                Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&attr);
+                Out(out).attr_out(&attr);
                 Ok(0)
             }
             opcode::SETATTR => {
-                let valid = a.u32().map_err(bad)?;
-                a.u32().map_err(bad)?;
-                let fh = a.u64().map_err(bad)?;
-                let size = a.u64().map_err(bad)?;
-                a.u64().map_err(bad)?; // lock_owner
-                let atime = a.u64().map_err(bad)?;
-                let mtime = a.u64().map_err(bad)?;
-                a.u64().map_err(bad)?; // ctime
-                let atimensec = a.u32().map_err(bad)?;
-                let mtimensec = a.u32().map_err(bad)?;
-                a.u32().map_err(bad)?; // ctimensec
-                let mode = a.u32().map_err(bad)?;
-                a.u32().map_err(bad)?;
-                let uid = a.u32().map_err(bad)?;
-                let gid = a.u32().map_err(bad)?;
+                let valid = a.u32()?;
+                a.u32()?;
+                let fh = a.u64()?;
+                let size = a.u64()?;
+                a.u64()?; // lock_owner
+                let atime = a.u64()?;
+                let mtime = a.u64()?;
+                a.u64()?; // ctime
+                let atimensec = a.u32()?;
+                let mtimensec = a.u32()?;
+                a.u32()?; // ctimensec
+                let mode = a.u32()?;
+                a.u32()?;
+                let uid = a.u32()?;
+                let gid = a.u32()?;
                 let set = |bit: u32| valid & bit != 0;
                 let time = |bit, now, s: u64, ns| {
                     if set(now) {
@@ -598,7 +595,7 @@ impl FuseFs {
                 let VfsReply::Attr(attr) = r else {
                     return Err(libc::EIO);
                 };
-                Out(out).u64(TTL_SECS).u32(0).u32(0).attr(&attr);
+                Out(out).attr_out(&attr);
                 Ok(0)
             }
             opcode::READLINK => match call(VfsOp::Readlink { node })? {
@@ -609,8 +606,8 @@ impl FuseFs {
                 _ => Err(libc::EIO),
             },
             opcode::SYMLINK => {
-                let name = a.name().map_err(bad)?;
-                let target = a.name().map_err(bad)?;
+                let name = a.name()?;
+                let target = a.name()?;
                 let r = call(VfsOp::Symlink {
                     parent: node,
                     name,
@@ -619,9 +616,9 @@ impl FuseFs {
                 self.entry_reply(r, out)
             }
             opcode::MKNOD => {
-                let mode = a.u32().map_err(bad)?;
-                a.take(12).map_err(bad)?; // rdev, umask, padding
-                let name = a.name().map_err(bad)?;
+                let mode = a.u32()?;
+                a.take(12)?; // rdev, umask, padding
+                let name = a.name()?;
                 let r = call(VfsOp::Mknod {
                     parent: node,
                     name,
@@ -630,9 +627,9 @@ impl FuseFs {
                 self.entry_reply(r, out)
             }
             opcode::MKDIR => {
-                let mode = a.u32().map_err(bad)?;
-                a.u32().map_err(bad)?; // umask (the kernel applied it)
-                let name = a.name().map_err(bad)?;
+                let mode = a.u32()?;
+                a.u32()?; // umask (the kernel applied it)
+                let name = a.name()?;
                 let r = call(VfsOp::Mkdir {
                     parent: node,
                     name,
@@ -641,7 +638,7 @@ impl FuseFs {
                 self.entry_reply(r, out)
             }
             opcode::UNLINK | opcode::RMDIR => {
-                let name = a.name().map_err(bad)?;
+                let name = a.name()?;
                 let op = if h.opcode == opcode::UNLINK {
                     VfsOp::Unlink { parent: node, name }
                 } else {
@@ -650,16 +647,16 @@ impl FuseFs {
                 call(op).map(|_| 0)
             }
             opcode::RENAME | opcode::RENAME2 => {
-                let new_parent = self.same_mount(m, a.u64().map_err(bad)?)?;
+                let new_parent = self.same_mount(m, a.u64()?)?;
                 let flags = if h.opcode == opcode::RENAME2 {
-                    let f = a.u32().map_err(bad)?;
-                    a.u32().map_err(bad)?;
+                    let f = a.u32()?;
+                    a.u32()?;
                     f
                 } else {
                     0
                 };
-                let name = a.name().map_err(bad)?;
-                let new_name = a.name().map_err(bad)?;
+                let name = a.name()?;
+                let new_name = a.name()?;
                 call(VfsOp::Rename {
                     parent: node,
                     name,
@@ -670,8 +667,8 @@ impl FuseFs {
                 .map(|_| 0)
             }
             opcode::LINK => {
-                let source = self.same_mount(m, a.u64().map_err(bad)?)?;
-                let new_name = a.name().map_err(bad)?;
+                let source = self.same_mount(m, a.u64()?)?;
+                let new_name = a.name()?;
                 let r = call(VfsOp::Link {
                     node: source,
                     new_parent: node,
@@ -680,7 +677,7 @@ impl FuseFs {
                 self.entry_reply(r, out)
             }
             opcode::OPEN => {
-                let flags = a.u32().map_err(bad)? as i32;
+                let flags = a.u32()? as i32;
                 match call(VfsOp::Open { node, flags })? {
                     VfsReply::OpenedFile(fh, _) => {
                         Out(out).u64(fh).u32(open_flags(flags)).u32(0);
@@ -690,10 +687,10 @@ impl FuseFs {
                 }
             }
             opcode::CREATE => {
-                let flags = a.u32().map_err(bad)? as i32;
-                let mode = a.u32().map_err(bad)?;
-                a.take(8).map_err(bad)?; // umask, open_flags
-                let name = a.name().map_err(bad)?;
+                let flags = a.u32()? as i32;
+                let mode = a.u32()?;
+                a.take(8)?; // umask, open_flags
+                let name = a.name()?;
                 let r = call(VfsOp::Create {
                     parent: node,
                     name,
@@ -711,33 +708,27 @@ impl FuseFs {
                 Ok(0)
             }
             opcode::READ => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let size = a.u32().map_err(bad)?;
-                match self.call_with(m, VfsOp::ReadTo { fh, offset, size }, Some(payload))? {
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let size = a.u32()?;
+                match self.call_with(m, VfsOp::Read { fh, offset, size }, Some(payload))? {
                     VfsReply::Transferred(n) => Ok(n as usize),
                     _ => Err(libc::EIO),
                 }
             }
             opcode::WRITE => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let size = a.u32().map_err(bad)?;
-                a.take(20).map_err(bad)?; // write_flags, lock_owner, flags, padding
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let size = a.u32()?;
+                a.take(20)?; // write_flags, lock_owner, flags, padding
                 if size > MAX_IO {
                     return Err(libc::EINVAL);
                 }
-                // The data is either still in the transport's buffers or in the arguments.
-                let r = if payload.pending() > 0 {
-                    if payload.pending() != size as usize || !a.b.is_empty() {
-                        return Err(libc::EINVAL);
-                    }
-                    self.call_with(m, VfsOp::WriteFrom { fh, offset }, Some(payload))?
-                } else {
-                    let data = a.take(size as usize).map_err(bad)?.to_vec();
-                    call(VfsOp::Write { fh, offset, data })?
-                };
-                match r {
+                // The data is in the transport's buffers, exactly `size` bytes of it.
+                if payload.pending() != size as usize || !a.b.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                match self.call_with(m, VfsOp::Write { fh, offset }, Some(payload))? {
                     VfsReply::Written(n) => {
                         Out(out).u32(n).u32(0);
                         Ok(0)
@@ -762,12 +753,12 @@ impl FuseFs {
                 _ => Err(libc::EIO),
             },
             opcode::RELEASE | opcode::RELEASEDIR => {
-                let fh = a.u64().map_err(bad)?;
+                let fh = a.u64()?;
                 call(VfsOp::Release { fh }).map(|_| 0)
             }
             opcode::FSYNC | opcode::FSYNCDIR => {
-                let fh = a.u64().map_err(bad)?;
-                let flags = a.u32().map_err(bad)?;
+                let fh = a.u64()?;
+                let flags = a.u32()?;
                 call(VfsOp::Fsync {
                     fh,
                     datasync: flags & FSYNC_FDATASYNC != 0,
@@ -782,9 +773,9 @@ impl FuseFs {
                 _ => Err(libc::EIO),
             },
             opcode::READDIR => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let size = a.u32().map_err(bad)?.min(MAX_IO);
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let size = a.u32()?.min(MAX_IO);
                 let r = call(VfsOp::Readdir { fh, offset, size })?;
                 let VfsReply::Entries(entries) = r else {
                     return Err(libc::EIO);
@@ -795,9 +786,9 @@ impl FuseFs {
                 Ok(0)
             }
             opcode::READDIRPLUS => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let size = a.u32().map_err(bad)?.min(MAX_IO);
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let size = a.u32()?.min(MAX_IO);
                 let r = call(VfsOp::ReaddirPlus { fh, offset, size })?;
                 let VfsReply::EntriesPlus(entries) = r else {
                     return Err(libc::EIO);
@@ -815,10 +806,10 @@ impl FuseFs {
                 Ok(0)
             }
             opcode::FALLOCATE => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let length = a.u64().map_err(bad)?;
-                let mode = a.u32().map_err(bad)? as i32;
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let length = a.u64()?;
+                let mode = a.u32()? as i32;
                 call(VfsOp::Fallocate {
                     fh,
                     mode,
@@ -828,9 +819,9 @@ impl FuseFs {
                 .map(|_| 0)
             }
             opcode::LSEEK => {
-                let fh = a.u64().map_err(bad)?;
-                let offset = a.u64().map_err(bad)?;
-                let whence = a.u32().map_err(bad)?;
+                let fh = a.u64()?;
+                let offset = a.u64()?;
+                let whence = a.u32()?;
                 match call(VfsOp::Lseek { fh, offset, whence })? {
                     VfsReply::Offset(o) => {
                         Out(out).u64(o);
@@ -850,11 +841,10 @@ impl FuseFs {
     /// `FUSE_INIT`: what this server does, intersected with what the kernel offers.
     fn init(&self, body: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
         let mut a = Args { b: body };
-        let bad = |_: Malformed| libc::EINVAL;
-        let major = a.u32().map_err(bad)?;
-        let minor = a.u32().map_err(bad)?;
-        let max_readahead = a.u32().map_err(bad)?;
-        let offered = a.u32().map_err(bad)?;
+        let major = a.u32()?;
+        let minor = a.u32()?;
+        let max_readahead = a.u32()?;
+        let offered = a.u32()?;
         if major != KERNEL_VERSION || minor < 27 {
             // Not a kernel with virtio-fs (7.27 is Linux 5.4's); the mount fails.
             return Err(libc::EPROTO);

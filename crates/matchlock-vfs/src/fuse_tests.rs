@@ -46,30 +46,7 @@ impl B {
     }
 }
 
-/// A transport's buffers as plain memory: write data to hand over, read data received.
-#[derive(Default)]
-struct Mem {
-    write: Vec<u8>,
-    read: Vec<u8>,
-}
-
-impl Payload for Mem {
-    fn pending(&self) -> usize {
-        self.write.len()
-    }
-    fn write_to(&mut self, fd: std::os::fd::BorrowedFd<'_>, offset: u64) -> std::io::Result<usize> {
-        crate::sys::pwrite(fd, offset, &self.write)
-    }
-    fn read_from(
-        &mut self,
-        fd: std::os::fd::BorrowedFd<'_>,
-        offset: u64,
-        len: usize,
-    ) -> std::io::Result<usize> {
-        self.read = crate::sys::pread(fd, offset, len)?;
-        Ok(self.read.len())
-    }
-}
+use crate::op::MemPayload as Mem;
 
 fn handle(f: &FuseFs, r: &[u8], out: &mut Vec<u8>) -> bool {
     f.handle(r, &mut Mem::default(), out).is_some()
@@ -192,6 +169,7 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
     assert_eq!(mode, libc::S_IFREG | 0o640);
     let fh = u64_at(&b, 128);
     assert_eq!(u32_at(&b, 136), FOPEN_KEEP_CACHE);
+    // A write's data stays in the transport's buffers; the header's length counts it.
     let write = B::default()
         .u64(fh)
         .u64(0)
@@ -200,10 +178,10 @@ fn files_round_trip_with_fresh_names_and_cached_directories() {
         .u64(0)
         .u32(0)
         .u32(0)
-        .raw(b"hello")
         .0;
-    let b = ok(&f, &req(opcode::WRITE, node, &write));
-    assert_eq!(u32_at(&b, 0), 5);
+    let w = req_with_len(opcode::WRITE, node, &write, Some(IN_HEADER as u32 + 40 + 5));
+    let (e, b) = call_with(&f, &w, Mem::with(b"hello"));
+    assert_eq!((e, u32_at(&b, 0)), (0, 5));
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"hello");
     let read = B::default()
         .u64(fh)

@@ -92,10 +92,12 @@ pub enum VfsOp {
         mode: u32,
         flags: i32,
     },
-    /// Read up to `size` bytes at `offset`. Reply: `Data`.
+    /// Read up to `size` bytes at `offset` straight into the transport's reply buffers
+    /// ([`Payload::read_from`]). Reply: `Transferred`.
     Read { fh: u64, offset: u64, size: u32 },
-    /// Write at `offset`. Reply: `Written`.
-    Write { fh: u64, offset: u64, data: Vec<u8> },
+    /// Write the transport's pending request data ([`Payload::write_to`]) at `offset`. Reply:
+    /// `Written`.
+    Write { fh: u64, offset: u64 },
     /// Close a file handle. Reply: `Ok`.
     Release { fh: u64 },
     /// `fsync`/`fdatasync` a file or directory handle. Reply: `Ok`.
@@ -130,12 +132,6 @@ pub enum VfsOp {
     Lseek { fh: u64, offset: u64, whence: u32 },
     /// `syncfs(2)` of the mount's host file system. Reply: `Ok`.
     Syncfs,
-    /// Like `Read`, with the data going straight into the transport's reply buffers
-    /// ([`Payload::read_from`]). Reply: `Transferred`.
-    ReadTo { fh: u64, offset: u64, size: u32 },
-    /// Like `Write`, with the data taken straight from the transport's request buffers
-    /// ([`Payload::write_to`]). Reply: `Written`.
-    WriteFrom { fh: u64, offset: u64 },
 }
 
 /// Attributes of a node, as `stat(2)` gives them; `ino` is the node id.
@@ -198,7 +194,7 @@ pub enum VfsReply {
     Entry(VfsAttr),
     /// A node's attributes.
     Attr(VfsAttr),
-    /// Bytes read (or a symlink target).
+    /// A symlink's target.
     Data(Vec<u8>),
     /// Bytes written.
     Written(u32),
@@ -235,9 +231,9 @@ pub const fn direntplus_size(name_len: usize) -> usize {
     128 + dirent_size(name_len)
 }
 
-/// File data that stays in the transport's buffers (for virtio-fs, the guest's memory) rather
-/// than being copied into a [`VfsOp::Write`] or out of a [`VfsReply::Data`]: the host kernel
-/// moves it between those buffers and the file in one copy.
+/// The data of [`VfsOp::Read`] and [`VfsOp::Write`], left in the transport's buffers (for
+/// virtio-fs, the guest's memory): the host kernel moves it between those buffers and the file
+/// in one copy.
 pub trait Payload {
     /// Bytes of request data waiting in the transport's buffers (a write's payload).
     fn pending(&self) -> usize;
@@ -246,4 +242,50 @@ pub trait Payload {
     /// Reads up to `len` bytes of `fd` at `offset` into the reply's data area; returns how
     /// many (fewer at the end of the file).
     fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize>;
+}
+
+/// A [`Payload`] in plain memory, for tests: `write` is the data a write hands over, `read`
+/// receives what a read returns.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct MemPayload {
+    pub write: Vec<u8>,
+    pub read: Vec<u8>,
+}
+
+#[cfg(test)]
+impl MemPayload {
+    /// A payload carrying `data` for a write.
+    pub fn with(data: &[u8]) -> Self {
+        MemPayload {
+            write: data.to_vec(),
+            read: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Payload for MemPayload {
+    fn pending(&self) -> usize {
+        self.write.len()
+    }
+    fn write_to(&mut self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::from(fd.try_clone_to_owned()?).write_all_at(&self.write, offset)?;
+        Ok(self.write.len())
+    }
+    fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::from(fd.try_clone_to_owned()?);
+        self.read = vec![0; len];
+        let mut got = 0;
+        while got < len {
+            match f.read_at(&mut self.read[got..], offset + got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        self.read.truncate(got);
+        Ok(got)
+    }
 }

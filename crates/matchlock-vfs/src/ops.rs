@@ -220,11 +220,6 @@ impl MountFs {
         })
     }
 
-    /// Whether the host root is a directory (else a single regular file).
-    pub fn is_dir(&self) -> bool {
-        self.root_is_dir
-    }
-
     /// Applies interception rules: `guest_path` is where the guest mounts this root, and a
     /// blocked operation fails with `EPERM`.
     pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
@@ -256,8 +251,8 @@ impl MountFs {
         self.handle_with(op, None)
     }
 
-    /// Like [`MountFs::handle`], with `payload` carrying the data of [`VfsOp::ReadTo`] and
-    /// [`VfsOp::WriteFrom`].
+    /// Like [`MountFs::handle`], with `payload` carrying the data of [`VfsOp::Read`] and
+    /// [`VfsOp::Write`] (which fail with `EIO` without one).
     pub fn handle_with(&self, op: VfsOp, payload: Option<&mut dyn Payload>) -> VfsReply {
         // What the operation is and which guest paths it names, for rules and events, worked
         // out once and before it runs: a release or rename changes what names lead where.
@@ -453,9 +448,7 @@ impl MountFs {
             | VfsOp::Readdir { fh, .. }
             | VfsOp::ReaddirPlus { fh, .. }
             | VfsOp::Fallocate { fh, .. }
-            | VfsOp::Lseek { fh, .. }
-            | VfsOp::ReadTo { fh, .. }
-            | VfsOp::WriteFrom { fh, .. } => of_fh(fh),
+            | VfsOp::Lseek { fh, .. } => of_fh(fh),
             VfsOp::Statfs | VfsOp::Syncfs => vec![PathBuf::new()],
             VfsOp::Forget { .. } => Vec::new(),
         }
@@ -701,6 +694,18 @@ impl MountFs {
         let h = self.get_handle(fh)?;
         match &*h {
             Handle::File(_) => Ok(h),
+            Handle::Dir(..) => Err(err(libc::EISDIR)),
+        }
+    }
+
+    /// Runs `f` on the open file behind handle `fh` (`EISDIR` for a directory handle).
+    fn with_file<R>(
+        &self,
+        fh: u64,
+        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        match &*self.get_handle(fh)? {
+            Handle::File(file) => f(file.as_fd()),
             Handle::Dir(..) => Err(err(libc::EISDIR)),
         }
     }
@@ -964,24 +969,23 @@ impl MountFs {
                 Ok(VfsReply::Created(attr(id, &st), fh))
             }
             VfsOp::Read { fh, offset, size } => {
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                let data = sys::pread(f.as_fd(), offset, size.min(MAX_IO) as usize)?;
-                Ok(VfsReply::Data(data))
+                let payload = payload.ok_or_else(|| err(libc::EIO))?;
+                let n = self.with_file(fh, |f| {
+                    payload.read_from(f, offset, size.min(MAX_IO) as usize)
+                })?;
+                Ok(VfsReply::Transferred(n as u32))
             }
-            VfsOp::Write { fh, offset, data } => {
+            VfsOp::Write { fh, offset } => {
                 self.writable()?;
-                if data.len() > MAX_IO as usize {
+                let payload = payload.ok_or_else(|| err(libc::EIO))?;
+                if payload.pending() > MAX_IO as usize {
                     return Err(err(libc::EINVAL));
                 }
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                let n = sys::pwrite(f.as_fd(), offset, &data)?;
-                self.changed_by_guest(f.as_fd());
+                let n = self.with_file(fh, |f| {
+                    let n = payload.write_to(f, offset)?;
+                    self.changed_by_guest(f);
+                    Ok(n)
+                })?;
                 Ok(VfsReply::Written(n as u32))
             }
             VfsOp::Release { fh } => {
@@ -1062,47 +1066,18 @@ impl MountFs {
                 length,
             } => {
                 self.writable()?;
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                sys::fallocate(f.as_fd(), mode, offset, length)?;
-                self.changed_by_guest(f.as_fd());
-                Ok(VfsReply::Ok)
+                self.with_file(fh, |f| {
+                    sys::fallocate(f, mode, offset, length)?;
+                    self.changed_by_guest(f);
+                    Ok(VfsReply::Ok)
+                })
             }
             VfsOp::Lseek { fh, offset, whence } => {
                 let whence = match whence as i32 {
                     w @ (libc::SEEK_DATA | libc::SEEK_HOLE) => w,
                     _ => return Err(err(libc::EINVAL)),
                 };
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                Ok(VfsReply::Offset(sys::lseek(f.as_fd(), offset, whence)?))
-            }
-            VfsOp::ReadTo { fh, offset, size } => {
-                let payload = payload.ok_or_else(|| err(libc::EIO))?;
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                let n = payload.read_from(f.as_fd(), offset, size.min(MAX_IO) as usize)?;
-                Ok(VfsReply::Transferred(n as u32))
-            }
-            VfsOp::WriteFrom { fh, offset } => {
-                self.writable()?;
-                let payload = payload.ok_or_else(|| err(libc::EIO))?;
-                if payload.pending() > MAX_IO as usize {
-                    return Err(err(libc::EINVAL));
-                }
-                let h = self.file(fh)?;
-                let Handle::File(f) = &*h else {
-                    return Err(err(libc::EISDIR));
-                };
-                let n = payload.write_to(f.as_fd(), offset)?;
-                self.changed_by_guest(f.as_fd());
-                Ok(VfsReply::Written(n as u32))
+                self.with_file(fh, |f| Ok(VfsReply::Offset(sys::lseek(f, offset, whence)?)))
             }
             VfsOp::Syncfs => {
                 // syncfs refuses O_PATH descriptors.

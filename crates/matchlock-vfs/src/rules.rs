@@ -74,10 +74,8 @@ pub fn kinds(op: &VfsOp) -> Vec<&'static str> {
         VfsOp::Link { .. } | VfsOp::Create { .. } | VfsOp::Mknod { .. } => vec!["create"],
         VfsOp::Open { .. } => vec!["open"],
         // Finding holes and data reads the file's layout.
-        VfsOp::Read { .. } | VfsOp::ReadTo { .. } | VfsOp::Lseek { .. } => vec!["read"],
-        VfsOp::Write { .. } | VfsOp::WriteFrom { .. } | VfsOp::Fallocate { .. } => {
-            vec!["write"]
-        }
+        VfsOp::Read { .. } | VfsOp::Lseek { .. } => vec!["read"],
+        VfsOp::Write { .. } | VfsOp::Fallocate { .. } => vec!["write"],
         VfsOp::Release { .. } => vec!["close"],
         VfsOp::Fsync { .. } | VfsOp::Syncfs => vec!["sync"],
         VfsOp::Opendir { .. } | VfsOp::Readdir { .. } | VfsOp::ReaddirPlus { .. } => {

@@ -230,63 +230,6 @@ pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
     .map(drop)
 }
 
-/// `pread` of up to `size` bytes.
-pub fn pread(fd: BorrowedFd<'_>, offset: u64, size: usize) -> io::Result<Vec<u8>> {
-    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut buf = vec![0u8; size];
-    let mut got = 0;
-    while got < size {
-        // SAFETY: the slice bounds are in range.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                buf[got..].as_mut_ptr().cast(),
-                size - got,
-                offset + got as i64,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
-    }
-    buf.truncate(got);
-    Ok(buf)
-}
-
-/// `pwrite` of all of `data` (appends instead when the fd has `O_APPEND`).
-pub fn pwrite(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> io::Result<usize> {
-    let offset = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut done = 0;
-    while done < data.len() {
-        // SAFETY: the slice bounds are in range.
-        let n = unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                data[done..].as_ptr().cast(),
-                data.len() - done,
-                offset + done as i64,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += n as usize;
-    }
-    Ok(done)
-}
-
 /// `fallocate`.
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, length: u64) -> io::Result<()> {
     let big = || io::Error::from_raw_os_error(libc::EFBIG);

@@ -1,10 +1,22 @@
 use super::*;
-use crate::op::{VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
+use crate::op::{MemPayload, VfsOp as Op, VfsReply as R, VfsTime, ROOT_NODE};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
 fn srv(dir: &std::path::Path, ro: bool) -> MountFs {
     MountFs::open(dir, ro).unwrap()
+}
+
+/// Writes `data` through handle `fh`, handed over as the transport would.
+fn write(fs: &MountFs, fh: u64, offset: u64, data: &[u8]) -> R {
+    fs.handle_with(Op::Write { fh, offset }, Some(&mut MemPayload::with(data)))
+}
+
+/// Reads through handle `fh`: the reply, and the bytes the transport received.
+fn read(fs: &MountFs, fh: u64, offset: u64, size: u32) -> (R, Vec<u8>) {
+    let mut p = MemPayload::default();
+    let r = fs.handle_with(Op::Read { fh, offset, size }, Some(&mut p));
+    (r, p.read)
 }
 
 fn lookup(fs: &MountFs, parent: u64, name: &str) -> R {
@@ -171,22 +183,8 @@ fn read_only_refuses_every_write() {
     }) else {
         panic!()
     };
-    assert_eq!(
-        fs.handle(Op::Write {
-            fh,
-            offset: 0,
-            data: n("x")
-        }),
-        R::Err(libc::EROFS)
-    );
-    assert_eq!(
-        fs.handle(Op::Read {
-            fh,
-            offset: 0,
-            size: 100
-        }),
-        R::Data(n("data"))
-    );
+    assert_eq!(write(&fs, fh, 0, b"x"), R::Err(libc::EROFS));
+    assert_eq!(read(&fs, fh, 0, 100), (R::Transferred(4), n("data")));
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"data");
     assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
 }
@@ -229,14 +227,7 @@ fn posix_basics_and_stable_inodes() {
     }) else {
         panic!()
     };
-    assert_eq!(
-        fs.handle(Op::Write {
-            fh,
-            offset: 0,
-            data: b"hello".to_vec()
-        }),
-        R::Written(5)
-    );
+    assert_eq!(write(&fs, fh, 0, b"hello"), R::Written(5));
     assert_eq!(
         fs.handle(Op::Fsync {
             fh,
@@ -435,11 +426,7 @@ fn single_file_root() {
     }) else {
         panic!()
     };
-    fs.handle(Op::Write {
-        fh,
-        offset: 0,
-        data: b"two".to_vec(),
-    });
+    write(&fs, fh, 0, b"two");
     assert_eq!(fs::read(d.path().join("f")).unwrap(), b"onetwo");
 }
 
@@ -548,7 +535,6 @@ fn random_operations_stay_inside_the_root() {
             14 => Op::Write {
                 fh,
                 offset: r >> 50,
-                data: b"w".to_vec(),
             },
             15 => Op::Release { fh },
             16 => Op::Fsync {
@@ -567,7 +553,7 @@ fn random_operations_stay_inside_the_root() {
                 size: (r >> 20) as u32 & 0xffff,
             },
         };
-        match fs.handle(op) {
+        match fs.handle_with(op, Some(&mut MemPayload::with(b"w"))) {
             R::EntriesPlus(es) => ids.extend(es.iter().filter_map(|e| e.attr).map(|a| a.ino)),
             R::Entry(a) | R::Attr(a) => ids.push(a.ino),
             R::Created(a, h) => {
@@ -618,22 +604,8 @@ fn block_rules_refuse_matching_operations() {
     }) else {
         panic!()
     };
-    assert!(matches!(
-        fs.handle(Op::Read {
-            fh,
-            offset: 0,
-            size: 10
-        }),
-        R::Data(_)
-    ));
-    assert_eq!(
-        fs.handle(Op::Write {
-            fh,
-            offset: 0,
-            data: b"x".to_vec()
-        }),
-        R::Err(libc::EPERM)
-    );
+    assert!(matches!(read(&fs, fh, 0, 10).0, R::Transferred(_)));
+    assert_eq!(write(&fs, fh, 0, b"x"), R::Err(libc::EPERM));
     assert_eq!(
         fs.handle(Op::Unlink {
             parent: ROOT_NODE,
@@ -741,11 +713,7 @@ fn completed_operations_are_reported_with_guest_paths() {
     }) else {
         panic!()
     };
-    fs.handle(Op::Write {
-        fh,
-        offset: 0,
-        data: b"hello".to_vec(),
-    });
+    write(&fs, fh, 0, b"hello");
     fs.handle(Op::Release { fh });
     // A failed operation is not reported.
     assert_eq!(lookup(&fs, ROOT_NODE, "missing"), R::Err(libc::ENOENT));
@@ -839,11 +807,7 @@ fn opens_of_files_changed_on_the_host_ask_the_guest_to_look_again() {
         panic!()
     };
     // The guest's own write is not a host change.
-    fs.handle(Op::Write {
-        fh,
-        offset: 3,
-        data: b" two".to_vec(),
-    });
+    write(&fs, fh, 3, b" two");
     assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
     // A host change is; the retried open passes, whatever the host did in between.
     fs::write(d.path().join("f"), "changed on the host").unwrap();
