@@ -24,8 +24,8 @@ use virtio_bindings::bindings::virtio_ring::{
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{
-    GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-    Permissions, VolatileSlice,
+    Address, Bytes, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap, Permissions, VolatileSlice,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -134,16 +134,19 @@ impl Backend {
 /// The high-priority queue's index (forgets and interrupts).
 const HIPRIO_QUEUE: usize = 0;
 
-/// The opcode of a request (0 when it has no readable header).
+/// The opcode of a request, from its first buffer (0 when that cannot hold one).
 fn opcode<M>(chain: &DescriptorChain<M>) -> u32
 where
     M: Deref<Target = GuestMemoryMmap> + Clone,
 {
-    let mut head = [0u8; IN_HEADER];
-    match Buffers::new(chain.memory(), chain) {
-        Some(b) if b.copy_in(0, &mut head) == IN_HEADER => {
-            InHeader::parse(&head).map_or(0, |h| h.opcode)
-        }
+    // A peek at the first buffer only: it only picks the thread, and `answer` reads the
+    // header properly (a kernel never splits it).
+    match chain.clone().next() {
+        Some(d) if !d.is_write_only() && d.len() >= 8 => d
+            .addr()
+            .checked_add(4)
+            .and_then(|at| chain.memory().read_obj::<u32>(at).ok())
+            .map_or(0, u32::from_le),
         _ => 0,
     }
 }
@@ -660,5 +663,21 @@ mod tests {
         assert_eq!((n, le32(&reply, 4) as i32), (16, -libc::EIO));
         let (n, _) = run(&mem, &fuse, &[(Some(r.clone()), r.len() as u32)]);
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn the_thread_is_picked_from_the_first_buffer() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
+        let q = MockSplitQueue::new(&mem, 16);
+        let fsync = request(20, R0, &[0; 16], 0);
+        mem.write_slice(&fsync, GuestAddress(0x10000)).unwrap();
+        let chain = |descs: &[RawDescriptor]| q.build_desc_chain(descs).unwrap();
+        let whole = chain(&[desc(0x10000, 56, false), desc(0x20000, 16, true)]);
+        assert_eq!(opcode(&whole), 20);
+        assert!(SLOW_OPCODES.contains(&opcode(&whole)));
+        // Too short to hold an opcode, or a reply buffer first: 0, answered on the queue.
+        assert_eq!(opcode(&chain(&[desc(0x10000, 6, false)])), 0);
+        assert_eq!(opcode(&chain(&[desc(0x20000, 16, true)])), 0);
+        assert_eq!(opcode(&chain(&[desc(u64::MAX - 2, 8, false)])), 0);
     }
 }
