@@ -28,6 +28,15 @@ fn check(name: &'static str, r: Result<String, (String, String)>) -> Check {
     }
 }
 
+/// Whether `qemu OPTION help` (`-machine`, `-device`) lists `name`.
+fn qemu_lists(qemu: &std::path::Path, option: &str, name: &str) -> bool {
+    std::process::Command::new(qemu)
+        .args([option, "help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(name))
+        .unwrap_or(false)
+}
+
 /// Runs every check; exit code 1 if any failed.
 pub fn diagnose(json: bool) -> Result<i32> {
     let mut checks = Vec::new();
@@ -56,15 +65,9 @@ pub fn diagnose(json: bool) -> Result<i32> {
         },
     ));
     if let Ok(q) = &qemu {
-        let out = std::process::Command::new(q)
-            .args(["-machine", "help"])
-            .output();
-        let has = out
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("microvm"))
-            .unwrap_or(false);
         checks.push(check(
             "qemu microvm",
-            if has {
+            if qemu_lists(q, "-machine", "microvm") {
                 Ok("machine type available".into())
             } else {
                 Err((
@@ -76,15 +79,9 @@ pub fn diagnose(json: bool) -> Result<i32> {
     }
     if let Ok(q) = &qemu {
         // Workspace mounts (`-v`) are a vhost-user virtio-fs device.
-        let out = std::process::Command::new(q)
-            .args(["-device", "help"])
-            .output();
-        let has = out
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("vhost-user-fs-device"))
-            .unwrap_or(false);
         checks.push(check(
             "qemu virtio-fs",
-            if has {
+            if qemu_lists(q, "-device", "vhost-user-fs-device") {
                 Ok("vhost-user-fs-device available (workspace mounts)".into())
             } else {
                 Err((

@@ -19,7 +19,8 @@ const VFS_DIR: &str = "/run/matchlock-vfs";
 /// Mounts every workspace filesystem, in order (a later mount may sit inside an earlier one).
 pub fn mount_all(mounts: &[GuestVfsMount]) -> Result<(), String> {
     let device = Path::new(VFS_DIR).join("dev");
-    if mounts.iter().any(|m| !m.memory) {
+    let served = mounts.iter().any(|m| !m.memory);
+    if served {
         fs::create_dir_all(&device).map_err(|e| format!("creating {}: {e}", device.display()))?;
         mount(
             Some(TAG),
@@ -39,7 +40,7 @@ pub fn mount_all(mounts: &[GuestVfsMount]) -> Result<(), String> {
         };
         r.map_err(|e| format!("mount {}: {e}", m.path))?;
     }
-    if mounts.iter().any(|m| !m.memory) {
+    if served {
         // Every mount holds its own reference now (overlayfs clones its lower layer); the
         // device's mount point would only let the workload walk past a mount's view.
         if let Err(e) = nix::mount::umount2(&device, nix::mount::MntFlags::MNT_DETACH) {

@@ -40,8 +40,8 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// Unix socket QEMU connects to for the agent channel (the supervisor listens there).
     pub agent_socket: PathBuf,
-    /// Workspace mounts, each a vhost-user virtio-fs device served by the supervisor. Any of
-    /// them puts guest RAM in a shared memfd, which vhost-user needs.
+    /// Vhost-user virtio-fs devices (the supervisor serves all workspace mounts through one).
+    /// Any of them puts guest RAM in a shared memfd, which vhost-user needs.
     pub fs_devices: Vec<FsDevice>,
     /// Unix socket QEMU connects its serial console to (the supervisor copies it into the log).
     pub console_socket: PathBuf,
