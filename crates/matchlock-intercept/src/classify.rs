@@ -12,6 +12,8 @@ pub enum Flow {
     Tls {
         /// The SNI host name.
         sni: Option<String>,
+        /// The protocols offered with ALPN (`h2`, `http/1.1`, ...), in the client's order.
+        alpn: Vec<String>,
     },
     /// An HTTP/1.x request; `host` from the Host header (absent in HTTP/1.0 requests).
     Http1 {
@@ -125,15 +127,15 @@ fn tls(buf: &[u8]) -> Flow {
             Flow::NeedMore
         };
     }
-    match client_hello_sni(&buf[5..5 + rec_len]) {
-        Some(sni) => Flow::Tls { sni },
+    match client_hello(&buf[5..5 + rec_len]) {
+        Some((sni, alpn)) => Flow::Tls { sni, alpn },
         None => Flow::Other,
     }
 }
 
-/// The SNI of a ClientHello handshake message: `Some(None)` when it has none, `None` when the
-/// message is malformed.
-fn client_hello_sni(msg: &[u8]) -> Option<Option<String>> {
+/// The SNI (`None` when it has none) and ALPN protocols of a ClientHello handshake message;
+/// `None` when the message is malformed.
+fn client_hello(msg: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     let mut r = Reader { buf: msg, pos: 0 };
     if r.u8()? != 1 {
         return None; // not a ClientHello
@@ -148,8 +150,9 @@ fn client_hello_sni(msg: &[u8]) -> Option<Option<String>> {
     r.take(suites)?;
     let comp = r.u8()?;
     r.take(comp)?;
+    let (mut sni, mut alpn) = (None, Vec::new());
     if r.pos == body.len() {
-        return Some(None); // no extensions
+        return Some((sni, alpn)); // no extensions
     }
     let ext_len = r.u16()?;
     let exts = r.take(ext_len)?;
@@ -158,32 +161,50 @@ fn client_hello_sni(msg: &[u8]) -> Option<Option<String>> {
         let kind = r.u16()?;
         let len = r.u16()?;
         let data = r.take(len)?;
-        if kind == 0 {
-            let mut s = Reader { buf: data, pos: 0 };
-            let list_len = s.u16()?;
-            let list = s.take(list_len)?;
-            let mut s = Reader { buf: list, pos: 0 };
-            while s.pos < list.len() {
-                let name_type = s.u8()?;
-                let n = s.u16()?;
-                let name = s.take(n)?;
-                if name_type == 0 {
-                    let name = std::str::from_utf8(name).ok()?;
-                    return Some(Some(name.to_ascii_lowercase()));
+        let mut s = Reader { buf: data, pos: 0 };
+        match kind {
+            0 if sni.is_none() => {
+                let list_len = s.u16()?;
+                let list = s.take(list_len)?;
+                let mut s = Reader { buf: list, pos: 0 };
+                while s.pos < list.len() {
+                    let name_type = s.u8()?;
+                    let n = s.u16()?;
+                    let name = s.take(n)?;
+                    if name_type == 0 {
+                        let name = std::str::from_utf8(name).ok()?;
+                        sni = Some(name.to_ascii_lowercase());
+                        break;
+                    }
                 }
             }
+            16 if alpn.is_empty() => {
+                let list_len = s.u16()?;
+                let list = s.take(list_len)?;
+                let mut s = Reader { buf: list, pos: 0 };
+                while s.pos < list.len() {
+                    let n = s.u8()?;
+                    alpn.push(String::from_utf8_lossy(s.take(n)?).into_owned());
+                }
+            }
+            _ => {}
         }
     }
-    Some(None)
+    Some((sni, alpn))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal ClientHello with one SNI entry.
+    /// A minimal ClientHello with one SNI entry (and ALPN `h2`, `http/1.1`).
     fn hello(sni: &str) -> Vec<u8> {
         let mut ext = Vec::new();
+        let protos = b"\x02h2\x08http/1.1";
+        ext.extend_from_slice(&16u16.to_be_bytes());
+        ext.extend_from_slice(&(protos.len() as u16 + 2).to_be_bytes());
+        ext.extend_from_slice(&(protos.len() as u16).to_be_bytes());
+        ext.extend_from_slice(protos);
         let name = sni.as_bytes();
         let mut list = vec![0u8];
         list.extend_from_slice(&(name.len() as u16).to_be_bytes());
@@ -215,7 +236,8 @@ mod tests {
         assert_eq!(
             classify(&h),
             Flow::Tls {
-                sni: Some("api.example.com".into())
+                sni: Some("api.example.com".into()),
+                alpn: vec!["h2".into(), "http/1.1".into()],
             }
         );
         assert_eq!(classify(&h[..20]), Flow::NeedMore);

@@ -75,10 +75,13 @@ fn glob(pattern: &str, host: &str) -> bool {
     !(pattern.starts_with("*.") && host.len() <= last.len())
 }
 
-/// An allow-list; empty means nothing is allowed (unlike Matchlock, where empty means everything).
+/// An allow-list. Empty, it allows every host (Matchlock's rule: interception without a list
+/// still applies hooks, secrets and the private-range block), unless it was made with
+/// [`AllowList::deny_by_default`], which starts with nothing allowed and opens hosts one by one.
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
     patterns: Vec<HostPattern>,
+    deny_when_empty: bool,
 }
 
 impl AllowList {
@@ -89,9 +92,30 @@ impl AllowList {
         Ok(l)
     }
 
+    /// The same list, allowing nothing while it is empty.
+    pub fn deny_by_default(mut self) -> AllowList {
+        self.deny_when_empty = true;
+        self
+    }
+
+    /// Whether an empty list denies everything.
+    pub fn denies_when_empty(&self) -> bool {
+        self.deny_when_empty
+    }
+
     /// Whether `host` is allowed.
     pub fn allows(&self, host: &str) -> bool {
+        if self.patterns.is_empty() {
+            return !self.deny_when_empty;
+        }
         self.patterns.iter().any(|p| p.matches(host))
+    }
+
+    /// Whether every host is allowed (an empty list that does not deny, or `*`): then traffic
+    /// that is not HTTP is relayed as is, as Matchlock's passthrough does.
+    pub fn is_open(&self) -> bool {
+        (self.patterns.is_empty() && !self.deny_when_empty)
+            || self.patterns.iter().any(|p| p.as_str() == "*")
     }
 
     /// Adds patterns (trimmed, de-duplicated); returns those that were new.
@@ -178,8 +202,27 @@ mod tests {
         );
         assert_eq!(l.remove(["X.com", "nope"]), vec!["x.com"]);
         assert!(AllowList::default().patterns().is_empty());
-        assert!(!AllowList::default().allows("example.com"));
         assert!(HostPattern::parse("bad host").is_err());
+    }
+
+    #[test]
+    fn empty_lists_allow_all_unless_deny_by_default() {
+        let open = AllowList::default();
+        assert!(open.allows("example.com") && open.is_open());
+        let mut closed = AllowList::default().deny_by_default();
+        assert!(!closed.allows("example.com") && !closed.is_open());
+        closed.add(["example.com"]).unwrap();
+        assert!(closed.allows("example.com") && !closed.allows("other.com"));
+        assert!(!closed.is_open());
+        // Deleting the last host of a deny-by-default list closes it again; of a plain list,
+        // opens it (Matchlock's "(empty: all hosts allowed)").
+        closed.remove(["example.com"]);
+        assert!(!closed.allows("example.com"));
+        let mut plain = AllowList::new(["a.com"]).unwrap();
+        assert!(!plain.allows("b.com") && !plain.is_open());
+        plain.remove(["a.com"]);
+        assert!(plain.allows("b.com") && plain.is_open());
+        assert!(AllowList::new(["*"]).unwrap().is_open());
     }
 }
 

@@ -2,6 +2,11 @@
 //! blocks, and SDK-side callbacks reached over a Unix socket (one JSON line each way per call,
 //! Matchlock's side channel). Rules run in order; `before` rules see the request after the
 //! allow-list and before secrets are substituted, `after` rules see the response.
+//!
+//! Callbacks fail closed (unlike Matchlock, which ignores a failing callback): one that cannot be
+//! reached, answers with an error or garbage, or misses its deadline (`timeout_ms`, 30 s when 0)
+//! refuses the request (or the response) with a reason, so a rule whose job is to block can
+//! never be skipped because its callback was slow or broken.
 
 use crate::hosts::AllowList;
 use serde::{Deserialize, Serialize};
@@ -9,6 +14,9 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// A callback's deadline when its rule gives none (`timeout_ms` 0).
+pub const DEFAULT_CALLBACK_TIMEOUT_MS: u64 = 30_000;
 
 /// One rule as the SDKs send it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,7 +52,7 @@ pub struct RuleSpec {
     pub body_replacements: Vec<BodyReplacement>,
     /// The SDK callback to call, if any.
     pub callback_id: String,
-    /// Deadline of the callback in milliseconds (0: 30 s).
+    /// Deadline of the callback in milliseconds (0: [`DEFAULT_CALLBACK_TIMEOUT_MS`]).
     pub timeout_ms: u64,
 }
 
@@ -295,9 +303,14 @@ impl Rules {
                     "method": req.method, "path": req.path, "query": query,
                     "request_headers": headers_json(&req.headers),
                 });
-                // Fail open, as the SDKs expect: a broken callback changes nothing.
-                let Some(resp) = self.call(&call, s.timeout_ms).await else {
-                    continue;
+                let resp = match self.call(&call, s.timeout_ms).await {
+                    Ok(resp) => resp,
+                    Err(why) => {
+                        return Verdict::Block(format!(
+                            "callback of rule {:?} failed: {why}",
+                            s.name
+                        ))
+                    }
                 };
                 if resp["action"]
                     .as_str()
@@ -361,8 +374,15 @@ impl Rules {
                     "request_headers": headers_json(&req.headers),
                     "status_code": status, "response_headers": headers_json(headers), "is_sse": is_sse,
                 });
-                let Some(resp) = self.call(&call, s.timeout_ms).await else {
-                    continue;
+                let resp = match self.call(&call, s.timeout_ms).await {
+                    Ok(resp) => resp,
+                    Err(why) => {
+                        edit.block = Some(format!(
+                            "response refused: callback of rule {:?} failed: {why}",
+                            s.name
+                        ));
+                        return edit;
+                    }
                 };
                 if resp["action"]
                     .as_str()
@@ -393,29 +413,45 @@ impl Rules {
         edit
     }
 
-    /// One callback: connect, write one JSON line, read one JSON line. `None` on any failure.
-    async fn call(&self, req: &Value, timeout_ms: u64) -> Option<Value> {
+    /// One callback: connect, write one JSON line, read one JSON line; why not, on any failure.
+    async fn call(&self, req: &Value, timeout_ms: u64) -> Result<Value, String> {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-        let socket = self.socket.as_ref()?;
-        let deadline = Duration::from_millis(if timeout_ms == 0 { 30_000 } else { timeout_ms });
-        tokio::time::timeout(deadline, async {
-            let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+        let socket = self.socket.as_ref().ok_or("no callback socket")?;
+        let deadline = Duration::from_millis(if timeout_ms == 0 {
+            DEFAULT_CALLBACK_TIMEOUT_MS
+        } else {
+            timeout_ms
+        });
+        let call = async {
+            let mut s = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|e| format!("cannot reach the SDK ({e})"))?;
             let mut line = req.to_string();
             line.push('\n');
-            s.write_all(line.as_bytes()).await.ok()?;
+            s.write_all(line.as_bytes())
+                .await
+                .map_err(|e| format!("cannot send to the SDK ({e})"))?;
             // Bounded: a callback cannot make the host buffer without limit.
             let mut reader = tokio::io::BufReader::new(s.take(16 << 20));
             let mut answer = String::new();
-            reader.read_line(&mut answer).await.ok()?;
-            let v: Value = serde_json::from_str(answer.trim()).ok()?;
-            if v.get("error").is_some() {
-                return None;
+            reader
+                .read_line(&mut answer)
+                .await
+                .map_err(|e| format!("no answer ({e})"))?;
+            let v: Value = serde_json::from_str(answer.trim())
+                .map_err(|_| "its answer is not JSON".to_string())?;
+            if let Some(e) = v.get("error") {
+                let e = e.as_str().unwrap_or("an error");
+                return Err(format!(
+                    "the SDK answered: {}",
+                    e.chars().take(200).collect::<String>()
+                ));
             }
-            Some(v)
-        })
-        .await
-        .ok()
-        .flatten()
+            Ok(v)
+        };
+        tokio::time::timeout(deadline, call)
+            .await
+            .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))?
     }
 }
 
@@ -548,15 +584,76 @@ mod tests {
         assert!(e.needs_body());
         // In order, each over the result of the previous one (as Matchlock).
         assert_eq!(replace_all(b"foo a", &e.replacements), b"bbr b");
-        // A dead callback fails open.
+        // A dead callback fails closed, with the reason, in both phases.
         let dead = Rules::new(
-            serde_json::from_value(json!([{"callback_id": "x", "timeout_ms": 200}])).unwrap(),
+            serde_json::from_value(json!([
+                {"name": "gone", "callback_id": "x", "timeout_ms": 200},
+                {"name": "gone-after", "phase": "after", "callback_id": "y"}
+            ]))
+            .unwrap(),
             Some(dir.join("missing.sock")),
         )
         .unwrap();
         let mut q = req();
-        assert_eq!(dead.before(&mut q).await, Verdict::Continue);
-        assert_eq!(q.path, "/v1/chat");
+        match dead.before(&mut q).await {
+            Verdict::Block(why) => assert!(
+                why.contains("\"gone\"") && why.contains("cannot reach"),
+                "{why}"
+            ),
+            v => panic!("{v:?}"),
+        }
+        let e = dead.after(&q, 200, &[]).await;
+        assert!(e.block.is_some_and(|b| b.contains("gone-after")));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn slow_or_broken_callbacks_refuse_and_never_skip_a_block() {
+        let dir = std::env::temp_dir().join(format!("mlrules-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("hook.sock");
+        let l = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (rd, mut wr) = s.into_split();
+                    let mut line = String::new();
+                    let _ = tokio::io::BufReader::new(rd).read_line(&mut line).await;
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    match v["callback_id"].as_str().unwrap() {
+                        "slow" => tokio::time::sleep(Duration::from_secs(5)).await,
+                        "error" => {
+                            let _ = wr.write_all(b"{\"error\":\"boom\"}\n").await;
+                        }
+                        _ => {
+                            let _ = wr.write_all(b"not json\n").await;
+                        }
+                    }
+                });
+            }
+        });
+        for (id, needle) in [
+            ("slow", "within 300 ms"),
+            ("error", "boom"),
+            ("garbage", "not JSON"),
+        ] {
+            let r = Rules::new(
+                serde_json::from_value(json!([
+                    {"name": "cb", "callback_id": id, "timeout_ms": 300},
+                    {"name": "deny", "action": "block"}
+                ]))
+                .unwrap(),
+                Some(sock.clone()),
+            )
+            .unwrap();
+            let started = std::time::Instant::now();
+            match r.before(&mut req()).await {
+                Verdict::Block(why) => assert!(why.contains(needle), "{id}: {why}"),
+                v => panic!("{id}: {v:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(3), "{id}");
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -37,11 +37,12 @@ pub fn placeholder() -> String {
 
 impl Secret {
     /// A secret with a fresh placeholder (or `custom`).
+    /// `hosts` never allows everything by being empty: a secret goes only where it is named.
     pub fn new(name: &str, value: &str, hosts: AllowList, custom: Option<&str>) -> Secret {
         Secret {
             name: name.to_string(),
             value: value.to_string(),
-            hosts,
+            hosts: hosts.deny_by_default(),
             placeholder: custom
                 .filter(|c| !c.is_empty())
                 .map(str::to_string)

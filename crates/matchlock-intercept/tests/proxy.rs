@@ -178,3 +178,437 @@ async fn h2_and_http1_guests_reach_an_h2_upstream_with_secrets_swapped() {
         assert!(!body.contains("real-value-1"), "{body}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plain-HTTP guests against scripted loopback upstreams: allow-list modes, passthrough, bodies
+// that end with the connection, event streams, WebSockets.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A proxy with no secrets over plain HTTP, where `up.test` and `other.test` resolve to
+/// 127.0.0.1 (as matchlock's DNS would have told the guest).
+fn plain_proxy(allow: AllowList, rules: Rules, websockets: bool) -> Arc<Proxy> {
+    let names = Arc::new(NameTable::default());
+    for n in ["up.test", "other.test"] {
+        names.record(n, &["127.0.0.1".parse().unwrap()]);
+    }
+    Arc::new(
+        Proxy::new(
+            allow,
+            Secrets::default(),
+            MitmCa::generate("vm-test").unwrap(),
+            names,
+            Arc::new(|_| Ok(())),
+            upstream_tls(None).unwrap(),
+            None,
+            rules,
+        )
+        .with_websockets(websockets),
+    )
+}
+
+/// A "guest" connection through the proxy to 127.0.0.1:`port`.
+fn guest_conn(p: &Arc<Proxy>, port: u16) -> tokio::io::DuplexStream {
+    let (guest, theirs) = tokio::io::duplex(1 << 16);
+    let target = Target {
+        visible: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+        real: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    tokio::spawn(p.clone().serve(theirs, target));
+    guest
+}
+
+/// A loopback server that runs `script` on each connection.
+async fn scripted<F, Fut>(script: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(script(s));
+        }
+    });
+    port
+}
+
+/// Reads an HTTP head (up to the blank line) from `s`.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One request over HTTP/1.1 with hyper from the guest side; returns status and body, or the
+/// body error.
+async fn h1_get(
+    guest: tokio::io::DuplexStream,
+    host: &str,
+    path: &str,
+) -> (u16, Result<Vec<u8>, String>) {
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(guest))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .map_err(|e| e.to_string());
+    (status, body)
+}
+
+#[tokio::test]
+async fn empty_allow_list_allows_every_host_and_passes_other_protocols_through() {
+    let http = scripted(|mut s| async move {
+        let head = read_head(&mut s).await;
+        let host = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("host:"))
+            .unwrap_or("")
+            .to_string();
+        let body = format!("hello {host}");
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+    })
+    .await;
+    let echo = scripted(|mut s| async move {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    // Open (empty list): any host over HTTP, and a protocol that is not HTTP relayed as is.
+    let open = plain_proxy(AllowList::default(), Rules::default(), true);
+    let (status, body) = h1_get(guest_conn(&open, http), &format!("other.test:{http}"), "/").await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body.unwrap()).contains("other.test"));
+    let mut g = guest_conn(&open, echo);
+    g.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+    let mut got = vec![0u8; 21];
+    g.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, b"SSH-2.0-OpenSSH_9.2\r\n");
+    // `*` is open too.
+    let star = plain_proxy(AllowList::new(["*"]).unwrap(), Rules::default(), true);
+    let mut g = guest_conn(&star, echo);
+    g.write_all(b"\x00\x01binary").await.unwrap();
+    let mut got = vec![0u8; 8];
+    g.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, b"\x00\x01binary");
+
+    // A list that names hosts: other hosts get a 403, other protocols are closed.
+    let listed = plain_proxy(AllowList::new(["up.test"]).unwrap(), Rules::default(), true);
+    let (status, _) = h1_get(
+        guest_conn(&listed, http),
+        &format!("other.test:{http}"),
+        "/",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = h1_get(guest_conn(&listed, http), &format!("up.test:{http}"), "/").await;
+    assert_eq!(status, 200);
+    let mut g = guest_conn(&listed, echo);
+    g.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(g.read(&mut buf).await.unwrap(), 0, "closed, not relayed");
+
+    // Deny by default: nothing until a host is added; deleting it closes the list again.
+    let closed = plain_proxy(
+        AllowList::default().deny_by_default(),
+        Rules::default(),
+        true,
+    );
+    let (status, _) = h1_get(guest_conn(&closed, http), &format!("up.test:{http}"), "/").await;
+    assert_eq!(status, 403);
+    let mut g = guest_conn(&closed, echo);
+    g.write_all(b"SSH-2.0-x\r\n").await.unwrap();
+    assert_eq!(g.read(&mut buf).await.unwrap(), 0);
+    assert_eq!(closed.allow_add(&["up.test".into()]).unwrap(), ["up.test"]);
+    let (status, _) = h1_get(guest_conn(&closed, http), &format!("up.test:{http}"), "/").await;
+    assert_eq!(status, 200);
+    closed.allow_remove(&["up.test".into()]);
+    let (status, _) = h1_get(guest_conn(&closed, http), &format!("up.test:{http}"), "/").await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn bodies_that_end_with_the_connection_arrive_whole() {
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let body = payload.clone();
+        let port = scripted(move |mut s| {
+            let body = body.clone();
+            async move {
+                read_head(&mut s).await;
+                // No Content-Length, not chunked: the body ends when the connection closes.
+                let head = format!("{version} 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                for chunk in body.chunks(7000) {
+                    let _ = s.write_all(chunk).await;
+                }
+                let _ = s.shutdown().await;
+            }
+        })
+        .await;
+        let p = plain_proxy(AllowList::default(), Rules::default(), true);
+        let (status, got) = h1_get(guest_conn(&p, port), &format!("up.test:{port}"), "/big").await;
+        assert_eq!(status, 200, "{version}");
+        let got = got.unwrap_or_else(|e| panic!("{version}: body error {e}"));
+        assert_eq!(got.len(), payload.len(), "{version}");
+        assert!(got == payload, "{version}");
+    }
+}
+
+#[tokio::test]
+async fn sse_replacements_touch_only_data_payloads_and_stream() {
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+    let second_rx = Arc::new(tokio::sync::Mutex::new(Some(second_rx)));
+    let port = scripted(move |mut s| {
+        let second_rx = second_rx.clone();
+        async move {
+            read_head(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\r\n")
+                .await;
+            let first = ": comment with foo\r\nevent: foo\r\nid: foo-1\r\ndata: one foo two\r\ndata:foo\r\n\r\n";
+            let _ = s.write_all(first.as_bytes()).await;
+            // The second event only once the guest has seen the first: nothing is buffered whole.
+            if let Some(rx) = second_rx.lock().await.take() {
+                let _ = rx.await;
+            }
+            let _ = s.write_all(b"retry: 10\ndata: {\"text\":\"foo\"}\n\n").await;
+        }
+    })
+    .await;
+    let rules = Rules::new(
+        serde_json::from_value(serde_json::json!([
+            {"phase": "after", "body_replacements": [{"find": "foo", "replace": "BAR"}]}
+        ]))
+        .unwrap(),
+        None,
+    )
+    .unwrap();
+    let p = plain_proxy(AllowList::default(), rules, true);
+    let guest = guest_conn(&p, port);
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(guest))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/events")
+        .header("host", format!("up.test:{port}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let want_first =
+        ": comment with foo\r\nevent: foo\r\nid: foo-1\r\ndata: one BAR two\r\ndata:BAR\r\n\r\n";
+    while got.len() < want_first.len() {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .expect("the first event streams before the upstream sends the second")
+            .unwrap()
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            got.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got), want_first);
+    second_tx.send(()).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "retry: 10\ndata: {\"text\":\"BAR\"}\n\n"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrades_become_a_tunnel_and_can_be_refused() {
+    let port = scripted(|mut s| async move {
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        if !head.contains("upgrade: websocket") || !head.contains("connection: upgrade") {
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+            .await;
+        // Opaque from here: echo, upper-cased.
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let up = buf[..n].to_ascii_uppercase();
+            if s.write_all(&up).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: up.test:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let p = plain_proxy(AllowList::default(), Rules::default(), true);
+    let mut g = guest_conn(&p, port);
+    g.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_head(&mut g).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    for msg in [&b"\x81\x05hello"[..], b"second frame"] {
+        g.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        g.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.to_ascii_uppercase());
+    }
+    // Refused when WebSockets are disabled.
+    let off = plain_proxy(AllowList::default(), Rules::default(), false);
+    let mut g = guest_conn(&off, port);
+    g.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_head(&mut g).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+}
+
+/// A TLS upstream for `up.test` whose connections run `script` on the decrypted stream, which
+/// may end the TCP connection without TLS `close_notify`. Returns its port and CA.
+async fn scripted_tls<F, Fut>(script: F) -> (u16, String)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["up.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, script) = (acceptor.clone(), script.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    script(tls).await;
+                }
+            });
+        }
+    });
+    (port, ca_cert.pem())
+}
+
+#[tokio::test]
+async fn tls_bodies_that_end_without_close_notify_arrive_whole() {
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let body = payload.clone();
+    let (port, ca) = scripted_tls(move |mut tls| {
+        let body = body.clone();
+        async move {
+            read_head(&mut tls).await;
+            let _ = tls
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await;
+            let _ = tls.write_all(&body).await;
+            let _ = tls.flush().await;
+            // Close the TCP connection under TLS: no close_notify.
+            let (tcp, _) = tls.into_inner();
+            drop(tcp);
+        }
+    })
+    .await;
+    let p = proxy(&ca, "PH_unused").await;
+    let (status, got) = {
+        let (guest, theirs) = tokio::io::duplex(1 << 16);
+        let target = Target {
+            visible: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            real: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        tokio::spawn(p.clone().serve(theirs, target));
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(p.ca_pem().as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(
+                rustls::pki_types::ServerName::try_from("up.test").unwrap(),
+                guest,
+            )
+            .await
+            .unwrap();
+        // An h2 guest (curl's default): a cut body would be a stream reset.
+        let (mut s, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(format!("https://up.test:{port}/big"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().to_vec());
+        (status, body)
+    };
+    assert_eq!(status, 200);
+    let got = got.expect("the body ends cleanly");
+    assert!(got == payload, "{} of {} bytes", got.len(), payload.len());
+}
