@@ -56,7 +56,7 @@ pub use progress::{NoProgress, PullEvent, PullProgress, StderrProgress};
 pub use pull::{PullOptions, PullPolicy};
 pub use reference::normalize_reference;
 pub use registry::RegistryConfig;
-pub use store::{GcReport, ImageStore};
+pub use store::{GcReport, ImageStore, StoredImage};
 
 /// What the store knows about one tagged image.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

@@ -12,6 +12,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum PullEvent<'a> {
+    /// The registry is being asked for the image (authentication, then the manifest).
+    Contacting {
+        /// The registry host.
+        registry: &'a str,
+        /// The normalised reference.
+        reference: &'a str,
+    },
     /// The manifest was resolved: the image's config digest, its layer count and their total
     /// compressed size.
     Resolved {
@@ -127,6 +134,10 @@ impl PullProgress for StderrProgress {
     fn event(&self, event: PullEvent<'_>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match event {
+            PullEvent::Contacting {
+                registry,
+                reference,
+            } => self.line(format!("asking {registry} for {reference}...")),
             PullEvent::Resolved {
                 reference,
                 manifest,

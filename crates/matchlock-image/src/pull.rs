@@ -132,6 +132,10 @@ impl ImageStore {
             .build()
             .map_err(|e| ImageError::io("starting the network runtime", e))?;
 
+        progress.event(PullEvent::Contacting {
+            registry: parsed.registry(),
+            reference: &normalized,
+        });
         let (conn, remote) = rt.block_on(async {
             let conn = registry::connect(&parsed, &opts.registry).await?;
             let remote = self.resolve_remote(&conn, &parsed, progress).await?;

@@ -22,9 +22,11 @@ use crate::ImageError;
 
 /// How long to wait for a TCP/TLS connection: long enough for a slow network, short enough that
 /// a registry that silently drops packets is reported while the user still waits.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a read may stall mid-transfer before the pull fails (not a bound on the whole blob).
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a read may stall before the pull fails (not a bound on the whole blob): a registry
+/// that stops answering is reported well within a minute, and a resumed pull continues where
+/// this one stopped.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How to reach registries: credentials, trust and the plain-HTTP allow-list.
 ///

@@ -348,6 +348,64 @@ impl ImageStore {
         Ok(record.info)
     }
 
+    /// Stores the image `from` names under `to` as well (sharing its root file system and
+    /// blobs), replacing what `to` named before. Returns the new entry.
+    pub fn tag(&self, from: &str, to: &str) -> Result<ImageInfo, ImageError> {
+        let from = normalize_reference(from)?;
+        let to = normalize_reference(to)?;
+        let _lock = self.lock()?;
+        let src = self.tag_path(&from);
+        if !src.exists() {
+            return Err(not_found(&from, &from));
+        }
+        let mut record = self.read_record(&src)?;
+        if to == from {
+            return Ok(record.info);
+        }
+        record.info.name = to.clone();
+        record.source = Some("tag".into());
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| ImageError::Json {
+            context: "encoding the tag record".into(),
+            source: e,
+        })?;
+        let dest = self.tag_path(&to);
+        let old = self.read_record(&dest).ok();
+        atomic_write(&self.tmp(), &dest, &json)?;
+        if let Some(old) = old {
+            self.collect_garbage(&old)?;
+        }
+        Ok(record.info)
+    }
+
+    /// Every tagged image with where it came from and when it was stored, newest first.
+    pub fn entries(&self) -> Result<Vec<StoredImage>, ImageError> {
+        let dir = self.root.join("tags");
+        let listing = fs::read_dir(&dir)
+            .map_err(|e| ImageError::io(format!("listing {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in listing.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record = self.read_record(&path)?;
+            let stored_at = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            out.push(StoredImage {
+                info: record.info,
+                source: record.source.unwrap_or_else(|| "local".into()),
+                stored_at,
+            });
+        }
+        out.sort_by(|a, b| (b.stored_at, &a.info.name).cmp(&(a.stored_at, &b.info.name)));
+        Ok(out)
+    }
+
     /// All tagged images, sorted by name.
     pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
         let mut out: Vec<ImageInfo> = self.records()?.into_iter().map(|r| r.info).collect();
@@ -460,6 +518,17 @@ impl ImageStore {
         report.tmp += self.sweep_tmp();
         Ok(report)
     }
+}
+
+/// A tagged image as [`ImageStore::entries`] lists it.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    /// The image.
+    pub info: ImageInfo,
+    /// Where it came from: `registry`, `docker-save` or `oci` (imports), `tag` (`pull -t`).
+    pub source: String,
+    /// When the tag was written, seconds since the epoch.
+    pub stored_at: u64,
 }
 
 /// What [`ImageStore::gc`] removed.

@@ -82,13 +82,10 @@ pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, Vm
     }
     let key = cache_key(qemu, kernel, initramfs);
     let cache = cache_dir().join("accel.json");
-    if let Ok(data) = std::fs::read(&cache) {
-        if let Ok(c) = serde_json::from_slice::<Cached>(&data) {
-            if c.key == key {
-                return finish(c.choice, forced);
-            }
-        }
+    if let Some(c) = cached(&key) {
+        return finish(c, forced);
     }
+    tracing::info!("probing KVM with a test boot (once per kernel, initramfs and QEMU)");
     let choice = match probe(qemu, kernel, initramfs, Accel::Kvm, PROBE_TIMEOUT) {
         Ok(t) => Choice {
             accel: Accel::Kvm,
@@ -109,6 +106,34 @@ pub fn choose(qemu: &Path, kernel: &Path, initramfs: &Path) -> Result<Choice, Vm
     }
     finish(choice, forced)
 }
+
+fn cached(key: &str) -> Option<Choice> {
+    let data = std::fs::read(cache_dir().join("accel.json")).ok()?;
+    let c = serde_json::from_slice::<Cached>(&data).ok()?;
+    (c.key == key).then_some(c.choice)
+}
+
+/// Whether [`choose`] would boot a probe VM now (nothing cached for these files, `/dev/kvm`
+/// usable, no `MATCHLOCK_ACCEL=tcg`), so a caller can say what the wait is for.
+pub fn will_probe(qemu: &Path, kernel: &Path, initramfs: &Path) -> bool {
+    std::env::var("MATCHLOCK_ACCEL").as_deref() != Ok("tcg")
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        && cached(&cache_key(qemu, kernel, initramfs)).is_none()
+}
+
+/// What QEMU prints when KVM cannot run the guest (a software KVM that cannot emulate an
+/// instruction, a CPU feature it refuses): the probe fails at once instead of at its timeout.
+const KVM_FAILURES: &[&str] = &[
+    "KVM internal error",
+    "emulation failure",
+    "KVM: entry failed",
+    "failed to set MSR",
+    "kvm_buf_set_msrs",
+];
 
 fn finish(choice: Choice, forced: bool) -> Result<Choice, VmmError> {
     if forced && choice.accel != Accel::Kvm {
@@ -164,17 +189,8 @@ pub fn probe(
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    // Drain stderr as it comes: a full pipe would stall QEMU and pass for a failed probe.
-    let stderr = child.stderr.take();
-    let stderr_reader = std::thread::spawn(move || {
-        let mut err = String::new();
-        if let Some(mut e) = stderr {
-            let _ = e.by_ref().take(64 * 1024).read_to_string(&mut err);
-            let _ = std::io::copy(&mut e, &mut std::io::sink());
-        }
-        err
-    });
     let (tx, rx) = std::sync::mpsc::channel();
+    let tx_err = tx.clone();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
@@ -183,8 +199,13 @@ pub fn probe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     seen.extend_from_slice(&buf[..n]);
-                    if String::from_utf8_lossy(&seen).contains(PROBE_MARKER) {
-                        let _ = tx.send(true);
+                    let text = String::from_utf8_lossy(&seen);
+                    if text.contains(PROBE_MARKER) {
+                        let _ = tx.send(Ok(()));
+                        return;
+                    }
+                    if let Some(f) = KVM_FAILURES.iter().find(|f| text.contains(*f)) {
+                        let _ = tx.send(Err(f.to_string()));
                         return;
                     }
                     // Only the tail can still complete the marker.
@@ -194,16 +215,45 @@ pub fn probe(
                 }
             }
         }
-        let _ = tx.send(false);
+        let _ = tx.send(Err(String::new()));
     });
-    let ok = rx.recv_timeout(timeout).unwrap_or(false);
+    // Drain stderr as it comes: a full pipe would stall QEMU and pass for a failed probe. A
+    // KVM failure printed there ends the probe at once.
+    let stderr = child.stderr.take();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        if let Some(mut e) = stderr {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = e.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if err.len() < 64 * 1024 {
+                    err.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+                if let Some(f) = KVM_FAILURES.iter().find(|f| err.contains(*f)) {
+                    let _ = tx_err.send(Err(f.to_string()));
+                }
+            }
+        }
+        err
+    });
+    let verdict = rx.recv_timeout(timeout);
     let elapsed = start.elapsed();
     let _ = child.kill();
     let _ = child.wait();
     let err = stderr_reader.join().unwrap_or_default();
-    if ok {
-        Ok(elapsed)
-    } else if elapsed >= timeout {
+    match verdict {
+        Ok(Ok(())) => return Ok(elapsed),
+        Ok(Err(failure)) if !failure.is_empty() => {
+            return Err(format!(
+                "QEMU reported \"{failure}\" after {} ms",
+                elapsed.as_millis()
+            ))
+        }
+        _ => {}
+    }
+    if elapsed >= timeout {
         Err(format!("no answer within {} s", timeout.as_secs()))
     } else {
         let line = err

@@ -54,8 +54,136 @@ pub fn locate() -> Result<PathBuf, VmmError> {
     }
 }
 
+/// Resolves a kernel the user named (`--kernel`, SDK `kernel.ref`): a path or a `file://` URL
+/// to an uncompressed x86-64 `vmlinux` with a PVH entry point, checked here so a wrong file
+/// fails before anything boots. Registry references are refused with what they would need.
+pub fn resolve_ref(reference: &str) -> Result<PathBuf, VmmError> {
+    let r = reference.trim();
+    let bad = |why: String| VmmError::BadKernel(format!("kernel {r}: {why}"));
+    if r.is_empty() {
+        return Err(bad("empty reference".into()));
+    }
+    let path = match r.strip_prefix("file://") {
+        Some(p) => PathBuf::from(p),
+        None if looks_like_oci(r) => {
+            return Err(bad(
+                "OCI kernel references are not supported: matchlock boots a local vmlinux \
+                 (uncompressed x86-64 ELF with a PVH entry point, virtio-mmio command-line \
+                 devices, and the virtio console, serial, block, net and fs drivers built in). \
+                 Pull or build the file yourself ('matchlock kernel build' builds ours) and pass \
+                 its path or a file:// URL"
+                    .into(),
+            ))
+        }
+        None => PathBuf::from(r),
+    };
+    let path = std::fs::canonicalize(&path).map_err(|e| bad(format!("{e}")))?;
+    if !path.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    check_vmlinux(&path).map_err(bad)?;
+    Ok(path)
+}
+
+/// `registry/repo:tag`, `repo@sha256:...`: a reference to an image, not a file. A path that
+/// exists is never taken for one.
+fn looks_like_oci(r: &str) -> bool {
+    !r.starts_with('/')
+        && !r.starts_with('.')
+        && !std::path::Path::new(r).exists()
+        && (r.contains('@') || r.contains(':') || r.matches('/').count() >= 2)
+}
+
+/// Checks that `path` is a kernel matchlock can boot: an ELF64 x86-64 executable (not a
+/// `bzImage`) with a PVH entry point (a Xen `PHYS32_ENTRY` note), which QEMU needs to boot an
+/// ELF kernel directly.
+pub fn check_vmlinux(path: &std::path::Path) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut eh = [0u8; 64];
+    if f.read_exact(&mut eh).is_err() || &eh[..4] != b"\x7fELF" {
+        return Err(
+            "not an ELF vmlinux (a bzImage or compressed kernel cannot be booted; \
+                    use the uncompressed vmlinux of the build)"
+                .into(),
+        );
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    if eh[4] != 2 || eh[5] != 1 || u16_at(&eh, 18) != 62 {
+        return Err("not a 64-bit x86 (little-endian) kernel".into());
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54) as u64, u16_at(&eh, 56));
+    if phentsize < 56 || phnum == 0 || phnum > 64 {
+        return Err("its ELF program headers are malformed".into());
+    }
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        f.seek(SeekFrom::Start(phoff + i * phentsize))
+            .and_then(|_| f.read_exact(&mut ph))
+            .map_err(|_| "its ELF program headers are truncated".to_string())?;
+        const PT_NOTE: u32 = 4;
+        if u32_at(&ph, 0) != PT_NOTE {
+            continue;
+        }
+        let (off, size) = (u64_at(&ph, 8), u64_at(&ph, 32));
+        if size > 1 << 20 || off.saturating_add(size) > len {
+            continue;
+        }
+        let mut notes = vec![0u8; size as usize];
+        f.seek(SeekFrom::Start(off))
+            .and_then(|_| f.read_exact(&mut notes))
+            .map_err(|e| e.to_string())?;
+        let mut p = 0usize;
+        while p + 12 <= notes.len() {
+            let (namesz, descsz, kind) = (
+                u32_at(&notes, p) as usize,
+                u32_at(&notes, p + 4) as usize,
+                u32_at(&notes, p + 8),
+            );
+            let name_end = p + 12 + namesz;
+            // XEN_ELFNOTE_PHYS32_ENTRY
+            if kind == 18 && notes.get(p + 12..name_end) == Some(b"Xen\0") {
+                return Ok(());
+            }
+            p = name_end.div_ceil(4) * 4;
+            p = (p + descsz).div_ceil(4) * 4;
+        }
+    }
+    Err("it has no PVH entry point (build it with CONFIG_PVH=y); QEMU boots an ELF kernel only through PVH".into())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_references_are_checked_before_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("bzImage");
+        std::fs::write(&junk, b"MZ not an elf").unwrap();
+        let e = super::resolve_ref(junk.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an ELF vmlinux"), "{e}");
+        let e = super::resolve_ref(&format!("file://{}", dir.path().join("nope").display()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("No such file"), "{e}");
+        let e = super::resolve_ref("ghcr.io/jingkaihe/matchlock/kernel:6.1.137")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OCI kernel references are not supported"), "{e}");
+        // An x86-64 ELF without a PVH note (this very test binary).
+        let exe = std::env::current_exe().unwrap();
+        let e = super::check_vmlinux(&exe).unwrap_err();
+        assert!(e.contains("no PVH entry point"), "{e}");
+        // Our own kernel passes, when it has been built.
+        if let Ok(k) = super::locate() {
+            super::check_vmlinux(&k).unwrap();
+        }
+    }
+
     #[test]
     fn hash_matches_build_script() {
         // build.sh: { cat "$fragment"; echo "script=3"; cat patches... } | sha256sum | cut -c1-16

@@ -26,6 +26,9 @@ pub enum VmmError {
     /// `MATCHLOCK_KERNEL` points nowhere.
     #[error("MATCHLOCK_KERNEL={0} does not exist; unset it to use the kernel built by 'matchlock kernel build'")]
     KernelOverrideMissing(PathBuf),
+    /// A kernel given with `--kernel` / `kernel.ref` cannot be booted.
+    #[error("{0}")]
+    BadKernel(String),
     /// QEMU is not installed.
     #[error("qemu-system-x86_64 not found (looked at {0}); install it with 'sudo apt-get install qemu-system-x86' or set MATCHLOCK_QEMU")]
     QemuMissing(String),

@@ -464,6 +464,7 @@ impl PullProgress for Events {
             PullEvent::UpToDate => "uptodate".into(),
             PullEvent::Building => "building".into(),
             PullEvent::Resolved { .. } => "resolved".into(),
+            PullEvent::Contacting { .. } => "contacting".into(),
             PullEvent::LayerProgress { .. } => return,
         };
         self.0.lock().unwrap().push(s);
