@@ -7,17 +7,65 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "matchlock", version, about, propagate_version = true)]
 pub struct Cli {
+    /// What to log on standard error: error, warn (default), info, debug, trace, or a
+    /// `RUST_LOG`-style filter; sandboxes started by this command log at that level too.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The sub-command named on a command line (`run`, `exec`, ...), found without parsing it, so
+/// that a command line clap refuses still gets the exit code of its command.
+pub fn subcommand_name(argv: &[std::ffi::OsString]) -> Option<String> {
+    let mut it = argv.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        if a == "--log-level" {
+            it.next();
+        } else if !a.starts_with('-') {
+            return Some(a.into_owned());
+        }
+    }
+    None
+}
+
+const RUN_EXAMPLES: &str = "Examples:
+  matchlock run --image alpine:latest -- echo hello
+  matchlock run --image alpine:latest -it sh                 # interactive terminal
+  echo data | matchlock run -i --image busybox -- wc -c      # standard input
+  matchlock run --image alpine:latest --rm=false -- true     # keep it running: matchlock exec ID ...
+  matchlock run --image nginx:latest -d -p 8080:80           # detached, with a port forward
+
+  # Non-secret environment variables
+  matchlock run --image alpine:latest -e FOO=bar -- sh -c 'echo $FOO'
+  matchlock run --image alpine:latest --env-file .env -- printenv
+
+  # Host files: overlay (default, changes stay in the sandbox), host_fs (live) or ro
+  matchlock run -v ./src:src -v ./out:/workspace/out:host_fs --image busybox -- ls /workspace
+
+  # Only HTTPS to one host, with a secret the guest never sees (it gets a placeholder)
+  export ANTHROPIC_API_KEY=sk-xxx
+  matchlock run --image python:3.12-alpine --allow-host api.anthropic.com \\
+    --secret ANTHROPIC_API_KEY@api.anthropic.com -- python call_api.py
+
+  # Nothing allowed at first; open hosts later with 'matchlock allow-list add ID HOST'
+  matchlock run --image alpine:latest --deny-by-default --rm=false -- true";
+
+const EXEC_EXAMPLES: &str = "Examples:
+  matchlock exec vm-1a2b3c4d -- echo hello
+  matchlock exec -it vm-1a2b3c4d sh
+  matchlock exec -w /workspace -u 1000 vm-1a2b3c4d -- make test
+  tar c src | matchlock exec -i vm-1a2b3c4d -- tar x -C /tmp";
+
 /// Sub-commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a sandbox from an image and run a command in it.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Run a command in a running sandbox.
+    #[command(after_help = EXEC_EXAMPLES)]
     Exec(ExecArgs),
     /// List sandboxes.
     #[command(visible_alias = "ls")]
@@ -25,6 +73,9 @@ pub enum Command {
         /// Only running sandboxes.
         #[arg(long)]
         running: bool,
+        /// Print a JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a sandbox's configuration and state as JSON.
     Get {
@@ -38,6 +89,7 @@ pub enum Command {
         id: String,
     },
     /// Stop running sandboxes.
+    #[command(after_help = "Examples:\n  matchlock kill vm-1a2b3c4d\n  matchlock kill --all")]
     Kill {
         /// Sandbox ids (or unique prefixes).
         ids: Vec<String>,
@@ -49,13 +101,21 @@ pub enum Command {
     #[command(visible_alias = "remove")]
     Rm {
         /// Sandbox ids (or unique prefixes).
-        #[arg(required = true)]
         ids: Vec<String>,
+        /// Remove every sandbox that is not running.
+        #[arg(long)]
+        stopped: bool,
     },
     /// Remove every stopped, crashed or failed sandbox.
     Prune,
     /// Reclaim what dead sandboxes left behind (upper disks, sockets, stray QEMU processes).
-    Gc,
+    Gc {
+        /// Only this sandbox (id or unique prefix).
+        id: Option<String>,
+        /// Also reclaim sandboxes whose supervisor is still running (stops them first).
+        #[arg(long = "force-running")]
+        force_running: bool,
+    },
     /// Print a sandbox's console log.
     Log {
         /// Sandbox id (or a unique prefix).
@@ -65,12 +125,20 @@ pub enum Command {
         follow: bool,
     },
     /// Pull an image from its registry into the local store (or refresh its tag).
+    #[command(after_help = "Examples:
+  matchlock pull alpine:latest
+  matchlock pull -t myapp:latest alpine:latest      # also tag it locally
+  matchlock pull --force alpine:latest              # download and convert again
+  MATCHLOCK_INSECURE_REGISTRIES=reg.lan:5000 matchlock pull reg.lan:5000/app:1")]
     Pull {
         /// Image reference (e.g. `alpine`, `registry.example.com:5000/app:1`, `repo@sha256:...`).
         image: String,
         /// Download every blob again and rebuild the root file system, ignoring the cache.
         #[arg(long)]
         force: bool,
+        /// Also store the image under this local name.
+        #[arg(short = 't', long, value_name = "NAME")]
+        tag: Option<String>,
     },
     /// Forward host ports to ports of a running sandbox until interrupted.
     #[command(name = "port-forward")]
@@ -94,6 +162,13 @@ pub enum Command {
     /// Serve the JSON-RPC protocol of the Matchlock SDKs on standard input and output.
     Rpc,
     /// Manage named ext4 volumes (attach with --disk @NAME:/path).
+    #[command(after_help = "Examples:
+  matchlock volume create data --size 1024
+  matchlock run --disk @data:/data --image busybox -- sh -c 'echo kept > /data/f'
+  matchlock run --disk @data:/var/lib/postgresql/data:uid=70,gid=70 --image postgres:16-alpine
+  matchlock volume cp data data-backup
+  matchlock volume ls --json
+  matchlock volume rm data-backup")]
     Volume {
         /// What to do.
         #[command(subcommand)]
@@ -117,6 +192,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `matchlock completion bash > /etc/bash_completion.d/matchlock`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Print the version.
     Version,
     /// Internal: the per-sandbox supervisor process.
@@ -137,7 +217,11 @@ pub enum ImageCommand {
     },
     /// List local images.
     #[command(visible_alias = "list")]
-    Ls,
+    Ls {
+        /// Print a JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a local image.
     #[command(visible_alias = "remove")]
     Rm {
@@ -288,6 +372,9 @@ pub struct RunArgs {
     /// Start the sandbox and the command in the background and print the sandbox id.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// Guest kernel to boot instead of matchlock's own: a `vmlinux` path or `file://` URL.
+    #[arg(long, value_name = "PATH|file://PATH")]
+    pub kernel: Option<String>,
     /// How long processes get between SIGTERM and SIGKILL when the sandbox stops (e.g. 5s, 500ms).
     #[arg(
         long = "graceful-shutdown",
@@ -320,9 +407,17 @@ pub struct RunArgs {
     /// `agent_system` of the events (e.g. aider).
     #[arg(long = "agent-system", value_name = "NAME", default_value = "")]
     pub agent_system: String,
-    /// Interception mode even without --allow-host (then nothing is allowed).
+    /// Interception mode even without --allow-host (every host is allowed, through the proxy:
+    /// hooks, secrets, the private-range block and the event log apply).
     #[arg(long = "network-intercept")]
     pub network_intercept: bool,
+    /// Interception with nothing allowed until --allow-host or 'matchlock allow-list add'
+    /// names a host (without it, an empty allow-list allows every host).
+    #[arg(long = "deny-by-default")]
+    pub deny_by_default: bool,
+    /// Refuse WebSocket upgrades through the interception proxy (403).
+    #[arg(long = "disable-websockets")]
+    pub disable_websockets: bool,
     /// Let the sandbox reach this private/loopback address (blocked by default).
     #[arg(long = "allow-private-host", value_name = "IP")]
     pub allow_private_host: Vec<String>,
@@ -348,12 +443,9 @@ pub struct RunArgs {
     /// Host addresses the --publish listeners bind.
     #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
     pub address: Vec<String>,
-    /// The command and its arguments (replaces the image CMD).
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "COMMAND"
-    )]
+    /// The command and its arguments (replaces the image CMD). Flags before it belong to
+    /// matchlock; everything from the command on (or after `--`) is the command's.
+    #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
@@ -365,13 +457,9 @@ pub struct ExecArgs {
     /// Process options.
     #[command(flatten)]
     pub process: ProcessArgs,
-    /// The command and its arguments.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        required = true,
-        value_name = "COMMAND"
-    )]
+    /// The command and its arguments. Flags before it belong to matchlock; everything from the
+    /// command on (or after `--`) is the command's.
+    #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
@@ -437,13 +525,15 @@ mod tests {
             PullArg::Never
         );
         assert!(p(&["matchlock", "run", "--pull=sometimes", "--image", "x"]).is_err());
-        let Command::Pull { image, force } = p(&["matchlock", "pull", "--force", "alpine"])
-            .unwrap()
-            .command
+        let Command::Pull { image, force, tag } =
+            p(&["matchlock", "pull", "--force", "-t", "mine:1", "alpine"])
+                .unwrap()
+                .command
         else {
             panic!()
         };
         assert_eq!((image.as_str(), force), ("alpine", true));
+        assert_eq!(tag.as_deref(), Some("mine:1"));
         assert!(matches!(
             p(&["matchlock", "image", "gc"]).unwrap().command,
             Command::Image {
@@ -487,5 +577,81 @@ mod tests {
             panic!()
         };
         assert!(r.process.tty && r.process.interactive);
+    }
+
+    /// Flags before the command are matchlock's: a misspelt one is an error naming it (with the
+    /// closest flag), never the command; from the command on, everything is the command's.
+    #[test]
+    fn flags_before_the_command_are_ours() {
+        let p = |args: &[&str]| Cli::try_parse_from(args);
+        let e = p(&[
+            "matchlock",
+            "run",
+            "--image",
+            "x",
+            "--alow-host",
+            "a",
+            "--",
+            "echo",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--alow-host") && e.contains("--allow-host"),
+            "{e}"
+        );
+        let e = p(&["matchlock", "exec", "--tyy", "vm-1", "sh"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tyy") && e.contains("--tty"), "{e}");
+        let command = |args: &[&str]| match p(args).unwrap().command {
+            Command::Run(r) => r.command,
+            Command::Exec(e) => e.command,
+            other => panic!("{other:?}"),
+        };
+        // `--` is optional; the command keeps its own flags, even ones matchlock also has.
+        assert_eq!(
+            command(&[
+                "matchlock",
+                "run",
+                "--image",
+                "x",
+                "ls",
+                "-la",
+                "--image",
+                "y"
+            ]),
+            ["ls", "-la", "--image", "y"]
+        );
+        assert_eq!(
+            command(&["matchlock", "run", "--image", "x", "--", "--weird"]),
+            ["--weird"]
+        );
+        assert_eq!(
+            command(&["matchlock", "exec", "-it", "vm-1", "sh", "-c", "echo -n"]),
+            ["sh", "-c", "echo -n"]
+        );
+        assert_eq!(
+            command(&["matchlock", "exec", "vm-1", "-i", "--", "cat", "-"]),
+            ["cat", "-"]
+        );
+        assert!(p(&["matchlock", "exec", "vm-1"]).is_err());
+    }
+
+    #[test]
+    fn subcommand_names_are_found_without_parsing() {
+        let name = |args: &[&str]| {
+            let v: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            subcommand_name(&v)
+        };
+        assert_eq!(
+            name(&["matchlock", "run", "--bogus"]).as_deref(),
+            Some("run")
+        );
+        assert_eq!(
+            name(&["matchlock", "--log-level", "debug", "exec", "x"]).as_deref(),
+            Some("exec")
+        );
+        assert_eq!(name(&["matchlock", "--help"]), None);
     }
 }

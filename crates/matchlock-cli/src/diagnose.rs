@@ -3,26 +3,37 @@
 use anyhow::Result;
 use serde::Serialize;
 
+/// How a check came out: `warn` works, but not as well as it could (Matchlock's three states).
+#[derive(Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One check, in Matchlock's `diagnose --json` shape.
 #[derive(Serialize)]
 struct Check {
     name: &'static str,
-    ok: bool,
-    detail: String,
+    status: Status,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     fix: Option<String>,
 }
 
 fn check(name: &'static str, r: Result<String, (String, String)>) -> Check {
     match r {
-        Ok(detail) => Check {
+        Ok(message) => Check {
             name,
-            ok: true,
-            detail,
+            status: Status::Pass,
+            message,
             fix: None,
         },
-        Err((detail, fix)) => Check {
+        Err((message, fix)) => Check {
             name,
-            ok: false,
-            detail,
+            status: Status::Fail,
+            message,
             fix: Some(fix),
         },
     }
@@ -123,8 +134,12 @@ pub fn diagnose(json: bool) -> Result<i32> {
         .open("/dev/kvm");
     checks.push(Check {
         name: "/dev/kvm",
-        ok: true,
-        detail: match &kvm {
+        status: if kvm.is_ok() {
+            Status::Pass
+        } else {
+            Status::Warn
+        },
+        message: match &kvm {
             Ok(_) => "readable and writable".into(),
             Err(e) => format!("not usable ({e}); sandboxes run under TCG (slower)"),
         },
@@ -133,18 +148,36 @@ pub fn diagnose(json: bool) -> Result<i32> {
             .then(|| "for speed: sudo usermod -aG kvm $USER, then log in again".into()),
     });
     if let (Ok(q), Ok(k), Ok(a)) = (&qemu, &kernel, &agent) {
-        let r = matchlock_vmm::initramfs::cached(a)
-            .and_then(|i| matchlock_vmm::accel::choose(q, k, &i));
-        checks.push(check(
-            "accelerator",
-            match r {
-                Ok(c) => Ok(format!("{}: {}", c.accel, c.reason)),
-                Err(e) => Err((
+        let r = matchlock_vmm::initramfs::cached(a).and_then(|i| {
+            if matchlock_vmm::accel::will_probe(q, k, &i) && !json {
+                eprintln!("checking whether KVM can run sandboxes here (a test boot, once)...");
+            }
+            matchlock_vmm::accel::choose(q, k, &i)
+        });
+        checks.push(match r {
+            Ok(c) if c.accel == matchlock_vmm::accel::Accel::Kvm => Check {
+                name: "accelerator",
+                status: Status::Pass,
+                message: format!("kvm: {}", c.reason),
+                fix: None,
+            },
+            // Sandboxes work under TCG, only slower: a warning with the reason.
+            Ok(c) => Check {
+                name: "accelerator",
+                status: Status::Warn,
+                message: format!("tcg (software emulation, several times slower): {}", c.reason),
+                fix: Some(
+                    "run on a host with hardware virtualisation (VT-x/AMD-V) exposed to this machine; MATCHLOCK_ACCEL=tcg skips the check".into(),
+                ),
+            },
+            Err(e) => check(
+                "accelerator",
+                Err((
                     e.to_string(),
                     "unset MATCHLOCK_ACCEL or set it to auto".into(),
                 )),
-            },
-        ));
+            ),
+        });
     }
     let store = matchlock_sandbox::Store::open_default();
     let home = store.home().to_path_buf();
@@ -184,21 +217,27 @@ pub fn diagnose(json: bool) -> Result<i32> {
             Err(e) => Err((e.to_string(), "check the cache directory".into())),
         },
     ));
-    let failed = checks.iter().filter(|c| !c.ok).count();
+    let ok = checks.iter().all(|c| c.status != Status::Fail);
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": ok, "checks": checks}))?
+        );
     } else {
         for c in &checks {
-            println!(
-                "[{}] {:<16} {}",
-                if c.ok { " ok " } else { "FAIL" },
-                c.name,
-                c.detail
-            );
+            let icon = match c.status {
+                Status::Pass => "✓",
+                Status::Warn => "⚠",
+                Status::Fail => "✗",
+            };
+            println!("{icon} {}: {}", c.name, c.message);
             if let Some(f) = &c.fix {
-                println!("       {:<16} fix: {f}", "");
+                println!("  fix: {f}");
             }
         }
     }
-    Ok(if failed > 0 { 1 } else { 0 })
+    if !ok {
+        anyhow::bail!("diagnose failed: one or more checks failed");
+    }
+    Ok(0)
 }

@@ -1,28 +1,35 @@
 //! `matchlock image ...`
 
 use crate::args::ImageCommand;
+use crate::table;
 use anyhow::{bail, Result};
 use matchlock_image::{ImageStore, PullOptions, StderrProgress};
 
-fn human(bytes: u64) -> String {
-    let mb = bytes as f64 / (1024.0 * 1024.0);
-    if mb >= 1024.0 {
-        format!("{:.1} GB", mb / 1024.0)
-    } else {
-        format!("{mb:.1} MB")
-    }
-}
-
-/// `matchlock pull IMAGE [--force]`: progress on stderr, the result on stdout.
-pub fn pull(image: &str, force: bool) -> Result<i32> {
+/// `matchlock pull IMAGE [--force] [-t NAME]`: progress on stderr, Matchlock's result lines on
+/// stdout (`Pulling`, `Tagged`, `Digest`, `Size`).
+pub fn pull(image: &str, force: bool, tag: Option<&str>) -> Result<i32> {
     let store = ImageStore::open_default()?;
     let opts = PullOptions {
         force,
         ..PullOptions::from_env()
     };
+    println!("Pulling {image}...");
     let info = store.pull(image, &opts, &StderrProgress::new())?;
-    println!("{} {} ({})", info.name, info.digest, human(info.size));
+    if let Some(t) = tag {
+        let tagged = store.tag(&info.name, t)?;
+        println!("Tagged: {}", tagged.name);
+    }
+    println!("Digest: {}", info.digest);
+    println!("Size: {}", table::mb(info.size));
     Ok(0)
+}
+
+/// How `image ls` names a source (Matchlock's words).
+fn source(s: &str) -> &str {
+    match s {
+        "oci" | "docker-save" => "import",
+        other => other,
+    }
 }
 
 /// Runs an image sub-command.
@@ -33,40 +40,56 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
             if crate::term::stdin_is_tty() {
                 bail!("pipe the image tarball into standard input, e.g. 'matchlock image import {name} < image.tar'");
             }
-            eprintln!("importing {name} from standard input...");
+            eprintln!("Importing {name} from stdin...");
             let info = store.import(&name, std::io::stdin().lock())?;
-            println!("{} {} ({})", info.name, info.digest, human(info.size));
+            println!("Imported: {}", info.name);
+            println!("Digest: {}", info.digest);
+            println!("Size: {}", table::mb(info.size));
         }
-        ImageCommand::Ls => {
-            println!("{:<48} {:<20} {:>10}  CREATED", "TAG", "DIGEST", "SIZE");
-            for i in store.list()? {
-                let short = i
-                    .digest
-                    .trim_start_matches("sha256:")
-                    .chars()
-                    .take(12)
-                    .collect::<String>();
-                println!(
-                    "{:<48} {:<20} {:>10}  {}",
-                    i.name,
-                    format!("sha256:{short}"),
-                    human(i.size),
-                    i.created.as_deref().unwrap_or("-")
-                );
+        ImageCommand::Ls { json } => {
+            let entries = store.entries()?;
+            if json {
+                let rows: Vec<serde_json::Value> = entries
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "tag": e.info.name,
+                            "source": source(&e.source),
+                            "size": e.info.size,
+                            "digest": e.info.digest,
+                            "created_at": table::rfc3339(e.stored_at),
+                            "image_created": e.info.created,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
             }
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.info.name.clone(),
+                        source(&e.source).to_string(),
+                        table::mb(e.info.size),
+                        table::utc(e.stored_at, true),
+                    ]
+                })
+                .collect();
+            table::print(&["TAG", "SOURCE", "SIZE", "CREATED"], &rows);
         }
         ImageCommand::Rm { name } => {
             store.remove(&name)?;
-            println!("removed {name}");
+            println!("Removed {name}");
         }
         ImageCommand::Gc => {
             let r = store.gc()?;
             println!(
-                "removed {} blob(s), {} root file system(s), {} temporary file(s); freed {}",
+                "Removed {} unreferenced blobs ({} root file systems, {} temporary files; {} freed)",
                 r.blobs,
                 r.rootfs,
                 r.tmp,
-                human(r.bytes)
+                table::mb(r.bytes)
             );
             if r.pull_in_progress {
                 eprintln!("a pull is running: blobs and partial downloads were kept; run 'matchlock image gc' again later");

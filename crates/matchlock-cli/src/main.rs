@@ -5,6 +5,7 @@ mod diagnose;
 mod image;
 mod manage;
 mod run;
+mod table;
 mod term;
 mod volume;
 
@@ -12,13 +13,32 @@ use args::{Cli, Command, KernelCommand};
 use clap::Parser;
 
 fn main() {
-    let cli = Cli::parse();
-    let is_run = matches!(cli.command, Command::Run(_) | Command::Exec(_));
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `run` and `exec` exit 125 on any failure of matchlock itself, parse errors included, so a
+    // script can tell them from the command's own exit code (Docker's convention).
+    let run_like = args::subcommand_name(&argv).is_some_and(|c| c == "run" || c == "exec");
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ if run_like => run::EXIT_MATCHLOCK_ERROR,
+                _ => 1,
+            };
+            std::process::exit(code);
+        }
+    };
+    init_logging(cli.log_level.as_deref(), &cli.command);
     let code = match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
+            tracing::debug!("failed: {e:?}");
             eprintln!("matchlock: {e:#}");
-            if is_run {
+            if run_like {
                 run::EXIT_MATCHLOCK_ERROR
             } else {
                 1
@@ -28,19 +48,52 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Sends `tracing` events to standard error: the level comes from `--log-level`, else
+/// `RUST_LOG`, else warnings only (the supervisor, whose standard error is its sandbox's
+/// `logs/supervisor.log`, records `info` by default). The level reaches supervisors that this
+/// process starts through `MATCHLOCK_LOG`, so `--log-level debug run ...` also makes the
+/// sandbox's own log verbose.
+fn init_logging(flag: Option<&str>, cmd: &Command) {
+    use tracing_subscriber::EnvFilter;
+    let supervisor = matches!(cmd, Command::Supervise { .. });
+    let spec = flag
+        .map(str::to_string)
+        .or_else(|| {
+            std::env::var("MATCHLOCK_LOG")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()));
+    if let Some(s) = &spec {
+        // Supervisors started from here inherit it.
+        std::env::set_var("MATCHLOCK_LOG", s);
+    }
+    let default = if supervisor { "info" } else { "warn" };
+    let filter = spec
+        .as_deref()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(supervisor || spec.is_some())
+        .with_ansi(!supervisor && term::stderr_is_tty())
+        .try_init();
+}
+
 fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
         Command::Run(a) => run::run(*a),
         Command::Exec(a) => run::exec(a),
-        Command::List { running } => manage::list(running),
+        Command::List { running, json } => manage::list(running, json),
         Command::Get { id } => manage::get(&id),
         Command::Inspect { id } => manage::inspect(&id),
         Command::Kill { ids, all } => manage::kill(&ids, all),
-        Command::Rm { ids } => manage::rm(&ids),
+        Command::Rm { ids, stopped } => manage::rm(&ids, stopped),
         Command::Prune => manage::prune(),
-        Command::Gc => manage::gc(),
+        Command::Gc { id, force_running } => manage::gc(id.as_deref(), force_running),
         Command::Log { id, follow } => manage::log(&id, follow),
-        Command::Pull { image, force } => image::pull(&image, force),
+        Command::Pull { image, force, tag } => image::pull(&image, force, tag.as_deref()),
         Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
         Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
         Command::AllowList { command } => run::allow_list(command),
@@ -48,10 +101,18 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Image { command } => image::image(command),
         Command::Kernel { command } => kernel(command),
         Command::Diagnose { json } => diagnose::diagnose(json),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "matchlock", &mut std::io::stdout());
+            Ok(0)
+        }
         Command::Version => {
             println!(
-                "matchlock {} (guest protocol {}, kernel config {})",
+                "matchlock {} (commit: {}, built: {}, guest protocol {}, kernel config {})",
                 env!("CARGO_PKG_VERSION"),
+                env!("MATCHLOCK_GIT_COMMIT"),
+                env!("MATCHLOCK_BUILD_DATE"),
                 matchlock_proto::VERSION,
                 matchlock_vmm::kernel::config_hash()
             );

@@ -1,47 +1,99 @@
-//! Sandbox management commands: list, get, inspect, kill, rm, prune, gc, log.
+//! Sandbox management commands: list, get, inspect, kill, rm, prune, gc, log. Their output
+//! follows Matchlock's wording and JSON shapes (scripts written for it parse them); what we add is
+//! extra fields, never renamed ones.
 
+use crate::table;
 use anyhow::{bail, Result};
 use matchlock_sandbox::config::{now_secs, State, Status};
-use matchlock_sandbox::{Client, Store};
+use matchlock_sandbox::store::Entry;
+use matchlock_sandbox::{Client, SandboxConfig, Store};
+use serde_json::{json, Value};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
-fn ago(secs: u64) -> String {
-    let d = now_secs().saturating_sub(secs);
-    match d {
-        0..=59 => format!("{d}s ago"),
-        60..=3599 => format!("{}m ago", d / 60),
-        3600..=86_399 => format!("{}h ago", d / 3600),
-        _ => format!("{}d ago", d / 86_400),
+/// The PID column: the supervisor's while it lives (signalling it stops the sandbox).
+fn pid(state: &State) -> u32 {
+    if state.status.is_live() {
+        state.pid
+    } else {
+        0
     }
 }
 
-/// `matchlock list`.
-pub fn list(running: bool) -> Result<i32> {
-    let store = Store::open_default();
-    let entries = store.list()?;
-    println!(
-        "{:<12} {:<9} {:<40} {:<9} PID",
-        "ID", "STATUS", "IMAGE", "CREATED"
-    );
-    for e in entries {
-        if running && e.state.status != Status::Running {
-            continue;
-        }
-        let pid = if e.state.status.is_live() {
-            e.state.pid.to_string()
-        } else {
-            "-".into()
-        };
-        println!(
-            "{:<12} {:<9} {:<40} {:<9} {}",
-            e.config.id,
-            e.state.status.to_string(),
-            e.config.image,
-            ago(e.config.created_at),
-            pid
-        );
+/// A sandbox's configuration as Matchlock's `get` shows its `config`: our fields, with `env` as
+/// an object (Matchlock's shape) and `image`/`id` at the top.
+fn config_json(c: &SandboxConfig) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        let env: serde_json::Map<String, Value> = c
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        obj.insert("env".into(), Value::Object(env));
     }
+    v
+}
+
+/// One sandbox as `get` prints it: Matchlock's `{id, pid, status, image, created_at, config}`,
+/// plus our `state`.
+fn vm_json(e: &Entry) -> Value {
+    json!({
+        "id": e.config.id,
+        "pid": pid(&e.state),
+        "status": e.state.status.to_string(),
+        "image": e.config.image,
+        "created_at": table::rfc3339(e.config.created_at),
+        "config": config_json(&e.config),
+        "state": e.state,
+    })
+}
+
+fn entry(store: &Store, id: &str) -> Result<Entry> {
+    Ok(Entry {
+        config: store.config(id)?,
+        state: store.state(id)?,
+    })
+}
+
+/// `matchlock list`: newest first, like Matchlock.
+pub fn list(running: bool, as_json: bool) -> Result<i32> {
+    let store = Store::open_default();
+    let mut entries = store.list()?;
+    entries.reverse();
+    entries.retain(|e| !running || e.state.status == Status::Running);
+    if as_json {
+        let rows: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "id": e.config.id,
+                    "pid": pid(&e.state),
+                    "status": e.state.status.to_string(),
+                    "image": e.config.image,
+                    "created_at": table::rfc3339(e.config.created_at),
+                    "reason": e.state.reason,
+                    "boot_ms": e.state.boot_ms,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let p = pid(&e.state);
+            vec![
+                e.config.id.clone(),
+                e.state.status.to_string(),
+                e.config.image.clone(),
+                table::utc(e.config.created_at, false),
+                if p == 0 { "-".into() } else { p.to_string() },
+            ]
+        })
+        .collect();
+    table::print(&["ID", "STATUS", "IMAGE", "CREATED", "PID"], &rows);
     Ok(0)
 }
 
@@ -49,17 +101,40 @@ pub fn list(running: bool) -> Result<i32> {
 pub fn get(id: &str) -> Result<i32> {
     let store = Store::open_default();
     let id = store.resolve_id(id)?;
-    let v =
-        serde_json::json!({ "id": id, "config": store.config(&id)?, "state": store.state(&id)? });
-    println!("{}", serde_json::to_string_pretty(&v)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&vm_json(&entry(&store, &id)?))?
+    );
     Ok(0)
 }
 
-/// `matchlock inspect`.
+/// A state as one of Matchlock's lifecycle records (`inspect`).
+fn lifecycle_json(version: usize, id: &str, s: &State, dir: &std::path::Path) -> Value {
+    json!({
+        "version": version,
+        "vm_id": id,
+        "backend": "qemu",
+        "phase": s.status.to_string(),
+        "updated_at": table::rfc3339(s.updated_at),
+        "last_error": s.reason.clone().unwrap_or_default(),
+        "resources": {
+            "state_dir": dir,
+            "rootfs_path": dir.join("upper.ext4"),
+        },
+        "pid": s.pid,
+        "qemu_pid": s.qemu_pid,
+        "accel": s.accel,
+        "boot_ms": s.boot_ms,
+    })
+}
+
+/// `matchlock inspect`: Matchlock's `{vm, lifecycle, history}`, plus the sandbox's files and
+/// resources.
 pub fn inspect(id: &str) -> Result<i32> {
     let store = Store::open_default();
     let id = store.resolve_id(id)?;
     let dir = store.dir(&id);
+    let e = entry(&store, &id)?;
     let mut files = serde_json::Map::new();
     for f in [
         "config.json",
@@ -71,23 +146,35 @@ pub fn inspect(id: &str) -> Result<i32> {
         "logs/qemu.log",
     ] {
         if let Ok(m) = std::fs::metadata(dir.join(f)) {
-            files.insert(f.to_string(), serde_json::json!({ "size": m.len() }));
+            files.insert(f.to_string(), json!({ "size": m.len() }));
         }
     }
-    let config = store.config(&id)?;
-    let v = serde_json::json!({
-        "id": id,
+    let mut history: Vec<Value> = store
+        .history(&id)
+        .iter()
+        .enumerate()
+        .map(|(i, s)| lifecycle_json(i + 1, &id, s, &dir))
+        .collect();
+    // The current state (a crash is only ever derived, never written).
+    let current = lifecycle_json(history.len() + 1, &id, &e.state, &dir);
+    if history.last().map(|h| &h["phase"]) != Some(&current["phase"]) {
+        history.push(current.clone());
+    }
+    let c = &e.config;
+    let v = json!({
+        "vm": vm_json(&e),
+        "lifecycle": history.last().cloned().unwrap_or(current),
+        "history": history,
         "dir": dir,
-        "config": config,
-        "state": store.state(&id)?,
-        "resources": { "vcpus": config.vcpus(), "cpu_max": config.cpu_max(), "memory_mb": config.memory_mb, "disk_size_mb": config.disk_size_mb },
+        "resources": { "vcpus": c.vcpus(), "cpu_max": c.cpu_max(), "memory_mb": c.memory_mb, "disk_size_mb": c.disk_size_mb },
         "files": files,
     });
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
 }
 
-/// `matchlock kill`.
+/// `matchlock kill`: `Killed ID` per sandbox. With `--all`, failures are reported and the exit
+/// code stays 0 (as in Matchlock).
 pub fn kill(ids: &[String], all: bool) -> Result<i32> {
     let store = Store::open_default();
     let targets: Vec<String> = if all {
@@ -99,20 +186,21 @@ pub fn kill(ids: &[String], all: bool) -> Result<i32> {
             .collect()
     } else {
         if ids.is_empty() {
-            bail!("name the sandboxes to stop, or use --all");
+            bail!("VM ID required (or use --all)");
         }
         ids.iter()
             .map(|i| store.resolve_id(i))
             .collect::<Result<_, _>>()?
     };
-    let rt = tokio::runtime::Runtime::new()?;
     let mut code = 0;
     for id in targets {
-        match rt.block_on(stop_one(&store, &id)) {
-            Ok(()) => println!("{id}"),
+        match crate::run::block_on(stop_one(&store, &id)) {
+            Ok(()) => println!("Killed {id}"),
             Err(e) => {
-                eprintln!("matchlock: {id}: {e}");
-                code = 1;
+                eprintln!("Failed to kill {id}: {e}");
+                if !all {
+                    code = 1;
+                }
             }
         }
     }
@@ -123,7 +211,7 @@ pub fn kill(ids: &[String], all: bool) -> Result<i32> {
 async fn stop_one(store: &Store, id: &str) -> Result<()> {
     let state = store.state(id)?;
     if !state.status.is_live() {
-        bail!("not running ({})", state.status);
+        bail!("VM {id} is not running (status: {})", state.status);
     }
     if let Ok(client) = Client::for_sandbox(store, id) {
         let limit =
@@ -166,16 +254,32 @@ fn mark_stopped(store: &Store, id: &str, reason: &str) {
     store.reclaim(id);
 }
 
-/// `matchlock rm`.
-pub fn rm(ids: &[String]) -> Result<i32> {
+/// `matchlock rm`: `Removed ID` per sandbox. `--stopped` removes every sandbox that is not
+/// running and, like `kill --all`, reports failures without failing.
+pub fn rm(ids: &[String], stopped: bool) -> Result<i32> {
     let store = Store::open_default();
+    if stopped {
+        for e in store.list()? {
+            if e.state.status.is_live() {
+                continue;
+            }
+            match store.remove(&e.config.id) {
+                Ok(()) => println!("Removed {}", e.config.id),
+                Err(err) => eprintln!("Failed to remove {}: {err}", e.config.id),
+            }
+        }
+        return Ok(0);
+    }
+    if ids.is_empty() {
+        bail!("VM ID required (or use --stopped)");
+    }
     let mut code = 0;
     for i in ids {
         match store
             .resolve_id(i)
             .and_then(|id| store.remove(&id).map(|_| id))
         {
-            Ok(id) => println!("{id}"),
+            Ok(id) => println!("Removed {id}"),
             Err(e) => {
                 eprintln!("matchlock: {e}");
                 code = 1;
@@ -185,39 +289,79 @@ pub fn rm(ids: &[String]) -> Result<i32> {
     Ok(code)
 }
 
-/// `matchlock prune`.
+/// `matchlock prune`: `Pruned ID` per sandbox, then `Pruned N VMs`.
 pub fn prune() -> Result<i32> {
     let store = Store::open_default();
+    let mut n = 0;
     for e in store.list()? {
         if !e.state.status.is_live() && store.remove(&e.config.id).is_ok() {
-            println!("{}", e.config.id);
+            println!("Pruned {}", e.config.id);
+            n += 1;
         }
     }
     for id in store.orphan_dirs() {
         if std::fs::remove_dir_all(store.dir(&id)).is_ok() {
-            println!("{id}");
+            println!("Pruned {id}");
+            n += 1;
         }
     }
+    println!("Pruned {n} VMs");
     Ok(0)
 }
 
-/// `matchlock gc`.
-pub fn gc() -> Result<i32> {
+/// What `gc` did for one sandbox.
+fn gc_one(store: &Store, e: &Entry, force_running: bool) -> Result<String, String> {
+    let id = &e.config.id;
+    if e.state.status.is_live() {
+        if !force_running {
+            println!("{id}: skipped (VM is running)");
+            return Err(format!("VM is running {id}"));
+        }
+        crate::run::block_on(stop_one(store, id)).map_err(|err| err.to_string())?;
+    }
+    let mut cleaned = Vec::new();
+    if store.reclaim(id) > 0 {
+        cleaned.push("rootfs_remove");
+    }
+    if e.state.status == Status::Crashed {
+        mark_stopped(store, id, "crashed; cleaned up by gc");
+        cleaned.push("state_stopped");
+    }
+    if cleaned.is_empty() {
+        println!("{id}: no resources to clean");
+    } else {
+        println!("{id}: cleaned {}", cleaned.join(", "));
+    }
+    Ok(id.clone())
+}
+
+/// `matchlock gc [ID]`: reclaims what stopped and crashed sandboxes left (upper disks, sockets),
+/// and QEMU processes whose supervisor is gone. Running sandboxes are skipped (an error, as in
+/// Matchlock) unless `--force-running` stops them first.
+pub fn gc(id: Option<&str>, force_running: bool) -> Result<i32> {
     let store = Store::open_default();
-    let mut freed = 0;
-    for e in store.list()? {
-        if !e.state.status.is_live() {
-            freed += store.reclaim(&e.config.id);
-            if e.state.status == Status::Crashed {
-                mark_stopped(&store, &e.config.id, "crashed; cleaned up by gc");
-            }
+    let entries = match id {
+        Some(id) => vec![entry(&store, &store.resolve_id(id)?)?],
+        None => store.list()?,
+    };
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for e in &entries {
+        match gc_one(&store, e, force_running) {
+            Ok(_) => n += 1,
+            Err(why) => failures.push(why),
         }
     }
     let killed = kill_stray_qemus(&store);
-    println!(
-        "reclaimed {} MiB, stopped {killed} stray QEMU processes",
-        freed / (1024 * 1024)
-    );
+    if killed > 0 {
+        println!("stopped {killed} stray QEMU processes");
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n"));
+    }
+    if id.is_none() {
+        println!("Reconciled {n} VMs");
+    }
     Ok(0)
 }
 
@@ -271,8 +415,10 @@ pub fn log(id: &str, follow: bool) -> Result<i32> {
     loop {
         let n = f.read(&mut buf)?;
         if n > 0 {
-            out.write_all(&buf[..n])?;
-            out.flush()?;
+            if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                // The reader went away (`log -f ID | head`).
+                return Ok(0);
+            }
             continue;
         }
         if !follow {
@@ -288,7 +434,7 @@ pub fn log(id: &str, follow: bool) -> Result<i32> {
             f.seek(SeekFrom::Start(pos))?;
             let mut rest = Vec::new();
             f.read_to_end(&mut rest)?;
-            out.write_all(&rest)?;
+            let _ = out.write_all(&rest);
             break;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -68,6 +68,9 @@ fn validate_common(p: &ProcessArgs) -> Result<()> {
 
 /// `matchlock run`.
 pub fn run(args: RunArgs) -> Result<i32> {
+    if args.detach && (args.process.tty || args.process.interactive) {
+        bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
+    }
     validate_common(&args.process)?;
     let check = |r: Result<(), String>| r.map_err(|e| anyhow!(e));
     check(validate::cpus(args.cpus, "--cpus"))?;
@@ -83,11 +86,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
     let mut add_hosts = Vec::new();
     for h in &args.add_host {
-        let (name, ip) = h
-            .split_once(':')
-            .ok_or_else(|| anyhow!("--add-host '{h}' must be NAME:IP"))?;
-        let ip =
-            validate::add_host(name, ip, &format!("--add-host '{h}'")).map_err(|e| anyhow!(e))?;
+        let (name, ip) = h.split_once(':').ok_or_else(|| {
+            anyhow!("invalid add-host mapping: '{h}' must be NAME:IP (e.g. api.internal:10.0.0.10)")
+        })?;
+        let ip = validate::add_host(name, ip, &format!("invalid add-host mapping '{h}'"))
+            .map_err(|e| anyhow!(e))?;
         add_hosts.push((ip, name.to_string()));
     }
     let disks = args
@@ -109,9 +112,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
         .map(|p| p.parse::<PortMap>().map_err(|e| anyhow!("--publish: {e}")))
         .collect::<Result<Vec<_>>>()?;
     let addresses = parse_addresses(&args.address)?;
-    if !publish.is_empty() && args.detach {
-        bail!("--publish needs an attached run (the forwards live in the 'run' process); with -d use 'matchlock port-forward ID PORT'");
-    }
+    let kernel = args
+        .kernel
+        .as_deref()
+        .map(matchlock_vmm::kernel::resolve_ref)
+        .transpose()?;
     let mut user_env = parse_env(&args.process)?;
     let secrets = parse_secrets(&args.secret)?;
     let specs: Vec<_> = secrets.iter().map(|(spec, _)| spec.clone()).collect();
@@ -146,14 +151,26 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let argv =
         matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
     // Fail on a missing kernel, QEMU or agent before anything is created.
-    matchlock_vmm::kernel::locate()?;
-    matchlock_vmm::qemu::locate_qemu()?;
-    matchlock_vmm::agent::locate()?;
+    let kernel_path = match &kernel {
+        Some(k) => k.clone(),
+        None => matchlock_vmm::kernel::locate()?,
+    };
+    let qemu = matchlock_vmm::qemu::locate_qemu()?;
+    let agent = matchlock_vmm::agent::locate()?;
+    // The first start with a kernel and QEMU test-boots KVM; say what the wait is.
+    if let Ok(initramfs) = matchlock_vmm::initramfs::cached(&agent) {
+        if matchlock_vmm::accel::will_probe(&qemu, &kernel_path, &initramfs) {
+            eprintln!(
+                "matchlock: checking once whether KVM can run sandboxes here (a test boot)..."
+            );
+        }
+    }
 
     let config = SandboxConfig {
         image: image.name.clone(),
         image_digest: image.digest.clone(),
         rootfs: image.rootfs.clone(),
+        kernel,
         hostname: args.hostname.clone().unwrap_or_default(),
         cpus: args.cpus,
         memory_mb: args.memory,
@@ -178,6 +195,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
         add_hosts,
         disks,
         vfs,
+        publish: publish
+            .iter()
+            .flat_map(|m| {
+                addresses
+                    .iter()
+                    .map(|a| matchlock_sandbox::config::PublishedPort {
+                        address: *a,
+                        local_port: m.local_port,
+                        remote_port: m.remote_port,
+                    })
+            })
+            .collect(),
         network,
         command: argv.clone(),
         ..Default::default()
@@ -190,9 +219,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         user: None,
         tty: tty.then(term::size),
         stdin: args.process.interactive,
+        log: true,
     };
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    block_on(async move {
         let started = Instant::now();
         let store = Store::open_default();
         let store2 = store.clone();
@@ -202,7 +231,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sighup = signal(SignalKind::hangup())?;
-        let mut boot = tokio::task::spawn_blocking(move || matchlock_sandbox::start_with_secrets(&store2, config, &secret_values));
+        let mut boot = tokio::task::spawn_blocking(move || {
+            matchlock_sandbox::start_with_secrets(&store2, config, &secret_values)
+        });
         let (id, interrupted) = tokio::select! {
             r = &mut boot => (r??, false),
             _ = sigint.recv() => (boot.await??, true),
@@ -218,49 +249,62 @@ pub fn run(args: RunArgs) -> Result<i32> {
             }
             return Ok(130);
         }
+        // Matchlock's wording, on stderr (scripts match it).
+        for f in store.state(&id).map(|s| s.forwards).unwrap_or_default() {
+            eprintln!(
+                "Forwarding {}:{} -> sandbox:{}",
+                f.address, f.local_port, f.remote_port
+            );
+        }
         if args.detach {
             client.launch(spec, 0).await?;
             println!("{id}");
             return Ok(0);
         }
-        // Forwards live as long as this process attaches; they go away with it.
-        let _forwards = if publish.is_empty() {
-            None
-        } else {
-            match Forwarder::start(client.clone(), &publish, &addresses).await {
-                Ok(f) => {
-                    for b in f.bindings() {
-                        eprintln!("matchlock: forwarding {}:{} -> sandbox port {}", b.address, b.local_port, b.remote_port);
-                    }
-                    Some(f)
-                }
-                Err(e) => {
-                    let _ = client.stop(Some(0)).await;
-                    return Err(e.into());
-                }
-            }
-        };
+        if !args.rm {
+            eprintln!("Sandbox {id} is running");
+            eprintln!("  Connect: matchlock exec -it {id} sh");
+            eprintln!("  Stop:    matchlock kill {id}");
+        }
         let stream = client.exec(spec).await?;
         // The CLI's deadline counts from before the boot, so it fires before the supervisor's
         // (which stops the sandbox even if this process is gone) and can report the timeout.
-        let deadline = args.timeout.map(|t| tokio::time::Instant::from_std(started) + std::time::Duration::from_secs(t));
+        let deadline = args
+            .timeout
+            .map(|t| tokio::time::Instant::from_std(started) + std::time::Duration::from_secs(t));
         let code = attach(stream, tty, args.process.interactive, deadline).await;
         if args.rm {
             let _ = client.stop(None).await;
-        } else {
-            eprintln!(
-                "matchlock: sandbox {id} keeps running; 'matchlock exec {id} -- sh' to enter it, 'matchlock kill {id}' to stop it"
-            );
         }
         match code? {
-            Some(EXIT_TIMEOUT) if args.timeout.is_some_and(|t| started.elapsed().as_secs() >= t) => {
-                eprintln!("matchlock: timed out after {}s; the sandbox was stopped", args.timeout.unwrap_or(0));
+            Some(EXIT_TIMEOUT)
+                if args
+                    .timeout
+                    .is_some_and(|t| started.elapsed().as_secs() >= t) =>
+            {
+                eprintln!(
+                    "matchlock: timed out after {}s; the sandbox was stopped",
+                    args.timeout.unwrap_or(0)
+                );
                 Ok(EXIT_TIMEOUT)
             }
             Some(c) => Ok(c),
-            None => bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'"),
+            None => {
+                bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'")
+            }
         }
     })
+}
+
+/// Runs `fut` on a fresh runtime and returns as soon as it completes. The runtime is then
+/// abandoned rather than dropped: dropping waits for blocking tasks, and the reader of our
+/// standard input (tokio reads it on a blocking thread) stays blocked until the user types
+/// something or closes it, so an `-i`/`-it` session would outlive its command.
+pub fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let out = rt.block_on(fut);
+    rt.shutdown_background();
+    out
 }
 
 /// Guest-supplied text with control characters (terminal escapes) replaced, for error lines.
@@ -286,9 +330,9 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
         user: args.process.user,
         tty: tty.then(term::size),
         stdin: args.process.interactive,
+        ..Default::default()
     };
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    block_on(async move {
         let stream = client.exec(spec).await?;
         match attach(stream, tty, args.process.interactive, None).await? {
             Some(c) => Ok(c),
@@ -428,12 +472,16 @@ fn network_config(
             || !args.allow_host.is_empty()
             || !args.secret.is_empty()
             || args.network_intercept
+            || args.deny_by_default
+            || args.disable_websockets
         {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --allow-private-host or --dns-servers");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host or --dns-servers");
         }
         return Ok(None);
     }
     let intercept = if args.network_intercept
+        || args.deny_by_default
+        || args.disable_websockets
         || !args.allow_host.is_empty()
         || !args.secret.is_empty()
     {
@@ -457,6 +505,8 @@ fn network_config(
         };
         Some(matchlock_sandbox::InterceptConfig {
             allowed_hosts: args.allow_host.clone(),
+            deny_by_default: args.deny_by_default,
+            disable_websockets: args.disable_websockets,
             secrets,
             event_log,
             run_id: args.run_id.clone(),
@@ -465,7 +515,7 @@ fn network_config(
         })
     } else {
         if args.event_log.is_some() {
-            bail!("--event-log records interception; add --allow-host, --secret or --network-intercept");
+            bail!("--event-log records interception; add --allow-host, --secret, --network-intercept or --deny-by-default");
         }
         None
     };
@@ -557,8 +607,7 @@ pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<
     let store = Store::open_default();
     let id = store.resolve_id(id)?;
     let client = Client::for_sandbox(&store, &id)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    block_on(async move {
         let mut fwd = Forwarder::start(client.clone(), &maps, &addresses).await?;
         for b in fwd.bindings() {
             println!(
@@ -595,14 +644,20 @@ pub fn allow_list(cmd: crate::args::AllowListCommand) -> Result<i32> {
     let store = Store::open_default();
     let id = store.resolve_id(&id)?;
     let client = Client::for_sandbox(&store, &id)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let (added, removed, now) = rt.block_on(client.allow_list(add, remove))?;
-    for h in added {
-        println!("added {h}");
+    let adding = !add.is_empty();
+    let c = block_on(async { Ok(client.allow_list(add, remove).await?) })?;
+    // Matchlock's wording: scripts match these lines.
+    match (adding, c.added.is_empty(), c.removed.is_empty()) {
+        (true, true, _) => println!("No new hosts were added to {id}"),
+        (true, false, _) => println!("Added to {id}: {}", c.added.join(",")),
+        (false, _, true) => println!("No hosts were removed from {id}"),
+        (false, _, false) => println!("Removed from {id}: {}", c.removed.join(",")),
     }
-    for h in removed {
-        println!("removed {h}");
-    }
-    println!("allowed: {}", now.join(","));
+    let now = match (c.allowed_hosts.is_empty(), c.deny_by_default) {
+        (false, _) => c.allowed_hosts.join(","),
+        (true, false) => "(empty: all hosts allowed)".to_string(),
+        (true, true) => "(empty: no hosts allowed)".to_string(),
+    };
+    println!("Current allow-list: {now}");
     Ok(0)
 }

@@ -56,3 +56,9 @@ pub fn stdin_is_tty() -> bool {
     // SAFETY: isatty only inspects the fd.
     unsafe { libc::isatty(0) == 1 }
 }
+
+/// Whether standard error is a terminal.
+pub fn stderr_is_tty() -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(2) == 1 }
+}

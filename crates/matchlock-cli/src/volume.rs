@@ -9,16 +9,13 @@ pub fn volume(cmd: VolumeCommand) -> Result<i32> {
     let store = Store::open_default();
     match cmd {
         VolumeCommand::Create { name, size, json } => {
+            // JSON goes to the SDKs, which parse stdout and stderr together: nothing else
+            // may be printed.
             let v = volume::create(&name, size)?;
             if json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!(
-                    "created volume {} ({}) at {}",
-                    v.name,
-                    v.size,
-                    v.path.display()
-                );
+                println!("Created volume {} ({size} MB)", v.name);
             }
         }
         VolumeCommand::Ls { json } => {
@@ -26,16 +23,18 @@ pub fn volume(cmd: VolumeCommand) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&vols)?);
             } else {
-                println!("{:<24} {:>12}  PATH", "NAME", "SIZE");
-                for v in vols {
-                    println!("{:<24} {:>12}  {}", v.name, v.size, v.path.display());
-                }
+                let rows: Vec<Vec<String>> =
+                    vols.into_iter().map(|v| vec![v.name, v.size]).collect();
+                crate::table::print(&["NAME", "SIZE"], &rows);
             }
         }
-        VolumeCommand::Rm { name } => volume::remove(&store, &name)?,
+        VolumeCommand::Rm { name } => {
+            volume::remove(&store, &name)?;
+            println!("Removed volume {name}");
+        }
         VolumeCommand::Cp { src, dest } => {
             let v = volume::copy(&store, &src, &dest)?;
-            println!("copied volume {src} to {} at {}", v.name, v.path.display());
+            println!("Copied volume {src} to {}", v.name);
         }
     }
     Ok(0)

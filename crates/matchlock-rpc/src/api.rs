@@ -75,6 +75,11 @@ pub struct Network {
     pub no_network: bool,
     /// Force interception mode.
     pub intercept: bool,
+    /// Interception with an allow-list that allows nothing while empty (hosts are opened with
+    /// `allow_list_add`). Without it, an empty allow-list allows every host, as in Matchlock.
+    pub deny_by_default: bool,
+    /// Refuse WebSocket upgrades through the interception proxy.
+    pub disable_websockets: bool,
     /// Hook rules.
     pub interception: Option<NetInterception>,
     /// Secrets by environment variable name.
@@ -184,6 +189,8 @@ pub struct ImageConfigParams {
 pub struct Plan {
     /// The request, validated.
     pub params: CreateParams,
+    /// The guest kernel `kernel.ref` names, checked; matchlock's own when `None`.
+    pub kernel: Option<std::path::PathBuf>,
     /// Extra disks, resolved.
     pub disks: Vec<DiskMount>,
     /// Workspace mounts, resolved and ordered parents first.
@@ -209,13 +216,13 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
     if p.id.is_some() {
         return Err(RpcError::params("id is internal-only and cannot be set"));
     }
-    if let Some(k) = &p.kernel {
-        if !k.reference.is_empty() {
-            return Err(RpcError::params(
-                "custom kernels (kernel.ref) are not supported: matchlock boots its own hardened guest kernel; remove with_kernel()",
-            ));
-        }
-    }
+    let kernel = match &p.kernel {
+        Some(k) if !k.reference.trim().is_empty() => Some(
+            matchlock_vmm::kernel::resolve_ref(&k.reference)
+                .map_err(|e| RpcError::params(format!("kernel.ref: {e}")))?,
+        ),
+        _ => None,
+    };
     let check = |r: Result<(), String>| r.map_err(RpcError::params);
     if let Some(r) = &p.resources {
         if r.cpus != 0.0 {
@@ -276,6 +283,7 @@ pub fn plan(params: Value) -> Result<Plan, RpcError> {
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Plan {
         params: p,
+        kernel,
         disks,
         vfs,
         vfs_block_rules,
@@ -297,10 +305,12 @@ fn check_network(n: &Network) -> Result<(), RpcError> {
         && (!n.allowed_hosts.is_empty()
             || !n.secrets.is_empty()
             || n.intercept
+            || n.deny_by_default
+            || n.disable_websockets
             || n.interception.is_some())
     {
         return Err(RpcError::params(
-            "no_network cannot be combined with allowed_hosts, secrets or interception",
+            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets or interception",
         ));
     }
     if !n.hostname.is_empty() {
@@ -515,11 +525,15 @@ fn network_config(
     }
     let interception = n.interception.as_ref();
     let intercept = (n.intercept
+        || n.deny_by_default
+        || n.disable_websockets
         || !n.allowed_hosts.is_empty()
         || !secrets.is_empty()
         || interception.is_some())
     .then(|| matchlock_sandbox::InterceptConfig {
         allowed_hosts: n.allowed_hosts.clone(),
+        deny_by_default: n.deny_by_default,
+        disable_websockets: n.disable_websockets,
         secrets,
         rules: interception.map(|i| i.rules.clone()).unwrap_or_default(),
         callback_socket: interception.and_then(NetInterception::socket),
@@ -622,6 +636,7 @@ pub fn sandbox_config(
         image: image.name.clone(),
         image_digest: image.digest.clone(),
         rootfs: image.rootfs.clone(),
+        kernel: plan.kernel.clone(),
         hostname: net.map(|n| n.hostname.clone()).unwrap_or_default(),
         cpus: res.map(|r| r.cpus).filter(|c| *c > 0.0).unwrap_or(1.0),
         memory_mb: res.map(|r| r.memory_mb).filter(|m| *m > 0).unwrap_or(512),

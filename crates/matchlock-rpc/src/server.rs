@@ -581,6 +581,7 @@ async fn exec(
         user: Some(p.user).filter(|u| !u.is_empty()),
         tty,
         stdin: input.is_some(),
+        ..Default::default()
     };
     let out = &shared.out;
     // The SDK waits for `ready` before it sends any stdin.
@@ -638,6 +639,14 @@ async fn exec(
                     )
                     .await;
                 }
+            }
+            // The process could not start (no such working directory or user, not
+            // executable): an error with the guest's reason, not a bare 126.
+            Ok(Some(Msg::Exited(_))) if guest_error.is_some() => {
+                return Err(RpcError::new(
+                    code::EXEC_FAILED,
+                    guest_error.unwrap_or_default(),
+                ))
             }
             Ok(Some(Msg::Exited(st))) => break st.code.clamp(0, 255),
             Ok(Some(Msg::Error(e))) => guest_error = Some(e),
@@ -969,15 +978,17 @@ async fn allow_list(shared: &Arc<Shared>, method: &str, p: HostsParams) -> Resul
     } else {
         (Vec::new(), hosts)
     };
-    let (added, removed, now) = client
+    let change = client
         .allow_list(add, remove)
         .await
         .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
-    Ok(if method == "allow_list_add" {
-        json!({"added": added, "allowed_hosts": now})
+    let mut reply = if method == "allow_list_add" {
+        json!({"added": change.added, "allowed_hosts": change.allowed_hosts})
     } else {
-        json!({"removed": removed, "allowed_hosts": now})
-    })
+        json!({"removed": change.removed, "allowed_hosts": change.allowed_hosts})
+    };
+    reply["deny_by_default"] = json!(change.deny_by_default);
+    Ok(reply)
 }
 
 #[cfg(test)]

@@ -12,6 +12,19 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use tokio::net::UnixStream;
 
+/// What an allow-list change did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowListChange {
+    /// Patterns that were new.
+    pub added: Vec<String>,
+    /// Patterns that were present and are gone.
+    pub removed: Vec<String>,
+    /// The list now.
+    pub allowed_hosts: Vec<String>,
+    /// Whether an empty list denies every host (else it allows every host).
+    pub deny_by_default: bool,
+}
+
 /// Creates a sandbox from `config` (its `id` and `created_at` are filled in here), starts its
 /// supervisor and waits until the guest is ready for commands. Returns the sandbox id.
 ///
@@ -165,6 +178,15 @@ impl Client {
         })
     }
 
+    /// A client of the control socket at `socket`, whatever the sandbox's state (the
+    /// supervisor's own forwards, set up before it reports running).
+    pub(crate) fn at(id: &str, socket: PathBuf) -> Client {
+        Client {
+            id: id.to_string(),
+            socket,
+        }
+    }
+
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id
@@ -233,19 +255,25 @@ impl Client {
         Ok(())
     }
 
-    /// Adds and removes interception allow-list patterns; returns `(added, removed, now)`.
+    /// Adds and removes interception allow-list patterns.
     pub async fn allow_list(
         &self,
         add: Vec<String>,
         remove: Vec<String>,
-    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), SandboxError> {
+    ) -> Result<AllowListChange, SandboxError> {
         let mut s = self.send(&Request::AllowList { add, remove }).await?;
         match control::read_json::<_, Reply>(&mut s).await {
             Ok(Reply::AllowList {
                 added,
                 removed,
                 allowed_hosts,
-            }) => Ok((added, removed, allowed_hosts)),
+                deny_by_default,
+            }) => Ok(AllowListChange {
+                added,
+                removed,
+                allowed_hosts,
+                deny_by_default,
+            }),
             Ok(Reply::Error(e)) => Err(SandboxError::Invalid(e)),
             Ok(Reply::Ok) => Err(SandboxError::Channel("unexpected reply".into())),
             Err(e) => Err(SandboxError::Channel(format!(

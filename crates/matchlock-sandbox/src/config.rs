@@ -15,6 +15,10 @@ pub struct SandboxConfig {
     pub image_digest: String,
     /// The image's read-only root filesystem (ext4).
     pub rootfs: PathBuf,
+    /// A guest kernel the user chose (`--kernel`, SDK `kernel.ref`), checked when given;
+    /// matchlock's own when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
     /// Guest hostname.
     pub hostname: String,
     /// CPU share; fractional values are enforced with cgroup `cpu.max` in the guest.
@@ -52,6 +56,10 @@ pub struct SandboxConfig {
     /// Host directories and files served into the guest by the workspace filesystem.
     #[serde(default)]
     pub vfs: Vec<VfsMount>,
+    /// Host ports forwarded to guest ports for the sandbox's whole life (`run -p`); the
+    /// supervisor binds them, so they outlive the `run` that asked.
+    #[serde(default)]
+    pub publish: Vec<PublishedPort>,
     /// Workspace operations refused with `EPERM` (RPC `vfs.interception` block rules).
     #[serde(default)]
     pub vfs_block_rules: Vec<VfsBlockRule>,
@@ -85,8 +93,16 @@ pub struct NetworkConfig {
 /// Interception settings (`--allow-host`, `--network-intercept`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct InterceptConfig {
-    /// Allow-list patterns (`api.example.com`, `*.example.com`, ...); empty allows nothing.
+    /// Allow-list patterns (`api.example.com`, `*.example.com`, ...); empty allows every host
+    /// unless [`InterceptConfig::deny_by_default`].
     pub allowed_hosts: Vec<String>,
+    /// An empty allow-list allows nothing (`--deny-by-default`, RPC `network.deny_by_default`):
+    /// hosts are opened one by one with `allow-list add`.
+    #[serde(default)]
+    pub deny_by_default: bool,
+    /// Refuse WebSocket upgrades (`--disable-websockets`, RPC `network.disable_websockets`).
+    #[serde(default)]
+    pub disable_websockets: bool,
     /// Secrets, without their values (those never reach this file).
     #[serde(default)]
     pub secrets: Vec<SecretSpec>,
@@ -202,6 +218,18 @@ pub struct VfsMount {
     pub owner_gid: Option<u32>,
 }
 
+/// One port forward: a host address and port to a guest port. A local port of 0 picks a free
+/// one; [`State::forwards`] says which.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishedPort {
+    /// Host address the listener binds.
+    pub address: std::net::IpAddr,
+    /// Host port.
+    pub local_port: u16,
+    /// Guest port (on the guest's loopback).
+    pub remote_port: u16,
+}
+
 /// A workspace operation to refuse: by kind (empty = all) and guest path glob (empty = all).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VfsBlockRule {
@@ -283,6 +311,9 @@ pub struct State {
     pub boot_ms: Option<u64>,
     /// Why it stopped (`stopped by request`, `timeout after 5s`, `guest powered off`, an error).
     pub reason: Option<String>,
+    /// The port forwards the supervisor is serving, with the ports actually bound.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<PublishedPort>,
     /// Last transition, seconds since the epoch.
     pub updated_at: u64,
 }

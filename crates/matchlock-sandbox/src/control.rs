@@ -28,6 +28,9 @@ pub struct ExecSpec {
     pub tty: Option<WinSize>,
     /// The client sends stdin.
     pub stdin: bool,
+    /// Also append the process's output to the sandbox log (`run`'s command, as Matchlock does).
+    #[serde(default)]
+    pub log: bool,
 }
 
 /// One request on a control connection.
@@ -87,6 +90,9 @@ pub enum Reply {
         removed: Vec<String>,
         /// The list now.
         allowed_hosts: Vec<String>,
+        /// Whether an empty list denies every host (else it allows every host).
+        #[serde(default)]
+        deny_by_default: bool,
     },
 }
 

@@ -76,28 +76,38 @@ impl Forwarder {
         maps: &[PortMap],
         addresses: &[IpAddr],
     ) -> Result<Forwarder, SandboxError> {
+        let pairs: Vec<(PortMap, IpAddr)> = maps
+            .iter()
+            .flat_map(|m| addresses.iter().map(move |a| (*m, *a)))
+            .collect();
+        Self::start_pairs(client, &pairs).await
+    }
+
+    /// Like [`Forwarder::start`], for explicit (mapping, address) pairs.
+    pub async fn start_pairs(
+        client: Client,
+        pairs: &[(PortMap, IpAddr)],
+    ) -> Result<Forwarder, SandboxError> {
         let mut listeners = Vec::new();
-        for map in maps {
-            for addr in addresses {
-                let l = TcpListener::bind(SocketAddr::new(*addr, map.local_port))
-                    .await
-                    .map_err(|e| {
-                        SandboxError::Start(format!(
-                            "cannot listen on {} for port {}: {e}",
-                            SocketAddr::new(*addr, map.local_port),
-                            map.remote_port
-                        ))
-                    })?;
-                let port = l.local_addr().map(|a| a.port()).unwrap_or(map.local_port);
-                listeners.push((
-                    l,
-                    Binding {
-                        address: *addr,
-                        local_port: port,
-                        remote_port: map.remote_port,
-                    },
-                ));
-            }
+        for (map, addr) in pairs {
+            let l = TcpListener::bind(SocketAddr::new(*addr, map.local_port))
+                .await
+                .map_err(|e| {
+                    SandboxError::Start(format!(
+                        "cannot listen on {} for port {}: {e}",
+                        SocketAddr::new(*addr, map.local_port),
+                        map.remote_port
+                    ))
+                })?;
+            let port = l.local_addr().map(|a| a.port()).unwrap_or(map.local_port);
+            listeners.push((
+                l,
+                Binding {
+                    address: *addr,
+                    local_port: port,
+                    remote_port: map.remote_port,
+                },
+            ));
         }
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut tasks = JoinSet::new();

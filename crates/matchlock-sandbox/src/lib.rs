@@ -26,7 +26,7 @@ pub use store::Store;
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// No sandbox with that id.
-    #[error("no sandbox '{0}'; 'matchlock list' shows the sandboxes that exist")]
+    #[error("VM {0} not found; 'matchlock list' shows the sandboxes that exist")]
     NotFound(String),
     /// The sandbox exists but its supervisor is not running.
     #[error("sandbox {id} is {status}; start a new one with 'matchlock run'")]

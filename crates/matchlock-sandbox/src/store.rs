@@ -8,7 +8,8 @@
 //!          agent.sock    QEMU <-> supervisor guest channel
 //!          console.sock  QEMU's serial console, copied by the supervisor into logs/vm.log
 //!          upper.ext4    the writable upper disk (removed when the VM stops)
-//!          logs/vm.log   serial console and detached command output
+//!          history.jsonl every state the supervisor wrote, one JSON line each (`inspect`)
+//!          logs/vm.log   serial console and the output of `run`'s command
 //!          logs/supervisor.log
 //! ```
 //! All writes go through write+rename, so concurrent CLI processes never read half a file.
@@ -111,12 +112,33 @@ impl Store {
             .map_err(|e| SandboxError::Start(format!("{} is corrupt: {e}", p.display())))
     }
 
-    /// Writes `state.json`.
+    /// Writes `state.json` and appends it to `history.jsonl`.
     pub fn write_state(&self, id: &str, s: &State) -> Result<(), SandboxError> {
         let data = serde_json::to_vec_pretty(s).map_err(|e| SandboxError::Start(e.to_string()))?;
         let p = self.dir(id).join("state.json");
         matchlock_vmm::write_atomic(&p, &data)
-            .map_err(SandboxError::io(format!("writing {}", p.display())))
+            .map_err(SandboxError::io(format!("writing {}", p.display())))?;
+        // The history is informational: a failed append must not fail the transition.
+        if let Ok(mut line) = serde_json::to_vec(s) {
+            use std::io::Write;
+            line.push(b'\n');
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir(id).join("history.jsonl"))
+                .and_then(|mut f| f.write_all(&line));
+        }
+        Ok(())
+    }
+
+    /// Every state the sandbox went through, oldest first (`history.jsonl`; bounded).
+    pub fn history(&self, id: &str) -> Vec<State> {
+        let p = self.dir(id).join("history.jsonl");
+        let data = std::fs::read(p).unwrap_or_default();
+        data.split(|b| *b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .take(1000)
+            .collect()
     }
 
     /// Reads `state.json`, correcting a live status whose supervisor is gone to `crashed`.
@@ -139,6 +161,7 @@ impl Store {
                 accel: None,
                 boot_ms: None,
                 reason: Some("supervisor never started".into()),
+                forwards: Vec::new(),
                 updated_at: config.created_at,
             },
         };
@@ -315,6 +338,7 @@ mod tests {
             accel: None,
             boot_ms: None,
             reason: None,
+            forwards: Vec::new(),
             updated_at: 0,
         };
         store.write_state(&id, &st).unwrap();

@@ -147,6 +147,7 @@ pub fn run(store: Store, id: &str) -> i32 {
         accel: None,
         boot_ms: None,
         reason: None,
+        forwards: Vec::new(),
         updated_at: now_secs(),
     };
     let _ = store.write_state(id, &state);
@@ -262,7 +263,10 @@ fn prepare_and_spawn(
 ) -> Result<(Qemu, Listeners), SandboxError> {
     let dir = store.dir(&config.id);
     let qemu_bin = matchlock_vmm::qemu::locate_qemu()?;
-    let kernel = matchlock_vmm::kernel::locate()?;
+    let kernel = match &config.kernel {
+        Some(k) => k.clone(),
+        None => matchlock_vmm::kernel::locate()?,
+    };
     let agent = matchlock_vmm::agent::locate()?;
     let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
     let accel = matchlock_vmm::accel::choose(&qemu_bin, &kernel, &initramfs)?;
@@ -483,6 +487,12 @@ fn network_stack(
         Some(ic) => {
             let mut allow = matchlock_intercept::hosts::AllowList::new(&ic.allowed_hosts)
                 .map_err(|e| format!("--allow-host: {e}"))?;
+            // A list that names hosts also opens each secret's hosts; an empty list already
+            // allows every host, and adding them would close it to all others.
+            let add_secret_hosts = !ic.allowed_hosts.is_empty() || ic.deny_by_default;
+            if ic.deny_by_default {
+                allow = allow.deny_by_default();
+            }
             let values = SECRET_VALUES.get().cloned().unwrap_or_default();
             let mut secrets = Vec::new();
             for spec in &ic.secrets {
@@ -491,10 +501,11 @@ fn network_stack(
                 };
                 let hosts = matchlock_intercept::hosts::AllowList::new(&spec.hosts)
                     .map_err(|e| format!("--secret {}: {e}", spec.name))?;
-                // A secret's hosts are reachable (as in Matchlock).
-                allow
-                    .add(&spec.hosts)
-                    .map_err(|e| format!("--secret {}: {e}", spec.name))?;
+                if add_secret_hosts {
+                    allow
+                        .add(&spec.hosts)
+                        .map_err(|e| format!("--secret {}: {e}", spec.name))?;
+                }
                 secrets.push(matchlock_intercept::secrets::Secret::new(
                     &spec.name,
                     value,
@@ -535,19 +546,22 @@ fn network_stack(
             let egress_policy = policy.clone();
             let egress: matchlock_intercept::proxy::Egress =
                 std::sync::Arc::new(move |ip| egress_policy.check(ip));
-            Some(std::sync::Arc::new(matchlock_intercept::proxy::Proxy::new(
-                allow,
-                matchlock_intercept::secrets::Secrets::new(secrets),
-                ca,
-                names,
-                egress,
-                tls,
-                events,
-                matchlock_intercept::rules::Rules::new(
-                    ic.rules.clone(),
-                    ic.callback_socket.clone(),
-                )?,
-            )))
+            Some(std::sync::Arc::new(
+                matchlock_intercept::proxy::Proxy::new(
+                    allow,
+                    matchlock_intercept::secrets::Secrets::new(secrets),
+                    ca,
+                    names,
+                    egress,
+                    tls,
+                    events,
+                    matchlock_intercept::rules::Rules::new(
+                        ic.rules.clone(),
+                        ic.callback_socket.clone(),
+                    )?,
+                )
+                .with_websockets(!ic.disable_websockets),
+            ))
         }
     };
     Ok(matchlock_net::NetConfig {
@@ -923,7 +937,18 @@ async fn supervise(
             let _ = kill_qemu(&qemu);
             // Give the console copier a moment to flush what the guest printed before dying.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let msg = format!("sandbox failed to boot: {e}{}", console_tail(&dir));
+            let hint = match &config.kernel {
+                // The likeliest cause when the user brought the kernel.
+                Some(k) => format!(
+                    "\n  the guest kernel {} (--kernel) is the likely cause: it must be an x86-64 \
+                     vmlinux with PVH, virtio-mmio command-line devices and the virtio console, \
+                     serial, block, net and fs drivers built in (not modules); run without \
+                     --kernel to use matchlock's own",
+                    k.display()
+                ),
+                None => String::new(),
+            };
+            let msg = format!("sandbox failed to boot: {e}{hint}{}", console_tail(&dir));
             fail(&store, &config, &mut state, &msg);
             report(&mut ready, &format!("error: {}", msg.replace('\n', "\\n")));
             return 1;
@@ -944,6 +969,30 @@ async fn supervise(
         }
     };
     let _ = std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600));
+    // Published ports live as long as the sandbox, whoever started it; a port that cannot be
+    // bound fails the start.
+    let forwards = match start_forwards(&config, &control_path).await {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = kill_qemu(&qemu);
+            fail(&store, &config, &mut state, &e);
+            report(&mut ready, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    state.forwards = forwards
+        .as_ref()
+        .map(|f| {
+            f.bindings()
+                .iter()
+                .map(|b| crate::config::PublishedPort {
+                    address: b.address,
+                    local_port: b.local_port,
+                    remote_port: b.remote_port,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     state.status = Status::Running;
     state.boot_ms = Some(started.elapsed().as_millis() as u64);
     state.updated_at = now_secs();
@@ -1005,6 +1054,7 @@ async fn supervise(
     state.status = Status::Stopping;
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, &state);
+    drop(forwards);
     drop(control);
     let _ = std::fs::remove_file(&control_path);
     if !qemu_gone {
@@ -1030,6 +1080,31 @@ async fn supervise(
     // Let the stop replies reach their clients before the runtime goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;
     0
+}
+
+/// Binds the sandbox's published ports ([`SandboxConfig::publish`]); `None` when it has none.
+async fn start_forwards(
+    config: &SandboxConfig,
+    control: &Path,
+) -> Result<Option<crate::forward::Forwarder>, String> {
+    if config.publish.is_empty() {
+        return Ok(None);
+    }
+    let client = crate::client::Client::at(&config.id, control.to_path_buf());
+    let mut forwarders = Vec::new();
+    for p in &config.publish {
+        forwarders.push((
+            crate::forward::PortMap {
+                local_port: p.local_port,
+                remote_port: p.remote_port,
+            },
+            p.address,
+        ));
+    }
+    crate::forward::Forwarder::start_pairs(client, &forwarders)
+        .await
+        .map(Some)
+        .map_err(|e| format!("port forward: {e}"))
 }
 
 /// A SIGTERM or SIGINT that arrived before the async runtime's handlers were installed.
@@ -1120,8 +1195,13 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
     };
     match req {
         Request::Exec(spec) => {
+            let log = spec.log;
             let req = compose_exec(&ctx.config, spec);
-            splice(&ctx, conn, Msg::Exec(req)).await;
+            if log {
+                splice_logged(&ctx, conn, Msg::Exec(req)).await;
+            } else {
+                splice(&ctx, conn, Msg::Exec(req)).await;
+            }
         }
         Request::File(msg) => {
             if matches!(
@@ -1197,6 +1277,7 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
                             added,
                             removed,
                             allowed_hosts: p.allowed(),
+                            deny_by_default: p.denies_when_empty(),
                         }
                     }
                     Err(e) => Reply::Error(e),
@@ -1275,6 +1356,52 @@ async fn splice(ctx: &Ctx, mut conn: UnixStream, first: Msg) {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+}
+
+/// Like [`splice`] for an exec whose output also goes to `logs/vm.log` (`run`'s command): the
+/// guest's messages are read one by one, their output appended to the log, and passed on.
+async fn splice_logged(ctx: &Ctx, conn: UnixStream, first: Msg) {
+    let mut stream = match ctx.mux.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut conn = conn;
+            let _ = write_msg(
+                &mut conn,
+                &Msg::Error(format!("sandbox is shutting down: {e}")),
+            )
+            .await;
+            return;
+        }
+    };
+    if write_msg(&mut stream, &first).await.is_err() {
+        return;
+    }
+    let (mut guest_rd, mut guest_wr) = tokio::io::split(stream);
+    let (mut client_rd, mut client_wr) = conn.into_split();
+    let to_guest = async {
+        let _ = tokio::io::copy(&mut client_rd, &mut guest_wr).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut guest_wr).await;
+    };
+    let to_client = async {
+        while let Ok(Some(m)) = read_msg(&mut guest_rd).await {
+            match &m {
+                Msg::Stdout(d) | Msg::Stderr(d) => ctx.log.lock().await.append(d),
+                Msg::Exited(st) => {
+                    let line = format!("[matchlock] command exited with code {}\n", st.code);
+                    ctx.log.lock().await.append(line.as_bytes());
+                }
+                _ => {}
+            }
+            if write_msg(&mut client_wr, &m).await.is_err() {
+                break;
+            }
+        }
+    };
+    // Either side ending ends the exec (the guest kills a process whose stream closes).
+    tokio::select! {
+        _ = to_guest => {}
+        _ = to_client => {}
+    }
 }
 
 /// Fills an exec with the sandbox's defaults: base env (overridden by the request's), working

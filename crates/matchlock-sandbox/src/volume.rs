@@ -82,7 +82,7 @@ fn publish(tmp: &Staged, dest: &Path, name: &str) -> Result<(), SandboxError> {
     match std::fs::hard_link(&tmp.0, dest) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(SandboxError::Invalid(
-            format!("volume '{name}' already exists"),
+            format!("named volume already exists: {name}"),
         )),
         Err(e) => Err(SandboxError::io(format!("creating {}", dest.display()))(e)),
     }
@@ -98,7 +98,7 @@ pub fn create(name: &str, size_mb: u64) -> Result<VolumeInfo, SandboxError> {
     }
     if dest.exists() {
         return Err(SandboxError::Invalid(format!(
-            "volume '{name}' already exists"
+            "named volume already exists: {name}"
         )));
     }
     std::fs::create_dir_all(dir()).map_err(SandboxError::io("creating the volume directory"))?;
@@ -162,7 +162,7 @@ pub fn remove(store: &Store, name: &str) -> Result<(), SandboxError> {
     let p = path(name)?;
     if !p.exists() {
         return Err(SandboxError::Invalid(format!(
-            "no volume '{name}'; 'matchlock volume ls' lists them"
+            "named volume not found: {name} ('matchlock volume ls' lists them)"
         )));
     }
     if let Some((id, _)) = users(store, &p).into_iter().next() {
@@ -178,12 +178,19 @@ pub fn remove(store: &Store, name: &str) -> Result<(), SandboxError> {
 pub fn copy(store: &Store, src: &str, dest: &str) -> Result<VolumeInfo, SandboxError> {
     let from = path(src)?;
     let to = path(dest)?;
+    if src == dest {
+        return Err(SandboxError::Invalid(
+            "copy named volume: source and destination must be different".into(),
+        ));
+    }
     if !from.exists() {
-        return Err(SandboxError::Invalid(format!("no volume '{src}'")));
+        return Err(SandboxError::Invalid(format!(
+            "named volume not found: {src}"
+        )));
     }
     if to.exists() {
         return Err(SandboxError::Invalid(format!(
-            "volume '{dest}' already exists"
+            "named volume already exists: {dest}"
         )));
     }
     if users(store, &from).iter().any(|(_, ro)| !ro) {
@@ -269,7 +276,7 @@ pub fn disk(host: &str, guest: &str, read_only: bool) -> Result<DiskMount, Sandb
             let p = path(name)?;
             if !p.is_file() {
                 return Err(SandboxError::Invalid(format!(
-                    "no volume '{name}'; create it with 'matchlock volume create {name}'"
+                    "named volume not found: {name} (create it with 'matchlock volume create {name}')"
                 )));
             }
             p
