@@ -369,7 +369,7 @@ fn base64_encode(s: &str) -> String {
 fn allow_list_changes_at_runtime() {
     let py = python_image();
     let http = http_upstream();
-    let sb = {
+    let start = |mode: &str| {
         let out = ok(run(&[
             "run",
             "-d",
@@ -379,7 +379,7 @@ fn allow_list_changes_at_runtime() {
             "api.test:127.0.0.1",
             "--allow-private-host",
             "127.0.0.1",
-            "--network-intercept",
+            mode,
             "--",
             "sleep",
             "600",
@@ -391,12 +391,52 @@ fn allow_list_changes_at_runtime() {
     let fetch = format!(
         "import urllib.request, urllib.error\ntry:\n print(urllib.request.urlopen('http://api.test:{http}/x', timeout=20).status)\nexcept urllib.error.HTTPError as e:\n print(e.code)"
     );
+    // --network-intercept alone: interception with an empty list, which allows every host
+    // (Matchlock's rule); naming a host closes it to the others, deleting the last opens it.
+    let sb = start("--network-intercept");
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "200\n");
+    let out = ok(run(&["allow-list", "add", &sb.id, "other.test"]));
+    assert!(
+        out.contains(&format!("Added to {}: other.test", sb.id)),
+        "{out}"
+    );
+    assert!(out.contains("Current allow-list: other.test"), "{out}");
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "403\n");
+    let out = ok(run(&[
+        "allow-list",
+        "delete",
+        &sb.id,
+        "other.test,nope.test",
+    ]));
+    assert!(
+        out.contains(&format!("Removed from {}: other.test", sb.id)),
+        "{out}"
+    );
+    assert!(
+        out.contains("Current allow-list: (empty: all hosts allowed)"),
+        "{out}"
+    );
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "200\n");
+    drop(sb);
+    // --deny-by-default: nothing until a host is added, closed again when it is deleted.
+    let sb = start("--deny-by-default");
     assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "403\n");
     let out = ok(run(&["allow-list", "add", &sb.id, "api.test"]));
-    assert!(out.contains("added api.test"), "{out}");
+    assert!(
+        out.contains(&format!("Added to {}: api.test", sb.id)),
+        "{out}"
+    );
     assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "200\n");
+    let out = ok(run(&["allow-list", "add", &sb.id, "api.test"]));
+    assert!(
+        out.contains(&format!("No new hosts were added to {}", sb.id)),
+        "{out}"
+    );
     let out = ok(run(&["allow-list", "delete", &sb.id, "api.test"]));
-    assert!(out.contains("removed api.test"), "{out}");
+    assert!(
+        out.contains("Current allow-list: (empty: no hosts allowed)"),
+        "{out}"
+    );
     assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "403\n");
     // A sandbox without interception says so.
     let open = Sandbox::detached(&[], &["sleep", "600"]);

@@ -490,19 +490,32 @@ fn switch_root() -> Result<(), String> {
 
 fn write_etc(s: &Setup) -> Result<(), String> {
     mkdir_p("/etc")?;
-    let mut hosts =
-        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if !s.hostname.is_empty() {
         fs::write("/etc/hostname", format!("{}\n", s.hostname))
             .map_err(|e| format!("writing /etc/hostname: {e}"))?;
-        hosts.push_str(&format!("127.0.1.1\t{}\n", s.hostname));
-    }
-    for (addr, name) in &s.hosts {
-        hosts.push_str(&format!("{addr}\t{name}\n"));
     }
     // An image may ship /etc/hosts as a symlink (e.g. to /run); replace it rather than follow it.
     let _ = fs::remove_file("/etc/hosts");
-    fs::write("/etc/hosts", hosts).map_err(|e| format!("writing /etc/hosts: {e}"))
+    fs::write("/etc/hosts", etc_hosts(&s.hostname, &s.hosts))
+        .map_err(|e| format!("writing /etc/hosts: {e}"))
+}
+
+/// `/etc/hosts` exactly as Matchlock writes it (scripts grep it): the hostname on the loopback
+/// line, then the extra entries in order, then the IPv6 names.
+fn etc_hosts(hostname: &str, extra: &[(String, String)]) -> String {
+    let mut hosts = String::from("127.0.0.1 localhost localhost.localdomain");
+    if !hostname.is_empty() {
+        hosts.push(' ');
+        hosts.push_str(hostname);
+    }
+    hosts.push('\n');
+    for (addr, name) in extra {
+        hosts.push_str(&format!("{addr} {name}\n"));
+    }
+    hosts.push_str(
+        "::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n",
+    );
+    hosts
 }
 
 /// Creates the workload cgroup with `cpu.max` and returns its `cgroup.procs`, opened now so every
@@ -627,4 +640,24 @@ pub fn reboot_now() -> ! {
 pub fn fatal(msg: &str) -> ! {
     log(format_args!("fatal: {msg}"));
     reboot_now()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn etc_hosts_matches_matchlock() {
+        let extra = vec![
+            ("10.0.0.10".to_string(), "api.internal".to_string()),
+            ("2001:db8::10".to_string(), "db.internal".to_string()),
+        ];
+        assert_eq!(
+            super::etc_hosts("vm-1a2b3c4d", &extra),
+            "127.0.0.1 localhost localhost.localdomain vm-1a2b3c4d\n\
+             10.0.0.10 api.internal\n\
+             2001:db8::10 db.internal\n\
+             ::1 localhost ip6-localhost ip6-loopback\n\
+             ff02::1 ip6-allnodes\n\
+             ff02::2 ip6-allrouters\n"
+        );
+    }
 }

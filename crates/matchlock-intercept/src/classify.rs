@@ -14,6 +14,9 @@ pub enum Flow {
         sni: Option<String>,
         /// The protocols offered with ALPN (`h2`, `http/1.1`, ...), in the client's order.
         alpn: Vec<String>,
+        /// Whether it sent `signature_algorithms` (TLS 1.2 clients such as busybox's `wget`
+        /// do not, and rustls cannot serve them).
+        sigalgs: bool,
     },
     /// An HTTP/1.x request; `host` from the Host header (absent in HTTP/1.0 requests).
     Http1 {
@@ -128,14 +131,21 @@ fn tls(buf: &[u8]) -> Flow {
         };
     }
     match client_hello(&buf[5..5 + rec_len]) {
-        Some((sni, alpn)) => Flow::Tls { sni, alpn },
+        Some(Hello { sni, alpn, sigalgs }) => Flow::Tls { sni, alpn, sigalgs },
         None => Flow::Other,
     }
 }
 
-/// The SNI (`None` when it has none) and ALPN protocols of a ClientHello handshake message;
-/// `None` when the message is malformed.
-fn client_hello(msg: &[u8]) -> Option<(Option<String>, Vec<String>)> {
+/// What the classifier reads from a ClientHello.
+struct Hello {
+    sni: Option<String>,
+    alpn: Vec<String>,
+    sigalgs: bool,
+}
+
+/// The SNI (`None` when it has none), ALPN protocols and whether `signature_algorithms` is
+/// present, of a ClientHello handshake message; `None` when the message is malformed.
+fn client_hello(msg: &[u8]) -> Option<Hello> {
     let mut r = Reader { buf: msg, pos: 0 };
     if r.u8()? != 1 {
         return None; // not a ClientHello
@@ -150,9 +160,13 @@ fn client_hello(msg: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     r.take(suites)?;
     let comp = r.u8()?;
     r.take(comp)?;
-    let (mut sni, mut alpn) = (None, Vec::new());
+    let mut hello = Hello {
+        sni: None,
+        alpn: Vec::new(),
+        sigalgs: false,
+    };
     if r.pos == body.len() {
-        return Some((sni, alpn)); // no extensions
+        return Some(hello); // no extensions
     }
     let ext_len = r.u16()?;
     let exts = r.take(ext_len)?;
@@ -163,7 +177,7 @@ fn client_hello(msg: &[u8]) -> Option<(Option<String>, Vec<String>)> {
         let data = r.take(len)?;
         let mut s = Reader { buf: data, pos: 0 };
         match kind {
-            0 if sni.is_none() => {
+            0 if hello.sni.is_none() => {
                 let list_len = s.u16()?;
                 let list = s.take(list_len)?;
                 let mut s = Reader { buf: list, pos: 0 };
@@ -173,24 +187,27 @@ fn client_hello(msg: &[u8]) -> Option<(Option<String>, Vec<String>)> {
                     let name = s.take(n)?;
                     if name_type == 0 {
                         let name = std::str::from_utf8(name).ok()?;
-                        sni = Some(name.to_ascii_lowercase());
+                        hello.sni = Some(name.to_ascii_lowercase());
                         break;
                     }
                 }
             }
-            16 if alpn.is_empty() => {
+            13 => hello.sigalgs = true,
+            16 if hello.alpn.is_empty() => {
                 let list_len = s.u16()?;
                 let list = s.take(list_len)?;
                 let mut s = Reader { buf: list, pos: 0 };
                 while s.pos < list.len() {
                     let n = s.u8()?;
-                    alpn.push(String::from_utf8_lossy(s.take(n)?).into_owned());
+                    hello
+                        .alpn
+                        .push(String::from_utf8_lossy(s.take(n)?).into_owned());
                 }
             }
             _ => {}
         }
     }
-    Some((sni, alpn))
+    Some(hello)
 }
 
 #[cfg(test)]
@@ -238,6 +255,7 @@ mod tests {
             Flow::Tls {
                 sni: Some("api.example.com".into()),
                 alpn: vec!["h2".into(), "http/1.1".into()],
+                sigalgs: false,
             }
         );
         assert_eq!(classify(&h[..20]), Flow::NeedMore);

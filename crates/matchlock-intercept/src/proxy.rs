@@ -368,27 +368,24 @@ impl Proxy {
             {
                 self.passthrough(io, target, "TLS without HTTP").await
             }
-            Flow::Tls { sni, .. } => {
+            Flow::Tls { sni, sigalgs, .. } => {
                 let name = sni
                     .clone()
                     .unwrap_or_else(|| target.visible.ip().to_string());
                 let Ok(leaf) = self.ca.leaf(&name) else {
                     return;
                 };
+                if !sigalgs {
+                    return match legacy_tls(&leaf, io).await {
+                        Ok(tls) => self.serve_http(tls, target, Some(name)).await,
+                        Err(e) => self.handshake_failed(&name, &e),
+                    };
+                }
                 let Ok(cfg) = server_tls(&leaf) else { return };
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
                 match acceptor.accept(io).await {
                     Ok(tls) => self.serve_http(tls, target, Some(name)).await,
-                    Err(e) => {
-                        tracing::debug!(%name, "guest TLS handshake failed: {e}");
-                        self.event(
-                            "gate_decision",
-                            format!("TLS handshake with the guest failed for {name}: {e}"),
-                            Some("host_filter"),
-                            true,
-                            json!({"host": name, "allowed": false, "reason": format!("TLS handshake failed: {e}")}),
-                        );
-                    }
+                    Err(e) => self.handshake_failed(&name, &e.to_string()),
                 }
             }
             _ if self.is_open() => self.passthrough(io, target, "not HTTP").await,
@@ -404,6 +401,17 @@ impl Proxy {
                 );
             }
         }
+    }
+
+    fn handshake_failed(&self, name: &str, e: &str) {
+        tracing::debug!(%name, "guest TLS handshake failed: {e}");
+        self.event(
+            "gate_decision",
+            format!("TLS handshake with the guest failed for {name}: {e}"),
+            Some("host_filter"),
+            true,
+            json!({"host": name, "allowed": false, "reason": format!("TLS handshake failed: {e}")}),
+        );
     }
 
     /// Relays a connection that is not HTTP as is (open allow-list only), after the egress
@@ -1134,6 +1142,45 @@ impl Body for SseReplace {
             }
         }
     }
+}
+
+/// Serves the TLS handshake of a guest client that sends no `signature_algorithms` (TLS 1.2
+/// clients that predate it or leave it out, such as busybox's built-in `wget` TLS): rustls
+/// refuses those (RFC 5246 would have the server fall back to SHA-1 signatures), so they are
+/// answered by OpenSSL, TLS 1.2 only, with the same leaf from the sandbox CA. Weaker suites
+/// are acceptable here: this link runs between the guest and matchlock inside one host.
+async fn legacy_tls<S>(leaf: &crate::ca::Leaf, io: S) -> Result<tokio_openssl::SslStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslVersion};
+    let e = |e: openssl::error::ErrorStack| e.to_string();
+    let mut b = SslAcceptor::mozilla_intermediate(SslMethod::tls_server()).map_err(e)?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(e)?;
+    b.set_max_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(e)?;
+    // SHA-1 signatures (what a client without signature_algorithms accepts) need level 0.
+    b.set_cipher_list(
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:\
+         ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:\
+         ECDHE-ECDSA-AES256-SHA:@SECLEVEL=0",
+    )
+    .map_err(e)?;
+    let cert = openssl::x509::X509::from_der(&leaf.cert_der).map_err(e)?;
+    let ca = openssl::x509::X509::from_der(&leaf.ca_der).map_err(e)?;
+    let key = openssl::pkey::PKey::private_key_from_der(&leaf.key_der).map_err(e)?;
+    b.set_certificate(&cert).map_err(e)?;
+    b.set_private_key(&key).map_err(e)?;
+    b.add_extra_chain_cert(ca).map_err(e)?;
+    let acceptor = b.build();
+    let ssl = Ssl::new(acceptor.context()).map_err(e)?;
+    let mut stream = tokio_openssl::SslStream::new(ssl, io).map_err(e)?;
+    Pin::new(&mut stream)
+        .accept()
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(stream)
 }
 
 fn server_tls(leaf: &crate::ca::Leaf) -> Result<rustls::ServerConfig, String> {

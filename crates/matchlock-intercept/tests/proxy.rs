@@ -508,13 +508,22 @@ where
     F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    scripted_tls_for("up.test", script).await
+}
+
+/// [`scripted_tls`] with a certificate for `name`.
+async fn scripted_tls_for<F, Fut>(name: &str, script: F) -> (u16, String)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["up.test".to_string()])
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
@@ -611,4 +620,63 @@ async fn tls_bodies_that_end_without_close_notify_arrive_whole() {
     assert_eq!(status, 200);
     let got = got.expect("the body ends cleanly");
     assert!(got == payload, "{} of {} bytes", got.len(), payload.len());
+}
+
+/// busybox's `wget` speaks TLS 1.2 without `signature_algorithms`, which rustls refuses; the
+/// proxy serves such clients through OpenSSL. The real busybox binary (its built-in TLS: no
+/// `openssl` on its PATH) fetches through the proxy from a TLS upstream.
+#[tokio::test]
+async fn busybox_wget_https_through_interception() {
+    let (upstream, ca) = scripted_tls_for("localhost", |mut tls| async move {
+        read_head(&mut tls).await;
+        let body = "hello busybox";
+        let _ = tls
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        let _ = tls.shutdown().await;
+    })
+    .await;
+    let names = Arc::new(NameTable::default());
+    names.record("localhost", &["127.0.0.1".parse().unwrap()]);
+    let p = Arc::new(Proxy::new(
+        AllowList::new(["localhost"]).unwrap(),
+        Secrets::default(),
+        MitmCa::generate("vm-test").unwrap(),
+        names,
+        Arc::new(|_| Ok(())),
+        upstream_tls(Some(ca.as_bytes())).unwrap(),
+        None,
+        Rules::default(),
+    ));
+    // The "guest" connects over TCP; each connection goes to the proxy as the stack hands it.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let target = Target {
+        visible: SocketAddrV4::new(Ipv4Addr::LOCALHOST, upstream),
+        real: SocketAddr::from(([127, 0, 0, 1], upstream)),
+    };
+    let proxy = p.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(proxy.clone().serve(tcp, target));
+        }
+    });
+    let out = tokio::process::Command::new("/bin/busybox")
+        .args(["wget", "-q", "-O-", &format!("https://localhost:{port}/x")])
+        .env("PATH", "/nonexistent")
+        .output()
+        .await
+        .expect("busybox (scripts/setup installs busybox-static)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello busybox",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
