@@ -449,7 +449,38 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
         (
             vec!["exec", "vm-deadbeef", "--", "true"],
             vec![],
-            "no sandbox",
+            "VM vm-deadbeef not found",
+        ),
+        (
+            vec!["run", "--image", BUSYBOX, "-d", "-t", "--", "sh"],
+            vec![],
+            "--detach cannot be combined with -t/--tty or -i/--interactive",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                BUSYBOX,
+                "--kernel",
+                "/etc/hostname",
+                "--",
+                "true",
+            ],
+            vec![],
+            "not an ELF vmlinux",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                BUSYBOX,
+                "--kernel",
+                "ghcr.io/jingkaihe/matchlock/kernel:6.1.137",
+                "--",
+                "true",
+            ],
+            vec![],
+            "OCI kernel references are not supported",
         ),
     ];
     for (args, env, want) in cases {
@@ -461,6 +492,8 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
         let o = c.output().unwrap();
         let err = stderr(&o);
         assert!(!o.status.success(), "{args:?} succeeded");
+        // run and exec: 125 for every failure of matchlock itself (Docker's convention).
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(
             err.trim().lines().count(),
@@ -468,6 +501,36 @@ fn bad_input_fails_cleanly_and_leaves_nothing() {
             "{args:?}: error should be one line: {err}"
         );
     }
+    // A misspelt flag before the command is an error that names it and the closest flag, and
+    // nothing boots: it used to become the command.
+    let started = std::time::Instant::now();
+    let o = ml(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--alow-host",
+        "a.test",
+        "--",
+        "echo",
+        "booted",
+    ])
+    .env("MATCHLOCK_HOME", own_home.path())
+    .output()
+    .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("'--alow-host'") && err.contains("'--allow-host'"),
+        "{err}"
+    );
+    assert!(!stdout(&o).contains("booted"));
+    assert!(started.elapsed() < Duration::from_secs(2), "a VM booted");
+    // Other commands exit 1 on errors, parse errors included.
+    let o = ml(&["list", "--bogus"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = ml(&["kill"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("VM ID required"), "{}", stderr(&o));
     let left = std::fs::read_dir(own_home.path().join("vms"))
         .map(|d| d.count())
         .unwrap_or(0);

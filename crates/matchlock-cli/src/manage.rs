@@ -309,13 +309,19 @@ pub fn prune() -> Result<i32> {
     Ok(0)
 }
 
-/// What `gc` did for one sandbox.
-fn gc_one(store: &Store, e: &Entry, force_running: bool) -> Result<String, String> {
+/// What `gc` did for one sandbox. A running one is skipped (an error when it was named).
+fn gc_one(store: &Store, e: &Entry, force_running: bool, named: bool) -> Result<String, String> {
     let id = &e.config.id;
     if e.state.status.is_live() {
         if !force_running {
             println!("{id}: skipped (VM is running)");
-            return Err(format!("VM is running {id}"));
+            return if named {
+                Err(format!(
+                    "VM is running {id}; 'matchlock gc --force-running {id}' stops and cleans it"
+                ))
+            } else {
+                Ok(id.clone())
+            };
         }
         crate::run::block_on(stop_one(store, id)).map_err(|err| err.to_string())?;
     }
@@ -336,8 +342,8 @@ fn gc_one(store: &Store, e: &Entry, force_running: bool) -> Result<String, Strin
 }
 
 /// `matchlock gc [ID]`: reclaims what stopped and crashed sandboxes left (upper disks, sockets),
-/// and QEMU processes whose supervisor is gone. Running sandboxes are skipped (an error, as in
-/// Matchlock) unless `--force-running` stops them first.
+/// and QEMU processes whose supervisor is gone. Running sandboxes are skipped (an error when
+/// named, as in Matchlock) unless `--force-running` stops them first.
 pub fn gc(id: Option<&str>, force_running: bool) -> Result<i32> {
     let store = Store::open_default();
     let entries = match id {
@@ -347,7 +353,7 @@ pub fn gc(id: Option<&str>, force_running: bool) -> Result<i32> {
     let mut failures = Vec::new();
     let mut n = 0;
     for e in &entries {
-        match gc_one(&store, e, force_running) {
+        match gc_one(&store, e, force_running, id.is_some()) {
             Ok(_) => n += 1,
             Err(why) => failures.push(why),
         }

@@ -6,7 +6,6 @@ use matchlock_proto::{read_msg, write_msg, DirEntry, FrameError, Msg, WriteFile,
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Rejects relative paths: the agent's working directory is not something the host can reason about.
@@ -22,8 +21,11 @@ fn describe(path: &Path, e: &io::Error) -> String {
     format!("{}: {e}", path.display())
 }
 
-/// Serves `WriteFile`: receives `Data`* `Eof` into a temporary file next to the target, then
-/// renames it into place so readers never see a half-written file.
+/// Serves `WriteFile`: receives `Data`* `Eof` straight into the target (created with the
+/// requested mode, or truncated), as Matchlock does. Writing the target itself, not a temporary
+/// name renamed over it, is what workspace interception rules and events see: a rule that
+/// blocks creating or writing the path applies, and events report the path the caller named.
+/// A transfer that fails half-way leaves what was written so far.
 pub async fn write(req: WriteFile, rd: &mut Reader, wr: &mut Writer) -> Result<(), FrameError> {
     let reply = match receive(&req, rd).await {
         Ok(()) => Msg::Ok,
@@ -45,8 +47,6 @@ impl From<String> for Received {
     }
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 async fn receive(req: &WriteFile, rd: &mut Reader) -> Result<(), Received> {
     let path = match absolute(&req.path) {
         Ok(p) => p,
@@ -63,38 +63,40 @@ async fn receive(req: &WriteFile, rd: &mut Reader) -> Result<(), Received> {
         drain(rd).await?;
         return Err(describe(parent, &e).into());
     }
-    let (tmp, file) = loop {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        // A fixed-length name: a long target name plus a suffix could exceed NAME_MAX.
-        let tmp = parent.join(format!(".mltmp-{}-{n}", std::process::id()));
-        let opened = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .await;
-        match opened {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                drain(rd).await?;
-                return Err(describe(path, &e).into());
-            }
+    let file = match open_target(path, req.mode & 0o7777).await {
+        Ok(f) => f,
+        Err(e) => {
+            drain(rd).await?;
+            return Err(e.into());
         }
     };
-    let result = fill(req, path, &tmp, file, rd).await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
-    }
-    result
+    fill(req, path, file, rd).await
 }
 
-/// Streams the content into `file`, then sets mode and owner and renames it to `path`.
+/// Opens (creating or truncating) the regular file at `path` for writing. `O_NONBLOCK` so a
+/// FIFO there cannot hang the agent; anything but a regular file is refused before a byte is
+/// written.
+async fn open_target(path: &Path, mode: u32) -> Result<tokio::fs::File, String> {
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .await
+        .map_err(|e| describe(path, &e))?;
+    let meta = file.metadata().await.map_err(|e| describe(path, &e))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    Ok(file)
+}
+
+/// Streams the content into `file`, then sets its mode and owner.
 async fn fill(
     req: &WriteFile,
     path: &Path,
-    tmp: &Path,
     mut file: tokio::fs::File,
     rd: &mut Reader,
 ) -> Result<(), Received> {
@@ -123,16 +125,13 @@ async fn fill(
         file.flush().await?;
         let std_file = file.into_std().await;
         let (mode, uid, gid) = (req.mode & 0o7777, req.uid, req.gid);
-        let tmp2 = tmp.to_path_buf();
-        let target = path.to_path_buf();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             // Explicit chmod: the requested mode must not depend on the agent's umask.
             std_file.set_permissions(std::fs::Permissions::from_mode(mode))?;
             if uid.is_some() || gid.is_some() {
                 std::os::unix::fs::fchown(&std_file, uid, gid)?;
             }
-            drop(std_file);
-            std::fs::rename(&tmp2, &target)
+            Ok(())
         })
         .await
         .map_err(io::Error::other)?

@@ -19,7 +19,7 @@ const VFS_DIR: &str = "/run/matchlock-vfs";
 /// Mounts every workspace filesystem, in order (a later mount may sit inside an earlier one).
 pub fn mount_all(mounts: &[GuestVfsMount]) -> Result<(), String> {
     let device = Path::new(VFS_DIR).join("dev");
-    let served = mounts.iter().any(|m| !m.memory);
+    let served = !mounts.is_empty();
     if served {
         fs::create_dir_all(&device).map_err(|e| format!("creating {}: {e}", device.display()))?;
         mount(
@@ -33,12 +33,8 @@ pub fn mount_all(mounts: &[GuestVfsMount]) -> Result<(), String> {
         raise_readahead(&device);
     }
     for m in mounts {
-        let r = if m.memory {
-            mount_memory(m)
-        } else {
-            mount_one(m, &device.join(m.id.to_string()))
-        };
-        r.map_err(|e| format!("mount {}: {e}", m.path))?;
+        mount_one(m, &device.join(m.id.to_string()))
+            .map_err(|e| format!("mount {}: {e}", m.path))?;
     }
     if served {
         // Every mount holds its own reference now (overlayfs clones its lower layer); the
@@ -79,19 +75,6 @@ fn mount_point(path: &str, file: bool) -> Result<PathBuf, String> {
         }
     }
     Ok(at)
-}
-
-/// A `memory` mount: an empty tmpfs, nothing on the host.
-fn mount_memory(m: &GuestVfsMount) -> Result<(), String> {
-    let target = mount_point(&m.path, false)?;
-    mount(
-        Some("tmpfs"),
-        &target,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755"),
-    )
-    .map_err(|e| format!("mounting tmpfs: {e}"))
 }
 
 /// One served mount: `source` is its entry under the device's mount point.

@@ -1,5 +1,5 @@
-//! Workspace mounts, as the guest sees them. The host serves every non-`memory` mount through one
-//! virtio-fs device tagged [`TAG`] (the guest kernel's own FUSE client talks to it; no agent code
+//! Workspace mounts, as the guest sees them. The host serves every mount (a `memory` one from a
+//! private directory of the sandbox) through one virtio-fs device tagged [`TAG`] (the guest kernel's own FUSE client talks to it; no agent code
 //! is in the data path). The device's root is a directory whose entries, named by
 //! [`GuestVfsMount::id`] in decimal, are the mounts' roots: the agent mounts the device privately
 //! and bind-mounts each entry where [`GuestVfsMount::path`] says.
@@ -23,6 +23,4 @@ pub struct GuestVfsMount {
     /// Put a copy-on-write layer (in guest memory) over the read-only host view, so the guest can
     /// write but nothing reaches the host.
     pub overlay: bool,
-    /// No host side at all: an empty in-memory filesystem (tmpfs) the guest may fill.
-    pub memory: bool,
 }

@@ -241,17 +241,28 @@ impl Store {
         )))
     }
 
-    /// Deletes the files a stopped sandbox no longer needs (upper disk, sockets); returns the
-    /// bytes freed.
+    /// Deletes the files a stopped sandbox no longer needs (upper disk, sockets, the private
+    /// directories of its workspace mounts); returns the bytes freed.
     pub fn reclaim(&self, id: &str) -> u64 {
         let mut freed = 0;
-        for f in ["upper.ext4", "agent.sock", "console.sock", "control.sock"] {
+        for f in [
+            "upper.ext4",
+            "agent.sock",
+            "console.sock",
+            "control.sock",
+            "net.sock",
+            "vfs.sock",
+        ] {
             let p = self.dir(id).join(f);
             if let Ok(m) = std::fs::metadata(&p) {
                 if std::fs::remove_file(&p).is_ok() {
                     freed += m.len();
                 }
             }
+        }
+        let scratch = self.dir(id).join("scratch");
+        if scratch.exists() && std::fs::remove_dir_all(&scratch).is_ok() {
+            freed += 1;
         }
         freed
     }

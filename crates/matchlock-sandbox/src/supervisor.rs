@@ -292,10 +292,10 @@ fn prepare_and_spawn(
         Some(_) => Some(listen(&net_sock)?),
         None => None,
     };
-    // Workspace mounts other than `memory` share one virtio-fs device.
+    // Workspace mounts share one virtio-fs device.
     let mut fs_devices = Vec::new();
     let mut vfs_l = None;
-    if config.vfs.iter().any(|m| m.mode != VfsMode::Memory) {
+    if !config.vfs.is_empty() {
         let sock = dir.join("vfs.sock");
         let l = listen(&sock)?;
         // The vhost-user backend accepts with a blocking call on a thread of its own.
@@ -699,9 +699,14 @@ fn console_tail(dir: &Path) -> String {
     }
 }
 
-/// Opens the workspace mounts' host roots and describes them for the guest.
+/// Opens the workspace mounts' host roots and describes them for the guest. Every mount is
+/// served by the host, so rules and events apply to every kind: `memory` mounts from an empty
+/// private directory in the sandbox's state directory, `overlay` mounts that rules or events
+/// watch from a private copy (unwatched ones are overlayfs in the guest, which copies nothing).
+/// Private directories are capped at the sandbox's memory size (plus the copy).
 fn vfs_server(
     config: &SandboxConfig,
+    dir: &Path,
 ) -> Result<
     (
         Arc<matchlock_vfs::VfsServer>,
@@ -717,32 +722,47 @@ fn vfs_server(
             path: r.path.clone(),
         })
         .collect();
+    let watched = !rules.is_empty() || config.vfs_emit_events;
+    let budget = config.memory_mb.saturating_mul(1 << 20);
     let mut specs = Vec::new();
     let mut guest = Vec::new();
-    for m in &config.vfs {
-        let memory = m.mode == VfsMode::Memory;
+    for (i, m) in config.vfs.iter().enumerate() {
+        let scratch = dir.join("scratch").join(i.to_string());
+        let (host_path, read_only, private) = match m.mode {
+            VfsMode::Memory => {
+                matchlock_vfs::scratch::create(&scratch)
+                    .map_err(|e| format!("workspace mount {}: {e}", m.guest_path))?;
+                (scratch, false, Some((budget, 0)))
+            }
+            VfsMode::Overlay if watched => {
+                let used =
+                    matchlock_vfs::scratch::copy_tree(&m.host_path, &scratch, budget.max(1 << 30))
+                        .map_err(|e| format!("workspace mount {}: {e}", m.guest_path))?;
+                (scratch, false, Some((used.saturating_add(budget), used)))
+            }
+            VfsMode::HostFs => (m.host_path.clone(), false, None),
+            VfsMode::ReadOnly | VfsMode::Overlay => (m.host_path.clone(), true, None),
+        };
         guest.push(matchlock_proto::GuestVfsMount {
-            // The server's index of the mount; memory mounts have no server side.
             id: specs.len() as u32,
             path: m.guest_path.clone(),
-            file: !memory && m.host_path.is_file(),
+            file: host_path.is_file(),
             read_only: m.mode == VfsMode::ReadOnly,
-            overlay: m.mode == VfsMode::Overlay,
-            memory,
+            // A private copy takes the guest's writes itself.
+            overlay: m.mode == VfsMode::Overlay && private.is_none(),
         });
-        if !memory {
-            specs.push(matchlock_vfs::MountSpec {
-                host_path: m.host_path.clone(),
-                read_only: m.mode != VfsMode::HostFs,
-                guest_path: m.guest_path.clone(),
-                rules: rules.clone(),
-                owner: matchlock_vfs::Owner {
-                    uid: m.owner_uid,
-                    gid: m.owner_gid,
-                },
-                emit_events: config.vfs_emit_events,
-            });
-        }
+        specs.push(matchlock_vfs::MountSpec {
+            host_path,
+            read_only,
+            guest_path: m.guest_path.clone(),
+            rules: rules.clone(),
+            owner: matchlock_vfs::Owner {
+                uid: m.owner_uid,
+                gid: m.owner_gid,
+            },
+            emit_events: config.vfs_emit_events,
+            private,
+        });
     }
     let server =
         matchlock_vfs::VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
@@ -763,7 +783,7 @@ async fn supervise(
         owner,
     } = launched;
     let dir = store.dir(&config.id);
-    let (vfs, guest_vfs) = match vfs_server(&config) {
+    let (vfs, guest_vfs) = match vfs_server(&config, &dir) {
         Ok(v) => v,
         Err(e) => {
             let _ = kill_qemu(&qemu);

@@ -196,6 +196,10 @@ pub struct InHeader {
     pub unique: u64,
     /// The node the request is about.
     pub nodeid: u64,
+    /// The guest user making it.
+    pub uid: u32,
+    /// Its group.
+    pub gid: u32,
 }
 
 impl InHeader {
@@ -206,12 +210,16 @@ impl InHeader {
         let opcode = a.u32().ok()?;
         let unique = a.u64().ok()?;
         let nodeid = a.u64().ok()?;
-        a.take(16).ok()?; // uid, gid, pid, total_extlen, padding
+        let uid = a.u32().ok()?;
+        let gid = a.u32().ok()?;
+        a.take(8).ok()?; // pid, total_extlen, padding
         Some(InHeader {
             len,
             opcode,
             unique,
             nodeid,
+            uid,
+            gid,
         })
     }
 }
@@ -369,7 +377,7 @@ impl FuseFs {
     /// Runs `op` on mount `m`; an error reply becomes `Err`. Attributes come back with FUSE
     /// node ids.
     fn call(&self, m: usize, op: VfsOp) -> Result<VfsReply, i32> {
-        self.call_with(m, op, None)
+        self.call_with(m, op, None, None)
     }
 
     fn call_with(
@@ -377,8 +385,9 @@ impl FuseFs {
         m: usize,
         op: VfsOp,
         payload: Option<&mut dyn Payload>,
+        caller: Option<(u32, u32)>,
     ) -> Result<VfsReply, i32> {
-        let mut r = match self.mounts[m].handle_with(op, payload) {
+        let mut r = match self.mounts[m].handle_from(op, payload, caller) {
             VfsReply::Err(e) => return Err(e),
             r => r,
         };
@@ -538,7 +547,8 @@ impl FuseFs {
         out: &mut Vec<u8>,
     ) -> Result<usize, i32> {
         let mut a = Args { b: body };
-        let call = |op| self.call(m, op);
+        let caller = Some((h.uid, h.gid));
+        let call = |op| self.call_with(m, op, None, caller);
         match h.opcode {
             opcode::LOOKUP => {
                 let name = a.name()?;
@@ -711,7 +721,7 @@ impl FuseFs {
                 let fh = a.u64()?;
                 let offset = a.u64()?;
                 let size = a.u32()?;
-                match self.call_with(m, VfsOp::Read { fh, offset, size }, Some(payload))? {
+                match self.call_with(m, VfsOp::Read { fh, offset, size }, Some(payload), caller)? {
                     VfsReply::Transferred(n) => Ok(n as usize),
                     _ => Err(libc::EIO),
                 }
@@ -728,7 +738,7 @@ impl FuseFs {
                 if payload.pending() != size as usize || !a.b.is_empty() {
                     return Err(libc::EINVAL);
                 }
-                match self.call_with(m, VfsOp::Write { fh, offset }, Some(payload))? {
+                match self.call_with(m, VfsOp::Write { fh, offset }, Some(payload), caller)? {
                     VfsReply::Written(n) => {
                         Out(out).u32(n).u32(0);
                         Ok(0)

@@ -26,6 +26,7 @@ pub mod fuse;
 pub mod op;
 mod ops;
 pub mod rules;
+pub mod scratch;
 mod sys;
 pub mod virtiofs;
 
@@ -75,6 +76,10 @@ pub struct MountSpec {
     pub owner: Owner,
     /// Report completed operations to subscribers ([`VfsServer::subscribe`]).
     pub emit_events: bool,
+    /// For a directory that belongs to the sandbox alone ([`scratch`]): its byte budget and
+    /// what its contents already take, `(limit, used)`; new entries are owned by the guest
+    /// user that creates them.
+    pub private: Option<(u64, u64)>,
 }
 
 /// Why the server could not start.
@@ -119,6 +124,9 @@ impl VfsServer {
                 .with_owner(spec.owner);
             if spec.emit_events {
                 fs = fs.with_events(events.clone());
+            }
+            if let Some((limit, used)) = spec.private {
+                fs = fs.private(limit, used);
             }
             mounts.push(Arc::new(fs));
         }

@@ -98,7 +98,52 @@ pub struct MountFs {
     owner: Owner,
     /// Where completed operations are reported (`emit_events`), if anywhere.
     events: Option<tokio::sync::broadcast::Sender<crate::FileEvent>>,
+    /// The byte budget of a mount whose files belong to the sandbox alone.
+    quota: Option<Quota>,
+    /// New entries are given to the guest user that made them (a mount whose files belong to
+    /// the sandbox alone, as a tmpfs would).
+    caller_owns: bool,
     tables: Mutex<Tables>,
+}
+
+/// What a new directory entry costs against a [`Quota`] (its inode and name), so a guest cannot
+/// exhaust the host's inodes with empty files either.
+use crate::scratch::ENTRY_COST;
+
+/// A mount's byte budget: allocated blocks plus [`ENTRY_COST`] per entry. Writes that would pass
+/// it fail with `ENOSPC`; a concurrent writer may overshoot by at most one request.
+struct Quota {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Quota {
+    fn reserve(&self, bytes: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.used
+            .fetch_update(Relaxed, Relaxed, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .map(drop)
+            .map_err(|_| err(libc::ENOSPC))
+    }
+
+    /// Adds `delta` (which may be negative) whatever the limit: for what already happened.
+    fn settle(&self, delta: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.used.fetch_update(Relaxed, Relaxed, |u| {
+            Some(if delta >= 0 {
+                u.saturating_add(delta as u64)
+            } else {
+                u.saturating_sub(delta.unsigned_abs())
+            })
+        });
+    }
+}
+
+/// The bytes a file's allocated blocks take.
+fn allocated(st: &libc::stat) -> i64 {
+    st.st_blocks.max(0).saturating_mul(512)
 }
 
 /// A mount's ownership override: files appear owned by these ids in the guest, whoever owns
@@ -216,8 +261,23 @@ impl MountFs {
             rules: Vec::new(),
             owner: Owner::default(),
             events: None,
+            quota: None,
+            caller_owns: false,
             tables: Mutex::new(t),
         })
+    }
+
+    /// Makes this a mount whose files belong to the sandbox alone (a `memory` mount's scratch
+    /// directory, an `overlay` copy): at most `limit` bytes (blocks plus [`ENTRY_COST`] per
+    /// entry), `used` of them already taken, and new entries owned by the guest user that
+    /// creates them (when the server may change owners).
+    pub fn private(mut self, limit: u64, used: u64) -> Self {
+        self.quota = Some(Quota {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(used),
+        });
+        self.caller_owns = true;
+        self
     }
 
     /// Applies interception rules: `guest_path` is where the guest mounts this root, and a
@@ -254,6 +314,17 @@ impl MountFs {
     /// Like [`MountFs::handle`], with `payload` carrying the data of [`VfsOp::Read`] and
     /// [`VfsOp::Write`] (which fail with `EIO` without one).
     pub fn handle_with(&self, op: VfsOp, payload: Option<&mut dyn Payload>) -> VfsReply {
+        self.handle_from(op, payload, None)
+    }
+
+    /// Like [`MountFs::handle_with`] for a request of guest user `caller` (`(uid, gid)`), who
+    /// owns what it creates on a [`MountFs::private`] mount.
+    pub fn handle_from(
+        &self,
+        op: VfsOp,
+        payload: Option<&mut dyn Payload>,
+        caller: Option<(u32, u32)>,
+    ) -> VfsReply {
         // What the operation is and which guest paths it names, for rules and events, worked
         // out once and before it runs: a release or rename changes what names lead where.
         let (kinds, paths) = if self.rules.is_empty() && self.events.is_none() {
@@ -278,7 +349,18 @@ impl MountFs {
             Ok(op) => op,
             Err(e) => return VfsReply::Err(e),
         };
-        let mut reply = match self.dispatch(op, payload) {
+        // The handle an event about this operation can take the file's attributes from.
+        let fh = match (&self.events, &op) {
+            (
+                Some(_),
+                VfsOp::Read { fh, .. }
+                | VfsOp::Write { fh, .. }
+                | VfsOp::Fsync { fh, .. }
+                | VfsOp::Fallocate { fh, .. },
+            ) => Some(*fh),
+            _ => None,
+        };
+        let mut reply = match self.dispatch(op, payload, caller) {
             Ok(r) => r,
             Err(e) => VfsReply::Err(e.raw_os_error().unwrap_or(libc::EIO)),
         };
@@ -301,7 +383,17 @@ impl MountFs {
         if let (Some(tx), Some(kind)) = (&self.events, kinds.first()) {
             if !matches!(reply, VfsReply::Err(_)) {
                 let path = paths.into_iter().next();
-                let _ = tx.send(self.event(kind, path, &reply));
+                let mut event = self.event(kind, path, &reply);
+                if let Some(st) = fh.and_then(|fh| self.with_file(fh, sys::fstat).ok()) {
+                    // Reads and writes report the file's mode and owner too, as documented.
+                    let mut a = attr(0, &st);
+                    self.owner.apply(&mut a);
+                    (event.mode, event.uid, event.gid) = (a.mode, a.uid, a.gid);
+                    if event.size == 0 {
+                        event.size = a.size;
+                    }
+                }
+                let _ = tx.send(event);
             }
         }
         reply
@@ -710,7 +802,79 @@ impl MountFs {
         }
     }
 
-    fn dispatch(&self, op: VfsOp, payload: Option<&mut dyn Payload>) -> io::Result<VfsReply> {
+    /// Charges a new entry named `name` in `dir` made by `make`, and gives it to `caller` on a
+    /// private mount. The charge is returned when `make` fails.
+    fn new_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        caller: Option<(u32, u32)>,
+        make: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        if let Some(q) = &self.quota {
+            q.reserve(ENTRY_COST)?;
+        }
+        if let Err(e) = make() {
+            if let Some(q) = &self.quota {
+                q.settle(-(ENTRY_COST as i64));
+            }
+            return Err(e);
+        }
+        self.give_to(dir, name, caller);
+        Ok(())
+    }
+
+    /// On a private mount, makes `caller` the owner of a new entry. A server that may not
+    /// change owners (not root) leaves it as it is.
+    fn give_to(&self, dir: BorrowedFd<'_>, name: &CStr, caller: Option<(u32, u32)>) {
+        if let (true, Some((uid, gid))) = (self.caller_owns, caller) {
+            let _ = sys::chown_at(dir, name, uid, gid);
+        }
+    }
+
+    /// What removing `name` from `dir` gives back to the quota: its entry, and its blocks
+    /// when this was its last name.
+    fn released_by_removal(&self, dir: BorrowedFd<'_>, name: &CStr) -> i64 {
+        if self.quota.is_none() {
+            return 0;
+        }
+        match sys::stat_at(dir, name) {
+            Ok(st) if st.st_nlink <= 1 || is_type(&st, libc::S_IFDIR) => {
+                ENTRY_COST as i64 + allocated(&st)
+            }
+            Ok(_) => ENTRY_COST as i64,
+            Err(_) => 0,
+        }
+    }
+
+    /// Runs `change` on an open file, charging the growth of its allocated blocks: `reserve`
+    /// bytes up front (refused with `ENOSPC` past the quota), settled to what it really took.
+    fn charged<R>(
+        &self,
+        f: BorrowedFd<'_>,
+        reserve: impl FnOnce(&libc::stat) -> u64,
+        change: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        let Some(q) = &self.quota else {
+            return change();
+        };
+        let before = sys::fstat(f)?;
+        let reserved = reserve(&before);
+        q.reserve(reserved)?;
+        let r = change();
+        let after = sys::fstat(f)
+            .map(|st| allocated(&st))
+            .unwrap_or(allocated(&before));
+        q.settle(after - allocated(&before) - reserved as i64);
+        r
+    }
+
+    fn dispatch(
+        &self,
+        op: VfsOp,
+        payload: Option<&mut dyn Payload>,
+        caller: Option<(u32, u32)>,
+    ) -> io::Result<VfsReply> {
         match op {
             VfsOp::Lookup { parent, name } => {
                 let name = sys::name(&name)?;
@@ -760,19 +924,22 @@ impl MountFs {
                     sys::chown_fd(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
                 }
                 if let Some(size) = size {
+                    // Growing a file makes a hole; only blocks count against a quota.
+                    let truncate =
+                        |f: BorrowedFd<'_>| self.charged(f, |_| 0, || sys::truncate(f, size));
                     match fh.and_then(|fh| self.file(fh).ok()) {
                         Some(h) => {
                             let Handle::File(f) = &*h else {
                                 return Err(err(libc::EISDIR));
                             };
-                            sys::truncate(f.as_fd(), size)?;
+                            truncate(f.as_fd())?;
                         }
                         None => {
                             if !is_type(&st, libc::S_IFREG) {
                                 return Err(err(libc::EINVAL));
                             }
                             let f = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
-                            sys::truncate(f.as_fd(), size)?;
+                            truncate(f.as_fd())?;
                         }
                     }
                 }
@@ -809,21 +976,13 @@ impl MountFs {
                 self.writable()?;
                 let name = sys::name(&name)?;
                 let (dir, path) = self.dir(parent)?;
-                sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode, true))?;
+                self.new_entry(dir.as_fd(), &name, caller, || {
+                    sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode, true))
+                })?;
                 self.entry(dir.as_fd(), &path, &name)
             }
-            VfsOp::Unlink { parent, name } => {
-                self.writable()?;
-                let (dir, _) = self.dir(parent)?;
-                sys::unlink_at(dir.as_fd(), &sys::name(&name)?, false)?;
-                Ok(VfsReply::Ok)
-            }
-            VfsOp::Rmdir { parent, name } => {
-                self.writable()?;
-                let (dir, _) = self.dir(parent)?;
-                sys::unlink_at(dir.as_fd(), &sys::name(&name)?, true)?;
-                Ok(VfsReply::Ok)
-            }
+            VfsOp::Unlink { parent, name } => self.remove(parent, &name, false),
+            VfsOp::Rmdir { parent, name } => self.remove(parent, &name, true),
             VfsOp::Symlink {
                 parent,
                 name,
@@ -836,7 +995,9 @@ impl MountFs {
                 }
                 let target = CString::new(target).map_err(|_| err(libc::EINVAL))?;
                 let (dir, path) = self.dir(parent)?;
-                sys::symlink_at(&target, dir.as_fd(), &name)?;
+                self.new_entry(dir.as_fd(), &name, caller, || {
+                    sys::symlink_at(&target, dir.as_fd(), &name)
+                })?;
                 self.entry(dir.as_fd(), &path, &name)
             }
             VfsOp::Rename {
@@ -855,7 +1016,16 @@ impl MountFs {
                 let new_name = sys::name(&new_name)?;
                 let (from, from_path) = self.dir(parent)?;
                 let (to, to_path) = self.dir(new_parent)?;
+                // A replaced target gives its space back.
+                let freed = if flags & libc::RENAME_EXCHANGE == 0 {
+                    self.released_by_removal(to.as_fd(), &new_name)
+                } else {
+                    0
+                };
                 sys::rename_at(from.as_fd(), &name, to.as_fd(), &new_name, flags)?;
+                if let Some(q) = &self.quota {
+                    q.settle(-freed);
+                }
                 let old = from_path.join(OsStr::from_bytes(name.to_bytes()));
                 let new = to_path.join(OsStr::from_bytes(new_name.to_bytes()));
                 self.renamed(&old, &new, flags & libc::RENAME_EXCHANGE != 0);
@@ -878,7 +1048,10 @@ impl MountFs {
                     return Err(err(libc::ENOENT));
                 }
                 let (to, to_path) = self.dir(new_parent)?;
-                sys::link_at(src_dir.as_fd(), &src_name, to.as_fd(), &new_name)?;
+                // A new name for the same inode: charged, but its owner stays.
+                self.new_entry(to.as_fd(), &new_name, None, || {
+                    sys::link_at(src_dir.as_fd(), &src_name, to.as_fd(), &new_name)
+                })?;
                 self.entry(to.as_fd(), &to_path, &new_name)
             }
             VfsOp::Open { node, flags } => {
@@ -907,6 +1080,7 @@ impl MountFs {
                 let f = sys::reopen(fd.as_fd(), flags & keep)?;
                 if flags & libc::O_TRUNC != 0 {
                     self.changed_by_guest(f.as_fd());
+                    self.truncated(&st, f.as_fd());
                 }
                 let now = attr(node, &sys::fstat(f.as_fd())?);
                 Ok(VfsReply::OpenedFile(
@@ -931,12 +1105,22 @@ impl MountFs {
                     | libc::O_EXCL;
                 // O_EXCL first: an existing name might be a FIFO or device, which must not be
                 // opened; it gets checked like any open instead.
-                let f = match sys::open_at(
-                    dir.as_fd(),
-                    &name,
-                    (flags & keep) | libc::O_CREAT | libc::O_EXCL,
-                    allowed_mode(mode, false),
-                ) {
+                let mut created = None;
+                let made = self.new_entry(dir.as_fd(), &name, caller, || {
+                    created = Some(sys::open_at(
+                        dir.as_fd(),
+                        &name,
+                        (flags & keep) | libc::O_CREAT | libc::O_EXCL,
+                        allowed_mode(mode, false),
+                    )?);
+                    Ok(())
+                });
+                let opened = match (made, created) {
+                    (Ok(()), Some(f)) => Ok(f),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => Err(err(libc::EIO)),
+                };
+                let f = match opened {
                     Ok(f) => f,
                     Err(e)
                         if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 =>
@@ -952,7 +1136,11 @@ impl MountFs {
                         if key(&sys::fstat(p.as_fd())?) != key(&st) {
                             return Err(err(libc::EAGAIN));
                         }
-                        sys::reopen(p.as_fd(), flags & keep & !libc::O_EXCL)?
+                        let f = sys::reopen(p.as_fd(), flags & keep & !libc::O_EXCL)?;
+                        if flags & libc::O_TRUNC != 0 {
+                            self.truncated(&st, f.as_fd());
+                        }
+                        f
                     }
                     Err(e) => return Err(e),
                 };
@@ -982,7 +1170,13 @@ impl MountFs {
                     return Err(err(libc::EINVAL));
                 }
                 let n = self.with_file(fh, |f| {
-                    let n = payload.write_to(f, offset)?;
+                    let len = payload.pending() as u64;
+                    let growth = |st: &libc::stat| {
+                        offset
+                            .saturating_add(len)
+                            .saturating_sub(st.st_size.max(0) as u64)
+                    };
+                    let n = self.charged(f, growth, || payload.write_to(f, offset))?;
                     self.changed_by_guest(f);
                     Ok(n)
                 })?;
@@ -1056,7 +1250,9 @@ impl MountFs {
                     return Err(err(libc::EPERM));
                 }
                 let (dir, path) = self.dir(parent)?;
-                sys::mknod_at(dir.as_fd(), &name, kind | allowed_mode(mode, false))?;
+                self.new_entry(dir.as_fd(), &name, caller, || {
+                    sys::mknod_at(dir.as_fd(), &name, kind | allowed_mode(mode, false))
+                })?;
                 self.entry(dir.as_fd(), &path, &name)
             }
             VfsOp::Fallocate {
@@ -1067,7 +1263,7 @@ impl MountFs {
             } => {
                 self.writable()?;
                 self.with_file(fh, |f| {
-                    sys::fallocate(f, mode, offset, length)?;
+                    self.charged(f, |_| length, || sys::fallocate(f, mode, offset, length))?;
                     self.changed_by_guest(f);
                     Ok(VfsReply::Ok)
                 })
@@ -1086,7 +1282,7 @@ impl MountFs {
             }
             VfsOp::Statfs => {
                 let s = sys::statfs(self.root.as_fd())?;
-                Ok(VfsReply::Statfs(VfsStatfs {
+                let mut out = VfsStatfs {
                     blocks: s.f_blocks,
                     bfree: s.f_bfree,
                     bavail: s.f_bavail,
@@ -1095,8 +1291,39 @@ impl MountFs {
                     bsize: s.f_bsize as u32,
                     namelen: s.f_namelen as u32,
                     frsize: s.f_frsize as u32,
-                }))
+                };
+                // `df` in the guest shows the quota, not the host's disk.
+                if let Some(q) = &self.quota {
+                    let bsize = u64::from(out.frsize.max(1));
+                    let used = q.used.load(std::sync::atomic::Ordering::Relaxed);
+                    out.blocks = q.limit / bsize;
+                    out.bfree = q.limit.saturating_sub(used) / bsize;
+                    out.bavail = out.bfree;
+                    out.files = q.limit / ENTRY_COST;
+                    out.ffree = q.limit.saturating_sub(used) / ENTRY_COST;
+                }
+                Ok(VfsReply::Statfs(out))
             }
+        }
+    }
+
+    /// Removes `name` (a directory when `dir_entry`) from `parent`, returning its space.
+    fn remove(&self, parent: u64, name: &[u8], dir_entry: bool) -> io::Result<VfsReply> {
+        self.writable()?;
+        let (dir, _) = self.dir(parent)?;
+        let name = sys::name(name)?;
+        let freed = self.released_by_removal(dir.as_fd(), &name);
+        sys::unlink_at(dir.as_fd(), &name, dir_entry)?;
+        if let Some(q) = &self.quota {
+            q.settle(-freed);
+        }
+        Ok(VfsReply::Ok)
+    }
+
+    /// Settles the quota after a truncating open of a file that had `before`.
+    fn truncated(&self, before: &libc::stat, f: BorrowedFd<'_>) {
+        if let (Some(q), Ok(after)) = (&self.quota, sys::fstat(f)) {
+            q.settle(allocated(&after) - allocated(before));
         }
     }
 

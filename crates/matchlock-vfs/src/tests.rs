@@ -735,6 +735,113 @@ fn completed_operations_are_reported_with_guest_paths() {
 }
 
 #[test]
+fn write_events_carry_the_files_mode_and_owner() {
+    let d = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::broadcast::channel(64);
+    let fs = srv(d.path(), false)
+        .with_rules("/w", Vec::new())
+        .with_owner(Owner {
+            uid: Some(1000),
+            gid: Some(1001),
+        })
+        .with_events(tx);
+    let R::Created(_, fh) = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"m.txt".to_vec(),
+        mode: 0o640,
+        flags: libc::O_WRONLY,
+    }) else {
+        panic!()
+    };
+    write(&fs, fh, 0, b"abc");
+    let write_event = std::iter::from_fn(|| rx.try_recv().ok())
+        .find(|e| e.op == "write")
+        .unwrap();
+    assert_eq!(write_event.size, 3);
+    assert_eq!(write_event.mode, libc::S_IFREG | 0o640);
+    assert_eq!((write_event.uid, write_event.gid), (1000, 1001));
+}
+
+/// A private mount (memory, watched overlay) holds at most its quota: writes, fallocate and
+/// new entries past it fail with ENOSPC, removing files gives space back, and `statfs` shows
+/// the quota. New entries belong to the guest user that made them.
+#[test]
+fn private_mounts_keep_to_their_quota_and_give_entries_to_their_creator() {
+    let d = tempfile::tempdir().unwrap();
+    let limit = 256 * 1024;
+    let fs = srv(d.path(), false).private(limit, 0);
+    let create = |name: &str| {
+        fs.handle_from(
+            Op::Create {
+                parent: ROOT_NODE,
+                name: name.into(),
+                mode: 0o644,
+                flags: libc::O_WRONLY,
+            },
+            None,
+            Some((1234, 5678)),
+        )
+    };
+    let R::Created(a, fh) = create("big") else {
+        panic!()
+    };
+    // Running as root, the entry is the caller's; otherwise the server keeps it.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!((a.uid, a.gid), (1234, 5678));
+        let meta = fs::metadata(d.path().join("big")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
+    }
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0u64;
+    let full = loop {
+        match write(&fs, fh, written, &chunk) {
+            R::Written(n) => written += u64::from(n),
+            R::Err(e) => break e,
+            other => panic!("{other:?}"),
+        }
+        assert!(written <= limit, "wrote {written} past a quota of {limit}");
+    };
+    assert_eq!(full, libc::ENOSPC);
+    assert!(written >= 128 * 1024, "only {written} bytes fit");
+    // Rewriting what is already there needs no more space.
+    assert!(matches!(write(&fs, fh, 0, &chunk), R::Written(_)));
+    assert_eq!(
+        fs.handle(Op::Fallocate {
+            fh,
+            mode: 0,
+            offset: written,
+            length: limit,
+        }),
+        R::Err(libc::ENOSPC)
+    );
+    let R::Statfs(st) = fs.handle(Op::Statfs) else {
+        panic!()
+    };
+    assert_eq!(st.blocks * u64::from(st.frsize), limit);
+    assert!(st.bfree * u64::from(st.frsize) < 64 * 1024);
+    fs.handle(Op::Release { fh });
+    // Entries cost too: empty files cannot exhaust the host's inodes.
+    let mut n = 0;
+    while let R::Created(_, fh) = create(&format!("e{n}")) {
+        fs.handle(Op::Release { fh });
+        n += 1;
+        assert!(n < 100, "entries are not charged");
+    }
+    // Removing the big file gives its space back.
+    assert_eq!(
+        fs.handle(Op::Unlink {
+            parent: ROOT_NODE,
+            name: b"big".to_vec()
+        }),
+        R::Ok
+    );
+    let R::Created(_, fh) = create("again") else {
+        panic!("space was not given back")
+    };
+    assert!(matches!(write(&fs, fh, 0, &chunk), R::Written(_)));
+}
+
+#[test]
 fn readdirplus_describes_entries_counts_lookups_and_honours_stat_rules() {
     let d = tempfile::tempdir().unwrap();
     fs::write(d.path().join("a"), "aaa").unwrap();
