@@ -671,12 +671,13 @@ fn extra_disks_persist_mount_read_only_and_refuse_sharing() {
     assert!(st.success());
     let rw = format!("{}:/mnt/data", img.display());
     let ro = format!("{rw}:ro");
+    // uid=/gid= give the disk's root to the workload's user (a database's data directory).
     ok(run(&[
         "run",
         "--image",
         BUSYBOX,
         "--disk",
-        &rw,
+        &format!("{rw}:uid=70,gid=71"),
         "--",
         "sh",
         "-c",
@@ -690,10 +691,11 @@ fn extra_disks_persist_mount_read_only_and_refuse_sharing() {
             "--disk",
             &ro,
             "--",
-            "cat",
-            "/mnt/data/f"
+            "sh",
+            "-c",
+            "cat /mnt/data/f; stat -c %u:%g /mnt/data"
         ])),
-        "kept\n"
+        "kept\n70:71\n"
     );
     let o = run(&[
         "run",
@@ -762,16 +764,17 @@ fn port_forwarding_with_half_close_under_concurrency() {
     // Each connection gets `cat`: it echoes until our half-close, then closes its side.
     let sb = Sandbox::detached(&[], &["nc", "-ll", "-p", "9000", "-e", "cat"]);
     let mut child = ml(&["port-forward", &sb.id, "0:9000"])
-        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
         &mut line,
     )
     .unwrap();
-    // "forwarding 127.0.0.1:PORT -> vm-...:9000"
+    // Matchlock's "Forwarding 127.0.0.1:PORT -> sandbox:9000", on stderr.
+    assert!(line.ends_with(" -> sandbox:9000\n"), "{line:?}");
     let port: u16 = line
         .split_whitespace()
         .nth(1)
@@ -875,4 +878,298 @@ fn volume_cli_contracts() {
     ok(run(&["volume", "rm", "e2evol2"]));
     assert!(!run(&["volume", "rm", "e2evol"]).status.success());
     assert!(!std::path::Path::new(&path).exists());
+}
+
+/// Runs `matchlock args` with a new pseudo-terminal as its controlling terminal and standard
+/// streams, and never types a key. Returns its exit code and output, or `None` if it was still
+/// running after `limit` (then it is killed).
+fn on_pty(args: &[&str], limit: Duration) -> Option<(i32, String)> {
+    use std::os::unix::process::CommandExt;
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = std::fs::File::from(pty.slave);
+    let mut cmd = ml(args);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn matchlock");
+    drop(cmd);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child and its terminal are gone.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap_or_default();
+    status.map(|st| (st.code().unwrap_or(-1), out))
+}
+
+/// Runs `matchlock args` with a FIFO as standard input whose write end this test keeps open
+/// (a stdin that never ends). Returns its exit code, or `None` if it outlived `limit`.
+fn with_open_stdin(args: &[&str], limit: Duration) -> Option<i32> {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("in");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Read-write, so opening does not wait for a reader and a writer stays for the whole run.
+    let hold = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let input = std::fs::File::open(&fifo).unwrap();
+    let mut child = ml(args)
+        .stdin(input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(hold);
+    code
+}
+
+/// `-it` and `-i` sessions end with their command, whatever the caller's terminal or stdin does
+/// (Docker's behaviour): they used to print the output and then wait for a keypress, or for an
+/// end of input that never came.
+#[test]
+fn terminal_and_stdin_sessions_end_with_the_command() {
+    let limit = Duration::from_secs(90);
+    let (code, out) = on_pty(
+        &[
+            "run",
+            "-it",
+            "--image",
+            BUSYBOX,
+            "--",
+            "sh",
+            "-c",
+            "echo from-tty; exit 3",
+        ],
+        limit,
+    )
+    .expect("run -it still waiting after its command ended");
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("from-tty"), "{out}");
+    assert_eq!(
+        with_open_stdin(
+            &[
+                "run",
+                "-i",
+                "--image",
+                BUSYBOX,
+                "--",
+                "sh",
+                "-c",
+                "read l; exit 4"
+            ],
+            limit
+        ),
+        None,
+        "a command that reads its input must wait for it"
+    );
+    assert_eq!(
+        with_open_stdin(
+            &[
+                "run",
+                "-i",
+                "--image",
+                BUSYBOX,
+                "--",
+                "sh",
+                "-c",
+                "echo y; exit 4"
+            ],
+            limit
+        ),
+        Some(4),
+        "run -i with an open stdin did not end with its command"
+    );
+    let sb = Sandbox::detached(&[], &["sleep", "600"]);
+    let (code, out) = on_pty(&["exec", "-it", &sb.id, "sh", "-c", "tty; exit 5"], limit)
+        .expect("exec -it still waiting after its command ended");
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert_eq!(
+        with_open_stdin(&["exec", "-i", &sb.id, "sh", "-c", "exit 6"], limit),
+        Some(6)
+    );
+    // A reader that goes away (`| head -1`) ends the command with SIGPIPE instead of leaving it
+    // writing into the void forever.
+    let mut child = ml(&["exec", &sb.id, "yes"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "y\n");
+    assert!(
+        wait_until(Duration::from_secs(30), || child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "exec kept running after its reader went away"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(141));
+}
+
+/// `-p` forwards of a detached or `--rm=false` run belong to the supervisor: they work after
+/// `run` has returned. An attached run's output also reaches `matchlock log`, the supervisor
+/// logs at the level asked for, and `rm --stopped` cleans up.
+#[test]
+fn supervisor_owns_forwards_run_output_reaches_log_and_logging_works() {
+    let o = run(&[
+        "--log-level",
+        "debug",
+        "run",
+        "-d",
+        "-p",
+        "0:9101",
+        "--image",
+        BUSYBOX,
+        "--",
+        "nc",
+        "-ll",
+        "-p",
+        "9101",
+        "-e",
+        "cat",
+    ]);
+    let id = ok(o.clone()).trim().to_string();
+    let sb = Sandbox { id: id.clone() };
+    let err = stderr(&o);
+    assert!(
+        err.contains("DEBUG") && err.contains("image resolved"),
+        "{err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("Forwarding 127.0.0.1:") && l.ends_with(" -> sandbox:9101"))
+        .unwrap_or_else(|| panic!("no Forwarding line: {err}"));
+    let port: u16 = line["Forwarding 127.0.0.1:".len()..]
+        .split(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    // `run` has returned; the supervisor serves the port.
+    assert!(wait_until(Duration::from_secs(30), || round_trip(
+        port,
+        b"still here"
+    )
+    .as_deref()
+        == Some(b"still here")));
+    let state: serde_json::Value = serde_json::from_str(&ok(run(&["inspect", &id]))).unwrap();
+    assert_eq!(state["vm"]["state"]["forwards"][0]["local_port"], port);
+    let log =
+        std::fs::read_to_string(home().join("vms").join(&id).join("logs/supervisor.log")).unwrap();
+    assert!(
+        log.contains("guest ready") && log.contains("DEBUG"),
+        "{log}"
+    );
+    drop(sb);
+
+    let o = run(&[
+        "run",
+        "--rm=false",
+        "--image",
+        BUSYBOX,
+        "--",
+        "echo",
+        "attached-output",
+    ]);
+    assert_eq!(stdout(&o), "attached-output\n");
+    let err = stderr(&o);
+    let id = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Sandbox ")
+                .and_then(|r| r.strip_suffix(" is running"))
+        })
+        .unwrap_or_else(|| panic!("no 'Sandbox ID is running' line: {err}"))
+        .to_string();
+    assert!(
+        err.contains(&format!("  Stop:    matchlock kill {id}")),
+        "{err}"
+    );
+    assert!(ok(run(&["log", &id])).contains("attached-output"));
+    assert_eq!(ok(run(&["kill", &id])), format!("Killed {id}\n"));
+    let removed = ok(run(&["rm", "--stopped"]));
+    assert!(removed.contains(&format!("Removed {id}")), "{removed}");
+    assert_eq!(status_of(&id), "");
+}
+
+/// Commands that need no VM: completion scripts, help with examples, JSON listings.
+#[test]
+fn completion_help_and_json_listings() {
+    let bash = ok(run(&["completion", "bash"]));
+    assert!(
+        bash.contains("_matchlock") && bash.contains("allow-list"),
+        "{}",
+        &bash[..200]
+    );
+    for shell in ["zsh", "fish"] {
+        assert!(ok(run(&["completion", shell])).contains("matchlock"));
+    }
+    for cmd in ["run", "exec", "pull", "volume"] {
+        let help = ok(run(&[cmd, "--help"]));
+        assert!(help.contains("Examples:"), "{cmd}: {help}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&ok(run(&["list", "--json"]))).unwrap();
+    assert!(list.is_array());
+    let images: serde_json::Value =
+        serde_json::from_str(&ok(run(&["image", "ls", "--json"]))).unwrap();
+    assert!(
+        images.as_array().unwrap().iter().any(|i| i["tag"]
+            .as_str()
+            .is_some_and(|t| t.contains("mltest/busybox"))),
+        "{images}"
+    );
+    let table = ok(run(&["image", "ls"]));
+    assert!(
+        table.starts_with("TAG") && table.lines().next().unwrap().contains("SOURCE"),
+        "{table}"
+    );
+    let vols = ok(run(&["volume", "ls"]));
+    assert!(vols.starts_with("NAME") && !vols.contains("PATH"), "{vols}");
 }

@@ -148,6 +148,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         &matchlock_image::PullOptions::from_env(),
         &matchlock_image::StderrProgress::new(),
     )?;
+    tracing::debug!(image = %image.name, digest = %image.digest, "image resolved");
     let argv =
         matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
     // Fail on a missing kernel, QEMU or agent before anything is created.
@@ -241,6 +242,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
             _ = sighup.recv() => (boot.await??, true),
         };
         drop((sigint, sigterm, sighup));
+        tracing::info!(
+            id,
+            ms = started.elapsed().as_millis() as u64,
+            "sandbox started"
+        );
         let client = Client::for_sandbox(&store, &id)?;
         if interrupted {
             let _ = client.stop(Some(0)).await;
@@ -416,6 +422,22 @@ pub async fn attach(
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let mut errored = false;
+    // Our reader went away (`run ... | head -1`): the process gets SIGPIPE, as it would writing
+    // to a closed pipe itself, and is stopped if it ignores that.
+    let mut broken_pipe: Option<tokio::time::Instant> = None;
+    let relay = |w: &mut dyn Write, d: &[u8], broken: &mut Option<tokio::time::Instant>| {
+        if broken.is_some() {
+            return None;
+        }
+        match w.write_all(d).and_then(|_| w.flush()) {
+            Ok(()) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                *broken = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+                Some(Msg::Signal(libc::SIGPIPE))
+            }
+            Err(_) => None,
+        }
+    };
     let timed_out = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -430,16 +452,23 @@ pub async fn attach(
                 let _ = tx.send(Msg::Terminate { grace_ms: 0 }).await;
                 break Ok(Some(EXIT_TIMEOUT));
             }
+            _ = async { match broken_pipe { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                let _ = tx.send(Msg::Terminate { grace_ms: 0 }).await;
+                broken_pipe = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(3600));
+                continue;
+            }
         };
         match msg {
             Ok(Some(Msg::Started { .. })) => {}
             Ok(Some(Msg::Stdout(d))) => {
-                let _ = out.write_all(&d);
-                let _ = out.flush();
+                if let Some(m) = relay(&mut out, &d, &mut broken_pipe) {
+                    let _ = tx.send(m).await;
+                }
             }
             Ok(Some(Msg::Stderr(d))) => {
-                let _ = err.write_all(&d);
-                let _ = err.flush();
+                if let Some(m) = relay(&mut err, &d, &mut broken_pipe) {
+                    let _ = tx.send(m).await;
+                }
             }
             // The guest reports a process that could not start as an error, usually followed by
             // its exit status (126/127); keep reading for it.
@@ -609,9 +638,10 @@ pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<
     let client = Client::for_sandbox(&store, &id)?;
     block_on(async move {
         let mut fwd = Forwarder::start(client.clone(), &maps, &addresses).await?;
+        // Matchlock's wording, on stderr (scripts wait for it).
         for b in fwd.bindings() {
-            println!(
-                "forwarding {}:{} -> {id}:{}",
+            eprintln!(
+                "Forwarding {}:{} -> sandbox:{}",
                 b.address, b.local_port, b.remote_port
             );
         }

@@ -471,6 +471,12 @@ fn mount_disks(s: &Setup) -> Result<(), String> {
         }
         do_mount(path_str(&dev)?, path_str(&at)?, "ext4", flags, None)
             .map_err(|e| format!("{e} (disk for {})", d.path))?;
+        // `uid=`/`gid=`: the disk's root belongs to the workload's user (a database's data
+        // directory); the change is kept on the disk.
+        if d.uid.is_some() || d.gid.is_some() {
+            std::os::unix::fs::chown(&at, d.uid, d.gid)
+                .map_err(|e| format!("giving the disk for {} to its owner: {e}", d.path))?;
+        }
     }
     Ok(())
 }

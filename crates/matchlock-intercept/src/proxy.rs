@@ -263,6 +263,8 @@ impl Proxy {
         tls: bool,
         data: serde_json::Value,
     ) {
+        // Summaries name hosts and secrets, never a secret's value.
+        tracing::debug!(target: "matchlock::proxy", kind, "{summary}");
         if let Some(log) = &self.events {
             log.emit(
                 kind,

@@ -348,9 +348,9 @@ impl Stack {
     /// Says on the supervisor's stderr (its log) why a flow was refused, up to a cap.
     fn log_refusal(&mut self, what: std::fmt::Arguments<'_>) {
         if self.refusals_logged < MAX_REFUSAL_LOGS {
-            eprintln!("network: {what}");
+            tracing::warn!(target: "matchlock::network", "{what}");
         } else if self.refusals_logged == MAX_REFUSAL_LOGS {
-            eprintln!("network: further refusals are not logged");
+            tracing::warn!(target: "matchlock::network", "further refusals are not logged");
         }
         self.refusals_logged = self.refusals_logged.saturating_add(1);
     }

@@ -143,6 +143,10 @@ pub struct GuestDisk {
     pub path: String,
     /// Mount read-only.
     pub read_only: bool,
+    /// Owner given to the disk's root directory once mounted.
+    pub uid: Option<u32>,
+    /// Group given to the disk's root directory once mounted.
+    pub gid: Option<u32>,
 }
 
 /// How to start a process.

@@ -173,6 +173,12 @@ pub struct DiskMount {
     pub guest_path: String,
     /// Attach and mount read-only.
     pub read_only: bool,
+    /// Owner of the disk's root directory in the guest (`uid=N`), set when it is mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Group of the disk's root directory in the guest (`gid=N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// How a workspace mount treats the guest's writes.

@@ -75,6 +75,22 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's kind, for logs (never its contents: an exec's environment may be private).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Exec(_) => "exec",
+            Request::File(_) => "file",
+            Request::Stop { .. } => "stop",
+            Request::Launch { .. } => "launch",
+            Request::Connect { .. } => "connect",
+            Request::Ping => "ping",
+            Request::Events => "events",
+            Request::AllowList { .. } => "allow-list",
+        }
+    }
+}
+
 /// Reply to [`Request::Stop`], [`Request::Launch`] and [`Request::Ping`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Reply {

@@ -163,6 +163,13 @@ pub fn run(store: Store, id: &str) -> i32 {
     // process it claims to be; later its pid could be recycled.
     let owner = open_owner(config.owner_pid);
 
+    tracing::info!(
+        id,
+        image = %config.image,
+        vcpus = config.vcpus(),
+        memory_mb = config.memory_mb,
+        "starting the sandbox"
+    );
     let booted = prepare_and_spawn(&store, &config, &mut state);
     let (qemu, listeners) = match booted {
         Ok(x) => x,
@@ -271,6 +278,7 @@ fn prepare_and_spawn(
     let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
     let accel = matchlock_vmm::accel::choose(&qemu_bin, &kernel, &initramfs)?;
     state.accel = Some(accel.accel.to_string());
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
     if !config.rootfs.is_file() {
         return Err(SandboxError::Start(format!(
             "image root filesystem {} is missing; re-import the image {}",
@@ -855,7 +863,7 @@ async fn supervise(
                 tokio::spawn(async move {
                     if let Ok((conn, _)) = l.accept().await {
                         if let Err(e) = matchlock_net::serve(conn, stack).await {
-                            eprintln!("network stack: {e}");
+                            tracing::warn!("network stack stopped: {e}");
                         }
                     }
                 });
@@ -918,6 +926,8 @@ async fn supervise(
                     serial: disk_serial(i),
                     path: d.guest_path.clone(),
                     read_only: d.read_only,
+                    uid: d.uid,
+                    gid: d.gid,
                 })
                 .collect(),
             vfs: guest_vfs.clone(),
@@ -969,6 +979,7 @@ async fn supervise(
                 None => String::new(),
             };
             let msg = format!("sandbox failed to boot: {e}{hint}{}", console_tail(&dir));
+            tracing::error!("{msg}");
             fail(&store, &config, &mut state, &msg);
             report(&mut ready, &format!("error: {}", msg.replace('\n', "\\n")));
             return 1;
@@ -1015,6 +1026,11 @@ async fn supervise(
         .unwrap_or_default();
     state.status = Status::Running;
     state.boot_ms = Some(started.elapsed().as_millis() as u64);
+    tracing::info!(
+        boot_ms = state.boot_ms.unwrap_or(0),
+        forwards = state.forwards.len(),
+        "guest ready"
+    );
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, &state);
     report(&mut ready, "ok");
@@ -1071,6 +1087,7 @@ async fn supervise(
             }
         }
     };
+    tracing::info!(%reason, "stopping");
     state.status = Status::Stopping;
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, &state);
@@ -1091,6 +1108,7 @@ async fn supervise(
     state.updated_at = now_secs();
     let _ = store.write_state(&config.id, &state);
     store.reclaim(&config.id);
+    tracing::info!("stopped");
     if config.remove_on_stop {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1213,6 +1231,7 @@ async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             return;
         }
     };
+    tracing::debug!(request = req.name(), "control request");
     match req {
         Request::Exec(spec) => {
             let log = spec.log;

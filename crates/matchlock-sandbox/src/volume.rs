@@ -245,24 +245,52 @@ pub fn users(store: &Store, path: &Path) -> Vec<(String, bool)> {
     out
 }
 
-/// Parses `HOST.ext4:/guest/path[:ro]` or `@NAME:/guest/path[:ro]` into an attachable disk.
+/// Parses `HOST.ext4:/guest/path[:OPTIONS]` or `@NAME:/guest/path[:OPTIONS]` into an
+/// attachable disk. OPTIONS are comma-separated: `ro` (or `rw`), `uid=N`, `gid=N` (the owner
+/// the disk's root directory gets in the guest, e.g. `uid=70,gid=70` for postgres).
 pub fn parse_disk(spec: &str) -> Result<DiskMount, SandboxError> {
     let bad = |why: &str| {
         SandboxError::Invalid(format!(
-            "--disk '{spec}': {why}; use HOST.ext4:/guest/path[:ro] or @VOLUME:/guest/path[:ro]"
+            "invalid disk mount '{spec}': {why}; use HOST.ext4:/guest/path[:ro][,uid=N,gid=N] or @VOLUME:/guest/path[:OPTIONS]"
         ))
     };
-    let (rest, read_only) = match spec.strip_suffix(":ro") {
-        Some(r) => (r, true),
-        None => (spec.strip_suffix(":rw").unwrap_or(spec), false),
-    };
+    let mut rest = spec;
+    let (mut read_only, mut uid, mut gid) = (false, None, None);
+    // The last part holds options when every comma-separated word is one.
+    if let Some((head, last)) = spec.rsplit_once(':') {
+        let words: Vec<&str> = last.split(',').map(str::trim).collect();
+        let is_option = |w: &str| {
+            matches!(w, "ro" | "rw" | "readonly") || w.starts_with("uid=") || w.starts_with("gid=")
+        };
+        if !last.starts_with('/') && words.iter().all(|w| is_option(w)) {
+            for w in words {
+                let id = |v: &str, what: &str| {
+                    v.parse::<u32>()
+                        .map_err(|_| bad(&format!("{what} must be a number")))
+                };
+                match w.split_once('=') {
+                    Some(("uid", v)) => uid = Some(id(v, "uid")?),
+                    Some(("gid", v)) => gid = Some(id(v, "gid")?),
+                    _ => read_only = w != "rw",
+                }
+            }
+            rest = head;
+        }
+    }
+    if read_only && (uid.is_some() || gid.is_some()) {
+        return Err(bad(
+            "uid= and gid= change the disk's root, which a read-only disk cannot",
+        ));
+    }
     let (host, guest) = rest
         .rsplit_once(':')
         .ok_or_else(|| bad("missing the guest path"))?;
-    disk(host, guest, read_only).map_err(|e| match e {
+    let mut d = disk(host, guest, read_only).map_err(|e| match e {
         SandboxError::Invalid(m) => bad(&m),
         other => other,
-    })
+    })?;
+    (d.uid, d.gid) = (uid, gid);
+    Ok(d)
 }
 
 /// Resolves one extra disk: `host` is a file path or `@NAME` of a volume.
@@ -297,6 +325,8 @@ pub fn disk(host: &str, guest: &str, read_only: bool) -> Result<DiskMount, Sandb
         host_path,
         guest_path: guest.to_string(),
         read_only,
+        uid: None,
+        gid: None,
     })
 }
 
@@ -363,6 +393,19 @@ mod tests {
         assert!(parse_disk(&format!("{}:/", img.display())).is_err());
         assert!(parse_disk("/nonexistent.ext4:/data").is_err());
         assert!(parse_disk(&format!("{}:/data", dir.path().display())).is_err());
+        let d = parse_disk(&format!("{}:/var/lib/pg:uid=70,gid=71", img.display())).unwrap();
+        assert_eq!(
+            (d.guest_path.as_str(), d.uid, d.gid, d.read_only),
+            ("/var/lib/pg", Some(70), Some(71), false)
+        );
+        let d = parse_disk(&format!("{}:/d:rw,uid=5", img.display())).unwrap();
+        assert_eq!((d.uid, d.gid, d.read_only), (Some(5), None, false));
+        for bad in [":/d:ro,uid=5", ":/d:uid=x", ":/d:uid=-1"] {
+            let e = parse_disk(&format!("{}{bad}", img.display()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("invalid disk mount"), "{bad}: {e}");
+        }
     }
 
     #[test]
