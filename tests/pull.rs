@@ -4,7 +4,7 @@
 //! pull really downloads and builds; the guest kernel and the accelerator choice are borrowed
 //! from the normal cache (the kernel must have been built first: `scripts/test` does it).
 //!
-//! Skips loudly only when `docker-registry` or `skopeo` is missing (`.ci/run` installs them).
+//! Needs Debian's `docker-registry` and `skopeo` (`scripts/setup` installs them).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -124,14 +124,11 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
         .into_iter()
         .filter(|t| !in_path(t))
         .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "\n!!!!! SKIPPED run_pulls_a_missing_image_from_a_local_registry_and_boots_it: {} not \
-             installed (apt-get install docker-registry skopeo); the pull e2e test did NOT run !!!!!\n",
-            missing.join(", ")
-        );
-        return;
-    }
+    assert!(
+        missing.is_empty(),
+        "{} not installed: run scripts/setup (or apt-get install docker-registry skopeo)",
+        missing.join(", ")
+    );
     let work = tempfile::tempdir().unwrap();
     let addr = start_registry(&work.path().join("registry"));
 
@@ -230,7 +227,7 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
             "{err}"
         );
     } else {
-        eprintln!("!!!!! disk-full check skipped: 'unshare -rm' is not permitted here !!!!!");
+        panic!("the disk-full check needs 'unshare -rm' (unprivileged user namespaces)");
     }
 
     // `pull` prints the result; rm + gc leave an empty store.
@@ -246,4 +243,38 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "blobs left after rm + gc: {left:?}");
+}
+
+/// A registry that accepts connections and then never answers: the pull says what it is
+/// waiting for, then gives up with a message naming the registry, well within two minutes.
+#[test]
+fn a_registry_that_stops_answering_fails_with_a_clear_message() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s); // accepted, read from never, answered never
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_matchlock"))
+        .args(["pull", &format!("{addr}/mltest/stuck:1")])
+        .env("MATCHLOCK_CACHE_DIR", cache.path())
+        .env("MATCHLOCK_HOME", home.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("asking {addr}")), "no progress shown: {err}");
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("matchlock: ") && last.contains(&addr.to_string()),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(100), "gave up only after {took:?}: {err}");
 }
