@@ -41,6 +41,11 @@ pub struct Sandbox {
     hostname: Option<String>,
     dns_servers: Vec<String>,
     mtu: u32,
+    /// `network.intercept`, `deny_by_default`, `disable_websockets`.
+    intercept: bool,
+    deny_by_default: bool,
+    disable_websockets: bool,
+    kernel: Option<String>,
     secrets: Vec<(String, String, Vec<String>)>,
     disks: Vec<(String, String, bool)>,
     pub(crate) port_forwards: Vec<(u16, u16)>,
@@ -73,6 +78,10 @@ impl Sandbox {
             hostname: None,
             dns_servers: Vec::new(),
             mtu: 0,
+            intercept: false,
+            deny_by_default: false,
+            disable_websockets: false,
+            kernel: None,
             secrets: Vec::new(),
             disks: Vec::new(),
             port_forwards: Vec::new(),
@@ -269,6 +278,32 @@ impl Sandbox {
         self
     }
 
+    /// Interception without an allow-list: every host is allowed, through the proxy (hooks,
+    /// secrets, the private-range block and events apply).
+    pub fn with_network_interception(mut self) -> Self {
+        self.intercept = true;
+        self
+    }
+
+    /// Interception that allows nothing until hosts are added ([`Sandbox::allow_host`] or
+    /// `allow_list_add` at runtime); without it an empty allow-list allows every host.
+    pub fn deny_by_default(mut self) -> Self {
+        self.deny_by_default = true;
+        self
+    }
+
+    /// Refuse WebSocket upgrades through the interception proxy.
+    pub fn disable_websockets(mut self) -> Self {
+        self.disable_websockets = true;
+        self
+    }
+
+    /// Boot another guest kernel: a local `vmlinux` path or `file://` URL (checked before boot).
+    pub fn with_kernel(mut self, kernel: impl Into<String>) -> Self {
+        self.kernel = Some(kernel.into());
+        self
+    }
+
     /// The guest interface's MTU.
     pub fn with_network_mtu(mut self, mtu: u32) -> Self {
         self.mtu = mtu;
@@ -329,6 +364,9 @@ impl Sandbox {
         if self.privileged {
             p.insert("privileged".into(), json!(true));
         }
+        if let Some(k) = &self.kernel {
+            p.insert("kernel".into(), json!({ "ref": k }));
+        }
         let mut res = Map::new();
         if self.cpus > 0.0 {
             res.insert("cpus".into(), json!(self.cpus));
@@ -359,6 +397,9 @@ impl Sandbox {
             || self.hostname.is_some()
             || self.mtu > 0
             || self.block_private_ips.is_some()
+            || self.intercept
+            || self.deny_by_default
+            || self.disable_websockets
         {
             let mut n = Map::new();
             n.insert("allowed_hosts".into(), json!(self.allowed_hosts));
@@ -389,6 +430,15 @@ impl Sandbox {
             }
             if self.mtu > 0 {
                 n.insert("mtu".into(), json!(self.mtu));
+            }
+            for (key, on) in [
+                ("intercept", self.intercept),
+                ("deny_by_default", self.deny_by_default),
+                ("disable_websockets", self.disable_websockets),
+            ] {
+                if on {
+                    n.insert(key.into(), json!(true));
+                }
             }
             p.insert("network".into(), Value::Object(n));
         }
@@ -498,5 +548,16 @@ mod tests {
             .with_vfs_events()
             .to_params(false);
         assert_eq!(p["vfs"]["interception"], json!({"emit_events": true}));
+        let p = Sandbox::new("a")
+            .deny_by_default()
+            .disable_websockets()
+            .with_kernel("file:///k/vmlinux")
+            .to_params(false);
+        assert_eq!(p["kernel"], json!({"ref": "file:///k/vmlinux"}));
+        assert_eq!(p["network"]["deny_by_default"], true);
+        assert_eq!(p["network"]["disable_websockets"], true);
+        assert!(p["network"].get("intercept").is_none());
+        let p = Sandbox::new("a").with_network_interception().to_params(false);
+        assert_eq!(p["network"]["intercept"], true);
     }
 }
