@@ -183,6 +183,9 @@ def curl(*args):
 # curl's own TLS stack trusts the sandbox CA too (CURL_CA_BUNDLE), over HTTP/2 and HTTP/1.1.
 out["curl_h2"] = curl("--http2", "-w", " http=%{{http_version}}", "https://x.glob.test:{https}/c")
 out["curl_h1"] = curl("--http1.1", "-w", " http=%{{http_version}}", "https://api.test:{https}/d")
+# busybox's wget: its own TLS 1.2, which sends no signature_algorithms (rustls refuses that).
+p = subprocess.run(["wget", "-q", "-O-", "https://api.test:{https}/wget"], capture_output=True, text=True)
+out["wget"] = [p.returncode, p.stdout, p.stderr]
 print(json.dumps(out))
 "#
     );
@@ -310,6 +313,11 @@ print(json.dumps(out))
         seen.lock().unwrap()
     );
 
+    assert_eq!(v["wget"][0], 0, "busybox wget over HTTPS: {v}");
+    assert!(
+        v["wget"][1].as_str().unwrap().starts_with("path=/wget"),
+        "{v}"
+    );
     for (k, version) in [("curl_h2", "http=2"), ("curl_h1", "http=1.1")] {
         assert_eq!(v[k][0], 0, "{k}: {v}");
         let body = v[k][1].as_str().unwrap();
@@ -377,6 +385,8 @@ fn allow_list_changes_at_runtime() {
             py,
             "--add-host",
             "api.test:127.0.0.1",
+            "--add-host",
+            "other.test:127.0.0.1",
             "--allow-private-host",
             "127.0.0.1",
             mode,
@@ -417,6 +427,12 @@ fn allow_list_changes_at_runtime() {
         "{out}"
     );
     assert_eq!(stdout(&sb.exec(&["python3", "-c", &fetch])), "200\n");
+    drop(sb);
+    // --secret alone: interception with an empty list, which allows every host too (a secret's
+    // host is where its value may go, not a list of what is reachable).
+    let sb = start("--secret=K=v@api.test");
+    let other = fetch.replace("api.test", "other.test");
+    assert_eq!(stdout(&sb.exec(&["python3", "-c", &other])), "200\n");
     drop(sb);
     // --deny-by-default: nothing until a host is added, closed again when it is deleted.
     let sb = start("--deny-by-default");
