@@ -261,7 +261,7 @@ async fn pid1_end_to_end() {
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("mlvm\n"), "{out}");
     assert!(
-        out.contains("127.0.1.1\tmlvm") && out.contains("10.0.0.1\tgateway"),
+        out.contains("127.0.0.1 localhost localhost.localdomain mlvm\n10.0.0.1 gateway\n"),
         "{out}"
     );
     let year = 1970 + now_ms / 1000 / 31_556_952;
