@@ -147,6 +147,16 @@ def test_file_errors(client):
     assert e.value.is_file_error()
 
 
+def test_a_command_that_cannot_start_is_an_error_with_the_reason(client):
+    # A missing working directory is matchlock's failure, not the command's exit status 126.
+    with pytest.raises(RPCError) as e:
+        client.exec("pwd", working_dir="/no/such/dir")
+    assert e.value.is_exec_error() and "/no/such/dir" in str(e.value), e.value
+    # A command the shell cannot find is the command's own failure: exit 127 with sh's message.
+    r = client.exec("no-such-command-xyz")
+    assert r.exit_code == 127 and "not found" in r.stderr, r
+
+
 def test_oversized_request_gets_an_error_and_the_server_survives(client):
     with pytest.raises(RPCError) as e:
         client.write_file("/tmp/huge", b"x" * (70 << 20), timeout=120)
