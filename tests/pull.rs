@@ -270,11 +270,17 @@ fn a_registry_that_stops_answering_fails_with_a_clear_message() {
     let took = started.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("asking {addr}")), "no progress shown: {err}");
+    assert!(
+        err.contains(&format!("asking {addr}")),
+        "no progress shown: {err}"
+    );
     let last = err.trim().lines().last().unwrap_or("");
     assert!(
         last.starts_with("matchlock: ") && last.contains(&addr.to_string()),
         "{err}"
     );
-    assert!(took < Duration::from_secs(100), "gave up only after {took:?}: {err}");
+    assert!(
+        took < Duration::from_secs(100),
+        "gave up only after {took:?}: {err}"
+    );
 }

@@ -915,20 +915,28 @@ fn on_pty(args: &[&str], limit: Duration) -> Option<(i32, String)> {
         }
         String::from_utf8_lossy(&out).into_owned()
     });
+    let status = wait_limited(&mut child, limit);
+    let out = reader.join().unwrap_or_default();
+    status.map(|st| (st.code().unwrap_or(-1), out))
+}
+
+/// Waits for `child` at most `limit`; kills it and returns `None` after that.
+fn wait_limited(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
-    let status = loop {
+    loop {
         if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
+            return Some(st);
         }
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            break None;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = reader.join().unwrap_or_default();
-    status.map(|st| (st.code().unwrap_or(-1), out))
+    }
 }
 
 /// Runs `matchlock args` with a FIFO as standard input whose write end this test keeps open
@@ -950,18 +958,7 @@ fn with_open_stdin(args: &[&str], limit: Duration) -> Option<i32> {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = wait_limited(&mut child, limit).and_then(|st| st.code());
     drop(hold);
     code
 }

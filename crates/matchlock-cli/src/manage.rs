@@ -35,18 +35,23 @@ fn config_json(c: &SandboxConfig) -> Value {
     v
 }
 
-/// One sandbox as `get` prints it: Matchlock's `{id, pid, status, image, created_at, config}`,
-/// plus our `state`.
-fn vm_json(e: &Entry) -> Value {
+/// One sandbox as `list --json` prints it: Matchlock's `{id, pid, status, image, created_at}`.
+fn summary_json(e: &Entry) -> Value {
     json!({
         "id": e.config.id,
         "pid": pid(&e.state),
         "status": e.state.status.to_string(),
         "image": e.config.image,
         "created_at": table::rfc3339(e.config.created_at),
-        "config": config_json(&e.config),
-        "state": e.state,
     })
+}
+
+/// One sandbox as `get` prints it: the summary with Matchlock's `config`, plus our `state`.
+fn vm_json(e: &Entry) -> Value {
+    let mut v = summary_json(e);
+    v["config"] = config_json(&e.config);
+    v["state"] = serde_json::to_value(&e.state).unwrap_or(Value::Null);
+    v
 }
 
 fn entry(store: &Store, id: &str) -> Result<Entry> {
@@ -66,15 +71,10 @@ pub fn list(running: bool, as_json: bool) -> Result<i32> {
         let rows: Vec<Value> = entries
             .iter()
             .map(|e| {
-                json!({
-                    "id": e.config.id,
-                    "pid": pid(&e.state),
-                    "status": e.state.status.to_string(),
-                    "image": e.config.image,
-                    "created_at": table::rfc3339(e.config.created_at),
-                    "reason": e.state.reason,
-                    "boot_ms": e.state.boot_ms,
-                })
+                let mut v = summary_json(e);
+                v["reason"] = json!(e.state.reason);
+                v["boot_ms"] = json!(e.state.boot_ms);
+                v
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -24,9 +24,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// An upstream for `up.test` (certificate from a fresh CA): answers with the protocol version it
-/// saw and the sha256 of the Authorization header it got. Returns its port and the CA PEM.
-async fn upstream() -> (u16, String) {
+/// A TLS acceptor for `name` with a certificate from a fresh CA, offering `alpn`; and the CA PEM.
+fn upstream_tls_for(name: &str, alpn: &[&[u8]]) -> (tokio_rustls::TlsAcceptor, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -35,7 +34,7 @@ async fn upstream() -> (u16, String) {
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["up.test".to_string()])
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
@@ -48,8 +47,17 @@ async fn upstream() -> (u16, String) {
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
         .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        ca_cert.pem(),
+    )
+}
+
+/// An upstream for `up.test` (certificate from a fresh CA): answers with the protocol version it
+/// saw and the sha256 of the Authorization header it got. Returns its port and the CA PEM.
+async fn upstream() -> (u16, String) {
+    let (acceptor, ca_pem) = upstream_tls_for("up.test", &[b"h2", b"http/1.1"]);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -79,7 +87,7 @@ async fn upstream() -> (u16, String) {
             });
         }
     });
-    (port, ca_cert.pem())
+    (port, ca_pem)
 }
 
 async fn proxy(ca_pem: &str, placeholder: &str) -> Arc<Proxy> {
@@ -517,27 +525,7 @@ where
     F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let (acceptor, ca_pem) = upstream_tls_for(name, &[b"http/1.1"]);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let script = Arc::new(script);
@@ -551,7 +539,7 @@ where
             });
         }
     });
-    (port, ca_cert.pem())
+    (port, ca_pem)
 }
 
 #[tokio::test]

@@ -557,7 +557,9 @@ mod tests {
         assert_eq!(p["network"]["deny_by_default"], true);
         assert_eq!(p["network"]["disable_websockets"], true);
         assert!(p["network"].get("intercept").is_none());
-        let p = Sandbox::new("a").with_network_interception().to_params(false);
+        let p = Sandbox::new("a")
+            .with_network_interception()
+            .to_params(false);
         assert_eq!(p["network"]["intercept"], true);
     }
 }
