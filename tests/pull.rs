@@ -240,6 +240,16 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
         out.starts_with(&format!("Pulling {image}...\n")) && out.contains("\nDigest: sha256:"),
         "{out}"
     );
+    // -t also stores it under a local name, sharing its root file system.
+    let out = ok(&env.ml(&["pull", "-t", "mltest/alias:2", &image]));
+    assert!(out.contains("Tagged: docker.io/mltest/alias:2\n"), "{out}");
+    let ls = ok(&env.ml(&["image", "ls"]));
+    let alias = ls
+        .lines()
+        .find(|l| l.starts_with("docker.io/mltest/alias:2 "))
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert_eq!(alias.split_whitespace().nth(1), Some("tag"), "{ls}");
+    ok(&env.ml(&["image", "rm", "mltest/alias:2"]));
     ok(&env.ml(&["image", "rm", &image]));
     let gc = ok(&env.ml(&["image", "gc"]));
     assert!(gc.starts_with("Removed "), "{gc}");
