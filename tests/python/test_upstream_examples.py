@@ -184,7 +184,7 @@ def test_network_interception_example_with_hooks_and_no_allow_list():
 
     class API(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            got["key"] = self.headers.get("X-Api-Key")
+            got[self.path] = self.headers.get("X-Api-Key")
             body = b'{"content":[{"type":"text","text":"TCP is a protocol"}]}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -240,7 +240,8 @@ def test_network_interception_example_with_hooks_and_no_allow_list():
         srv.shutdown()
     assert out.exit_code == 0, out.stderr
     assert out.stdout.splitlines() == ['200 {"content":[{"type":"text","text":"TCP is a protocol"}]}', "200"], out.stdout
-    assert got["key"] == api_key
+    # The hook ran for its host only.
+    assert got == {"/v1/messages": api_key, "/x": None}, got
 
 
 def test_sse_replacements_and_websockets_through_the_sdk_rules():
