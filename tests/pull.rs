@@ -195,7 +195,10 @@ fn run_pulls_a_missing_image_from_a_local_registry_and_boots_it() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     // Progress lines, then the error: one line that says what to do.
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("matchlock: ")).collect();
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("matchlock: "))
+        .collect();
     assert!(
         errors.len() == 1
             && errors[0].contains("was not found in registry")
