@@ -4,6 +4,7 @@ mod args;
 mod diagnose;
 mod image;
 mod manage;
+mod request;
 mod run;
 mod table;
 mod term;

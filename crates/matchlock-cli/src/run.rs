@@ -1,12 +1,12 @@
 //! `matchlock run` and `matchlock exec`: start sandboxes and attach to processes in them.
 
-use crate::args::{parse_duration_ms, ExecArgs, ProcessArgs, RunArgs};
+use crate::args::{ExecArgs, RunArgs};
 use crate::term;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use matchlock_proto::{read_msg, write_msg, Msg};
 use matchlock_sandbox::control::ExecSpec;
 use matchlock_sandbox::forward::{Forwarder, PortMap};
-use matchlock_sandbox::{validate, volume, Client, SandboxConfig, Store};
+use matchlock_sandbox::{Client, Store};
 use std::io::Write;
 use std::time::Instant;
 use tokio::io::AsyncReadExt;
@@ -19,123 +19,9 @@ pub const EXIT_MATCHLOCK_ERROR: i32 = 125;
 /// Exit code when `--timeout` stopped the sandbox (as `timeout(1)` does).
 pub const EXIT_TIMEOUT: i32 = 124;
 
-/// Parses `-e` and `--env-file` into ordered pairs. `KEY` alone copies the variable from this
-/// process's environment (and is skipped if unset, as Docker does).
-pub fn parse_env(p: &ProcessArgs) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let mut add = |item: &str, origin: &str| -> Result<()> {
-        let (k, v) = match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-            None => (item.to_string(), std::env::var(item).ok()),
-        };
-        if k.is_empty() || k.contains('\0') || k.contains(char::is_whitespace) {
-            bail!("invalid environment variable '{item}' in {origin}; use KEY=VALUE");
-        }
-        if let Some(v) = v {
-            if v.contains('\0') {
-                bail!("environment variable {k} in {origin} contains a NUL byte");
-            }
-            out.push((k, v));
-        }
-        Ok(())
-    };
-    for f in &p.env_file {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read env file {}", f.display()))?;
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            add(line, &f.display().to_string())?;
-        }
-    }
-    for e in &p.env {
-        add(e, "-e")?;
-    }
-    Ok(out)
-}
-
-fn validate_common(p: &ProcessArgs) -> Result<()> {
-    if let Some(w) = &p.workdir {
-        validate::guest_path(w, "--workdir").map_err(|e| anyhow!(e))?;
-    }
-    if let Some(u) = &p.user {
-        validate::user(u, "--user").map_err(|e| anyhow!(e))?;
-    }
-    Ok(())
-}
-
-/// `matchlock run`.
+/// `matchlock run`: flags -> request -> image -> plan -> sandbox, then attach to its command.
 pub fn run(args: RunArgs) -> Result<i32> {
-    if args.detach && (args.process.tty || args.process.interactive) {
-        bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
-    }
-    validate_common(&args.process)?;
-    let check = |r: Result<(), String>| r.map_err(|e| anyhow!(e));
-    check(validate::cpus(args.cpus, "--cpus"))?;
-    check(validate::memory_mb(args.memory, "--memory"))?;
-    check(validate::disk_size_mb(args.disk_size, "--disk-size"))?;
-    if let Some(t) = args.timeout {
-        check(validate::timeout_secs(t, "--timeout"))?;
-    }
-    if let Some(h) = &args.hostname {
-        check(validate::hostname(h, "--hostname"))?;
-    }
-    let grace_ms = parse_duration_ms(&args.graceful_shutdown)
-        .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
-    let mut add_hosts = Vec::new();
-    for h in &args.add_host {
-        let (name, ip) = h.split_once(':').ok_or_else(|| {
-            anyhow!("invalid add-host mapping: '{h}' must be NAME:IP (e.g. api.internal:10.0.0.10)")
-        })?;
-        let ip = validate::add_host(name, ip, &format!("invalid add-host mapping '{h}'"))
-            .map_err(|e| anyhow!(e))?;
-        add_hosts.push((ip, name.to_string()));
-    }
-    let disks = args
-        .disk
-        .iter()
-        .map(|d| volume::parse_disk(d))
-        .collect::<Result<Vec<_>, _>>()?;
-    volume::check_conflicts(&Store::open_default(), &disks)?;
-    let vfs = args
-        .volume
-        .iter()
-        .map(|v| validate::vfs_mount(v, &args.workspace))
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(validate::vfs_mounts)
-        .map_err(|e| anyhow!(e))?;
-    let publish = args
-        .publish
-        .iter()
-        .map(|p| p.parse::<PortMap>().map_err(|e| anyhow!("--publish: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    let addresses = parse_addresses(&args.address)?;
-    let kernel = args
-        .kernel
-        .as_deref()
-        .map(matchlock_vmm::kernel::resolve_ref)
-        .transpose()?;
-    let mut user_env = parse_env(&args.process)?;
-    let secrets = parse_secrets(&args.secret)?;
-    let specs: Vec<_> = secrets.iter().map(|(spec, _)| spec.clone()).collect();
-    let network = network_config(&args, specs)?;
-    if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
-        // TLS clients in the guest trust the sandbox CA through the bundle it is appended to;
-        // the user's own -e settings still win.
-        let mut env = matchlock_sandbox::config::ca_env();
-        env.append(&mut user_env);
-        user_env = env;
-    }
-    for (spec, _) in &secrets {
-        user_env.push((spec.name.clone(), spec.placeholder.clone()));
-    }
-    let secret_values: Vec<(String, String)> = secrets
-        .into_iter()
-        .map(|(spec, v)| (spec.name, v))
-        .collect();
-
+    let req = crate::request::from_flags(&args)?;
     let images = matchlock_image::ImageStore::open_default()?;
     let policy = match args.pull {
         crate::args::PullArg::Missing => matchlock_image::PullPolicy::Missing,
@@ -143,16 +29,16 @@ pub fn run(args: RunArgs) -> Result<i32> {
         crate::args::PullArg::Never => matchlock_image::PullPolicy::Never,
     };
     let image = images.ensure(
-        &args.image,
+        &req.image,
         policy,
         &matchlock_image::PullOptions::from_env(),
         &matchlock_image::StderrProgress::new(),
     )?;
     tracing::debug!(image = %image.name, digest = %image.digest, "image resolved");
-    let argv =
-        matchlock_image::compose_command(&image.config, args.entrypoint.as_deref(), &args.command)?;
+    let plan = matchlock_sandbox::plan(req, &image, &Store::open_default())?;
+    let argv = plan.command.clone().unwrap_or_default();
     // Fail on a missing kernel, QEMU or agent before anything is created.
-    let kernel_path = match &kernel {
+    let kernel_path = match &plan.config.kernel {
         Some(k) => k.clone(),
         None => matchlock_vmm::kernel::locate()?,
     };
@@ -166,52 +52,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
             );
         }
     }
-
-    let config = SandboxConfig {
-        image: image.name.clone(),
-        image_digest: image.digest.clone(),
-        rootfs: image.rootfs.clone(),
-        kernel,
-        hostname: args.hostname.clone().unwrap_or_default(),
-        cpus: args.cpus,
-        memory_mb: args.memory,
-        disk_size_mb: args.disk_size,
-        env: matchlock_image::merge_env(&image.config.env, &user_env),
-        workdir: args
-            .process
-            .workdir
-            .clone()
-            .or_else(|| image.config.working_dir.clone().filter(|w| !w.is_empty())),
-        user: args
-            .process
-            .user
-            .clone()
-            .or_else(|| image.config.user.clone().filter(|u| !u.is_empty())),
-        privileged: args.privileged,
-        graceful_shutdown_ms: grace_ms,
-        timeout_secs: args.timeout,
-        remove_on_stop: args.rm && !args.detach,
-        // An attached --rm sandbox lives only as long as this process.
-        owner_pid: (args.rm && !args.detach).then(std::process::id),
-        add_hosts,
-        disks,
-        vfs,
-        publish: publish
-            .iter()
-            .flat_map(|m| {
-                addresses
-                    .iter()
-                    .map(|a| matchlock_sandbox::config::PublishedPort {
-                        address: *a,
-                        local_port: m.local_port,
-                        remote_port: m.remote_port,
-                    })
-            })
-            .collect(),
-        network,
-        command: argv.clone(),
-        ..Default::default()
-    };
     let tty = args.process.tty;
     let spec = ExecSpec {
         argv,
@@ -222,6 +62,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         stdin: args.process.interactive,
         log: true,
     };
+    let (config, secret_values) = (plan.config, plan.secrets);
     block_on(async move {
         let started = Instant::now();
         let store = Store::open_default();
@@ -323,8 +164,8 @@ pub fn printable(s: &str) -> String {
 
 /// `matchlock exec`.
 pub fn exec(args: ExecArgs) -> Result<i32> {
-    validate_common(&args.process)?;
-    let env = parse_env(&args.process)?;
+    let (workdir, user) = crate::request::process(&args.process)?;
+    let env = crate::request::env(&args.process)?;
     let store = Store::open_default();
     let id = store.resolve_id(&args.id)?;
     let client = Client::for_sandbox(&store, &id)?;
@@ -332,8 +173,8 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
     let spec = ExecSpec {
         argv: args.command,
         env,
-        cwd: args.process.workdir,
-        user: args.process.user,
+        cwd: workdir.map(|w| w.as_str().to_string()),
+        user: user.map(|u| u.as_str().to_string()),
         tty: tty.then(term::size),
         stdin: args.process.interactive,
         ..Default::default()
@@ -489,150 +330,13 @@ pub async fn attach(
     result
 }
 
-/// The network from `--no-network`, `--allow-private-host`, `--dns-servers` and `--mtu`.
-/// The network from the flags; `secrets` are the parsed `--secret` specs (values stay out).
-fn network_config(
-    args: &RunArgs,
-    secrets: Vec<matchlock_sandbox::SecretSpec>,
-) -> Result<Option<matchlock_sandbox::NetworkConfig>> {
-    if args.no_network {
-        if !args.allow_private_host.is_empty()
-            || !args.dns_servers.is_empty()
-            || !args.allow_host.is_empty()
-            || !args.secret.is_empty()
-            || args.network_intercept
-            || args.deny_by_default
-            || args.disable_websockets
-        {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host or --dns-servers");
-        }
-        return Ok(None);
-    }
-    let intercept = if args.network_intercept
-        || args.deny_by_default
-        || args.disable_websockets
-        || !args.allow_host.is_empty()
-        || !args.secret.is_empty()
-    {
-        for h in &args.allow_host {
-            matchlock_intercept::hosts::HostPattern::parse(h)
-                .map_err(|e| anyhow!("--allow-host: {e}"))?;
-        }
-        let event_log = match &args.event_log {
-            Some(p) => {
-                // Absolute, since the supervisor runs elsewhere; opened here so a bad path
-                // fails before anything boots.
-                std::os::unix::fs::OpenOptionsExt::mode(
-                    std::fs::OpenOptions::new().create(true).append(true),
-                    0o600,
-                )
-                .open(p)
-                .map_err(|e| anyhow!("--event-log {}: {e}", p.display()))?;
-                Some(std::fs::canonicalize(p)?)
-            }
-            None => None,
-        };
-        Some(matchlock_sandbox::InterceptConfig {
-            allowed_hosts: args.allow_host.clone(),
-            deny_by_default: args.deny_by_default,
-            disable_websockets: args.disable_websockets,
-            secrets,
-            event_log,
-            run_id: args.run_id.clone(),
-            agent_system: args.agent_system.clone(),
-            ..Default::default()
-        })
-    } else {
-        if args.event_log.is_some() {
-            bail!("--event-log records interception; add --allow-host, --secret, --network-intercept or --deny-by-default");
-        }
-        None
-    };
-    validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
-    for a in &args.allow_private_host {
-        a.parse::<std::net::IpAddr>()
-            .map_err(|_| anyhow!("--allow-private-host '{a}' is not an IP address"))?;
-    }
-    for d in &args.dns_servers {
-        validate::dns_server(d).map_err(|e| anyhow!("--dns-servers: {e}"))?;
-    }
-    Ok(Some(matchlock_sandbox::NetworkConfig {
-        mtu: args.mtu as u16,
-        dns_servers: args.dns_servers.clone(),
-        allow_private_hosts: args.allow_private_host.clone(),
-        allow_private_ranges: false,
-        intercept,
-    }))
-}
-
-/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment),
-/// giving each a fresh placeholder.
-fn parse_secrets(items: &[String]) -> Result<Vec<(matchlock_sandbox::SecretSpec, String)>> {
-    let mut out = Vec::new();
-    for item in items {
-        // Never echo the item: it may hold the value.
-        let (left, hosts) = item
-            .rsplit_once('@')
-            .ok_or_else(|| anyhow!("--secret needs NAME[=VALUE]@HOST[,HOST...]"))?;
-        let (name, value) = match left.split_once('=') {
-            Some((n, v)) => (n.to_string(), v.to_string()),
-            None => (
-                left.to_string(),
-                std::env::var(left).map_err(|_| {
-                    anyhow!("--secret {left}@...: {left} is not set in this environment")
-                })?,
-            ),
-        };
-        if name.is_empty() || name.contains(char::is_whitespace) || name.contains('\0') {
-            bail!("--secret: invalid name '{name}'");
-        }
-        if value.is_empty() {
-            bail!("--secret {name}: the value is empty");
-        }
-        let hosts: Vec<String> = hosts
-            .split(',')
-            .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .map(str::to_string)
-            .collect();
-        if hosts.is_empty() {
-            bail!("--secret {name}: give at least one host after '@'");
-        }
-        for h in &hosts {
-            matchlock_intercept::hosts::HostPattern::parse(h)
-                .map_err(|e| anyhow!("--secret {name}: {e}"))?;
-        }
-        let placeholder = matchlock_intercept::secrets::placeholder();
-        out.push((
-            matchlock_sandbox::SecretSpec {
-                name,
-                hosts,
-                placeholder,
-            },
-            value,
-        ));
-    }
-    Ok(out)
-}
-
-/// Parses `--address` values.
-fn parse_addresses(addresses: &[String]) -> Result<Vec<std::net::IpAddr>> {
-    addresses
-        .iter()
-        .map(|a| {
-            a.parse::<std::net::IpAddr>()
-                .map_err(|_| anyhow!("--address '{a}' is not an IP address"))
-        })
-        .collect()
-}
-
 /// `matchlock port-forward`: serves the forwards until interrupted or the sandbox stops.
 pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<i32> {
     let maps = ports
         .iter()
         .map(|p| p.parse::<PortMap>().map_err(|e| anyhow!(e)))
         .collect::<Result<Vec<_>>>()?;
-    let addresses = parse_addresses(addresses)?;
+    let addresses = crate::request::addresses(addresses)?;
     let store = Store::open_default();
     let id = store.resolve_id(id)?;
     let client = Client::for_sandbox(&store, &id)?;

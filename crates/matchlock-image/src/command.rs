@@ -7,8 +7,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// The argv to run, with Docker semantics.
 ///
-/// * `entrypoint_override`: `None` keeps the image's ENTRYPOINT; `Some("")` clears it; `Some(s)`
-///   makes it the single executable `[s]` (like `docker run --entrypoint`, which takes one word).
+/// * `entrypoint_override`: `None` keeps the image's ENTRYPOINT; `Some(argv)` replaces it (an
+///   empty one clears it; `docker run --entrypoint X` is `Some(["X"])`).
 /// * `args`: when non-empty they replace the image's CMD.
 /// * Any entrypoint override also drops the image's CMD, because Docker resets CMD when
 ///   `--entrypoint` is given; only `args` follow an overridden entrypoint.
@@ -16,13 +16,12 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Fails with [`ImageError::NoCommand`] if the result is empty.
 pub fn compose_command(
     cfg: &ImageConfig,
-    entrypoint_override: Option<&str>,
+    entrypoint_override: Option<&[String]>,
     args: &[String],
 ) -> Result<Vec<String>, ImageError> {
     let entrypoint = match entrypoint_override {
         None => cfg.entrypoint.clone().unwrap_or_default(),
-        Some("") => Vec::new(),
-        Some(exe) => vec![exe.to_string()],
+        Some(argv) => argv.to_vec(),
     };
     let cmd = if !args.is_empty() {
         args.to_vec()

@@ -369,25 +369,25 @@ fn compose_command_cases() {
     );
     // --entrypoint "" clears the entrypoint (and CMD)
     assert_eq!(
-        compose_command(&both, Some(""), &s(&["ls", "-l"])).unwrap(),
+        compose_command(&both, Some(&[]), &s(&["ls", "-l"])).unwrap(),
         s(&["ls", "-l"])
     );
     assert!(matches!(
-        compose_command(&both, Some(""), &[]),
+        compose_command(&both, Some(&[]), &[]),
         Err(ImageError::NoCommand)
     ));
     // override drops the image CMD
     assert_eq!(
-        compose_command(&both, Some("/bin/sh"), &[]).unwrap(),
+        compose_command(&both, Some(&s(&["/bin/sh"])), &[]).unwrap(),
         s(&["/bin/sh"])
     );
     assert_eq!(
-        compose_command(&both, Some("/bin/sh"), &s(&["-c", "x"])).unwrap(),
+        compose_command(&both, Some(&s(&["/bin/sh"])), &s(&["-c", "x"])).unwrap(),
         s(&["/bin/sh", "-c", "x"])
     );
     // an override is a single word, not split
     assert_eq!(
-        compose_command(&both, Some("a b"), &[]).unwrap(),
+        compose_command(&both, Some(&s(&["a b"])), &[]).unwrap(),
         s(&["a b"])
     );
     let only_cmd = cfg(None, Some(&["sh"]));

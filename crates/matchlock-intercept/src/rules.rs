@@ -9,62 +9,11 @@
 //! never be skipped because its callback was slow or broken.
 
 use crate::hosts::AllowList;
-use serde::{Deserialize, Serialize};
+pub use matchlock_api::wire::{BodyReplacement, RuleSpec, DEFAULT_CALLBACK_TIMEOUT_MS};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// A callback's deadline when its rule gives none (`timeout_ms` 0).
-pub const DEFAULT_CALLBACK_TIMEOUT_MS: u64 = 30_000;
-
-/// One rule as the SDKs send it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct RuleSpec {
-    /// Optional name, used in refusals.
-    pub name: String,
-    /// `before` (default) or `after`.
-    pub phase: String,
-    /// Host globs; empty matches every host.
-    pub hosts: Vec<String>,
-    /// Methods; empty matches every method.
-    pub methods: Vec<String>,
-    /// URL path glob (`*` stays within one segment); empty matches every path.
-    pub path: String,
-    /// `allow` (default), `block` or `mutate`.
-    pub action: String,
-    /// Request headers to set.
-    pub set_headers: BTreeMap<String, String>,
-    /// Request headers to delete.
-    pub delete_headers: Vec<String>,
-    /// Query keys to set.
-    pub set_query: BTreeMap<String, String>,
-    /// Query keys to delete.
-    pub delete_query: Vec<String>,
-    /// New request path.
-    pub rewrite_path: String,
-    /// Response headers to set.
-    pub set_response_headers: BTreeMap<String, String>,
-    /// Response headers to delete.
-    pub delete_response_headers: Vec<String>,
-    /// Literal response body replacements.
-    pub body_replacements: Vec<BodyReplacement>,
-    /// The SDK callback to call, if any.
-    pub callback_id: String,
-    /// Deadline of the callback in milliseconds (0: [`DEFAULT_CALLBACK_TIMEOUT_MS`]).
-    pub timeout_ms: u64,
-}
-
-/// A literal body replacement.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct BodyReplacement {
-    /// Text to find.
-    pub find: String,
-    /// Replacement.
-    pub replace: String,
-}
 
 /// The request a rule looks at and may change.
 #[derive(Debug, Clone, Default)]
@@ -223,24 +172,10 @@ fn headers_from_json(v: &Value) -> Option<Vec<(String, String)>> {
 impl Rules {
     /// Rules from the SDK's specs and the callback socket (when any rule has a callback).
     pub fn new(specs: Vec<RuleSpec>, socket: Option<PathBuf>) -> Result<Rules, String> {
+        matchlock_api::create::check_rules(&specs, socket.is_some()).map_err(|e| e.0)?;
         let mut rules = Vec::new();
         for spec in specs {
-            let phase = spec.phase.trim().to_ascii_lowercase();
-            let after = match phase.as_str() {
-                "" | "before" => false,
-                "after" => true,
-                other => return Err(format!("rule {:?}: unknown phase {other:?}", spec.name)),
-            };
-            let action = spec.action.trim().to_ascii_lowercase();
-            if !matches!(action.as_str(), "" | "allow" | "block" | "mutate") {
-                return Err(format!("rule {:?}: unknown action {action:?}", spec.name));
-            }
-            if !spec.callback_id.is_empty() && socket.is_none() {
-                return Err(format!(
-                    "rule {:?} has a callback but no callback_socket",
-                    spec.name
-                ));
-            }
+            let after = spec.phase.trim().eq_ignore_ascii_case("after");
             let hosts = if spec.hosts.is_empty() {
                 AllowList::new(["*"])?
             } else {

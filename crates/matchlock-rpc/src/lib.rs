@@ -8,7 +8,6 @@
 //! guest process, and the sandbox is stopped when the SDK closes stdin, dies or the server gets a
 //! signal. Sandboxes it creates are ordinary sandboxes, visible to `matchlock list`, `exec`, `kill`.
 
-mod api;
 mod server;
 pub mod wire;
 

@@ -5,7 +5,6 @@
 //! with a cancellation token registered under its id. `create` and `close` first cancel what is in
 //! flight (it targets the sandbox they replace) and are serialised with each other.
 
-use crate::api;
 use crate::wire::{self, code, Incoming, Line, RpcError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -420,8 +419,16 @@ async fn handle(
 }
 
 async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value, RpcError> {
-    let plan = api::plan(params)?;
-    let emit_events = plan.vfs_emit_events;
+    let params: matchlock_api::wire::CreateParams = serde_json::from_value(if params.is_null() {
+        Value::Object(Default::default())
+    } else {
+        params
+    })
+    .map_err(|e| RpcError::params(format!("invalid create params: {e}")))?;
+    let mut req = params.into_request().map_err(|e| RpcError::params(e.0))?;
+    // The sandbox is this server's: it stops when the server does.
+    req.owner_pid = Some(std::process::id());
+    let emit_events = req.workspace.emit_events;
     let _guard = shared.lifecycle.lock().await;
     // A second create replaces the sandbox (Matchlock leaks the first): what ran against the
     // old one ends with it.
@@ -438,19 +445,23 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
             // Pulled when missing, as `run` does; progress goes to stderr, never to the protocol.
             let image = images
                 .ensure(
-                    &plan.params.image,
+                    &req.image,
                     matchlock_image::PullPolicy::Missing,
                     &matchlock_image::PullOptions::from_env(),
                     &matchlock_image::StderrProgress::new(),
                 )
                 .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
-            let (config, launch) = api::sandbox_config(&plan, &image)?;
-            matchlock_sandbox::volume::check_conflicts(&store, &config.disks)
-                .map_err(|e| RpcError::params(e.to_string()))?;
-            let id =
-                matchlock_sandbox::start_with_secrets(&store, config, &api::secret_values(&plan))
-                    .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
-            Ok((id, launch))
+            let plan = matchlock_sandbox::plan(req, &image, &store).map_err(|e| match e {
+                // What the caller asked for is wrong: their parameters, not the VM.
+                matchlock_sandbox::SandboxError::Invalid(_)
+                | matchlock_sandbox::SandboxError::Vmm(matchlock_vmm::VmmError::BadKernel(_)) => {
+                    RpcError::params(e.to_string())
+                }
+                e => RpcError::new(code::VM_FAILED, e.to_string()),
+            })?;
+            let id = matchlock_sandbox::start_with_secrets(&store, plan.config, &plan.secrets)
+                .map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+            Ok((id, plan.command))
         })
         .await
         .map_err(|e| RpcError::new(code::VM_FAILED, format!("create failed: {e}")))?;

@@ -13,24 +13,7 @@ pub const MAX_LINE: usize = 64 << 20;
 const PREFIX: usize = 4096;
 
 /// JSON-RPC error codes, as the SDKs know them.
-pub mod code {
-    /// The line is not JSON.
-    pub const PARSE: i64 = -32700;
-    /// Not a valid request (e.g. a streaming method without an id).
-    pub const INVALID_REQUEST: i64 = -32600;
-    /// Unknown method.
-    pub const METHOD_NOT_FOUND: i64 = -32601;
-    /// Bad parameters.
-    pub const INVALID_PARAMS: i64 = -32602;
-    /// The sandbox could not be created, or a sandbox-level operation failed.
-    pub const VM_FAILED: i64 = -32000;
-    /// A command could not be run.
-    pub const EXEC_FAILED: i64 = -32001;
-    /// A file operation failed.
-    pub const FILE_FAILED: i64 = -32002;
-    /// The request was cancelled.
-    pub const CANCELLED: i64 = -32003;
-}
+pub use matchlock_api::codes as code;
 
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,19 +7,21 @@
 //! sandbox whose supervisor died shows up as crashed because its lock is free.
 
 pub mod client;
-pub mod config;
 pub mod control;
 pub mod forward;
+pub mod plan;
 pub mod store;
 pub mod supervisor;
-pub mod validate;
 pub mod volume;
+
+pub use matchlock_api::{config, validate};
 
 pub use client::{start, start_with_secrets, Client};
 pub use config::{
     DiskMount, InterceptConfig, NetworkConfig, SandboxConfig, SecretSpec, State, Status,
     VfsBlockRule, VfsMode, VfsMount,
 };
+pub use plan::{plan, SandboxPlan};
 pub use store::Store;
 
 /// Errors of the sandbox layer; messages are one line and say what to do.

@@ -245,52 +245,25 @@ pub fn users(store: &Store, path: &Path) -> Vec<(String, bool)> {
     out
 }
 
-/// Parses `HOST.ext4:/guest/path[:OPTIONS]` or `@NAME:/guest/path[:OPTIONS]` into an
-/// attachable disk. OPTIONS are comma-separated: `ro` (or `rw`), `uid=N`, `gid=N` (the owner
-/// the disk's root directory gets in the guest, e.g. `uid=70,gid=70` for postgres).
-pub fn parse_disk(spec: &str) -> Result<DiskMount, SandboxError> {
-    let bad = |why: &str| {
-        SandboxError::Invalid(format!(
-            "invalid disk mount '{spec}': {why}; use HOST.ext4:/guest/path[:ro][,uid=N,gid=N] or @VOLUME:/guest/path[:OPTIONS]"
-        ))
-    };
-    let mut rest = spec;
-    let (mut read_only, mut uid, mut gid) = (false, None, None);
-    // The last part holds options when every comma-separated word is one.
-    if let Some((head, last)) = spec.rsplit_once(':') {
-        let words: Vec<&str> = last.split(',').map(str::trim).collect();
-        let is_option = |w: &str| {
-            matches!(w, "ro" | "rw" | "readonly") || w.starts_with("uid=") || w.starts_with("gid=")
-        };
-        if !last.starts_with('/') && words.iter().all(|w| is_option(w)) {
-            for w in words {
-                let id = |v: &str, what: &str| {
-                    v.parse::<u32>()
-                        .map_err(|_| bad(&format!("{what} must be a number")))
-                };
-                match w.split_once('=') {
-                    Some(("uid", v)) => uid = Some(id(v, "uid")?),
-                    Some(("gid", v)) => gid = Some(id(v, "gid")?),
-                    _ => read_only = w != "rw",
-                }
-            }
-            rest = head;
-        }
-    }
-    if read_only && (uid.is_some() || gid.is_some()) {
-        return Err(bad(
-            "uid= and gid= change the disk's root, which a read-only disk cannot",
-        ));
-    }
-    let (host, guest) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| bad("missing the guest path"))?;
-    let mut d = disk(host, guest, read_only).map_err(|e| match e {
-        SandboxError::Invalid(m) => bad(&m),
+/// Finds a requested disk's file (a path, or the named volume of `@NAME`) and checks it.
+pub fn resolve(d: &matchlock_api::request::DiskRequest) -> Result<DiskMount, SandboxError> {
+    let mut m = disk(&d.host, d.guest.as_str(), d.read_only).map_err(|e| match e {
+        SandboxError::Invalid(m) => SandboxError::Invalid(format!(
+            "invalid disk mount '{}:{}': {m}",
+            d.host,
+            d.guest.as_str()
+        )),
         other => other,
     })?;
-    (d.uid, d.gid) = (uid, gid);
-    Ok(d)
+    (m.uid, m.gid) = (d.uid, d.gid);
+    Ok(m)
+}
+
+/// Parses `--disk` (see [`matchlock_api::request::DiskRequest::parse`]) and resolves it.
+pub fn parse_disk(spec: &str) -> Result<DiskMount, SandboxError> {
+    let d =
+        matchlock_api::request::DiskRequest::parse(spec).map_err(|e| SandboxError::Invalid(e.0))?;
+    resolve(&d)
 }
 
 /// Resolves one extra disk: `host` is a file path or `@NAME` of a volume.

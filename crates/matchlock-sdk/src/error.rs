@@ -1,18 +1,7 @@
 //! The SDK's error type.
 
 /// JSON-RPC error codes the server uses (the same as Matchlock's).
-pub mod code {
-    /// The sandbox could not be created, or a sandbox-level operation failed.
-    pub const VM_FAILED: i64 = -32000;
-    /// A command could not be run.
-    pub const EXEC_FAILED: i64 = -32001;
-    /// A file operation failed.
-    pub const FILE_FAILED: i64 = -32002;
-    /// The request was cancelled.
-    pub const CANCELLED: i64 = -32003;
-    /// Bad parameters.
-    pub const INVALID_PARAMS: i64 = -32602;
-}
+pub use matchlock_api::codes as code;
 
 /// Everything that can go wrong.
 #[derive(Debug, thiserror::Error)]

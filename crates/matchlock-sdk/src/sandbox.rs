@@ -1,7 +1,10 @@
 //! The sandbox builder: what `create` and `launch` ask for.
 
-use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use matchlock_api::wire::{
+    AddHost, CreateParams, ExtraDisk, ImageConfigParams, KernelRef, Network, Resources, Secret,
+    Vfs, VfsMountSpec,
+};
+use serde_json::Value;
 
 /// A description of a sandbox to create, built fluently (the Python SDK's `Sandbox`).
 ///
@@ -18,36 +21,11 @@ use std::collections::BTreeMap;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Sandbox {
-    image: String,
-    privileged: bool,
-    cpus: f64,
-    memory_mb: u64,
-    disk_size_mb: u64,
-    timeout_seconds: u64,
-    env: BTreeMap<String, String>,
-    user: Option<String>,
-    working_dir: Option<String>,
-    entrypoint: Vec<String>,
-    cmd: Vec<String>,
-    workspace: Option<String>,
-    /// `(guest path, JSON mount config)`.
-    mounts: Vec<(String, Value)>,
-    /// Ask for workspace events (`vfs.interception.emit_events`).
-    vfs_events: bool,
-    allowed_hosts: Vec<String>,
-    add_hosts: Vec<(String, String)>,
-    block_private_ips: Option<bool>,
-    no_network: bool,
-    hostname: Option<String>,
-    dns_servers: Vec<String>,
-    mtu: u32,
-    /// `network.intercept`, `deny_by_default`, `disable_websockets`.
-    intercept: bool,
-    deny_by_default: bool,
-    disable_websockets: bool,
-    kernel: Option<String>,
-    secrets: Vec<(String, String, Vec<String>)>,
-    disks: Vec<(String, String, bool)>,
+    /// `create`'s parameters, the server's own wire type.
+    params: CreateParams,
+    /// Whether the caller set `block_private_ips` (else it is sent as `true`, as the Python
+    /// SDK does whenever it sends a network object).
+    block_private_ips_set: bool,
     pub(crate) port_forwards: Vec<(u16, u16)>,
     pub(crate) port_forward_addresses: Vec<String>,
 }
@@ -57,33 +35,11 @@ impl Sandbox {
     /// memory, a 5 GiB writable disk, no lifetime limit.
     pub fn new(image: impl Into<String>) -> Sandbox {
         Sandbox {
-            image: image.into(),
-            privileged: false,
-            cpus: 0.0,
-            memory_mb: 0,
-            disk_size_mb: 0,
-            timeout_seconds: 0,
-            env: BTreeMap::new(),
-            user: None,
-            working_dir: None,
-            entrypoint: Vec::new(),
-            cmd: Vec::new(),
-            workspace: None,
-            mounts: Vec::new(),
-            vfs_events: false,
-            allowed_hosts: Vec::new(),
-            add_hosts: Vec::new(),
-            block_private_ips: None,
-            no_network: false,
-            hostname: None,
-            dns_servers: Vec::new(),
-            mtu: 0,
-            intercept: false,
-            deny_by_default: false,
-            disable_websockets: false,
-            kernel: None,
-            secrets: Vec::new(),
-            disks: Vec::new(),
+            params: CreateParams {
+                image: image.into(),
+                ..Default::default()
+            },
+            block_private_ips_set: false,
             port_forwards: Vec::new(),
             port_forward_addresses: Vec::new(),
         }
@@ -91,54 +47,72 @@ impl Sandbox {
 
     /// The image reference.
     pub fn image(&self) -> &str {
-        &self.image
+        &self.params.image
+    }
+
+    fn resources(&mut self) -> &mut Resources {
+        self.params.resources.get_or_insert_with(Default::default)
+    }
+
+    fn network(&mut self) -> &mut Network {
+        self.params.network.get_or_insert_with(Default::default)
+    }
+
+    fn image_config(&mut self) -> &mut ImageConfigParams {
+        self.params
+            .image_config
+            .get_or_insert_with(Default::default)
+    }
+
+    fn vfs(&mut self) -> &mut Vfs {
+        self.params.vfs.get_or_insert_with(Default::default)
     }
 
     /// Give processes all capabilities and no seccomp filter.
     pub fn with_privileged(mut self) -> Self {
-        self.privileged = true;
+        self.params.privileged = true;
         self
     }
 
     /// CPU share; fractions are enforced as a quota (e.g. `0.5`).
     pub fn with_cpus(mut self, cpus: f64) -> Self {
-        self.cpus = cpus;
+        self.resources().cpus = cpus;
         self
     }
 
     /// Memory in MiB.
     pub fn with_memory(mut self, mb: u64) -> Self {
-        self.memory_mb = mb;
+        self.resources().memory_mb = mb;
         self
     }
 
     /// Size of the writable disk in MiB.
     pub fn with_disk_size(mut self, mb: u64) -> Self {
-        self.disk_size_mb = mb;
+        self.resources().disk_size_mb = mb;
         self
     }
 
     /// Stop the sandbox after this many seconds.
     pub fn with_timeout(mut self, seconds: u64) -> Self {
-        self.timeout_seconds = seconds;
+        self.resources().timeout_seconds = seconds as f64;
         self
     }
 
     /// Set an environment variable for every command.
     pub fn with_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.env.insert(name.into(), value.into());
+        self.params.env.insert(name.into(), value.into());
         self
     }
 
     /// Run commands as this user (`uid`, `uid:gid`, `name` or `name:group`).
     pub fn with_user(mut self, user: impl Into<String>) -> Self {
-        self.user = Some(user.into());
+        self.image_config().user = user.into();
         self
     }
 
     /// Default working directory of commands.
     pub fn with_working_dir(mut self, dir: impl Into<String>) -> Self {
-        self.working_dir = Some(dir.into());
+        self.image_config().working_dir = dir.into();
         self
     }
 
@@ -148,7 +122,7 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.entrypoint = argv.into_iter().map(Into::into).collect();
+        self.image_config().entrypoint = argv.into_iter().map(Into::into).collect();
         self
     }
 
@@ -158,13 +132,13 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.cmd = argv.into_iter().map(Into::into).collect();
+        self.image_config().cmd = argv.into_iter().map(Into::into).collect();
         self
     }
 
     /// The guest path of the workspace.
     pub fn with_workspace(mut self, path: impl Into<String>) -> Self {
-        self.workspace = Some(path.into());
+        self.vfs().workspace = path.into();
         self
     }
 
@@ -175,8 +149,7 @@ impl Sandbox {
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
-        let host: String = host_path.into();
-        self.mount(guest_path, json!({"type": "host_fs", "host_path": host}))
+        self.mount(guest_path, "host_fs", host_path.into(), false, None)
     }
 
     /// Like [`Sandbox::mount_host_dir`], with every file shown as owned by `uid`:`gid` in the
@@ -189,10 +162,13 @@ impl Sandbox {
         uid: u32,
         gid: u32,
     ) -> Self {
-        let host: String = host_path.into();
-        let spec =
-            json!({"type": "host_fs", "host_path": host, "owner_uid": uid, "owner_gid": gid});
-        self.mount(guest_path, spec)
+        self.mount(
+            guest_path,
+            "host_fs",
+            host_path.into(),
+            false,
+            Some((uid, gid)),
+        )
     }
 
     /// Mounts a host directory (or file) read-only.
@@ -201,9 +177,7 @@ impl Sandbox {
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
-        let host: String = host_path.into();
-        let spec = json!({"type": "host_fs", "host_path": host, "readonly": true});
-        self.mount(guest_path, spec)
+        self.mount(guest_path, "host_fs", host_path.into(), true, None)
     }
 
     /// Mounts a copy-on-write view of a host directory (or file): the guest may write, but its
@@ -213,24 +187,40 @@ impl Sandbox {
         guest_path: impl Into<String>,
         host_path: impl Into<String>,
     ) -> Self {
-        let host: String = host_path.into();
-        self.mount(guest_path, json!({"type": "overlay", "host_path": host}))
+        self.mount(guest_path, "overlay", host_path.into(), false, None)
     }
 
-    /// Mounts an empty in-memory directory.
+    /// Mounts an empty directory of the sandbox's own (capped at its memory size).
     pub fn mount_memory(self, guest_path: impl Into<String>) -> Self {
-        self.mount(guest_path, json!({"type": "memory"}))
+        self.mount(guest_path, "memory", String::new(), false, None)
     }
 
     /// Adds one `vfs.mounts` entry.
-    fn mount(mut self, guest_path: impl Into<String>, spec: Value) -> Self {
-        self.mounts.push((guest_path.into(), spec));
+    fn mount(
+        mut self,
+        guest_path: impl Into<String>,
+        kind: &str,
+        host_path: String,
+        readonly: bool,
+        owner: Option<(u32, u32)>,
+    ) -> Self {
+        let spec = VfsMountSpec {
+            kind: kind.into(),
+            host_path,
+            readonly,
+            owner_uid: owner.map(|o| i64::from(o.0)),
+            owner_gid: owner.map(|o| i64::from(o.1)),
+        };
+        self.vfs().mounts.insert(guest_path.into(), spec);
         self
     }
 
     /// Reports every completed workspace operation to [`crate::Client::file_events`].
     pub fn with_vfs_events(mut self) -> Self {
-        self.vfs_events = true;
+        self.vfs()
+            .interception
+            .get_or_insert_with(Default::default)
+            .emit_events = true;
         self
     }
 
@@ -240,31 +230,37 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.allowed_hosts.extend(hosts.into_iter().map(Into::into));
+        self.network()
+            .allowed_hosts
+            .extend(hosts.into_iter().map(Into::into));
         self
     }
 
     /// An extra `/etc/hosts` entry.
     pub fn add_host(mut self, host: impl Into<String>, ip: impl Into<String>) -> Self {
-        self.add_hosts.push((host.into(), ip.into()));
+        self.network().add_hosts.push(AddHost {
+            host: host.into(),
+            ip: ip.into(),
+        });
         self
     }
 
     /// Block (the default) or allow private address ranges.
     pub fn with_block_private_ips(mut self, block: bool) -> Self {
-        self.block_private_ips = Some(block);
+        self.network().block_private_ips = Some(block);
+        self.block_private_ips_set = true;
         self
     }
 
     /// No network interface at all.
     pub fn with_no_network(mut self) -> Self {
-        self.no_network = true;
+        self.network().no_network = true;
         self
     }
 
     /// The guest's hostname (default: the sandbox id).
     pub fn with_hostname(mut self, hostname: impl Into<String>) -> Self {
-        self.hostname = Some(hostname.into());
+        self.network().hostname = hostname.into();
         self
     }
 
@@ -274,39 +270,41 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.dns_servers = servers.into_iter().map(Into::into).collect();
+        self.network().dns_servers = servers.into_iter().map(Into::into).collect();
         self
     }
 
     /// Interception without an allow-list: every host is allowed, through the proxy (hooks,
     /// secrets, the private-range block and events apply).
     pub fn with_network_interception(mut self) -> Self {
-        self.intercept = true;
+        self.network().intercept = true;
         self
     }
 
     /// Interception that allows nothing until hosts are added ([`Sandbox::allow_host`] or
     /// `allow_list_add` at runtime); without it an empty allow-list allows every host.
     pub fn deny_by_default(mut self) -> Self {
-        self.deny_by_default = true;
+        self.network().deny_by_default = true;
         self
     }
 
     /// Refuse WebSocket upgrades through the interception proxy.
     pub fn disable_websockets(mut self) -> Self {
-        self.disable_websockets = true;
+        self.network().disable_websockets = true;
         self
     }
 
     /// Boot another guest kernel: a local `vmlinux` path or `file://` URL (checked before boot).
     pub fn with_kernel(mut self, kernel: impl Into<String>) -> Self {
-        self.kernel = Some(kernel.into());
+        self.params.kernel = Some(KernelRef {
+            reference: kernel.into(),
+        });
         self
     }
 
     /// The guest interface's MTU.
     pub fn with_network_mtu(mut self, mtu: u32) -> Self {
-        self.mtu = mtu;
+        self.network().mtu = i64::from(mtu);
         self
     }
 
@@ -322,11 +320,12 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.secrets.push((
-            name.into(),
-            value.into(),
-            hosts.into_iter().map(Into::into).collect(),
-        ));
+        let secret = Secret {
+            value: value.into(),
+            hosts: hosts.into_iter().map(Into::into).collect(),
+            placeholder: String::new(),
+        };
+        self.network().secrets.insert(name.into(), secret);
         self
     }
 
@@ -337,7 +336,11 @@ impl Sandbox {
         guest_path: impl Into<String>,
         read_only: bool,
     ) -> Self {
-        self.disks.push((host.into(), guest_path.into(), read_only));
+        self.params.extra_disks.push(ExtraDisk {
+            host_path: host.into(),
+            guest_mount: guest_path.into(),
+            readonly: read_only,
+        });
         self
     }
 
@@ -357,142 +360,32 @@ impl Sandbox {
         self
     }
 
-    /// The `create` parameters (the wire form of Matchlock's `api.Config`).
+    /// The `create` parameters, as the Python SDK would send them: a network object only when
+    /// something in it was set (with `block_private_ips: true` unless chosen), and nothing but
+    /// the hostname and DNS servers next to `no_network`.
     pub(crate) fn to_params(&self, launch: bool) -> Value {
-        let mut p = Map::new();
-        p.insert("image".into(), json!(self.image));
-        if self.privileged {
-            p.insert("privileged".into(), json!(true));
-        }
-        if let Some(k) = &self.kernel {
-            p.insert("kernel".into(), json!({ "ref": k }));
-        }
-        let mut res = Map::new();
-        if self.cpus > 0.0 {
-            res.insert("cpus".into(), json!(self.cpus));
-        }
-        if self.memory_mb > 0 {
-            res.insert("memory_mb".into(), json!(self.memory_mb));
-        }
-        if self.disk_size_mb > 0 {
-            res.insert("disk_size_mb".into(), json!(self.disk_size_mb));
-        }
-        if self.timeout_seconds > 0 {
-            res.insert("timeout_seconds".into(), json!(self.timeout_seconds));
-        }
-        if !res.is_empty() {
-            p.insert("resources".into(), Value::Object(res));
-        }
-        if self.no_network {
-            let mut n = Map::new();
-            n.insert("no_network".into(), json!(true));
-            if let Some(h) = &self.hostname {
-                n.insert("hostname".into(), json!(h));
+        let mut p = self.params.clone();
+        p.launch_entrypoint = launch;
+        if let Some(n) = p.network.as_mut() {
+            if n.no_network {
+                *n = Network {
+                    no_network: true,
+                    hostname: std::mem::take(&mut n.hostname),
+                    dns_servers: std::mem::take(&mut n.dns_servers),
+                    ..Default::default()
+                };
+            } else if !self.block_private_ips_set {
+                n.block_private_ips = Some(true);
             }
-            p.insert("network".into(), Value::Object(n));
-        } else if !self.allowed_hosts.is_empty()
-            || !self.add_hosts.is_empty()
-            || !self.secrets.is_empty()
-            || !self.dns_servers.is_empty()
-            || self.hostname.is_some()
-            || self.mtu > 0
-            || self.block_private_ips.is_some()
-            || self.intercept
-            || self.deny_by_default
-            || self.disable_websockets
-        {
-            let mut n = Map::new();
-            n.insert("allowed_hosts".into(), json!(self.allowed_hosts));
-            n.insert(
-                "block_private_ips".into(),
-                json!(self.block_private_ips.unwrap_or(true)),
-            );
-            if !self.add_hosts.is_empty() {
-                let hosts: Vec<Value> = self
-                    .add_hosts
-                    .iter()
-                    .map(|(h, ip)| json!({"host": h, "ip": ip}))
-                    .collect();
-                n.insert("add_hosts".into(), Value::Array(hosts));
-            }
-            if !self.secrets.is_empty() {
-                let mut s = Map::new();
-                for (name, value, hosts) in &self.secrets {
-                    s.insert(name.clone(), json!({"value": value, "hosts": hosts}));
-                }
-                n.insert("secrets".into(), Value::Object(s));
-            }
-            if !self.dns_servers.is_empty() {
-                n.insert("dns_servers".into(), json!(self.dns_servers));
-            }
-            if let Some(h) = &self.hostname {
-                n.insert("hostname".into(), json!(h));
-            }
-            if self.mtu > 0 {
-                n.insert("mtu".into(), json!(self.mtu));
-            }
-            for (key, on) in [
-                ("intercept", self.intercept),
-                ("deny_by_default", self.deny_by_default),
-                ("disable_websockets", self.disable_websockets),
-            ] {
-                if on {
-                    n.insert(key.into(), json!(true));
-                }
-            }
-            p.insert("network".into(), Value::Object(n));
         }
-        if self.workspace.is_some() || !self.mounts.is_empty() {
-            let mut v = Map::new();
-            if let Some(w) = &self.workspace {
-                v.insert("workspace".into(), json!(w));
-            }
-            if !self.mounts.is_empty() {
-                let mounts: Map<String, Value> = self.mounts.iter().cloned().collect();
-                v.insert("mounts".into(), Value::Object(mounts));
-            }
-            if self.vfs_events {
-                v.insert("interception".into(), json!({"emit_events": true}));
-            }
-            p.insert("vfs".into(), Value::Object(v));
-        }
-        if !self.env.is_empty() {
-            p.insert("env".into(), json!(self.env));
-        }
-        if !self.disks.is_empty() {
-            let d: Vec<Value> = self
-                .disks
-                .iter()
-                .map(|(h, g, ro)| json!({"host_path": h, "guest_mount": g, "readonly": ro}))
-                .collect();
-            p.insert("extra_disks".into(), Value::Array(d));
-        }
-        let mut ic = Map::new();
-        if let Some(u) = &self.user {
-            ic.insert("user".into(), json!(u));
-        }
-        if let Some(w) = &self.working_dir {
-            ic.insert("working_dir".into(), json!(w));
-        }
-        if !self.entrypoint.is_empty() {
-            ic.insert("entrypoint".into(), json!(self.entrypoint));
-        }
-        if !self.cmd.is_empty() {
-            ic.insert("cmd".into(), json!(self.cmd));
-        }
-        if !ic.is_empty() {
-            p.insert("image_config".into(), Value::Object(ic));
-        }
-        if launch {
-            p.insert("launch_entrypoint".into(), json!(true));
-        }
-        Value::Object(p)
+        serde_json::to_value(&p).unwrap_or(Value::Null)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn wire_form_matches_the_python_sdk() {
@@ -506,7 +399,10 @@ mod tests {
             .with_entrypoint(["python"])
             .with_user("1000")
             .to_params(true);
-        assert_eq!(p["resources"], json!({"cpus": 0.5, "timeout_seconds": 30}));
+        assert_eq!(
+            p["resources"],
+            json!({"cpus": 0.5, "timeout_seconds": 30.0})
+        );
         assert_eq!(p["network"]["block_private_ips"], true);
         assert_eq!(
             p["network"]["secrets"]["K"],

@@ -199,7 +199,12 @@ async fn dropping_the_client_stops_the_sandbox_and_volumes_work() {
         .exec("echo via-sdk > /workspace/w.txt; stat -c %u:%g /workspace/w.txt")
         .await
         .unwrap();
-    assert_eq!(r.stdout, b"1000:1000\n");
+    assert_eq!(
+        r.stdout,
+        b"1000:1000\n",
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     assert_eq!(
         std::fs::read_to_string(host_dir.path().join("w.txt")).unwrap(),
         "via-sdk\n"

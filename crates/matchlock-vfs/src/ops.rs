@@ -565,7 +565,7 @@ impl MountFs {
         paths.iter().any(|p| {
             self.rules
                 .iter()
-                .any(|r| kinds.iter().any(|k| r.blocks(k, p)))
+                .any(|r| kinds.iter().any(|k| rules::blocks(r, k, p)))
         })
     }
 

@@ -3,37 +3,12 @@
 
 use crate::op::VfsOp;
 
-/// The operation kinds rules name (Matchlock's names; aliases are resolved by [`op_kind`]).
-pub const OP_KINDS: &[&str] = &[
-    "stat", "readdir", "open", "create", "mkdir", "chmod", "remove", "rename", "symlink",
-    "readlink", "read", "write", "close", "sync", "truncate",
-];
+pub use matchlock_api::config::{op_kind, VfsBlockRule as BlockRule, OP_KINDS};
 
-/// Canonical kind for a rule's op name, accepting Matchlock's aliases; `None` if unknown.
-pub fn op_kind(name: &str) -> Option<&'static str> {
-    let name = match name {
-        "read_dir" => "readdir",
-        "remove_all" | "removeall" => "remove",
-        other => other,
-    };
-    OP_KINDS.iter().copied().find(|k| *k == name)
-}
-
-/// One blocking rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockRule {
-    /// Operation kinds it applies to (canonical names); empty means all.
-    pub ops: Vec<String>,
-    /// Glob over the full guest path (`*` and `?` stop at `/`, `[...]` classes); empty means all.
-    pub path: String,
-}
-
-impl BlockRule {
-    /// Whether the rule blocks `kind` on `path`.
-    pub fn blocks(&self, kind: &str, path: &str) -> bool {
-        (self.ops.is_empty() || self.ops.iter().any(|o| o == kind))
-            && (self.path.is_empty() || glob(self.path.as_bytes(), path.as_bytes()))
-    }
+/// Whether `rule` blocks `kind` on `path`.
+pub fn blocks(rule: &BlockRule, kind: &str, path: &str) -> bool {
+    (rule.ops.is_empty() || rule.ops.iter().any(|o| o == kind))
+        && (rule.path.is_empty() || glob(rule.path.as_bytes(), path.as_bytes()))
 }
 
 /// The kinds of an operation (a setattr can be several at once).
@@ -177,8 +152,8 @@ mod tests {
             ops: vec!["write".into()],
             path: "/workspace/*.lock".into(),
         };
-        assert!(r.blocks("write", "/workspace/x.lock"));
-        assert!(!r.blocks("read", "/workspace/x.lock"));
-        assert!(!r.blocks("write", "/workspace/x.txt"));
+        assert!(blocks(&r, "write", "/workspace/x.lock"));
+        assert!(!blocks(&r, "read", "/workspace/x.lock"));
+        assert!(!blocks(&r, "write", "/workspace/x.txt"));
     }
 }

@@ -63,7 +63,7 @@ pub struct SandboxConfig {
     /// Workspace operations refused with `EPERM` (RPC `vfs.interception` block rules).
     #[serde(default)]
     pub vfs_block_rules: Vec<VfsBlockRule>,
-    /// Report completed workspace operations to [`crate::control::Request::Events`] subscribers
+    /// Report completed workspace operations to the supervisor's event subscribers
     /// (RPC `vfs.interception.emit_events`).
     #[serde(default)]
     pub vfs_emit_events: bool,
@@ -117,7 +117,7 @@ pub struct InterceptConfig {
     pub agent_system: String,
     /// Hook rules (RPC `network.interception.rules`).
     #[serde(default)]
-    pub rules: Vec<matchlock_intercept::rules::RuleSpec>,
+    pub rules: Vec<crate::wire::RuleSpec>,
     /// Where the SDK serves callback rules.
     #[serde(default)]
     pub callback_socket: Option<PathBuf>,
@@ -234,6 +234,23 @@ pub struct PublishedPort {
     pub local_port: u16,
     /// Guest port (on the guest's loopback).
     pub remote_port: u16,
+}
+
+/// The operation kinds workspace rules name (Matchlock's names; aliases are resolved by
+/// [`op_kind`]).
+pub const OP_KINDS: &[&str] = &[
+    "stat", "readdir", "open", "create", "mkdir", "chmod", "remove", "rename", "symlink",
+    "readlink", "read", "write", "close", "sync", "truncate",
+];
+
+/// Canonical kind for a rule's op name, accepting Matchlock's aliases; `None` if unknown.
+pub fn op_kind(name: &str) -> Option<&'static str> {
+    let name = match name {
+        "read_dir" => "readdir",
+        "remove_all" | "removeall" => "remove",
+        other => other,
+    };
+    OP_KINDS.iter().copied().find(|k| *k == name)
 }
 
 /// A workspace operation to refuse: by kind (empty = all) and guest path glob (empty = all).

@@ -153,15 +153,15 @@ mod tests {
 /// Parses a workspace mount `HOST:GUEST[:MODE]` (`-v`): `HOST` must exist and be a directory or
 /// a regular file (it is made absolute), a relative `GUEST` lands under `workspace`, `MODE` is
 /// `overlay` (the default), `host_fs` or `ro`.
-pub fn vfs_mount(spec: &str, workspace: &str) -> Result<crate::VfsMount, String> {
+pub fn vfs_mount(spec: &str, workspace: &str) -> Result<crate::config::VfsMount, String> {
     let mut parts = spec.splitn(3, ':');
     let (host, guest) = match (parts.next(), parts.next()) {
         (Some(h), Some(g)) if !h.is_empty() && !g.is_empty() => (h, g),
         _ => return Err(format!("-v '{spec}' must be HOST:GUEST[:MODE]")),
     };
     let mode = match parts.next() {
-        None => crate::VfsMode::Overlay,
-        Some(m) => crate::VfsMode::parse(m).ok_or_else(|| {
+        None => crate::config::VfsMode::Overlay,
+        Some(m) => crate::config::VfsMode::parse(m).ok_or_else(|| {
             format!("-v '{spec}': unknown mode '{m}'; use overlay, host_fs or ro")
         })?,
     };
@@ -172,9 +172,9 @@ pub fn vfs_mount(spec: &str, workspace: &str) -> Result<crate::VfsMount, String>
 pub fn vfs_mount_parts(
     host: &str,
     guest: &str,
-    mode: crate::VfsMode,
+    mode: crate::config::VfsMode,
     workspace: &str,
-) -> Result<crate::VfsMount, String> {
+) -> Result<crate::config::VfsMount, String> {
     guest_path(workspace, "the workspace")?;
     let host_path = std::fs::canonicalize(host).map_err(|e| format!("host path {host}: {e}"))?;
     let meta = std::fs::metadata(&host_path).map_err(|e| format!("host path {host}: {e}"))?;
@@ -196,7 +196,7 @@ pub fn vfs_mount_parts(
     if guest == "/" || guest.is_empty() {
         return Err("the guest path must not be /".into());
     }
-    Ok(crate::VfsMount {
+    Ok(crate::config::VfsMount {
         host_path,
         guest_path: guest,
         mode,
@@ -207,7 +207,9 @@ pub fn vfs_mount_parts(
 
 /// Orders workspace mounts parents first (the guest mounts them in order) and refuses two at the
 /// same guest path.
-pub fn vfs_mounts(mut mounts: Vec<crate::VfsMount>) -> Result<Vec<crate::VfsMount>, String> {
+pub fn vfs_mounts(
+    mut mounts: Vec<crate::config::VfsMount>,
+) -> Result<Vec<crate::config::VfsMount>, String> {
     mounts.sort_by_key(|m| m.guest_path.split('/').filter(|c| !c.is_empty()).count());
     for (i, m) in mounts.iter().enumerate() {
         if mounts[..i].iter().any(|o| o.guest_path == m.guest_path) {
@@ -220,7 +222,7 @@ pub fn vfs_mounts(mut mounts: Vec<crate::VfsMount>) -> Result<Vec<crate::VfsMoun
 #[cfg(test)]
 mod vfs_tests {
     use super::*;
-    use crate::VfsMode;
+    use crate::config::VfsMode;
 
     #[test]
     fn volume_specs() {

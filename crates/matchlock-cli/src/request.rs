@@ -1,0 +1,225 @@
+//! `run`'s flags into a [`SandboxRequest`]: each value checked by its `matchlock-api` type, with
+//! the flag's name in the error. What to do with the request (pull, plan, start, attach) is
+//! `run.rs`'s business.
+
+use crate::args::{ProcessArgs, RunArgs};
+use anyhow::{anyhow, bail, Context, Result};
+use matchlock_api::config::PublishedPort;
+use matchlock_api::hosts::HostPattern;
+use matchlock_api::request::*;
+use matchlock_api::validate;
+use matchlock_sandbox::forward::PortMap;
+
+/// Parses `-e` and `--env-file` into ordered pairs. `KEY` alone copies the variable from this
+/// process's environment; a `KEY` that is not set is an error (as in Matchlock).
+pub fn env(p: &ProcessArgs) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut add = |item: &str, origin: &str| -> Result<()> {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k, v.to_string()),
+            None => (
+                item,
+                std::env::var(item).map_err(|_| {
+                    anyhow!("invalid environment variable: {item} (from {origin}) is not set here")
+                })?,
+            ),
+        };
+        env_name(k, &format!("invalid environment variable in {origin}"))?;
+        if v.contains('\0') {
+            bail!("invalid environment variable: {k} in {origin} contains a NUL byte");
+        }
+        out.push((k.to_string(), v));
+        Ok(())
+    };
+    for f in &p.env_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read env file {}", f.display()))?;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            add(line, &f.display().to_string())?;
+        }
+    }
+    for e in &p.env {
+        add(e, "-e")?;
+    }
+    Ok(out)
+}
+
+/// The process flags `run` and `exec` share: working directory and user.
+pub fn process(p: &ProcessArgs) -> Result<(Option<GuestPath>, Option<User>)> {
+    let workdir = p
+        .workdir
+        .as_deref()
+        .map(|w| GuestPath::new(w, "--workdir"))
+        .transpose()?;
+    let user = p
+        .user
+        .as_deref()
+        .map(|u| User::new(u, "--user"))
+        .transpose()?;
+    Ok((workdir, user))
+}
+
+/// `--address` values.
+pub fn addresses(addresses: &[String]) -> Result<Vec<std::net::IpAddr>> {
+    addresses.iter().map(|a| Ok(ip(a, "--address")?)).collect()
+}
+
+/// The request `run`'s flags make.
+pub fn from_flags(args: &RunArgs) -> Result<SandboxRequest> {
+    if args.detach && (args.process.tty || args.process.interactive) {
+        bail!("--detach cannot be combined with -t/--tty or -i/--interactive");
+    }
+    let mut req = SandboxRequest::new(&args.image)?;
+    let (workdir, user) = process(&args.process)?;
+    req.process.workdir = workdir;
+    req.process.user = user;
+    req.process.env = env(&args.process)?;
+    // Docker's --entrypoint takes one word; "" clears the image's.
+    req.process.entrypoint = args.entrypoint.as_ref().map(|e| {
+        if e.is_empty() {
+            Vec::new()
+        } else {
+            vec![e.clone()]
+        }
+    });
+    req.process.cmd = args.command.clone();
+    req.kernel = args.kernel.clone();
+    req.resources.cpus = Some(Cpus::new(args.cpus, "--cpus")?);
+    req.resources.memory = Some(MemoryMb::new(args.memory, "--memory")?);
+    req.resources.disk = Some(DiskSizeMb::new(args.disk_size, "--disk-size")?);
+    req.timeout = args
+        .timeout
+        .map(|t| TimeoutSecs::new(t, "--timeout"))
+        .transpose()?;
+    req.hostname = args
+        .hostname
+        .as_deref()
+        .map(|h| Hostname::new(h, "--hostname"))
+        .transpose()?;
+    req.graceful_shutdown_ms = crate::args::parse_duration_ms(&args.graceful_shutdown)
+        .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
+    req.privileged = args.privileged;
+    for h in &args.add_host {
+        let (name, addr) = h.split_once(':').ok_or_else(|| {
+            anyhow!("invalid add-host mapping: '{h}' must be NAME:IP (e.g. api.internal:10.0.0.10)")
+        })?;
+        let addr = validate::add_host(name, addr, &format!("invalid add-host mapping '{h}'"))
+            .map_err(|e| anyhow!(e))?;
+        req.add_hosts.push((addr, name.to_string()));
+    }
+    req.disks = args
+        .disk
+        .iter()
+        .map(|d| DiskRequest::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    req.workspace.mounts = args
+        .volume
+        .iter()
+        .map(|v| validate::vfs_mount(v, &args.workspace))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(validate::vfs_mounts)
+        .map_err(|e| anyhow!(e))?;
+    let addresses = addresses(&args.address)?;
+    for p in &args.publish {
+        let m = p
+            .parse::<PortMap>()
+            .map_err(|e| anyhow!("--publish: {e}"))?;
+        for a in &addresses {
+            req.publish.push(PublishedPort {
+                address: *a,
+                local_port: m.local_port,
+                remote_port: m.remote_port,
+            });
+        }
+    }
+    req.network = network(args)?;
+    // An attached --rm sandbox lives only as long as this process.
+    req.remove_on_stop = args.rm && !args.detach;
+    req.owner_pid = req.remove_on_stop.then(std::process::id);
+    Ok(req)
+}
+
+/// The network flags: `None` for `--no-network`.
+fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
+    if args.no_network {
+        if !args.allow_private_host.is_empty()
+            || !args.dns_servers.is_empty()
+            || !args.allow_host.is_empty()
+            || !args.secret.is_empty()
+            || args.network_intercept
+            || args.deny_by_default
+            || args.disable_websockets
+        {
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host or --dns-servers");
+        }
+        if args.event_log.is_some() {
+            bail!("--event-log records interception, which --no-network leaves nothing to do");
+        }
+        return Ok(None);
+    }
+    let mut n = NetworkRequest::default();
+    validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
+    n.mtu = Some(args.mtu as u16);
+    for d in &args.dns_servers {
+        validate::dns_server(d).map_err(|e| anyhow!("--dns-servers: {e}"))?;
+        n.dns_servers.push(d.clone());
+    }
+    for a in &args.allow_private_host {
+        n.allow_private_hosts.push(ip(a, "--allow-private-host")?);
+    }
+    let i = &mut n.intercept;
+    i.force = args.network_intercept;
+    i.deny_by_default = args.deny_by_default;
+    i.disable_websockets = args.disable_websockets;
+    for h in &args.allow_host {
+        i.allowed_hosts
+            .push(HostPattern::parse(h).map_err(|e| anyhow!("--allow-host: {e}"))?);
+    }
+    i.secrets = secrets(&args.secret)?;
+    i.run_id = args.run_id.clone();
+    i.agent_system = args.agent_system.clone();
+    if let Some(p) = &args.event_log {
+        if !n.intercepts() {
+            bail!("--event-log records interception; add --allow-host, --secret, --network-intercept or --deny-by-default");
+        }
+        // Absolute, since the supervisor runs elsewhere; created here (0600, as the supervisor
+        // would) so a bad path fails before anything boots.
+        std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().create(true).append(true),
+            0o600,
+        )
+        .open(p)
+        .map_err(|e| anyhow!("--event-log {}: {e}", p.display()))?;
+        n.intercept.event_log = Some(std::fs::canonicalize(p)?);
+    }
+    Ok(Some(n))
+}
+
+/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment).
+fn secrets(items: &[String]) -> Result<Vec<SecretRequest>> {
+    let mut out = Vec::new();
+    for item in items {
+        // Never echo the item: it may hold the value.
+        let (left, hosts) = item
+            .rsplit_once('@')
+            .ok_or_else(|| anyhow!("--secret needs NAME[=VALUE]@HOST[,HOST...]"))?;
+        let (name, value) = match left.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => (
+                left.to_string(),
+                std::env::var(left).map_err(|_| {
+                    anyhow!("--secret {left}@...: {left} is not set in this environment")
+                })?,
+            ),
+        };
+        let what = format!("--secret {name}");
+        let hosts: Vec<String> = hosts.split(',').map(str::to_string).collect();
+        let value = SecretValue::new(value, &what)?;
+        out.push(SecretRequest::new(&name, value, &hosts, None, &what)?);
+    }
+    Ok(out)
+}
