@@ -995,23 +995,6 @@ fn terminal_and_stdin_sessions_end_with_the_command() {
                 "--",
                 "sh",
                 "-c",
-                "read l; exit 4"
-            ],
-            limit
-        ),
-        None,
-        "a command that reads its input must wait for it"
-    );
-    assert_eq!(
-        with_open_stdin(
-            &[
-                "run",
-                "-i",
-                "--image",
-                BUSYBOX,
-                "--",
-                "sh",
-                "-c",
                 "echo y; exit 4"
             ],
             limit
