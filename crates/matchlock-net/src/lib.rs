@@ -7,6 +7,7 @@
 pub mod dns;
 mod frames;
 pub mod policy;
+pub mod setup;
 mod stack;
 
 pub use policy::Policy;

@@ -92,6 +92,67 @@ pub struct VfsError {
     pub source: std::io::Error,
 }
 
+/// A sandbox's workspace: the server of its mounts and how the guest mounts them. Every mount is
+/// served by the host, so rules and events apply to every kind: `memory` mounts from an empty
+/// private directory under `state_dir` (`scratch/<n>`), `overlay` mounts that rules or events
+/// watch from a private copy there (unwatched ones are overlayfs in the guest, which copies
+/// nothing). Private directories hold at most `budget` bytes (plus the copy).
+pub fn workspace(
+    mounts: &[matchlock_api::config::VfsMount],
+    rules: &[rules::BlockRule],
+    emit_events: bool,
+    budget: u64,
+    state_dir: &std::path::Path,
+) -> Result<(VfsServer, Vec<matchlock_proto::GuestVfsMount>), String> {
+    use matchlock_api::config::VfsMode;
+    let watched = !rules.is_empty() || emit_events;
+    let mut specs = Vec::new();
+    let mut guest = Vec::new();
+    for (i, m) in mounts.iter().enumerate() {
+        let private_dir = state_dir.join("scratch").join(i.to_string());
+        let failed = |e: std::io::Error| format!("workspace mount {}: {e}", m.guest_path);
+        let (host_path, read_only, private) = match m.mode {
+            VfsMode::Memory => {
+                scratch::create(&private_dir).map_err(failed)?;
+                (private_dir, false, Some((budget, 0)))
+            }
+            VfsMode::Overlay if watched => {
+                let used = scratch::copy_tree(&m.host_path, &private_dir, budget.max(1 << 30))
+                    .map_err(failed)?;
+                (
+                    private_dir,
+                    false,
+                    Some((used.saturating_add(budget), used)),
+                )
+            }
+            VfsMode::HostFs => (m.host_path.clone(), false, None),
+            VfsMode::ReadOnly | VfsMode::Overlay => (m.host_path.clone(), true, None),
+        };
+        guest.push(matchlock_proto::GuestVfsMount {
+            id: specs.len() as u32,
+            path: m.guest_path.clone(),
+            file: host_path.is_file(),
+            read_only: m.mode == VfsMode::ReadOnly,
+            // A private copy takes the guest's writes itself.
+            overlay: m.mode == VfsMode::Overlay && private.is_none(),
+        });
+        specs.push(MountSpec {
+            host_path,
+            read_only,
+            guest_path: m.guest_path.clone(),
+            rules: rules.to_vec(),
+            owner: Owner {
+                uid: m.owner_uid,
+                gid: m.owner_gid,
+            },
+            emit_events,
+            private,
+        });
+    }
+    let server = VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
+    Ok((server, guest))
+}
+
 /// The host filesystem server of one sandbox: its mounts, in the order given to [`VfsServer::new`].
 pub struct VfsServer {
     fuse: Arc<fuse::FuseFs>,

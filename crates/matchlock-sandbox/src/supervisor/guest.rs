@@ -1,0 +1,144 @@
+//! Talking to the guest agent at boot: its hello, the `Setup` that mounts its disks and
+//! workspace and configures its network, and the sandbox CA in its trust store.
+
+use crate::config::SandboxConfig;
+use matchlock_net::setup::{GATEWAY_IP, GUEST_IP, NET_PREFIX};
+use matchlock_proto::mux::{Mux, Role};
+use matchlock_proto::{read_msg, write_msg, Msg, Setup};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
+
+use super::vm::{disk_serial, ROOT_SERIAL, UPPER_SERIAL};
+
+/// What the guest is told to set up: hostname and `/etc/hosts`, disks, clock, CPU quota,
+/// confinement, network, workspace mounts.
+pub fn setup(config: &SandboxConfig, vfs: Vec<matchlock_proto::GuestVfsMount>) -> Setup {
+    Setup {
+        hostname: config.hostname.clone(),
+        hosts: matchlock_net::setup::guest_hosts(&config.add_hosts, config.network.is_some()),
+        root_serial: ROOT_SERIAL.into(),
+        upper_serial: Some(UPPER_SERIAL.into()),
+        time_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        cpu_max: config.cpu_max(),
+        confined: !config.privileged,
+        net: config.network.as_ref().map(|n| matchlock_proto::GuestNet {
+            address: GUEST_IP,
+            prefix: NET_PREFIX,
+            gateway: GATEWAY_IP,
+            mtu: n.mtu,
+        }),
+        disks: config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| matchlock_proto::GuestDisk {
+                serial: disk_serial(i),
+                path: d.guest_path.clone(),
+                read_only: d.read_only,
+                uid: d.uid,
+                gid: d.gid,
+            })
+            .collect(),
+        vfs,
+    }
+}
+
+/// Waits for the agent's hello on its port, starts the channel and has the guest set up.
+pub async fn boot(listener: UnixListener, setup: Setup) -> Result<Mux, String> {
+    let (mut conn, _) = listener
+        .accept()
+        .await
+        .map_err(|e| format!("QEMU did not connect the agent channel: {e}"))?;
+    let mut hello = [0u8; 8];
+    conn.read_exact(&mut hello)
+        .await
+        .map_err(|e| format!("guest agent did not say hello: {e}"))?;
+    if &hello != matchlock_proto::HELLO {
+        return Err(format!(
+            "guest agent speaks another protocol version ({:?}); rebuild the guest agent",
+            String::from_utf8_lossy(&hello)
+        ));
+    }
+    // The guest opens no streams of its own (its filesystem requests have their own port).
+    let (mux, _inbound, _driver) = Mux::start(conn, Role::Client);
+    let mut s = mux.open().await.map_err(|e| e.to_string())?;
+    write_msg(&mut s, &Msg::Setup(setup))
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_msg(&mut s).await {
+        Ok(Some(Msg::Ok)) => Ok(mux),
+        Ok(Some(Msg::Error(e))) => Err(format!("guest setup failed: {e}")),
+        Ok(other) => Err(format!("guest setup: unexpected reply {other:?}")),
+        Err(e) => Err(format!("guest setup: {e}")),
+    }
+}
+
+/// What a failed boot most likely means, when the user brought the kernel.
+pub fn kernel_hint(config: &SandboxConfig) -> String {
+    match &config.kernel {
+        Some(k) => format!(
+            "\n  the guest kernel {} (--kernel) is the likely cause: it must be an x86-64 \
+             vmlinux with PVH, virtio-mmio command-line devices and the virtio console, \
+             serial, block, net and fs drivers built in (not modules); run without \
+             --kernel to use matchlock's own",
+            k.display()
+        ),
+        None => String::new(),
+    }
+}
+
+/// Writes the sandbox CA into the guest: its own file, and appended to the CA bundle (created when
+/// the image has none).
+pub async fn install_ca(mux: &Mux, pem: &str) -> Result<(), String> {
+    use crate::config::{GUEST_CA_BUNDLE, GUEST_CA_FILE};
+    let mut bundle = Vec::new();
+    {
+        let mut s = mux.open().await.map_err(|e| e.to_string())?;
+        write_msg(
+            &mut s,
+            &Msg::ReadFile {
+                path: GUEST_CA_BUNDLE.into(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        loop {
+            match read_msg(&mut s).await {
+                Ok(Some(Msg::Data(d))) if bundle.len() < (16 << 20) => bundle.extend_from_slice(&d),
+                Ok(Some(Msg::FileInfo { .. })) => {}
+                // Missing or unreadable: start a bundle of our own.
+                Ok(Some(Msg::Eof)) => break,
+                _ => {
+                    bundle.clear();
+                    break;
+                }
+            }
+        }
+    }
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(pem.as_bytes());
+    for (path, data) in [
+        (GUEST_CA_FILE, pem.as_bytes()),
+        (GUEST_CA_BUNDLE, &bundle[..]),
+    ] {
+        let mut s = mux.open().await.map_err(|e| e.to_string())?;
+        let req = matchlock_proto::WriteFile {
+            path: path.into(),
+            mode: 0o644,
+            uid: Some(0),
+            gid: Some(0),
+        };
+        write_msg(&mut s, &Msg::WriteFile(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        matchlock_proto::transfer::send_file_body(&mut s, data)
+            .await
+            .map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
+}
