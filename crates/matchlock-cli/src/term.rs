@@ -39,6 +39,7 @@ impl Drop for RawMode {
 /// Size of the terminal on stdout (or stdin), or 24x80 when neither is a terminal.
 pub fn size() -> WinSize {
     for fd in [1, 0, 2] {
+        // SAFETY: a plain C struct, for which all-zero is a valid value.
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ fills a winsize struct we own.
         if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {

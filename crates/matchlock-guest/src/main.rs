@@ -7,6 +7,9 @@
 //! `matchlock-guest --listen-unix PATH` runs the same request handling on a Unix socket on a
 //! development host (one connection), without anything that needs PID 1; the integration tests use it.
 
+// The agent handles what the host and guest processes send; a panic would take the guest down.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod channel;
 mod exec;
 mod files;

@@ -151,8 +151,9 @@ fn host_nearly_full(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
-    // SAFETY: statvfs writes into the zeroed struct we own; c is NUL-terminated.
+    // SAFETY: statvfs is plain data, so all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own; c is NUL-terminated and outlives the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return false;
     }

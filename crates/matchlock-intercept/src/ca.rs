@@ -7,6 +7,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use std::collections::HashMap;
+use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 
 /// Leaf certificates kept per CA; the cache is cleared when full (a guest cycling through names
@@ -106,7 +107,12 @@ impl MitmCa {
         if !valid {
             return Err(CaError(format!("'{host}' is not a host name")));
         }
-        if let Some(l) = self.leaves.lock().unwrap().get(&host) {
+        if let Some(l) = self
+            .leaves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&host)
+        {
             return Ok(l.clone());
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(err)?;
@@ -130,7 +136,7 @@ impl MitmCa {
             ca_der: self.cert_der.clone(),
             key_der: key.serialize_der(),
         });
-        let mut cache = self.leaves.lock().unwrap();
+        let mut cache = self.leaves.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= MAX_LEAVES {
             cache.clear();
         }

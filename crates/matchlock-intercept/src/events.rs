@@ -6,6 +6,7 @@
 use serde_json::{json, Value};
 use std::io::Write;
 use std::sync::Mutex;
+use std::sync::PoisonError;
 
 /// An open event log.
 pub struct EventLog {
@@ -96,7 +97,11 @@ impl EventLog {
         let mut line = ev.to_string();
         line.push('\n');
         // One write per line: O_APPEND keeps concurrent writers' lines whole.
-        let _ = self.file.lock().unwrap().write_all(line.as_bytes());
+        let _ = self
+            .file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write_all(line.as_bytes());
     }
 }
 

@@ -171,7 +171,10 @@ const MAX_NAMES: usize = 4096;
 impl NameTable {
     /// Records that `name` resolved to `addrs` for the guest (added to what it had).
     pub fn record(&self, name: &str, addrs: &[std::net::IpAddr]) {
-        let mut t = self.names.lock().unwrap();
+        let mut t = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if t.len() >= MAX_NAMES {
             t.clear();
         }
@@ -191,7 +194,7 @@ impl NameTable {
         }
         self.names
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&name)
             .is_some_and(|v| v.contains(&addr))
     }

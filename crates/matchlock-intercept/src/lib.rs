@@ -3,6 +3,9 @@
 //! certificate authority ([`ca`]) and how secrets are substituted and kept out of the guest
 //! ([`secrets`]). The network stack (`matchlock-net`) applies these to live flows.
 
+// Everything here handles what the guest sends: a panic would be the guest crashing the host side.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod ca;
 pub mod classify;
 pub mod events;

@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
+use std::sync::PoisonError;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -301,7 +302,10 @@ impl Proxy {
 
     /// Whether `host` is on the allow-list.
     pub fn allows(&self, host: &str) -> bool {
-        self.allow.read().unwrap().allows(host)
+        self.allow
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allows(host)
     }
 
     /// The guest-visible names-to-addresses table.
@@ -311,27 +315,42 @@ impl Proxy {
 
     /// Whether the allow-list allows every host (then non-HTTP traffic is relayed as is).
     pub fn is_open(&self) -> bool {
-        self.allow.read().unwrap().is_open()
+        self.allow
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_open()
     }
 
     /// Whether an empty allow-list denies everything (`--deny-by-default`).
     pub fn denies_when_empty(&self) -> bool {
-        self.allow.read().unwrap().denies_when_empty()
+        self.allow
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .denies_when_empty()
     }
 
     /// Adds hosts to the allow-list; returns those that were new.
     pub fn allow_add(&self, hosts: &[String]) -> Result<Vec<String>, String> {
-        self.allow.write().unwrap().add(hosts)
+        self.allow
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(hosts)
     }
 
     /// Removes hosts from the allow-list; returns those that were present.
     pub fn allow_remove(&self, hosts: &[String]) -> Vec<String> {
-        self.allow.write().unwrap().remove(hosts)
+        self.allow
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(hosts)
     }
 
     /// The allow-list now.
     pub fn allowed(&self) -> Vec<String> {
-        self.allow.read().unwrap().patterns()
+        self.allow
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .patterns()
     }
 
     /// Serves one guest connection to `target` until it ends.

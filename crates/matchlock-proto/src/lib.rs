@@ -11,6 +11,9 @@
 //! `Shutdown`, `Connect`); what follows depends on it and is documented on each variant of [`Msg`].
 //! Workspace filesystems ([`vfs`]) are virtio-fs devices of their own, outside this channel.
 
+// Everything here handles what the guest sends: a panic would be the guest crashing the host side.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod frame;
 pub mod msg;
 pub mod mux;

@@ -19,8 +19,9 @@ pub use server::{serve, End};
 /// descriptor and fd 1 is pointed at stderr, so a stray print anywhere in the process can never
 /// corrupt the stream the SDK parses.
 pub fn serve_stdio() -> i32 {
-    // SAFETY: dup/dup2 on the standard descriptors; nothing else runs yet.
+    // SAFETY: duplicates a standard descriptor; nothing else runs yet.
     let out_fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    // SAFETY: as above; only reached once the real stdout is saved.
     if out_fd < 0 || unsafe { libc::dup2(2, 1) } < 0 {
         eprintln!("matchlock rpc: cannot set up standard output");
         return 1;

@@ -6,6 +6,9 @@
 //! created. State lives on disk under `$MATCHLOCK_HOME/vms/<id>/` ([`store`]), written atomically; a
 //! sandbox whose supervisor died shows up as crashed because its lock is free.
 
+// Everything here handles what the guest sends: a panic would be the guest crashing the host side.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod client;
 pub mod control;
 pub mod forward;

@@ -22,6 +22,9 @@
 //! the host) yields `ESTALE`, on which the guest's kernel looks the name up again, rather than
 //! another file.
 
+// Everything here handles what the guest sends: a panic would be the guest crashing the host side.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod fuse;
 pub mod op;
 mod ops;

@@ -28,6 +28,7 @@ pub fn name(raw: &[u8]) -> io::Result<CString> {
 /// `openat2(dir, path, flags | O_CLOEXEC | O_NOFOLLOW)` confined beneath `dir`: no `..` out of
 /// it, no symlinks at all (the guest resolves its own), no `/proc` magic links.
 pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: a plain C struct, for which all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
@@ -76,6 +77,7 @@ pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; an empty name stats `dir` itself.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: a plain C struct, for which all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH;
     // SAFETY: valid pointers.
@@ -273,6 +275,7 @@ pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// `fstatfs`.
 pub fn statfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
+    // SAFETY: a plain C struct, for which all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
     cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
@@ -325,6 +328,7 @@ pub fn read_dir_at(fd: BorrowedFd<'_>, offset: i64, max: usize) -> io::Result<Ve
 /// Lets the server hold as many descriptors as the hard limit allows (open files in the guest
 /// are open files here).
 pub fn raise_nofile_limit() {
+    // SAFETY: a plain C struct, for which all-zero is a valid value.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max

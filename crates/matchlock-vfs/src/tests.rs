@@ -193,6 +193,7 @@ fn read_only_refuses_every_write() {
 fn special_files_are_not_opened() {
     let d = tempfile::tempdir().unwrap();
     let fifo = std::ffi::CString::new(d.path().join("p").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: fifo is a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
     let fs = srv(d.path(), false);
     let p = ino(lookup(&fs, ROOT_NODE, "p"));
@@ -786,6 +787,7 @@ fn private_mounts_keep_to_their_quota_and_give_entries_to_their_creator() {
         panic!()
     };
     // Running as root, the entry is the caller's; otherwise the server keeps it.
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         assert_eq!((a.uid, a.gid), (1234, 5678));
         let meta = fs::metadata(d.path().join("big")).unwrap();

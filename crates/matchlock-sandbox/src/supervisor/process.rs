@@ -73,10 +73,11 @@ pub enum Owner {
 /// Opens a pidfd of the owner, which must be our parent: `run` spawns the supervisor itself.
 pub fn open_owner(pid: Option<u32>) -> Owner {
     let Some(pid) = pid else { return Owner::None };
-    // SAFETY: getppid and pidfd_open have no memory-safety preconditions.
+    // SAFETY: getppid has no preconditions.
     if unsafe { libc::getppid() } as u32 != pid {
         return Owner::Gone;
     }
+    // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
     if fd < 0 {
         // ESRCH: already gone. Other errors (a kernel without pidfds): do not tie the lifetime.
