@@ -3,10 +3,10 @@
 //! answer that points into a blocked range is refused (so a name cannot smuggle a private address
 //! past the egress policy, e.g. by DNS rebinding).
 
-use crate::policy::Policy;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use matchlock_policy::Policy;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +21,11 @@ pub struct Dns {
     pub upstreams: Vec<SocketAddr>,
     /// Local names (lower case, no trailing dot) and their addresses.
     pub hosts: Vec<(String, IpAddr)>,
-    /// The egress policy answers are checked against.
+    /// The sandbox's policy: answers pointing at blocked addresses are refused. When it
+    /// intercepts, names off the allow-list get a sinkhole answer and are never sent upstream
+    /// (no exfiltration through queries), and every answer is recorded so connections can be
+    /// checked against the name they claim.
     pub policy: Arc<Policy>,
-    /// In interception mode: names off the allow-list get a sinkhole answer and are never sent
-    /// upstream (no exfiltration through queries), and every answer is recorded so connections
-    /// can be checked against the name they claim.
-    pub intercept: Option<Arc<matchlock_intercept::proxy::Proxy>>,
 }
 
 /// The address names off the allow-list resolve to in interception mode (TEST-NET-2 style reserved
@@ -60,12 +59,12 @@ impl Dns {
             self.record(&local);
             return local.to_vec().ok();
         }
-        if let Some(proxy) = &self.intercept {
+        if self.policy.intercepts() {
             let name = query
                 .queries()
                 .first()
                 .map(|q| normalize(&q.name().to_ascii()));
-            if !name.as_deref().is_some_and(|n| proxy.allows(n)) {
+            if !name.as_deref().is_some_and(|n| self.policy.allows_host(n)) {
                 return self.sinkhole(&query).to_vec().ok();
             }
         }
@@ -82,14 +81,16 @@ impl Dns {
 
     /// Remembers what the guest was told (interception mode).
     fn record(&self, answer: &Message) {
-        let Some(proxy) = &self.intercept else { return };
+        if !self.policy.intercepts() {
+            return;
+        }
         for r in answer.answers() {
             let ip = match r.data() {
                 Some(RData::A(a)) => IpAddr::V4(a.0),
                 Some(RData::AAAA(a)) => IpAddr::V6(a.0),
                 _ => continue,
             };
-            proxy.names().record(&r.name().to_ascii(), &[ip]);
+            self.policy.names().record(&r.name().to_ascii(), &[ip]);
         }
     }
 
@@ -142,6 +143,9 @@ impl Dns {
             "[::]:0".parse().ok()?
         };
         let sock = UdpSocket::bind(bind).await.ok()?;
+        // The servers are the host's resolvers or `--dns-servers`, never an address the guest
+        // chose, so no policy decision is needed (the guest chooses only the query).
+        #[allow(clippy::disallowed_methods)]
         sock.connect(server).await.ok()?;
         sock.send(packet).await.ok()?;
         let mut buf = vec![0u8; 4096];
@@ -158,8 +162,8 @@ impl Dns {
                 continue;
             }
             let blocked = resp.answers().iter().any(|r| match r.data() {
-                Some(RData::A(a)) => self.policy.check(IpAddr::V4(a.0)).is_err(),
-                Some(RData::AAAA(a)) => self.policy.check(IpAddr::V6(a.0)).is_err(),
+                Some(RData::A(a)) => !self.policy.address_allowed(IpAddr::V4(a.0)),
+                Some(RData::AAAA(a)) => !self.policy.address_allowed(IpAddr::V6(a.0)),
                 _ => false,
             });
             if blocked {
@@ -216,13 +220,12 @@ mod tests {
 
     #[tokio::test]
     async fn local_names_forwarding_and_refusal() {
-        let policy = Arc::new(Policy::default());
+        let policy = Arc::new(Policy::direct(Default::default()));
         let public = upstream("93.184.216.34".parse().unwrap()).await;
         let dns = Dns {
             upstreams: vec![public],
             hosts: vec![("db.internal".into(), "10.0.0.5".parse().unwrap())],
             policy: policy.clone(),
-            intercept: None,
         };
         let r = Message::from_vec(
             &dns.answer(&query("DB.internal.", RecordType::A))
@@ -249,7 +252,6 @@ mod tests {
             upstreams: vec![rebind],
             hosts: vec![],
             policy,
-            intercept: None,
         };
         let r = Message::from_vec(
             &dns.answer(&query("evil.example.", RecordType::A))

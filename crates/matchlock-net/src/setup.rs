@@ -3,10 +3,10 @@
 //! the proxy with its CA, allow-list, secrets, hook rules and event log.
 
 use crate::dns::Dns;
-use crate::policy::Policy;
+use crate::proxy::{upstream_tls, Proxy};
 use crate::stack::{Limits, NetConfig, ALIAS_BASE};
-use matchlock_api::config::NetworkConfig;
-use matchlock_intercept::{ca, events, hosts, proxy, rules, secrets};
+use matchlock_api::config::{InterceptConfig, NetworkConfig};
+use matchlock_policy::{address, ca, events, hosts, rules, secrets, AddressPolicy, Policy};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
@@ -84,11 +84,11 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
                 .map_err(|_| format!("--allow-private-host '{a}' is not an IP address"))?,
         );
     }
-    let policy = Arc::new(Policy {
+    let address = AddressPolicy {
         allow,
         allow_private_ranges: net.allow_private_ranges,
-        host_addrs: crate::policy::host_addresses(),
-    });
+        host_addrs: address::host_addresses(),
+    };
     let mut upstreams = Vec::new();
     for d in &net.dns_servers {
         upstreams.push(
@@ -102,9 +102,13 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
         .into_iter()
         .filter_map(|(ip, name)| Some((name.to_ascii_lowercase(), ip.parse().ok()?)))
         .collect();
-    let intercept = match &net.intercept {
-        None => None,
-        Some(ic) => Some(Arc::new(interception(&s, ic, &hosts, &policy)?)),
+    let (policy, intercept) = match &net.intercept {
+        None => (Arc::new(Policy::direct(address)), None),
+        Some(ic) => {
+            let policy = Arc::new(intercepting(address, ic, &hosts)?);
+            let proxy = Arc::new(interception(&s, ic, policy.clone())?);
+            (policy, Some(proxy))
+        }
     };
     Ok(NetConfig {
         guest_ip: GUEST_IP.into(),
@@ -116,7 +120,6 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
             upstreams,
             hosts,
             policy: policy.clone(),
-            intercept: intercept.clone(),
         }),
         policy,
         limits: Limits::default(),
@@ -125,21 +128,40 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
     })
 }
 
-/// The interception proxy of a sandbox.
-fn interception(
-    s: &SandboxNet<'_>,
-    ic: &matchlock_api::config::InterceptConfig,
+/// The policy of an intercepting sandbox: its allow-list (opened for each secret's hosts when
+/// it names hosts) and the names the guest's `/etc/hosts` already tells it.
+fn intercepting(
+    address: AddressPolicy,
+    ic: &InterceptConfig,
     hosts: &[(String, IpAddr)],
-    policy: &Arc<Policy>,
-) -> Result<proxy::Proxy, String> {
+) -> Result<Policy, String> {
     let mut allow =
         hosts::AllowList::new(&ic.allowed_hosts).map_err(|e| format!("--allow-host: {e}"))?;
-    // A list that names hosts also opens each secret's hosts; an empty list already allows
-    // every host, and adding them would close it to all others.
-    let add_secret_hosts = !ic.allowed_hosts.is_empty() || ic.deny_by_default;
     if ic.deny_by_default {
         allow = allow.deny_by_default();
     }
+    // A list that names hosts also opens each secret's hosts; an empty list already allows
+    // every host, and adding them would close it to all others.
+    if !ic.allowed_hosts.is_empty() || ic.deny_by_default {
+        for spec in &ic.secrets {
+            allow
+                .add(&spec.hosts)
+                .map_err(|e| format!("--secret {}: {e}", spec.name))?;
+        }
+    }
+    let names = Arc::new(hosts::NameTable::default());
+    for (name, ip) in hosts {
+        names.record(name, &[*ip]);
+    }
+    Ok(Policy::intercepting(address, allow, names).with_websockets(!ic.disable_websockets))
+}
+
+/// The interception proxy of a sandbox: its CA, secrets, upstream trust, event log and rules.
+fn interception(
+    s: &SandboxNet<'_>,
+    ic: &InterceptConfig,
+    policy: Arc<Policy>,
+) -> Result<Proxy, String> {
     let mut list = Vec::new();
     for spec in &ic.secrets {
         let Some((_, value)) = s.secrets.iter().find(|(n, _)| *n == spec.name) else {
@@ -147,11 +169,6 @@ fn interception(
         };
         let to = hosts::AllowList::new(&spec.hosts)
             .map_err(|e| format!("--secret {}: {e}", spec.name))?;
-        if add_secret_hosts {
-            allow
-                .add(&spec.hosts)
-                .map_err(|e| format!("--secret {}: {e}", spec.name))?;
-        }
         list.push(secrets::Secret::new(
             &spec.name,
             value,
@@ -160,11 +177,7 @@ fn interception(
         ));
     }
     let ca = ca::MitmCa::generate(s.id).map_err(|e| e.to_string())?;
-    let tls = proxy::upstream_tls(s.upstream_ca)?;
-    let names = Arc::new(hosts::NameTable::default());
-    for (name, ip) in hosts {
-        names.record(name, &[*ip]);
-    }
+    let tls = upstream_tls(s.upstream_ca)?;
     let events = match &ic.event_log {
         Some(path) => {
             let run_id = if ic.run_id.is_empty() {
@@ -179,19 +192,14 @@ fn interception(
         }
         None => None,
     };
-    let egress_policy = policy.clone();
-    let egress: proxy::Egress = Arc::new(move |ip| egress_policy.check(ip));
-    Ok(proxy::Proxy::new(
-        allow,
+    Ok(Proxy::new(
+        policy,
         secrets::Secrets::new(list),
         ca,
-        names,
-        egress,
         tls,
         events,
         rules::Rules::new(ic.rules.clone(), ic.callback_socket.clone())?,
-    )
-    .with_websockets(!ic.disable_websockets))
+    ))
 }
 
 #[cfg(test)]
@@ -240,9 +248,9 @@ mod tests {
         };
         let given = [("K".to_string(), "v".to_string())];
         let net = build(spec(&given)).unwrap();
-        let p = net.intercept.unwrap();
+        assert!(net.intercept.is_some() && net.policy.intercepts());
         // An empty allow-list with a secret allows every host (the secret does not close it).
-        assert!(p.allows("anything.test") && p.is_open());
+        assert!(net.policy.allows_host("anything.test") && net.policy.is_open());
         let e = build(spec(&[])).err().unwrap();
         assert!(e.contains("no value was passed for secret K"), "{e}");
     }

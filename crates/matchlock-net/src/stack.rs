@@ -10,7 +10,7 @@
 
 use crate::dns::Dns;
 use crate::frames::{self, Link};
-use crate::policy::Policy;
+use matchlock_policy::{Denial, Policy, Target};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
@@ -70,7 +70,7 @@ pub struct NetConfig {
     pub gateway_mac: [u8; 6],
     /// The link MTU (IP bytes per frame).
     pub mtu: u16,
-    /// Egress policy.
+    /// The network policy: every host connection the stack opens carries its decision.
     pub policy: Arc<Policy>,
     /// The guest's resolver.
     pub dns: Arc<Dns>,
@@ -80,23 +80,36 @@ pub struct NetConfig {
     /// guest's own loopback shadows 127.0.0.0/8, so it is given an alias address, which the stack
     /// translates back when it connects. The policy applies to the real address.
     pub aliases: Vec<(Ipv4Addr, IpAddr)>,
-    /// Interception mode: every TCP flow goes to this proxy (which decides), and UDP other than
-    /// DNS is refused.
-    pub intercept: Option<Arc<matchlock_intercept::proxy::Proxy>>,
+    /// Interception mode: every TCP flow goes to this proxy (which asks the policy per request),
+    /// and UDP other than DNS is refused.
+    pub intercept: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// First alias address: the benchmarking range 198.18.0.0/15, never routed on the internet.
 pub const ALIAS_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
-/// Frame queues between the socket to QEMU and smoltcp.
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-    mtu: usize,
+/// Frame queues between a socket and smoltcp (the stack's, and the test guest's in `harness`).
+pub(crate) struct Queues {
+    /// Frames for smoltcp to receive.
+    pub(crate) rx: VecDeque<Vec<u8>>,
+    /// Frames smoltcp sent.
+    pub(crate) tx: VecDeque<Vec<u8>>,
+    /// The link MTU (IP bytes per frame).
+    pub(crate) mtu: usize,
 }
 
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+impl Queues {
+    pub(crate) fn new(mtu: usize) -> Queues {
+        Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu,
+        }
+    }
+}
+
+pub(crate) struct Rx(Vec<u8>);
+pub(crate) struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -306,11 +319,7 @@ where
 
 impl Stack {
     fn new(cfg: NetConfig, events: mpsc::Sender<Event>) -> Stack {
-        let mut dev = Queues {
-            rx: VecDeque::new(),
-            tx: VecDeque::new(),
-            mtu: cfg.mtu as usize,
-        };
+        let mut dev = Queues::new(cfg.mtu as usize);
         let gw_mac = EthernetAddress(cfg.gateway_mac);
         let mut config = Config::new(HardwareAddress::Ethernet(gw_mac));
         config.random_seed = rand::random();
@@ -474,41 +483,38 @@ impl Stack {
             return;
         }
         let (guest, dst) = key;
-        let refuse = |s: &mut Stack, why: &str| {
+        let refuse = |s: &mut Stack, why: &Denial| {
             s.log_refusal(format_args!("tcp {guest} -> {dst} refused: {why}"));
             let f = frames::tcp_rst_for_syn(s.link, guest, dst, seq, 0);
             s.send_frame(f);
         };
-        let real = self.real(*dst.ip());
+        let target = Target {
+            visible: dst,
+            real: SocketAddr::new(self.real(*dst.ip()), dst.port()),
+        };
         if self.tcp.len() >= self.cfg.limits.max_tcp {
-            return refuse(self, "too many connections");
+            return refuse(self, &Denial::TooManyConnections);
         }
         if let Some(proxy) = self.cfg.intercept.clone() {
             // The proxy decides per request (and answers refusals in HTTP), so the handshake is
             // completed locally; the flow's far end is the proxy.
             let (ours, theirs) = tokio::io::duplex(256 * 1024);
-            let target = matchlock_intercept::proxy::Target {
-                visible: dst,
-                real: SocketAddr::new(real, dst.port()),
-            };
             tokio::spawn(proxy.serve(theirs, target));
             self.tcp
                 .insert(key, TcpFlow::connecting(frame, seq, Vec::new()));
             self.tcp_connected(key, ours);
             return;
         }
-        if let Err(why) = self.cfg.policy.check(real) {
-            return refuse(self, &why);
-        }
+        let allowed = match self.cfg.policy.tcp(target) {
+            Ok(a) => a,
+            Err(denial) => return refuse(self, &denial),
+        };
         let events = self.events.clone();
         let timeout = self.cfg.limits.connect_timeout;
         let task = tokio::spawn(async move {
-            let target = SocketAddr::new(real, dst.port());
-            let r = tokio::time::timeout(timeout, TcpStream::connect(target)).await;
-            let e = match r {
-                Ok(Ok(s)) => Event::Connected(key, s),
-                Ok(Err(e)) => Event::ConnectFailed(key, e.to_string()),
-                Err(_) => Event::ConnectFailed(key, "timed out".into()),
+            let e = match crate::connect::tcp(&allowed, timeout).await {
+                Ok(s) => Event::Connected(key, s),
+                Err(e) => Event::ConnectFailed(key, e.to_string()),
             };
             let _ = events.send(e).await;
         });
@@ -518,10 +524,7 @@ impl Stack {
 
     fn event(&mut self, e: Event) {
         match e {
-            Event::Connected(key, stream) => {
-                let _ = stream.set_nodelay(true);
-                self.tcp_connected(key, stream)
-            }
+            Event::Connected(key, stream) => self.tcp_connected(key, stream),
             Event::ConnectFailed(key, why) => {
                 if let Some(flow) = self.tcp.remove(&key) {
                     if let Some((_, seq)) = flow.syn {
@@ -633,14 +636,6 @@ impl Stack {
         repr: &Ipv4Repr,
         ip_payload: Vec<u8>,
     ) {
-        if *dst.ip() != self.cfg.gateway_ip && self.cfg.intercept.is_some() {
-            self.log_refusal(format_args!(
-                "udp {src} -> {dst} refused: interception allows only HTTP(S)"
-            ));
-            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
-            self.send_frame(f);
-            return;
-        }
         if *dst.ip() == self.cfg.gateway_ip {
             if dst.port() == 53 {
                 // Bounded: a guest flooding queries gets drops, not thousands of host sockets.
@@ -658,13 +653,19 @@ impl Stack {
             }
             return;
         }
-        let real = SocketAddr::new(self.real(*dst.ip()), dst.port());
-        if let Err(why) = self.cfg.policy.check(real.ip()) {
-            self.log_refusal(format_args!("udp {src} -> {dst} refused: {why}"));
-            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
-            self.send_frame(f);
-            return;
-        }
+        let target = Target {
+            visible: dst,
+            real: SocketAddr::new(self.real(*dst.ip()), dst.port()),
+        };
+        let allowed = match self.cfg.policy.udp(target) {
+            Ok(a) => a,
+            Err(denial) => {
+                self.log_refusal(format_args!("udp {src} -> {dst} refused: {denial}"));
+                let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
+                self.send_frame(f);
+                return;
+            }
+        };
         let key = (src, dst);
         if let Some(flow) = self.udp.get_mut(&key) {
             flow.last_active = Instant::now();
@@ -674,17 +675,9 @@ impl Stack {
         if self.udp.len() >= self.cfg.limits.max_udp {
             return;
         }
-        let bind = if real.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
+        let Ok((sock, rsock)) = crate::connect::udp(&allowed) else {
+            return;
         };
-        let socks = std::net::UdpSocket::bind(bind)
-            .and_then(|s| s.connect(real).map(|_| s))
-            .and_then(|s| s.set_nonblocking(true).map(|_| s))
-            .and_then(|s| Ok((s.try_clone()?, s)))
-            .and_then(|(send, recv)| Ok((send, UdpSocket::from_std(recv)?)));
-        let Ok((sock, rsock)) = socks else { return };
         let _ = sock.send(&data);
         let events = self.events.clone();
         let task = tokio::spawn(async move {

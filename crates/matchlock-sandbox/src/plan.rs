@@ -148,7 +148,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
             placeholder: s
                 .placeholder
                 .clone()
-                .unwrap_or_else(matchlock_intercept::secrets::placeholder),
+                .unwrap_or_else(matchlock_policy::secrets::placeholder),
         });
     }
     NetworkConfig {

@@ -31,8 +31,8 @@ pub struct Ctx {
     pub stop_tx: mpsc::Sender<StopRequest>,
     /// The sandbox log.
     pub log: Log,
-    /// The interception proxy, when the sandbox intercepts.
-    pub proxy: Option<Arc<matchlock_intercept::proxy::Proxy>>,
+    /// The network policy, when the sandbox has a network (`allow-list` updates it).
+    pub policy: Option<Arc<matchlock_policy::Policy>>,
     /// The workspace filesystem server (for event subscriptions).
     pub vfs: Arc<matchlock_vfs::VfsServer>,
 }
@@ -123,23 +123,22 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             }
         }
         Request::AllowList { add, remove } => {
-            let reply = match &ctx.proxy {
-                None => Reply::Error(
-                    "allow-list updates unavailable: sandbox was started without network interception"
+            let updated = match &ctx.policy {
+                Some(p) => p.update_hosts(&add, &remove),
+                None => Err(
+                    "allow-list updates unavailable: sandbox was started without network \
+                             interception (it has no network)"
                         .into(),
                 ),
-                Some(p) => match p.allow_add(&add) {
-                    Ok(added) => {
-                        let removed = p.allow_remove(&remove);
-                        Reply::AllowList {
-                            added,
-                            removed,
-                            allowed_hosts: p.allowed(),
-                            deny_by_default: p.denies_when_empty(),
-                        }
-                    }
-                    Err(e) => Reply::Error(e),
+            };
+            let reply = match updated {
+                Ok(u) => Reply::AllowList {
+                    added: u.added,
+                    removed: u.removed,
+                    allowed_hosts: u.allowed,
+                    deny_by_default: u.deny_by_default,
                 },
+                Err(e) => Reply::Error(e),
             };
             let _ = control::write_json(&mut conn, &reply).await;
         }

@@ -203,6 +203,7 @@ async fn start(
 
     // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
     let mut proxy = None;
+    let mut policy = None;
     if let (Some(l), Some(net)) = (listeners.net, &config.network) {
         let l = tokio_listener(l)?;
         let upstream_ca =
@@ -220,6 +221,7 @@ async fn start(
             upstream_ca: upstream_ca.as_deref(),
         })?;
         proxy = stack.intercept.clone();
+        policy = Some(stack.policy.clone());
         tokio::spawn(async move {
             if let Ok((conn, _)) = l.accept().await {
                 if let Err(e) = matchlock_net::serve(conn, stack).await {
@@ -269,7 +271,7 @@ async fn start(
         mux: mux.clone(),
         stop_tx,
         log,
-        proxy,
+        policy,
         vfs,
     });
     Ok(Running {

@@ -7,15 +7,26 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use matchlock_intercept::ca::MitmCa;
-use matchlock_intercept::hosts::{AllowList, NameTable};
-use matchlock_intercept::proxy::{upstream_tls, Proxy, Target};
-use matchlock_intercept::rules::Rules;
-use matchlock_intercept::secrets::{Secret, Secrets};
+use matchlock_net::proxy::{upstream_tls, Proxy};
+use matchlock_policy::ca::MitmCa;
+use matchlock_policy::hosts::{AllowList, NameTable};
+use matchlock_policy::rules::Rules;
+use matchlock_policy::secrets::{Secret, Secrets};
+use matchlock_policy::{AddressPolicy, Policy, Target};
 use sha2::Digest;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// A policy for upstreams on loopback (which the real address rules block unless opened, as
+/// `--allow-private-host 127.0.0.1` does).
+fn policy(allow: AllowList, names: Arc<NameTable>, websockets: bool) -> Arc<Policy> {
+    let address = AddressPolicy {
+        allow: vec!["127.0.0.1".parse().unwrap()],
+        ..Default::default()
+    };
+    Arc::new(Policy::intercepting(address, allow, names).with_websockets(websockets))
+}
 
 /// TCP connections the upstream accepted.
 static ACCEPTED: AtomicUsize = AtomicUsize::new(0);
@@ -100,11 +111,9 @@ async fn proxy(ca_pem: &str, placeholder: &str) -> Arc<Proxy> {
         Some(placeholder),
     );
     Arc::new(Proxy::new(
-        AllowList::new(["up.test"]).unwrap(),
+        policy(AllowList::new(["up.test"]).unwrap(), names, true),
         Secrets::new(vec![secret]),
         MitmCa::generate("vm-test").unwrap(),
-        names,
-        Arc::new(|_| Ok(())),
         upstream_tls(Some(ca_pem.as_bytes())).unwrap(),
         None,
         Rules::default(),
@@ -200,19 +209,14 @@ fn plain_proxy(allow: AllowList, rules: Rules, websockets: bool) -> Arc<Proxy> {
     for n in ["up.test", "other.test"] {
         names.record(n, &["127.0.0.1".parse().unwrap()]);
     }
-    Arc::new(
-        Proxy::new(
-            allow,
-            Secrets::default(),
-            MitmCa::generate("vm-test").unwrap(),
-            names,
-            Arc::new(|_| Ok(())),
-            upstream_tls(None).unwrap(),
-            None,
-            rules,
-        )
-        .with_websockets(websockets),
-    )
+    Arc::new(Proxy::new(
+        policy(allow, names, websockets),
+        Secrets::default(),
+        MitmCa::generate("vm-test").unwrap(),
+        upstream_tls(None).unwrap(),
+        None,
+        rules,
+    ))
 }
 
 /// A "guest" connection through the proxy to 127.0.0.1:`port`.
@@ -357,10 +361,17 @@ async fn empty_allow_list_allows_every_host_and_passes_other_protocols_through()
     let mut g = guest_conn(&closed, echo);
     g.write_all(b"SSH-2.0-x\r\n").await.unwrap();
     assert_eq!(g.read(&mut buf).await.unwrap(), 0);
-    assert_eq!(closed.allow_add(&["up.test".into()]).unwrap(), ["up.test"]);
+    let opened = closed
+        .policy()
+        .update_hosts(&["up.test".into()], &[])
+        .unwrap();
+    assert_eq!(opened.added, ["up.test"]);
     let (status, _) = h1_get(guest_conn(&closed, http), &format!("up.test:{http}"), "/").await;
     assert_eq!(status, 200);
-    closed.allow_remove(&["up.test".into()]);
+    closed
+        .policy()
+        .update_hosts(&[], &["up.test".into()])
+        .unwrap();
     let (status, _) = h1_get(guest_conn(&closed, http), &format!("up.test:{http}"), "/").await;
     assert_eq!(status, 403);
 }
@@ -633,11 +644,9 @@ async fn busybox_wget_https_through_interception() {
     let names = Arc::new(NameTable::default());
     names.record("localhost", &["127.0.0.1".parse().unwrap()]);
     let p = Arc::new(Proxy::new(
-        AllowList::new(["localhost"]).unwrap(),
+        policy(AllowList::new(["localhost"]).unwrap(), names, true),
         Secrets::default(),
         MitmCa::generate("vm-test").unwrap(),
-        names,
-        Arc::new(|_| Ok(())),
         upstream_tls(Some(ca.as_bytes())).unwrap(),
         None,
         Rules::default(),

@@ -8,6 +8,19 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::sync::PoisonError;
 
+/// One event, as the policy describes it; the log adds the time, the run and the tags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// `event_type`: `gate_decision`, `http_request`, `http_response`, `request_transform`.
+    pub kind: &'static str,
+    /// One line for people; names hosts and secrets, never a secret's value.
+    pub summary: String,
+    /// The stage that decided (`host_filter`, `secret_injector`), if any.
+    pub plugin: Option<&'static str>,
+    /// The machine-readable details.
+    pub data: Value,
+}
+
 /// An open event log.
 pub struct EventLog {
     file: Mutex<std::fs::File>,
@@ -69,6 +82,17 @@ impl EventLog {
             run_id: run_id.to_string(),
             agent_system: agent_system.to_string(),
         })
+    }
+
+    /// Appends `event` with `tags`.
+    pub fn record(&self, event: &Event, tags: &[&str]) {
+        self.emit(
+            event.kind,
+            event.summary.clone(),
+            event.plugin,
+            tags,
+            event.data.clone(),
+        );
     }
 
     /// Appends one event.

@@ -1,13 +1,13 @@
-//! Which destinations a sandbox may reach. Open mode blocks every address that is not public
-//! unicast (private, loopback, link-local and cloud metadata, CGNAT, multicast, documentation and
-//! reserved ranges; IPv6 too, including IPv4 embedded in mapped, NAT64 and 6to4 forms) and the host's
-//! own addresses, unless the user opened one with `--allow-private-host`.
+//! Which addresses a sandbox may reach. Every address that is not public unicast is blocked
+//! (private, loopback, link-local and cloud metadata, CGNAT, multicast, documentation and
+//! reserved ranges; IPv6 too, including IPv4 embedded in mapped, NAT64 and 6to4 forms), and so are
+//! the host's own addresses, unless the user opened one with `--allow-private-host`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The egress rule of one sandbox.
+/// The address rule of one sandbox.
 #[derive(Debug, Clone, Default)]
-pub struct Policy {
+pub struct AddressPolicy {
     /// Addresses opened explicitly (`--allow-private-host`); always reachable.
     pub allow: Vec<IpAddr>,
     /// Also reach private ranges (RFC 1918, CGNAT, ULA): RPC `block_private_ips: false`. Loopback,
@@ -17,22 +17,54 @@ pub struct Policy {
     pub host_addrs: Vec<IpAddr>,
 }
 
-impl Policy {
+/// Why an address is blocked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The address, IPv4-mapped addresses shown as IPv4.
+    pub addr: IpAddr,
+    /// What it is.
+    pub what: Range,
+}
+
+/// The kind of address that is blocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// One of the host's own addresses.
+    Host,
+    /// A non-public range, described.
+    NotPublic(&'static str),
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ip = self.addr;
+        match self.what {
+            Range::Host => write!(f, "{ip} is an address of the host"),
+            Range::NotPublic(what) => write!(
+                f,
+                "{ip} is {what} (blocked; --allow-private-host {ip} opens it)"
+            ),
+        }
+    }
+}
+
+impl AddressPolicy {
     /// `Ok` if a connection to `ip` may leave, else why not.
-    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+    pub fn check(&self, ip: IpAddr) -> Result<(), Blocked> {
         let ip = canonical(ip);
         if self.allow.iter().any(|a| canonical(*a) == ip) {
             return Ok(());
         }
+        let blocked = |what| Err(Blocked { addr: ip, what });
         if self.host_addrs.iter().any(|a| canonical(*a) == ip) {
-            return Err(format!("{ip} is an address of the host"));
+            return blocked(Range::Host);
         }
         match classify(ip) {
             None => Ok(()),
             Some(Class::Private(_)) if self.allow_private_ranges => Ok(()),
-            Some(Class::Private(what)) | Some(Class::Always(what)) => Err(format!(
-                "{ip} is {what} (blocked; --allow-private-host {ip} opens it)"
-            )),
+            Some(Class::Private(what)) | Some(Class::Always(what)) => {
+                blocked(Range::NotPublic(what))
+            }
         }
     }
 }
@@ -162,7 +194,7 @@ fn classify(ip: IpAddr) -> Option<Class> {
     }
 }
 
-/// The host's own interface addresses (all families), for [`Policy::host_addrs`].
+/// The host's own interface addresses (all families), for [`AddressPolicy::host_addrs`].
 pub fn host_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -200,13 +232,13 @@ pub fn host_addresses() -> Vec<IpAddr> {
 mod tests {
     use super::*;
 
-    fn blocked(p: &Policy, s: &str) -> bool {
+    fn blocked(p: &AddressPolicy, s: &str) -> bool {
         p.check(s.parse().unwrap()).is_err()
     }
 
     #[test]
     fn open_mode_blocks_every_non_public_range() {
-        let p = Policy::default();
+        let p = AddressPolicy::default();
         for a in [
             "0.0.0.0",
             "10.1.2.3",
@@ -256,7 +288,7 @@ mod tests {
 
     #[test]
     fn overrides() {
-        let p = Policy {
+        let p = AddressPolicy {
             allow: vec!["127.0.0.1".parse().unwrap()],
             allow_private_ranges: true,
             host_addrs: vec!["203.0.113.50".parse().unwrap(), "8.8.4.4".parse().unwrap()],
@@ -269,9 +301,10 @@ mod tests {
         assert!(blocked(&p, "169.254.169.254"));
         assert!(blocked(&p, "8.8.4.4"));
         assert!(p.check("10.0.0.1".parse().unwrap()).is_ok());
-        let msg = Policy::default()
+        let msg = AddressPolicy::default()
             .check("10.0.0.1".parse().unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("--allow-private-host 10.0.0.1"), "{msg}");
     }
 }

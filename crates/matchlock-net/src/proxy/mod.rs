@@ -1,0 +1,601 @@
+//! The interception proxy: serves one guest TCP connection that the network stack handed over.
+//! It decides what the flow speaks from its first bytes (whatever the port); TLS is terminated with
+//! a leaf certificate from the sandbox CA (ALPN h2 and http/1.1), plain HTTP is read as is. Each
+//! request passes the policy's gate ([`Policy::request`]), gets its secrets substituted and the
+//! hook rules applied, and is sent upstream over a connection that only the gate's [`Allowed`]
+//! opens (HTTPS verified against the system roots plus `MATCHLOCK_UPSTREAM_CA`). Responses come
+//! back with real secret values turned back into placeholders. A refusal is the policy's
+//! [`Denial`]: its status, its event, its log line.
+//!
+//! Traffic that is not HTTP (and TLS that offers no HTTP protocol, off port 443) is relayed
+//! unchanged when the allow-list is open (empty, or `*`: Matchlock's passthrough) and closed
+//! otherwise. WebSocket upgrades are forwarded (after the same checks, secrets and hook rules as
+//! any request) and, once upstream answers `101`, become an opaque tunnel both ways.
+
+mod body;
+mod tls;
+mod upstream;
+
+pub use tls::upstream_tls;
+
+use body::{
+    is_websocket_upgrade, strip_hop_by_hop, text, Prefixed, ProxyBody, ScrubBody, SseReplace,
+};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use matchlock_policy::ca::MitmCa;
+use matchlock_policy::classify::{classify, Flow, MAX_PEEK};
+use matchlock_policy::events::{Event, EventLog};
+use matchlock_policy::hosts::normalize;
+use matchlock_policy::rules::{RequestView, Rules, Verdict};
+use matchlock_policy::secrets::Secrets;
+use matchlock_policy::{Allowed, Denial, Policy, RequestHead, Target};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use upstream::UpstreamSlot;
+
+/// Largest response body that `after` body rules buffer.
+const MAX_EDITED_BODY: usize = 16 << 20;
+
+/// One sandbox's interception proxy.
+pub struct Proxy {
+    policy: Arc<Policy>,
+    secrets: Secrets,
+    ca: MitmCa,
+    client_tls: Arc<rustls::ClientConfig>,
+    /// The same trust, offering only HTTP/1.1 (for WebSocket upgrades).
+    client_tls_h1: Arc<rustls::ClientConfig>,
+    events: Option<Arc<EventLog>>,
+    rules: Rules,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy for one sandbox, deciding with `policy` (which must intercept).
+    pub fn new(
+        policy: Arc<Policy>,
+        secrets: Secrets,
+        ca: MitmCa,
+        client_tls: rustls::ClientConfig,
+        events: Option<Arc<EventLog>>,
+        rules: Rules,
+    ) -> Proxy {
+        let mut h1 = client_tls.clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Proxy {
+            policy,
+            secrets,
+            ca,
+            client_tls: Arc::new(client_tls),
+            client_tls_h1: Arc::new(h1),
+            events,
+            rules,
+        }
+    }
+
+    /// The CA certificate the guest must trust.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.cert_pem()
+    }
+
+    /// The policy it decides with.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Logs and records an event.
+    fn emit(&self, event: &Event, tls: bool) {
+        // Summaries name hosts and secrets, never a secret's value.
+        tracing::debug!(target: "matchlock::proxy", kind = event.kind, "{}", event.summary);
+        if let Some(log) = &self.events {
+            log.record(event, &[if tls { "tls" } else { "http" }]);
+        }
+    }
+
+    /// Records a refusal and builds its answer.
+    fn refuse(&self, denial: &Denial, tls: bool) -> Response<ProxyBody> {
+        self.emit(&denial.event(), tls);
+        let status = StatusCode::from_u16(denial.status()).unwrap_or(StatusCode::FORBIDDEN);
+        text(status, format!("blocked: {denial}"))
+    }
+
+    /// Serves one guest connection to `target` until it ends.
+    pub async fn serve<S>(self: Arc<Self>, mut guest: S, target: Target)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        let flow = loop {
+            let read = tokio::time::timeout(Duration::from_secs(30), guest.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+            match classify(&buf) {
+                Flow::NeedMore if buf.len() < MAX_PEEK => continue,
+                Flow::NeedMore => return,
+                f => break f,
+            }
+        };
+        let io = Prefixed {
+            prefix: buf,
+            pos: 0,
+            inner: guest,
+        };
+        match flow {
+            Flow::Http1 { .. } | Flow::Http2Preface => self.serve_http(io, target, None).await,
+            // A TLS client that offers no HTTP protocol, off the HTTPS port, speaks something
+            // else over TLS (IMAPS, a database): terminating it would only break it.
+            Flow::Tls { alpn, .. }
+                if self.policy.is_open()
+                    && target.visible.port() != 443
+                    && !alpn.is_empty()
+                    && !alpn.iter().any(|p| p == "h2" || p.starts_with("http/")) =>
+            {
+                self.passthrough(io, target, "TLS without HTTP").await
+            }
+            Flow::Tls { sni, sigalgs, .. } => {
+                let name = sni
+                    .clone()
+                    .unwrap_or_else(|| target.visible.ip().to_string());
+                let Ok(leaf) = self.ca.leaf(&name) else {
+                    return;
+                };
+                if !sigalgs {
+                    return match tls::legacy_tls(&leaf, io).await {
+                        Ok(tls) => self.serve_http(tls, target, Some(name)).await,
+                        Err(error) => self.emit(&Denial::Handshake { name, error }.event(), true),
+                    };
+                }
+                let Ok(cfg) = tls::server_tls(&leaf) else {
+                    return;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+                match acceptor.accept(io).await {
+                    Ok(tls) => self.serve_http(tls, target, Some(name)).await,
+                    Err(e) => {
+                        let error = e.to_string();
+                        self.emit(&Denial::Handshake { name, error }.event(), true)
+                    }
+                }
+            }
+            _ => self.passthrough(io, target, "not HTTP").await,
+        }
+    }
+
+    /// Relays a connection that is not HTTP as is, when the policy allows it.
+    async fn passthrough<S>(&self, mut io: Prefixed<S>, target: Target, what: &'static str)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let allowed = match self.policy.passthrough(target, what) {
+            Ok(a) => a,
+            Err(denial) => return self.emit(&denial.event(), false),
+        };
+        let up = crate::connect::tcp(&allowed, Duration::from_secs(20)).await;
+        let Ok(mut up) = up else {
+            tracing::debug!(addr = %allowed.addr(), "passthrough connect failed");
+            return;
+        };
+        self.emit(&allowed.event(), false);
+        let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+    }
+
+    async fn serve_http<S>(self: Arc<Self>, io: S, target: Target, sni: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.clone();
+        // One upstream connection per guest connection, reused across its requests (keep-alive).
+        let slot: UpstreamSlot = Arc::new(tokio::sync::Mutex::new(None));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let sni = sni.clone();
+            let slot = slot.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, target, sni, &slot).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .await;
+    }
+
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        target: Target,
+        sni: Option<String>,
+        slot: &UpstreamSlot,
+    ) -> Response<ProxyBody> {
+        let tls = sni.is_some();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        let Some(authority) = authority else {
+            return self.refuse(&Denial::NoHost, tls);
+        };
+        let host = normalize(&authority);
+        let websocket = is_websocket_upgrade(&req);
+        let head = RequestHead {
+            host: &host,
+            sni: sni.as_deref(),
+            websocket,
+        };
+        let allowed = match self.policy.request(head, target) {
+            Ok(a) => a,
+            Err(denial) => return self.refuse(&denial, tls),
+        };
+        self.emit(&allowed.event(), tls);
+        // The guest's side of an upgrade, taken before the request is consumed.
+        let guest_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let method = req.method().to_string();
+        let started = std::time::Instant::now();
+        self.emit(
+            &Event {
+                kind: "http_request",
+                summary: format!("{method} {host}{}", req.uri().path()),
+                plugin: None,
+                data: json!({"method": method, "host": host, "path": req.uri().path(), "websocket": websocket}),
+            },
+            tls,
+        );
+        let (mut parts, body) = req.into_parts();
+        let (view, headers, query) = match self.transform_request(&parts, &host, tls).await {
+            Ok(t) => t,
+            Err(denial) => return self.refuse(&denial, tls),
+        };
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(&v),
+            ) {
+                map.append(k, v);
+            }
+        }
+        let upgrade_token = map.get(http::header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut map);
+        if let (true, Some(token)) = (websocket, upgrade_token) {
+            // The one hop-by-hop exchange that must reach upstream: the upgrade itself.
+            map.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            map.insert(http::header::UPGRADE, token);
+        }
+        if let Ok(h) = HeaderValue::from_str(&authority) {
+            map.insert(http::header::HOST, h);
+        }
+        let pq = if query.is_empty() {
+            view.path.clone()
+        } else {
+            format!("{}?{}", view.path, String::from_utf8_lossy(&query))
+        };
+        let Ok(uri) = pq.parse::<Uri>() else {
+            return self.refuse(&Denial::BadTarget { host }, tls);
+        };
+        parts.uri = uri;
+        parts.headers = map;
+        parts.version = http::Version::HTTP_11;
+        let upstream = Request::from_parts(parts, body.boxed());
+        let port = target.visible.port();
+        let sent = match guest_upgrade {
+            Some(_) => self.forward_upgrade(upstream, &allowed, tls, port).await,
+            None => self.forward(upstream, &allowed, tls, port, slot).await,
+        };
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.emit(
+                    &Event {
+                        kind: "http_response",
+                        summary: format!("502 for {host}: {e}"),
+                        plugin: None,
+                        data: json!({"host": host, "status": 502, "error": e, "duration_ms": started.elapsed().as_millis() as u64}),
+                    },
+                    tls,
+                );
+                return text(StatusCode::BAD_GATEWAY, format!("upstream {host}: {e}"));
+            }
+        };
+        self.emit(
+            &Event {
+                kind: "http_response",
+                summary: format!("{} from {host}", resp.status().as_u16()),
+                plugin: None,
+                data: json!({"host": host, "status": resp.status().as_u16(), "duration_ms": started.elapsed().as_millis() as u64}),
+            },
+            tls,
+        );
+        if let (Some(guest), StatusCode::SWITCHING_PROTOCOLS) = (guest_upgrade, resp.status()) {
+            return self.tunnel(guest, &mut resp, &host, tls);
+        }
+        self.transform_response(resp, &view, &host, tls).await
+    }
+
+    /// Runs the `before` hook rules, then substitutes secrets (headers, Basic credentials and
+    /// the query). Returns the request as the rules left it, its headers and its query; or the
+    /// refusal.
+    #[allow(clippy::type_complexity)]
+    async fn transform_request(
+        &self,
+        parts: &http::request::Parts,
+        host: &str,
+        tls: bool,
+    ) -> Result<(RequestView, Vec<(String, Vec<u8>)>, Vec<u8>), Denial> {
+        let mut view = RequestView {
+            host: host.to_string(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or("").to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        };
+        if !self.rules.is_empty() {
+            if let Verdict::Block(reason) = self.rules.before(&mut view).await {
+                return Err(Denial::Rule {
+                    host: host.to_string(),
+                    reason,
+                });
+            }
+        }
+        let mut headers: Vec<(String, Vec<u8>)> = view
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+            .collect();
+        let mut query = view.query.as_bytes().to_vec();
+        let injected = self
+            .secrets
+            .apply_request(host, &mut headers, &mut query)
+            .map_err(Denial::Secret)?;
+        if !injected.is_empty() {
+            // An upstream that echoes the value inside a compressed body would slip past the
+            // scrubber, which does not decode bodies (Content-Encoding is passed through
+            // untouched): ask for an uncompressed answer instead.
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("accept-encoding"));
+        }
+        for name in injected {
+            self.emit(
+                &Event {
+                    kind: "request_transform",
+                    summary: format!("injected secret {name} for {host}"),
+                    plugin: Some("secret_injector"),
+                    data: json!({"action": "injected", "secret": name, "host": host}),
+                },
+                tls,
+            );
+        }
+        Ok((view, headers, query))
+    }
+
+    /// Scrubs real secret values from an upstream response and applies the `after` hook rules:
+    /// block, headers, and body edits (an event stream's `data:` lines one at a time as they
+    /// stream; any other body read whole, bounded).
+    async fn transform_response(
+        &self,
+        resp: Response<Incoming>,
+        view: &RequestView,
+        host: &str,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        self.scrub_headers(&mut parts.headers);
+        if !self.secrets.is_empty() {
+            // The length may change with the substitution.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
+        let body = ScrubBody {
+            inner: body,
+            scrubber: self.secrets.scrubber(),
+            done: false,
+        };
+        if self.rules.is_empty() {
+            return Response::from_parts(parts, body.boxed());
+        }
+        let resp_headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let edit = self
+            .rules
+            .after(view, parts.status.as_u16(), &resp_headers)
+            .await;
+        if let Some(reason) = edit.block {
+            let denial = Denial::Rule {
+                host: host.to_string(),
+                reason,
+            };
+            return self.refuse(&denial, tls);
+        }
+        if let Some(h) = &edit.replace_headers {
+            parts.headers.clear();
+            for (k, v) in h {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    parts.headers.append(k, v);
+                }
+            }
+        }
+        for k in &edit.delete_headers {
+            parts.headers.remove(k.as_str());
+        }
+        for (k, v) in &edit.set_headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                parts.headers.insert(k, v);
+            }
+        }
+        let encoded = parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes() != b"identity");
+        // Body rules work on plain bodies; a compressed one is passed through untouched
+        // (Content-Encoding is never changed).
+        if !edit.needs_body() || encoded {
+            return Response::from_parts(parts, body.boxed());
+        }
+        let sse = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if sse && edit.set_body.is_none() {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            let body = SseReplace::new(body.boxed(), edit.replacements.clone());
+            return Response::from_parts(parts, body.boxed());
+        }
+        let collected = http_body_util::Limited::new(body, MAX_EDITED_BODY)
+            .collect()
+            .await;
+        let Ok(collected) = collected else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {host}: response body too large for the body rules"),
+            );
+        };
+        let original = collected.to_bytes();
+        let mut data = edit.set_body.clone().unwrap_or_else(|| original.to_vec());
+        data = matchlock_policy::rules::replace_all(&data, &edit.replacements);
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        if let Ok(v) = HeaderValue::from_str(&data.len().to_string()) {
+            parts.headers.insert(http::header::CONTENT_LENGTH, v);
+        }
+        Response::from_parts(
+            parts,
+            Full::new(Bytes::from(data))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+
+    /// Real secret values in header values become placeholders again.
+    fn scrub_headers(&self, headers: &mut HeaderMap) {
+        for v in headers.values_mut() {
+            let scrubbed = self.secrets.scrub(v.as_bytes());
+            if scrubbed != v.as_bytes() {
+                if let Ok(nv) = HeaderValue::from_bytes(&scrubbed) {
+                    *v = nv;
+                }
+            }
+        }
+    }
+
+    /// Answers the guest's upgrade with upstream's `101` and joins the two upgraded
+    /// connections into one opaque tunnel.
+    fn tunnel(
+        &self,
+        guest: hyper::upgrade::OnUpgrade,
+        resp: &mut Response<Incoming>,
+        host: &str,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        let upstream = hyper::upgrade::on(&mut *resp);
+        let mut out = Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let mut headers = resp.headers().clone();
+        headers.remove(http::header::CONTENT_LENGTH);
+        headers.remove(http::header::TRANSFER_ENCODING);
+        self.scrub_headers(&mut headers);
+        *out.headers_mut() = headers;
+        self.emit(
+            &Event {
+                kind: "http_response",
+                summary: format!("websocket to {host} open"),
+                plugin: None,
+                data: json!({"host": host, "status": 101, "websocket": true}),
+            },
+            tls,
+        );
+        tokio::spawn(async move {
+            let (Ok(g), Ok(u)) = tokio::join!(guest, upstream) else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(g), &mut TokioIo::new(u)).await;
+        });
+        out
+    }
+
+    /// Sends an upgrade request on a fresh HTTP/1.1 connection of its own (an upgraded
+    /// connection cannot be shared, and HTTP/2 upgrades differently).
+    async fn forward_upgrade(
+        &self,
+        req: Request<ProxyBody>,
+        allowed: &Allowed,
+        tls: bool,
+        port: u16,
+    ) -> Result<Response<Incoming>, String> {
+        let config = tls.then(|| self.client_tls_h1.clone());
+        let mut up = upstream::connect(allowed, config, port).await?;
+        up.try_send(req).await.map_err(|(_, e)| e)
+    }
+
+    /// Sends a request upstream, on the guest connection's upstream connection when it is still
+    /// usable, else on a new one (a request the old one could not take is resent, never lost).
+    async fn forward(
+        &self,
+        req: Request<ProxyBody>,
+        allowed: &Allowed,
+        tls: bool,
+        port: u16,
+        slot: &UpstreamSlot,
+    ) -> Result<Response<Incoming>, String> {
+        let cached = slot.lock().await.take();
+        let req = match cached {
+            Some(mut up) => match up.try_send(req).await {
+                Ok(resp) => {
+                    *slot.lock().await = Some(up);
+                    return Ok(resp);
+                }
+                Err((Some(req), _)) => req,
+                Err((None, e)) => return Err(e),
+            },
+            None => req,
+        };
+        let config = tls.then(|| self.client_tls.clone());
+        let mut up = upstream::connect(allowed, config, port).await?;
+        let resp = up.try_send(req).await.map_err(|(_, e)| e)?;
+        *slot.lock().await = Some(up);
+        Ok(resp)
+    }
+}
