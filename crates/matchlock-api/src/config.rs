@@ -155,7 +155,7 @@ pub fn ca_env() -> Vec<(String, String)> {
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
-            mtu: 1500,
+            mtu: crate::defaults::MTU,
             dns_servers: Vec::new(),
             allow_private_hosts: Vec::new(),
             allow_private_ranges: false,

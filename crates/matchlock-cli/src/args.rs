@@ -2,6 +2,7 @@
 //! modules and the library crates.
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use matchlock_api::defaults;
 
 /// Run untrusted code in disposable micro-VMs.
 #[derive(Parser, Debug)]
@@ -273,7 +274,7 @@ pub enum VolumeCommand {
         /// Volume name (letters, digits, '.', '_', '-').
         name: String,
         /// Size in MiB.
-        #[arg(long, default_value_t = 10240)]
+        #[arg(long, default_value_t = defaults::VOLUME_SIZE_MB)]
         size: u64,
         /// Print the result as JSON.
         #[arg(long)]
@@ -354,13 +355,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub hostname: Option<String>,
     /// CPUs; fractions are enforced with a CPU quota (e.g. 0.5).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults::CPUS)]
     pub cpus: f64,
     /// Memory in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = defaults::MEMORY_MB)]
     pub memory: u64,
     /// Size of the writable disk in MiB.
-    #[arg(long = "disk-size", default_value_t = 5120)]
+    #[arg(long = "disk-size", default_value_t = defaults::DISK_SIZE_MB)]
     pub disk_size: u64,
     /// Stop the sandbox after this many seconds.
     #[arg(long, value_name = "SECONDS")]
@@ -425,7 +426,7 @@ pub struct RunArgs {
     #[arg(long = "dns-servers", value_name = "IP[:PORT]", value_delimiter = ',')]
     pub dns_servers: Vec<String>,
     /// MTU of the sandbox's network interface.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = defaults::MTU as u32)]
     pub mtu: u32,
     /// Attach an ext4 image file (or a named volume, @NAME) at a guest path.
     #[arg(long, value_name = "HOST.ext4|@NAME:GUEST_PATH[:ro]")]
@@ -435,7 +436,7 @@ pub struct RunArgs {
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:MODE]")]
     pub volume: Vec<String>,
     /// Where relative -v guest paths go.
-    #[arg(long, value_name = "DIR", default_value = "/workspace")]
+    #[arg(long, value_name = "DIR", default_value = defaults::WORKSPACE)]
     pub workspace: String,
     /// Forward a host port to a guest port while the run is attached ([LOCAL:]REMOTE).
     #[arg(short = 'p', long, value_name = "[LOCAL:]REMOTE")]
