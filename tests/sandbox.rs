@@ -739,6 +739,13 @@ fn extra_disks_persist_mount_read_only_and_refuse_sharing() {
     assert!(stderr(&o).contains(&sb.id), "{}", stderr(&o));
 }
 
+/// The first line a child wrote on `pipe` (with its newline).
+fn first_line(pipe: impl std::io::Read) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line).unwrap();
+    line
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -767,12 +774,7 @@ fn port_forwarding_with_half_close_under_concurrency() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stderr.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line = first_line(child.stderr.take().unwrap());
     // Matchlock's "Forwarding 127.0.0.1:PORT -> sandbox:9000", on stderr.
     assert!(line.ends_with(" -> sandbox:9000\n"), "{line:?}");
     let port: u16 = line
@@ -1017,13 +1019,7 @@ fn terminal_and_stdin_sessions_end_with_the_command() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    assert_eq!(first, "y\n");
+    assert_eq!(first_line(child.stdout.take().unwrap()), "y\n");
     assert!(
         wait_until(Duration::from_secs(30), || child
             .try_wait()

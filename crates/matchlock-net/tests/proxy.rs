@@ -120,8 +120,13 @@ async fn proxy(ca_pem: &str, placeholder: &str) -> Arc<Proxy> {
     ))
 }
 
-/// One request from the "guest": TLS to the proxy (trusting only the sandbox CA) with `alpn`.
-async fn guest_request(p: &Arc<Proxy>, port: u16, alpn: &[u8]) -> (u16, String) {
+/// A "guest" TLS connection for `up.test` through the proxy (trusting only the sandbox CA),
+/// offering `alpn`.
+async fn guest_tls(
+    p: &Arc<Proxy>,
+    port: u16,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::io::DuplexStream> {
     let (guest, theirs) = tokio::io::duplex(1 << 16);
     let target = Target {
         visible: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
@@ -139,13 +144,18 @@ async fn guest_request(p: &Arc<Proxy>, port: u16, alpn: &[u8]) -> (u16, String) 
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(
             rustls::pki_types::ServerName::try_from("up.test").unwrap(),
             guest,
         )
         .await
-        .expect("the guest trusts the sandbox CA");
+        .expect("the guest trusts the sandbox CA")
+}
+
+/// One request from the "guest" over TLS with `alpn`.
+async fn guest_request(p: &Arc<Proxy>, port: u16, alpn: &[u8]) -> (u16, String) {
+    let tls = guest_tls(p, port, alpn).await;
     let auth = "Bearer PH_K_0123";
     let uri = format!("https://up.test:{port}/x");
     let resp = if alpn == b"h2" {
@@ -574,30 +584,7 @@ async fn tls_bodies_that_end_without_close_notify_arrive_whole() {
     .await;
     let p = proxy(&ca, "PH_unused").await;
     let (status, got) = {
-        let (guest, theirs) = tokio::io::duplex(1 << 16);
-        let target = Target {
-            visible: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
-            real: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        tokio::spawn(p.clone().serve(theirs, target));
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_slice_iter(p.ca_pem().as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(
-                rustls::pki_types::ServerName::try_from("up.test").unwrap(),
-                guest,
-            )
-            .await
-            .unwrap();
+        let tls = guest_tls(&p, port, b"h2").await;
         // An h2 guest (curl's default): a cut body would be a stream reset.
         let (mut s, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
