@@ -9,7 +9,9 @@ to dummy secrets.
 import contextlib
 import importlib.metadata
 import io
+import os
 import re
+import subprocess
 
 import pytest
 
@@ -21,16 +23,23 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 10
 
 
-# The one example that cannot run as written on a test machine: it starts
-# `sudo /usr/local/bin/matchlock`, a system path and privilege a test must not assume.
-NEEDS_SYSTEM_INSTALL = "use_sudo=True"
+# The one example that starts `sudo /usr/local/bin/matchlock`. It runs with real sudo (setup
+# installs it; root needs no password), but on the binary under test: a test must not install
+# into a system path.
+NEEDS_SUDO = "use_sudo=True"
+SYSTEM_BINARY = '"/usr/local/bin/matchlock"'
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example(index, monkeypatch):
     code = BLOCKS[index]
-    if NEEDS_SYSTEM_INSTALL in code:
-        pytest.skip("starts `sudo /usr/local/bin/matchlock`; needs a system-wide install")
+    if NEEDS_SUDO in code:
+        sudo_works = subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+        if not sudo_works and os.geteuid() != 0:
+            pytest.skip("the example runs `sudo matchlock`; this user has no passwordless sudo")
+        assert sudo_works, "sudo is missing or refuses root: scripts/setup installs it"
+        assert SYSTEM_BINARY in code
+        code = code.replace(SYSTEM_BINARY, repr(os.environ["MATCHLOCK_BIN"]))
     monkeypatch.setenv("API_KEY", "sk-test-api-key")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-key")
     # Snippets build on earlier ones the way a reader's session would (one uses `Sandbox` without
