@@ -176,8 +176,9 @@ pub fn vfs_mount_parts(
     workspace: &str,
 ) -> Result<crate::config::VfsMount, String> {
     guest_path(workspace, "the workspace")?;
-    let host_path = std::fs::canonicalize(host).map_err(|e| format!("host path {host}: {e}"))?;
-    let meta = std::fs::metadata(&host_path).map_err(|e| format!("host path {host}: {e}"))?;
+    let host_path = host_source(host)?;
+    let meta =
+        std::fs::symlink_metadata(&host_path).map_err(|e| format!("host path {host}: {e}"))?;
     if !meta.is_dir() && !meta.is_file() {
         return Err(format!(
             "host path {host} is neither a directory nor a regular file"
@@ -203,6 +204,49 @@ pub fn vfs_mount_parts(
         owner_uid: None,
         owner_gid: None,
     })
+}
+
+/// Makes a mount or disk source absolute and checks that no component of it, as the user wrote
+/// it, is a symlink.
+///
+/// Why refuse rather than follow: a sandbox that had a directory mounted `host_fs` can replace
+/// any name inside it with a symlink to anywhere on the host. If a later run followed it, that
+/// run would mount, as root, whatever the earlier guest chose (`ws/data` → `/`). Nothing can
+/// tell a symlink the user made from one a guest planted, so none is followed; the error names
+/// the real path, which the user can pass instead once they have looked at it. A relative path
+/// is taken from the current directory, which the kernel already reports without symlinks; the
+/// supervisor opens the result again refusing symlinks, so a swap after this check fails too.
+pub fn host_source(host: &str) -> Result<std::path::PathBuf, String> {
+    use std::path::{Component, PathBuf};
+    let typed = std::path::Path::new(host);
+    let mut path = if typed.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().map_err(|e| format!("host path {host}: current directory: {e}"))?
+    };
+    for c in typed.components() {
+        match c {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => continue,
+            Component::ParentDir => {
+                path.pop();
+                continue;
+            }
+            Component::Normal(n) => path.push(n),
+        }
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|e| format!("host path {host}: {e}"))?;
+        if meta.file_type().is_symlink() {
+            let real = std::fs::canonicalize(&path)
+                .map(|r| format!("; it leads to {}", r.display()))
+                .unwrap_or_default();
+            return Err(format!(
+                "host path {host}: {} is a symlink{real}. Matchlock does not follow symlinks in \
+                 mount sources, since a sandbox could have planted one; name the real path instead",
+                path.display()
+            ));
+        }
+    }
+    Ok(path)
 }
 
 /// Orders workspace mounts parents first (the guest mounts them in order) and refuses two at the
@@ -253,5 +297,32 @@ mod vfs_tests {
         let sorted = vfs_mounts(vec![a.clone(), b.clone()]).unwrap();
         assert_eq!(sorted[0].guest_path, "/w/a");
         assert!(vfs_mounts(vec![b.clone(), b]).is_err());
+    }
+
+    /// A guest that had `ws/` mounted can leave symlinks in it; a later run must not follow
+    /// them, whether the link is the source itself or a directory above it.
+    #[test]
+    fn symlinked_sources_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = d.path().join("ws");
+        std::fs::create_dir_all(ws.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", ws.join("data")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", ws.join("cfg.json")).unwrap();
+        std::os::unix::fs::symlink("real", ws.join("dir")).unwrap();
+        std::fs::write(ws.join("real/file"), "x").unwrap();
+        for src in ["data", "cfg.json", "dir/file", "dir/../real", "data/passwd"] {
+            let spec = format!("{}/{src}:/x:host_fs", ws.display());
+            let e = vfs_mount(&spec, "/w").unwrap_err();
+            assert!(
+                e.contains("is a symlink") && e.contains("name the real path"),
+                "{e}"
+            );
+        }
+        let e = vfs_mount(&format!("{}/data:/x", ws.display()), "/w").unwrap_err();
+        assert!(e.contains("it leads to /etc"), "{e}");
+        // The real paths, and `..` that only walks back over directories, are fine.
+        let m = vfs_mount(&format!("{}/real/../real/file:/x:ro", ws.display()), "/w").unwrap();
+        assert_eq!(m.host_path, ws.join("real/file"));
+        assert!(vfs_mount(&format!("{}/real:/x", ws.display()), "/w").is_ok());
     }
 }

@@ -3,7 +3,7 @@
 //! answer that points into a blocked range is refused (so a name cannot smuggle a private address
 //! past the egress policy, e.g. by DNS rebinding).
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use matchlock_policy::Policy;
@@ -48,6 +48,75 @@ fn reply_to(query: &Message, code: ResponseCode) -> Message {
     m
 }
 
+/// Largest UDP answer asked of an upstream on the guest's behalf (the DNS flag day value).
+const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// Record types a guest may ask about. Anything else (zone transfers, `ANY`, obsolete or
+/// experimental types) is answered `NotImp` here; real resolvers in a sandbox do not need them.
+const QUERY_TYPES: &[RecordType] = &[
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::CNAME,
+    RecordType::MX,
+    RecordType::TXT,
+    RecordType::SRV,
+    RecordType::NS,
+    RecordType::PTR,
+    RecordType::SOA,
+    RecordType::CAA,
+    RecordType::HTTPS,
+    RecordType::SVCB,
+    RecordType::DS,
+    RecordType::DNSKEY,
+];
+
+/// The query matchlock sends upstream for a guest's `query`, built from scratch so that nothing
+/// the guest chose beyond one question reaches a resolver: exactly one question (the name in
+/// lower case, so letter case cannot carry bits), the standard opcode, no records in any
+/// section, no EDNS options (only the payload size), a fresh random id. Anything else is
+/// refused with the code returned: a raw guest packet could otherwise carry data to a
+/// resolver in a second question, in records, in EDNS options or as an UPDATE.
+fn rebuild(query: &Message) -> Result<Message, ResponseCode> {
+    if query.op_code() != OpCode::Query {
+        return Err(ResponseCode::NotImp);
+    }
+    let [q] = query.queries() else {
+        return Err(ResponseCode::FormErr);
+    };
+    if !query.answers().is_empty()
+        || !query.name_servers().is_empty()
+        || !query.additionals().is_empty()
+        || !query.sig0().is_empty()
+        || query
+            .extensions()
+            .as_ref()
+            .is_some_and(|e| e.version() != 0 || !e.options().as_ref().is_empty())
+    {
+        return Err(ResponseCode::FormErr);
+    }
+    if q.query_class() != hickory_proto::rr::DNSClass::IN || !QUERY_TYPES.contains(&q.query_type())
+    {
+        return Err(ResponseCode::NotImp);
+    }
+    let name = Name::from_ascii(normalize(&q.name().to_ascii()))
+        .map_err(|_| ResponseCode::FormErr)?
+        .append_domain(&Name::root())
+        .map_err(|_| ResponseCode::FormErr)?;
+    let mut m = Message::new();
+    m.set_id(rand::random())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    m.add_query(Query::query(name, q.query_type()));
+    // Without EDNS the guest takes at most 512 bytes, which the upstream then keeps to itself.
+    if let Some(e) = query.extensions() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(e.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+        m.set_edns(edns);
+    }
+    Ok(m)
+}
+
 impl Dns {
     /// Answers one query datagram; `None` when it is not a DNS query worth answering.
     pub async fn answer(&self, packet: &[u8]) -> Option<Vec<u8>> {
@@ -59,20 +128,22 @@ impl Dns {
             self.record(&local);
             return local.to_vec().ok();
         }
+        let upstream = match rebuild(&query) {
+            Ok(m) => m,
+            Err(code) => return reply_to(&query, code).to_vec().ok(),
+        };
         if self.policy.intercepts() {
-            let name = query
-                .queries()
-                .first()
-                .map(|q| normalize(&q.name().to_ascii()));
-            if !name.as_deref().is_some_and(|n| self.policy.allows_host(n)) {
+            let name = normalize(&upstream.queries()[0].name().to_ascii());
+            if !self.policy.allows_host(&name) {
                 return self.sinkhole(&query).to_vec().ok();
             }
         }
         if self.upstreams.is_empty() {
             return reply_to(&query, ResponseCode::ServFail).to_vec().ok();
         }
+        let packet = upstream.to_vec().ok()?;
         for server in &self.upstreams {
-            if let Some(resp) = self.forward(*server, packet, query.id()).await {
+            if let Some(resp) = self.forward(*server, &packet, &upstream, &query).await {
                 return Some(resp);
             }
         }
@@ -136,7 +207,15 @@ impl Dns {
         Some(m)
     }
 
-    async fn forward(&self, server: SocketAddr, packet: &[u8], id: u16) -> Option<Vec<u8>> {
+    /// Sends `packet` (the rebuilt `sent`) to `server` and turns its answer into the reply to
+    /// the guest's `query`: the guest's id and question, the upstream's records.
+    async fn forward(
+        &self,
+        server: SocketAddr,
+        packet: &[u8],
+        sent: &Message,
+        query: &Message,
+    ) -> Option<Vec<u8>> {
         let bind: SocketAddr = if server.is_ipv4() {
             "0.0.0.0:0".parse().ok()?
         } else {
@@ -155,10 +234,14 @@ impl Dns {
                 .await
                 .ok()?
                 .ok()?;
-            let Ok(resp) = Message::from_vec(&buf[..n]) else {
+            let Ok(mut resp) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            if resp.id() != id {
+            // Anything but the answer to what was sent (a stray or spoofed datagram) is ignored.
+            if resp.id() != sent.id()
+                || resp.message_type() != MessageType::Response
+                || resp.queries() != sent.queries()
+            {
                 continue;
             }
             let blocked = resp.answers().iter().any(|r| match r.data() {
@@ -167,11 +250,13 @@ impl Dns {
                 _ => false,
             });
             if blocked {
-                let query = Message::from_vec(packet).ok()?;
-                return reply_to(&query, ResponseCode::Refused).to_vec().ok();
+                return reply_to(query, ResponseCode::Refused).to_vec().ok();
             }
             self.record(&resp);
-            return Some(buf[..n].to_vec());
+            resp.set_id(query.id())
+                .set_recursion_desired(query.recursion_desired());
+            *resp.queries_mut() = query.queries().to_vec();
+            return resp.to_vec().ok();
         }
     }
 }
@@ -263,5 +348,121 @@ mod tests {
         assert!(r.answers().is_empty());
         // Garbage is dropped, not answered.
         assert!(dns.answer(b"\x01\x02").await.is_none());
+    }
+
+    /// An upstream on loopback that answers every query and keeps every datagram it got.
+    async fn recording_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                keep.lock().unwrap().push(buf[..n].to_vec());
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut m = reply_to(&q, ResponseCode::NoError);
+                if let Some(first) = q.queries().first() {
+                    let a = RData::A(A("93.184.216.34".parse().unwrap()));
+                    m.add_answer(Record::from_rdata(first.name().clone(), 30, a));
+                }
+                sock.send_to(&m.to_vec().unwrap(), from).await.unwrap();
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Every way a raw query could carry data past the one checked question is refused before
+    /// anything is sent, and what is sent is matchlock's own query: one lower-case question, a
+    /// fresh id, no records, no EDNS options.
+    #[tokio::test]
+    async fn only_rebuilt_queries_reach_the_resolver() {
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+        let allow = matchlock_policy::hosts::AllowList::new(["allowed.example"]).unwrap();
+        let policy = Arc::new(Policy::intercepting(
+            Default::default(),
+            allow,
+            Default::default(),
+        ));
+        let (server, seen) = recording_upstream().await;
+        let dns = Dns {
+            upstreams: vec![server],
+            hosts: vec![],
+            policy,
+        };
+        let base = || {
+            let mut m = Message::new();
+            m.set_id(0x5ec2).set_recursion_desired(true);
+            m.add_query(Query::query(
+                Name::from_ascii("allowed.example.").unwrap(),
+                RecordType::A,
+            ));
+            m
+        };
+        let secret = Name::from_ascii("c2VjcmV0.evil.example.").unwrap();
+        let record = || Record::from_rdata(secret.clone(), 1, RData::A(A([1, 2, 3, 4].into())));
+        let mut attacks: Vec<(&str, Message, ResponseCode)> = Vec::new();
+        let mut m = base();
+        m.add_query(Query::query(secret.clone(), RecordType::A));
+        attacks.push(("second question", m, ResponseCode::FormErr));
+        let mut m = base();
+        m.add_answer(record());
+        attacks.push(("answer record", m, ResponseCode::FormErr));
+        let mut m = base();
+        m.add_name_server(record());
+        attacks.push(("authority record", m, ResponseCode::FormErr));
+        let mut m = base();
+        m.add_additional(record());
+        attacks.push(("additional record", m, ResponseCode::FormErr));
+        let mut m = base();
+        let mut edns = Edns::new();
+        edns.options_mut().insert(EdnsOption::Unknown(
+            u16::from(EdnsCode::Padding),
+            b"exfiltrated".to_vec(),
+        ));
+        m.set_edns(edns);
+        attacks.push(("EDNS option", m, ResponseCode::FormErr));
+        for op in [OpCode::Update, OpCode::Notify, OpCode::Status] {
+            let mut m = base();
+            m.set_op_code(op);
+            attacks.push(("opcode", m, ResponseCode::NotImp));
+        }
+        let mut m = base();
+        m.queries_mut()[0].set_query_type(RecordType::AXFR);
+        attacks.push(("zone transfer", m, ResponseCode::NotImp));
+        let mut m = base();
+        m.queries_mut()[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+        attacks.push(("class", m, ResponseCode::NotImp));
+        for (what, m, code) in attacks {
+            let r = Message::from_vec(&dns.answer(&m.to_vec().unwrap()).await.unwrap()).unwrap();
+            assert_eq!(r.response_code(), code, "{what}");
+            assert_eq!(r.id(), 0x5ec2, "{what}");
+        }
+        assert!(seen.lock().unwrap().is_empty(), "a refused query was sent");
+
+        // A clean query in mixed case with EDNS: answered, but upstream sees only our rebuild.
+        let mut m = Message::new();
+        m.set_id(0x5ec2).set_recursion_desired(true);
+        let mixed = Name::from_ascii("AlLoWeD.ExAmPlE.").unwrap();
+        m.add_query(Query::query(mixed.clone(), RecordType::A));
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        m.set_edns(edns);
+        let r = Message::from_vec(&dns.answer(&m.to_vec().unwrap()).await.unwrap()).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::NoError);
+        assert_eq!((r.id(), r.queries()[0].name()), (0x5ec2, &mixed));
+        assert_eq!(r.answers().len(), 1);
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        let up = Message::from_vec(&sent[0]).unwrap();
+        assert_eq!(up.queries().len(), 1);
+        assert_eq!(up.queries()[0].name().to_ascii(), "allowed.example.");
+        assert_ne!(up.id(), 0x5ec2, "the guest's id is not passed on");
+        assert!(up.answers().is_empty() && up.additionals().is_empty());
+        let e = up.extensions().as_ref().unwrap();
+        assert!(e.options().as_ref().is_empty());
+        assert_eq!(e.max_payload(), MAX_UDP_PAYLOAD);
     }
 }

@@ -282,7 +282,9 @@ pub fn disk(host: &str, guest: &str, read_only: bool) -> Result<DiskMount, Sandb
             }
             p
         }
-        None => PathBuf::from(host),
+        // A disk image in a directory a sandbox had mounted may have become a symlink to a
+        // host device or another user's image; sources are never followed through symlinks.
+        None => validate::host_source(host).map_err(SandboxError::Invalid)?,
     };
     let meta = std::fs::metadata(&file)
         .map_err(|e| SandboxError::Invalid(format!("{}: {e}", file.display())))?;

@@ -103,6 +103,9 @@ pub struct MountFs {
     /// New entries are given to the guest user that made them (a mount whose files belong to
     /// the sandbox alone, as a tmpfs would).
     caller_owns: bool,
+    /// Owner of the host root: besides a file's own ids, the only ones a guest may `chown` a
+    /// file on a shared host directory to.
+    root_ids: (u32, u32),
     tables: Mutex<Tables>,
 }
 
@@ -202,15 +205,30 @@ fn attr(ino: u64, st: &libc::stat) -> VfsAttr {
     }
 }
 
-/// Permission bits the guest may set: never set-user-id, and set-group-id only on directories
-/// (where it means group inheritance). A supervisor running as root would otherwise let the guest
-/// plant a setuid-root program on the host.
-fn allowed_mode(mode: u32, dir: bool) -> u32 {
-    if dir {
-        mode & 0o3777
-    } else {
-        mode & 0o1777
+/// Permission bits the guest may set: never set-user-id or set-group-id. A supervisor running
+/// as root would otherwise let the guest plant a setuid-root program on the host, or a setgid
+/// directory that hands its group to every file a host user later creates in it.
+fn allowed_mode(mode: u32) -> u32 {
+    mode & 0o1777
+}
+
+/// Clears the set-id bits of a regular file before the guest changes its content, as the kernel
+/// does for a writer without `CAP_FSETID`. The supervisor writes as root, which the kernel
+/// would let keep them: a guest could otherwise rewrite a host's setuid-root program and keep
+/// the bit. Set-group-id without group execute (a locking mark, not a privilege) stays.
+fn drop_set_id(fd: BorrowedFd<'_>, st: &libc::stat) -> io::Result<()> {
+    let setgid_exec = libc::S_ISGID | libc::S_IXGRP;
+    if !is_type(st, libc::S_IFREG) {
+        return Ok(());
     }
+    let mut mode = st.st_mode & 0o7777 & !libc::S_ISUID;
+    if mode & setgid_exec == setgid_exec {
+        mode &= !libc::S_ISGID;
+    }
+    if mode != st.st_mode & 0o7777 {
+        sys::chmod_fd(fd, mode)?;
+    }
+    Ok(())
 }
 
 fn is_type(st: &libc::stat, t: u32) -> bool {
@@ -220,16 +238,22 @@ fn is_type(st: &libc::stat, t: u32) -> bool {
 impl MountFs {
     /// Opens the host root (a directory or a regular file).
     pub fn open(host: &Path, read_only: bool) -> io::Result<Self> {
-        let c = CString::new(host.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
-        // The root itself may be reached through symlinks the user chose; nothing below it is.
-        // SAFETY: valid NUL-terminated path.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd we own.
-        let root = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // No symlink anywhere on the way, not even in the root: a guest may have planted one
+        // there in an earlier run (see `matchlock_api::validate::host_source`).
+        let through_symlink = || {
+            io::Error::other(format!(
+                "{} is or goes through a symlink, which mount sources may not (name the real path)",
+                host.display()
+            ))
+        };
+        let root = sys::open_path_no_symlinks(host).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => through_symlink(),
+            _ => e,
+        })?;
         let st = sys::fstat(root.as_fd())?;
+        if is_type(&st, libc::S_IFLNK) {
+            return Err(through_symlink());
+        }
         let root_is_dir = is_type(&st, libc::S_IFDIR);
         if !root_is_dir && !is_type(&st, libc::S_IFREG) {
             return Err(io::Error::other(
@@ -263,6 +287,7 @@ impl MountFs {
             events: None,
             quota: None,
             caller_owns: false,
+            root_ids: (st.st_uid, st.st_gid),
             tables: Mutex::new(t),
         })
     }
@@ -440,6 +465,24 @@ impl MountFs {
         let node = self.tables().by_key.get(&key(&st)).copied();
         if let Some(node) = node {
             self.told(&[attr(node, &st)]);
+        }
+    }
+
+    /// Whether the guest may give the file `st` describes these owners. On a mount whose files
+    /// belong to the sandbox alone, any. On a shared host directory only the file's own ids and
+    /// those of the mount's root: a guest (root in its VM, and served by a root supervisor) must
+    /// not hand host files to arbitrary host users or groups. A mount that needs other owners
+    /// says so with `owner_uid`/`owner_gid`, which map instead.
+    fn may_chown(&self, st: &libc::stat, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        if self.caller_owns {
+            return Ok(());
+        }
+        let uid_ok = uid.is_none_or(|u| u == st.st_uid || u == self.root_ids.0);
+        let gid_ok = gid.is_none_or(|g| g == st.st_gid || g == self.root_ids.1);
+        if uid_ok && gid_ok {
+            Ok(())
+        } else {
+            Err(err(libc::EPERM))
         }
     }
 
@@ -917,13 +960,14 @@ impl MountFs {
                     if symlink {
                         return Err(err(libc::EOPNOTSUPP));
                     }
-                    let dir = is_type(&st, libc::S_IFDIR);
-                    sys::chmod_fd(fd.as_fd(), allowed_mode(mode, dir))?;
+                    sys::chmod_fd(fd.as_fd(), allowed_mode(mode))?;
                 }
                 if uid.is_some() || gid.is_some() {
+                    self.may_chown(&st, uid, gid)?;
                     sys::chown_fd(fd.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
                 }
                 if let Some(size) = size {
+                    drop_set_id(fd.as_fd(), &sys::fstat(fd.as_fd())?)?;
                     // Growing a file makes a hole; only blocks count against a quota.
                     let truncate =
                         |f: BorrowedFd<'_>| self.charged(f, |_| 0, || sys::truncate(f, size));
@@ -977,7 +1021,7 @@ impl MountFs {
                 let name = sys::name(&name)?;
                 let (dir, path) = self.dir(parent)?;
                 self.new_entry(dir.as_fd(), &name, caller, || {
-                    sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode, true))
+                    sys::mkdir_at(dir.as_fd(), &name, allowed_mode(mode))
                 })?;
                 self.entry(dir.as_fd(), &path, &name)
             }
@@ -1077,6 +1121,9 @@ impl MountFs {
                     | libc::O_SYNC
                     | libc::O_DSYNC
                     | libc::O_NONBLOCK;
+                if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                    drop_set_id(fd.as_fd(), &st)?;
+                }
                 let f = sys::reopen(fd.as_fd(), flags & keep)?;
                 if flags & libc::O_TRUNC != 0 {
                     self.changed_by_guest(f.as_fd());
@@ -1111,7 +1158,7 @@ impl MountFs {
                         dir.as_fd(),
                         &name,
                         (flags & keep) | libc::O_CREAT | libc::O_EXCL,
-                        allowed_mode(mode, false),
+                        allowed_mode(mode),
                     )?);
                     Ok(())
                 });
@@ -1136,6 +1183,7 @@ impl MountFs {
                         if key(&sys::fstat(p.as_fd())?) != key(&st) {
                             return Err(err(libc::EAGAIN));
                         }
+                        drop_set_id(p.as_fd(), &st)?;
                         let f = sys::reopen(p.as_fd(), flags & keep & !libc::O_EXCL)?;
                         if flags & libc::O_TRUNC != 0 {
                             self.truncated(&st, f.as_fd());
@@ -1170,6 +1218,8 @@ impl MountFs {
                     return Err(err(libc::EINVAL));
                 }
                 let n = self.with_file(fh, |f| {
+                    // The bit may have been set on the host since the open.
+                    drop_set_id(f, &sys::fstat(f)?)?;
                     let len = payload.pending() as u64;
                     let growth = |st: &libc::stat| {
                         offset
@@ -1251,7 +1301,7 @@ impl MountFs {
                 }
                 let (dir, path) = self.dir(parent)?;
                 self.new_entry(dir.as_fd(), &name, caller, || {
-                    sys::mknod_at(dir.as_fd(), &name, kind | allowed_mode(mode, false))
+                    sys::mknod_at(dir.as_fd(), &name, kind | allowed_mode(mode))
                 })?;
                 self.entry(dir.as_fd(), &path, &name)
             }
@@ -1263,6 +1313,7 @@ impl MountFs {
             } => {
                 self.writable()?;
                 self.with_file(fh, |f| {
+                    drop_set_id(f, &sys::fstat(f)?)?;
                     self.charged(f, |_| length, || sys::fallocate(f, mode, offset, length))?;
                     self.changed_by_guest(f);
                     Ok(VfsReply::Ok)

@@ -49,8 +49,14 @@ pub fn copy_tree(src: &Path, dst: &Path, max_bytes: u64) -> io::Result<u64> {
         max_bytes,
         src,
     };
-    // The root itself was chosen by the user, who may name it through a symlink.
-    let meta = std::fs::metadata(src)?;
+    // Not even the root is followed (see `matchlock_api::validate::host_source`).
+    let meta = std::fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        return Err(io::Error::other(format!(
+            "{} is a symlink, which mount sources may not be (name the real path)",
+            src.display()
+        )));
+    }
     copy_entry(src, dst, &meta, &mut budget)?;
     Ok(budget.bytes)
 }

@@ -25,13 +25,47 @@ pub fn name(raw: &[u8]) -> io::Result<CString> {
     CString::new(raw).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// `O_PATH` fd of an absolute `path` reached without following any symlink on the way (the rule
+/// for mount sources, see `matchlock_api::validate::host_source`): a name swapped for a symlink
+/// after the source was checked makes this fail with `ELOOP` instead of leading elsewhere.
+pub fn open_path_no_symlinks(path: &std::path::Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    if !path.is_absolute() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the fd is only borrowed for the call; AT_FDCWD is ignored for an absolute path.
+    let cwd = unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) };
+    openat2(
+        cwd,
+        &c,
+        libc::O_PATH | libc::O_NOFOLLOW,
+        libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
 /// `openat2(dir, path, flags | O_CLOEXEC | O_NOFOLLOW)` confined beneath `dir`: no `..` out of
 /// it, no symlinks at all (the guest resolves its own), no `/proc` magic links.
 pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    openat2(
+        dir,
+        path,
+        flags | libc::O_NOFOLLOW,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     // SAFETY: a plain C struct, for which all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
     loop {
         // SAFETY: `how` is a valid open_how of the size passed; `path` is NUL-terminated.
         let fd = unsafe {

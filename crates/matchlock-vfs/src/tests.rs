@@ -940,3 +940,156 @@ fn opens_of_files_changed_on_the_host_ask_the_guest_to_look_again() {
     std::thread::sleep(super::ops::RETRY_WINDOW);
     assert!(matches!(open(libc::O_RDONLY), R::OpenedFile(..)));
 }
+
+/// A host's setuid-root program in a shared directory: whatever way the guest changes its
+/// content (write, truncating open, truncate, fallocate), the set-id bits go first, as they
+/// would for an unprivileged writer; a read leaves them alone.
+#[test]
+fn changing_a_set_id_file_clears_its_bits_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let fs = srv(d.path(), false);
+    let mode_of = |name: &str| fs::metadata(d.path().join(name)).unwrap().mode() & 0o7777;
+    let plant = |name: &str, mode: u32| {
+        let p = d.path().join(name);
+        fs::write(&p, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        ino(lookup(&fs, ROOT_NODE, name))
+    };
+    let open = |node, flags| match fs.handle(Op::Open { node, flags }) {
+        R::OpenedFile(fh, _) => fh,
+        other => panic!("{other:?}"),
+    };
+
+    let n = plant("read", 0o6755);
+    let fh = open(n, libc::O_RDONLY);
+    assert!(matches!(read(&fs, fh, 0, 10).0, R::Transferred(_)));
+    assert_eq!(mode_of("read"), 0o6755, "reading keeps the bits");
+
+    let n = plant("write", 0o6755);
+    let fh = open(n, libc::O_WRONLY);
+    assert_eq!(mode_of("write"), 0o755, "an open for writing clears them");
+    // Set again on the host behind the open handle: the write itself clears them.
+    fs::set_permissions(d.path().join("write"), fs::Permissions::from_mode(0o4755)).unwrap();
+    assert_eq!(write(&fs, fh, 0, b"pwn"), R::Written(3));
+    assert_eq!(mode_of("write"), 0o755);
+    fs::set_permissions(d.path().join("write"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs.handle(Op::Fallocate {
+        fh,
+        mode: 0,
+        offset: 0,
+        length: 4096,
+    });
+    assert_eq!(mode_of("write"), 0o755, "fallocate");
+
+    let n = plant("trunc", 0o4711);
+    fs.handle(Op::Setattr {
+        node: n,
+        fh: None,
+        mode: None,
+        uid: None,
+        gid: None,
+        size: Some(0),
+        atime: None,
+        mtime: None,
+    });
+    assert_eq!(mode_of("trunc"), 0o711, "truncate");
+
+    plant("create", 0o4755);
+    let r = fs.handle(Op::Create {
+        parent: ROOT_NODE,
+        name: b"create".to_vec(),
+        mode: 0o644,
+        flags: libc::O_WRONLY | libc::O_TRUNC,
+    });
+    assert!(matches!(r, R::Created(..)), "{r:?}");
+    assert_eq!(mode_of("create"), 0o755, "create over an existing file");
+
+    // Set-group-id without group execute marks mandatory locking, not a privilege: it stays.
+    let n = plant("lock", 0o2644);
+    open(n, libc::O_WRONLY);
+    assert_eq!(mode_of("lock"), 0o2644);
+}
+
+/// The guest can neither set set-id bits on directories nor hand shared host files to
+/// arbitrary owners; the file's own ids and the mount root's owner stay allowed.
+#[test]
+fn guests_cannot_make_setgid_dirs_or_give_host_files_away() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir(d.path().join("dir")).unwrap();
+    fs::write(d.path().join("f"), "x").unwrap();
+    let fs = srv(d.path(), false);
+    let setattr = |node, mode, uid, gid| {
+        fs.handle(Op::Setattr {
+            node,
+            fh: None,
+            mode,
+            uid,
+            gid,
+            size: None,
+            atime: None,
+            mtime: None,
+        })
+    };
+    let dir = ino(lookup(&fs, ROOT_NODE, "dir"));
+    setattr(dir, Some(0o2775), None, None);
+    assert_eq!(
+        fs::metadata(d.path().join("dir")).unwrap().mode() & 0o7777,
+        0o775
+    );
+    let f = ino(lookup(&fs, ROOT_NODE, "f"));
+    let me = fs::metadata(d.path()).unwrap();
+    for (uid, gid) in [
+        (Some(4242), None),
+        (None, Some(4242)),
+        (Some(0), Some(4242)),
+    ] {
+        if (uid, gid) == (Some(me.uid()), Some(me.gid())) {
+            continue;
+        }
+        assert_eq!(
+            setattr(f, None, uid, gid),
+            R::Err(libc::EPERM),
+            "{uid:?}:{gid:?}"
+        );
+    }
+    assert_eq!(fs::metadata(d.path().join("f")).unwrap().uid(), me.uid());
+    assert!(matches!(
+        setattr(f, None, Some(me.uid()), Some(me.gid())),
+        R::Attr(_)
+    ));
+    // A private mount (memory, overlay copy) belongs to the sandbox: any owner goes.
+    let p = tempfile::tempdir().unwrap();
+    fs::write(p.path().join("f"), "x").unwrap();
+    let private = MountFs::open(p.path(), false).unwrap().private(1 << 20, 0);
+    let f = ino(private.handle(Op::Lookup {
+        parent: ROOT_NODE,
+        name: b"f".to_vec(),
+    }));
+    let r = private.handle(Op::Setattr {
+        node: f,
+        fh: None,
+        mode: None,
+        uid: Some(4242),
+        gid: Some(4242),
+        size: None,
+        atime: None,
+        mtime: None,
+    });
+    assert!(matches!(r, R::Attr(_)), "{r:?}");
+}
+
+/// The supervisor refuses to open a root reached through a symlink, even one planted after the
+/// request was checked.
+#[test]
+fn roots_reached_through_symlinks_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir(d.path().join("real")).unwrap();
+    std::os::unix::fs::symlink("real", d.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(d.path(), d.path().join("up")).unwrap();
+    for p in ["link", "up/real"] {
+        let e = MountFs::open(&d.path().join(p), false).err().unwrap();
+        assert!(e.to_string().contains("symlink"), "{p}: {e}");
+    }
+    assert!(MountFs::open(&d.path().join("real"), false).is_ok());
+}
