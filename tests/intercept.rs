@@ -214,6 +214,9 @@ print(json.dumps(out))
         "api.test,*.glob.test,svc-*.test,pre.*",
         "--secret",
         &secret,
+        // The plain-HTTP case below injects in clear text, which needs the secret's consent.
+        "--secret-over-http",
+        "API_KEY",
         "--dns-servers",
         &dns_arg,
         "--event-log",

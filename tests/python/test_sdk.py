@@ -399,7 +399,10 @@ def test_interception_and_secrets_over_raw_rpc():
             "allowed_hosts": ["api.test"], "block_private_ips": True,
             "allowed_private_hosts": ["127.0.0.1"],
             "add_hosts": [{"host": "api.test", "ip": "127.0.0.1"}, {"host": "other.test", "ip": "127.0.0.1"}],
-            "secrets": {"TOKEN": {"value": "tok-real-77", "hosts": ["api.test"]}}}})
+            # Plain HTTP carries a secret only with allow_http (matchlock's extension);
+            # PLAIN has no consent and is refused over it.
+            "secrets": {"TOKEN": {"value": "tok-real-77", "hosts": ["api.test"], "allow_http": True},
+                        "PLAIN": {"value": "plain-real-5", "hosts": ["api.test"]}}}})
         assert "result" in r, r
         script = (
             "import os, urllib.request, urllib.error\n"
@@ -411,6 +414,8 @@ def test_interception_and_secrets_over_raw_rpc():
             "    return e.code, e.read().decode().strip()\n"
             f"print(get('http://api.test:{port}/'))\n"
             f"print(get('http://other.test:{port}/'))\n"
+            "os.environ['TOKEN'] = os.environ['PLAIN']\n"
+            f"print(get('http://api.test:{port}/'))\n"
         )
         r = call(2, "exec", {"command": "python3 -c " + shlex.quote(script)})
         out = base64.b64decode(r["result"]["stdout"]).decode()
@@ -418,6 +423,8 @@ def test_interception_and_secrets_over_raw_rpc():
         assert "tok-real-77" not in out
         assert "(200, 'echo Bearer SANDBOX_SECRET_" in out, out
         assert "(403, " in out and "not on this sandbox's allow-list" in out, out
+        assert "secret PLAIN may not be sent to api.test over plain HTTP" in out, out
+        assert "plain-real-5" not in out
         r = call(3, "allow_list_add", {"hosts": ["other.test"]})
         assert r["result"]["added"] == ["other.test"], r
         assert "other.test" in r["result"]["allowed_hosts"]

@@ -132,6 +132,9 @@ pub struct SecretSpec {
     pub hosts: Vec<String>,
     /// What the guest sees.
     pub placeholder: String,
+    /// The value may also be sent in plain HTTP (cleartext) requests.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 /// Where the sandbox CA certificate is put in the guest, and the bundle it is appended to.

@@ -170,13 +170,9 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         let what = format!("network.secrets.{name}");
         let value = SecretValue::new(s.value, &what)?;
         let placeholder = Some(s.placeholder).filter(|p| !p.is_empty());
-        i.secrets.push(SecretRequest::new(
-            &name,
-            value,
-            &s.hosts,
-            placeholder,
-            &what,
-        )?);
+        let mut secret = SecretRequest::new(&name, value, &s.hosts, placeholder, &what)?;
+        secret.allow_http = s.allow_http;
+        i.secrets.push(secret);
     }
     if let Some(ic) = n.interception {
         i.rules = ic.rules;

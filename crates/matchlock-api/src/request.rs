@@ -162,6 +162,8 @@ pub struct SecretRequest {
     pub hosts: Vec<HostPattern>,
     /// A placeholder of the caller's choice; a fresh random one when `None`.
     pub placeholder: Option<String>,
+    /// The value may also go in plain HTTP requests (in clear text); off unless asked for.
+    pub allow_http: bool,
 }
 
 impl SecretRequest {
@@ -188,6 +190,7 @@ impl SecretRequest {
             value,
             hosts,
             placeholder: placeholder.filter(|p| !p.is_empty()),
+            allow_http: false,
         })
     }
 }

@@ -208,6 +208,10 @@ pub struct Secret {
     /// The placeholder the guest sees; random when empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub placeholder: String,
+    /// The value may also be injected into plain HTTP requests, where it travels in clear text
+    /// (refused otherwise). A matchlock extension.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_http: bool,
 }
 
 impl std::fmt::Debug for Secret {
@@ -215,6 +219,7 @@ impl std::fmt::Debug for Secret {
         f.debug_struct("Secret")
             .field("value", &"<redacted>")
             .field("hosts", &self.hosts)
+            .field("allow_http", &self.allow_http)
             .finish()
     }
 }

@@ -399,6 +399,10 @@ pub struct RunArgs {
     /// the value from this environment. The real value is sent only to those hosts.
     #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
     pub secret: Vec<String>,
+    /// Also inject this --secret into plain HTTP requests, where it travels in clear text
+    /// (refused by default: only HTTPS carries secrets).
+    #[arg(long = "secret-over-http", value_name = "NAME")]
+    pub secret_over_http: Vec<String>,
     /// Write every interception decision, request and response to this JSON-lines file.
     #[arg(long = "event-log", value_name = "PATH")]
     pub event_log: Option<std::path::PathBuf>,

@@ -180,6 +180,14 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             .push(HostPattern::parse(h).map_err(|e| anyhow!("--allow-host: {e}"))?);
     }
     i.secrets = secrets(&args.secret)?;
+    for name in &args.secret_over_http {
+        let s = i
+            .secrets
+            .iter_mut()
+            .find(|s| s.name == *name)
+            .ok_or_else(|| anyhow!("--secret-over-http {name}: there is no --secret {name}"))?;
+        s.allow_http = true;
+    }
     i.run_id = args.run_id.clone();
     i.agent_system = args.agent_system.clone();
     if let Some(p) = &args.event_log {

@@ -169,12 +169,10 @@ fn interception(
         };
         let to = hosts::AllowList::new(&spec.hosts)
             .map_err(|e| format!("--secret {}: {e}", spec.name))?;
-        list.push(secrets::Secret::new(
-            &spec.name,
-            value,
-            to,
-            Some(&spec.placeholder),
-        ));
+        list.push(
+            secrets::Secret::new(&spec.name, value, to, Some(&spec.placeholder))
+                .allow_http(spec.allow_http),
+        );
     }
     let ca = ca::MitmCa::generate(s.id).map_err(|e| e.to_string())?;
     let tls = upstream_tls(s.upstream_ca)?;
@@ -234,6 +232,7 @@ mod tests {
                     name: "K".into(),
                     hosts: vec!["api.test".into()],
                     placeholder: "PH".into(),
+                    allow_http: false,
                 }],
                 ..Default::default()
             }),

@@ -186,6 +186,8 @@ fn intercepting(allowed: &[&str], log: &std::path::Path) -> InterceptConfig {
             name: "API_KEY".into(),
             hosts: vec!["api.test".into()],
             placeholder: PLACEHOLDER.into(),
+            // The in-memory guest speaks plain HTTP (refusal without this: tests/proxy.rs).
+            allow_http: true,
         }],
         event_log: Some(log.to_path_buf()),
         run_id: "run-h".into(),

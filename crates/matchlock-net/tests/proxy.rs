@@ -664,3 +664,273 @@ async fn busybox_wget_https_through_interception() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Secrets: every place a response can carry text back is scrubbed, and a request cannot carry
+// a secret in clear text or to another host.
+
+/// The raw bytes a "guest" gets back for one HTTP/1.1 request written by hand over TLS to
+/// `up.test` (the connection is closed after it, so everything is read).
+async fn raw_tls_exchange(p: &Arc<Proxy>, port: u16, request: &str) -> String {
+    let mut tls = guest_tls(p, port, b"http/1.1").await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tls.read_to_end(&mut out),
+    )
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// An upstream that does its worst with the credential it was sent: it echoes it in the
+/// reason phrase, in HTTP/1 trailers, inside a gzip body it was asked not to send, as the
+/// base64 `Basic` credential the proxy built, and compressed in a coding the proxy cannot
+/// decode. None of it may reach the guest; the last is refused.
+#[tokio::test]
+async fn responses_cannot_carry_the_secret_back() {
+    let (port, ca) = scripted_tls(|mut tls| async move {
+        let head = read_head(&mut tls).await;
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let auth = head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: "))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let resp: Vec<u8> = match path.as_str() {
+            "/reason" => {
+                format!("HTTP/1.1 200 {auth}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    .into_bytes()
+            }
+            "/trailers" => format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Echo\r\n\
+                 Connection: close\r\n\r\n2\r\nok\r\n0\r\nX-Echo: {auth}\r\n\r\n"
+            )
+            .into_bytes(),
+            "/gzip" => {
+                let body = gzip(format!("echo={auth}").as_bytes());
+                let mut r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                r.extend(body);
+                r
+            }
+            "/basic" => format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{auth}",
+                auth.len()
+            )
+            .into_bytes(),
+            _ => b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 4\r\n\
+                   Connection: close\r\n\r\n\x0b\x02\x80x"
+                .to_vec(),
+        };
+        let _ = tls.write_all(&resp).await;
+        let _ = tls.shutdown().await;
+    })
+    .await;
+    let p = proxy(&ca, "PH_K_0123").await;
+    let req = |path: &str, auth: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: up.test:{port}\r\nAuthorization: {auth}\r\n\
+             TE: trailers\r\nConnection: close\r\n\r\n"
+        )
+    };
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let real_basic = b64.encode("user:real-value-1");
+    let guest_basic = b64.encode("user:PH_K_0123");
+    let cases = [
+        (
+            "/reason",
+            "Bearer PH_K_0123",
+            "HTTP/1.1 200 Bearer PH_K_0123",
+        ),
+        ("/gzip", "Bearer PH_K_0123", "echo=Bearer PH_K_0123"),
+        (
+            "/basic",
+            &format!("Basic {guest_basic}"),
+            &format!("Basic {guest_basic}"),
+        ),
+    ];
+    for (path, auth, want) in cases {
+        let raw = raw_tls_exchange(&p, port, &req(path, auth)).await;
+        assert!(!raw.contains("real-value-1"), "{path}: {raw}");
+        assert!(!raw.contains(&real_basic), "{path}: {raw}");
+        assert!(
+            raw.to_ascii_lowercase()
+                .contains(&want.to_ascii_lowercase()),
+            "{path}: want {want:?} in {raw}"
+        );
+    }
+    // Trailers reach an HTTP/2 guest (hyper sends none to an HTTP/1.1 one): scrubbed too.
+    let tls = guest_tls(&p, port, b"h2").await;
+    let (mut s, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let r = Request::get(format!("https://up.test:{port}/trailers"))
+        .header("authorization", "Bearer PH_K_0123")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let body = s
+        .send_request(r)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let trailers = body.trailers().cloned().expect("the trailers arrive");
+    assert_eq!(trailers["x-echo"], "Bearer PH_K_0123");
+    assert_eq!(body.to_bytes(), "ok");
+
+    let raw = raw_tls_exchange(&p, port, &req("/br", "Bearer PH_K_0123")).await;
+    assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+    assert!(raw.contains("Content-Encoding br"), "{raw}");
+}
+
+/// A proxy over plain HTTP with one secret `K` (placeholder `PH_K_0123`) for `up.test`;
+/// `other.test` is allowed too.
+fn secret_proxy(allow_http: bool) -> Arc<Proxy> {
+    let names = Arc::new(NameTable::default());
+    for n in ["up.test", "other.test"] {
+        names.record(n, &["127.0.0.1".parse().unwrap()]);
+    }
+    let secret = Secret::new(
+        "K",
+        "real-value-1",
+        AllowList::new(["up.test"]).unwrap(),
+        Some("PH_K_0123"),
+    )
+    .allow_http(allow_http);
+    Arc::new(Proxy::new(
+        policy(
+            AllowList::new(["up.test", "other.test"]).unwrap(),
+            names,
+            true,
+        ),
+        Secrets::new(vec![secret]),
+        MitmCa::generate("vm-test").unwrap(),
+        upstream_tls(None).unwrap(),
+        None,
+        Rules::default(),
+    ))
+}
+
+/// A loopback upstream that keeps every byte it was sent and answers 200.
+async fn recording() -> (u16, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let port = scripted(move |mut s| {
+        let keep = keep.clone();
+        async move {
+            let mut buf = [0u8; 8192];
+            loop {
+                match tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => keep.lock().unwrap().extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    (port, seen)
+}
+
+/// Raw bytes back for one hand-written plain HTTP request.
+async fn raw_exchange(p: &Arc<Proxy>, port: u16, request: &[u8]) -> String {
+    let mut g = guest_conn(p, port);
+    g.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), g.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn requests_cannot_carry_the_secret_in_clear_text_or_elsewhere() {
+    let (port, seen) = recording().await;
+    let p = secret_proxy(false);
+    let got = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+
+    // Plain HTTP to the secret's own host: refused before anything is sent.
+    let r = raw_exchange(
+        &p,
+        port,
+        format!("GET / HTTP/1.1\r\nHost: up.test:{port}\r\nAuthorization: Bearer PH_K_0123\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("over plain HTTP"), "{r}");
+    assert!(got().is_empty(), "{}", got());
+
+    // To another host: in the path, in a small body, in a chunked body split mid-placeholder.
+    let other = |rest: &str| format!("Host: other.test:{port}\r\nConnection: close\r\n{rest}");
+    let attacks = [
+        format!("GET /v1/PH_K_0123 HTTP/1.1\r\n{}\r\n", other("")),
+        format!(
+            "POST /x HTTP/1.1\r\n{}\r\n{{\"k\":\"PH_K_0123\"}}",
+            other("Content-Length: 17\r\n")
+        ),
+        format!(
+            "POST /x HTTP/1.1\r\n{}\r\n6\r\nsafe-P\r\n8\r\nH_K_0123\r\n0\r\n\r\n",
+            other("Transfer-Encoding: chunked\r\n")
+        ),
+        format!(
+            "POST /x HTTP/1.1\r\n{}\r\n{{\"k\":\"real-value-1\"}}",
+            other("Content-Length: 20\r\n")
+        ),
+    ];
+    for a in attacks {
+        let r = raw_exchange(&p, port, a.as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 403"), "{a}\n=> {r}");
+        assert!(r.contains("secret K may not be sent to other.test"), "{r}");
+        let sent = got();
+        assert!(
+            !sent.contains("PH_K_0123") && !sent.contains("real-value-1"),
+            "{a}\n=> upstream got {sent}"
+        );
+    }
+    // A body without either passes whole.
+    seen.lock().unwrap().clear();
+    let r = raw_exchange(
+        &p,
+        port,
+        format!(
+            "POST /x HTTP/1.1\r\n{}\r\nhello PH_K_01",
+            other("Content-Length: 13\r\n")
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(got().ends_with("hello PH_K_01"), "{}", got());
+
+    // A secret that allows clear text is injected over plain HTTP.
+    seen.lock().unwrap().clear();
+    let p = secret_proxy(true);
+    let r = raw_exchange(
+        &p,
+        port,
+        format!("GET / HTTP/1.1\r\nHost: up.test:{port}\r\nAuthorization: Bearer PH_K_0123\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(got().contains("Bearer real-value-1"), "{}", got());
+}

@@ -146,9 +146,18 @@ pub enum Denial {
         /// The host.
         host: String,
     },
-    /// A secret's placeholder headed for a host the secret is not for.
+    /// A secret's placeholder headed for a host the secret is not for, or into plain HTTP.
     #[error("{0}")]
     Secret(Leak),
+    /// A response compressed in a way the proxy cannot undo, so it cannot be scrubbed of
+    /// secret values.
+    #[error("{host} answered with Content-Encoding {coding}, which matchlock cannot decode to keep secrets out of it (it decodes gzip and deflate)")]
+    Undecodable {
+        /// The host.
+        host: String,
+        /// The coding named.
+        coding: String,
+    },
     /// A hook rule refused the request or its response.
     #[error("{reason}")]
     Rule {
@@ -175,6 +184,7 @@ impl Denial {
     pub fn status(&self) -> u16 {
         match self {
             Denial::NoHost | Denial::BadTarget { .. } => 400,
+            Denial::Undecodable { .. } => 502,
             _ => 403,
         }
     }
@@ -188,6 +198,7 @@ impl Denial {
             | Denial::NotAllowed { host }
             | Denial::Unresolved { host, .. }
             | Denial::WebSocketsDisabled { host }
+            | Denial::Undecodable { host, .. }
             | Denial::Rule { host, .. } => host.clone(),
             Denial::Address { subject, .. } => subject.clone(),
             Denial::NotHttp { dest } | Denial::Intercepted { dest } => dest.to_string(),
@@ -204,6 +215,10 @@ impl Denial {
             Denial::Secret(leak) => (
                 Some("secret_injector"),
                 json!({"host": subject, "allowed": false, "reason": reason, "secret": leak.name}),
+            ),
+            Denial::Undecodable { .. } => (
+                Some("secret_injector"),
+                json!({"host": subject, "allowed": false, "reason": reason}),
             ),
             _ => (
                 Some("host_filter"),
@@ -232,6 +247,7 @@ impl Denial {
 mod tests {
     use super::*;
     use crate::address::Range;
+    use crate::secrets::LeakKind;
 
     #[test]
     fn every_denial_has_one_status_one_event_and_a_reason() {
@@ -261,6 +277,12 @@ mod tests {
             Denial::Secret(Leak {
                 name: "K".into(),
                 host: "evil.test".into(),
+                why: LeakKind::OtherHost,
+            }),
+            Denial::Secret(Leak {
+                name: "K".into(),
+                host: "api.test".into(),
+                why: LeakKind::Cleartext,
             }),
             Denial::Rule {
                 host: "h".into(),
@@ -270,6 +292,10 @@ mod tests {
                 name: "h".into(),
                 error: "bad".into(),
             },
+            Denial::Undecodable {
+                host: "h".into(),
+                coding: "br".into(),
+            },
             Denial::TooManyConnections,
         ];
         for d in all {
@@ -278,7 +304,7 @@ mod tests {
             assert_eq!(e.data["allowed"], false, "{d:?}");
             assert_eq!(e.data["reason"], d.to_string());
             assert!(e.summary.contains(&d.to_string()) || e.summary.contains("failed"));
-            assert!(matches!(d.status(), 400 | 403));
+            assert!(matches!(d.status(), 400 | 403 | 502));
             assert!(!d.to_string().is_empty());
         }
     }
@@ -288,8 +314,19 @@ mod tests {
         let d = Denial::Secret(Leak {
             name: "API_KEY".into(),
             host: "evil.test".into(),
+            why: LeakKind::OtherHost,
         });
         assert_eq!(d.to_string(), "secret API_KEY may not be sent to evil.test");
+        let d = Denial::Secret(Leak {
+            name: "API_KEY".into(),
+            host: "api.test".into(),
+            why: LeakKind::Cleartext,
+        });
+        assert_eq!(
+            d.to_string(),
+            "secret API_KEY may not be sent to api.test over plain HTTP; use HTTPS, \
+             or allow clear text with --secret-over-http API_KEY"
+        );
         assert_eq!(d.event().plugin, Some("secret_injector"));
         assert_eq!(d.event().data["secret"], "API_KEY");
     }

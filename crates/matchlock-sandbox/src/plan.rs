@@ -149,6 +149,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
                 .placeholder
                 .clone()
                 .unwrap_or_else(matchlock_policy::secrets::placeholder),
+            allow_http: s.allow_http,
         });
     }
     NetworkConfig {

@@ -309,7 +309,7 @@ impl Sandbox {
     }
 
     /// A secret: the guest sees a placeholder in `$name`; the real value stays on the host and is
-    /// only ever sent to `hosts`.
+    /// only ever sent to `hosts`, over HTTPS (see [`Sandbox::allow_secret_over_http`]).
     pub fn add_secret<I, S>(
         mut self,
         name: impl Into<String>,
@@ -324,8 +324,18 @@ impl Sandbox {
             value: value.into(),
             hosts: hosts.into_iter().map(Into::into).collect(),
             placeholder: String::new(),
+            allow_http: false,
         };
         self.network().secrets.insert(name.into(), secret);
+        self
+    }
+
+    /// Lets the secret `name` (added with [`Sandbox::add_secret`]) also be injected into plain
+    /// HTTP requests, where it travels in clear text. Without it such requests are refused.
+    pub fn allow_secret_over_http(mut self, name: &str) -> Self {
+        if let Some(s) = self.network().secrets.get_mut(name) {
+            s.allow_http = true;
+        }
         self
     }
 

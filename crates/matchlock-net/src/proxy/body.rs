@@ -5,13 +5,138 @@
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use matchlock_policy::secrets::Scrubber;
+use matchlock_policy::secrets::{BodyGuard, Leak, Scrubber, Secrets};
+use std::io::Write;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What the proxy answers the guest with.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Any error a body the proxy passes on may end with (hyper's own, or the proxy's reason for
+/// cutting it short: a secret in a request body, a response it cannot decode to scrub).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the proxy sends either way: the guest's requests and its answers to the guest.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// A guest request body checked by a [`BodyGuard`] as it streams: the first chunk that would
+/// complete a secret headed where it may not go ends the body with an error instead (so the
+/// request is aborted, never sent complete), and the leak is left in `leak` for the refusal.
+pub struct GuardBody {
+    pub inner: Incoming,
+    pub guard: BodyGuard,
+    pub leak: Arc<Mutex<Option<Leak>>>,
+    pub done: bool,
+}
+
+impl Body for GuardBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match self.guard.push(&data) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                        Err(leak) => {
+                            self.done = true;
+                            let msg = leak.to_string();
+                            *self.leak.lock().unwrap_or_else(|p| p.into_inner()) = Some(leak);
+                            return Poll::Ready(Some(Err(msg.into())));
+                        }
+                    },
+                    // Trailers end the body: what was held back goes first, they are dropped
+                    // (a guest's trailers are not forwarded when a secret is being watched).
+                    Err(_) => {
+                        self.done = true;
+                        let rest = self.guard.finish();
+                        return Poll::Ready(
+                            (!rest.is_empty()).then(|| Ok(Frame::data(rest.into()))),
+                        );
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self.guard.finish();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest.into()))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The content codings the proxy can undo to scrub a response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Gzip,
+    Deflate,
+}
+
+impl Coding {
+    /// The coding a `Content-Encoding` value names; `Err` with the value for any coding (or
+    /// chain of codings) the proxy cannot decode.
+    pub fn parse(value: &[u8]) -> Result<Option<Coding>, String> {
+        let v = String::from_utf8_lossy(value).trim().to_ascii_lowercase();
+        match v.as_str() {
+            "" | "identity" => Ok(None),
+            "gzip" | "x-gzip" => Ok(Some(Coding::Gzip)),
+            "deflate" => Ok(Some(Coding::Deflate)),
+            _ => Err(v),
+        }
+    }
+}
+
+/// A streaming decoder for a [`Coding`]: compressed chunks in, plain bytes out as they come
+/// (never the whole body at once, so a small bomb cannot fill the host's memory).
+enum Decoder {
+    Gzip(flate2::write::MultiGzDecoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    fn new(c: Coding) -> Decoder {
+        match c {
+            Coding::Gzip => Decoder::Gzip(flate2::write::MultiGzDecoder::new(Vec::new())),
+            Coding::Deflate => Decoder::Deflate(flate2::write::ZlibDecoder::new(Vec::new())),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Decoder::Gzip(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate(d) => {
+                d.write_all(chunk)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Decoder::Gzip(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Decoder::Deflate(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+}
 
 /// Longest SSE line that body rules rewrite; a longer one passes through unchanged in pieces
 /// (an event stream is never buffered whole).
@@ -92,19 +217,52 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// A response body with real secret values turned back into placeholders.
 pub struct ScrubBody {
-    pub inner: Incoming,
-    pub scrubber: Scrubber,
-    pub done: bool,
+    inner: Incoming,
+    scrubber: Scrubber,
+    /// Scrubs trailers (HTTP/2, chunked HTTP/1.1) as header values.
+    secrets: Arc<Secrets>,
+    /// Undoes the body's content coding first (the response then goes out plain).
+    decoder: Option<Decoder>,
+    /// Trailers held while the scrubber's held-back bytes go out first.
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl ScrubBody {
+    /// Scrubs `inner`, decoding `coding` on the way.
+    pub fn new(inner: Incoming, secrets: Arc<Secrets>, coding: Option<Coding>) -> ScrubBody {
+        ScrubBody {
+            inner,
+            scrubber: secrets.scrubber(),
+            secrets,
+            decoder: coding.map(Decoder::new),
+            trailers: None,
+            done: false,
+        }
+    }
+}
+
+/// A body that cannot be decoded is cut off with an error (the guest sees an aborted
+/// response, never a complete-looking one).
+fn undecodable(e: std::io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Poll::Ready(Some(Err(format!(
+        "the upstream's compressed body is corrupt: {e}"
+    )
+    .into())))
 }
 
 impl Body for ScrubBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(t) = self.trailers.take() {
+            self.done = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
         if self.done {
             return Poll::Ready(None);
         }
@@ -112,24 +270,67 @@ impl Body for ScrubBody {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = self.scrubber.push(&data);
+                        let plain = match &mut self.decoder {
+                            Some(d) => match d.push(&data) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    self.done = true;
+                                    return undecodable(e);
+                                }
+                            },
+                            None => data.to_vec(),
+                        };
+                        let out = self.scrubber.push(&plain);
                         if out.is_empty() {
                             continue;
                         }
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            // Trailers end the body: the scrubber's held-back bytes (which can
+                            // complete nothing now) go out first, the scrubbed trailers next.
+                            scrub_header_values(&self.secrets, &mut trailers);
+                            let rest = self.scrubber.finish();
+                            if rest.is_empty() {
+                                self.done = true;
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                            self.trailers = Some(trailers);
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                        }
+                        Err(_) => continue,
+                    },
                 },
                 Poll::Ready(None) => {
                     self.done = true;
-                    let rest = self.scrubber.finish();
+                    let mut rest = match &mut self.decoder {
+                        Some(d) => match d.finish() {
+                            Ok(p) => self.scrubber.push(&p),
+                            Err(e) => return undecodable(e),
+                        },
+                        None => Vec::new(),
+                    };
+                    rest.extend(self.scrubber.finish());
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                 }
-                other => return other,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+}
+
+/// Real secret values in header values (response headers, trailers) become placeholders again.
+pub fn scrub_header_values(secrets: &Secrets, headers: &mut HeaderMap) {
+    for v in headers.values_mut() {
+        let scrubbed = secrets.scrub(v.as_bytes());
+        if scrubbed != v.as_bytes() {
+            *v = HeaderValue::from_bytes(&scrubbed)
+                .unwrap_or_else(|_| HeaderValue::from_static("<scrubbed>"));
         }
     }
 }
@@ -212,12 +413,12 @@ impl SseReplace {
 
 impl Body for SseReplace {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         loop {
             if self.done {
                 return Poll::Ready(None);

@@ -19,7 +19,8 @@ mod upstream;
 pub use tls::upstream_tls;
 
 use body::{
-    is_websocket_upgrade, strip_hop_by_hop, text, Prefixed, ProxyBody, ScrubBody, SseReplace,
+    is_websocket_upgrade, scrub_header_values, strip_hop_by_hop, text, Coding, GuardBody, Prefixed,
+    ProxyBody, ScrubBody, SseReplace,
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
@@ -45,7 +46,7 @@ const MAX_EDITED_BODY: usize = 16 << 20;
 /// One sandbox's interception proxy.
 pub struct Proxy {
     policy: Arc<Policy>,
-    secrets: Secrets,
+    secrets: Arc<Secrets>,
     ca: MitmCa,
     client_tls: Arc<rustls::ClientConfig>,
     /// The same trust, offering only HTTP/1.1 (for WebSocket upgrades).
@@ -74,7 +75,7 @@ impl Proxy {
         h1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Proxy {
             policy,
-            secrets,
+            secrets: Arc::new(secrets),
             ca,
             client_tls: Arc::new(client_tls),
             client_tls_h1: Arc::new(h1),
@@ -294,12 +295,30 @@ impl Proxy {
         parts.uri = uri;
         parts.headers = map;
         parts.version = http::Version::HTTP_11;
-        let upstream = Request::from_parts(parts, body.boxed());
+        // A body to a host some secret may not go to is watched as it streams.
+        let leak = Arc::new(std::sync::Mutex::new(None));
+        let body: ProxyBody = match self.secrets.body_guard(&host) {
+            Some(guard) => GuardBody {
+                inner: body,
+                guard,
+                leak: leak.clone(),
+                done: false,
+            }
+            .boxed(),
+            None => body.map_err(Into::into).boxed(),
+        };
+        let upstream = Request::from_parts(parts, body);
         let port = target.visible.port();
         let sent = match guest_upgrade {
             Some(_) => self.forward_upgrade(upstream, &allowed, tls, port).await,
             None => self.forward(upstream, &allowed, tls, port, slot).await,
         };
+        let leaked = leak.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(leak) = leaked {
+            // The request was cut off before the secret; whatever upstream answered, the guest
+            // gets the refusal.
+            return self.refuse(&Denial::Secret(leak), tls);
+        }
         let mut resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
@@ -372,7 +391,7 @@ impl Proxy {
         let mut query = view.query.as_bytes().to_vec();
         let injected = self
             .secrets
-            .apply_request(host, &mut headers, &mut query)
+            .apply_request(host, !tls, view.path.as_bytes(), &mut headers, &mut query)
             .map_err(Denial::Secret)?;
         if !injected.is_empty() {
             // An upstream that echoes the value inside a compressed body would slip past the
@@ -407,15 +426,30 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         self.scrub_headers(&mut parts.headers);
+        self.scrub_reason(&mut parts.extensions);
+        let mut coding = None;
         if !self.secrets.is_empty() {
             // The length may change with the substitution.
             parts.headers.remove(http::header::CONTENT_LENGTH);
+            // A compressed body would carry a value past the scrubber: it is decoded and sent
+            // on plain, or refused when the proxy cannot decode it. (Requests that carry a
+            // secret ask for no compression, but an upstream may compress anyway.)
+            let encoding = parts.headers.get(http::header::CONTENT_ENCODING);
+            match encoding.map(|v| Coding::parse(v.as_bytes())).transpose() {
+                Ok(c) => coding = c.flatten(),
+                Err(name) => {
+                    let denial = Denial::Undecodable {
+                        host: host.to_string(),
+                        coding: name,
+                    };
+                    return self.refuse(&denial, tls);
+                }
+            }
+            if coding.is_some() {
+                parts.headers.remove(http::header::CONTENT_ENCODING);
+            }
         }
-        let body = ScrubBody {
-            inner: body,
-            scrubber: self.secrets.scrubber(),
-            done: false,
-        };
+        let body = ScrubBody::new(body, self.secrets.clone(), coding);
         if self.rules.is_empty() {
             return Response::from_parts(parts, body.boxed());
         }
@@ -507,13 +541,21 @@ impl Proxy {
 
     /// Real secret values in header values become placeholders again.
     fn scrub_headers(&self, headers: &mut HeaderMap) {
-        for v in headers.values_mut() {
-            let scrubbed = self.secrets.scrub(v.as_bytes());
-            if scrubbed != v.as_bytes() {
-                if let Ok(nv) = HeaderValue::from_bytes(&scrubbed) {
-                    *v = nv;
-                }
-            }
+        scrub_header_values(&self.secrets, headers);
+    }
+
+    /// An HTTP/1 reason phrase is text the upstream chose too: scrubbed like a header (hyper
+    /// sends it on from this extension when it is not the status's canonical phrase).
+    fn scrub_reason(&self, extensions: &mut http::Extensions) {
+        let Some(reason) = extensions.get::<hyper::ext::ReasonPhrase>() else {
+            return;
+        };
+        let scrubbed = self.secrets.scrub(reason.as_bytes());
+        if scrubbed != reason.as_bytes() {
+            match hyper::ext::ReasonPhrase::try_from(scrubbed) {
+                Ok(r) => extensions.insert(r),
+                Err(_) => extensions.remove::<hyper::ext::ReasonPhrase>(),
+            };
         }
     }
 
