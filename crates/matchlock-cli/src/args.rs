@@ -395,10 +395,15 @@ pub struct RunArgs {
     /// Interception mode: only HTTP(S) to these hosts leaves (globs: *.example.com, api-*.x.com).
     #[arg(long = "allow-host", value_name = "HOST", value_delimiter = ',')]
     pub allow_host: Vec<String>,
-    /// A secret the guest only sees as a placeholder: NAME=VALUE@host1,host2, or NAME@hosts to take
-    /// the value from this environment. The real value is sent only to those hosts.
+    /// A secret the guest only sees as a placeholder: NAME@hosts takes the value from a
+    /// --secret-file or this environment; NAME=VALUE@host1,host2 gives it inline (where any local
+    /// user can read it with ps). The real value is sent only to those hosts, over HTTPS.
     #[arg(long = "secret", value_name = "NAME[=VALUE]@HOSTS")]
     pub secret: Vec<String>,
+    /// Values for --secret NAME@HOSTS from a file of NAME=VALUE lines (# comments), so they
+    /// appear in no process's arguments or environment.
+    #[arg(long = "secret-file", value_name = "PATH")]
+    pub secret_file: Vec<std::path::PathBuf>,
     /// Also inject this --secret into plain HTTP requests, where it travels in clear text
     /// (refused by default: only HTTPS carries secrets).
     #[arg(long = "secret-over-http", value_name = "NAME")]

@@ -179,7 +179,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
         i.allowed_hosts
             .push(HostPattern::parse(h).map_err(|e| anyhow!("--allow-host: {e}"))?);
     }
-    i.secrets = secrets(&args.secret)?;
+    i.secrets = secrets(&args.secret, &secret_files(&args.secret_file)?)?;
     for name in &args.secret_over_http {
         let s = i
             .secrets
@@ -207,8 +207,35 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
     Ok(Some(n))
 }
 
-/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from this process's environment).
-fn secrets(items: &[String]) -> Result<Vec<SecretRequest>> {
+/// Reads `--secret-file`s: `NAME=VALUE` lines, blank lines and `#` comments. Errors name the
+/// file and line, never a value.
+fn secret_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow!("--secret-file {}: {e}", p.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line.split_once('=').ok_or_else(|| {
+                anyhow!(
+                    "--secret-file {} line {}: expected NAME=VALUE",
+                    p.display(),
+                    i + 1
+                )
+            })?;
+            let name = name.trim().strip_prefix("export ").unwrap_or(name.trim());
+            out.push((name.trim().to_string(), value.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from a `--secret-file`, else from
+/// this process's environment).
+fn secrets(items: &[String], files: &[(String, String)]) -> Result<Vec<SecretRequest>> {
     let mut out = Vec::new();
     for item in items {
         // Never echo the item: it may hold the value.
@@ -217,12 +244,19 @@ fn secrets(items: &[String]) -> Result<Vec<SecretRequest>> {
             .ok_or_else(|| anyhow!("--secret needs NAME[=VALUE]@HOST[,HOST...]"))?;
         let (name, value) = match left.split_once('=') {
             Some((n, v)) => (n.to_string(), v.to_string()),
-            None => (
-                left.to_string(),
-                std::env::var(left).map_err(|_| {
-                    anyhow!("--secret {left}@...: {left} is not set in this environment")
-                })?,
-            ),
+            None => {
+                let from_file = files.iter().rev().find(|(n, _)| n == left);
+                let value = match from_file {
+                    Some((_, v)) => v.clone(),
+                    None => std::env::var(left).map_err(|_| {
+                        anyhow!(
+                            "--secret {left}@...: {left} is in no --secret-file and not set in \
+                             this environment"
+                        )
+                    })?,
+                };
+                (left.to_string(), value)
+            }
         };
         let what = format!("--secret {name}");
         let hosts: Vec<String> = hosts.split(',').map(str::to_string).collect();

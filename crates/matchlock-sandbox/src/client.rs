@@ -65,6 +65,7 @@ pub fn start_with_secrets(
         .map_err(|e| cleanup(SandboxError::io("log")(e)))?;
     let exe = crate::supervisor::supervisor_exe().map_err(cleanup)?;
     let mut cmd = std::process::Command::new(exe);
+    supervisor_env(&mut cmd, secrets);
     cmd.arg("__supervise")
         .arg(&id)
         .env("MATCHLOCK_HOME", store.home())
@@ -313,5 +314,47 @@ impl Events {
     /// The next event; `None` once the sandbox has stopped.
     pub async fn next(&mut self) -> Option<matchlock_vfs::FileEvent> {
         control::read_json(&mut self.conn).await.ok()
+    }
+}
+
+/// Variables the supervisor (and QEMU, which inherits from it) may see besides `MATCHLOCK_*`:
+/// where programs and certificates are, logging, locale.
+const SUPERVISOR_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "XDG_RUNTIME_DIR",
+    "DOCKER_CONFIG",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// Gives the supervisor a clean environment: only the variables it needs, and none that is
+/// named like a secret or holds a secret's value. A `--secret NAME@host` takes its value from
+/// the caller's environment; inherited, it would sit in the supervisor's and QEMU's
+/// `/proc/PID/environ` for the sandbox's whole life.
+fn supervisor_env(cmd: &mut std::process::Command, secrets: &[(String, String)]) {
+    use std::os::unix::ffi::OsStrExt;
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        let Some(name) = k.to_str() else { continue };
+        let wanted = name.starts_with("MATCHLOCK_") || SUPERVISOR_ENV.contains(&name);
+        let secret = secrets.iter().any(|(n, value)| {
+            n == name
+                || (!value.is_empty()
+                    && v.as_bytes()
+                        .windows(value.len())
+                        .any(|w| w == value.as_bytes()))
+        });
+        if wanted && !secret {
+            cmd.env(k, v);
+        }
     }
 }

