@@ -106,7 +106,10 @@ fn main() {
 
 fn print_figures(rows: &[Row], took: Duration) {
     println!();
-    println!("{:<44} {:>6} {:>8} {:>7}", "attack", "tried", "blocked", "leaked");
+    println!(
+        "{:<44} {:>6} {:>8} {:>7}",
+        "attack", "tried", "blocked", "leaked"
+    );
     for r in rows {
         println!(
             "{:<44} {:>6} {:>8} {:>7}",
@@ -168,12 +171,19 @@ fn start_canaries(hits: &Hits) {
     );
     dns_canary(hits);
     tcp_canary(format!("{OPENED}:80").parse().unwrap(), hits, None);
-    tcp_canary(format!("{ECHO}:80").parse().unwrap(), hits, Some(echo_response));
+    tcp_canary(
+        format!("{ECHO}:80").parse().unwrap(),
+        hits,
+        Some(echo_response),
+    );
 }
 
 /// Accepts on `addr`, records the first bytes of each connection, answers with `respond`
 /// (or a plain 200).
-fn tcp_canary(addr: SocketAddr, hits: &Hits, respond: Option<fn(&[u8]) -> Vec<u8>>) {
+/// Builds an upstream's answer from the request it got.
+type Responder = fn(&[u8]) -> Vec<u8>;
+
+fn tcp_canary(addr: SocketAddr, hits: &Hits, respond: Option<Responder>) {
     let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("canary {addr}: {e}"));
     let hits = hits.clone();
     std::thread::spawn(move || {
@@ -196,8 +206,10 @@ fn tcp_canary(addr: SocketAddr, hits: &Hits, respond: Option<fn(&[u8]) -> Vec<u8
                 hits.lock().unwrap().push((addr.to_string(), got.clone()));
                 let resp = match respond {
                     Some(f) => f(&got),
-                    None => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncanary\n"
-                        .to_vec(),
+                    None => {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncanary\n"
+                            .to_vec()
+                    }
                 };
                 let _ = c.write_all(&resp);
             });
@@ -219,7 +231,10 @@ fn complete_request(got: &[u8]) -> bool {
                 .then(|| v.trim().parse::<usize>().ok())?
         })
         .unwrap_or(0);
-    if text[..end].to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if text[..end]
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return text.ends_with("0\r\n\r\n");
     }
     got.len() >= end + 4 + len
@@ -231,7 +246,9 @@ fn udp_canary(addr: SocketAddr, hits: &Hits) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok((n, _)) = s.recv_from(&mut buf) {
-            hits.lock().unwrap().push((addr.to_string(), buf[..n].to_vec()));
+            hits.lock()
+                .unwrap()
+                .push((addr.to_string(), buf[..n].to_vec()));
         }
     });
 }
@@ -293,8 +310,7 @@ fn echo_response(req: &[u8]) -> Vec<u8> {
     let compress = |deflate: bool| {
         let data = format!("echo {auth}");
         if deflate {
-            let mut e =
-                flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
             e.write_all(data.as_bytes()).unwrap();
             e.finish().unwrap()
         } else {
@@ -304,8 +320,10 @@ fn echo_response(req: &[u8]) -> Vec<u8> {
         }
     };
     match path.as_str() {
-        "/reason" => format!("HTTP/1.1 200 {auth}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            .into_bytes(),
+        "/reason" => {
+            format!("HTTP/1.1 200 {auth}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .into_bytes()
+        }
         "/header" => with_body(&format!("X-Echo: {auth}\r\n"), b"ok"),
         "/trailers" => format!(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Echo\r\n\
@@ -364,7 +382,10 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("dns_exfiltration", dns_exfiltration),
     ("secrets_on_the_wire", secrets_on_the_wire),
     ("secrets_in_process_state", secrets_in_process_state),
-    ("workspace_symlinks_across_runs", workspace_symlinks_across_runs),
+    (
+        "workspace_symlinks_across_runs",
+        workspace_symlinks_across_runs,
+    ),
     ("set_id_bits_and_owners", set_id_bits_and_owners),
     ("devices_and_kernel_log", devices_and_kernel_log),
     ("broken_pipe", broken_pipe),
@@ -425,12 +446,13 @@ fn egress(hits: &Hits) -> Vec<Row> {
     ] {
         let mut targets = Vec::new();
         let mut n = 0;
-        let mut mark = |t: &mut Vec<(String, String, u16, String)>, proto: &str, host: &str, port| {
-            n += 1;
-            let m = format!("mlrt-egress-{mode}-{n:03}");
-            t.push((proto.to_string(), host.to_string(), port, m.clone()));
-            m
-        };
+        let mut mark =
+            |t: &mut Vec<(String, String, u16, String)>, proto: &str, host: &str, port| {
+                n += 1;
+                let m = format!("mlrt-egress-{mode}-{n:03}");
+                t.push((proto.to_string(), host.to_string(), port, m.clone()));
+                m
+            };
         for a in BLOCKED {
             for port in [80, 443, 22] {
                 mark(&mut targets, "tcp", a, port);
@@ -444,7 +466,11 @@ fn egress(hits: &Hits) -> Vec<Row> {
             mark(&mut targets, "tcp", "x.rebind.test", 80);
         }
         // The control: the opened upstream, by the name interception allows.
-        let opened = if mode == "intercepting" { "open.test" } else { OPENED };
+        let opened = if mode == "intercepting" {
+            "open.test"
+        } else {
+            OPENED
+        };
         let control = mark(&mut targets, "tcp", opened, 80);
         let json = serde_json::to_string(
             &targets
@@ -699,7 +725,9 @@ fn secrets_on_the_wire(hits: &Hits) -> Vec<Row> {
             back_leaks.push(format!("{what}: {answer}"));
         }
         if *what == "echo /br" && !answer.starts_with("HTTP/1.1 502") {
-            back_leaks.push(format!("{what}: an undecodable body was passed on: {answer}"));
+            back_leaks.push(format!(
+                "{what}: an undecodable body was passed on: {answer}"
+            ));
         }
     }
     // Scrubbed, not dropped: the placeholder comes back where the value was.
@@ -812,7 +840,9 @@ fn workspace_symlinks_across_runs(_: &Hits) -> Vec<Row> {
          ln -s {o} sub; ln -s {o}/other.img disk.img; echo PLANTED"
     );
     let spec = format!("{}:/w:host_fs", ws.display());
-    let first = run(&["run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", &plant]);
+    let first = run(&[
+        "run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", &plant,
+    ]);
     assert!(stdout(&first).contains("PLANTED"), "{}", stderr(&first));
     let w = ws.display().to_string();
     let later: Vec<Vec<String>> = vec![
@@ -837,7 +867,10 @@ fn workspace_symlinks_across_runs(_: &Hits) -> Vec<Row> {
         if o.status.success() || stdout(&o).contains("RAN") {
             leaked.push(format!("{flags:?} ran: {}", stdout(&o)));
         } else if !stderr(&o).contains("symlink") {
-            leaked.push(format!("{flags:?} failed, but not for the symlink: {}", stderr(&o)));
+            leaked.push(format!(
+                "{flags:?} failed, but not for the symlink: {}",
+                stderr(&o)
+            ));
         }
     }
     if std::fs::read(outside.join("host-secret")).unwrap() != before
@@ -866,7 +899,9 @@ fn set_id_bits_and_owners(_: &Hits) -> Vec<Row> {
     let script = "cd /w; echo 'echo pwned' >> suid; printf x >> sgid; : > trunc; \
         cp plain new; chmod 4755 new; chmod 6755 plain; chown 4242:4242 plain; \
         chgrp 4242 suid; chmod g+s dir; mkdir d2; chmod 2775 d2; echo DONE";
-    let o = run(&["run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", script]);
+    let o = run(&[
+        "run", "--image", BUSYBOX, "-v", &spec, "--", "sh", "-c", script,
+    ]);
     assert!(stdout(&o).contains("DONE"), "{}", stderr(&o));
     let mode = |n: &str| std::fs::metadata(p.join(n)).unwrap().mode() & 0o7777;
     let mut leaked = Vec::new();
@@ -968,6 +1003,41 @@ fn broken_pipe(_: &Hits) -> Vec<Row> {
 fn host_side_leftovers(_: &Hits) -> Vec<Row> {
     let sb = Sandbox::detached(&[], &["sleep", "600"]);
     let dir = home().join("vms").join(&sb.id);
+    // The supervisor (and QEMU below it) runs with the few capabilities it needs, no way to
+    // regain others, and a seccomp filter.
+    let mut privileged = Vec::new();
+    let mut checked = 0;
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(ent.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !cmd.contains(&sb.id) {
+            continue;
+        }
+        let status = std::fs::read_to_string(ent.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        checked += 1;
+        let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap_or(u64::MAX);
+        let bnd = u64::from_str_radix(&field("CapBnd:"), 16).unwrap_or(u64::MAX);
+        // CHOWN, DAC_OVERRIDE, FOWNER, KILL, NET_BIND_SERVICE at most.
+        let allowed: u64 = 1 | 1 << 1 | 1 << 3 | 1 << 5 | 1 << 10;
+        let who = cmd.split('\0').next().unwrap_or("").to_string();
+        if eff & !allowed != 0 || bnd & !allowed != 0 {
+            privileged.push(format!("{who}: CapEff {eff:x} CapBnd {bnd:x}"));
+        }
+        if field("Seccomp:") != "2" {
+            privileged.push(format!("{who}: no seccomp filter"));
+        }
+        if field("NoNewPrivs:") != "1" {
+            privileged.push(format!("{who}: can gain privileges through exec"));
+        }
+    }
+    assert!(checked >= 2, "found {checked} processes of {}", sb.id);
     ok(run(&["kill", &sb.id]));
     let mut leaked: Vec<String> = std::fs::read_dir(&dir)
         .map(|d| {
@@ -995,11 +1065,18 @@ fn host_side_leftovers(_: &Hits) -> Vec<Row> {
     }
     assert!(images > 0, "no image files under {}", cache.display());
     let tried = 2 + images;
-    vec![Row {
-        attack: "sockets after kill, world-readable images".into(),
-        tried,
-        leaked,
-    }]
+    vec![
+        Row {
+            attack: "host processes with privileges to spare".into(),
+            tried: checked * 3,
+            leaked: privileged,
+        },
+        Row {
+            attack: "sockets after kill, world-readable images".into(),
+            tried,
+            leaked,
+        },
+    ]
 }
 
 /// Where `matchlock` keeps pulled and imported images (`$MATCHLOCK_CACHE_DIR/images`, else

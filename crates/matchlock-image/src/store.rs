@@ -57,6 +57,32 @@ impl Drop for TempDir {
     }
 }
 
+/// Makes the store its owner's alone: an image's files (its configuration, whatever secrets a
+/// careless build baked in) are no business of other local users. The root becomes `0700` and
+/// root file systems `0600`, including those a version before this one left readable.
+fn keep_private(root: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| ImageError::io(format!("making {} private", p.display()), e))
+    };
+    if fs::metadata(root).map_or(true, |m| m.permissions().mode() & 0o077 != 0) {
+        set(root, 0o700)?;
+    }
+    for e in fs::read_dir(root.join("rootfs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 != 0)
+        {
+            set(&e.path(), 0o600)?;
+        }
+    }
+    Ok(())
+}
+
 fn mkdirs(path: &Path) -> Result<(), ImageError> {
     fs::create_dir_all(path).map_err(|e| ImageError::io(format!("creating {}", path.display()), e))
 }
@@ -117,6 +143,7 @@ impl ImageStore {
         // Absolute, so ImageInfo.rootfs works from any working directory.
         let root = fs::canonicalize(&root)
             .map_err(|e| ImageError::io(format!("resolving {}", root.display()), e))?;
+        keep_private(&root)?;
         Ok(ImageStore {
             root,
             force_unprivileged: false,
@@ -204,6 +231,11 @@ impl ImageStore {
                     }
                 }
             }
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(rootfs, fs::Permissions::from_mode(0o600))
+                .map_err(|e| ImageError::io(format!("making {} private", rootfs.display()), e))?;
         }
         let size = fs::metadata(rootfs)
             .map_err(|e| ImageError::io(format!("inspecting {}", rootfs.display()), e))?

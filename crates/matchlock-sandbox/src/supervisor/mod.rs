@@ -12,6 +12,7 @@
 //! workspace are built by their own crates (`matchlock_net::setup`, `matchlock_vfs::workspace`)
 //! from their parts of the configuration.
 
+mod confine;
 mod console;
 mod control;
 mod guest;
@@ -47,6 +48,10 @@ pub fn run(store: Store, id: &str) -> i32 {
     let Ok(mut life) = Lifecycle::begin(store.clone(), id, ready) else {
         return 1;
     };
+    // Still one thread, nothing spawned: every later thread, and QEMU, inherits the confinement.
+    if let Err(e) = confine::confine() {
+        return life.fail(&format!("cannot drop the supervisor's privileges: {e}"));
+    }
     let config = life.config().clone();
     let started = Instant::now();
     process::defer_signals();
