@@ -388,6 +388,7 @@ const ATTACKS: &[(&str, Attack)] = &[
     ),
     ("set_id_bits_and_owners", set_id_bits_and_owners),
     ("devices_and_kernel_log", devices_and_kernel_log),
+    ("cpu_share", cpu_share),
     ("broken_pipe", broken_pipe),
     ("host_side_leftovers", host_side_leftovers),
 ];
@@ -955,6 +956,65 @@ fn devices_and_kernel_log(_: &Hits) -> Vec<Row> {
     vec![Row {
         attack: "device nodes and the kernel log from the guest".into(),
         tried: 13,
+        leaked,
+    }]
+}
+
+/// CPU seconds QEMU `pid` used over `window` (all its threads), in cores.
+fn cores_used(pid: i32, window: Duration) -> f64 {
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (t0, c0) = (Instant::now(), ticks());
+    std::thread::sleep(window);
+    (ticks() - c0) as f64 / hz / t0.elapsed().as_secs_f64()
+}
+
+/// A quarter CPU that guest root tries to turn into a whole one by lifting the guest's own
+/// cgroup limit and leaving it: the host's cgroup around QEMU must still hold it. The control
+/// (a whole CPU) shows the busy loop does use a core when allowed to.
+fn cpu_share(_: &Hits) -> Vec<Row> {
+    let escape =
+        "for f in $(find /sys/fs/cgroup -name cpu.max); do echo max > $f; done 2>/dev/null; \
+        echo $$ > /sys/fs/cgroup/cgroup.procs 2>/dev/null; \
+        (while :; do :; done) & echo STARTED";
+    let mut used = Vec::new();
+    for cpus in ["0.25", "1"] {
+        let sb = Sandbox::detached(&["--cpus", cpus], &["sleep", "600"]);
+        let o = sb.exec(&["sh", "-c", escape]);
+        assert!(stdout(&o).contains("STARTED"), "{}", stderr(&o));
+        let pid = *qemu_pids(&sb.id).first().expect("the sandbox's QEMU");
+        std::thread::sleep(Duration::from_secs(1));
+        used.push(cores_used(pid, Duration::from_secs(4)));
+    }
+    assert!(
+        used[1] > 0.5,
+        "cpu: the control used only {:.2} cores; the busy loop did not run",
+        used[1]
+    );
+    let mut leaked = Vec::new();
+    if used[0] > 0.45 {
+        leaked.push(format!(
+            "--cpus 0.25 used {:.2} cores after guest root lifted its cgroup",
+            used[0]
+        ));
+    }
+    eprintln!(
+        "red team: cpu_share: --cpus 0.25 used {:.2} cores, --cpus 1 used {:.2}",
+        used[0], used[1]
+    );
+    vec![Row {
+        attack: "guest root lifting its CPU share".into(),
+        tried: 1,
         leaked,
     }]
 }

@@ -15,6 +15,7 @@
 mod confine;
 mod console;
 mod control;
+mod cpu_limit;
 mod guest;
 pub mod lifecycle;
 mod process;
@@ -72,6 +73,13 @@ pub fn run(store: Store, id: &str) -> i32 {
     life.note(|s| {
         s.qemu_pid = Some(spawned.vm.pid());
         s.accel = Some(spawned.accel.accel.to_string());
+    });
+    // A fractional CPU share is held on the host too: the guest's own cgroup is guest root's
+    // to rewrite. Where the host has no usable cgroup, only the guest's holds (and we say so).
+    let _cpu_limit = config.cpu_max().and_then(|max| {
+        cpu_limit::apply(id, spawned.vm.pid(), max)
+            .map_err(|e| tracing::warn!("--cpus {} holds only inside the guest: {e}", config.cpus))
+            .ok()
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
