@@ -48,8 +48,17 @@ type Hits = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 /// One line of the figures.
 struct Row {
     attack: String,
+    /// Variants tried.
     tried: usize,
+    /// What got through, one line per variant (a variant may name several findings, all
+    /// shown; the count is of variants).
     leaked: Vec<String>,
+}
+
+impl Row {
+    fn leaked(&self) -> usize {
+        self.leaked.len().min(self.tried)
+    }
 }
 
 fn main() {
@@ -95,7 +104,7 @@ fn main() {
         }
     }
     print_figures(&rows, started.elapsed());
-    let leaked: usize = rows.iter().map(|r| r.leaked.len()).sum();
+    let leaked: usize = rows.iter().map(Row::leaked).sum();
     if leaked > 0 || !broken.is_empty() {
         if !broken.is_empty() {
             println!("attacks that could not be judged (their control failed): {broken:?}");
@@ -115,15 +124,15 @@ fn print_figures(rows: &[Row], took: Duration) {
             "{:<44} {:>6} {:>8} {:>7}",
             r.attack,
             r.tried,
-            r.tried - r.leaked.len(),
-            r.leaked.len()
+            r.tried - r.leaked(),
+            r.leaked()
         );
         for l in &r.leaked {
             println!("    LEAKED: {l}");
         }
     }
     let tried: usize = rows.iter().map(|r| r.tried).sum();
-    let leaked: usize = rows.iter().map(|r| r.leaked.len()).sum();
+    let leaked: usize = rows.iter().map(Row::leaked).sum();
     println!(
         "red team: {} attacks, {tried} variants tried, {} blocked, {leaked} leaked ({:.0} s)",
         rows.len(),
@@ -496,6 +505,7 @@ fn egress(hits: &Hits) -> Vec<Row> {
                 );
             }
         }
+        leaked.dedup_by(|a, b| a.split(' ').next() == b.split(' ').next());
         rows.push(Row {
             attack: format!("egress to blocked addresses ({mode})"),
             tried: targets.len() - 1,
@@ -881,7 +891,8 @@ fn workspace_symlinks_across_runs(_: &Hits) -> Vec<Row> {
     }
     vec![Row {
         attack: "workspace symlinks followed by a later run".into(),
-        tried: later.len(),
+        // The later runs, and the files outside ws staying as they were.
+        tried: later.len() + 1,
         leaked,
     }]
 }

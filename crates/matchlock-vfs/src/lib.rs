@@ -83,6 +83,17 @@ pub struct MountSpec {
     /// what its contents already take, `(limit, used)`; new entries are owned by the guest
     /// user that creates them.
     pub private: Option<(u64, u64)>,
+    /// Most files and directories the guest may hold looked up at once (each costs the
+    /// supervisor ~300 bytes), see [`node_limit`].
+    pub max_nodes: usize,
+}
+
+/// How many nodes a mount may hold for a guest with `memory` bytes of RAM: one per 2 KiB.
+/// A guest cannot keep more looked up than its own dentry and inode caches hold (about 1 KiB
+/// each, in its memory), so this only stops a guest that lies about forgetting them, at about
+/// 15 % of its memory in supervisor memory.
+pub fn node_limit(memory: u64) -> usize {
+    usize::try_from(memory / 2048).unwrap_or(usize::MAX)
 }
 
 /// Why the server could not start.
@@ -150,6 +161,7 @@ pub fn workspace(
             },
             emit_events,
             private,
+            max_nodes: node_limit(budget),
         });
     }
     let server = VfsServer::new(&specs).map_err(|e| format!("workspace mount {e}"))?;
@@ -185,7 +197,8 @@ impl VfsServer {
                     source,
                 })?
                 .with_rules(&spec.guest_path, spec.rules.clone())
-                .with_owner(spec.owner);
+                .with_owner(spec.owner)
+                .with_node_limit(spec.max_nodes);
             if spec.emit_events {
                 fs = fs.with_events(events.clone());
             }

@@ -106,6 +106,8 @@ pub struct MountFs {
     /// Owner of the host root: besides a file's own ids, the only ones a guest may `chown` a
     /// file on a shared host directory to.
     root_ids: (u32, u32),
+    /// Most nodes held at once ([`MountFs::with_node_limit`]).
+    max_nodes: usize,
     tables: Mutex<Tables>,
 }
 
@@ -288,6 +290,7 @@ impl MountFs {
             quota: None,
             caller_owns: false,
             root_ids: (st.st_uid, st.st_gid),
+            max_nodes: MAX_NODES,
             tables: Mutex::new(t),
         })
     }
@@ -310,6 +313,13 @@ impl MountFs {
     pub fn with_rules(mut self, guest_path: &str, rules: Vec<BlockRule>) -> Self {
         self.guest_path = guest_path.trim_end_matches('/').to_string();
         self.rules = rules;
+        self
+    }
+
+    /// Holds at most `n` nodes (files and directories the guest has looked up and not
+    /// forgotten); past it lookups fail with `ENFILE`. Kept between 16 Ki and [`MAX_NODES`].
+    pub fn with_node_limit(mut self, n: usize) -> Self {
+        self.max_nodes = n.clamp(1 << 14, MAX_NODES);
         self
     }
 
@@ -706,7 +716,7 @@ impl MountFs {
                 return Ok(id);
             }
         }
-        if t.nodes.len() >= MAX_NODES {
+        if t.nodes.len() >= self.max_nodes {
             return Err(err(libc::ENFILE));
         }
         let mut id = st.st_ino;

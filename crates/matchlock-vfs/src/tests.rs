@@ -1093,3 +1093,32 @@ fn roots_reached_through_symlinks_are_refused() {
     }
     assert!(MountFs::open(&d.path().join("real"), false).is_ok());
 }
+
+/// A guest that never forgets what it looked up runs into the node limit (`ENFILE`), not the
+/// host's memory; forgetting frees room again.
+#[test]
+fn node_limit_bounds_what_the_supervisor_remembers() {
+    let d = tempfile::tempdir().unwrap();
+    let n = 1 << 14;
+    for i in 0..=n {
+        fs::write(d.path().join(format!("f{i}")), "").unwrap();
+    }
+    let fs = srv(d.path(), false).with_node_limit(0);
+    let mut ids = Vec::new();
+    // The root is a node too.
+    for i in 0..n - 1 {
+        ids.push(ino(lookup(&fs, ROOT_NODE, &format!("f{i}"))));
+    }
+    assert_eq!(
+        lookup(&fs, ROOT_NODE, &format!("f{n}")),
+        R::Err(libc::ENFILE)
+    );
+    fs.handle(Op::Forget {
+        nodes: vec![(ids[0], 1)],
+    });
+    assert!(matches!(
+        lookup(&fs, ROOT_NODE, &format!("f{n}")),
+        R::Entry(_)
+    ));
+    assert_eq!(crate::node_limit(512 << 20), 262_144);
+}
