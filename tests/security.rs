@@ -201,26 +201,32 @@ fn tcp_canary(addr: SocketAddr, hits: &Hits, respond: Option<Responder>) {
             std::thread::spawn(move || {
                 let mut c = c;
                 let _ = c.set_read_timeout(Some(Duration::from_millis(700)));
-                let mut got = Vec::new();
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 {
+                // Request after request on one connection (keep-alive), so that a second
+                // request smuggled behind an approved one is seen too.
+                loop {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        if complete_request(&got) {
+                            break;
+                        }
+                    }
+                    if got.is_empty() {
                         break;
                     }
-                    got.extend_from_slice(&buf[..n]);
-                    if complete_request(&got) {
+                    hits.lock().unwrap().push((addr.to_string(), got.clone()));
+                    let resp = match respond {
+                        Some(f) => f(&got),
+                        None => b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ncanary\n".to_vec(),
+                    };
+                    if c.write_all(&resp).is_err() || respond.is_some() {
                         break;
                     }
                 }
-                hits.lock().unwrap().push((addr.to_string(), got.clone()));
-                let resp = match respond {
-                    Some(f) => f(&got),
-                    None => {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\ncanary\n"
-                            .to_vec()
-                    }
-                };
-                let _ = c.write_all(&resp);
             });
         }
     });
@@ -397,6 +403,8 @@ const ATTACKS: &[(&str, Attack)] = &[
     ),
     ("set_id_bits_and_owners", set_id_bits_and_owners),
     ("devices_and_kernel_log", devices_and_kernel_log),
+    ("http_host_confusion", http_host_confusion),
+    ("rpc_malformed_input", rpc_malformed_input),
     ("cpu_share", cpu_share),
     ("broken_pipe", broken_pipe),
     ("host_side_leftovers", host_side_leftovers),
@@ -967,6 +975,227 @@ fn devices_and_kernel_log(_: &Hits) -> Vec<Row> {
     vec![Row {
         attack: "device nodes and the kernel log from the guest".into(),
         tried: 13,
+        leaked,
+    }]
+}
+
+/// Requests written by hand to an allowed host's address that try to reach another host, or
+/// to slip a second request past the check of the first.
+const HTTP_ATTACK: &str = r#"
+import json, socket
+ip = socket.gethostbyname('open.test')
+def send(raw):
+    s = socket.create_connection((ip, 80), timeout=10)
+    s.sendall(raw.encode())
+    s.settimeout(3)
+    data = b''
+    while True:
+        try:
+            c = s.recv(65536)
+        except Exception:
+            break
+        if not c:
+            break
+        data += c
+    return data.decode(errors='replace')[:200]
+M = 'mlrthttp'
+body = '0\r\n\r\nGET /' + M + '-smuggled-clte HTTP/1.1\r\nHost: other.test\r\n\r\n'
+attacks = {
+    'control': 'GET /control-' + M + ' HTTP/1.1\r\nHost: open.test\r\nConnection: close\r\n\r\n',
+    'other Host': 'GET /' + M + '-host HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n',
+    'absolute form': 'GET http://other.test/' + M + '-abs HTTP/1.1\r\nHost: open.test\r\nConnection: close\r\n\r\n',
+    'userinfo authority': 'GET http://open.test@other.test/' + M + '-userinfo HTTP/1.1\r\nHost: open.test\r\nConnection: close\r\n\r\n',
+    'two Host headers': 'GET /' + M + '-two HTTP/1.1\r\nHost: open.test\r\nHost: other.test\r\nConnection: close\r\n\r\n',
+    'pipelined': 'GET /control-pipe HTTP/1.1\r\nHost: open.test\r\n\r\nGET /' + M + '-pipe HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n',
+    'CL.TE': 'POST / HTTP/1.1\r\nHost: open.test\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%s' % (len(body), body),
+    'TE.CL': 'POST / HTTP/1.1\r\nHost: open.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5c\r\nGET /' + M + '-smuggled-tecl HTTP/1.1\r\nHost: other.test\r\nContent-Length: 15\r\n\r\nx=1\r\n0\r\n\r\n',
+    'obfuscated TE': 'POST / HTTP/1.1\r\nHost: open.test\r\nTransfer-Encoding: xchunked\r\nContent-Length: %d\r\n\r\n%s' % (len(body), body.replace('clte', 'xte')),
+    'CONNECT': 'CONNECT other.test:80 HTTP/1.1\r\nHost: other.test:80\r\n\r\nGET /' + M + '-connect HTTP/1.1\r\nHost: other.test\r\n\r\n',
+    'h2c upgrade': 'GET /' + M + '-h2c HTTP/1.1\r\nHost: other.test\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n',
+    'obs-fold Host': 'GET /' + M + '-fold HTTP/1.1\r\nHost: open.test\r\n other.test\r\nConnection: close\r\n\r\n',
+    'bare LF': 'GET /' + M + '-lf HTTP/1.1\nHost: other.test\n\n',
+}
+out = {k: send(v) for k, v in attacks.items()}
+print(json.dumps(out))
+print('SCRIPT-DONE')
+"#;
+
+/// Host and framing confusion on plain HTTP through interception: only requests for the
+/// allowed host, as the proxy parsed them, may reach it (NET-02, NET-05, NET-06, NET-08,
+/// NET-13, HTTP-01 to HTTP-03, HTTP-06, HTTP-09).
+fn http_host_confusion(hits: &Hits) -> Vec<Row> {
+    let out = python(
+        &[
+            "--allow-host",
+            "open.test",
+            "--add-host",
+            "open.test:10.9.9.9",
+            "--add-host",
+            "other.test:10.9.9.9",
+            "--allow-private-host",
+            OPENED,
+        ],
+        HTTP_ATTACK,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !hits_with(hits, "GET /control-mlrthttp").is_empty(),
+        "http: the control never reached the upstream: {out}"
+    );
+    // The oracle reads what the upstream got as an upstream must (Content-Length or chunked
+    // framing): a marker inside an approved request's body is data, not a request.
+    let seen = hits.lock().unwrap().clone();
+    let leaked: Vec<String> = seen
+        .iter()
+        .filter(|(w, _)| w.starts_with(OPENED))
+        .flat_map(|(_, b)| requests_in(b))
+        .filter(|(line, host)| {
+            (line.contains("mlrthttp-") && !line.contains("/control-"))
+                || !host.eq_ignore_ascii_case("open.test")
+        })
+        .map(|(line, host)| format!("{line} (Host: {host})"))
+        .collect();
+    vec![Row {
+        attack: "HTTP host and framing confusion".into(),
+        tried: 12,
+        leaked,
+    }]
+}
+
+/// The requests in what an upstream received, read by RFC 9112 framing: each request line and
+/// its Host, bodies skipped by `Content-Length` or chunked coding.
+fn requests_in(bytes: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        rest = &rest[end + 4..];
+        let mut lines = head.lines();
+        let line = lines.next().unwrap_or("").to_string();
+        let (mut host, mut len, mut chunked) = (String::new(), 0usize, false);
+        for l in lines {
+            let Some((k, v)) = l.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k.to_ascii_lowercase().as_str() {
+                "host" => host = v.to_string(),
+                "content-length" => len = v.parse().unwrap_or(0),
+                "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
+                _ => {}
+            }
+        }
+        out.push((line, host));
+        if chunked {
+            loop {
+                let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return out;
+                };
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&rest[..nl])
+                        .split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim(),
+                    16,
+                )
+                .unwrap_or(0);
+                rest = rest.get(nl + 2 + size + 2..).unwrap_or(&[]);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            rest = rest.get(len..).unwrap_or(&[]);
+        }
+    }
+    out
+}
+
+/// The JSON-RPC server fed what a buggy or hostile client sends: every line gets an answer (or
+/// is ignored), nothing malformed succeeds, and the server still serves the next request
+/// (RPC-01 to RPC-04, RPC-08).
+fn rpc_malformed_input(_: &Hits) -> Vec<Row> {
+    let req = |id: &str, method: &str, params: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{params}}}"#)
+    };
+    let mut lines: Vec<String> = vec![
+        "{".into(),
+        "not json at all".into(),
+        format!("\u{feff}{}", req("1", "nope", "{}")),
+        req("2", "nope", "{}"),
+        req(r#"{"a":1}"#, "create", "{}"),
+        req("3", "create", r#"{"image":7}"#),
+        req("4", "create", r#"{"image":"../../etc"}"#),
+        req(
+            "5",
+            "create",
+            r#"{"image":"busybox","vfs":{"mounts":{"/w":{"type":"host_fs","host_path":"/proc/self/root/etc"}}}}"#,
+        ),
+        req("6", "exec", r#"{"command":"id"}"#),
+        "[1,2,3]".into(),
+        req("7", "read_file", r#"{"path":"\u0000"}"#),
+        r#""\ud800""#.into(),
+        req("1e999", "log", "{}"),
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        "x".repeat(1 << 20),
+    ];
+    let tried = lines.len();
+    lines.push(req("99", "nope", "{}"));
+    let mut child = ml(&["rpc"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        for l in &lines {
+            if stdin.write_all(l.as_bytes()).is_err() || stdin.write_all(b"\n").is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut replies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answered_last = false;
+    while Instant::now() < deadline && !answered_last {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) else {
+            continue;
+        };
+        answered_last = line.contains(r#""id":99"#);
+        replies.push(line);
+    }
+    let _ = writer.join();
+    let alive = child.try_wait().ok().flatten().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut leaked = Vec::new();
+    if !answered_last {
+        leaked.push(format!(
+            "the server stopped answering (alive: {alive}); replies: {replies:?}"
+        ));
+    }
+    for r in &replies {
+        if serde_json::from_str::<serde_json::Value>(r).is_err() {
+            leaked.push(format!("a reply that is not JSON: {r:.200}"));
+        } else if r.contains(r#""result""#) {
+            leaked.push(format!("a malformed request succeeded: {r:.200}"));
+        }
+    }
+    vec![Row {
+        attack: "malformed JSON-RPC input".into(),
+        tried,
         leaked,
     }]
 }

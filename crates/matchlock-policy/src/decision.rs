@@ -91,6 +91,11 @@ pub enum Denial {
     /// An HTTP request without a Host.
     #[error("the request names no host")]
     NoHost,
+    /// A request two parsers could read differently (two `Host` headers, or both
+    /// `Content-Length` and `Transfer-Encoding`): refused rather than guessed at, so what the
+    /// policy approved is what the upstream reads (RFC 9112 §3.2 and §6.1).
+    #[error("ambiguous request: {0}")]
+    Ambiguous(&'static str),
     /// A request target that cannot be re-issued.
     #[error("unparsable request target")]
     BadTarget {
@@ -183,7 +188,7 @@ impl Denial {
     /// The HTTP status a refused request gets.
     pub fn status(&self) -> u16 {
         match self {
-            Denial::NoHost | Denial::BadTarget { .. } => 400,
+            Denial::NoHost | Denial::Ambiguous(_) | Denial::BadTarget { .. } => 400,
             Denial::Undecodable { .. } => 502,
             _ => 403,
         }
@@ -192,7 +197,7 @@ impl Denial {
     /// The host or address the refusal is about.
     pub fn subject(&self) -> String {
         match self {
-            Denial::NoHost | Denial::TooManyConnections => String::new(),
+            Denial::NoHost | Denial::Ambiguous(_) | Denial::TooManyConnections => String::new(),
             Denial::BadTarget { host }
             | Denial::SniMismatch { host, .. }
             | Denial::NotAllowed { host }
@@ -254,6 +259,7 @@ mod tests {
         let dest = SocketAddrV4::new([10, 0, 0, 1].into(), 22);
         let all = [
             Denial::NoHost,
+            Denial::Ambiguous("two Host headers"),
             Denial::BadTarget { host: "h".into() },
             Denial::SniMismatch {
                 host: "a".into(),

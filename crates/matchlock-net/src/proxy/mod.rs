@@ -40,6 +40,20 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use upstream::UpstreamSlot;
 
+/// Why a request is one two parsers could read differently, if it is.
+fn ambiguity<B>(req: &Request<B>) -> Option<&'static str> {
+    let h = req.headers();
+    if h.get_all(http::header::HOST).iter().nth(1).is_some() {
+        return Some("two Host headers");
+    }
+    if h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    None
+}
+
 /// Largest response body that `after` body rules buffer.
 const MAX_EDITED_BODY: usize = 16 << 20;
 
@@ -219,6 +233,9 @@ impl Proxy {
         slot: &UpstreamSlot,
     ) -> Response<ProxyBody> {
         let tls = sni.is_some();
+        if let Some(why) = ambiguity(&req) {
+            return self.refuse(&Denial::Ambiguous(why), tls);
+        }
         let authority = req
             .uri()
             .authority()
