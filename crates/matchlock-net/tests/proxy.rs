@@ -934,3 +934,58 @@ async fn requests_cannot_carry_the_secret_in_clear_text_or_elsewhere() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(got().contains("Bearer real-value-1"), "{}", got());
 }
+
+/// An upstream that was sent a secret in the upgrade request echoes it in WebSocket messages
+/// (a text frame and a close reason): the guest gets the placeholder, and no compression
+/// extension was offered upstream that could hide the value.
+#[tokio::test]
+async fn websocket_messages_are_scrubbed_too() {
+    let port = scripted(|mut s| async move {
+        let head = read_head(&mut s).await;
+        let lower = head.to_ascii_lowercase();
+        let auth = head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: "))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let ext = if lower.contains("sec-websocket-extensions") {
+            "EXTENSIONS-OFFERED"
+        } else {
+            "none"
+        };
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+            .await;
+        let text = format!("got {auth} ext={ext}");
+        let mut frame = vec![0x81, text.len() as u8];
+        frame.extend_from_slice(text.as_bytes());
+        let mut reason = vec![0x03, 0xe8];
+        reason.extend_from_slice(auth.as_bytes());
+        frame.extend_from_slice(&[0x88, reason.len() as u8]);
+        frame.extend_from_slice(&reason);
+        let _ = s.write_all(&frame).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let p = secret_proxy(true);
+    let mut g = guest_conn(&p, port);
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: up.test:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Authorization: Bearer PH_K_0123\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    g.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_head(&mut g).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut rest = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(10), g.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("real-value-1"), "{text}");
+    assert!(text.contains("got Bearer PH_K_0123 ext=none"), "{text}");
+    assert!(
+        rest.windows(18).any(|w| w == b"\x03\xe8Bearer PH_K_0123"),
+        "{text}"
+    );
+}

@@ -360,6 +360,14 @@ impl Scrubber {
         self.run(&[], true)
     }
 
+    /// A scrubber for the same values with nothing held back (for a separate stream).
+    pub fn fresh(&self) -> Scrubber {
+        Scrubber {
+            pairs: self.pairs.clone(),
+            carry: Vec::new(),
+        }
+    }
+
     fn run(&mut self, chunk: &[u8], last: bool) -> Vec<u8> {
         if self.pairs.is_empty() {
             let mut out = std::mem::take(&mut self.carry);

@@ -15,6 +15,7 @@
 mod body;
 mod tls;
 mod upstream;
+mod websocket;
 
 pub use tls::upstream_tls;
 
@@ -39,6 +40,41 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use upstream::UpstreamSlot;
+
+/// A WebSocket tunnel whose upstream-to-guest frames pass `frames` (secret values scrubbed);
+/// the guest's frames go up as they are. A frame that cannot be scrubbed ends the guest's side.
+async fn scrubbed_tunnel<G, U>(guest: G, upstream: U, mut frames: websocket::FrameScrubber)
+where
+    G: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let (mut gr, mut gw) = tokio::io::split(guest);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = async {
+        let _ = tokio::io::copy(&mut gr, &mut uw).await;
+        let _ = uw.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match ur.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let Ok(out) = frames.push(&buf[..n]) else {
+                tracing::debug!("websocket frame from upstream cannot be scrubbed; closing");
+                break;
+            };
+            if gw.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+        let _ = gw.shutdown().await;
+    };
+    // Like copy_bidirectional: each side's end is passed on, the tunnel ends when both have.
+    tokio::join!(up, down);
+}
 
 /// Why a request is one two parsers could read differently, if it is.
 fn ambiguity<B>(req: &Request<B>) -> Option<&'static str> {
@@ -297,6 +333,10 @@ impl Proxy {
                 HeaderValue::from_static("upgrade"),
             );
             map.insert(http::header::UPGRADE, token);
+            if !self.secrets.is_empty() {
+                // A compressed message could carry a value past the tunnel's scrubber.
+                map.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+            }
         }
         if let Ok(h) = HeaderValue::from_str(&authority) {
             map.insert(http::header::HOST, h);
@@ -606,11 +646,18 @@ impl Proxy {
             },
             tls,
         );
+        let scrubber = (!self.secrets.is_empty()).then(|| self.secrets.scrubber());
         tokio::spawn(async move {
             let (Ok(g), Ok(u)) = tokio::join!(guest, upstream) else {
                 return;
             };
-            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(g), &mut TokioIo::new(u)).await;
+            let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
+            match scrubber {
+                None => {
+                    let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+                }
+                Some(s) => scrubbed_tunnel(g, u, websocket::FrameScrubber::new(s)).await,
+            }
         });
         out
     }
