@@ -336,6 +336,10 @@ const SUPERVISOR_ENV: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
+/// Shortest secret value looked for inside other variables' values; a shorter one (a test's
+/// `v`) would match half the environment, and is only looked for as a whole value.
+const MIN_EMBEDDED_SECRET: usize = 8;
+
 /// Gives the supervisor a clean environment: only the variables it needs, and none that is
 /// named like a secret or holds a secret's value. A `--secret NAME@host` takes its value from
 /// the caller's environment; inherited, it would sit in the supervisor's and QEMU's
@@ -347,11 +351,11 @@ fn supervisor_env(cmd: &mut std::process::Command, secrets: &[(String, String)])
         let Some(name) = k.to_str() else { continue };
         let wanted = name.starts_with("MATCHLOCK_") || SUPERVISOR_ENV.contains(&name);
         let secret = secrets.iter().any(|(n, value)| {
+            let value = value.as_bytes();
             n == name
-                || (!value.is_empty()
-                    && v.as_bytes()
-                        .windows(value.len())
-                        .any(|w| w == value.as_bytes()))
+                || v.as_bytes() == value
+                || (value.len() >= MIN_EMBEDDED_SECRET
+                    && v.as_bytes().windows(value.len()).any(|w| w == value))
         });
         if wanted && !secret {
             cmd.env(k, v);
