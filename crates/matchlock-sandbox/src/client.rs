@@ -362,3 +362,40 @@ fn supervisor_env(cmd: &mut std::process::Command, secrets: &[(String, String)])
         }
     }
 }
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    fn passed(secrets: &[(&str, &str)]) -> Vec<String> {
+        let secrets: Vec<(String, String)> = secrets
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let mut cmd = std::process::Command::new("true");
+        supervisor_env(&mut cmd, &secrets);
+        cmd.get_envs()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Only the listed variables pass, never one named like a secret or holding its value,
+    /// and a short value does not knock out every variable that happens to contain it.
+    #[test]
+    fn the_supervisor_gets_no_secret_and_nothing_it_does_not_need() {
+        let path = std::env::var("PATH").unwrap();
+        let all = passed(&[]);
+        assert!(all.iter().any(|k| k == "PATH"), "{all:?}");
+        assert!(all
+            .iter()
+            .all(|k| k.starts_with("MATCHLOCK_") || SUPERVISOR_ENV.contains(&k.as_str())));
+        assert!(!passed(&[("K", &path)]).contains(&"PATH".to_string()));
+        assert!(!passed(&[("PATH", "x")]).contains(&"PATH".to_string()));
+        assert!(passed(&[("K", "v")]).contains(&"PATH".to_string()));
+        let tail = &path[path.len().saturating_sub(10)..];
+        if tail.len() >= MIN_EMBEDDED_SECRET {
+            assert!(!passed(&[("K", tail)]).contains(&"PATH".to_string()));
+        }
+    }
+}
