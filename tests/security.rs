@@ -1024,6 +1024,8 @@ print('SCRIPT-DONE')
 /// allowed host, as the proxy parsed them, may reach it (NET-02, NET-05, NET-06, NET-08,
 /// NET-13, HTTP-01 to HTTP-03, HTTP-06, HTTP-09).
 fn http_host_confusion(hits: &Hits) -> Vec<Row> {
+    // Only what reaches the upstream during this attack counts (others use it too).
+    let before = hits.lock().unwrap().len();
     let out = python(
         &[
             "--allow-host",
@@ -1044,7 +1046,7 @@ fn http_host_confusion(hits: &Hits) -> Vec<Row> {
     );
     // The oracle reads what the upstream got as an upstream must (Content-Length or chunked
     // framing): a marker inside an approved request's body is data, not a request.
-    let seen = hits.lock().unwrap().clone();
+    let seen = hits.lock().unwrap()[before..].to_vec();
     let leaked: Vec<String> = seen
         .iter()
         .filter(|(w, _)| w.starts_with(OPENED))
@@ -1236,13 +1238,15 @@ fn cpu_share(_: &Hits) -> Vec<Row> {
         std::thread::sleep(Duration::from_secs(1));
         used.push(cores_used(pid, Duration::from_secs(4)));
     }
+    // Judged against the control, measured the same way on the same (maybe busy) machine:
+    // held, the quarter share gets about a quarter core; lifted, as much as the whole CPU.
     assert!(
-        used[1] > 0.5,
+        used[1] > 0.35,
         "cpu: the control used only {:.2} cores; the busy loop did not run",
         used[1]
     );
     let mut leaked = Vec::new();
-    if used[0] > 0.45 {
+    if used[0] > 0.4 && used[0] > 0.6 * used[1] {
         leaked.push(format!(
             "--cpus 0.25 used {:.2} cores after guest root lifted its cgroup",
             used[0]

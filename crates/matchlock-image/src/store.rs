@@ -59,7 +59,7 @@ impl Drop for TempDir {
 
 /// Makes the store its owner's alone: an image's files (its configuration, whatever secrets a
 /// careless build baked in) are no business of other local users. The root becomes `0700` and
-/// root file systems `0600`, including those a version before this one left readable.
+/// root file systems `0400`, including those a version before this one left readable.
 fn keep_private(root: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     let set = |p: &Path, mode: u32| {
@@ -77,7 +77,7 @@ fn keep_private(root: &Path) -> Result<(), ImageError> {
         if e.metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 != 0)
         {
-            set(&e.path(), 0o600)?;
+            set(&e.path(), 0o400)?;
         }
     }
     Ok(())
@@ -234,7 +234,7 @@ impl ImageStore {
         }
         {
             use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(rootfs, fs::Permissions::from_mode(0o600))
+            fs::set_permissions(rootfs, fs::Permissions::from_mode(0o400))
                 .map_err(|e| ImageError::io(format!("making {} private", rootfs.display()), e))?;
         }
         let size = fs::metadata(rootfs)
@@ -311,8 +311,8 @@ impl ImageStore {
         staging.finalize()?;
         let out = work.join("rootfs.ext4");
         ext4::build(&staging, &out, &scratch)?;
-        // Shared by every sandbox of the image: nobody may write it.
-        fs::set_permissions(&out, fs::Permissions::from_mode(0o444))
+        // Shared by every sandbox of the image: nobody may write it, and only its owner read it.
+        fs::set_permissions(&out, fs::Permissions::from_mode(0o400))
             .map_err(|e| ImageError::io(format!("making {} read-only", out.display()), e))?;
         Ok(out)
     }

@@ -741,7 +741,7 @@ fn docker_save_and_oci_both_import_and_tags_work() {
     assert_eq!(a.size, std::fs::metadata(&a.rootfs).unwrap().len());
     assert_eq!(
         std::fs::metadata(&a.rootfs).unwrap().permissions().mode() & 0o777,
-        0o444
+        0o400
     );
     assert_eq!(a.created.as_deref(), Some("2024-05-01T10:00:00Z"));
     assert_eq!(
