@@ -576,8 +576,8 @@ def vfs():
          .req("MKDIR", 1, u32(0o40755, 0) + name("x"))
          .req("LOOKUP", R1, name("d"))                      # NODE(3)
          .req("LOOKUP", NODE(3), name("g"))                 # NODE(4)
-         .req("OPEN", NODE(4), u32(os.O_RDWR, 0))           # FH(0): rules refuse writes in d/
-         .req("WRITE", NODE(4), u64(FH(0), 0) + u32(1, 0) + u64(0) + u32(0, 0), b"x")
+         .req("OPEN", NODE(4), u32(os.O_RDWR, 0))           # FH(1): rules refuse writes in d/
+         .req("WRITE", NODE(4), u64(FH(1), 0) + u32(1, 0) + u64(0) + u32(0, 0), b"x")
          .req("UNLINK", NODE(3), name("g"))
          .req("LOOKUP", R1, name("p"))                      # NODE(5): a FIFO
          .req("OPEN", NODE(5), u32(os.O_RDONLY | os.O_NONBLOCK, 0))

@@ -1,8 +1,12 @@
 //! A guest TCP connection's bytes into the interception proxy (`matchlock_net::proxy::Proxy::serve`),
 //! exactly as the network stack hands a flow over: classification, the TLS handshake (with a
 //! leaf from the sandbox CA), HTTP/1.x and HTTP/2 (hyper), the policy gate, hook rules and secret
-//! substitution. The input is written by the "guest" end of an in-memory duplex, whose write
-//! half is then shut down; the proxy's answer is read until it closes (at most 200 ms).
+//! substitution. The input is written by the "guest" end of an in-memory duplex; once the proxy
+//! has nothing left to do (its requests answered, or waiting for more) the write half is shut
+//! down, and the answer is read until the proxy closes the connection (at most 200 ms). The
+//! runtime's clock is paused and advances only when every task waits, so "nothing left to do"
+//! and the deadline cost no wall-clock time, and the proxy's own timeouts cannot fire early
+//! under a slow, instrumented build.
 //!
 //! Each input goes to two proxies:
 //!
@@ -11,8 +15,9 @@
 //! - `secret`: requests to `api.test` and `other.test` pass the gate (the guest "resolved" them to
 //!   the visible address), hook rules block, rewrite and mutate, and two secrets are substituted
 //!   or refused (the one for `api.test` is HTTPS-only). A request that passes everything is sent
-//!   to `127.0.0.1` on a port the harness holds bound but never listens on, so the connect is
-//!   refused at once, in-process: no byte leaves the host.
+//!   to the "real" address `255.255.255.255`, which the address policy opens: a TCP connect to
+//!   the broadcast address fails in the `connect` call itself (`ENETUNREACH`), so no packet is
+//!   ever sent.
 //!
 //! The real value of a secret must never reach the guest: unless the input itself contains it,
 //! the proxy's answer must not.
@@ -36,15 +41,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const VISIBLE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const SECRET_VALUE: &[u8] = b"Zq7-real-secret-V4lue";
 const SECRET_VALUE_2: &[u8] = b"second-real-value-Xk2";
-/// How long the proxy gets to answer one input.
+/// How long the proxy gets to answer one input (virtual time).
 const DEADLINE: Duration = Duration::from_millis(200);
+/// How long the connection stays open after the input was written (virtual time: this ends as
+/// soon as the proxy waits for more input).
+const QUIET: Duration = Duration::from_millis(50);
+/// Where requests that pass every check are sent; see the crate docs.
+const UNREACHABLE: Ipv4Addr = Ipv4Addr::BROADCAST;
 
 struct Env {
     rt: tokio::runtime::Runtime,
     plain: Arc<Proxy>,
     secret: Arc<Proxy>,
-    /// Bound to 127.0.0.1 and never listening: connects to it are refused.
-    closed: tokio::net::TcpSocket,
 }
 
 fn rule(name: &str, action: &str, path: &str) -> RuleSpec {
@@ -61,12 +69,9 @@ fn env() -> &'static Env {
     ENV.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .start_paused(true)
             .build()
             .expect("tokio runtime");
-        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
-        closed
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind");
         let tls = upstream_tls(None).expect("upstream TLS config");
 
         let plain = Proxy::new(
@@ -88,7 +93,7 @@ fn env() -> &'static Env {
         }
         let policy = Policy::intercepting(
             AddressPolicy {
-                allow: vec!["127.0.0.1".parse().expect("address")],
+                allow: vec![UNREACHABLE.into()],
                 ..Default::default()
             },
             AllowList::new(["api.test", "other.test"]).expect("allow-list"),
@@ -137,7 +142,6 @@ fn env() -> &'static Env {
             rt,
             plain: Arc::new(plain),
             secret: Arc::new(secret),
-            closed,
         }
     })
 }
@@ -149,12 +153,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// One guest connection: the input, then end of stream; returns what the proxy answered.
 async fn connection(proxy: Arc<Proxy>, target: Target, data: &[u8]) -> Vec<u8> {
-    let (mut guest, theirs) = tokio::io::duplex(1 << 16);
+    let (guest, theirs) = tokio::io::duplex(1 << 16);
+    let (mut rd, mut wr) = tokio::io::split(guest);
     let mut reply = Vec::new();
     let client = async {
-        let _ = guest.write_all(data).await;
-        let _ = guest.shutdown().await;
-        let _ = guest.read_to_end(&mut reply).await;
+        let write = async {
+            let _ = wr.write_all(data).await;
+            tokio::time::sleep(QUIET).await;
+            let _ = wr.shutdown().await;
+        };
+        let _ = tokio::join!(write, rd.read_to_end(&mut reply));
     };
     let _ = tokio::time::timeout(DEADLINE, async {
         tokio::join!(proxy.serve(theirs, target), client)
@@ -165,7 +173,6 @@ async fn connection(proxy: Arc<Proxy>, target: Target, data: &[u8]) -> Vec<u8> {
 
 fuzz_target!(|data: &[u8]| {
     let env = env();
-    let closed_port = env.closed.local_addr().expect("bound").port();
     env.rt.block_on(async {
         let target = Target {
             visible: SocketAddrV4::new(VISIBLE, 80),
@@ -175,7 +182,7 @@ fuzz_target!(|data: &[u8]| {
 
         let target = Target {
             visible: SocketAddrV4::new(VISIBLE, 80),
-            real: SocketAddr::from(([127, 0, 0, 1], closed_port)),
+            real: SocketAddr::from((UNREACHABLE, 80)),
         };
         let reply = connection(env.secret.clone(), target, data).await;
         for value in [SECRET_VALUE, SECRET_VALUE_2] {

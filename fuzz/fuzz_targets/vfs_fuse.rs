@@ -85,7 +85,9 @@ fn fixture() -> &'static Fixture {
 /// Recreates a mount's tree: `f` (a file), `d/g` (a file in a directory), `l` -> `f`,
 /// `x` (an executable), `p` (a FIFO, which the host must never open).
 fn reset(dir: &Path) {
-    if dir.exists() {
+    if dir.exists() && fs::remove_dir_all(dir).is_err() {
+        // A guest may leave directories it cannot be removed from without root (mode 000).
+        make_removable(dir);
         fs::remove_dir_all(dir).expect("cleaning a mount");
     }
     fs::create_dir(dir).expect("mount dir");
@@ -103,6 +105,17 @@ fn reset(dir: &Path) {
         std::ffi::CString::new(dir.join("p").into_os_string().into_encoded_bytes()).expect("path");
     // SAFETY: `p` is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(p.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Gives every directory under `dir` (never following symlinks) mode 0700.
+fn make_removable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_removable(&entry.path());
+        }
+    }
 }
 
 /// Nothing may appear, disappear or change next to the mounts.
@@ -146,15 +159,16 @@ impl Payload for Mem {
     fn read_from(&mut self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
         let f = fs::File::from(fd.try_clone_to_owned()?);
         // A guest's buffers hold at most MAX_IO bytes; never allocate more than that here.
-        self.read = vec![0; len.min(MAX_IO as usize)];
+        let mut buf = vec![0; len.min(MAX_IO as usize)];
         let mut got = 0;
-        while got < self.read.len() {
-            match f.read_at(&mut self.read[got..], offset.saturating_add(got as u64))? {
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset.saturating_add(got as u64))? {
                 0 => break,
                 n => got += n,
             }
         }
-        self.read.truncate(got);
+        buf.truncate(got);
+        self.read = buf;
         Ok(got)
     }
 }
@@ -208,7 +222,7 @@ impl Refs {
 
     /// Remembers the node ids and handles a successful reply carries.
     fn learn(&mut self, op: u32, body: &[u8]) {
-        let mut first = || u64_at(body, 0).unwrap_or(0);
+        let first = || u64_at(body, 0).unwrap_or(0);
         match op {
             opcode::LOOKUP | opcode::MKDIR | opcode::MKNOD | opcode::SYMLINK | opcode::LINK => {
                 Self::keep(&mut self.nodes, first())
