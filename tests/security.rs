@@ -370,12 +370,13 @@ fn hits_with(hits: &Hits, needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs `python3 -c script` in a fresh sandbox with `flags`; returns its stdout (asserting it
-/// ran: a script that never ran would make every attack look blocked).
+/// Runs `python3 -c` [`PY_PRELUDE`] + `script` in a fresh sandbox with `flags`; returns its
+/// stdout (asserting it ran: a script that never ran would make every attack look blocked).
 fn python(flags: &[&str], script: &str) -> String {
     let mut args = vec!["run", "--image", python_image()];
     args.extend_from_slice(flags);
-    args.extend_from_slice(&["--", "python3", "-c", script]);
+    let script = format!("{PY_PRELUDE}{script}");
+    args.extend_from_slice(&["--", "python3", "-c", &script]);
     let out = run(&args);
     let text = stdout(&out);
     assert!(
@@ -410,15 +411,36 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("host_side_leftovers", host_side_leftovers),
 ];
 
-/// Connects (TCP) or sends (UDP) a marker to each target, in parallel; targets are
-/// `[proto, host, port, marker]`, host `GW` being the guest's gateway.
-const PROBE: &str = r#"
-import json, socket, struct, threading
+/// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
+/// which writes raw bytes to port 80 and returns all that comes back until the peer closes or
+/// stays silent for `wait` seconds.
+const PY_PRELUDE: &str = r#"
+import socket, struct
 gw = None
 for line in open('/proc/net/route').read().splitlines()[1:]:
     f = line.split()
     if f[1] == '00000000':
         gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
+def exchange(ip, raw, wait):
+    s = socket.create_connection((ip, 80), timeout=10)
+    s.sendall(raw if isinstance(raw, bytes) else raw.encode())
+    s.settimeout(wait)
+    data = b''
+    while True:
+        try:
+            c = s.recv(65536)
+        except Exception:
+            break
+        if not c:
+            break
+        data += c
+    return data.decode(errors='replace')
+"#;
+
+/// Connects (TCP) or sends (UDP) a marker to each target, in parallel; targets are
+/// `[proto, host, port, marker]`, host `GW` being the guest's gateway.
+const PROBE: &str = r#"
+import json, threading
 out = {}
 def probe(proto, host, port, marker):
     host = gw if host == 'GW' else host
@@ -539,11 +561,6 @@ def rr(n, t=1, data=b'\x01\x02\x03\x04'):
 def opt(code, data):
     o = struct.pack('>HH', code, len(data)) + data
     return b'\0' + struct.pack('>HHIH', 41, 1232, 0, len(o)) + o
-gw = None
-for line in open('/proc/net/route').read().splitlines()[1:]:
-    f = line.split()
-    if f[1] == '00000000':
-        gw = socket.inet_ntoa(struct.pack('<L', int(f[2], 16)))
 M = '@@M@@'
 attacks = {
     'control': packet(qs=[q('control-@@M@@.open.test')]),
@@ -608,22 +625,8 @@ fn dns_exfiltration(hits: &Hits) -> Vec<Row> {
 /// The secrets attack script: requests that try to get a secret out in clear text or to the
 /// wrong host, then responses that try to bring the real value back into the guest.
 const SECRET_ATTACK: &str = r#"
-import base64, json, os, socket
+import base64, json, os
 K, H = os.environ['K'], os.environ['H']
-def raw(host, ip, req):
-    s = socket.create_connection((ip, 80), timeout=10)
-    s.sendall(req.encode())
-    s.settimeout(10)
-    data = b''
-    while True:
-        try:
-            c = s.recv(65536)
-        except Exception:
-            break
-        if not c:
-            break
-        data += c
-    return data.decode(errors='replace')
 def get(host, path, headers='', body=None, chunks=None):
     req = 'GET ' + path + ' HTTP/1.1\r\nHost: ' + host + '\r\nConnection: close\r\n' + headers
     if body is not None:
@@ -633,7 +636,7 @@ def get(host, path, headers='', body=None, chunks=None):
         req += ''.join('%x\r\n%s\r\n' % (len(c), c) for c in chunks) + '0\r\n\r\n'
     else:
         req += '\r\n'
-    return raw(host, socket.gethostbyname(host), req)
+    return exchange(socket.gethostbyname(host), req, 10)
 out = {'K': K, 'H': H}
 basic = base64.b64encode(('user:' + K).encode()).decode()
 out['control'] = get('api.test', '/control', 'Authorization: Bearer ' + H + '\r\n')
@@ -982,22 +985,10 @@ fn devices_and_kernel_log(_: &Hits) -> Vec<Row> {
 /// Requests written by hand to an allowed host's address that try to reach another host, or
 /// to slip a second request past the check of the first.
 const HTTP_ATTACK: &str = r#"
-import json, socket
+import json
 ip = socket.gethostbyname('open.test')
 def send(raw):
-    s = socket.create_connection((ip, 80), timeout=10)
-    s.sendall(raw.encode())
-    s.settimeout(3)
-    data = b''
-    while True:
-        try:
-            c = s.recv(65536)
-        except Exception:
-            break
-        if not c:
-            break
-        data += c
-    return data.decode(errors='replace')[:200]
+    return exchange(ip, raw, 3)[:200]
 M = 'mlrthttp'
 body = '0\r\n\r\nGET /' + M + '-smuggled-clte HTTP/1.1\r\nHost: other.test\r\n\r\n'
 attacks = {
