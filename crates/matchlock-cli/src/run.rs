@@ -88,57 +88,65 @@ pub fn run(args: RunArgs) -> Result<i32> {
             ms = started.elapsed().as_millis() as u64,
             "sandbox started"
         );
-        let client = Client::for_sandbox(&store, &id)?;
-        if interrupted {
-            let _ = client.stop(Some(0)).await;
-            if !args.rm {
-                let _ = store.remove(&id);
+        let timed_out = || {
+            args.timeout
+                .is_some_and(|t| started.elapsed().as_secs() >= t)
+        };
+        let attached = async {
+            let client = Client::for_sandbox(&store, &id)?;
+            if interrupted {
+                let _ = client.stop(Some(0)).await;
+                if !args.rm {
+                    let _ = store.remove(&id);
+                }
+                return Ok(Some(130));
             }
-            return Ok(130);
-        }
-        // Matchlock's wording, on stderr (scripts match it).
-        for f in store.state(&id).map(|s| s.forwards).unwrap_or_default() {
-            eprintln!(
-                "Forwarding {}:{} -> sandbox:{}",
-                f.address, f.local_port, f.remote_port
-            );
-        }
-        if args.detach {
-            client.launch(spec, 0).await?;
-            println!("{id}");
-            return Ok(0);
-        }
-        if !args.rm {
-            eprintln!("Sandbox {id} is running");
-            eprintln!("  Connect: matchlock exec -it {id} sh");
-            eprintln!("  Stop:    matchlock kill {id}");
-        }
-        let stream = client.exec(spec).await?;
-        // The CLI's deadline counts from before the boot, so it fires before the supervisor's
-        // (which stops the sandbox even if this process is gone) and can report the timeout.
-        let deadline = args
-            .timeout
-            .map(|t| tokio::time::Instant::from_std(started) + std::time::Duration::from_secs(t));
-        let code = attach(stream, tty, args.process.interactive, deadline).await;
-        if args.rm {
-            let _ = client.stop(None).await;
-        }
-        match code? {
-            Some(EXIT_TIMEOUT)
-                if args
-                    .timeout
-                    .is_some_and(|t| started.elapsed().as_secs() >= t) =>
-            {
+            // Matchlock's wording, on stderr (scripts match it).
+            for f in store.state(&id).map(|s| s.forwards).unwrap_or_default() {
+                eprintln!(
+                    "Forwarding {}:{} -> sandbox:{}",
+                    f.address, f.local_port, f.remote_port
+                );
+            }
+            if args.detach {
+                client.launch(spec, 0).await?;
+                println!("{id}");
+                return Ok(Some(0));
+            }
+            if !args.rm {
+                eprintln!("Sandbox {id} is running");
+                eprintln!("  Connect: matchlock exec -it {id} sh");
+                eprintln!("  Stop:    matchlock kill {id}");
+            }
+            let stream = client.exec(spec).await?;
+            // The CLI's deadline counts from before the boot, so it fires before the
+            // supervisor's (which stops the sandbox even if this process is gone) and can
+            // report the timeout.
+            let deadline = args.timeout.map(|t| {
+                tokio::time::Instant::from_std(started) + std::time::Duration::from_secs(t)
+            });
+            let code = attach(stream, tty, args.process.interactive, deadline).await;
+            if args.rm {
+                let _ = client.stop(None).await;
+            }
+            code
+        };
+        match attached.await {
+            Ok(Some(EXIT_TIMEOUT)) | Err(_) if !args.detach && timed_out() => {
+                // Also when the boot itself outlasted --timeout on a loaded machine and the
+                // supervisor was already stopping the sandbox (or stopped it mid-attach): that
+                // is the timeout, not a failure of matchlock.
                 eprintln!(
                     "matchlock: timed out after {}s; the sandbox was stopped",
                     args.timeout.unwrap_or(0)
                 );
                 Ok(EXIT_TIMEOUT)
             }
-            Some(c) => Ok(c),
-            None => {
+            Ok(Some(c)) => Ok(c),
+            Ok(None) => {
                 bail!("the sandbox stopped before the command finished; see 'matchlock log {id}'")
             }
+            Err(e) => Err(e),
         }
     })
 }
