@@ -672,14 +672,18 @@ async fn busybox_wget_https_through_interception() {
 /// The raw bytes a "guest" gets back for one HTTP/1.1 request written by hand over TLS to
 /// `up.test` (the connection is closed after it, so everything is read).
 async fn raw_tls_exchange(p: &Arc<Proxy>, port: u16, request: &str) -> String {
-    let mut tls = guest_tls(p, port, b"http/1.1").await;
-    tls.write_all(request.as_bytes()).await.unwrap();
+    exchange(guest_tls(p, port, b"http/1.1").await, request.as_bytes()).await
+}
+
+/// Writes `request` to a guest-side stream and returns everything read back until it ends
+/// (or 20 s pass).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    request: &[u8],
+) -> String {
+    s.write_all(request).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        tls.read_to_end(&mut out),
-    )
-    .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -856,11 +860,7 @@ async fn recording() -> (u16, Arc<std::sync::Mutex<Vec<u8>>>) {
 
 /// Raw bytes back for one hand-written plain HTTP request.
 async fn raw_exchange(p: &Arc<Proxy>, port: u16, request: &[u8]) -> String {
-    let mut g = guest_conn(p, port);
-    g.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), g.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    exchange(guest_conn(p, port), request).await
 }
 
 #[tokio::test]

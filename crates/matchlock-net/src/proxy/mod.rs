@@ -482,7 +482,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        self.scrub_headers(&mut parts.headers);
+        scrub_header_values(&self.secrets, &mut parts.headers);
         self.scrub_reason(&mut parts.extensions);
         let mut coding = None;
         if !self.secrets.is_empty() {
@@ -596,11 +596,6 @@ impl Proxy {
         )
     }
 
-    /// Real secret values in header values become placeholders again.
-    fn scrub_headers(&self, headers: &mut HeaderMap) {
-        scrub_header_values(&self.secrets, headers);
-    }
-
     /// An HTTP/1 reason phrase is text the upstream chose too: scrubbed like a header (hyper
     /// sends it on from this extension when it is not the status's canonical phrase).
     fn scrub_reason(&self, extensions: &mut http::Extensions) {
@@ -635,7 +630,7 @@ impl Proxy {
         let mut headers = resp.headers().clone();
         headers.remove(http::header::CONTENT_LENGTH);
         headers.remove(http::header::TRANSFER_ENCODING);
-        self.scrub_headers(&mut headers);
+        scrub_header_values(&self.secrets, &mut headers);
         *out.headers_mut() = headers;
         self.emit(
             &Event {
