@@ -409,6 +409,10 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("cpu_share", cpu_share),
     ("broken_pipe", broken_pipe),
     ("host_side_leftovers", host_side_leftovers),
+    (
+        "revocation_on_live_connections",
+        revocation_on_live_connections,
+    ),
 ];
 
 /// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
@@ -1372,6 +1376,166 @@ fn host_side_leftovers(_: &Hits) -> Vec<Row> {
             leaked,
         },
     ]
+}
+
+/// The guest's half of the revocation attack: a kept-alive HTTP connection and an open
+/// WebSocket to open.test:8080 that both keep sending, tagged, four times a second.
+const REVOCATION_ATTACK: &str = r#"
+import time
+def conn():
+    s = socket.create_connection(('open.test', 8080), timeout=2)
+    return s
+ka, ws = conn(), conn()
+ws.sendall(b'GET /ws HTTP/1.1\r\nHost: open.test:8080\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n')
+print('UPGRADE', ws.recv(4096)[:12], flush=True)
+for i in range(48):
+    for s, msg in ((ws, b'mlrtws-%d\n' % i), (ka, b'GET /mlrtka-%d HTTP/1.1\r\nHost: open.test:8080\r\n\r\n' % i)):
+        try:
+            s.sendall(msg)
+            s.recv(4096)
+        except Exception:
+            pass
+    if i == 4:
+        print('READY', flush=True)
+    time.sleep(0.25)
+print('SCRIPT-DONE', flush=True)
+"#;
+
+/// NET-10: an allow-list entry removed while connections to that host are open. The
+/// upstream records when each WebSocket message and each kept-alive request arrives; anything
+/// that reaches it more than a second after `allow-list delete` returned got through a
+/// revoked permission. Control: both kinds arrive before.
+fn revocation_on_live_connections(_: &Hits) -> Vec<Row> {
+    // Arrival times of what the upstream got, by marker.
+    let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    let l = TcpListener::bind(format!("{OPENED}:8080")).unwrap();
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = [0u8; 4096];
+                let mut upgraded = false;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    for marker in text.split(|ch: char| !ch.is_ascii_alphanumeric() && ch != '-') {
+                        if marker.starts_with("mlrtws-") || marker.starts_with("mlrtka-") {
+                            log.lock()
+                                .unwrap()
+                                .push((Instant::now(), marker.to_string()));
+                        }
+                    }
+                    let reply: &[u8] = if !upgraded
+                        && text.to_ascii_lowercase().contains("upgrade: websocket")
+                    {
+                        upgraded = true;
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                    } else if upgraded {
+                        b"ok\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+                    };
+                    if c.write_all(reply).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let sb = Sandbox::detached_from(
+        python_image(),
+        &[
+            "--allow-host",
+            "open.test",
+            "--add-host",
+            "open.test:10.9.9.9",
+            "--allow-private-host",
+            OPENED,
+        ],
+        &["sleep", "600"],
+    );
+    let script = format!("{PY_PRELUDE}{REVOCATION_ATTACK}");
+    let mut child = ml(&["exec", &sb.id, "--", "python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let mut revoked_at = None;
+    use std::io::BufRead;
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap_or(0) > 0 {
+        lines.push(line.trim().to_string());
+        if line.starts_with("READY") {
+            ok(run(&["allow-list", "delete", &sb.id, "open.test"]));
+            revoked_at = Some(Instant::now());
+        }
+        line.clear();
+    }
+    let _ = child.wait();
+    let revoked_at =
+        revoked_at.unwrap_or_else(|| panic!("revocation: the script never got going: {lines:?}"));
+    assert!(
+        lines.iter().any(|l| l.contains("SCRIPT-DONE")),
+        "revocation: the script did not finish: {lines:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    for kind in ["mlrtws-", "mlrtka-"] {
+        assert!(
+            seen.iter()
+                .any(|(t, m)| m.starts_with(kind) && *t < revoked_at),
+            "revocation: no {kind} message reached the upstream before the revocation: {lines:?}"
+        );
+    }
+    let timeline: Vec<String> = seen
+        .iter()
+        .map(|(t, m)| {
+            format!(
+                "{m}@{:+.2}",
+                t.duration_since(revoked_at).as_secs_f64()
+                    - revoked_at.duration_since(*t).as_secs_f64()
+            )
+        })
+        .collect();
+    let grace = revoked_at + Duration::from_secs(1);
+    let late = |kind: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|(t, m)| m.starts_with(kind) && *t > grace)
+            .map(|(t, m)| {
+                format!(
+                    "{m} arrived {:.1} s after the revocation",
+                    (*t - revoked_at).as_secs_f64()
+                )
+            })
+            .collect()
+    };
+    let mut leaked = Vec::new();
+    // One line per variant (the first late message says it all).
+    leaked.extend(
+        late("mlrtws-")
+            .into_iter()
+            .take(1)
+            .map(|m| format!("websocket: {m}")),
+    );
+    leaked.extend(
+        late("mlrtka-")
+            .into_iter()
+            .take(1)
+            .map(|m| format!("keep-alive: {m}")),
+    );
+    if !leaked.is_empty() {
+        eprintln!("red team: revocation: arrivals relative to the revocation: {timeline:?}");
+    }
+    vec![Row {
+        attack: "revocation on live connections".into(),
+        tried: 2,
+        leaked,
+    }]
 }
 
 /// Where `matchlock` keeps pulled and imported images (`$MATCHLOCK_CACHE_DIR/images`, else

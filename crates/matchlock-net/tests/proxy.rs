@@ -530,6 +530,106 @@ async fn websocket_upgrades_become_a_tunnel_and_can_be_refused() {
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
 
+/// NET-10: taking a host off the allow-list ends what is already open to it. The next request
+/// on a kept-alive connection is refused, an open WebSocket closes, and a relayed connection
+/// that is not HTTP closes when the list stops being open. Adding the host back works.
+#[tokio::test]
+async fn revoking_a_host_ends_its_open_connections() {
+    let ws = scripted(|mut s| async move {
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        let reply: &[u8] = if head.contains("upgrade: websocket") {
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        };
+        let _ = s.write_all(reply).await;
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // A kept-alive request gets another answer; tunnel bytes are echoed.
+                    let out: &[u8] = if buf[..n].starts_with(b"GET ") {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        &buf[..n]
+                    };
+                    if s.write_all(out).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let within = std::time::Duration::from_secs(1);
+    let p = plain_proxy(AllowList::new(["up.test"]).unwrap(), Rules::default(), true);
+
+    // Keep-alive: one connection, a request before and after the revocation.
+    let get = format!("GET / HTTP/1.1\r\nHost: up.test:{ws}\r\n\r\n");
+    let mut keep = guest_conn(&p, ws);
+    keep.write_all(get.as_bytes()).await.unwrap();
+    let head = read_head(&mut keep).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut ok = [0u8; 2];
+    keep.read_exact(&mut ok).await.unwrap();
+
+    // An open WebSocket.
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: up.test:{ws}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let mut tunnel = guest_conn(&p, ws);
+    tunnel.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_head(&mut tunnel).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tunnel.write_all(b"\x81\x02hi").await.unwrap();
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.unwrap();
+
+    // A change that leaves the host allowed keeps the tunnel.
+    p.policy().update_hosts(&["more.test".into()], &[]).unwrap();
+    tunnel.write_all(b"\x81\x02hi").await.unwrap();
+    tunnel.read_exact(&mut echo).await.unwrap();
+
+    p.policy().update_hosts(&[], &["up.test".into()]).unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(within, tunnel.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the WebSocket stayed open after its host was revoked"
+    );
+    keep.write_all(get.as_bytes()).await.unwrap();
+    let head = read_head(&mut keep).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+
+    p.policy().update_hosts(&["up.test".into()], &[]).unwrap();
+    let mut again = guest_conn(&p, ws);
+    again.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = read_head(&mut again).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    // Relayed (not HTTP) while the list is open; naming a host closes the list and the relay.
+    let open = plain_proxy(AllowList::default(), Rules::default(), true);
+    let mut relay = guest_conn(&open, ws);
+    relay.write_all(b"SSH-2.0-x\r\n\r\n").await.unwrap();
+    let mut line = [0u8; 11];
+    // The scripted server answers a first read with its 200 head; then it echoes.
+    let head = read_head(&mut relay).await;
+    assert!(head.contains("200"), "{head}");
+    relay.read_exact(&mut ok).await.unwrap();
+    relay.write_all(b"SSH-2.0-y\r\n").await.unwrap();
+    relay.read_exact(&mut line).await.unwrap();
+    open.policy()
+        .update_hosts(&["up.test".into()], &[])
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(within, relay.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the relay stayed open after the allow-list closed"
+    );
+}
+
 /// A TLS upstream for `up.test` whose connections run `script` on the decrypted stream, which
 /// may end the TCP connection without TLS `close_notify`. Returns its port and CA.
 async fn scripted_tls<F, Fut>(script: F) -> (u16, String)

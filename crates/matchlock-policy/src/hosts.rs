@@ -5,7 +5,11 @@ pub use matchlock_api::hosts::{normalize, HostPattern};
 
 /// An allow-list. Empty, it allows every host (Matchlock's rule: interception without a list
 /// still applies hooks, secrets and the private-range block), unless it was made with
-/// [`AllowList::deny_by_default`], which starts with nothing allowed and opens hosts one by one.
+/// [`AllowList::deny_by_default`], which starts with nothing allowed and opens hosts one by one,
+/// or made from patterns: a list that started by naming hosts stays closed when the last one is
+/// deleted at run time. (Matchlock opens it to every host then, so revoking the last host an
+/// agent could reach would hand it the whole network; its own acceptance test only clears a
+/// list that started empty, which still opens again.)
 #[derive(Debug, Clone, Default)]
 pub struct AllowList {
     patterns: Vec<HostPattern>,
@@ -17,6 +21,7 @@ impl AllowList {
     pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(patterns: I) -> Result<AllowList, String> {
         let mut l = AllowList::default();
         l.add(patterns)?;
+        l.deny_when_empty = !l.patterns.is_empty();
         Ok(l)
     }
 
@@ -145,11 +150,19 @@ mod tests {
         closed.add(["example.com"]).unwrap();
         assert!(closed.allows("example.com") && !closed.allows("other.com"));
         assert!(!closed.is_open());
-        // Deleting the last host of a deny-by-default list closes it again; of a plain list,
-        // opens it (Matchlock's "(empty: all hosts allowed)").
+        // Deleting the last host of a deny-by-default list closes it again, and so does
+        // deleting the last host of a list that started with hosts (revoking must not open).
         closed.remove(["example.com"]);
         assert!(!closed.allows("example.com"));
-        let mut plain = AllowList::new(["a.com"]).unwrap();
+        let mut named = AllowList::new(["a.com"]).unwrap();
+        assert!(!named.allows("b.com") && !named.is_open());
+        named.remove(["a.com"]);
+        assert!(!named.allows("a.com") && !named.allows("b.com") && !named.is_open());
+        assert!(named.denies_when_empty());
+        // A list that started empty (open) opens again once what was added is deleted
+        // (Matchlock's "(empty: all hosts allowed)", which its acceptance test relies on).
+        let mut plain = AllowList::default();
+        plain.add(["a.com"]).unwrap();
         assert!(!plain.allows("b.com") && !plain.is_open());
         plain.remove(["a.com"]);
         assert!(plain.allows("b.com") && plain.is_open());

@@ -15,6 +15,9 @@ pub struct Policy {
     hosts: Option<RwLock<AllowList>>,
     names: Arc<NameTable>,
     websockets: bool,
+    /// Bumped on every allow-list change, so that long-lived flows (WebSocket tunnels, relayed
+    /// connections) re-check themselves instead of keeping a permission that was taken away.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// A request as far as the gate looks at it.
@@ -49,6 +52,7 @@ impl Policy {
             hosts: None,
             names: Arc::default(),
             websockets: true,
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -61,6 +65,7 @@ impl Policy {
             hosts: Some(RwLock::new(allow)),
             names,
             websockets: true,
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -117,12 +122,28 @@ impl Policy {
         let added = next.add(add)?;
         let removed = next.remove(remove);
         *l = next;
-        Ok(HostsUpdate {
+        let update = HostsUpdate {
             added,
             removed,
             allowed: l.patterns(),
             deny_by_default: l.denies_when_empty(),
-        })
+        };
+        drop(l);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(update)
+    }
+
+    /// Resolves once `still` no longer holds after an allow-list change (checked at each change,
+    /// not before the first): a long-lived flow races its relay against this and ends when the
+    /// permission it was opened under is gone. Pends forever when nothing revokes it.
+    pub async fn revoked(&self, still: impl Fn(&Policy) -> bool) {
+        let mut rx = self.changes.subscribe();
+        while rx.changed().await.is_ok() {
+            if !still(self) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 
     fn check_address(&self, subject: impl FnOnce() -> String, ip: IpAddr) -> Result<(), Denial> {

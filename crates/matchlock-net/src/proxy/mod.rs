@@ -240,7 +240,16 @@ impl Proxy {
             return;
         };
         self.emit(&allowed.event(), false);
-        let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+        let policy = self.policy.clone();
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut io, &mut up) => {}
+            // The allow-list closed while the relay ran: it ends now, not when the guest hangs up.
+            _ = policy.revoked(|p| p.passthrough(target, what).is_ok()) => {
+                if let Err(denial) = policy.passthrough(target, what) {
+                    self.emit(&denial.event(), false);
+                }
+            }
+        }
     }
 
     async fn serve_http<S>(self: Arc<Self>, io: S, target: Target, sni: Option<String>)
@@ -642,16 +651,33 @@ impl Proxy {
             tls,
         );
         let scrubber = (!self.secrets.is_empty()).then(|| self.secrets.scrubber());
+        let policy = self.policy.clone();
+        let events = self.events.clone();
+        let host = host.to_string();
         tokio::spawn(async move {
             let (Ok(g), Ok(u)) = tokio::join!(guest, upstream) else {
                 return;
             };
             let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
-            match scrubber {
-                None => {
-                    let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+            let relay = async {
+                match scrubber {
+                    None => {
+                        let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+                    }
+                    Some(s) => scrubbed_tunnel(g, u, websocket::FrameScrubber::new(s)).await,
                 }
-                Some(s) => scrubbed_tunnel(g, u, websocket::FrameScrubber::new(s)).await,
+            };
+            tokio::select! {
+                _ = relay => {}
+                // The host left the allow-list: the open WebSocket goes with it (dropping both
+                // ends closes them), as a new request to it would be refused.
+                _ = policy.revoked(|p| p.allows_host(&host)) => {
+                    let denial = Denial::NotAllowed { host };
+                    tracing::debug!(target: "matchlock::proxy", "{denial}: websocket closed");
+                    if let Some(log) = events {
+                        log.record(&denial.event(), &[if tls { "tls" } else { "http" }]);
+                    }
+                }
             }
         });
         out
