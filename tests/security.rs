@@ -413,6 +413,9 @@ const ATTACKS: &[(&str, Attack)] = &[
         "revocation_on_live_connections",
         revocation_on_live_connections,
     ),
+    ("guest_floods", guest_floods),
+    ("crafted_image_layers", crafted_image_layers),
+    ("killed_components", killed_components),
 ];
 
 /// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
@@ -1533,6 +1536,481 @@ fn revocation_on_live_connections(_: &Hits) -> Vec<Row> {
     }
     vec![Row {
         attack: "revocation on live connections".into(),
+        tried: 2,
+        leaked,
+    }]
+}
+
+/// Resident memory (KiB), open descriptors and threads of `pid`.
+fn proc_stats(pid: i32) -> (u64, usize, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (field("VmRSS:"), fds, field("Threads:"))
+}
+
+/// The supervisor of sandbox `id` (the process naming it that is not QEMU).
+fn supervisor_pid(id: &str) -> i32 {
+    for ent in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(ent.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let argv0 = cmd.split('\0').next().unwrap_or("");
+        if cmd.contains(id) && !argv0.contains("qemu") && cmd.contains("supervise") {
+            return pid;
+        }
+    }
+    panic!("no supervisor process for {id}")
+}
+
+/// Guest code flooding what the host keeps for it (RES, VSK-04, VSK-07, PXY-05): output that
+/// nobody reads, hundreds of connections held open, all of guest memory, a fork bomb. The
+/// supervisor's memory, descriptors and threads stay bounded, no output is lost, a bystander
+/// sandbox keeps answering, and the flooded sandbox can still be killed with nothing left over.
+fn guest_floods(_: &Hits) -> Vec<Row> {
+    // Held connections: accepted and kept, never answered.
+    let held: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    let l = TcpListener::bind(format!("{OPENED}:8081")).unwrap();
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            keep.lock().unwrap().push(c);
+        }
+    });
+    let bystander = Sandbox::detached(&[], &["sleep", "600"]);
+    let sb = Sandbox::detached_from(
+        python_image(),
+        &["--allow-private-host", OPENED, "--memory", "512"],
+        &["sleep", "600"],
+    );
+    let sup = supervisor_pid(&sb.id);
+    let qemu = *qemu_pids(&sb.id).first().expect("the sandbox's QEMU");
+    let answers = |who: &Sandbox| {
+        let t = Instant::now();
+        let o = who.exec(&["echo", "alive"]);
+        (stdout(&o).contains("alive"), t.elapsed())
+    };
+    let (base_rss, base_fds, base_threads) = proc_stats(sup);
+    let mut leaked = Vec::new();
+    let mut tried = 0;
+    let judge = |what: &str, leaked: &mut Vec<String>| {
+        let (rss, fds, threads) = proc_stats(sup);
+        eprintln!(
+            "red team: floods: {what}: supervisor {} MiB, {fds} fds, {threads} threads (at start {} MiB, {base_fds}, {base_threads})",
+            rss / 1024,
+            base_rss / 1024
+        );
+        if rss > base_rss + 96 * 1024 {
+            leaked.push(format!(
+                "{what}: supervisor grew from {} to {} MiB",
+                base_rss / 1024,
+                rss / 1024
+            ));
+        }
+        if fds > base_fds + 600 {
+            leaked.push(format!(
+                "{what}: supervisor holds {fds} descriptors (at start {base_fds})"
+            ));
+        }
+        if threads > base_threads + 64 {
+            leaked.push(format!(
+                "{what}: supervisor runs {threads} threads (at start {base_threads})"
+            ));
+        }
+    };
+
+    // 1. 256 MiB of output into a reader that stalls for 8 s, then reads it all.
+    tried += 1;
+    const FLOOD: usize = 256 << 20;
+    let mut child = ml(&[
+        "exec",
+        &sb.id,
+        "--",
+        "head",
+        "-c",
+        &FLOOD.to_string(),
+        "/dev/zero",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let client = proc_stats(child.id() as i32).0;
+    judge("output nobody reads", &mut leaked);
+    if client > 96 * 1024 {
+        leaked.push(format!(
+            "output nobody reads: the exec client holds {} MiB",
+            client / 1024
+        ));
+    }
+    let mut n = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = child.stdout.take().unwrap();
+    while let Ok(k) = out.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    let _ = child.wait();
+    if n != FLOOD {
+        leaked.push(format!("output nobody reads: {n} of {FLOOD} bytes arrived"));
+    }
+
+    // 2. Two thousand connections held open to one address.
+    tried += 1;
+    let conn_flood = format!(
+        "import socket, time\nsocks = []\nfor i in range(2000):\n    try:\n        s = socket.socket(); s.settimeout(2); s.connect(('{OPENED}', 8081)); socks.append(s)\n    except Exception:\n        pass\nprint('HELD', len(socks), flush=True)\ntime.sleep(6)\n"
+    );
+    let mut child = ml(&["exec", &sb.id, "--", "python3", "-c", &conn_flood])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    use std::io::BufRead;
+    let _ = reader.read_line(&mut line);
+    judge("connections held open", &mut leaked);
+    let accepted = held.lock().unwrap().len();
+    eprintln!(
+        "red team: floods: guest says {}, the host accepted {accepted}",
+        line.trim()
+    );
+    if !line.starts_with("HELD") {
+        panic!("floods: the connection flood did not run: {line:?}");
+    }
+    if accepted > 600 {
+        leaked.push(format!(
+            "connections held open: the host made {accepted} connections for one guest"
+        ));
+    }
+    let (alive, took) = answers(&bystander);
+    if !alive || took > Duration::from_secs(30) {
+        leaked.push(format!(
+            "connections held open: the bystander answered {alive} after {took:?}"
+        ));
+    }
+    let _ = child.wait();
+    held.lock().unwrap().clear();
+
+    // 3. All of guest memory, twice over.
+    tried += 1;
+    let _ = sb.exec(&[
+        "sh",
+        "-c",
+        "timeout 20 sh -c 'cat /dev/zero | tail' >/dev/null 2>&1; true",
+    ]);
+    let qemu_rss = proc_stats(qemu).0;
+    eprintln!(
+        "red team: floods: QEMU holds {} MiB for a 512 MiB guest",
+        qemu_rss / 1024
+    );
+    judge("guest memory exhausted", &mut leaked);
+    // 512 MiB of guest RAM, plus QEMU's own and the kernel's page tables.
+    if qemu_rss > (512 + 256) * 1024 {
+        leaked.push(format!(
+            "guest memory exhausted: QEMU holds {} MiB for a 512 MiB guest",
+            qemu_rss / 1024
+        ));
+    }
+
+    // 4. A fork bomb, then the bystander and a kill.
+    tried += 1;
+    let bomb = ml(&[
+        "exec",
+        &sb.id,
+        "--",
+        "sh",
+        "-c",
+        "f() { f | f & }; f; sleep 30",
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    judge("fork bomb", &mut leaked);
+    let (alive, took) = answers(&bystander);
+    if !alive || took > Duration::from_secs(30) {
+        leaked.push(format!(
+            "fork bomb: the bystander answered {alive} after {took:?}"
+        ));
+    }
+    let t = Instant::now();
+    let killed = run(&["kill", &sb.id]);
+    let gone = wait_until(Duration::from_secs(30), || qemu_pids(&sb.id).is_empty())
+        && wait_until(Duration::from_secs(10), || {
+            !std::path::Path::new(&format!("/proc/{sup}")).exists()
+        });
+    if !killed.status.success() || !gone {
+        leaked.push(format!(
+            "fork bomb: kill took {:?} and left processes ({})",
+            t.elapsed(),
+            stderr(&killed)
+        ));
+    }
+    let mut bomb = bomb;
+    let _ = bomb.kill();
+    let _ = bomb.wait();
+    vec![Row {
+        attack: "guest floods (output, connections, memory, processes)".into(),
+        tried,
+        leaked,
+    }]
+}
+
+/// Writes one `docker save` tarball per crafted variant into argv[2], each the busybox image
+/// (argv[1], `docker save` form) plus hostile layers aimed at argv[3], a host directory holding
+/// `secret`. Prints the variant names.
+const EVIL_IMAGES: &str = r#"
+import hashlib, io, json, os, sys, tarfile
+base, out, canary = sys.argv[1], sys.argv[2], sys.argv[3]
+rel = '../' * 12 + canary.lstrip('/')
+with tarfile.open(base) as t:
+    manifest = json.load(t.extractfile('manifest.json'))[0]
+    config = json.load(t.extractfile(manifest['Config']))
+    layers = [t.extractfile(l).read() for l in manifest['Layers']]
+def layer(entries):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w', format=tarfile.GNU_FORMAT) as t:
+        for name, kind, arg in entries:
+            i = tarfile.TarInfo(name)
+            i.mtime = 1704067200
+            data = None
+            if kind == 'file':
+                data = arg.encode(); i.size = len(data)
+            elif kind == 'dir':
+                i.type = tarfile.DIRTYPE; i.mode = 0o755
+            elif kind == 'sym':
+                i.type = tarfile.SYMTYPE; i.linkname = arg
+            elif kind == 'hard':
+                i.type = tarfile.LNKTYPE; i.linkname = arg
+            elif kind == 'owned':
+                data = arg.encode(); i.size = len(data); i.uid = 4321; i.mode = 0o4755
+            t.addfile(i, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+variants = {
+    'dotdot': [[(rel + '/created', 'file', 'mlrt')]],
+    'absolute': [[(canary + '/created', 'file', 'mlrt')]],
+    'through-symlink': [[('d', 'sym', canary), ('d/created', 'file', 'mlrt')]],
+    'symlink-next-layer': [[('d', 'sym', canary)], [('d/created', 'file', 'mlrt')]],
+    'hardlink-host-file': [[('hl', 'hard', canary + '/secret')]],
+    'hardlink-dotdot': [[('hl', 'hard', rel + '/secret')]],
+    'hardlink-through-symlink': [[('d', 'sym', canary)], [('hl', 'hard', 'd/secret')]],
+    'whiteout-through-symlink': [[('d', 'sym', canary)], [('d/.wh.secret', 'file', '')]],
+    'opaque-through-symlink': [[('d', 'sym', canary)], [('d/.wh..wh..opq', 'file', '')]],
+    'whiteout-dotdot': [[(rel + '/.wh.secret', 'file', '')]],
+    'debugfs-injection': [[('x\nwrite ' + canary + '/secret /stolen\n', 'owned', 'mlrt')]],
+    'debugfs-quote': [[('x" "/stolen2', 'owned', 'mlrt')]],
+}
+for name, extra in variants.items():
+    ls = layers + [layer(e) for e in extra]
+    diff_ids = ['sha256:' + hashlib.sha256(l).hexdigest() for l in ls]
+    cfg = dict(config); cfg['rootfs'] = {'type': 'layers', 'diff_ids': diff_ids}
+    cfg_bytes = json.dumps(cfg).encode()
+    cfg_name = hashlib.sha256(cfg_bytes).hexdigest() + '.json'
+    names = ['l%d/layer.tar' % i for i in range(len(ls))]
+    m = json.dumps([{'Config': cfg_name, 'RepoTags': ['mltest/evil-%s:1' % name], 'Layers': names}]).encode()
+    with tarfile.open(os.path.join(out, name + '.tar'), 'w') as t:
+        for fname, data in [('manifest.json', m), (cfg_name, cfg_bytes)] + list(zip(names, ls)):
+            i = tarfile.TarInfo(fname); i.size = len(data)
+            t.addfile(i, io.BytesIO(data))
+    print(name)
+"#;
+
+/// IMG: images whose layers try to write, link, delete or copy outside the directory they are
+/// unpacked in (`..`, absolute names, symlinks planted by an earlier entry or layer, hard links
+/// to host files, whiteouts through links, names that smuggle `debugfs` commands). The host
+/// directory they aim at must not change; an image that is accepted must hold none of its
+/// secret (checked by running it); a refused import must say why and leave nothing behind.
+fn crafted_image_layers(_: &Hits) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let canary = work.path().join("canary");
+    std::fs::create_dir(&canary).unwrap();
+    let marker = format!("mlrt-img-{}", std::process::id());
+    std::fs::write(canary.join("secret"), &marker).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&canary);
+    let base = work.path().join("base.tar");
+    let st = std::process::Command::new(repo_root().join("scripts/make-busybox-image"))
+        .arg(&base)
+        .args(["--format", "docker"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "make-busybox-image failed");
+    let out = std::process::Command::new("python3")
+        .args(["-c", EVIL_IMAGES])
+        .arg(&base)
+        .arg(work.path())
+        .arg(&canary)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let variants: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut leaked = Vec::new();
+    let mut imported = 0;
+    for v in &variants {
+        let tag = format!("mltest/evil-{v}:1");
+        let tar = std::fs::File::open(work.path().join(format!("{v}.tar"))).unwrap();
+        let o = ml(&["image", "import", &tag]).stdin(tar).output().unwrap();
+        let now = snapshot(&canary);
+        if now != before {
+            leaked.push(format!(
+                "{v}: the host directory changed: {:?}",
+                now.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            ));
+        }
+        if !o.status.success() {
+            let err = stderr(&o);
+            if err.trim().is_empty() || err.contains("panicked") {
+                leaked.push(format!("{v}: refused without a reason: {err}"));
+            }
+            eprintln!(
+                "red team: images: {v}: refused: {}",
+                err.trim().lines().last().unwrap_or("")
+            );
+            continue;
+        }
+        imported += 1;
+        let r = run(&[
+            "run",
+            "--image",
+            &tag,
+            "--",
+            "sh",
+            "-c",
+            "cat /hl /stolen /stolen2 /d/secret 2>/dev/null; grep -rl mlrt-img- /bin /etc /d /hl /x* 2>/dev/null; echo SCANNED",
+        ]);
+        let text = stdout(&r);
+        if text.contains(&marker) {
+            leaked.push(format!("{v}: the image holds the host file's contents"));
+        }
+        if !text.contains("SCANNED") {
+            leaked.push(format!(
+                "{v}: the imported image does not run: {}",
+                stderr(&r)
+            ));
+        }
+        let _ = run(&["image", "rm", &tag]);
+    }
+    eprintln!(
+        "red team: images: {} variants, {imported} imported (contained), {} refused",
+        variants.len(),
+        variants.len() - imported
+    );
+    assert!(variants.len() >= 12, "the generator made {variants:?}");
+    vec![Row {
+        attack: "crafted image layers".into(),
+        tried: variants.len(),
+        leaked,
+    }]
+}
+
+/// FLT: the supervisor or QEMU of a running sandbox killed with SIGKILL. The other goes too
+/// (no guest left running without its supervisor's network and file policy, no supervisor
+/// serving a dead VM), `exec` fails quickly with a reason, `list` stops calling it running, and
+/// `gc` plus `rm` leave no process, socket or directory behind.
+fn killed_components(_: &Hits) -> Vec<Row> {
+    let mut leaked = Vec::new();
+    for victim in ["supervisor", "qemu"] {
+        let sb = Sandbox::detached(&[], &["sleep", "600"]);
+        let sup = supervisor_pid(&sb.id);
+        let qemu = *qemu_pids(&sb.id).first().expect("the sandbox's QEMU");
+        let pid = if victim == "qemu" { qemu } else { sup };
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let alive = |p: i32| {
+            Path::new(&format!("/proc/{p}")).exists() && {
+                let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                // A zombie has ended; only its parent's wait is missing.
+                !st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            }
+        };
+        if !wait_until(Duration::from_secs(15), || !alive(sup) && !alive(qemu)) {
+            leaked.push(format!(
+                "{victim} killed: supervisor alive {}, QEMU alive {} after 15 s",
+                alive(sup),
+                alive(qemu)
+            ));
+        }
+        let t = Instant::now();
+        let o = sb.exec(&["echo", "alive"]);
+        if o.status.success()
+            || stderr(&o).trim().is_empty()
+            || t.elapsed() > Duration::from_secs(30)
+        {
+            leaked.push(format!(
+                "{victim} killed: exec answered {:?} after {:?}: {}",
+                o.status.code(),
+                t.elapsed(),
+                stderr(&o)
+            ));
+        }
+        let status = sb.status();
+        if status == "running" {
+            leaked.push(format!("{victim} killed: list still says running"));
+        }
+        ok(run(&["gc"]));
+        let dir = home().join("vms").join(&sb.id);
+        let socks: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".sock"))
+            .map(|e| e.path().display().to_string())
+            .collect();
+        if !socks.is_empty() {
+            leaked.push(format!("{victim} killed: sockets left after gc: {socks:?}"));
+        }
+        let id = sb.id.clone();
+        drop(sb);
+        if dir.exists() || !qemu_pids(&id).is_empty() {
+            leaked.push(format!(
+                "{victim} killed: {} or a QEMU left after rm",
+                dir.display()
+            ));
+        }
+        eprintln!(
+            "red team: killed {victim}: list said {status:?}, exec said {:?}",
+            stderr(&o).trim()
+        );
+    }
+    vec![Row {
+        attack: "a sandbox's supervisor or QEMU killed".into(),
         tried: 2,
         leaked,
     }]

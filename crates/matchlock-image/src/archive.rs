@@ -100,7 +100,7 @@ pub(crate) fn spool(reader: impl Read, dir: &Path) -> Result<Spool, ImageError> 
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let Some(path) = archive_path(&raw) else {
             return Err(ImageError::archive(format!(
-                "entry \"{raw}\" points outside the archive"
+                "entry {raw:?} points outside the archive"
             )));
         };
         match entry.header().entry_type() {

@@ -35,7 +35,7 @@ const MIB: u64 = 1 << 20;
 fn quote(path: &[u8]) -> Result<Vec<u8>, ImageError> {
     if path.iter().any(|&b| b == b'\n' || b == b'\r') {
         return Err(ImageError::archive(format!(
-            "entry \"{}\" has a newline in its name and needs an owner/mode fix-up, which debugfs cannot express",
+            "entry {:?} has a newline in its name and needs an owner/mode fix-up, which debugfs cannot express",
             String::from_utf8_lossy(path)
         )));
     }

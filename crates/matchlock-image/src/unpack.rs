@@ -269,7 +269,8 @@ impl Staging {
         let raw = entry.path_bytes().into_owned();
         let ctx = Ctx {
             layer,
-            shown: String::from_utf8_lossy(&raw).into_owned(),
+            // Hostile names may carry control characters: shown escaped, never raw to a terminal.
+            shown: String::from_utf8_lossy(&raw).escape_debug().to_string(),
         };
         let rel = clean_path(&raw).map_err(|r| ctx.reject(r))?;
         let etype = entry.header().entry_type();
