@@ -17,6 +17,7 @@ pub mod classify;
 mod decision;
 pub mod events;
 pub mod hosts;
+pub mod plugins;
 mod policy;
 pub mod rules;
 pub mod secrets;
