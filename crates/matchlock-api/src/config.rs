@@ -121,6 +121,12 @@ pub struct InterceptConfig {
     /// Where the SDK serves callback rules.
     #[serde(default)]
     pub callback_socket: Option<PathBuf>,
+    /// Network plugins.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::plugins::PluginsConfig::is_empty"
+    )]
+    pub plugins: crate::plugins::PluginsConfig,
 }
 
 /// A secret as configuration records it: its name, hosts and placeholder, never its value.

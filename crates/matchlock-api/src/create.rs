@@ -111,10 +111,11 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
             || n.intercept
             || n.deny_by_default
             || n.disable_websockets
-            || n.interception.is_some())
+            || n.interception.is_some()
+            || !n.plugins.is_empty())
     {
         return Err(RequestError(
-            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets or interception".into(),
+            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets, interception or plugins".into(),
         ));
     }
     if !n.hostname.is_empty() {
@@ -173,6 +174,28 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         let mut secret = SecretRequest::new(&name, value, &s.hosts, placeholder, &what)?;
         secret.allow_http = s.allow_http;
         i.secrets.push(secret);
+    }
+    i.plugins = field(crate::plugins::PluginsConfig::from_specs(
+        &n.plugins,
+        "network.plugins",
+    ))?;
+    field(i.plugins.check())?;
+    for p in [
+        i.plugins.usage_logger.as_ref().map(|u| &u.path),
+        i.plugins
+            .usage_logger
+            .as_ref()
+            .and_then(|u| u.price_file.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !p.is_absolute() {
+            return Err(RequestError(format!(
+                "network.plugins: {} must be an absolute path (the server's working directory is not the caller's)",
+                p.display()
+            )));
+        }
     }
     if let Some(ic) = n.interception {
         i.rules = ic.rules;

@@ -245,6 +245,8 @@ pub struct InterceptRequest {
     pub run_id: String,
     /// `agent_system` of the events.
     pub agent_system: String,
+    /// Network plugins.
+    pub plugins: crate::plugins::PluginsConfig,
 }
 
 /// A network interface, and how its traffic is treated.
@@ -274,6 +276,7 @@ impl NetworkRequest {
             || !i.secrets.is_empty()
             || !i.rules.is_empty()
             || i.callback_socket.is_some()
+            || !i.plugins.is_empty()
     }
 }
 

@@ -174,6 +174,9 @@ pub struct Network {
     /// Addresses opened despite the private-range block (the CLI's `--allow-private-host`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_private_hosts: Vec<String>,
+    /// Network plugins (`local_model_router`, `usage_logger`, `budget_gate`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::plugins::PluginSpec>,
 }
 
 /// `network.interception`: hook rules, and where the SDK serves the callback ones.

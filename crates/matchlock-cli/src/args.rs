@@ -428,6 +428,34 @@ pub struct RunArgs {
     /// Refuse WebSocket upgrades through the interception proxy (403).
     #[arg(long = "disable-websockets")]
     pub disable_websockets: bool,
+    /// Send matching model calls to a local backend instead (local_model_router): the model
+    /// name is rewritten in the request, the source host's secret is not sent, and streaming is
+    /// kept. Repeatable; @HOST:PORT overrides --local-model-backend for that route.
+    #[arg(
+        long = "local-model-route",
+        value_name = "SOURCE_HOST/SOURCE_MODEL=TARGET_MODEL[@HOST:PORT]"
+    )]
+    pub local_model_route: Vec<String>,
+    /// Where --local-model-route sends calls (default 127.0.0.1:11434, Ollama). Reached by
+    /// matchlock on the guest's behalf; the guest itself still cannot reach it.
+    #[arg(long = "local-model-backend", value_name = "HOST:PORT")]
+    pub local_model_backend: Option<String>,
+    /// Append one JSON line per model call (provider, model, tokens, cost, latency) to this file
+    /// (usage_logger).
+    #[arg(long = "usage-log-path", value_name = "PATH")]
+    pub usage_log_path: Option<std::path::PathBuf>,
+    /// Prices (USD per million tokens, by model) that replace the shipped table's, for calls
+    /// whose provider reports no cost: {"MODEL": {"input": X, "output": Y, "cached_input": Z}}.
+    #[arg(long = "price-file", value_name = "PATH")]
+    pub price_file: Option<std::path::PathBuf>,
+    /// Refuse every request with 429 once the spend in --usage-log-path reaches this many USD
+    /// (budget_gate); earlier runs' spend in the same log counts.
+    #[arg(long = "budget-limit-usd", value_name = "USD")]
+    pub budget_limit_usd: Option<f64>,
+    /// Network plugins from a JSON file: {"network": {"plugins": [{"type", "enabled",
+    /// "config"}]}}, as RPC create takes them.
+    #[arg(long = "plugins-file", value_name = "PATH")]
+    pub plugins_file: Option<std::path::PathBuf>,
     /// Let the sandbox reach this private/loopback address (blocked by default).
     #[arg(long = "allow-private-host", value_name = "IP")]
     pub allow_private_host: Vec<String>,

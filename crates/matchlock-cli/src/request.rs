@@ -153,8 +153,9 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             || args.network_intercept
             || args.deny_by_default
             || args.disable_websockets
+            || !plugins(args)?.is_empty()
         {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host or --dns-servers");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
         }
         if args.event_log.is_some() {
             bail!("--event-log records interception, which --no-network leaves nothing to do");
@@ -188,6 +189,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             .ok_or_else(|| anyhow!("--secret-over-http {name}: there is no --secret {name}"))?;
         s.allow_http = true;
     }
+    i.plugins = plugins(args)?;
     i.run_id = args.run_id.clone();
     i.agent_system = args.agent_system.clone();
     if let Some(p) = &args.event_log {
@@ -205,6 +207,54 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
         n.intercept.event_log = Some(std::fs::canonicalize(p)?);
     }
     Ok(Some(n))
+}
+
+/// The network plugins of the flags and of `--plugins-file`, paths made absolute (the
+/// supervisor runs elsewhere).
+fn plugins(args: &RunArgs) -> Result<matchlock_api::plugins::PluginsConfig> {
+    use matchlock_api::plugins::{BudgetConfig, PluginsConfig, RouterConfig, UsageConfig};
+    let abs = |p: &std::path::Path| -> Result<std::path::PathBuf> {
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()?.join(p)
+        })
+    };
+    let mut p = PluginsConfig::default();
+    if !args.local_model_route.is_empty() {
+        p.local_model_router = Some(RouterConfig {
+            backend: args.local_model_backend.clone(),
+            routes: args.local_model_route.clone(),
+        });
+    } else if args.local_model_backend.is_some() {
+        bail!("--local-model-backend needs at least one --local-model-route SOURCE_HOST/SOURCE_MODEL=TARGET_MODEL");
+    }
+    if let Some(path) = &args.usage_log_path {
+        p.usage_logger = Some(UsageConfig {
+            path: abs(path)?,
+            price_file: args.price_file.as_deref().map(abs).transpose()?,
+        });
+    } else if args.price_file.is_some() {
+        bail!("--price-file prices the calls --usage-log-path records; add --usage-log-path");
+    }
+    if let Some(limit_usd) = args.budget_limit_usd {
+        p.budget_gate = Some(BudgetConfig { limit_usd });
+    }
+    if let Some(f) = &args.plugins_file {
+        let what = f.display().to_string();
+        let text = std::fs::read_to_string(f).map_err(|e| anyhow!("--plugins-file {what}: {e}"))?;
+        let mut from_file = matchlock_api::plugins::parse_plugins_file(&text, &what)
+            .map_err(|e| anyhow!("--plugins-file {e}"))?;
+        // Relative paths in the file are relative to the file.
+        let base = f.parent().map(abs).transpose()?.unwrap_or_default();
+        if let Some(u) = &mut from_file.usage_logger {
+            u.path = base.join(&u.path);
+            u.price_file = u.price_file.as_ref().map(|q| base.join(q));
+        }
+        p.merge(from_file, &what).map_err(|e| anyhow!(e))?;
+    }
+    p.check().map_err(|e| anyhow!(e))?;
+    Ok(p)
 }
 
 /// Reads `--secret-file`s: `NAME=VALUE` lines, blank lines and `#` comments. Errors name the

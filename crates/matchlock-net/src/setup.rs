@@ -105,8 +105,12 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
     let (policy, intercept) = match &net.intercept {
         None => (Arc::new(Policy::direct(address)), None),
         Some(ic) => {
-            let policy = Arc::new(intercepting(address, ic, &hosts)?);
-            let proxy = Arc::new(interception(&s, ic, policy.clone())?);
+            let plugins = matchlock_policy::plugins::Plugins::from_config(&ic.plugins)?;
+            let backends = resolve_backends(&plugins)?;
+            let addrs = backends.iter().map(|(_, a)| *a).collect();
+            let policy = Arc::new(intercepting(address, ic, &hosts)?.with_backends(addrs));
+            let proxy = interception(&s, ic, policy.clone())?.with_plugins(plugins, backends);
+            let proxy = Arc::new(proxy);
             (policy, Some(proxy))
         }
     };
@@ -154,6 +158,26 @@ fn intercepting(
         names.record(name, &[*ip]);
     }
     Ok(Policy::intercepting(address, allow, names).with_websockets(!ic.disable_websockets))
+}
+
+/// The addresses of the model backends the router may send to, resolved once at start (a
+/// name the host cannot resolve fails the start, not the first call).
+fn resolve_backends(
+    plugins: &matchlock_policy::plugins::Plugins,
+) -> Result<Vec<(String, std::net::SocketAddr)>, String> {
+    use std::net::ToSocketAddrs;
+    let mut out = Vec::new();
+    for b in plugins.router.iter().flat_map(|r| r.backends()) {
+        let addrs = (b.host.as_str(), b.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("local model backend {b}: {e}"))?;
+        let first = addrs
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("local model backend {b}: no address"))?;
+        out.push((b.to_string(), first));
+    }
+    Ok(out)
 }
 
 /// The interception proxy of a sandbox: its CA, secrets, upstream trust, event log and rules.

@@ -1089,3 +1089,274 @@ async fn websocket_messages_are_scrubbed_too() {
         "{text}"
     );
 }
+
+/// What the fake cloud and the fake local backend received.
+type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Reads one HTTP/1.1 request (head and Content-Length body) from `s`.
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
+    let head = read_head(s).await;
+    if head.is_empty() {
+        return None;
+    }
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some(format!("{head}{}", String::from_utf8_lossy(&body)))
+}
+
+/// issue 14: a model call the router matches goes to the local backend with its model renamed,
+/// without the source host's credentials, and streams back as it is produced; other calls go to
+/// the cloud with the secret. Every call lands in the usage log (tokens, cost and where the cost
+/// came from), and once the spend reaches the budget every request gets 429.
+#[tokio::test]
+async fn model_calls_are_routed_logged_and_budgeted() {
+    use matchlock_api::plugins::{BudgetConfig, PluginsConfig, RouterConfig, UsageConfig};
+    let cloud_seen: Seen = Arc::default();
+    let seen = cloud_seen.clone();
+    let (cloud, ca_pem) = scripted_tls_for("up.test", move |mut s| {
+        let seen = seen.clone();
+        async move {
+            while let Some(req) = read_request(&mut s).await {
+                seen.lock().unwrap().push(req.clone());
+                let (ctype, body) = if req.starts_with("POST /v1/messages") {
+                    ("text/event-stream", "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-3-5-haiku-20241022\",\"usage\":{\"input_tokens\":1000,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2000}}\n\n".to_string())
+                } else {
+                    ("application/json", r#"{"model":"cloud-model","choices":[{"message":{"content":"from the cloud"}}],"usage":{"prompt_tokens":10,"completion_tokens":20,"cost":0.6}}"#.to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    // The local backend, on an address the guest's policy does not open (127.0.0.2). It sends
+    // its first event, then waits until the guest has read it before finishing: a proxy that
+    // buffered the stream would never deliver it.
+    let backend_seen: Seen = Arc::default();
+    let (go_on, wait) = tokio::sync::mpsc::channel::<()>(1);
+    let wait = Arc::new(tokio::sync::Mutex::new(wait));
+    let l = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    let seen = backend_seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (seen, wait) = (seen.clone(), wait.clone());
+            tokio::spawn(async move {
+                let Some(req) = read_request(&mut s).await else {
+                    return;
+                };
+                seen.lock().unwrap().push(req);
+                let first = "data: {\"model\":\"llama3.1:8b\",\"choices\":[{\"delta\":{\"content\":\"local \"}}]}\n\n";
+                let rest = "data: {\"model\":\"llama3.1:8b\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+                let chunk = |t: &str| format!("{:x}\r\n{t}\r\n", t.len());
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{}", chunk(first)).as_bytes())
+                    .await;
+                let _ = wait.lock().await.recv().await;
+                let _ = s
+                    .write_all(format!("{}0\r\n\r\n", chunk(rest)).as_bytes())
+                    .await;
+            });
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("usage.jsonl");
+    let config = PluginsConfig {
+        local_model_router: Some(RouterConfig {
+            backend: Some(backend.to_string()),
+            routes: vec!["up.test/google/gemini-2.0-flash-001=llama3.1:8b".into()],
+        }),
+        usage_logger: Some(UsageConfig {
+            path: log_path.clone(),
+            price_file: None,
+        }),
+        budget_gate: Some(BudgetConfig { limit_usd: 1.0 }),
+    };
+    let plugins = matchlock_policy::plugins::Plugins::from_config(&config).unwrap();
+    let names = Arc::new(NameTable::default());
+    names.record("up.test", &["127.0.0.1".parse().unwrap()]);
+    let placeholder = "PH_K_0123";
+    let secret = Secret::new(
+        "K",
+        "real-value-1",
+        AllowList::new(["up.test"]).unwrap(),
+        Some(placeholder),
+    );
+    let address = AddressPolicy {
+        allow: vec!["127.0.0.1".parse().unwrap()],
+        ..Default::default()
+    };
+    let policy = Policy::intercepting(address, AllowList::new(["up.test"]).unwrap(), names)
+        .with_backends(vec![backend]);
+    let p = Arc::new(
+        Proxy::new(
+            Arc::new(policy),
+            Secrets::new(vec![secret]),
+            MitmCa::generate("vm-test").unwrap(),
+            upstream_tls(Some(ca_pem.as_bytes())).unwrap(),
+            None,
+            Rules::default(),
+        )
+        .with_plugins(plugins, vec![(backend.to_string(), backend)]),
+    );
+    let post = |path: &str, model: &str, stream: bool| {
+        let body = format!(
+            r#"{{"model":"{model}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        Request::post(path.to_string())
+            .header("host", format!("up.test:{cloud}"))
+            .header("authorization", format!("Bearer {placeholder}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let send = |req: Request<Full<Bytes>>| {
+        let p = p.clone();
+        async move {
+            let tls = guest_tls(&p, cloud, b"http/1.1").await;
+            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            s.send_request(req).await.unwrap()
+        }
+    };
+    let within = std::time::Duration::from_secs(10);
+
+    // 1. Routed, streamed: the first event arrives before the backend sends the rest.
+    let resp = send(post(
+        "/api/v1/chat/completions",
+        "google/gemini-2.0-flash-001",
+        true,
+    ))
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(within, body.frame())
+        .await
+        .expect("the stream was held back")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("local "));
+    go_on.send(()).await.unwrap();
+    let rest = tokio::time::timeout(within, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    let got = backend_seen.lock().unwrap().join("\n");
+    assert!(
+        got.starts_with("POST /v1/chat/completions HTTP/1.1"),
+        "{got}"
+    );
+    assert!(
+        got.contains(r#""model":"llama3.1:8b""#) && got.contains(r#""stream":true"#),
+        "{got}"
+    );
+    let lower = got.to_ascii_lowercase();
+    assert!(
+        !lower.contains("authorization")
+            && !got.contains(placeholder)
+            && !got.contains("real-value-1"),
+        "{got}"
+    );
+    assert!(
+        cloud_seen.lock().unwrap().is_empty(),
+        "the routed call also reached the cloud"
+    );
+
+    // 2. Not routed (another model): to the cloud, with the secret; its reported cost counts.
+    let resp = send(post("/api/v1/chat/completions", "cloud-model", false)).await;
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    assert!(cloud_seen.lock().unwrap()[0].contains("Bearer real-value-1"));
+
+    // 3. Anthropic messages, streamed, priced from the table: 1000 in and 2000 out of
+    // claude-3-5-haiku at $0.80 and $4 per million.
+    let resp = send(post("/v1/messages", "claude-3-5-haiku-20241022", true)).await;
+    let _ = resp.into_body().collect().await.unwrap();
+
+    // The log is written when each answer ends; read it until the three lines are there.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["model"], "llama3.1:8b");
+    assert_eq!(
+        (
+            lines[0]["input_tokens"].as_u64(),
+            lines[0]["output_tokens"].as_u64()
+        ),
+        (Some(7), Some(9))
+    );
+    assert_eq!(
+        (
+            lines[0]["cost_usd"].as_f64(),
+            lines[0]["cost_source"].as_str()
+        ),
+        (Some(0.0), Some("local_backend"))
+    );
+    assert_eq!(lines[0]["routed_to"], backend.to_string());
+    assert_eq!(
+        (
+            lines[1]["cost_usd"].as_f64(),
+            lines[1]["cost_source"].as_str()
+        ),
+        (Some(0.6), Some("provider"))
+    );
+    assert_eq!(lines[2]["cost_source"], "price_table");
+    let cost = lines[2]["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (1000.0 * 0.8 + 2000.0 * 4.0) / 1e6).abs() < 1e-9,
+        "{cost}"
+    );
+    assert!(lines.iter().all(|l| l["latency_ms"].is_u64()));
+
+    // 4. Under the limit still ($0.6088 of $1): a second cloud call goes; then the gate closes.
+    let resp = send(post("/api/v1/chat/completions", "cloud-model", false)).await;
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+    let calls = cloud_seen.lock().unwrap().len();
+    let mut status = 200;
+    for _ in 0..50 {
+        let resp = send(post("/api/v1/chat/completions", "cloud-model", false)).await;
+        status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if status == 429 {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["code"], "budget_exceeded");
+            break;
+        }
+        // The previous call's line may not be written yet: that call went through.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 429);
+    assert!(
+        cloud_seen.lock().unwrap().len() <= calls + 1,
+        "requests reached the cloud past the budget"
+    );
+}

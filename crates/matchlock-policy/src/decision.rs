@@ -26,6 +26,8 @@ pub enum Route {
     Passthrough(&'static str),
     /// HTTP(S) requests for [`Allowed::host`], re-issued by the proxy.
     Request,
+    /// Model calls the `local_model_router` sends to a configured backend instead.
+    Backend,
 }
 
 /// Permission to open one host connection. It has no public constructor: the only way to get

@@ -18,6 +18,9 @@ pub struct Policy {
     /// Bumped on every allow-list change, so that long-lived flows (WebSocket tunnels, relayed
     /// connections) re-check themselves instead of keeping a permission that was taken away.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Addresses of the local model backends the proxy may send routed calls to (the guest
+    /// itself cannot reach them unless also opened for it).
+    backends: Vec<SocketAddr>,
 }
 
 /// A request as far as the gate looks at it.
@@ -53,6 +56,7 @@ impl Policy {
             names: Arc::default(),
             websockets: true,
             changes: tokio::sync::watch::Sender::new(0),
+            backends: Vec::new(),
         }
     }
 
@@ -66,6 +70,7 @@ impl Policy {
             names,
             websockets: true,
             changes: tokio::sync::watch::Sender::new(0),
+            backends: Vec::new(),
         }
     }
 
@@ -73,6 +78,24 @@ impl Policy {
     pub fn with_websockets(mut self, allowed: bool) -> Policy {
         self.websockets = allowed;
         self
+    }
+
+    /// Lets the proxy send routed model calls to these addresses (`local_model_router`).
+    pub fn with_backends(mut self, backends: Vec<SocketAddr>) -> Policy {
+        self.backends = backends;
+        self
+    }
+
+    /// A routed model call to the backend `name` at `addr`: allowed only for the backends the
+    /// sandbox was configured with, whatever the address rules say (they are the user's own
+    /// choice, made outside the guest).
+    pub fn backend(&self, name: &str, addr: SocketAddr) -> Result<Allowed, Denial> {
+        if !self.backends.contains(&addr) {
+            return Err(Denial::NotAllowed {
+                host: name.to_string(),
+            });
+        }
+        Ok(Allowed::new(addr, Some(name.to_string()), Route::Backend))
     }
 
     /// Whether the sandbox intercepts.

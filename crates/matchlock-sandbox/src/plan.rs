@@ -67,6 +67,9 @@ pub fn plan(
     let mut secrets = Vec::new();
     let mut specs = Vec::new();
     let mut user_env = Vec::new();
+    if let Some(n) = &req.network {
+        matchlock_policy::plugins::check(&n.intercept.plugins).map_err(SandboxError::Invalid)?;
+    }
     let network = req.network.as_ref().map(|n| network(n, &mut specs));
     if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
         // TLS clients in the guest trust the sandbox CA through the bundle it is appended to;
@@ -175,6 +178,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
             agent_system: i.agent_system.clone(),
             rules: i.rules.clone(),
             callback_socket: i.callback_socket.clone(),
+            plugins: i.plugins.clone(),
         }),
     }
 }

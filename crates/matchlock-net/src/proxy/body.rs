@@ -5,6 +5,7 @@
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
+use matchlock_policy::plugins::usage::{Usage, UsageTap};
 use matchlock_policy::secrets::{BodyGuard, Leak, Scrubber, Secrets};
 use std::io::Write;
 use std::pin::Pin;
@@ -23,7 +24,7 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// complete a secret headed where it may not go ends the body with an error instead (so the
 /// request is aborted, never sent complete), and the leak is left in `leak` for the refusal.
 pub struct GuardBody {
-    pub inner: Incoming,
+    pub inner: ProxyBody,
     pub guard: BodyGuard,
     pub leak: Arc<Mutex<Option<Leak>>>,
     pub done: bool,
@@ -63,7 +64,7 @@ impl Body for GuardBody {
                         );
                     }
                 },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => {
                     self.done = true;
                     let rest = self.guard.finish();
@@ -72,6 +73,48 @@ impl Body for GuardBody {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// What a [`TapBody`] does with the usage it read, once the body has ended.
+pub type UsageDone = Box<dyn FnOnce(Option<Usage>) + Send + Sync>;
+
+/// A response body passed on unchanged while a [`UsageTap`] reads it; when it ends, `done` gets
+/// the usage it held (a body cut short reports nothing).
+pub struct TapBody {
+    pub inner: ProxyBody,
+    pub tap: Option<UsageTap>,
+    pub done: Option<UsageDone>,
+}
+
+impl Body for TapBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(tap)) = (frame.data_ref(), self.tap.as_mut()) {
+                    tap.push(data);
+                }
+            }
+            Poll::Ready(None) => {
+                if let (Some(tap), Some(done)) = (self.tap.take(), self.done.take()) {
+                    done(tap.finish());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // The end must be polled, so the usage is read.
+        self.tap.is_none() && self.inner.is_end_stream()
     }
 }
 

@@ -21,7 +21,7 @@ pub use tls::upstream_tls;
 
 use body::{
     is_websocket_upgrade, scrub_header_values, strip_hop_by_hop, text, Coding, GuardBody, Prefixed,
-    ProxyBody, ScrubBody, SseReplace,
+    ProxyBody, ScrubBody, SseReplace, TapBody,
 };
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
@@ -32,6 +32,8 @@ use matchlock_policy::ca::MitmCa;
 use matchlock_policy::classify::{classify, Flow, MAX_PEEK};
 use matchlock_policy::events::{Event, EventLog};
 use matchlock_policy::hosts::normalize;
+use matchlock_policy::plugins::usage::{is_model_call, Call, UsageTap};
+use matchlock_policy::plugins::Plugins;
 use matchlock_policy::rules::{RequestView, Rules, Verdict};
 use matchlock_policy::secrets::Secrets;
 use matchlock_policy::{Allowed, Denial, Policy, RequestHead, Target};
@@ -103,7 +105,44 @@ pub struct Proxy {
     client_tls_h1: Arc<rustls::ClientConfig>,
     events: Option<Arc<EventLog>>,
     rules: Rules,
+    plugins: Plugins,
+    /// Where each model backend of the router is (`HOST:PORT` as configured, and its address).
+    backends: Vec<(String, std::net::SocketAddr)>,
 }
+
+/// A hyper error as the proxy's body error (a plain function: a closure's inferred lifetimes
+/// trip the compiler in the connection future).
+fn boxed_error(e: hyper::Error) -> body::BoxError {
+    Box::new(e)
+}
+
+/// Reads a whole body of at most `max` bytes (trailers dropped); `None` when it is larger or
+/// fails.
+async fn collect_limited(mut body: ProxyBody, max: usize) -> Option<Bytes> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if out.len() + data.len() > max {
+                return None;
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Some(out.freeze())
+}
+
+/// Largest model-call request body read to decide a route; a larger one is passed on unrouted.
+const MAX_ROUTED_BODY: usize = 16 << 20;
+
+/// Request headers that carry the guest's credentials for the source host: a routed call goes
+/// to the backend without them (the secret of the source host never goes there).
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+];
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,7 +170,21 @@ impl Proxy {
             client_tls_h1: Arc::new(h1),
             events,
             rules,
+            plugins: Plugins::default(),
+            backends: Vec::new(),
         }
+    }
+
+    /// Runs `plugins` in the pipeline; `backends` are the router's backends with their
+    /// addresses (which the policy must allow, see `Policy::with_backends`).
+    pub fn with_plugins(
+        mut self,
+        plugins: Plugins,
+        backends: Vec<(String, std::net::SocketAddr)>,
+    ) -> Proxy {
+        self.plugins = plugins;
+        self.backends = backends;
+        self
     }
 
     /// The CA certificate the guest must trust.
@@ -306,6 +359,9 @@ impl Proxy {
             Err(denial) => return self.refuse(&denial, tls),
         };
         self.emit(&allowed.event(), tls);
+        if let Some(refused) = self.budget_gate(&host, tls) {
+            return refused;
+        }
         // The guest's side of an upgrade, taken before the request is consumed.
         let guest_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let method = req.method().to_string();
@@ -320,6 +376,39 @@ impl Proxy {
             tls,
         );
         let (mut parts, body) = req.into_parts();
+        let mut body: ProxyBody = body.map_err(boxed_error).boxed();
+        // Route: a model call the router sends to a local backend leaves the pipeline here, with
+        // its own request transform and the same response transform.
+        let mut requested_model = None;
+        if let Some(router) = self.plugins.router.as_ref().filter(|_| !websocket) {
+            if router.may_route(parts.method.as_str(), &host, parts.uri.path()) {
+                let Some(bytes) = collect_limited(body, MAX_ROUTED_BODY).await else {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "model call body unreadable or over 16 MiB".into(),
+                    );
+                };
+                requested_model = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("model")?.as_str().map(str::to_string));
+                match router.route(&host, parts.uri.path(), &bytes) {
+                    Some(d) => return self.send_routed(parts, d, &host, tls, started).await,
+                    None => {
+                        self.emit(
+                            &Event {
+                                kind: "route_decision",
+                                summary: format!("no route for {host} model {}", requested_model.as_deref().unwrap_or("?")),
+                                plugin: Some("local_model_router"),
+                                data: json!({"host": host, "model": requested_model, "routed": false}),
+                            },
+                            tls,
+                        );
+                        body = Full::new(bytes).map_err(|never| match never {}).boxed();
+                    }
+                }
+            }
+        }
+        let model_call = is_model_call(parts.uri.path());
         let (view, headers, query) = match self.transform_request(&parts, &host, tls).await {
             Ok(t) => t,
             Err(denial) => return self.refuse(&denial, tls),
@@ -371,7 +460,7 @@ impl Proxy {
                 done: false,
             }
             .boxed(),
-            None => body.map_err(Into::into).boxed(),
+            None => body,
         };
         let upstream = Request::from_parts(parts, body);
         let port = target.visible.port();
@@ -412,7 +501,271 @@ impl Proxy {
         if let (Some(guest), StatusCode::SWITCHING_PROTOCOLS) = (guest_upgrade, resp.status()) {
             return self.tunnel(guest, &mut resp, &host, tls);
         }
-        self.transform_response(resp, &view, &host, tls).await
+        let out = self.transform_response(resp, &view, &host, tls).await;
+        if model_call {
+            return self.log_usage(out, &host, requested_model, None, started, tls);
+        }
+        out
+    }
+
+    /// The `budget_gate`: once the usage log's spend reaches the limit, every request gets 429
+    /// with an OpenAI-style error. `None` lets the request on.
+    fn budget_gate(&self, host: &str, tls: bool) -> Option<Response<ProxyBody>> {
+        let gate = self.plugins.budget.as_ref()?;
+        let result = gate.check();
+        let (allowed, spent) = match &result {
+            Ok(()) => (
+                true,
+                self.plugins
+                    .usage
+                    .as_ref()
+                    .map(|(l, _)| l.spent())
+                    .unwrap_or(0.0),
+            ),
+            Err(over) => (false, over.spent_usd),
+        };
+        let limit = gate.limit_usd();
+        self.emit(
+            &Event {
+                kind: "gate_decision",
+                summary: if allowed {
+                    format!("gate allowed {host} by budget_gate (${spent:.4} of ${limit:.2})")
+                } else {
+                    format!("gate blocked {host} by budget_gate: ${spent:.4} spent of ${limit:.2}")
+                },
+                plugin: Some("budget_gate"),
+                data: json!({"host": host, "allowed": allowed, "spent_usd": spent, "limit_usd": limit}),
+            },
+            tls,
+        );
+        let over = result.err()?;
+        let mut resp = Response::new(
+            Full::new(Bytes::from(over.body()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Some(resp)
+    }
+
+    /// Sends a routed model call to its backend: the body with the model renamed, the path the
+    /// backend serves the API at, no credentials of the source host (and refused if any secret
+    /// would still go along), over plain HTTP to the configured address.
+    async fn send_routed(
+        &self,
+        parts: http::request::Parts,
+        d: matchlock_policy::plugins::routes::Directive,
+        host: &str,
+        tls: bool,
+        started: std::time::Instant,
+    ) -> Response<ProxyBody> {
+        let backend = d.backend.to_string();
+        self.emit(
+            &Event {
+                kind: "route_decision",
+                summary: format!("routed {host} model {} to {backend} as {}", d.source_model, d.target_model),
+                plugin: Some("local_model_router"),
+                data: json!({"host": host, "model": d.source_model, "routed": true, "backend": backend, "target_model": d.target_model}),
+            },
+            tls,
+        );
+        let Some(addr) = self
+            .backends
+            .iter()
+            .find(|(b, _)| *b == backend)
+            .map(|(_, a)| *a)
+        else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("local model backend {backend} was not resolved"),
+            );
+        };
+        let allowed = match self.policy.backend(&backend, addr) {
+            Ok(a) => a,
+            Err(denial) => return self.refuse(&denial, tls),
+        };
+        let mut headers: Vec<(String, Vec<u8>)> = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| !CREDENTIAL_HEADERS.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let mut query = parts.uri.query().unwrap_or("").as_bytes().to_vec();
+        // Anything of a secret left anywhere else in the call is refused, as for any host the
+        // secret does not allow.
+        if let Err(leak) = self.secrets.apply_request(
+            &d.backend.host,
+            true,
+            d.path.as_bytes(),
+            &mut headers,
+            &mut query,
+        ) {
+            return self.refuse(&Denial::Secret(leak), tls);
+        }
+        if let Some(mut guard) = self.secrets.body_guard(&d.backend.host) {
+            if let Err(leak) = guard.push(&d.body) {
+                return self.refuse(&Denial::Secret(leak), tls);
+            }
+        }
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(&v),
+            ) {
+                map.append(k, v);
+            }
+        }
+        strip_hop_by_hop(&mut map);
+        map.remove(http::header::CONTENT_LENGTH);
+        // The usage is read from the answer, so it must come back plain.
+        map.remove(http::header::ACCEPT_ENCODING);
+        if let Ok(h) = HeaderValue::from_str(&backend) {
+            map.insert(http::header::HOST, h);
+        }
+        let pq = if query.is_empty() {
+            d.path.to_string()
+        } else {
+            format!("{}?{}", d.path, String::from_utf8_lossy(&query))
+        };
+        let Ok(uri) = pq.parse::<Uri>() else {
+            return self.refuse(
+                &Denial::BadTarget {
+                    host: host.to_string(),
+                },
+                tls,
+            );
+        };
+        let mut req = Request::new(
+            Full::new(Bytes::from(d.body.clone()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = map;
+        self.emit(
+            &Event {
+                kind: "request_transform",
+                summary: format!("rewrote model {} to {} for {backend}", d.source_model, d.target_model),
+                plugin: Some("local_model_router"),
+                data: json!({"action": "model_rewritten", "host": host, "backend": backend, "from": d.source_model, "to": d.target_model, "path": d.path}),
+            },
+            tls,
+        );
+        let sent = match upstream::connect(&allowed, None, addr.port()).await {
+            Ok(mut up) => up.try_send(req).await.map_err(|(_, e)| e),
+            Err(e) => Err(e),
+        };
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                self.emit(
+                    &Event {
+                        kind: "http_response",
+                        summary: format!("502 for {host} (routed to {backend}): {e}"),
+                        plugin: Some("local_model_router"),
+                        data: json!({"host": host, "backend": backend, "status": 502, "error": e}),
+                    },
+                    tls,
+                );
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("local model backend {backend}: {e}"),
+                );
+            }
+        };
+        self.emit(
+            &Event {
+                kind: "http_response",
+                summary: format!("{} from {backend} (routed for {host})", resp.status().as_u16()),
+                plugin: Some("local_model_router"),
+                data: json!({"host": host, "backend": backend, "status": resp.status().as_u16(), "duration_ms": started.elapsed().as_millis() as u64}),
+            },
+            tls,
+        );
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        let out = Response::from_parts(rparts, rbody.map_err(boxed_error).boxed());
+        self.log_usage(out, host, Some(d.source_model), Some(backend), started, tls)
+    }
+
+    /// The `usage_logger`: the answer streams on unchanged while its usage is read; when it
+    /// ends, one line goes to the usage log and a `response_transform` event says so.
+    fn log_usage(
+        &self,
+        resp: Response<ProxyBody>,
+        host: &str,
+        requested_model: Option<String>,
+        routed_to: Option<String>,
+        started: std::time::Instant,
+        tls: bool,
+    ) -> Response<ProxyBody> {
+        let Some((log, prices)) = self.plugins.usage.clone() else {
+            return resp;
+        };
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let host = host.to_string();
+        let events = self.events.clone();
+        let done: body::UsageDone = Box::new(move |usage| {
+            let Some(usage) = usage else {
+                tracing::debug!(target: "matchlock::proxy", "no usage in the answer of {host}");
+                return;
+            };
+            let latency_ms = started.elapsed().as_millis() as u64;
+            let call = Call::priced(
+                &host,
+                requested_model.as_deref(),
+                usage,
+                &prices,
+                routed_to,
+                latency_ms,
+            );
+            let ts = matchlock_policy::events::now_rfc3339();
+            match log.record(&call, &ts) {
+                Ok(spent) => {
+                    let event = Event {
+                        kind: "response_transform",
+                        summary: format!(
+                            "logged {} call to {}: {} in, {} out, ${:.6} ({})",
+                            call.model,
+                            host,
+                            call.usage.input_tokens,
+                            call.usage.output_tokens,
+                            call.cost_usd,
+                            call.to_json("")["cost_source"].as_str().unwrap_or("")
+                        ),
+                        plugin: Some("usage_logger"),
+                        data: {
+                            let mut d = call.to_json(&ts);
+                            d["action"] = json!("usage_logged");
+                            d["spent_usd"] = json!(spent);
+                            d
+                        },
+                    };
+                    if let Some(ev) = &events {
+                        ev.record(&event, &[if tls { "tls" } else { "http" }]);
+                    }
+                }
+                Err(e) => tracing::warn!(target: "matchlock::proxy", "usage log: {e}"),
+            }
+        });
+        let (parts, body) = resp.into_parts();
+        let tapped = TapBody {
+            inner: body,
+            tap: Some(UsageTap::new(&content_type)),
+            done: Some(done),
+        };
+        Response::from_parts(parts, tapped.boxed())
     }
 
     /// Runs the `before` hook rules, then substitutes secrets (headers, Basic credentials and

@@ -19,6 +19,28 @@ pub const MAX_JSON_BODY: usize = 8 << 20;
 /// The longest event-stream line kept; longer lines are skipped.
 const MAX_LINE: usize = 1 << 20;
 
+/// Whether a request path is a model call whose answer reports usage: chat completions,
+/// completions, responses and embeddings of the OpenAI API (OpenRouter's under `/api/v1`),
+/// Anthropic's messages, Ollama's native chat and generate.
+pub fn is_model_call(path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    let p = p
+        .strip_prefix("/api")
+        .filter(|r| r.starts_with("/v1/"))
+        .unwrap_or(p);
+    matches!(
+        p,
+        "/v1/chat/completions"
+            | "/chat/completions"
+            | "/v1/completions"
+            | "/v1/responses"
+            | "/v1/embeddings"
+            | "/v1/messages"
+            | "/api/chat"
+            | "/api/generate"
+    )
+}
+
 /// Tokens one call used, as its provider reported them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
@@ -393,6 +415,28 @@ pub fn spent_in(bytes: &[u8]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_calls_are_known_by_path() {
+        for p in [
+            "/v1/chat/completions",
+            "/api/v1/chat/completions",
+            "/v1/messages",
+            "/v1/responses/",
+            "/api/chat",
+        ] {
+            assert!(is_model_call(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/v1/models",
+            "/api/v1/models",
+            "/api/tags",
+            "/v1/chat/completions/x",
+        ] {
+            assert!(!is_model_call(p), "{p}");
+        }
+    }
 
     #[test]
     fn json_answers_of_each_provider() {
