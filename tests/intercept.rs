@@ -65,6 +65,14 @@ fn http_upstream() -> u16 {
 /// An HTTPS upstream whose certificate (for `api.test` and `*.glob.test`) comes from a test CA;
 /// returns its port and the CA file.
 fn https_upstream(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
+    https_upstream_with(dir, respond)
+}
+
+/// Like [`https_upstream`], each connection served by `serve`.
+fn https_upstream_with(
+    dir: &std::path::Path,
+    serve: fn(rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>),
+) -> (u16, std::path::PathBuf) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -101,7 +109,7 @@ fn https_upstream(dir: &std::path::Path) -> (u16, std::path::PathBuf) {
                 let Ok(conn) = rustls::ServerConnection::new(cfg) else {
                     return;
                 };
-                respond(rustls::StreamOwned::new(conn, c));
+                serve(rustls::StreamOwned::new(conn, c));
             });
         }
     });
@@ -466,4 +474,270 @@ fn allow_list_changes_at_runtime() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A request as a fake upstream saw it: (request line, headers lower-cased, body).
+type Seen = (String, Vec<(String, String)>, String);
+
+/// One HTTP/1.1 request read whole.
+fn read_request<S: Read>(s: &mut S) -> Option<Seen> {
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok().filter(|n| *n > 0)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((
+        line.trim().to_string(),
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// What the fake model APIs received, one line per request.
+static MODEL_CALLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// A fake of Anthropic's messages API (JSON answers with usage).
+fn anthropic_api<S: Read + Write>(mut s: S) {
+    let Some((line, headers, body)) = read_request(&mut s) else {
+        return;
+    };
+    MODEL_CALLS
+        .lock()
+        .unwrap()
+        .push(format!("cloud {line} {headers:?} {body}"));
+    let answer = r#"{"type":"message","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"hello from the cloud"}],"usage":{"input_tokens":1000,"output_tokens":2000}}"#;
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+    let _ = s.write_all(resp.as_bytes());
+}
+
+/// A fake of Ollama's OpenAI-compatible API: a streamed chat completion whose last event
+/// carries the usage.
+fn local_backend() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Some((line, headers, body)) = read_request(&mut c) else {
+                    return;
+                };
+                MODEL_CALLS
+                    .lock()
+                    .unwrap()
+                    .push(format!("local {line} {headers:?} {body}"));
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+                let events = [
+                    "data: {\"model\":\"llama3.1:8b\",\"choices\":[{\"delta\":{\"content\":\"hello \"}}]}\n\n",
+                    "data: {\"model\":\"llama3.1:8b\",\"choices\":[{\"delta\":{\"content\":\"from llama\"}}]}\n\n",
+                    "data: {\"model\":\"llama3.1:8b\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}\n\n",
+                    "data: [DONE]\n\n",
+                ];
+                for e in events {
+                    let _ = c.write_all(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes());
+                    let _ = c.flush();
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                let _ = c.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    addr
+}
+
+/// issue 14, end to end: an agent in the guest calls an OpenAI-compatible model on api.test
+/// (routed to a local backend standing in for Ollama, streamed) and Anthropic's messages API
+/// (sent to the cloud with the real key); the usage log gets both calls with tokens and cost,
+/// the event log shows each plugin's decision, and the budget gate answers 429 once spent.
+#[test]
+fn model_plugins_end_to_end() {
+    let py = python_image();
+    let dir = tempfile::tempdir().unwrap();
+    let (https, ca) = https_upstream_with(dir.path(), anthropic_api);
+    let backend = local_backend();
+    let usage = dir.path().join("usage.jsonl");
+    let events = dir.path().join("events.jsonl");
+    let script = format!(
+        r#"
+import json, os, urllib.request, urllib.error
+key = os.environ["API_KEY"]
+def post(path, body, headers):
+    req = urllib.request.Request("https://api.test:{https}" + path, data=json.dumps(body).encode(),
+                                 headers={{"Content-Type": "application/json", **headers}})
+    try:
+        return urllib.request.urlopen(req, timeout=30)
+    except urllib.error.HTTPError as e:
+        return e
+out = {{}}
+# The backend is the proxy's to reach, not the guest's.
+try:
+    out["backend_direct"] = urllib.request.urlopen("http://{backend}/v1/models", timeout=10).status
+except urllib.error.HTTPError as e:
+    out["backend_direct"] = e.code
+except Exception as e:
+    out["backend_direct"] = "error"
+r = post("/v1/chat/completions", {{"model": "gpt-4o", "stream": True, "messages": [{{"role": "user", "content": "hi"}}]}},
+         {{"Authorization": "Bearer " + key}})
+text = ""
+for line in r:
+    line = line.decode().strip()
+    if line.startswith("data: {{"):
+        for c in json.loads(line[6:]).get("choices", []):
+            text += c.get("delta", {{}}).get("content", "")
+out["routed"] = [r.status, text]
+r = post("/v1/messages", {{"model": "claude-3-5-haiku-20241022", "max_tokens": 10, "messages": [{{"role": "user", "content": "hi"}}]}},
+         {{"x-api-key": key, "anthropic-version": "2023-06-01"}})
+out["cloud"] = [r.status, json.loads(r.read())["content"][0]["text"]]
+r = post("/v1/messages", {{"model": "claude-3-5-haiku-20241022", "max_tokens": 10, "messages": []}}, {{"x-api-key": key}})
+out["over_budget"] = [r.status, json.loads(r.read())]
+print(json.dumps(out))
+"#
+    );
+    let route = format!("api.test/gpt-4o=llama3.1:8b@{backend}");
+    let secret = format!("API_KEY={SECRET}@api.test");
+    let out = ml(&[
+        "run",
+        "--image",
+        py,
+        "--add-host",
+        "api.test:127.0.0.1",
+        "--allow-private-host",
+        "127.0.0.1",
+        "--allow-host",
+        "api.test",
+        "--secret",
+        &secret,
+        "--local-model-route",
+        &route,
+        "--usage-log-path",
+        usage.to_str().unwrap(),
+        "--budget-limit-usd",
+        "0.005",
+        "--event-log",
+        events.to_str().unwrap(),
+        "--",
+        "python3",
+        "-c",
+        &script,
+    ])
+    .env("MATCHLOCK_UPSTREAM_CA", &ca)
+    .output()
+    .unwrap();
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "stdout: {text}\nstderr: {}",
+        stderr(&out)
+    );
+    let got: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        got["routed"],
+        serde_json::json!([200, "hello from llama"]),
+        "{got}"
+    );
+    assert_eq!(
+        got["cloud"],
+        serde_json::json!([200, "hello from the cloud"]),
+        "{got}"
+    );
+    assert_eq!(got["over_budget"][0], 429, "{got}");
+    assert_eq!(
+        got["over_budget"][1]["error"]["code"], "budget_exceeded",
+        "{got}"
+    );
+    // Refused at the address (the stack resets it) or by the allow-list: never reached.
+    assert!(
+        got["backend_direct"] == "error" || got["backend_direct"] == 403,
+        "{got}"
+    );
+
+    let calls = MODEL_CALLS.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let local = calls
+        .iter()
+        .find(|c| c.starts_with("local "))
+        .expect("the routed call");
+    assert!(
+        local.contains("POST /v1/chat/completions") && local.contains(r#""model":"llama3.1:8b""#),
+        "{local}"
+    );
+    assert!(
+        !local.contains("authorization")
+            && !local.contains(SECRET)
+            && !local.contains("SANDBOX_SECRET"),
+        "{local}"
+    );
+    let cloud = calls
+        .iter()
+        .find(|c| c.starts_with("cloud "))
+        .expect("the cloud call");
+    assert!(
+        cloud.contains(SECRET),
+        "the cloud call lacks the real key: {cloud}"
+    );
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&usage)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["model"], "llama3.1:8b");
+    assert_eq!(
+        (
+            lines[0]["input_tokens"].as_u64(),
+            lines[0]["output_tokens"].as_u64()
+        ),
+        (Some(12), Some(34))
+    );
+    assert_eq!(lines[0]["cost_source"], "local_backend");
+    assert_eq!(lines[1]["provider"], "api.test");
+    assert_eq!(lines[1]["cost_source"], "price_table");
+    assert!(
+        (lines[1]["cost_usd"].as_f64().unwrap() - 0.0088).abs() < 1e-9,
+        "{lines:?}"
+    );
+
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(!log.contains(SECRET) && !std::fs::read_to_string(&usage).unwrap().contains(SECRET));
+    let kinds: Vec<(String, String)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| {
+            (
+                e["event_type"].as_str().unwrap_or("").to_string(),
+                e["plugin"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("route_decision", "local_model_router"),
+        ("request_transform", "local_model_router"),
+        ("request_transform", "secret_injector"),
+        ("response_transform", "usage_logger"),
+        ("gate_decision", "budget_gate"),
+        ("gate_decision", "host_filter"),
+    ] {
+        assert!(
+            kinds.iter().any(|(k, p)| k == want.0 && p == want.1),
+            "no {want:?} in {kinds:?}"
+        );
+    }
 }

@@ -372,6 +372,30 @@ mod tests {
     }
 
     #[test]
+    fn network_plugins_are_checked_at_create() {
+        let err = |v: Value| req(v).unwrap_err().0;
+        let with = |plugins: Value| json!({"image": "a", "network": {"plugins": plugins}});
+        assert!(err(with(json!([{"type": "nope"}]))).contains("unknown plugin type"));
+        assert!(err(with(
+            json!([{"type": "budget_gate", "config": {"limit_usd": 1}}])
+        ))
+        .contains("usage_logger"));
+        assert!(err(with(
+            json!([{"type": "usage_logger", "config": {"path": "u.jsonl"}}])
+        ))
+        .contains("absolute"));
+        assert!(err(json!({"image": "a", "network": {"no_network": true,
+            "plugins": [{"type": "usage_logger", "config": {"path": "/u"}}]}}))
+        .contains("no_network"));
+        // Plugins ask for interception (they run in its proxy).
+        let r = req(with(
+            json!([{"type": "usage_logger", "config": {"path": "/u.jsonl"}}]),
+        ))
+        .unwrap();
+        assert!(r.network.unwrap().intercepts());
+    }
+
+    #[test]
     fn validation_order_and_messages() {
         let err = |v: Value| req(v).unwrap_err().0;
         assert_eq!(err(json!({})), "image is required (e.g., alpine:latest)");

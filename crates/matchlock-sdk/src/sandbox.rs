@@ -294,6 +294,48 @@ impl Sandbox {
         self
     }
 
+    /// Adds a network plugin entry (`network.plugins[]`), as RPC `create` takes it:
+    /// `kind` is `local_model_router`, `usage_logger` or `budget_gate`, `config` its settings
+    /// (checked by the server before anything boots).
+    pub fn with_plugin(mut self, kind: impl Into<String>, config: Value) -> Self {
+        self.network()
+            .plugins
+            .push(matchlock_api::plugins::PluginSpec {
+                kind: kind.into(),
+                enabled: None,
+                config,
+            });
+        self
+    }
+
+    /// Routes model calls to a local backend (`local_model_router`): `routes` are
+    /// `SOURCE_HOST/SOURCE_MODEL=TARGET_MODEL[@HOST:PORT]`, `backend` the default `HOST:PORT`
+    /// (Ollama's `127.0.0.1:11434` when `None`).
+    pub fn with_local_model_routes<I, S>(self, routes: I, backend: Option<&str>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let routes: Vec<String> = routes.into_iter().map(Into::into).collect();
+        let mut config = serde_json::json!({ "routes": routes });
+        if let Some(b) = backend {
+            config["backend"] = Value::String(b.to_string());
+        }
+        self.with_plugin("local_model_router", config)
+    }
+
+    /// Appends one JSON line per model call to `path` (`usage_logger`; an absolute path on the
+    /// machine that runs the sandbox).
+    pub fn with_usage_log(self, path: impl Into<String>) -> Self {
+        self.with_plugin("usage_logger", serde_json::json!({ "path": path.into() }))
+    }
+
+    /// Refuses every request with 429 once the usage log's spend reaches `limit_usd`
+    /// (`budget_gate`; needs [`Sandbox::with_usage_log`]).
+    pub fn with_budget_limit_usd(self, limit_usd: f64) -> Self {
+        self.with_plugin("budget_gate", serde_json::json!({ "limit_usd": limit_usd }))
+    }
+
     /// Boot another guest kernel: a local `vmlinux` path or `file://` URL (checked before boot).
     pub fn with_kernel(mut self, kernel: impl Into<String>) -> Self {
         self.params.kernel = Some(KernelRef {
@@ -467,5 +509,25 @@ mod tests {
             .with_network_interception()
             .to_params(false);
         assert_eq!(p["network"]["intercept"], true);
+        let p = Sandbox::new("a")
+            .with_local_model_routes(["openrouter.ai/m=llama3.1:8b"], Some("127.0.0.1:11434"))
+            .with_usage_log("/tmp/usage.jsonl")
+            .with_budget_limit_usd(5.0)
+            .to_params(false);
+        assert_eq!(
+            p["network"]["plugins"],
+            json!([
+                {"type": "local_model_router", "config": {"routes": ["openrouter.ai/m=llama3.1:8b"], "backend": "127.0.0.1:11434"}},
+                {"type": "usage_logger", "config": {"path": "/tmp/usage.jsonl"}},
+                {"type": "budget_gate", "config": {"limit_usd": 5.0}},
+            ])
+        );
+        // The server reads them back into the same plugins.
+        let req = serde_json::from_value::<CreateParams>(p)
+            .unwrap()
+            .into_request()
+            .unwrap();
+        let plugins = &req.network.unwrap().intercept.plugins;
+        assert_eq!(plugins.budget_gate.as_ref().unwrap().limit_usd, 5.0);
     }
 }

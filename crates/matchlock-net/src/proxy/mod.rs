@@ -529,9 +529,9 @@ impl Proxy {
             &Event {
                 kind: "gate_decision",
                 summary: if allowed {
-                    format!("gate allowed {host} by budget_gate (${spent:.4} of ${limit:.2})")
+                    format!("gate allowed {host} by budget_gate (${spent:.4} of ${limit})")
                 } else {
-                    format!("gate blocked {host} by budget_gate: ${spent:.4} spent of ${limit:.2}")
+                    format!("gate blocked {host} by budget_gate: ${spent:.4} spent of ${limit}")
                 },
                 plugin: Some("budget_gate"),
                 data: json!({"host": host, "allowed": allowed, "spent_usd": spent, "limit_usd": limit}),

@@ -29,7 +29,7 @@ impl OverBudget {
     pub fn body(&self) -> Vec<u8> {
         let v = json!({"error": {
             "message": format!(
-                "matchlock budget exhausted: ${:.4} spent of a ${:.2} limit (--budget-limit-usd); no further requests are sent",
+                "matchlock budget exhausted: ${:.4} spent of a ${} limit (--budget-limit-usd); no further requests are sent",
                 self.spent_usd, self.limit_usd
             ),
             "type": "insufficient_quota",
@@ -94,7 +94,10 @@ mod tests {
         let over = gate.check().unwrap_err();
         let body: serde_json::Value = serde_json::from_slice(&over.body()).unwrap();
         assert_eq!(body["error"]["code"], "budget_exceeded");
-        assert!(body["error"]["message"].as_str().unwrap().contains("$1.00"));
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("of a $1 limit"));
         // A new run on the same log starts over budget.
         let again = BudgetGate::new(1.0, Arc::new(UsageLog::open(&path).unwrap())).unwrap();
         assert!(again.check().is_err());
