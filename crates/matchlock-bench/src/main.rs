@@ -6,6 +6,7 @@
 //! matchlock-bench --net MB [--runs N] [--net-image NAME]
 //! matchlock-bench --net-tls MB [--runs N] [--net-image NAME]
 //! matchlock-bench --vfs MB [--runs N] [--net-image NAME] [--vfs-virtiofs]
+//! matchlock-bench --plugins N [--runs N]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -26,10 +27,14 @@
 //! 7. `--vfs MB`: workspace (`host_fs`) throughput and small-file rates against the guest's own
 //!    ext4 and QEMU's virtio-9p on the same host file system; `--vfs-virtiofs` adds virtio-fs
 //!    served by QEMU's own `virtiofsd` (the same transport, its reference daemon); see `vfs.rs`.
+//! 8. `--plugins N`: what the network plugin pipeline (budget gate, model router, usage logger)
+//!    adds to a model call, and the time to a streamed first byte through the router, against
+//!    interception without plugins, in process; see `plugins.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
 mod net;
+mod plugins;
 mod pull;
 mod rawvm;
 mod vfs;
@@ -53,6 +58,7 @@ struct Args {
     rpc_execs: usize,
     net_mb: u64,
     net_tls_mb: u64,
+    plugin_calls: usize,
     vfs_mb: u64,
     vfs_virtiofs: bool,
     net_image: String,
@@ -74,6 +80,7 @@ fn parse_args() -> Result<Args> {
         rpc_execs: 200,
         net_mb: 0,
         net_tls_mb: 0,
+        plugin_calls: 0,
         vfs_mb: 0,
         vfs_virtiofs: false,
         net_image: "mltest/python:1".into(),
@@ -93,6 +100,7 @@ fn parse_args() -> Result<Args> {
             "--rpc-execs" => a.rpc_execs = val()?.parse()?,
             "--net" => a.net_mb = val()?.parse()?,
             "--net-tls" => a.net_tls_mb = val()?.parse()?,
+            "--plugins" => a.plugin_calls = val()?.parse()?,
             "--vfs" => a.vfs_mb = val()?.parse()?,
             "--vfs-virtiofs" => a.vfs_virtiofs = true,
             "--net-image" => a.net_image = val()?,
@@ -190,6 +198,9 @@ fn main() -> Result<()> {
             args.runs,
             args.vfs_virtiofs,
         );
+    }
+    if args.plugin_calls > 0 {
+        return plugins::bench(args.plugin_calls, args.runs);
     }
     if args.net_tls_mb > 0 {
         return net::bench_tls(&args.matchlock, &args.net_image, args.net_tls_mb, args.runs);

@@ -1360,3 +1360,62 @@ async fn model_calls_are_routed_logged_and_budgeted() {
         "requests reached the cloud past the budget"
     );
 }
+
+/// An answer with a Content-Length is written whole without its end ever being polled (and
+/// with no secrets its length is kept): its usage is still logged.
+#[tokio::test]
+async fn usage_is_logged_for_answers_with_a_length() {
+    use matchlock_api::plugins::{PluginsConfig, UsageConfig};
+    let port = scripted(|mut s| async move {
+        let _ = read_request(&mut s).await;
+        let body = r#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+            .await;
+        let _ = read_head(&mut s).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("usage.jsonl");
+    let config = PluginsConfig {
+        usage_logger: Some(UsageConfig {
+            path: log.clone(),
+            price_file: None,
+        }),
+        ..Default::default()
+    };
+    let plugins = matchlock_policy::plugins::Plugins::from_config(&config).unwrap();
+    let p = plain_proxy(AllowList::new(["up.test"]).unwrap(), Rules::default(), true);
+    let p = Arc::new(
+        Arc::try_unwrap(p)
+            .unwrap()
+            .with_plugins(plugins, Vec::new()),
+    );
+    let mut g = guest_conn(&p, port);
+    let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    g.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: up.test:{port}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut g).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.to_ascii_lowercase().contains("content-length"),
+        "{head}"
+    );
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        (
+            line["input_tokens"].as_u64(),
+            line["output_tokens"].as_u64()
+        ),
+        (Some(3), Some(4))
+    );
+    assert_eq!(line["cost_source"], "price_table");
+}

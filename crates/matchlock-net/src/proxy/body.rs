@@ -113,8 +113,21 @@ impl Body for TapBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        // The end must be polled, so the usage is read.
-        self.tap.is_none() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TapBody {
+    /// A body with a known length is dropped once it is written, without its end being polled:
+    /// the usage is read then. (A body cut short holds no complete answer to read.)
+    fn drop(&mut self) {
+        if let (Some(tap), Some(done)) = (self.tap.take(), self.done.take()) {
+            done(tap.finish());
+        }
     }
 }
 

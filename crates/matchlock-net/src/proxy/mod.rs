@@ -731,32 +731,46 @@ impl Proxy {
                 latency_ms,
             );
             let ts = matchlock_policy::events::now_rfc3339();
-            match log.record(&call, &ts) {
-                Ok(spent) => {
-                    let event = Event {
-                        kind: "response_transform",
-                        summary: format!(
-                            "logged {} call to {}: {} in, {} out, ${:.6} ({})",
-                            call.model,
-                            host,
-                            call.usage.input_tokens,
-                            call.usage.output_tokens,
-                            call.cost_usd,
-                            call.to_json("")["cost_source"].as_str().unwrap_or("")
-                        ),
-                        plugin: Some("usage_logger"),
-                        data: {
-                            let mut d = call.to_json(&ts);
-                            d["action"] = json!("usage_logged");
-                            d["spent_usd"] = json!(spent);
-                            d
-                        },
-                    };
-                    if let Some(ev) = &events {
-                        ev.record(&event, &[if tls { "tls" } else { "http" }]);
-                    }
+            // The spend counts at once (the budget gate reads it) and the line is written at
+            // once; only the flush to the disk waits, off the request path.
+            let spent = log.account(&call);
+            let cost_source = call.to_json("")["cost_source"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let event = Event {
+                kind: "response_transform",
+                summary: format!(
+                    "logged {} call to {}: {} in, {} out, ${:.6} ({cost_source})",
+                    call.model,
+                    host,
+                    call.usage.input_tokens,
+                    call.usage.output_tokens,
+                    call.cost_usd,
+                ),
+                plugin: Some("usage_logger"),
+                data: {
+                    let mut d = call.to_json(&ts);
+                    d["action"] = json!("usage_logged");
+                    d["spent_usd"] = json!(spent);
+                    d
+                },
+            };
+            if let Some(ev) = &events {
+                ev.record(&event, &[if tls { "tls" } else { "http" }]);
+            }
+            if let Err(e) = log.append(&call, &ts) {
+                tracing::warn!(target: "matchlock::proxy", "usage log: {e}");
+                return;
+            }
+            let sync = move || {
+                if let Err(e) = log.sync() {
+                    tracing::warn!(target: "matchlock::proxy", "usage log: {e}");
                 }
-                Err(e) => tracing::warn!(target: "matchlock::proxy", "usage log: {e}"),
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(sync)),
+                Err(_) => sync(),
             }
         });
         let (parts, body) = resp.into_parts();

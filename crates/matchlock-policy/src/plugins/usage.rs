@@ -338,13 +338,11 @@ impl Call {
 #[derive(Debug)]
 pub struct UsageLog {
     path: PathBuf,
-    inner: Mutex<LogState>,
-}
-
-#[derive(Debug)]
-struct LogState {
-    file: std::fs::File,
-    spent: f64,
+    /// Apart from the spend, so the gate never waits for a line to be written.
+    file: Mutex<std::fs::File>,
+    /// The same file, for `fsync` without holding up writers.
+    sync: std::fs::File,
+    spent: Mutex<f64>,
 }
 
 impl UsageLog {
@@ -369,7 +367,11 @@ impl UsageLog {
         }
         Ok(UsageLog {
             path: path.to_path_buf(),
-            inner: Mutex::new(LogState { file, spent }),
+            sync: file
+                .try_clone()
+                .map_err(|e| format!("usage log {}: {e}", path.display()))?,
+            file: Mutex::new(file),
+            spent: Mutex::new(spent),
         })
     }
 
@@ -380,25 +382,49 @@ impl UsageLog {
 
     /// The spend so far, in USD.
     pub fn spent(&self) -> f64 {
-        self.inner.lock().map(|s| s.spent).unwrap_or(f64::INFINITY)
+        self.spent.lock().map(|s| *s).unwrap_or(f64::INFINITY)
     }
 
-    /// Appends one call (one `write` of the whole line, then flushed to the disk) and adds its
-    /// cost to the spend. Returns the spend after it.
+    /// Appends one call and flushes it to the disk, adding its cost to the spend. Returns the
+    /// spend after it.
     pub fn record(&self, call: &Call, ts: &str) -> Result<f64, String> {
+        let spent = self.account(call);
+        self.append(call, ts)?;
+        self.sync()?;
+        Ok(spent)
+    }
+
+    /// Adds a call's cost to the spend at once (what the budget gate reads), returning the spend
+    /// after it; [`UsageLog::append`] writes its line, which may wait for the disk.
+    pub fn account(&self, call: &Call) -> f64 {
+        match self.spent.lock() {
+            Ok(mut s) => {
+                *s += call.cost_usd;
+                *s
+            }
+            Err(_) => f64::INFINITY,
+        }
+    }
+
+    /// Writes a call's line with one `write` (in the kernel's hands at once: it survives the
+    /// sandbox crashing); the spend is [`UsageLog::account`]'s.
+    pub fn append(&self, call: &Call, ts: &str) -> Result<(), String> {
         let mut line = serde_json::to_vec(&call.to_json(ts)).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let mut s = self
-            .inner
+        let mut f = self
+            .file
             .lock()
             .map_err(|_| "usage log poisoned".to_string())?;
-        s.spent += call.cost_usd;
-        let spent = s.spent;
-        s.file
-            .write_all(&line)
-            .and_then(|()| s.file.sync_data())
-            .map_err(|e| format!("usage log {}: {e}", self.path.display()))?;
-        Ok(spent)
+        f.write_all(&line)
+            .map_err(|e| format!("usage log {}: {e}", self.path.display()))
+    }
+
+    /// Flushes what was appended to the disk (it survives the host crashing too); may wait for
+    /// the disk, so the proxy runs it off the request path.
+    pub fn sync(&self) -> Result<(), String> {
+        self.sync
+            .sync_data()
+            .map_err(|e| format!("usage log {}: {e}", self.path.display()))
     }
 }
 
