@@ -511,8 +511,9 @@ fn read_request<S: Read>(s: &mut S) -> Option<Seen> {
 /// What the fake model APIs received, one line per request.
 static MODEL_CALLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// A fake of Anthropic's messages API (JSON answers with usage).
-fn anthropic_api<S: Read + Write>(mut s: S) {
+/// A fake of the cloud's model APIs: OpenRouter-style chat completions (JSON, with the cost it
+/// reports) and Anthropic's messages (JSON, or an event stream when asked to stream).
+fn cloud_model_api<S: Read + Write>(mut s: S) {
     let Some((line, headers, body)) = read_request(&mut s) else {
         return;
     };
@@ -520,9 +521,27 @@ fn anthropic_api<S: Read + Write>(mut s: S) {
         .lock()
         .unwrap()
         .push(format!("cloud {line} {headers:?} {body}"));
-    let answer = r#"{"type":"message","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"hello from the cloud"}],"usage":{"input_tokens":1000,"output_tokens":2000}}"#;
+    let (ctype, answer) = if line.contains("/chat/completions") {
+        (
+            "application/json",
+            r#"{"model":"openai/gpt-4o-mini","choices":[{"message":{"content":"hello from openrouter"}}],"usage":{"prompt_tokens":40,"completion_tokens":60,"cost":0.001}}"#,
+        )
+    } else if body.contains(r#""stream": true"#) {
+        (
+            "text/event-stream",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-3-5-haiku-20241022\",\"usage\":{\"input_tokens\":1000,\"output_tokens\":1}}}\n\n\
+             event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hello from the cloud\"}}\n\n\
+             event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2000}}\n\n\
+             event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        )
+    } else {
+        (
+            "application/json",
+            r#"{"type":"message","model":"claude-3-5-haiku-20241022","content":[{"type":"text","text":"hello from the cloud"}],"usage":{"input_tokens":1000,"output_tokens":2000}}"#,
+        )
+    };
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
         answer.len()
     );
     let _ = s.write_all(resp.as_bytes());
@@ -570,7 +589,7 @@ fn local_backend() -> std::net::SocketAddr {
 fn model_plugins_end_to_end() {
     let py = python_image();
     let dir = tempfile::tempdir().unwrap();
-    let (https, ca) = https_upstream_with(dir.path(), anthropic_api);
+    let (https, ca) = https_upstream_with(dir.path(), cloud_model_api);
     let backend = local_backend();
     let usage = dir.path().join("usage.jsonl");
     let events = dir.path().join("events.jsonl");
@@ -602,9 +621,17 @@ for line in r:
         for c in json.loads(line[6:]).get("choices", []):
             text += c.get("delta", {{}}).get("content", "")
 out["routed"] = [r.status, text]
-r = post("/v1/messages", {{"model": "claude-3-5-haiku-20241022", "max_tokens": 10, "messages": [{{"role": "user", "content": "hi"}}]}},
+r = post("/api/v1/chat/completions", {{"model": "openai/gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}},
+         {{"Authorization": "Bearer " + key}})
+out["openrouter"] = [r.status, json.loads(r.read())["choices"][0]["message"]["content"]]
+r = post("/v1/messages", {{"model": "claude-3-5-haiku-20241022", "max_tokens": 10, "stream": True, "messages": [{{"role": "user", "content": "hi"}}]}},
          {{"x-api-key": key, "anthropic-version": "2023-06-01"}})
-out["cloud"] = [r.status, json.loads(r.read())["content"][0]["text"]]
+text = ""
+for line in r:
+    line = line.decode().strip()
+    if line.startswith("data: {{"):
+        text += json.loads(line[6:]).get("delta", {{}}).get("text", "")
+out["cloud"] = [r.status, text]
 r = post("/v1/messages", {{"model": "claude-3-5-haiku-20241022", "max_tokens": 10, "messages": []}}, {{"x-api-key": key}})
 out["over_budget"] = [r.status, json.loads(r.read())]
 print(json.dumps(out))
@@ -653,6 +680,11 @@ print(json.dumps(out))
         "{got}"
     );
     assert_eq!(
+        got["openrouter"],
+        serde_json::json!([200, "hello from openrouter"]),
+        "{got}"
+    );
+    assert_eq!(
         got["cloud"],
         serde_json::json!([200, "hello from the cloud"]),
         "{got}"
@@ -669,7 +701,7 @@ print(json.dumps(out))
     );
 
     let calls = MODEL_CALLS.lock().unwrap().clone();
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls.len(), 3, "{calls:?}");
     let local = calls
         .iter()
         .find(|c| c.starts_with("local "))
@@ -698,7 +730,7 @@ print(json.dumps(out))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0]["model"], "llama3.1:8b");
     assert_eq!(
         (
@@ -708,10 +740,29 @@ print(json.dumps(out))
         (Some(12), Some(34))
     );
     assert_eq!(lines[0]["cost_source"], "local_backend");
-    assert_eq!(lines[1]["provider"], "api.test");
-    assert_eq!(lines[1]["cost_source"], "price_table");
+    // OpenRouter-style: the cost the provider reported.
+    assert_eq!(lines[1]["model"], "openai/gpt-4o-mini");
+    assert_eq!(lines[1]["cost_source"], "provider");
+    assert_eq!(lines[1]["cost_usd"].as_f64(), Some(0.001));
+    assert_eq!(
+        (
+            lines[1]["input_tokens"].as_u64(),
+            lines[1]["output_tokens"].as_u64()
+        ),
+        (Some(40), Some(60))
+    );
+    // Anthropic, streamed: priced from the table (1000 in, 2000 out of claude-3-5-haiku).
+    assert_eq!(lines[2]["provider"], "api.test");
+    assert_eq!(lines[2]["cost_source"], "price_table");
+    assert_eq!(
+        (
+            lines[2]["input_tokens"].as_u64(),
+            lines[2]["output_tokens"].as_u64()
+        ),
+        (Some(1000), Some(2000))
+    );
     assert!(
-        (lines[1]["cost_usd"].as_f64().unwrap() - 0.0088).abs() < 1e-9,
+        (lines[2]["cost_usd"].as_f64().unwrap() - 0.0088).abs() < 1e-9,
         "{lines:?}"
     );
 
