@@ -728,8 +728,23 @@ def images():
         write("image_manifest", n, data)
 
 
+def model_usage():
+    """Byte 0 is the chunk size less one; the rest is an answer, a body or a string."""
+    t = "model_usage"
+    clean(t)
+    write(t, "openai-sse", b"\x07" + b'data: {"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":3}}\n\ndata: [DONE]\n\n')
+    write(t, "openai-json", b"\x00" + b'{"model":"gpt-4o","usage":{"prompt_tokens":120,"completion_tokens":30,"prompt_tokens_details":{"cached_tokens":100}}}')
+    write(t, "anthropic-sse", b"\x10" + b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-3-5-haiku","usage":{"input_tokens":25,"cache_read_input_tokens":5}}}\n\nevent: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":15}}\n\n')
+    write(t, "openrouter-cost", b"\x20" + b'{"model":"openai/gpt-4o-mini","usage":{"prompt_tokens":40,"completion_tokens":60,"cost":0.001}}')
+    write(t, "ollama-native", b"\x05" + b'{"model":"llama3.1:8b","prompt_eval_count":26,"eval_count":290,"done":true}')
+    write(t, "route-body", b"\x03" + b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}')
+    write(t, "route-string", b"\x01" + b"openrouter.ai/google/gemini-2.0-flash-001=llama3.1:8b@127.0.0.1:11434")
+    write(t, "prices", b"\x02" + b'{"m":{"input":1,"output":2,"cached_input":0.5}}')
+
+
 def main():
     classify_and_proxy()
+    model_usage()
     dns_seeds = dns()
     rpc()
     proto()
