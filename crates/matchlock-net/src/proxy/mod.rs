@@ -116,6 +116,30 @@ fn boxed_error(e: hyper::Error) -> body::BoxError {
     Box::new(e)
 }
 
+/// Headers as the proxy re-issues them (a name or value that is not valid HTTP is dropped).
+fn header_map(headers: Vec<(String, Vec<u8>)>) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(&v),
+        ) {
+            map.append(k, v);
+        }
+    }
+    map
+}
+
+/// `path` and `query` as a request target.
+fn request_target(path: &str, query: &[u8]) -> Option<Uri> {
+    let pq = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", String::from_utf8_lossy(query))
+    };
+    pq.parse().ok()
+}
+
 /// Reads a whole body of at most `max` bytes (trailers dropped); `None` when it is larger or
 /// fails.
 async fn collect_limited(mut body: ProxyBody, max: usize) -> Option<Bytes> {
@@ -413,15 +437,7 @@ impl Proxy {
             Ok(t) => t,
             Err(denial) => return self.refuse(&denial, tls),
         };
-        let mut map = HeaderMap::new();
-        for (k, v) in headers {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_bytes(&v),
-            ) {
-                map.append(k, v);
-            }
-        }
+        let mut map = header_map(headers);
         let upgrade_token = map.get(http::header::UPGRADE).cloned();
         strip_hop_by_hop(&mut map);
         if let (true, Some(token)) = (websocket, upgrade_token) {
@@ -439,12 +455,7 @@ impl Proxy {
         if let Ok(h) = HeaderValue::from_str(&authority) {
             map.insert(http::header::HOST, h);
         }
-        let pq = if query.is_empty() {
-            view.path.clone()
-        } else {
-            format!("{}?{}", view.path, String::from_utf8_lossy(&query))
-        };
-        let Ok(uri) = pq.parse::<Uri>() else {
+        let Some(uri) = request_target(&view.path, &query) else {
             return self.refuse(&Denial::BadTarget { host }, tls);
         };
         parts.uri = uri;
@@ -611,15 +622,7 @@ impl Proxy {
                 return self.refuse(&Denial::Secret(leak), tls);
             }
         }
-        let mut map = HeaderMap::new();
-        for (k, v) in headers {
-            if let (Ok(k), Ok(v)) = (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_bytes(&v),
-            ) {
-                map.append(k, v);
-            }
-        }
+        let mut map = header_map(headers);
         strip_hop_by_hop(&mut map);
         map.remove(http::header::CONTENT_LENGTH);
         // The usage is read from the answer, so it must come back plain.
@@ -627,12 +630,7 @@ impl Proxy {
         if let Ok(h) = HeaderValue::from_str(&backend) {
             map.insert(http::header::HOST, h);
         }
-        let pq = if query.is_empty() {
-            d.path.to_string()
-        } else {
-            format!("{}?{}", d.path, String::from_utf8_lossy(&query))
-        };
-        let Ok(uri) = pq.parse::<Uri>() else {
+        let Some(uri) = request_target(d.path, &query) else {
             return self.refuse(
                 &Denial::BadTarget {
                     host: host.to_string(),
