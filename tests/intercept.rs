@@ -792,3 +792,75 @@ print(json.dumps(out))
         );
     }
 }
+
+/// Bad plugin settings fail with a clear message before anything boots, and leave nothing (no
+/// usage log file) behind.
+#[test]
+fn plugin_flags_are_checked_before_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("usage.jsonl");
+    let usage = usage.to_str().unwrap();
+    let plugins = dir.path().join("plugins.json");
+    std::fs::write(
+        &plugins,
+        r#"{"network": {"plugins": [{"type": "cost_cap"}]}}"#,
+    )
+    .unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--budget-limit-usd", "5"], "needs --usage-log-path"),
+        (
+            vec!["--usage-log-path", usage, "--budget-limit-usd", "0"],
+            "positive",
+        ),
+        (
+            vec!["--local-model-route", "openrouter.ai"],
+            "SOURCE_HOST/SOURCE_MODEL=TARGET_MODEL",
+        ),
+        (
+            vec!["--local-model-route", "a.test/m=t@nohost"],
+            "HOST:PORT",
+        ),
+        (
+            vec!["--local-model-backend", "127.0.0.1:11434"],
+            "needs at least one --local-model-route",
+        ),
+        (
+            vec!["--usage-log-path", "/nonexistent-dir/u.jsonl"],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--usage-log-path",
+                usage,
+                "--price-file",
+                "/nonexistent.json",
+            ],
+            "price file",
+        ),
+        (
+            vec!["--plugins-file", plugins.to_str().unwrap()],
+            "unknown plugin type \"cost_cap\"",
+        ),
+        (
+            vec!["--no-network", "--usage-log-path", usage],
+            "--no-network",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["run", "--image", BUSYBOX];
+        args.extend(&flags);
+        args.extend(["--", "true"]);
+        let t = std::time::Instant::now();
+        let out = run(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(err.contains(want), "{flags:?}: {err}");
+        // Refused while checking, not after a boot.
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{flags:?} took {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(!std::path::Path::new(usage).exists());
+}
