@@ -20,24 +20,16 @@ fn sha(s: &str) -> String {
 /// Answers every request with `path=<target> auth=<Authorization> auth_sha=<sha256 of it>`, so a
 /// test can see what arrived upstream (the sha) and what the guest gets back (the echo).
 fn respond<S: Read + Write>(mut s: S) {
-    let mut reader = BufReader::new(&mut s);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
+    let Some((line, headers, _)) = read_request(&mut s) else {
         return;
-    }
+    };
     let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut auth = String::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("authorization") {
-                auth = v.trim().to_string();
-            }
-        }
-    }
+    let auth = headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     let body = format!(
         "path={target} auth={auth} auth_sha={} path_sha={}",
         sha(&auth),

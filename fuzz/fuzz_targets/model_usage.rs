@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for path in ["/v1/chat/completions", "/v1/messages"] {
-        if let Some(d) = router().route("api.test", path, rest) {
+        if let Some(d) = router().route("api.test", path, rest).directive {
             let v: serde_json::Value = serde_json::from_slice(&d.body).expect("a routed body is JSON");
             assert_eq!(v["model"].as_str(), Some(d.target_model.as_str()));
         }

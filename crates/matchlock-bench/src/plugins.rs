@@ -103,7 +103,7 @@ fn proxy(upstream: SocketAddr, plugins: Option<(Plugins, SocketAddr)>) -> Result
         Some((_, b)) => vec![(b.to_string(), *b)],
         None => Vec::new(),
     };
-    policy = policy.with_backends(backends.iter().map(|(_, a)| *a).collect());
+    policy = policy.with_backends(backends);
     let mut p = Proxy::new(
         Arc::new(policy),
         Secrets::default(),
@@ -113,7 +113,7 @@ fn proxy(upstream: SocketAddr, plugins: Option<(Plugins, SocketAddr)>) -> Result
         Rules::default(),
     );
     if let Some((pl, _)) = plugins {
-        p = p.with_plugins(pl, backends);
+        p = p.with_plugins(pl);
     }
     Ok(Arc::new(p))
 }

@@ -107,10 +107,8 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
         Some(ic) => {
             let plugins = matchlock_policy::plugins::Plugins::from_config(&ic.plugins)?;
             let backends = resolve_backends(&plugins)?;
-            let addrs = backends.iter().map(|(_, a)| *a).collect();
-            let policy = Arc::new(intercepting(address, ic, &hosts)?.with_backends(addrs));
-            let proxy = interception(&s, ic, policy.clone())?.with_plugins(plugins, backends);
-            let proxy = Arc::new(proxy);
+            let policy = Arc::new(intercepting(address, ic, &hosts)?.with_backends(backends));
+            let proxy = Arc::new(interception(&s, ic, policy.clone())?.with_plugins(plugins));
             (policy, Some(proxy))
         }
     };

@@ -1201,7 +1201,7 @@ async fn model_calls_are_routed_logged_and_budgeted() {
         ..Default::default()
     };
     let policy = Policy::intercepting(address, AllowList::new(["up.test"]).unwrap(), names)
-        .with_backends(vec![backend]);
+        .with_backends(vec![(backend.to_string(), backend)]);
     let p = Arc::new(
         Proxy::new(
             Arc::new(policy),
@@ -1211,7 +1211,7 @@ async fn model_calls_are_routed_logged_and_budgeted() {
             None,
             Rules::default(),
         )
-        .with_plugins(plugins, vec![(backend.to_string(), backend)]),
+        .with_plugins(plugins),
     );
     let post = |path: &str, model: &str, stream: bool| {
         let body = format!(
@@ -1386,11 +1386,7 @@ async fn usage_is_logged_for_answers_with_a_length() {
     };
     let plugins = matchlock_policy::plugins::Plugins::from_config(&config).unwrap();
     let p = plain_proxy(AllowList::new(["up.test"]).unwrap(), Rules::default(), true);
-    let p = Arc::new(
-        Arc::try_unwrap(p)
-            .unwrap()
-            .with_plugins(plugins, Vec::new()),
-    );
+    let p = Arc::new(Arc::try_unwrap(p).unwrap().with_plugins(plugins));
     let mut g = guest_conn(&p, port);
     let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
     g.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: up.test:{port}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())

@@ -18,9 +18,10 @@ pub struct Policy {
     /// Bumped on every allow-list change, so that long-lived flows (WebSocket tunnels, relayed
     /// connections) re-check themselves instead of keeping a permission that was taken away.
     changes: tokio::sync::watch::Sender<u64>,
-    /// Addresses of the local model backends the proxy may send routed calls to (the guest
-    /// itself cannot reach them unless also opened for it).
-    backends: Vec<SocketAddr>,
+    /// The local model backends the proxy may send routed calls to, as configured
+    /// (`HOST:PORT`) with the address each resolved to at start (the guest itself cannot reach
+    /// them unless also opened for it).
+    backends: Vec<(String, SocketAddr)>,
 }
 
 /// A request as far as the gate looks at it.
@@ -80,22 +81,23 @@ impl Policy {
         self
     }
 
-    /// Lets the proxy send routed model calls to these addresses (`local_model_router`).
-    pub fn with_backends(mut self, backends: Vec<SocketAddr>) -> Policy {
+    /// Lets the proxy send routed model calls to these backends (`local_model_router`): each
+    /// as configured (`HOST:PORT`) and the address it resolved to.
+    pub fn with_backends(mut self, backends: Vec<(String, SocketAddr)>) -> Policy {
         self.backends = backends;
         self
     }
 
-    /// A routed model call to the backend `name` at `addr`: allowed only for the backends the
-    /// sandbox was configured with, whatever the address rules say (they are the user's own
-    /// choice, made outside the guest).
-    pub fn backend(&self, name: &str, addr: SocketAddr) -> Result<Allowed, Denial> {
-        if !self.backends.contains(&addr) {
-            return Err(Denial::NotAllowed {
+    /// A routed model call to the backend `name` (`HOST:PORT` as configured): allowed only for
+    /// the backends the sandbox was configured with, at the address resolved at start, whatever
+    /// the address rules say (they are the user's own choice, made outside the guest).
+    pub fn backend(&self, name: &str) -> Result<Allowed, Denial> {
+        match self.backends.iter().find(|(b, _)| b == name) {
+            Some((_, addr)) => Ok(Allowed::new(*addr, Some(name.to_string()), Route::Backend)),
+            None => Err(Denial::NotAllowed {
                 host: name.to_string(),
-            });
+            }),
         }
-        Ok(Allowed::new(addr, Some(name.to_string()), Route::Backend))
     }
 
     /// Whether the sandbox intercepts.

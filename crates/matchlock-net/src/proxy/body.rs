@@ -102,11 +102,7 @@ impl Body for TapBody {
                     tap.push(data);
                 }
             }
-            Poll::Ready(None) => {
-                if let (Some(tap), Some(done)) = (self.tap.take(), self.done.take()) {
-                    done(tap.finish());
-                }
-            }
+            Poll::Ready(None) => self.finish(),
             _ => {}
         }
         polled
@@ -121,13 +117,20 @@ impl Body for TapBody {
     }
 }
 
+impl TapBody {
+    /// Hands the usage read to `done`, once.
+    fn finish(&mut self) {
+        if let (Some(tap), Some(done)) = (self.tap.take(), self.done.take()) {
+            done(tap.finish());
+        }
+    }
+}
+
 impl Drop for TapBody {
     /// A body with a known length is dropped once it is written, without its end being polled:
     /// the usage is read then. (A body cut short holds no complete answer to read.)
     fn drop(&mut self) {
-        if let (Some(tap), Some(done)) = (self.tap.take(), self.done.take()) {
-            done(tap.finish());
-        }
+        self.finish();
     }
 }
 

@@ -106,8 +106,6 @@ pub struct Proxy {
     events: Option<Arc<EventLog>>,
     rules: Rules,
     plugins: Plugins,
-    /// Where each model backend of the router is (`HOST:PORT` as configured, and its address).
-    backends: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// A hyper error as the proxy's body error (a plain function: a closure's inferred lifetimes
@@ -195,19 +193,13 @@ impl Proxy {
             events,
             rules,
             plugins: Plugins::default(),
-            backends: Vec::new(),
         }
     }
 
-    /// Runs `plugins` in the pipeline; `backends` are the router's backends with their
-    /// addresses (which the policy must allow, see `Policy::with_backends`).
-    pub fn with_plugins(
-        mut self,
-        plugins: Plugins,
-        backends: Vec<(String, std::net::SocketAddr)>,
-    ) -> Proxy {
+    /// Runs `plugins` in the pipeline (the router's backends must be given to the policy, see
+    /// `Policy::with_backends`).
+    pub fn with_plugins(mut self, plugins: Plugins) -> Proxy {
         self.plugins = plugins;
-        self.backends = backends;
         self
     }
 
@@ -412,10 +404,9 @@ impl Proxy {
                         "model call body unreadable or over 16 MiB".into(),
                     );
                 };
-                requested_model = serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v.get("model")?.as_str().map(str::to_string));
-                match router.route(&host, parts.uri.path(), &bytes) {
+                let routing = router.route(&host, parts.uri.path(), &bytes);
+                requested_model = routing.model;
+                match routing.directive {
                     Some(d) => return self.send_routed(parts, d, &host, tls, started).await,
                     None => {
                         self.emit(
@@ -525,14 +516,7 @@ impl Proxy {
         let gate = self.plugins.budget.as_ref()?;
         let result = gate.check();
         let (allowed, spent) = match &result {
-            Ok(()) => (
-                true,
-                self.plugins
-                    .usage
-                    .as_ref()
-                    .map(|(l, _)| l.spent())
-                    .unwrap_or(0.0),
-            ),
+            Ok(spent) => (true, *spent),
             Err(over) => (false, over.spent_usd),
         };
         let limit = gate.limit_usd();
@@ -584,18 +568,7 @@ impl Proxy {
             },
             tls,
         );
-        let Some(addr) = self
-            .backends
-            .iter()
-            .find(|(b, _)| *b == backend)
-            .map(|(_, a)| *a)
-        else {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("local model backend {backend} was not resolved"),
-            );
-        };
-        let allowed = match self.policy.backend(&backend, addr) {
+        let allowed = match self.policy.backend(&backend) {
             Ok(a) => a,
             Err(denial) => return self.refuse(&denial, tls),
         };
@@ -655,7 +628,7 @@ impl Proxy {
             },
             tls,
         );
-        let sent = match upstream::connect(&allowed, None, addr.port()).await {
+        let sent = match upstream::connect(&allowed, None, allowed.addr().port()).await {
             Ok(mut up) => up.try_send(req).await.map_err(|(_, e)| e),
             Err(e) => Err(e),
         };
@@ -732,19 +705,16 @@ impl Proxy {
             // The spend counts at once (the budget gate reads it) and the line is written at
             // once; only the flush to the disk waits, off the request path.
             let spent = log.account(&call);
-            let cost_source = call.to_json("")["cost_source"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
             let event = Event {
                 kind: "response_transform",
                 summary: format!(
-                    "logged {} call to {}: {} in, {} out, ${:.6} ({cost_source})",
+                    "logged {} call to {}: {} in, {} out, ${:.6} ({})",
                     call.model,
                     host,
                     call.usage.input_tokens,
                     call.usage.output_tokens,
                     call.cost_usd,
+                    call.cost_source.as_str(),
                 ),
                 plugin: Some("usage_logger"),
                 data: {

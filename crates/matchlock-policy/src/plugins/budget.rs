@@ -56,8 +56,8 @@ impl BudgetGate {
         self.limit_usd
     }
 
-    /// Allows a request while the spend is under the limit.
-    pub fn check(&self) -> Result<(), OverBudget> {
+    /// Allows a request while the spend is under the limit; returns the spend so far.
+    pub fn check(&self) -> Result<f64, OverBudget> {
         let spent = self.log.spent();
         if spent >= self.limit_usd {
             return Err(OverBudget {
@@ -65,7 +65,7 @@ impl BudgetGate {
                 limit_usd: self.limit_usd,
             });
         }
-        Ok(())
+        Ok(spent)
     }
 }
 

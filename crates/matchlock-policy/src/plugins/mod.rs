@@ -26,74 +26,79 @@ pub struct Plugins {
 /// the price file reads, the usage log's directory exists and the log, if there, is a file
 /// that can be appended to.
 pub fn check(config: &PluginsConfig) -> Result<(), String> {
-    config.check()?;
-    router(config)?;
-    if let Some(u) = &config.usage_logger {
-        if let Some(f) = &u.price_file {
-            prices::Prices::with_file(f)?;
-        }
-        let dir = u
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            return Err(format!(
-                "usage log {}: directory {} does not exist",
-                u.path.display(),
-                dir.display()
-            ));
-        }
-        match std::fs::metadata(&u.path) {
-            Ok(m) if !m.is_file() => {
-                return Err(format!(
-                    "usage log {}: not a regular file",
-                    u.path.display()
-                ))
-            }
-            Ok(_) => {
-                std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&u.path)
-                    .map_err(|e| format!("usage log {}: {e}", u.path.display()))?;
-            }
-            Err(_) => {}
-        }
-    }
+    parse(config)?;
     Ok(())
 }
 
-fn router(config: &PluginsConfig) -> Result<Option<routes::Router>, String> {
-    let Some(r) = &config.local_model_router else {
-        return Ok(None);
+/// What `config` makes without writing anything (see [`check`]): the router and the prices.
+fn parse(
+    config: &PluginsConfig,
+) -> Result<(Option<routes::Router>, Option<prices::Prices>), String> {
+    config.check()?;
+    let router = match &config.local_model_router {
+        Some(r) => {
+            let backend = r
+                .backend
+                .as_deref()
+                .map(|b| {
+                    routes::Backend::parse(b).map_err(|e| format!("--local-model-backend: {e}"))
+                })
+                .transpose()?;
+            let list = r
+                .routes
+                .iter()
+                .map(|s| routes::Route::parse(s).map_err(|e| format!("--local-model-route: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(routes::Router::new(list, backend)?)
+        }
+        None => None,
     };
-    let backend = r
-        .backend
-        .as_deref()
-        .map(|b| routes::Backend::parse(b).map_err(|e| format!("--local-model-backend: {e}")))
-        .transpose()?;
-    let list = r
-        .routes
-        .iter()
-        .map(|s| routes::Route::parse(s).map_err(|e| format!("--local-model-route: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    routes::Router::new(list, backend).map(Some)
+    let Some(u) = &config.usage_logger else {
+        return Ok((router, None));
+    };
+    let prices = match &u.price_file {
+        Some(f) => prices::Prices::with_file(f)?,
+        None => prices::Prices::shipped(),
+    };
+    let dir = u
+        .path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!(
+            "usage log {}: directory {} does not exist",
+            u.path.display(),
+            dir.display()
+        ));
+    }
+    match std::fs::metadata(&u.path) {
+        Ok(m) if !m.is_file() => {
+            return Err(format!(
+                "usage log {}: not a regular file",
+                u.path.display()
+            ))
+        }
+        Ok(_) => {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&u.path)
+                .map_err(|e| format!("usage log {}: {e}", u.path.display()))?;
+        }
+        Err(_) => {}
+    }
+    Ok((router, Some(prices)))
 }
 
 impl Plugins {
     /// Builds the plugins of `config`, opening (creating) the usage log.
     pub fn from_config(config: &PluginsConfig) -> Result<Plugins, String> {
-        check(config)?;
-        let router = router(config)?;
-        let usage = match &config.usage_logger {
-            Some(u) => {
-                let prices = match &u.price_file {
-                    Some(f) => prices::Prices::with_file(f)?,
-                    None => prices::Prices::shipped(),
-                };
+        let (router, prices) = parse(config)?;
+        let usage = match (&config.usage_logger, prices) {
+            (Some(u), Some(prices)) => {
                 Some((Arc::new(usage::UsageLog::open(&u.path)?), Arc::new(prices)))
             }
-            None => None,
+            _ => None,
         };
         let budget = match (&config.budget_gate, &usage) {
             (Some(b), Some((log, _))) => Some(budget::BudgetGate::new(b.limit_usd, log.clone())?),

@@ -9,8 +9,9 @@
 use crate::hosts::normalize;
 use serde_json::Value;
 
-/// Where routed calls go when a route names no backend of its own (Ollama's default port).
-pub const DEFAULT_BACKEND: &str = "127.0.0.1:11434";
+/// Where routed calls go when a route names no backend of its own: host and port (Ollama's
+/// default).
+pub const DEFAULT_BACKEND: (&str, u16) = ("127.0.0.1", 11434);
 
 /// A backend: a host (name or address) and a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,8 +192,12 @@ impl Router {
     /// The backends routes may send to (the policy opens exactly these for the proxy, never
     /// for the guest).
     pub fn backends(&self) -> Vec<Backend> {
-        let mut v: Vec<Backend> = self.routes.iter().map(|r| self.backend_of(r)).collect();
-        v.dedup();
+        let mut v: Vec<Backend> = Vec::new();
+        for b in self.routes.iter().map(|r| self.backend_of(r)) {
+            if !v.contains(&b) {
+                v.push(b);
+            }
+        }
         v
     }
 
@@ -200,11 +205,9 @@ impl Router {
         r.backend
             .clone()
             .or_else(|| self.default_backend.clone())
-            .unwrap_or_else(|| {
-                Backend::parse(DEFAULT_BACKEND).unwrap_or(Backend {
-                    host: "127.0.0.1".into(),
-                    port: 11434,
-                })
+            .unwrap_or_else(|| Backend {
+                host: DEFAULT_BACKEND.0.into(),
+                port: DEFAULT_BACKEND.1,
             })
     }
 
@@ -215,26 +218,41 @@ impl Router {
             && self.routes.iter().any(|r| r.source_host == host)
     }
 
-    /// The directive for a model call to `host` at `path` with JSON `body`, if a route matches
-    /// its model; `None` leaves the request untouched.
-    pub fn route(&self, host: &str, path: &str, body: &[u8]) -> Option<Directive> {
-        let api = ModelApi::of_path(path)?;
-        let mut json: Value = serde_json::from_slice(body).ok()?;
-        let model = json.get("model")?.as_str()?.to_string();
-        let r = self
-            .routes
-            .iter()
-            .find(|r| r.source_host == host && r.source_model == model)?;
-        json["model"] = Value::String(r.target_model.clone());
-        let body = serde_json::to_vec(&json).ok()?;
-        Some(Directive {
-            backend: self.backend_of(r),
-            path: api.backend_path(),
-            body,
-            source_model: model,
-            target_model: r.target_model.clone(),
-        })
+    /// Reads a model call to `host` at `path` with JSON `body` once: the model it names, and the
+    /// directive when a route matches it.
+    pub fn route(&self, host: &str, path: &str, body: &[u8]) -> Routing {
+        let json: Option<Value> = serde_json::from_slice(body).ok();
+        let model = json
+            .as_ref()
+            .and_then(|j| j.get("model")?.as_str().map(str::to_string));
+        let directive = (|| {
+            let api = ModelApi::of_path(path)?;
+            let source_model = model.clone()?;
+            let r = self
+                .routes
+                .iter()
+                .find(|r| r.source_host == host && r.source_model == source_model)?;
+            let mut json = json?;
+            json["model"] = Value::String(r.target_model.clone());
+            Some(Directive {
+                backend: self.backend_of(r),
+                path: api.backend_path(),
+                body: serde_json::to_vec(&json).ok()?,
+                source_model,
+                target_model: r.target_model.clone(),
+            })
+        })();
+        Routing { model, directive }
     }
+}
+
+/// What the router made of a model call's body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// The model the body names (for the usage log), if it is JSON with one.
+    pub model: Option<String>,
+    /// Where to send it instead; `None` leaves the request untouched.
+    pub directive: Option<Directive>,
 }
 
 #[cfg(test)]
@@ -298,6 +316,7 @@ mod tests {
         assert!(!router.may_route("POST", "openrouter.ai", "/api/v1/models"));
         let d = router
             .route("openrouter.ai", "/api/v1/chat/completions", body)
+            .directive
             .unwrap();
         assert_eq!(d.backend.to_string(), "127.0.0.1:11434");
         assert_eq!(d.path, "/v1/chat/completions");
@@ -311,26 +330,46 @@ mod tests {
                 "/v1/messages",
                 br#"{"model":"claude-sonnet-4","max_tokens":5}"#,
             )
+            .directive
             .unwrap();
         assert_eq!(a.backend.to_string(), "127.0.0.1:9000");
         assert_eq!(a.path, "/v1/messages");
         // Another model, another host, another path, or a body that is not JSON: untouched.
-        assert!(router
-            .route(
-                "openrouter.ai",
-                "/api/v1/chat/completions",
-                br#"{"model":"x"}"#
-            )
-            .is_none());
+        let other = router.route(
+            "openrouter.ai",
+            "/api/v1/chat/completions",
+            br#"{"model":"x"}"#,
+        );
+        assert!(other.directive.is_none());
+        assert_eq!(other.model.as_deref(), Some("x"));
         assert!(router
             .route("other.ai", "/api/v1/chat/completions", body)
+            .directive
             .is_none());
         assert!(router
             .route("openrouter.ai", "/api/v1/embeddings", body)
+            .directive
             .is_none());
         assert!(router
             .route("openrouter.ai", "/api/v1/chat/completions", b"not json")
+            .directive
             .is_none());
         assert_eq!(router.backends().len(), 2);
+        // One backend per address, however many routes use it and in whatever order.
+        let shared = Router::new(
+            ["a.test/m1=t", "b.test/m=t@127.0.0.1:9", "a.test/m2=t"]
+                .iter()
+                .map(|r| Route::parse(r).unwrap())
+                .collect(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            shared.backends(),
+            [
+                Backend::parse("127.0.0.1:11434").unwrap(),
+                Backend::parse("127.0.0.1:9").unwrap()
+            ]
+        );
     }
 }

@@ -232,7 +232,8 @@ pub enum CostSource {
 }
 
 impl CostSource {
-    fn as_str(self) -> &'static str {
+    /// Its name in the log (`cost_source`).
+    pub fn as_str(self) -> &'static str {
         match self {
             CostSource::Provider => "provider",
             CostSource::PriceTable => "price_table",
