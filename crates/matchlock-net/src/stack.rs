@@ -168,9 +168,18 @@ struct TcpFlow {
     pending_off: usize,
     host_eof: bool,
     close_sent: bool,
+    /// When the host side stopped taking the guest's data (it hung up while the guest was still
+    /// sending): from then on the guest's bytes are dropped, as a server's lingering close does,
+    /// so what the host wrote before it hung up (a 403, a 429) reaches the guest whole instead
+    /// of being lost to a reset. Bounded by [`LINGER`].
+    lingering: Option<Instant>,
     last_active: Instant,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How long a flow whose host side hung up keeps taking (and dropping) the guest's data before
+/// it is reset.
+const LINGER: Duration = Duration::from_secs(10);
 
 impl TcpFlow {
     /// A flow whose guest SYN is held until its far end is ready.
@@ -184,9 +193,18 @@ impl TcpFlow {
             pending_off: 0,
             host_eof: false,
             close_sent: false,
+            lingering: None,
             last_active: Instant::now(),
             tasks,
         }
+    }
+}
+
+impl TcpFlow {
+    /// The host side takes no more of the guest's data: drop it from now on (see `lingering`).
+    fn linger(&mut self) {
+        self.to_host = None;
+        self.lingering.get_or_insert_with(Instant::now);
     }
 }
 
@@ -535,8 +553,8 @@ impl Stack {
                 }
             }
             Event::HostWriteFailed(key) => {
-                if let Some(h) = self.tcp.get(&key).and_then(|f| f.handle) {
-                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                if let Some(flow) = self.tcp.get_mut(&key) {
+                    flow.linger();
                 }
             }
             Event::Udp(from, to, data) => {
@@ -761,6 +779,7 @@ impl Stack {
                 flow.close_sent = true;
             }
             // Guest -> host.
+            let mut host_gone = false;
             if let Some(tx) = flow.to_host.as_ref() {
                 while sock.can_recv() {
                     match tx.try_reserve() {
@@ -771,13 +790,23 @@ impl Stack {
                         }
                         Err(mpsc::error::TrySendError::Full(())) => break,
                         Err(mpsc::error::TrySendError::Closed(())) => {
-                            sock.abort();
+                            host_gone = true;
                             break;
                         }
                     }
                 }
                 if !sock.may_recv() && !sock.can_recv() && sock.state() != tcp::State::SynReceived {
                     flow.to_host = None;
+                }
+            }
+            if host_gone {
+                flow.linger();
+            }
+            if flow.lingering.is_some() {
+                while sock.can_recv() {
+                    if sock.recv(|b| (b.len(), ())).is_err() {
+                        break;
+                    }
                 }
             }
             if active {
@@ -794,7 +823,8 @@ impl Stack {
                 continue;
             };
             let sock = self.sockets.get_mut::<tcp::Socket>(h);
-            if flow.last_active.elapsed() > idle {
+            let lingered = flow.lingering.is_some_and(|t| t.elapsed() > LINGER);
+            if flow.last_active.elapsed() > idle || lingered {
                 sock.abort();
             }
             let state = sock.state();

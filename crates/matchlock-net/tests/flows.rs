@@ -411,3 +411,41 @@ async fn counting_tcp() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)
     });
     (port, n)
 }
+
+/// A refusal reaches the guest whole even while the guest is still sending the request's body.
+/// The proxy answers before reading the body and hangs up; like a server's lingering close, the
+/// stack then takes and drops the rest of the body and delivers everything the proxy wrote. A
+/// client that sends its whole body before reading (Python's `http.client`, curl) would otherwise
+/// get a reset instead of the 403 or 429, and could not tell a refusal from a broken network.
+#[tokio::test]
+async fn a_refusal_arrives_whole_while_the_guest_is_still_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let (port, _seen) = http_upstream().await;
+    let g = guest(&network(Some(intercepting(&["api.test"], &log)), true));
+    let dst = SocketAddrV4::new(ALIAS_BASE, port);
+    for round in 0..5 {
+        let mut s = g.connect(dst).await.unwrap();
+        let total = 2 << 20;
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: other.test:{port}\r\nContent-Length: {total}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 16 << 10];
+        for _ in 0..total / chunk.len() {
+            s.write_all(&chunk)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: the body was cut off: {e}"));
+        }
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+            .await
+            .expect("the answer ends")
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 403") && out.contains("not on this sandbox's allow-list"),
+            "round {round}: {out:?}"
+        );
+    }
+}

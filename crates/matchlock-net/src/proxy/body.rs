@@ -101,6 +101,13 @@ impl Body for TapBody {
                 if let (Some(data), Some(tap)) = (frame.data_ref(), self.tap.as_mut()) {
                     tap.push(data);
                 }
+                // The last frame of a body with a known end: the usage is read before the frame
+                // goes on, so a client that has the whole answer and sends its next call at once
+                // finds it already counted (the budget gate would let that call through if the
+                // usage were read only when the body is polled again or dropped).
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
             }
             Poll::Ready(None) => self.finish(),
             _ => {}
@@ -505,5 +512,35 @@ impl Body for SseReplace {
                 other => return other,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_usage_is_read_before_the_last_frame_goes_on() {
+        let answer = r#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        let seen = Arc::new(AtomicBool::new(false));
+        let done_seen = seen.clone();
+        let mut tapped = TapBody {
+            inner: http_body_util::Full::new(Bytes::from(answer))
+                .map_err(|never| match never {})
+                .boxed(),
+            tap: Some(UsageTap::new("application/json")),
+            done: Some(Box::new(move |usage| {
+                assert_eq!(usage.map(|u| u.output_tokens), Some(5));
+                done_seen.store(true, Ordering::SeqCst);
+            })),
+        };
+        let frame = tapped.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), answer.as_bytes());
+        assert!(
+            seen.load(Ordering::SeqCst),
+            "counted before the client could have the whole answer"
+        );
     }
 }
