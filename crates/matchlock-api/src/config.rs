@@ -35,6 +35,9 @@ pub struct SandboxConfig {
     pub user: Option<String>,
     /// Run processes with all capabilities and no seccomp filter.
     pub privileged: bool,
+    /// Always boot cold: never start from a template snapshot (`--no-snapshot`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_snapshot: bool,
     /// Grace period between SIGTERM and SIGKILL when the sandbox stops, in milliseconds.
     pub graceful_shutdown_ms: u64,
     /// Lifetime limit in seconds; the supervisor stops the sandbox when it is reached.
@@ -341,6 +344,10 @@ pub struct State {
     pub accel: Option<String>,
     /// Milliseconds from supervisor start to a guest ready for commands.
     pub boot_ms: Option<u64>,
+    /// How the VM started: `template` (restored from the image's template snapshot), `cold`
+    /// (booted), or `cold` with why no template was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
     /// Why it stopped (`stopped by request`, `timeout after 5s`, `guest powered off`, an error).
     pub reason: Option<String>,
     /// The port forwards the supervisor is serving, with the ports actually bound.

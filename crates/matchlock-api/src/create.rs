@@ -24,6 +24,7 @@ impl CreateParams {
             .map(|k| k.reference)
             .filter(|r| !r.trim().is_empty());
         req.privileged = self.privileged;
+        req.no_snapshot = self.no_snapshot;
         req.start = if self.launch_entrypoint {
             Start::Entrypoint
         } else {

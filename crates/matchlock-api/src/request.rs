@@ -315,6 +315,8 @@ pub struct SandboxRequest {
     pub resources: Resources,
     /// All capabilities and no seccomp filter for processes.
     pub privileged: bool,
+    /// Boot cold rather than start from a template snapshot.
+    pub no_snapshot: bool,
     /// Process overrides.
     pub process: ProcessRequest,
     /// Guest hostname; the sandbox id when `None`.
@@ -353,6 +355,7 @@ impl SandboxRequest {
             kernel: None,
             resources: Resources::default(),
             privileged: false,
+            no_snapshot: false,
             process: ProcessRequest::default(),
             hostname: None,
             add_hosts: Vec::new(),

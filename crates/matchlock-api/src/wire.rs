@@ -69,6 +69,9 @@ pub struct CreateParams {
     /// Skip the in-guest confinement.
     #[serde(skip_serializing_if = "is_false")]
     pub privileged: bool,
+    /// Boot cold: never start from a template snapshot (matchlock's own extension).
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_snapshot: bool,
     /// Start the image's ENTRYPOINT/CMD in the background after boot.
     #[serde(skip_serializing_if = "is_false")]
     pub launch_entrypoint: bool,

@@ -70,6 +70,8 @@ impl RawVm {
             console_socket: console_sock,
             extra_cmdline: Vec::new(),
             net: None,
+            qmp_socket: None,
+            incoming: None,
         };
         let mut cmd = spec.command();
         cmd.args(extra);

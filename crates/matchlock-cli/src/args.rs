@@ -386,6 +386,9 @@ pub struct RunArgs {
     /// Give processes all capabilities and no seccomp filter.
     #[arg(long)]
     pub privileged: bool,
+    /// Boot the VM cold instead of starting it from the image's template snapshot.
+    #[arg(long = "no-snapshot")]
+    pub no_snapshot: bool,
     /// Extra /etc/hosts entry NAME:IP.
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_host: Vec<String>,

@@ -103,6 +103,7 @@ pub fn from_flags(args: &RunArgs) -> Result<SandboxRequest> {
     req.graceful_shutdown_ms = crate::args::parse_duration_ms(&args.graceful_shutdown)
         .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
     req.privileged = args.privileged;
+    req.no_snapshot = args.no_snapshot;
     for h in &args.add_host {
         let (name, addr) = h.split_once(':').ok_or_else(|| {
             anyhow!("invalid add-host mapping: '{h}' must be NAME:IP (e.g. api.internal:10.0.0.10)")

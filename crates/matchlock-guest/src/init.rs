@@ -162,7 +162,9 @@ fn find_disk(serial: &str, what: &str) -> Result<PathBuf, String> {
                 }
                 let found = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
                 if found.trim_end_matches(['\n', '\0', ' ']) == serial {
-                    return Ok(PathBuf::from("/dev").join(name));
+                    let dev = PathBuf::from("/dev").join(name);
+                    forget_cached_blocks(&dev)?;
+                    return Ok(dev);
                 }
             }
         }
@@ -173,6 +175,69 @@ fn find_disk(serial: &str, what: &str) -> Result<PathBuf, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Drops whatever the kernel cached of a disk before it is mounted. A guest restored from a
+/// snapshot read its disks' first blocks (the partition scan) when the template booted; the
+/// sandbox's own disk at that slot (a fresh upper disk, another volume) differs, and a mount
+/// through the stale cache would read the template's superblock.
+fn forget_cached_blocks(dev: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    /// `BLKFLSBUF` from `<linux/fs.h>`: `_IO(0x12, 97)`.
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    let f = fs::File::open(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+    // SAFETY: an ioctl without an argument on a descriptor we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _, 0) } != 0 {
+        return Err(format!(
+            "flushing {}: {}",
+            dev.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Mixes the host's random bytes into the kernel's input pool (credited: they come from the
+/// host's own CSPRNG) and reseeds the CRNG from it, so each sandbox's random numbers are its own
+/// even when many were restored from one snapshot.
+fn reseed(entropy: &[u8]) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    /// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`; its argument is `struct rand_pool_info`.
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    if entropy.is_empty() {
+        return Ok(());
+    }
+    let len = entropy.len().min(4096);
+    // rand_pool_info: entropy_count (bits), buf_size (bytes), then the bytes as u32 words.
+    let mut info = vec![0u32; 2 + len.div_ceil(4)];
+    info[0] = (len * 8) as u32;
+    info[1] = len as u32;
+    for (i, chunk) in entropy[..len].chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    // SAFETY: `info` is a valid rand_pool_info of `len` bytes, alive across the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        return Err(format!(
+            "adding the host's entropy: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: an ioctl without an argument on a descriptor we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _, 0) } != 0 {
+        return Err(format!(
+            "reseeding the kernel's RNG: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn path_str(p: &Path) -> Result<&str, String> {
@@ -207,7 +272,9 @@ pub fn setup(s: &Setup) -> Result<Option<OwnedFd>, String> {
         check_hosts_word(addr, "hosts address")?;
         check_hosts_word(name, "hosts name")?;
     }
-    // The clock first: files the Setup creates get sensible times.
+    // Fresh randomness before anything else draws on it.
+    reseed(&s.entropy)?;
+    // The clock next: files the Setup creates get sensible times.
     set_clock(s.time_unix_ms)?;
     mount_root(s)?;
     mount_disks(s)?;

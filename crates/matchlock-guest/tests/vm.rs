@@ -248,6 +248,7 @@ async fn pid1_end_to_end() {
         disks: Vec::new(),
         net: None,
         vfs: Vec::new(),
+        entropy: vec![7; 64],
     };
     let mut s = request(&mux, Msg::Setup(setup)).await;
     let reply = recv(&mut s).await;

@@ -26,10 +26,10 @@ pub use msg::*;
 pub use vfs::GuestVfsMount;
 
 /// Protocol version. Bumped whenever a message changes shape; the guest announces it in [`HELLO`].
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 
 /// What the guest agent writes, raw, on the channel before the multiplexer starts.
-pub const HELLO: &[u8; 8] = b"MLKAGT07";
+pub const HELLO: &[u8; 8] = b"MLKAGT08";
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "matchlock.agent";

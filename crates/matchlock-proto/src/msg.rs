@@ -119,6 +119,10 @@ pub struct Setup {
     pub net: Option<GuestNet>,
     /// Workspace filesystems served by the host, mounted (in order) after the switch to the root.
     pub vfs: Vec<crate::vfs::GuestVfsMount>,
+    /// Random bytes from the host, mixed into the kernel's pool and followed by a reseed before
+    /// anything else runs: a guest restored from a snapshot would otherwise draw the same random
+    /// numbers as every other clone of it.
+    pub entropy: Vec<u8>,
 }
 
 /// The guest side of the sandbox network: a static IPv4 setup of `eth0`.

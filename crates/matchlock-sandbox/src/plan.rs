@@ -119,6 +119,7 @@ pub fn plan(
             .map(|u| u.as_str().to_string())
             .or_else(|| image.config.user.clone().filter(|u| !u.is_empty())),
         privileged: req.privileged,
+        no_snapshot: req.no_snapshot,
         graceful_shutdown_ms: req.graceful_shutdown_ms,
         timeout_secs: req.timeout.map(|t| t.get()),
         remove_on_stop: req.remove_on_stop,

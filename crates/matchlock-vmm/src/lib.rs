@@ -5,6 +5,7 @@
 //! - [`agent`] finds the static guest agent binary and [`initramfs`] wraps it into an initramfs.
 //! - [`accel`] decides between KVM and TCG with a real probe boot.
 //! - [`qemu`] builds the hardened QEMU command line.
+//! - [`qmp`] speaks to a running QEMU; [`snapshot`] saves a VM to a file and restores it.
 //!
 //! The VMM is a separate concern from the sandbox lifecycle (`matchlock-sandbox`), so another backend
 //! (Firecracker, an own rust-vmm VMM) can sit behind the same [`qemu::VmSpec`]-like description later.
@@ -14,6 +15,8 @@ pub mod agent;
 pub mod initramfs;
 pub mod kernel;
 pub mod qemu;
+pub mod qmp;
+pub mod snapshot;
 
 use std::path::PathBuf;
 

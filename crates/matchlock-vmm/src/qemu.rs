@@ -49,6 +49,12 @@ pub struct VmSpec {
     pub extra_cmdline: Vec<String>,
     /// The guest NIC, when the sandbox has a network.
     pub net: Option<NetDev>,
+    /// Unix socket QEMU connects its machine protocol monitor to (QMP), for snapshots; `None`
+    /// leaves QEMU without a monitor.
+    pub qmp_socket: Option<PathBuf>,
+    /// Start from a snapshot streamed to this Unix socket (QEMU listens there, paused, until the
+    /// state has loaded: `-incoming`), instead of booting the kernel.
+    pub incoming: Option<PathBuf>,
 }
 
 /// A virtio-fs device whose requests go to a vhost-user backend on a Unix socket.
@@ -250,6 +256,17 @@ impl VmSpec {
                 ),
             ]);
         }
+        if let Some(qmp) = &self.qmp_socket {
+            let mut chardev = OsString::from("socket,id=qmp,path=");
+            chardev.push(escape_commas(&qmp.to_string_lossy()));
+            c.arg("-chardev").arg(chardev);
+            c.args(["-mon", "chardev=qmp,mode=control"]);
+        }
+        if let Some(incoming) = &self.incoming {
+            let mut uri = OsString::from("unix:");
+            uri.push(incoming);
+            c.arg("-incoming").arg(uri);
+        }
         c
     }
 }
@@ -288,6 +305,8 @@ mod tests {
             console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
             net: None,
+            qmp_socket: Some("/s/qmp.sock".into()),
+            incoming: Some("/s/in.sock".into()),
         };
         let c = spec.command();
         let args: Vec<String> = c
@@ -311,6 +330,8 @@ mod tests {
             "x=1",
             "-smp 2",
             "-m 512M",
+            "socket,id=qmp,path=/s/qmp.sock -mon chardev=qmp,mode=control",
+            "-incoming unix:/s/in.sock",
         ] {
             assert!(joined.contains(want), "missing {want} in {joined}");
         }

@@ -43,19 +43,27 @@ pub fn setup(config: &SandboxConfig, vfs: Vec<matchlock_proto::GuestVfsMount>) -
             })
             .collect(),
         vfs,
+        entropy: {
+            let mut seed = vec![0u8; 64];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+            seed
+        },
     }
 }
 
-/// Waits for the agent's hello on its port, starts the channel and has the guest set up.
-pub async fn boot(listener: UnixListener, setup: Setup) -> Result<Mux, String> {
+/// Waits for the agent's hello on its port (a guest restored from a template said it to the
+/// template's builder), starts the channel and has the guest set up.
+pub async fn boot(listener: UnixListener, setup: Setup, restored: bool) -> Result<Mux, String> {
     let (mut conn, _) = listener
         .accept()
         .await
         .map_err(|e| format!("QEMU did not connect the agent channel: {e}"))?;
-    let mut hello = [0u8; 8];
-    conn.read_exact(&mut hello)
-        .await
-        .map_err(|e| format!("guest agent did not say hello: {e}"))?;
+    let mut hello = *matchlock_proto::HELLO;
+    if !restored {
+        conn.read_exact(&mut hello)
+            .await
+            .map_err(|e| format!("guest agent did not say hello: {e}"))?;
+    }
     if &hello != matchlock_proto::HELLO {
         return Err(format!(
             "guest agent speaks another protocol version ({:?}); rebuild the guest agent",

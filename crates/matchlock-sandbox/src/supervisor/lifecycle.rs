@@ -63,6 +63,7 @@ impl Lifecycle {
             qemu_pid: None,
             accel: None,
             boot_ms: None,
+            start: None,
             reason: None,
             forwards: Vec::new(),
             updated_at: now_secs(),

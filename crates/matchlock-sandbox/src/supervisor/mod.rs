@@ -19,6 +19,7 @@ mod cpu_limit;
 mod guest;
 pub mod lifecycle;
 mod process;
+mod template;
 mod vm;
 
 pub use control::compose_exec;
@@ -73,6 +74,7 @@ pub fn run(store: Store, id: &str) -> i32 {
     life.note(|s| {
         s.qemu_pid = Some(spawned.vm.pid());
         s.accel = Some(spawned.accel.accel.to_string());
+        s.start = Some(spawned.start.clone());
     });
     // A fractional CPU share is held on the host too: the guest's own cgroup is guest root's
     // to rewrite. Where the host has no usable cgroup, only the guest's holds (and we say so).
@@ -104,9 +106,12 @@ async fn supervise(
     let config = life.config().clone();
     let dir = store.dir(&config.id);
     let vm::Spawned {
-        mut vm, listeners, ..
+        mut vm,
+        listeners,
+        restored,
+        ..
     } = spawned;
-    let sandbox = match start(&config, &dir, &mut vm, listeners, &secrets).await {
+    let sandbox = match start(&config, &dir, &mut vm, listeners, restored, &secrets).await {
         Ok(s) => s,
         Err(e) => {
             vm.kill();
@@ -192,6 +197,7 @@ async fn start(
     dir: &Path,
     vm: &mut Vm,
     listeners: vm::Listeners,
+    restored: bool,
     secrets: &[(String, String)],
 ) -> Result<Running, String> {
     let rules = config.vfs_block_rules.clone();
@@ -244,7 +250,7 @@ async fn start(
         });
     }
 
-    let boot = guest::boot(agent, guest::setup(config, guest_vfs));
+    let boot = guest::boot(agent, guest::setup(config, guest_vfs), restored);
     let booted = tokio::select! {
         r = tokio::time::timeout(BOOT_TIMEOUT, boot) => match r {
             Ok(r) => r,
@@ -264,6 +270,7 @@ async fn start(
         )
     };
     let mux = booted.map_err(failed)?;
+    tracing::debug!("guest set up");
     // The sandbox CA goes into the guest's trust store before anything runs.
     if let Some(p) = &proxy {
         guest::install_ca(&mux, p.ca_pem())

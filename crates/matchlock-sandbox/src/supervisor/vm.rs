@@ -94,22 +94,99 @@ pub struct Spawned {
     pub listeners: Listeners,
     /// The accelerator it runs on.
     pub accel: matchlock_vmm::accel::Choice,
+    /// How it started, for `state.json`: `template`, or `cold` and why.
+    pub start: String,
+    /// Restored from a template: the guest agent said its hello to the template's builder, and
+    /// is waiting for the host's session.
+    pub restored: bool,
 }
 
-/// Prepares the sandbox's disk and sockets and starts QEMU. Runs on the main thread because
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked QEMU exits, and the main thread lives
-/// as long as the supervisor.
+/// What every VM of a sandbox is made from, resolved once: QEMU, kernel, initramfs, accelerator.
+pub struct Base {
+    /// The QEMU binary.
+    pub qemu: std::path::PathBuf,
+    /// The guest kernel.
+    pub kernel: std::path::PathBuf,
+    /// The initramfs holding the agent.
+    pub initramfs: std::path::PathBuf,
+    /// The accelerator and why.
+    pub accel: matchlock_vmm::accel::Choice,
+}
+
+impl Base {
+    /// Finds QEMU, the kernel and the agent and picks the accelerator.
+    pub fn resolve(config: &SandboxConfig) -> Result<Base, SandboxError> {
+        let qemu = matchlock_vmm::qemu::locate_qemu()?;
+        let kernel = match &config.kernel {
+            Some(k) => k.clone(),
+            None => matchlock_vmm::kernel::locate()?,
+        };
+        let agent = matchlock_vmm::agent::locate()?;
+        let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
+        let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?;
+        Ok(Base {
+            qemu,
+            kernel,
+            initramfs,
+            accel,
+        })
+    }
+
+    /// The VM of `config` with its sockets and upper disk in `dir` (no workspace device: the
+    /// caller adds it).
+    pub fn spec(&self, config: &SandboxConfig, dir: &Path) -> matchlock_vmm::qemu::VmSpec {
+        let mut disks = vec![
+            matchlock_vmm::qemu::Disk {
+                path: config.rootfs.clone(),
+                serial: ROOT_SERIAL.into(),
+                read_only: true,
+            },
+            matchlock_vmm::qemu::Disk {
+                path: dir.join("upper.ext4"),
+                serial: UPPER_SERIAL.into(),
+                read_only: false,
+            },
+        ];
+        for (i, d) in config.disks.iter().enumerate() {
+            disks.push(matchlock_vmm::qemu::Disk {
+                path: d.host_path.clone(),
+                serial: disk_serial(i),
+                read_only: d.read_only,
+            });
+        }
+        matchlock_vmm::qemu::VmSpec {
+            qemu: self.qemu.clone(),
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            accel: self.accel.accel,
+            vcpus: config.vcpus(),
+            memory_mb: config.memory_mb,
+            disks,
+            agent_socket: dir.join("agent.sock"),
+            fs_devices: Vec::new(),
+            console_socket: dir.join("console.sock"),
+            extra_cmdline: Vec::new(),
+            net: config
+                .network
+                .as_ref()
+                .map(|_| matchlock_vmm::qemu::NetDev {
+                    socket: dir.join("net.sock"),
+                    mac: matchlock_net::setup::GUEST_MAC,
+                }),
+            qmp_socket: None,
+            incoming: None,
+        }
+    }
+}
+
+/// Prepares the sandbox's disk and sockets and starts QEMU: restored from the template of its
+/// image and shape when it can be (prepared first when there is none yet), booted cold
+/// otherwise. Runs on the main thread because `PR_SET_PDEATHSIG` fires when the *thread* that
+/// forked QEMU exits, and the main thread lives as long as the supervisor.
 pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxError> {
     let dir = store.dir(&config.id);
-    let qemu_bin = matchlock_vmm::qemu::locate_qemu()?;
-    let kernel = match &config.kernel {
-        Some(k) => k.clone(),
-        None => matchlock_vmm::kernel::locate()?,
-    };
-    let agent = matchlock_vmm::agent::locate()?;
-    let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
-    let accel = matchlock_vmm::accel::choose(&qemu_bin, &kernel, &initramfs)?;
-    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+    let base = Base::resolve(config)?;
+    tracing::info!(accel = %base.accel.accel, reason = %base.accel.reason, "accelerator chosen");
     if !config.rootfs.is_file() {
         return Err(SandboxError::Start(format!(
             "image root filesystem {} is missing; re-import the image {}",
@@ -117,50 +194,7 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
             config.image
         )));
     }
-    let upper = dir.join("upper.ext4");
-    make_upper(&upper, config.disk_size_mb)?;
-
-    let agent_sock = dir.join("agent.sock");
-    let console_sock = dir.join("console.sock");
-    check_socket_path(&dir.join("control.sock"))?;
-    let _ = std::fs::remove_file(dir.join("control.sock"));
-    let agent_l = listen(&agent_sock)?;
-    let console_l = listen(&console_sock)?;
-    let net_sock = dir.join("net.sock");
-    let net_l = match &config.network {
-        Some(_) => Some(listen(&net_sock)?),
-        None => None,
-    };
-    // Workspace mounts share one virtio-fs device.
-    let mut fs_devices = Vec::new();
-    let mut vfs_l = None;
-    if !config.vfs.is_empty() {
-        let sock = dir.join("vfs.sock");
-        let l = listen(&sock)?;
-        // The vhost-user backend accepts with a blocking call on a thread of its own.
-        l.set_nonblocking(false)
-            .map_err(SandboxError::io("socket setup"))?;
-        vfs_l = Some(l);
-        fs_devices.push(matchlock_vmm::qemu::FsDevice {
-            socket: sock,
-            tag: matchlock_proto::vfs::TAG.into(),
-            queue_size: matchlock_vfs::virtiofs::QUEUE_SIZE as u16,
-        });
-    }
-
-    let mut disks = vec![
-        matchlock_vmm::qemu::Disk {
-            path: config.rootfs.clone(),
-            serial: ROOT_SERIAL.into(),
-            read_only: true,
-        },
-        matchlock_vmm::qemu::Disk {
-            path: upper,
-            serial: UPPER_SERIAL.into(),
-            read_only: false,
-        },
-    ];
-    for (i, d) in config.disks.iter().enumerate() {
+    for d in &config.disks {
         if !d.host_path.is_file() {
             return Err(SandboxError::Start(format!(
                 "disk {} for {} is missing",
@@ -168,34 +202,147 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
                 d.guest_path
             )));
         }
-        disks.push(matchlock_vmm::qemu::Disk {
-            path: d.host_path.clone(),
-            serial: disk_serial(i),
-            read_only: d.read_only,
+    }
+    let made = std::time::Instant::now();
+    make_upper(&dir.join("upper.ext4"), config.disk_size_mb)?;
+    tracing::debug!(ms = made.elapsed().as_millis() as u64, "upper disk made");
+    check_socket_path(&dir.join("control.sock"))?;
+    let _ = std::fs::remove_file(dir.join("control.sock"));
+
+    let cold_because = match super::template::unsuitable(config) {
+        Some(why) => why,
+        None => match super::template::prepare(store, &base, config) {
+            Ok(template) => match restore(&dir, &base, config, &template) {
+                Ok(spawned) => return Ok(spawned),
+                Err(e) => {
+                    // Nothing of the snapshot ran (the VM resumes only once it loaded whole):
+                    // the template goes, the next start prepares a new one.
+                    tracing::warn!("starting from the template failed, booting cold: {e}");
+                    template.discard();
+                    format!("the template failed: {e}")
+                }
+            },
+            Err(e) => {
+                tracing::info!("no template: {e}");
+                e
+            }
+        },
+    };
+    let (listeners, fs_devices) = listeners(&dir, config)?;
+    let mut spec = base.spec(config, &dir);
+    spec.fs_devices = fs_devices;
+    let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log"))?;
+    Ok(Spawned {
+        vm,
+        listeners,
+        accel: base.accel,
+        start: format!("cold ({cold_because})"),
+        restored: false,
+    })
+}
+
+/// Starts QEMU from `template` and resumes the guest once the snapshot has loaded. On error QEMU
+/// is gone and nothing of the snapshot ran.
+fn restore(
+    dir: &Path,
+    base: &Base,
+    config: &SandboxConfig,
+    template: &super::template::Template,
+) -> Result<Spawned, String> {
+    let started = std::time::Instant::now();
+    let (listeners, _) = listeners(dir, config).map_err(|e| e.to_string())?;
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
+    let mut spec = base.spec(config, dir);
+    spec.qmp_socket = Some(qmp_sock.clone());
+    spec.incoming = Some(dir.join("incoming.sock"));
+    let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
+    let restored =
+        matchlock_vmm::qmp::Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
+            matchlock_vmm::snapshot::restore(
+                &mut qmp,
+                &dir.join("incoming.sock"),
+                &template.state_path(),
+                &template.meta.sha256,
+            )
+        });
+    let _ = std::fs::remove_file(dir.join("incoming.sock"));
+    let _ = std::fs::remove_file(&qmp_sock);
+    if let Err(e) = restored {
+        vm.kill();
+        let qlog = std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
+        return Err(match qlog.lines().find(|l| !l.trim().is_empty()) {
+            Some(first) => format!("{e} (QEMU: {first})"),
+            None => e,
         });
     }
-    let spec = matchlock_vmm::qemu::VmSpec {
-        qemu: qemu_bin,
-        kernel,
-        initramfs,
-        accel: accel.accel,
-        vcpus: config.vcpus(),
-        memory_mb: config.memory_mb,
-        disks,
-        agent_socket: agent_sock,
-        fs_devices,
-        console_socket: console_sock,
-        extra_cmdline: Vec::new(),
-        net: net_l.as_ref().map(|_| matchlock_vmm::qemu::NetDev {
-            socket: net_sock.clone(),
-            mac: matchlock_net::setup::GUEST_MAC,
-        }),
+    Ok(Spawned {
+        vm,
+        listeners,
+        accel: matchlock_vmm::accel::Choice {
+            accel: base.accel.accel,
+            reason: base.accel.reason.clone(),
+        },
+        start: "template".into(),
+        restored: true,
+    })
+    .inspect(|_| {
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            template = %template.meta.key,
+            "restored from the template"
+        )
+    })
+}
+
+/// The sockets QEMU will connect to, and the workspace device when the sandbox has mounts.
+fn listeners(
+    dir: &Path,
+    config: &SandboxConfig,
+) -> Result<(Listeners, Vec<matchlock_vmm::qemu::FsDevice>), SandboxError> {
+    let agent = listen(&dir.join("agent.sock"))?;
+    let console = listen(&dir.join("console.sock"))?;
+    let net = match &config.network {
+        Some(_) => Some(listen(&dir.join("net.sock"))?),
+        None => None,
     };
-    let qemu_log = std::fs::File::create(dir.join("logs").join("qemu.log"))
-        .map_err(SandboxError::io("creating logs/qemu.log"))?;
+    // Workspace mounts share one virtio-fs device.
+    let mut fs_devices = Vec::new();
+    let mut vfs = None;
+    if !config.vfs.is_empty() {
+        let sock = dir.join("vfs.sock");
+        let l = listen(&sock)?;
+        // The vhost-user backend accepts with a blocking call on a thread of its own.
+        l.set_nonblocking(false)
+            .map_err(SandboxError::io("socket setup"))?;
+        vfs = Some(l);
+        fs_devices.push(matchlock_vmm::qemu::FsDevice {
+            socket: sock,
+            tag: matchlock_proto::vfs::TAG.into(),
+            queue_size: matchlock_vfs::virtiofs::QUEUE_SIZE as u16,
+        });
+    }
+    Ok((
+        Listeners {
+            agent,
+            console,
+            net,
+            vfs,
+        },
+        fs_devices,
+    ))
+}
+
+/// Starts QEMU with its output in `log`; it dies with this thread.
+pub(super) fn start_qemu(
+    spec: &matchlock_vmm::qemu::VmSpec,
+    log: &Path,
+) -> Result<Vm, SandboxError> {
+    let qemu_log = std::fs::File::create(log)
+        .map_err(SandboxError::io(format!("creating {}", log.display())))?;
     let qemu_log2 = qemu_log
         .try_clone()
-        .map_err(SandboxError::io("creating logs/qemu.log"))?;
+        .map_err(SandboxError::io(format!("creating {}", log.display())))?;
     let mut cmd = spec.command();
     cmd.stdin(Stdio::null()).stdout(qemu_log).stderr(qemu_log2);
     matchlock_vmm::qemu::die_with_parent(&mut cmd);
@@ -215,20 +362,11 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
             Err(e) => e.to_string(),
         });
     });
-    Ok(Spawned {
-        vm: Vm { pid, exited, exit },
-        listeners: Listeners {
-            agent: agent_l,
-            console: console_l,
-            net: net_l,
-            vfs: vfs_l,
-        },
-        accel,
-    })
+    Ok(Vm { pid, exited, exit })
 }
 
 /// Binds a fresh listening socket at `p` (replacing a stale one), non-blocking for tokio.
-fn listen(p: &Path) -> Result<UnixListener, SandboxError> {
+pub(super) fn listen(p: &Path) -> Result<UnixListener, SandboxError> {
     check_socket_path(p)?;
     let _ = std::fs::remove_file(p);
     let l = UnixListener::bind(p).map_err(SandboxError::io(format!("binding {}", p.display())))?;
@@ -249,7 +387,7 @@ fn check_socket_path(p: &Path) -> Result<(), SandboxError> {
 }
 
 /// Creates the sparse, empty ext4 upper disk.
-fn make_upper(path: &Path, size_mb: u64) -> Result<(), SandboxError> {
+pub(super) fn make_upper(path: &Path, size_mb: u64) -> Result<(), SandboxError> {
     let f = std::fs::File::create(path)
         .map_err(SandboxError::io(format!("creating {}", path.display())))?;
     f.set_len(size_mb * 1024 * 1024).map_err(|e| {

@@ -1,0 +1,330 @@
+//! Templates (DESIGN D14): a snapshot of a guest booted up to its agent's hello, one per
+//! (image, kernel, agent, QEMU, accelerator, VM shape), from which sandboxes start instead of
+//! booting.
+//!
+//! At that point nothing of any sandbox is in the guest: its hostname, clock, disks, network,
+//! CA, environment and entropy all arrive afterwards, in `Setup` and the execs, exactly as after
+//! a cold boot. So a restored guest differs from a booted one only in what the kernel did during
+//! boot: its random state (reseeded from the host by `Setup`) and what it cached of its disks
+//! (dropped by the agent before it mounts them).
+//!
+//! A template lives in `$MATCHLOCK_HOME/templates/<key>/` (`state.zst`, QEMU's migration stream
+//! compressed, and `meta.json`), mode 0700/0600. The key hashes QEMU's whole command line (with
+//! the sandbox's own paths left out) and the identity of every file the guest was made from, so
+//! a change to any input makes a new template. It is prepared on first use, under a lock
+//! (a second start meanwhile boots cold rather than wait), and replaced when it fails to restore.
+
+use super::vm::{self, Base};
+use crate::config::SandboxConfig;
+use crate::store::Store;
+use matchlock_vmm::qmp::{accept_within, Qmp};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Bumped when what a template holds changes meaning.
+const FORMAT: u32 = 1;
+
+/// How long the template's guest may take to say hello (as a cold boot).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What `meta.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// [`FORMAT`] when it was made.
+    pub format: u32,
+    /// Its key (the directory's name).
+    pub key: String,
+    /// The image it was made from.
+    pub image: String,
+    /// Its VM shape: guest memory (MiB), vCPUs, upper disk (MiB), whether it has a NIC.
+    pub memory_mb: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Upper disk size in MiB.
+    pub disk_size_mb: u64,
+    /// Whether the guest has a NIC.
+    pub network: bool,
+    /// Hex sha256 of `state.zst`, checked as it streams into QEMU.
+    pub sha256: String,
+    /// Bytes of QEMU's migration stream.
+    pub stream_bytes: u64,
+    /// Bytes on disk.
+    pub file_bytes: u64,
+    /// Milliseconds from QEMU's start to the guest's hello, when it was made.
+    pub boot_ms: u64,
+    /// Milliseconds the save took.
+    pub save_ms: u64,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+/// A template on disk.
+pub struct Template {
+    dir: PathBuf,
+    /// What it holds.
+    pub meta: Meta,
+}
+
+impl Template {
+    /// The snapshot file.
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("state.zst")
+    }
+
+    /// Removes it (it failed to restore); the next start prepares a new one.
+    pub fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Why `config` cannot start from a template, or `None` when it can.
+pub fn unsuitable(config: &SandboxConfig) -> Option<String> {
+    if config.no_snapshot {
+        return Some("--no-snapshot".into());
+    }
+    if std::env::var_os("MATCHLOCK_NO_SNAPSHOT").is_some_and(|v| !v.is_empty() && v != "0") {
+        return Some("MATCHLOCK_NO_SNAPSHOT is set".into());
+    }
+    // QEMU (7.2) refuses to migrate a VM with a vhost-user-fs device, and microvm cannot add one
+    // after a restore.
+    if !config.vfs.is_empty() {
+        return Some("workspace mounts need a booted VM".into());
+    }
+    // Extra disks differ per sandbox in number and size, which the guest learnt at boot.
+    if !config.disks.is_empty() {
+        return Some("extra disks need a booted VM".into());
+    }
+    None
+}
+
+/// Where templates live.
+pub fn root(store: &Store) -> PathBuf {
+    store.home().join("templates")
+}
+
+/// The template key of `config` on `base`: a hash of QEMU's command line for it (minus the
+/// sandbox's own paths) and of the identity of every file that shapes the guest.
+pub fn key(base: &Base, config: &SandboxConfig) -> String {
+    let spec = base.spec(config, Path::new("/SANDBOX"));
+    let mut h = format!("format {FORMAT}\n");
+    for arg in spec.command().get_args() {
+        h.push_str(&arg.to_string_lossy());
+        h.push('\n');
+    }
+    for f in [&base.qemu, &base.kernel, &base.initramfs, &config.rootfs] {
+        h.push_str(&identity(f));
+        h.push('\n');
+    }
+    if base.accel.accel == matchlock_vmm::accel::Accel::Kvm {
+        // `-cpu host`: a KVM snapshot holds this CPU's features.
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        for l in cpuinfo.lines().take_while(|l| !l.trim().is_empty()) {
+            if l.starts_with("model name") || l.starts_with("flags") {
+                h.push_str(l);
+                h.push('\n');
+            }
+        }
+    }
+    matchlock_vmm::sha256_hex(h.as_bytes())[..32].to_string()
+}
+
+/// A file's path, size, modification time and inode: a rebuilt kernel or a re-imported image
+/// makes another key.
+fn identity(p: &Path) -> String {
+    match std::fs::metadata(p) {
+        Ok(m) => format!(
+            "{} {} {} {} {}",
+            p.display(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ino()
+        ),
+        Err(_) => format!("{} missing", p.display()),
+    }
+}
+
+/// The template for `config`, prepared now when there is none. An error says why the sandbox
+/// boots cold instead.
+pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Template, String> {
+    let key = key(base, config);
+    let root = root(store);
+    if let Some(t) = lookup(&root, &key) {
+        return Ok(t);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(format!("{key}.lock")))
+        .map_err(|e| format!("cannot lock the template: {e}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err("another sandbox is preparing the template".into());
+    }
+    if let Some(t) = lookup(&root, &key) {
+        return Ok(t);
+    }
+    let started = Instant::now();
+    let built = build(&root, &key, base, config);
+    drop(lock);
+    let _ = std::fs::remove_file(root.join(format!("{key}.lock")));
+    let t = built.map_err(|e| format!("preparing the template failed: {e}"))?;
+    tracing::info!(
+        key,
+        ms = started.elapsed().as_millis() as u64,
+        bytes = t.meta.file_bytes,
+        "template prepared"
+    );
+    Ok(t)
+}
+
+/// The template `key`, when it is there whole.
+fn lookup(root: &Path, key: &str) -> Option<Template> {
+    let dir = root.join(key);
+    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
+    let state = std::fs::metadata(dir.join("state.zst")).ok()?;
+    if meta.format != FORMAT || meta.key != key || state.len() != meta.file_bytes {
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
+    Some(Template { dir, meta })
+}
+
+/// Boots the template's guest in a directory of its own, waits for its hello, saves it, and
+/// moves the result into place. Nothing is left behind on error.
+fn build(root: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Result<Template, String> {
+    let work = root.join(format!(".build-{key}"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .map_err(|e| format!("{}: {e}", work.display()))?;
+    let result = build_in(&work, key, base, config);
+    match result {
+        Ok(meta) => {
+            let _ = std::fs::remove_file(work.join("upper.ext4"));
+            let dir = root.join(key);
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = std::fs::rename(&work, &dir) {
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(format!("{}: {e}", dir.display()));
+            }
+            Ok(Template { dir, meta })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Result<Meta, String> {
+    let started = Instant::now();
+    vm::make_upper(&work.join("upper.ext4"), config.disk_size_mb).map_err(|e| e.to_string())?;
+    let agent_l = vm::listen(&work.join("agent.sock")).map_err(|e| e.to_string())?;
+    let console_l = vm::listen(&work.join("console.sock")).map_err(|e| e.to_string())?;
+    let net_l = match &config.network {
+        Some(_) => Some(vm::listen(&work.join("net.sock")).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let qmp_l = vm::listen(&work.join("qmp.sock")).map_err(|e| e.to_string())?;
+    let mut spec = base.spec(config, work);
+    spec.qmp_socket = Some(work.join("qmp.sock"));
+    let qemu = vm::start_qemu(&spec, &work.join("qemu.log")).map_err(|e| e.to_string())?;
+    // The console is read (and kept, bounded) so QEMU never blocks on it and a failure can show it.
+    let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let console = console.clone();
+        let l = console_l.try_clone().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            if let Ok(mut c) = accept_within(&l, BOOT_TIMEOUT) {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut out = console.lock().unwrap_or_else(|p| p.into_inner());
+                    if out.len() < 64 << 10 {
+                        out.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        });
+    }
+    let tail = || {
+        let c = console.lock().unwrap_or_else(|p| p.into_inner());
+        let text = String::from_utf8_lossy(&c);
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    };
+    let mut qmp = Qmp::accept(&qmp_l, Duration::from_secs(30))?;
+    // The NIC's backend is connected and held; nothing is configured on it yet.
+    let _net = match &net_l {
+        Some(l) => Some(
+            accept_within(l, Duration::from_secs(30))
+                .map_err(|e| format!("QEMU did not connect the NIC: {e}"))?,
+        ),
+        None => None,
+    };
+    let mut agent = accept_within(&agent_l, Duration::from_secs(30))
+        .map_err(|e| format!("QEMU did not connect the agent channel: {e}"))?;
+    agent
+        .set_read_timeout(Some(BOOT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut hello = [0u8; 8];
+    agent.read_exact(&mut hello).map_err(|e| {
+        format!(
+            "the guest agent did not say hello: {e}; console: {}",
+            tail()
+        )
+    })?;
+    if &hello != matchlock_proto::HELLO {
+        return Err(format!(
+            "the guest agent speaks another protocol version ({:?})",
+            String::from_utf8_lossy(&hello)
+        ));
+    }
+    let boot_ms = started.elapsed().as_millis() as u64;
+    let saving = Instant::now();
+    let saved = matchlock_vmm::snapshot::save(
+        &mut qmp,
+        &work.join("migrate.sock"),
+        &work.join("state.zst"),
+    )?;
+    let save_ms = saving.elapsed().as_millis() as u64;
+    let _ = qmp.execute("quit", None);
+    qemu.kill();
+    drop(agent);
+    let meta = Meta {
+        format: FORMAT,
+        key: key.to_string(),
+        image: config.image.clone(),
+        memory_mb: config.memory_mb,
+        vcpus: config.vcpus(),
+        disk_size_mb: config.disk_size_mb,
+        network: config.network.is_some(),
+        sha256: saved.sha256,
+        stream_bytes: saved.stream_bytes,
+        file_bytes: saved.file_bytes,
+        boot_ms,
+        save_ms,
+        created_at: crate::config::now_secs(),
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
+    matchlock_vmm::write_atomic(&work.join("meta.json"), &json)
+        .map_err(|e| format!("writing the template's meta.json: {e}"))?;
+    for sock in ["agent.sock", "console.sock", "net.sock", "qmp.sock"] {
+        let _ = std::fs::remove_file(work.join(sock));
+    }
+    Ok(meta)
+}
