@@ -149,3 +149,23 @@ fn workspace_mounts_boot_cold() {
     assert_eq!(exec(&id, "cat /workspace/f").trim(), "from the host");
     ok(run(&["kill", &id]));
 }
+
+#[test]
+fn image_warm_prepares_the_template_for_a_shape() {
+    let out = ok(run(&["image", "warm", BUSYBOX, "--memory", "368"]));
+    assert!(out.contains("ready"), "{out}");
+    assert_eq!(templates(368).len(), 1);
+    let id = detached(&["--image", BUSYBOX, "--memory", "368"]);
+    assert_eq!(start_of(&id), "template");
+    ok(run(&["kill", &id]));
+    // A shape that cannot have one says why.
+    let ws = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/workspace", ws.path().display());
+    let out = run(&["image", "warm", BUSYBOX, "--memory", "368", "-v", &vol]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("workspace mounts need a booted VM"),
+        "{}",
+        stderr(&out)
+    );
+}

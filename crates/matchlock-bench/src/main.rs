@@ -255,6 +255,73 @@ fn boot_overhead(
         }
         Ok(start.elapsed())
     })?;
+    first_exec(args, &bare)
+}
+
+/// Start to the first exec's output, `run --rm -- echo ready`, from the image's template and
+/// booted cold (`--no-snapshot`), interleaved with the bare QEMU boot.
+fn first_exec(args: &Args, bare: &BareBoot) -> Result<()> {
+    let time = |cold: bool| -> Result<Duration> {
+        use std::io::BufRead;
+        let mut cmd = Command::new(&args.matchlock);
+        cmd.args(["run", "--rm", "--image", &args.image]);
+        if cold {
+            cmd.arg("--no-snapshot");
+        }
+        let start = Instant::now();
+        let mut child = cmd
+            .args(["--", "echo", "ready"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running matchlock")?;
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        out.read_line(&mut line)?;
+        let first = start.elapsed();
+        let st = child.wait()?;
+        if !st.success() || line.trim() != "ready" {
+            bail!("matchlock run failed ({st}): {line:?}");
+        }
+        Ok(first)
+    };
+    // The first start of this image and shape prepares its template.
+    time(false)?;
+    let (mut base, mut warm, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.boots {
+        let start = Instant::now();
+        matchlock_vmm::accel::probe(
+            bare.qemu,
+            bare.kernel,
+            bare.initramfs,
+            bare.accel,
+            Duration::from_secs(60),
+        )
+        .map_err(anyhow::Error::msg)?;
+        base.push(start.elapsed());
+        warm.push(time(false)?);
+        cold.push(time(true)?);
+    }
+    for v in [&mut base, &mut warm, &mut cold] {
+        v.sort();
+    }
+    let (b, w, c) = (
+        ms(percentile(&base, 0.5)),
+        ms(percentile(&warm, 0.5)),
+        ms(percentile(&cold, 0.5)),
+    );
+    println!(
+        "\n## start to the first exec's output ({} runs each, medians)",
+        args.boots
+    );
+    println!("bare QEMU to /init (baseline):      {b:8.1} ms");
+    println!("run, cold boot (--no-snapshot):     {c:8.1} ms");
+    println!("run, from the template:             {w:8.1} ms");
+    println!(
+        "template / cold:                    {:8.2} (template / bare boot {:.2})",
+        w / c,
+        w / b
+    );
     Ok(())
 }
 

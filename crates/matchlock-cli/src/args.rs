@@ -231,6 +231,20 @@ pub enum ImageCommand {
     },
     /// Delete blobs and root file systems no image uses, and leftovers of interrupted pulls.
     Gc,
+    /// Prepare the image's template snapshot now, so the next `run` starts from it. The flags
+    /// that shape the VM (`--cpus`, `--memory`, `--disk-size`, `--no-network`, `--kernel`) pick the
+    /// template, as they do for `run`.
+    Warm {
+        /// Image name.
+        name: String,
+        /// `run` flags giving the VM's shape, e.g. `--memory 1024 --cpus 2`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "RUN FLAGS"
+        )]
+        flags: Vec<String>,
+    },
 }
 
 /// `run --pull=...`: when to contact the registry.

@@ -34,6 +34,9 @@ fn source(s: &str) -> &str {
 
 /// Runs an image sub-command.
 pub fn image(cmd: ImageCommand) -> Result<i32> {
+    if let ImageCommand::Warm { name, flags } = &cmd {
+        return warm(name, flags);
+    }
     let store = ImageStore::open_default()?;
     match cmd {
         ImageCommand::Import { name } => {
@@ -82,6 +85,7 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
             store.remove(&name)?;
             println!("Removed {name}");
         }
+        ImageCommand::Warm { .. } => unreachable!("handled above"),
         ImageCommand::Gc => {
             let r = store.gc()?;
             println!(
@@ -97,4 +101,46 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `image warm`: starts a sandbox of the image and shape (which prepares the template when there
+/// is none), reports how it started, and stops it.
+fn warm(name: &str, flags: &[String]) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(&exe)
+        .args(["run", "-d", "--image", name])
+        .args(flags)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("could not start a sandbox of {name} to prepare its template");
+    }
+    let id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let store = matchlock_sandbox::Store::open_default();
+    let start = store.state(&id).ok().and_then(|s| s.start);
+    for step in ["kill", "rm"] {
+        let _ = std::process::Command::new(&exe)
+            .args([step, &id])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    match start.as_deref() {
+        Some("template") => {
+            println!(
+                "Template of {name} ready ({:.1} s); sandboxes of this shape start from it",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Some(other) => bail!("{name} has no template for this shape: it started {other}"),
+        None => bail!("sandbox {id} left no state"),
+    }
 }

@@ -74,6 +74,12 @@ impl Sandbox {
         self
     }
 
+    /// Boot the VM cold instead of starting it from the image's template snapshot.
+    pub fn with_no_snapshot(mut self) -> Self {
+        self.params.no_snapshot = true;
+        self
+    }
+
     /// CPU share; fractions are enforced as a quota (e.g. `0.5`).
     pub fn with_cpus(mut self, cpus: f64) -> Self {
         self.resources().cpus = cpus;

@@ -39,6 +39,9 @@ pub struct Meta {
     pub key: String,
     /// The image it was made from.
     pub image: String,
+    /// The image's root filesystem: once it is gone (`image rm`, `image gc`), so is the template.
+    #[serde(default)]
+    pub rootfs: PathBuf,
     /// Its VM shape: guest memory (MiB), vCPUs, upper disk (MiB), whether it has a NIC.
     pub memory_mb: u64,
     /// vCPUs.
@@ -109,7 +112,9 @@ pub fn root(store: &Store) -> PathBuf {
 /// sandbox's own paths) and of the identity of every file that shapes the guest.
 pub fn key(base: &Base, config: &SandboxConfig) -> String {
     let spec = base.spec(config, Path::new("/SANDBOX"));
-    let mut h = format!("format {FORMAT}\n");
+    // The upper disk's size is not on the command line (its file is), but the guest read it at
+    // boot: a clone's fresh upper disk must have the same.
+    let mut h = format!("format {FORMAT}\nupper {} MiB\n", config.disk_size_mb);
     for arg in spec.command().get_args() {
         h.push_str(&arg.to_string_lossy());
         h.push('\n');
@@ -179,6 +184,7 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
     drop(lock);
     let _ = std::fs::remove_file(root.join(format!("{key}.lock")));
     let t = built.map_err(|e| format!("preparing the template failed: {e}"))?;
+    prune(&root);
     tracing::info!(
         key,
         ms = started.elapsed().as_millis() as u64,
@@ -186,6 +192,25 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
         "template prepared"
     );
     Ok(t)
+}
+
+/// Removes the templates of images that are no longer stored.
+fn prune(root: &Path) {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(meta) = std::fs::read(e.path().join("meta.json")) else {
+            continue;
+        };
+        let Ok(meta) = serde_json::from_slice::<Meta>(&meta) else {
+            continue;
+        };
+        if !meta.rootfs.as_os_str().is_empty() && !meta.rootfs.exists() {
+            tracing::info!(key = %meta.key, image = %meta.image, "removing the template of a removed image");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The template `key`, when it is there whole.
@@ -309,6 +334,7 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         format: FORMAT,
         key: key.to_string(),
         image: config.image.clone(),
+        rootfs: config.rootfs.clone(),
         memory_mb: config.memory_mb,
         vcpus: config.vcpus(),
         disk_size_mb: config.disk_size_mb,
@@ -327,4 +353,113 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         let _ = std::fs::remove_file(work.join(sock));
     }
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> Base {
+        for f in ["qemu", "vmlinux", "initramfs.cpio", "rootfs.ext4"] {
+            std::fs::write(dir.join(f), f).unwrap();
+        }
+        Base {
+            qemu: dir.join("qemu"),
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs.cpio"),
+            accel: matchlock_vmm::accel::Choice {
+                accel: matchlock_vmm::accel::Accel::Tcg,
+                reason: "test".into(),
+            },
+        }
+    }
+
+    fn config(dir: &Path) -> SandboxConfig {
+        SandboxConfig {
+            id: "vm-00000001".into(),
+            image: "busybox".into(),
+            rootfs: dir.join("rootfs.ext4"),
+            hostname: "a".into(),
+            cpus: 1.0,
+            memory_mb: 512,
+            disk_size_mb: 1024,
+            network: Some(crate::config::NetworkConfig {
+                mtu: 1500,
+                dns_servers: Vec::new(),
+                allow_private_hosts: Vec::new(),
+                allow_private_ranges: false,
+                intercept: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_key_follows_the_vm_and_its_files_not_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let c = config(dir.path());
+        let k = key(&b, &c);
+        // What only Setup and the execs carry shares the template.
+        let mut same = c.clone();
+        same.id = "vm-00000002".into();
+        same.hostname = "b".into();
+        same.env = vec![("A".into(), "1".into())];
+        same.privileged = true;
+        same.add_hosts = vec![("10.0.0.1".into(), "x".into())];
+        assert_eq!(key(&b, &same), k);
+        // What the VM is made of does not.
+        let mut other = c.clone();
+        other.memory_mb = 1024;
+        assert_ne!(key(&b, &other), k);
+        let mut other = c.clone();
+        other.cpus = 2.0;
+        assert_ne!(key(&b, &other), k);
+        let mut other = c.clone();
+        other.disk_size_mb = 2048;
+        assert_ne!(
+            key(&b, &other),
+            k,
+            "the guest learnt its upper disk's size at boot"
+        );
+        let mut other = c.clone();
+        other.network = None;
+        assert_ne!(key(&b, &other), k);
+        // A rebuilt kernel or a re-imported image is another template.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(dir.path().join("vmlinux"), "rebuilt kernel").unwrap();
+        assert_ne!(key(&b, &c), k);
+        let k2 = key(&b, &c);
+        std::fs::remove_file(dir.path().join("rootfs.ext4")).unwrap();
+        std::fs::write(dir.path().join("rootfs.ext4"), "rootfs.ext4").unwrap();
+        assert_ne!(key(&b, &c), k2);
+    }
+
+    #[test]
+    fn only_plain_sandboxes_start_from_a_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        assert_eq!(unsuitable(&c), None);
+        let mut no = c.clone();
+        no.no_snapshot = true;
+        assert_eq!(unsuitable(&no).as_deref(), Some("--no-snapshot"));
+        let mut mounts = c.clone();
+        mounts.vfs = vec![crate::config::VfsMount {
+            host_path: "/tmp".into(),
+            guest_path: "/workspace".into(),
+            mode: crate::config::VfsMode::Overlay,
+            owner_uid: None,
+            owner_gid: None,
+        }];
+        assert!(unsuitable(&mounts).unwrap().contains("workspace"));
+        let mut disks = c;
+        disks.disks = vec![crate::config::DiskMount {
+            host_path: "/tmp/d.ext4".into(),
+            guest_path: "/data".into(),
+            read_only: false,
+            uid: None,
+            gid: None,
+        }];
+        assert!(unsuitable(&disks).unwrap().contains("disks"));
+    }
 }
