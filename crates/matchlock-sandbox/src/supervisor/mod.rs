@@ -108,13 +108,19 @@ async fn supervise(
     let vm::Spawned {
         mut vm,
         listeners,
-        restored,
+        template,
         ..
     } = spawned;
+    let restored = template.is_some();
     let sandbox = match start(&config, &dir, &mut vm, listeners, restored, &secrets).await {
         Ok(s) => s,
-        Err(e) => {
+        Err(mut e) => {
             vm.kill();
+            if let Some(t) = template {
+                // A guest restored from it did not come up: it is not trusted again.
+                let _ = std::fs::remove_dir_all(&t);
+                e.push_str("\n  (it started from a template snapshot, now removed: the next start boots and prepares a new one; --no-snapshot boots cold)");
+            }
             // Give the console copier a moment to flush what the guest printed before dying.
             tokio::time::sleep(Duration::from_millis(100)).await;
             return life.fail(&e);

@@ -77,6 +77,11 @@ impl Template {
         self.dir.join("state.zst")
     }
 
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Removes it (it failed to restore); the next start prepares a new one.
     pub fn discard(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);

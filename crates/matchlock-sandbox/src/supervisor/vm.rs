@@ -96,9 +96,9 @@ pub struct Spawned {
     pub accel: matchlock_vmm::accel::Choice,
     /// How it started, for `state.json`: `template`, or `cold` and why.
     pub start: String,
-    /// Restored from a template: the guest agent said its hello to the template's builder, and
-    /// is waiting for the host's session.
-    pub restored: bool,
+    /// The template it was restored from (the guest agent said its hello to the template's
+    /// builder and is waiting for the host's session); `None` when it booted.
+    pub template: Option<std::path::PathBuf>,
 }
 
 /// What every VM of a sandbox is made from, resolved once: QEMU, kernel, initramfs, accelerator.
@@ -237,7 +237,7 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
         listeners,
         accel: base.accel,
         start: format!("cold ({cold_because})"),
-        restored: false,
+        template: None,
     })
 }
 
@@ -284,7 +284,7 @@ fn restore(
             reason: base.accel.reason.clone(),
         },
         start: "template".into(),
-        restored: true,
+        template: Some(template.dir().to_path_buf()),
     })
     .inspect(|_| {
         tracing::info!(
