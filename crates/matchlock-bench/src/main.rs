@@ -7,6 +7,7 @@
 //! matchlock-bench --net-tls MB [--runs N] [--net-image NAME]
 //! matchlock-bench --vfs MB [--runs N] [--net-image NAME] [--vfs-virtiofs]
 //! matchlock-bench --plugins N [--runs N]
+//! matchlock-bench --density N [--image NAME] [--density-flags "RUN FLAGS"]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -30,9 +31,13 @@
 //! 8. `--plugins N`: what the network plugin pipeline (budget gate, model router, usage logger)
 //!    adds to a model call, and the time to a streamed first byte through the router, against
 //!    interception without plugins, in process; see `plugins.rs`.
+//! 9. `--density N`: N idle sandboxes at once: memory per sandbox, and exec latency with all N
+//!    running against one alone; see `density.rs`. The boot section (1) also times start to the
+//!    first exec's output from the image's template and cold (`--no-snapshot`).
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
+mod density;
 mod net;
 mod plugins;
 mod pull;
@@ -62,6 +67,8 @@ struct Args {
     vfs_mb: u64,
     vfs_virtiofs: bool,
     net_image: String,
+    density: usize,
+    density_flags: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -84,6 +91,8 @@ fn parse_args() -> Result<Args> {
         vfs_mb: 0,
         vfs_virtiofs: false,
         net_image: "mltest/python:1".into(),
+        density: 0,
+        density_flags: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -104,6 +113,10 @@ fn parse_args() -> Result<Args> {
             "--vfs" => a.vfs_mb = val()?.parse()?,
             "--vfs-virtiofs" => a.vfs_virtiofs = true,
             "--net-image" => a.net_image = val()?,
+            "--density" => a.density = val()?.parse()?,
+            "--density-flags" => {
+                a.density_flags = val()?.split_whitespace().map(str::to_string).collect()
+            }
             other => bail!(
                 "unknown flag {other}; see the doc comment in crates/matchlock-bench/src/main.rs"
             ),
@@ -197,6 +210,14 @@ fn main() -> Result<()> {
             args.vfs_mb,
             args.runs,
             args.vfs_virtiofs,
+        );
+    }
+    if args.density > 0 {
+        return density::bench(
+            &args.matchlock,
+            &args.image,
+            args.density,
+            &args.density_flags,
         );
     }
     if args.plugin_calls > 0 {
