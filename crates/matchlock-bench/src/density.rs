@@ -7,35 +7,30 @@
 
 use crate::{ms, percentile};
 use anyhow::{bail, Context, Result};
-use matchlock_proto::{read_msg, Msg};
-use matchlock_sandbox::control::ExecSpec;
 use matchlock_sandbox::{Client, Store};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// PSS of a process in KiB (`/proc/PID/smaps_rollup`).
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+/// A `Key:   N kB` field of a `/proc` file, in KiB (0 when absent).
+fn field_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1))
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|l| l.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
 }
 
+/// PSS of a process in KiB.
+fn pss_kib(pid: u32) -> u64 {
+    field_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
+}
+
 fn mem_available_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    field_kib("/proc/meminfo", "MemAvailable:")
 }
 
 /// Exec round trips of `true`, `rounds` times over every sandbox in turn.
@@ -50,26 +45,10 @@ fn exec_rounds(ids: &[String], rounds: usize) -> Result<Vec<Duration>> {
     rt.block_on(async {
         for _ in 0..rounds {
             for c in &clients {
-                let start = Instant::now();
-                let mut s = c
-                    .exec(ExecSpec {
-                        argv: vec!["true".into()],
-                        ..Default::default()
-                    })
-                    .await?;
-                loop {
-                    match read_msg(&mut s).await? {
-                        Some(Msg::Exited(st)) if st.code == 0 => break,
-                        Some(Msg::Exited(st)) => bail!("true exited {}", st.code),
-                        Some(Msg::Error(e)) => bail!("exec failed: {e}"),
-                        Some(_) => {}
-                        None => bail!("stream ended early"),
-                    }
-                }
-                times.push(start.elapsed());
+                times.push(crate::exec_true(c).await?);
             }
         }
-        Ok(())
+        Ok::<_, anyhow::Error>(())
     })?;
     times.sort();
     Ok(times)

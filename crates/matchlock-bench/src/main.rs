@@ -365,31 +365,35 @@ fn exec_section(args: &Args) -> Result<()> {
     result
 }
 
+/// One `true` over the sandbox's control socket, start to exit status.
+pub(crate) async fn exec_true(client: &Client) -> Result<Duration> {
+    let start = Instant::now();
+    let mut s = client
+        .exec(ExecSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await?;
+    loop {
+        match read_msg(&mut s).await? {
+            Some(Msg::Exited(st)) if st.code == 0 => return Ok(start.elapsed()),
+            Some(Msg::Exited(st)) => bail!("true exited {}", st.code),
+            Some(Msg::Error(e)) => bail!("exec failed: {e}"),
+            Some(_) => {}
+            None => bail!("stream ended early"),
+        }
+    }
+}
+
 fn exec_latency(args: &Args, id: &str) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let client = Client::for_sandbox(&Store::open_default(), id)?;
     let mut api = Vec::new();
     rt.block_on(async {
         for _ in 0..args.execs {
-            let start = Instant::now();
-            let mut s = client
-                .exec(ExecSpec {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                })
-                .await?;
-            loop {
-                match read_msg(&mut s).await? {
-                    Some(Msg::Exited(st)) if st.code == 0 => break,
-                    Some(Msg::Exited(st)) => bail!("true exited {}", st.code),
-                    Some(Msg::Error(e)) => bail!("exec failed: {e}"),
-                    Some(_) => {}
-                    None => bail!("stream ended early"),
-                }
-            }
-            api.push(start.elapsed());
+            api.push(exec_true(&client).await?);
         }
-        Ok(())
+        Ok::<_, anyhow::Error>(())
     })?;
     let mut cli = Vec::new();
     for _ in 0..args.execs.min(50) {
