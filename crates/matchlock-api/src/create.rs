@@ -373,6 +373,16 @@ mod tests {
     }
 
     #[test]
+    fn no_snapshot_reaches_the_request() {
+        assert!(!req(json!({"image": "a"})).unwrap().no_snapshot);
+        assert!(
+            req(json!({"image": "a", "no_snapshot": true}))
+                .unwrap()
+                .no_snapshot
+        );
+    }
+
+    #[test]
     fn network_plugins_are_checked_at_create() {
         let err = |v: Value| req(v).unwrap_err().0;
         let with = |plugins: Value| json!({"image": "a", "network": {"plugins": plugins}});
