@@ -6,6 +6,7 @@
 //! - [`accel`] decides between KVM and TCG with a real probe boot.
 //! - [`qemu`] builds the hardened QEMU command line.
 //! - [`qmp`] speaks to a running QEMU; [`snapshot`] saves a VM to a file and restores it.
+//! - [`tsc`] gives TCG guests a real clocksource (and so a tickless idle).
 //!
 //! The VMM is a separate concern from the sandbox lifecycle (`matchlock-sandbox`), so another backend
 //! (Firecracker, an own rust-vmm VMM) can sit behind the same [`qemu::VmSpec`]-like description later.
@@ -17,6 +18,7 @@ pub mod kernel;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;
+pub mod tsc;
 
 use std::path::PathBuf;
 

@@ -376,6 +376,7 @@ mod tests {
                 accel: matchlock_vmm::accel::Accel::Tcg,
                 reason: "test".into(),
             },
+            cmdline: Vec::new(),
         }
     }
 

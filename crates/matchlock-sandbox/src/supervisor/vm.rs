@@ -111,6 +111,8 @@ pub struct Base {
     pub initramfs: std::path::PathBuf,
     /// The accelerator and why.
     pub accel: matchlock_vmm::accel::Choice,
+    /// Kernel command line words the accelerator needs (the TCG guest's clock).
+    pub cmdline: Vec<String>,
 }
 
 impl Base {
@@ -124,11 +126,16 @@ impl Base {
         let agent = matchlock_vmm::agent::locate()?;
         let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
         let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?;
+        let cmdline = match accel.accel {
+            matchlock_vmm::accel::Accel::Tcg => matchlock_vmm::tsc::tcg_clock_args(),
+            matchlock_vmm::accel::Accel::Kvm => Vec::new(),
+        };
         Ok(Base {
             qemu,
             kernel,
             initramfs,
             accel,
+            cmdline,
         })
     }
 
@@ -165,7 +172,7 @@ impl Base {
             agent_socket: dir.join("agent.sock"),
             fs_devices: Vec::new(),
             console_socket: dir.join("console.sock"),
-            extra_cmdline: Vec::new(),
+            extra_cmdline: self.cmdline.clone(),
             net: config
                 .network
                 .as_ref()
