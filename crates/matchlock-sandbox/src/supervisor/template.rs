@@ -88,8 +88,19 @@ impl Template {
     }
 }
 
-/// Why `config` cannot start from a template, or `None` when it can.
-pub fn unsuitable(config: &SandboxConfig) -> Option<String> {
+/// Why `config` on `base` cannot start from a template, or `None` when it can.
+pub fn unsuitable(base: &Base, config: &SandboxConfig) -> Option<String> {
+    // A TCG guest without a real clocksource (the host TSC's rate unknown) runs on jiffies, and
+    // restored such guests were seen to stall an exec's data flow: only guests with a real clock
+    // (kvm-clock, or the TSC under TCG) start from templates.
+    if base.accel.accel == matchlock_vmm::accel::Accel::Tcg && base.cmdline.is_empty() {
+        return Some("this host's TSC gives a TCG guest no stable clock".into());
+    }
+    unsuitable_config(config)
+}
+
+/// The sandbox's own reasons not to start from a template.
+fn unsuitable_config(config: &SandboxConfig) -> Option<String> {
     if config.no_snapshot {
         return Some("--no-snapshot".into());
     }
@@ -445,10 +456,15 @@ mod tests {
     fn only_plain_sandboxes_start_from_a_template() {
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path());
-        assert_eq!(unsuitable(&c), None);
+        let mut b = base(dir.path());
+        b.cmdline = vec!["tsc=reliable".into()];
+        assert_eq!(unsuitable(&b, &c), None);
         let mut no = c.clone();
         no.no_snapshot = true;
-        assert_eq!(unsuitable(&no).as_deref(), Some("--no-snapshot"));
+        assert_eq!(unsuitable(&b, &no).as_deref(), Some("--no-snapshot"));
+        b.cmdline.clear();
+        assert!(unsuitable(&b, &c).unwrap().contains("clock"));
+        let unsuitable = |c: &SandboxConfig| unsuitable_config(c);
         let mut mounts = c.clone();
         mounts.vfs = vec![crate::config::VfsMount {
             host_path: "/tmp".into(),

@@ -216,7 +216,7 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
     check_socket_path(&dir.join("control.sock"))?;
     let _ = std::fs::remove_file(dir.join("control.sock"));
 
-    let cold_because = match super::template::unsuitable(config) {
+    let cold_because = match super::template::unsuitable(&base, config) {
         Some(why) => why,
         None => match super::template::prepare(store, &base, config) {
             Ok(template) => match restore(&dir, &base, config, &template) {
