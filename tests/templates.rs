@@ -1,12 +1,22 @@
 //! Fast start from templates (DESIGN D14), through the real binary: the first start of an image
 //! and shape prepares its template, later ones restore from it; each clone is its own sandbox
 //! (entropy, hostname, clock, environment, disk); a damaged template never runs and is
-//! replaced; `--no-snapshot` and workspace mounts boot cold.
+//! replaced; `--no-snapshot` and workspace mounts boot cold. Templates are opt-in for now
+//! (`MATCHLOCK_TEMPLATES=1`); the other test binaries boot cold.
 
 mod common;
 
 use common::*;
 use std::path::PathBuf;
+use std::process::Output;
+
+/// `matchlock args...` with templates on.
+fn run(args: &[&str]) -> Output {
+    ml(args)
+        .env("MATCHLOCK_TEMPLATES", "1")
+        .output()
+        .expect("spawn matchlock")
+}
 
 /// `state.json`'s `start` of a sandbox.
 fn start_of(id: &str) -> String {
@@ -147,6 +157,17 @@ fn workspace_mounts_boot_cold() {
     let id = detached(&["--image", BUSYBOX, "-v", &vol, "--memory", "336"]);
     assert_eq!(start_of(&id), "cold (workspace mounts need a booted VM)");
     assert_eq!(exec(&id, "cat /workspace/f").trim(), "from the host");
+    ok(run(&["kill", &id]));
+}
+
+#[test]
+fn templates_are_off_unless_asked_for() {
+    let out = common::run(&["run", "-d", "--image", BUSYBOX, "--memory", "344"]);
+    let id = ok(out).trim().lines().last().unwrap().to_string();
+    assert_eq!(
+        start_of(&id),
+        "cold (templates are off; MATCHLOCK_TEMPLATES=1 turns them on)"
+    );
     ok(run(&["kill", &id]));
 }
 

@@ -288,6 +288,8 @@ fn first_exec(args: &Args, bare: &BareBoot) -> Result<()> {
         cmd.args(["run", "--rm", "--image", &args.image]);
         if cold {
             cmd.arg("--no-snapshot");
+        } else {
+            cmd.env("MATCHLOCK_TEMPLATES", "1");
         }
         let start = Instant::now();
         let mut child = cmd

@@ -109,6 +109,7 @@ fn warm(name: &str, flags: &[String]) -> Result<i32> {
     let exe = std::env::current_exe()?;
     let started = std::time::Instant::now();
     let out = std::process::Command::new(&exe)
+        .env("MATCHLOCK_TEMPLATES", "1")
         .args(["run", "-d", "--image", name])
         .args(flags)
         .stdin(std::process::Stdio::null())

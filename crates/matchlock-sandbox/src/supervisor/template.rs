@@ -99,10 +99,19 @@ pub fn unsuitable(base: &Base, config: &SandboxConfig) -> Option<String> {
     unsuitable_config(config)
 }
 
+/// Whether templates are on: `MATCHLOCK_TEMPLATES=1` (`image warm` sets it). Off by default
+/// until the stall seen once in a restored guest's exec stream is understood (issue 15).
+pub fn enabled() -> bool {
+    std::env::var_os("MATCHLOCK_TEMPLATES").is_some_and(|v| v == "1")
+}
+
 /// The sandbox's own reasons not to start from a template.
 fn unsuitable_config(config: &SandboxConfig) -> Option<String> {
     if config.no_snapshot {
         return Some("--no-snapshot".into());
+    }
+    if !enabled() {
+        return Some("templates are off; MATCHLOCK_TEMPLATES=1 turns them on".into());
     }
     if std::env::var_os("MATCHLOCK_NO_SNAPSHOT").is_some_and(|v| !v.is_empty() && v != "0") {
         return Some("MATCHLOCK_NO_SNAPSHOT is set".into());
@@ -454,6 +463,7 @@ mod tests {
 
     #[test]
     fn only_plain_sandboxes_start_from_a_template() {
+        std::env::set_var("MATCHLOCK_TEMPLATES", "1");
         let dir = tempfile::tempdir().unwrap();
         let c = config(dir.path());
         let mut b = base(dir.path());
