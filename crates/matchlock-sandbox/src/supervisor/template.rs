@@ -90,6 +90,12 @@ impl Template {
 
 /// Why `config` on `base` cannot start from a template, or `None` when it can.
 pub fn unsuitable(base: &Base, config: &SandboxConfig) -> Option<String> {
+    if config.no_snapshot {
+        return Some("--no-snapshot".into());
+    }
+    if !enabled() {
+        return Some("templates are off; MATCHLOCK_TEMPLATES=1 turns them on".into());
+    }
     // A TCG guest without a real clocksource (the host TSC's rate unknown) runs on jiffies, and
     // restored such guests were seen to stall an exec's data flow: only guests with a real clock
     // (kvm-clock, or the TSC under TCG) start from templates.
@@ -107,12 +113,6 @@ pub fn enabled() -> bool {
 
 /// The sandbox's own reasons not to start from a template.
 fn unsuitable_config(config: &SandboxConfig) -> Option<String> {
-    if config.no_snapshot {
-        return Some("--no-snapshot".into());
-    }
-    if !enabled() {
-        return Some("templates are off; MATCHLOCK_TEMPLATES=1 turns them on".into());
-    }
     if std::env::var_os("MATCHLOCK_NO_SNAPSHOT").is_some_and(|v| !v.is_empty() && v != "0") {
         return Some("MATCHLOCK_NO_SNAPSHOT is set".into());
     }
@@ -474,7 +474,8 @@ mod tests {
         assert_eq!(unsuitable(&b, &no).as_deref(), Some("--no-snapshot"));
         b.cmdline.clear();
         assert!(unsuitable(&b, &c).unwrap().contains("clock"));
-        let unsuitable = |c: &SandboxConfig| unsuitable_config(c);
+        b.cmdline = vec!["tsc=reliable".into()];
+        let unsuitable = |c: &SandboxConfig| unsuitable(&b, c);
         let mut mounts = c.clone();
         mounts.vfs = vec![crate::config::VfsMount {
             host_path: "/tmp".into(),

@@ -127,7 +127,10 @@ impl Base {
         let initramfs = matchlock_vmm::initramfs::cached(&agent)?;
         let accel = matchlock_vmm::accel::choose(&qemu, &kernel, &initramfs)?;
         let cmdline = match accel.accel {
-            matchlock_vmm::accel::Accel::Tcg => matchlock_vmm::tsc::tcg_clock_args(),
+            matchlock_vmm::accel::Accel::Tcg if matchlock_vmm::tsc::wanted() => {
+                matchlock_vmm::tsc::tcg_clock_args()
+            }
+            matchlock_vmm::accel::Accel::Tcg => Vec::new(),
             matchlock_vmm::accel::Accel::Kvm => Vec::new(),
         };
         Ok(Base {
