@@ -157,6 +157,20 @@ struct BareBoot<'a> {
 }
 
 impl BareBoot<'_> {
+    /// One bare QEMU boot to the agent's probe marker.
+    fn once(&self) -> Result<Duration> {
+        let start = Instant::now();
+        matchlock_vmm::accel::probe(
+            self.qemu,
+            self.kernel,
+            self.initramfs,
+            self.accel,
+            Duration::from_secs(60),
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(start.elapsed())
+    }
+
     /// Runs `runs` rounds of the bare boot interleaved with `measured` (so machine noise hits both
     /// alike) and prints the medians and the overhead.
     fn against(
@@ -168,16 +182,7 @@ impl BareBoot<'_> {
     ) -> Result<()> {
         let (mut bare, mut full) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let start = Instant::now();
-            matchlock_vmm::accel::probe(
-                self.qemu,
-                self.kernel,
-                self.initramfs,
-                self.accel,
-                Duration::from_secs(60),
-            )
-            .map_err(anyhow::Error::msg)?;
-            bare.push(start.elapsed());
+            bare.push(self.once()?);
             full.push(measured()?);
         }
         bare.sort();
@@ -312,16 +317,7 @@ fn first_exec(args: &Args, bare: &BareBoot) -> Result<()> {
     time(false)?;
     let (mut base, mut warm, mut cold) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.boots {
-        let start = Instant::now();
-        matchlock_vmm::accel::probe(
-            bare.qemu,
-            bare.kernel,
-            bare.initramfs,
-            bare.accel,
-            Duration::from_secs(60),
-        )
-        .map_err(anyhow::Error::msg)?;
-        base.push(start.elapsed());
+        base.push(bare.once()?);
         warm.push(time(false)?);
         cold.push(time(true)?);
     }
