@@ -289,10 +289,7 @@ fn restore(
     Ok(Spawned {
         vm,
         listeners,
-        accel: matchlock_vmm::accel::Choice {
-            accel: base.accel.accel,
-            reason: base.accel.reason.clone(),
-        },
+        accel: base.accel.clone(),
         start: "template".into(),
         template: Some(template.dir().to_path_buf()),
     })
