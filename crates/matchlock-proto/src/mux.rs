@@ -120,6 +120,50 @@ mod tests {
     use super::*;
     use crate::{read_msg, write_msg, Msg};
 
+    /// Both ends read and write one stream from two tasks each, as the guest agent's exec relay
+    /// does. yamux 0.13 kept one waker for a stream's writes and its window updates, so the
+    /// reading task's update replaced the blocked writer's waker and the writer slept forever
+    /// (an `exec -i ... cat` that never ended). Two megabytes each way through a small pipe makes
+    /// every window fill many times.
+    #[tokio::test]
+    async fn a_stream_split_across_tasks_keeps_flowing_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const LEN: usize = 2 << 20;
+        async fn both_ways(s: Stream) -> usize {
+            let (mut rd, mut wr) = tokio::io::split(s);
+            let writer = tokio::spawn(async move {
+                let chunk = vec![7u8; 8192];
+                for _ in 0..LEN / chunk.len() {
+                    wr.write_all(&chunk).await.unwrap();
+                }
+                wr.shutdown().await.unwrap();
+            });
+            let reader = tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut total = 0;
+                loop {
+                    match rd.read(&mut buf).await.unwrap() {
+                        0 => return total,
+                        n => total += n,
+                    }
+                }
+            });
+            writer.await.unwrap();
+            reader.await.unwrap()
+        }
+        let (a, b) = tokio::io::duplex(4096);
+        let (client, _client_in, _d1) = Mux::start(a, Role::Client);
+        let (_server, mut server_in, _d2) = Mux::start(b, Role::Server);
+        let server = tokio::spawn(async move { both_ways(server_in.recv().await.unwrap()).await });
+        let client = tokio::spawn(async move { both_ways(client.open().await.unwrap()).await });
+        let done = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            (client.await.unwrap(), server.await.unwrap())
+        })
+        .await
+        .expect("a split stream stalled");
+        assert_eq!(done, (LEN, LEN));
+    }
+
     #[tokio::test]
     async fn many_concurrent_streams_both_ways() {
         let (a, b) = tokio::io::duplex(1 << 16);
