@@ -21,16 +21,20 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// `PATH` used for the program lookup when the request's environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// How long output is still relayed after the process exits, for a background child that keeps
-/// the pipes open (`sh -c 'daemon &'`) would otherwise hold the exec open forever.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
+/// After the process exits, output it wrote is always relayed in full, however slowly the host
+/// reads it. Beyond that, a background child that keeps the pipes open (`sh -c 'daemon &'`) would
+/// hold the exec open forever, so its later output is relayed only while it keeps coming: until
+/// the pipe stays empty for `DRAIN_IDLE`, and for `DRAIN_CAP` after the exit at most.
+const DRAIN_IDLE: Duration = Duration::from_millis(250);
+/// See [`DRAIN_IDLE`].
+const DRAIN_CAP: Duration = Duration::from_secs(2);
 
 /// Docker's default capability set: everything else is dropped from the bounding set.
 const KEPT_CAPS: &[libc::c_int] = &[
@@ -372,14 +376,60 @@ fn kill_group(pgid: i32, sig: i32) {
     }
 }
 
-/// Relays everything `fd` produces as messages made by `make`, until end of file.
-fn pump(fd: Arc<Fd>, tx: mpsc::Sender<Msg>, make: fn(Vec<u8>) -> Msg) -> JoinHandle<()> {
+/// Bytes waiting in a pipe or terminal (`FIONREAD`); 0 if it cannot tell.
+fn pending_bytes(fd: &Fd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd.raw(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
+/// Relays everything `fd` produces as messages made by `make`, until end of file or, once
+/// `exited` is set, as [`DRAIN_IDLE`] describes.
+fn pump(
+    fd: Arc<Fd>,
+    tx: mpsc::Sender<Msg>,
+    make: fn(Vec<u8>) -> Msg,
+    mut exited: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
+        // Set when the exit is first seen: what was in the pipe then, and when to stop anyway.
+        let mut drain: Option<(usize, Instant)> = None;
         loop {
-            match fd.read(&mut buf).await {
+            if drain.is_none() && *exited.borrow() {
+                drain = Some((pending_bytes(&fd), Instant::now() + DRAIN_CAP));
+            }
+            let read = match &mut drain {
+                None => tokio::select! {
+                    r = fd.read(&mut buf) => r,
+                    changed = exited.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+                // Written before the exit: the pipe holds it, so the read does not wait.
+                Some((owed, _)) if *owed > 0 => fd.read(&mut buf).await,
+                Some((_, cap)) => {
+                    let until = (Instant::now() + DRAIN_IDLE).min(*cap);
+                    match tokio::time::timeout_at(until, fd.read(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                }
+            };
+            match read {
                 Ok(0) => break,
                 Ok(n) => {
+                    if let Some((owed, _)) = &mut drain {
+                        *owed = owed.saturating_sub(n);
+                    }
                     if tx.send(make(buf[..n].to_vec())).await.is_err() {
                         break;
                     }
@@ -462,17 +512,19 @@ async fn relay(sp: Spawned, is_tty: bool, rd: Reader, wr: Writer) {
     let _ = out_tx.send(Msg::Started { pid: pid as u32 }).await;
 
     let mut pumps = Vec::new();
+    let (exited_tx, exited_rx) = watch::channel(false);
     let stdin_fd = match &pty {
         Some(master) => {
-            pumps.push(pump(master.clone(), out_tx.clone(), Msg::Stdout));
+            pumps.push(pump(master.clone(), out_tx.clone(), Msg::Stdout, exited_rx));
             Some(master.clone())
         }
         None => {
             if let Some(fd) = stdout {
-                pumps.push(pump(Arc::new(fd), out_tx.clone(), Msg::Stdout));
+                let rx = exited_rx.clone();
+                pumps.push(pump(Arc::new(fd), out_tx.clone(), Msg::Stdout, rx));
             }
             if let Some(fd) = stderr {
-                pumps.push(pump(Arc::new(fd), out_tx.clone(), Msg::Stderr));
+                pumps.push(pump(Arc::new(fd), out_tx.clone(), Msg::Stderr, exited_rx));
             }
             stdin.map(Arc::new)
         }
@@ -560,14 +612,11 @@ async fn relay(sp: Spawned, is_tty: bool, rd: Reader, wr: Writer) {
         // It may be blocked on a pipe a background child holds open.
         t.abort();
     }
-    // Output written just before the exit is still in the pipes; relay it, but not forever.
-    let deadline = Instant::now() + DRAIN_AFTER_EXIT;
-    for mut p in pumps {
-        if tokio::time::timeout_at(deadline, &mut p).await.is_err() {
-            p.abort();
-            // Wait until it is really gone so nothing it reads can follow `Exited`.
-            let _ = p.await;
-        }
+    // Output written just before the exit is still in the pipes; the pumps relay it and stop
+    // (see DRAIN_IDLE). Awaiting them keeps all of it ahead of `Exited`.
+    let _ = exited_tx.send(true);
+    for p in pumps {
+        let _ = p.await;
     }
     let exited = match status {
         Some(s) => Msg::Exited(s),

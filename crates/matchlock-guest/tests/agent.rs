@@ -547,6 +547,53 @@ async fn background_child_holding_pipes_does_not_hang_exit() {
     assert_eq!(o.code(), 0);
 }
 
+/// Output written before the exit reaches the host in full even when the host stops reading for
+/// a while: it is drained without a time limit (only a background child's later output has one).
+#[tokio::test]
+async fn output_written_before_exit_survives_a_slow_reader() {
+    const LEN: usize = 1_500_000;
+    let agent = start().await;
+    let req = cmd(&["sh", "-c", &format!("head -c {LEN} /dev/zero")]);
+    let mut s = request(&agent, Msg::Exec(req)).await;
+    let mut o = Outcome::default();
+    let mut paused = false;
+    while let Some(m) = recv(&mut s).await {
+        match m {
+            Msg::Started { .. } => {}
+            Msg::Stdout(d) => o.stdout.extend(d),
+            Msg::Exited(st) => {
+                o.exit = Some(st);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Stop reading with the rest of the output in flight: the process exits meanwhile.
+        if !paused && o.stdout.len() > LEN - 400_000 {
+            paused = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    assert_eq!(o.code(), 0);
+    assert_eq!(o.stdout.len(), LEN);
+}
+
+/// A background child that keeps writing after the exit holds the exec open for a bounded time.
+#[tokio::test]
+async fn a_background_writer_does_not_hold_the_exec_forever() {
+    let agent = start().await;
+    let t0 = Instant::now();
+    let script =
+        "(i=0; while [ $i -lt 200 ]; do echo tick; sleep 0.05; i=$((i+1)); done) & echo done";
+    let o = run(&agent, cmd(&["sh", "-c", script])).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(o.out().starts_with("done\n"), "{:?}", o.out());
+    assert_eq!(o.code(), 0);
+}
+
 fn tty_req(a: &[&str]) -> ExecRequest {
     let mut req = cmd(a);
     req.tty = Some(WinSize { rows: 24, cols: 80 });
