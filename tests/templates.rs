@@ -1,8 +1,8 @@
 //! Fast start from templates (DESIGN D14), through the real binary: the first start of an image
 //! and shape prepares its template, later ones restore from it; each clone is its own sandbox
 //! (entropy, hostname, clock, environment, disk); a damaged template never runs and is
-//! replaced; `--no-snapshot` and workspace mounts boot cold. Templates are opt-in for now
-//! (`MATCHLOCK_TEMPLATES=1`); the other test binaries boot cold.
+//! replaced; `--no-snapshot`, `MATCHLOCK_TEMPLATES=0` and workspace mounts boot cold. Templates
+//! are on by default, so the other test binaries' sandboxes start from them too.
 
 mod common;
 
@@ -10,12 +10,9 @@ use common::*;
 use std::path::PathBuf;
 use std::process::Output;
 
-/// `matchlock args...` with templates on.
+/// `matchlock args...`.
 fn run(args: &[&str]) -> Output {
-    ml(args)
-        .env("MATCHLOCK_TEMPLATES", "1")
-        .output()
-        .expect("spawn matchlock")
+    ml(args).output().expect("spawn matchlock")
 }
 
 /// `state.json`'s `start` of a sandbox.
@@ -161,12 +158,15 @@ fn workspace_mounts_boot_cold() {
 }
 
 #[test]
-fn templates_are_off_unless_asked_for() {
-    let out = common::run(&["run", "-d", "--image", BUSYBOX, "--memory", "344"]);
+fn templates_are_off_when_asked() {
+    let out = ml(&["run", "-d", "--image", BUSYBOX, "--memory", "344"])
+        .env("MATCHLOCK_TEMPLATES", "0")
+        .output()
+        .expect("spawn matchlock");
     let id = ok(out).trim().lines().last().unwrap().to_string();
     assert_eq!(
         start_of(&id),
-        "cold (templates are off; MATCHLOCK_TEMPLATES=1 turns them on)"
+        "cold (templates are off (MATCHLOCK_TEMPLATES=0))"
     );
     ok(run(&["kill", &id]));
 }

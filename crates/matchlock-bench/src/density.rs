@@ -57,7 +57,6 @@ fn exec_rounds(ids: &[String], rounds: usize) -> Result<Vec<Duration>> {
 fn start(matchlock: &str, image: &str, flags: &[String]) -> Result<String> {
     // Templates unless the flags say --no-snapshot.
     let out = Command::new(matchlock)
-        .env("MATCHLOCK_TEMPLATES", "1")
         .args(["run", "-d", "--image", image])
         .args(flags)
         .stdin(Stdio::null())

@@ -269,18 +269,23 @@ fn boot_overhead(
         initramfs,
         accel,
     };
-    bare.against(args.boots, "boot", "matchlock run -- true:", || {
-        let start = Instant::now();
-        let st = Command::new(&args.matchlock)
-            .args(["run", "--image", &args.image, "--", "true"])
-            .stdin(Stdio::null())
-            .status()
-            .context("running matchlock")?;
-        if !st.success() {
-            bail!("matchlock run failed");
-        }
-        Ok(start.elapsed())
-    })?;
+    bare.against(
+        args.boots,
+        "boot",
+        "matchlock run --no-snapshot -- true:",
+        || {
+            let start = Instant::now();
+            let st = Command::new(&args.matchlock)
+                .args(["run", "--no-snapshot", "--image", &args.image, "--", "true"])
+                .stdin(Stdio::null())
+                .status()
+                .context("running matchlock")?;
+            if !st.success() {
+                bail!("matchlock run failed");
+            }
+            Ok(start.elapsed())
+        },
+    )?;
     first_exec(args, &bare)
 }
 
@@ -293,8 +298,6 @@ fn first_exec(args: &Args, bare: &BareBoot) -> Result<()> {
         cmd.args(["run", "--rm", "--image", &args.image]);
         if cold {
             cmd.arg("--no-snapshot");
-        } else {
-            cmd.env("MATCHLOCK_TEMPLATES", "1");
         }
         let start = Instant::now();
         let mut child = cmd

@@ -12,9 +12,8 @@
 //! The frequency is measured once per host boot against `CLOCK_MONOTONIC_RAW` and cached, so
 //! every VM of a boot gets the same command line (template keys stay stable).
 //!
-//! Opt-in for now (`MATCHLOCK_TCG_TSC=1`, implied by `MATCHLOCK_TEMPLATES=1`): with it, two test
-//! runs stalled an exec's stream (`exec yes | head -1` not ending), which the jiffies guests of
-//! every earlier run never did; until that is understood, default TCG guests keep jiffies.
+//! On unless `MATCHLOCK_TCG_TSC=0`. (It was opt-in while exec streams stalled in TSC guests; the
+//! cause was a lost wake-up in yamux 0.13 that any timing could hit, fixed by yamux 0.14.)
 
 use crate::{cache_dir, write_atomic};
 use serde::{Deserialize, Serialize};
@@ -26,12 +25,9 @@ struct Cached {
     khz: u64,
 }
 
-/// Whether TCG guests get the TSC clock: `MATCHLOCK_TCG_TSC=1`, or templates on
-/// (`MATCHLOCK_TEMPLATES=1`), which need a guest with a real clock.
+/// Whether TCG guests get the TSC clock: unless `MATCHLOCK_TCG_TSC=0`.
 pub fn wanted() -> bool {
-    ["MATCHLOCK_TCG_TSC", "MATCHLOCK_TEMPLATES"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|v| v == "1"))
+    std::env::var_os("MATCHLOCK_TCG_TSC").is_none_or(|v| v != "0")
 }
 
 /// Kernel command line words for a TCG guest's clock; empty when the host's TSC cannot serve

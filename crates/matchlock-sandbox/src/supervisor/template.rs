@@ -94,7 +94,7 @@ pub fn unsuitable(base: &Base, config: &SandboxConfig) -> Option<String> {
         return Some("--no-snapshot".into());
     }
     if !enabled() {
-        return Some("templates are off; MATCHLOCK_TEMPLATES=1 turns them on".into());
+        return Some("templates are off (MATCHLOCK_TEMPLATES=0)".into());
     }
     // A TCG guest without a real clocksource (the host TSC's rate unknown) runs on jiffies, and
     // restored such guests were seen to stall an exec's data flow: only guests with a real clock
@@ -105,10 +105,9 @@ pub fn unsuitable(base: &Base, config: &SandboxConfig) -> Option<String> {
     unsuitable_config(config)
 }
 
-/// Whether templates are on: `MATCHLOCK_TEMPLATES=1` (`image warm` sets it). Off by default
-/// until the stall seen once in a restored guest's exec stream is understood (issue 15).
+/// Whether templates are on: unless `MATCHLOCK_TEMPLATES=0`.
 pub fn enabled() -> bool {
-    std::env::var_os("MATCHLOCK_TEMPLATES").is_some_and(|v| v == "1")
+    std::env::var_os("MATCHLOCK_TEMPLATES").is_none_or(|v| v != "0")
 }
 
 /// The sandbox's own reasons not to start from a template.
