@@ -131,12 +131,64 @@ pub fn cached(agent: &Path) -> Result<PathBuf, VmmError> {
         }
         write_atomic(&path, &build(&bin))
             .map_err(VmmError::io(format!("writing {}", path.display())))?;
+        if let Some(dir) = path.parent() {
+            prune(dir, &path, STALE_AFTER);
+        }
     }
     Ok(path)
 }
 
+/// How old another agent's initramfs must be before it is removed. Each agent build leaves one
+/// (3 MB); two builds in use on one host (a release and a development one) must not keep
+/// removing each other's, so only old ones go, and only when a new one is written.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Removes the `*.cpio` files in `dir` other than `keep` last written more than `age` ago. A
+/// sandbox still using one only loses its template (keyed on the file); QEMU read it at start.
+fn prune(dir: &Path, keep: &Path, age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a > age);
+        if p != keep && p.extension().is_some_and(|x| x == "cpio") && old {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn old_initramfs_files_of_other_agents_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["current.cpio", "old.cpio", "recent.cpio", "old.other"] {
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(90 * 86400);
+        for f in ["current.cpio", "old.cpio", "old.other"] {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(d.join(f))
+                .unwrap();
+            file.set_modified(long_ago).unwrap();
+        }
+        super::prune(d, &d.join("current.cpio"), super::STALE_AFTER);
+        let mut left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["current.cpio", "old.other", "recent.cpio"]);
+    }
+
     #[test]
     fn cpio_lists_with_gnu_cpio() {
         let img = super::build(b"#!/bin/true\n");

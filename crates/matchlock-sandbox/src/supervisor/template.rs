@@ -42,6 +42,10 @@ pub struct Meta {
     /// The image's root filesystem: once it is gone (`image rm`, `image gc`), so is the template.
     #[serde(default)]
     pub rootfs: PathBuf,
+    /// QEMU, kernel and initramfs as they were when it was made ([`identity`]): once one of them
+    /// changes (an upgrade, a rebuilt agent), no sandbox can use the template again, so it goes.
+    #[serde(default)]
+    pub inputs: Vec<(PathBuf, String)>,
     /// Its VM shape: guest memory (MiB), vCPUs, upper disk (MiB), whether it has a NIC.
     pub memory_mb: u64,
     /// vCPUs.
@@ -147,6 +151,7 @@ pub fn key(base: &Base, config: &SandboxConfig) -> String {
         h.push_str(&identity(f));
         h.push('\n');
     }
+    // (The template's meta.json keeps the first three as `inputs`, for `prune`.)
     if base.accel.accel == matchlock_vmm::accel::Accel::Kvm {
         // `-cpu host`: a KVM snapshot holds this CPU's features.
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -218,7 +223,8 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
     Ok(t)
 }
 
-/// Removes the templates of images that are no longer stored.
+/// Removes the templates no sandbox can start from any more: their image is no longer stored, or
+/// QEMU, the kernel or the agent changed since.
 fn prune(root: &Path) {
     let Ok(dir) = std::fs::read_dir(root) else {
         return;
@@ -232,6 +238,9 @@ fn prune(root: &Path) {
         };
         if !meta.rootfs.as_os_str().is_empty() && !meta.rootfs.exists() {
             tracing::info!(key = %meta.key, image = %meta.image, "removing the template of a removed image");
+            let _ = std::fs::remove_dir_all(e.path());
+        } else if let Some((changed, _)) = meta.inputs.iter().find(|(p, id)| identity(p) != *id) {
+            tracing::info!(key = %meta.key, file = %changed.display(), "removing a template made with another build of this file");
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -359,6 +368,10 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         key: key.to_string(),
         image: config.image.clone(),
         rootfs: config.rootfs.clone(),
+        inputs: [&base.qemu, &base.kernel, &base.initramfs]
+            .into_iter()
+            .map(|p| (p.clone(), identity(p)))
+            .collect(),
         memory_mb: config.memory_mb,
         vcpus: config.vcpus(),
         disk_size_mb: config.disk_size_mb,
@@ -417,6 +430,54 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// A template directory as `build` leaves it, made from `base`'s files as they are now.
+    fn fake_template(root: &Path, key: &str, base: &Base, rootfs: &Path) {
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("state.zst"), "x").unwrap();
+        let meta = Meta {
+            format: FORMAT,
+            key: key.into(),
+            image: "busybox".into(),
+            rootfs: rootfs.into(),
+            inputs: [&base.qemu, &base.kernel, &base.initramfs]
+                .into_iter()
+                .map(|p| (p.clone(), identity(p)))
+                .collect(),
+            memory_mb: 512,
+            vcpus: 1,
+            disk_size_mb: 1024,
+            network: true,
+            sha256: String::new(),
+            stream_bytes: 1,
+            file_bytes: 1,
+            boot_ms: 0,
+            save_ms: 0,
+            created_at: 0,
+        };
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn templates_nothing_can_use_any_more_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let root = dir.path().join("templates");
+        let other_rootfs = dir.path().join("other.ext4");
+        std::fs::write(&other_rootfs, "other").unwrap();
+        fake_template(&root, "current", &b, &dir.path().join("rootfs.ext4"));
+        fake_template(&root, "image-removed", &b, &other_rootfs);
+        std::fs::remove_file(&other_rootfs).unwrap();
+        prune(&root);
+        assert!(root.join("current").is_dir());
+        assert!(!root.join("image-removed").exists());
+        // A rebuilt agent (the initramfs another file) retires the template made with the old one.
+        std::fs::remove_file(&b.initramfs).unwrap();
+        std::fs::write(&b.initramfs, "another agent").unwrap();
+        prune(&root);
+        assert!(!root.join("current").exists());
     }
 
     #[test]
