@@ -301,6 +301,9 @@ pub enum Status {
     Starting,
     /// The VM runs and accepts commands.
     Running,
+    /// The guest's memory and devices are saved in the sandbox directory and QEMU is gone;
+    /// `resume` continues it.
+    Paused,
     /// The supervisor is shutting the VM down.
     Stopping,
     /// Stopped cleanly.
@@ -314,7 +317,10 @@ pub enum Status {
 impl Status {
     /// Whether the sandbox accepts commands (or soon will).
     pub fn is_live(self) -> bool {
-        matches!(self, Status::Starting | Status::Running | Status::Stopping)
+        matches!(
+            self,
+            Status::Starting | Status::Running | Status::Paused | Status::Stopping
+        )
     }
 }
 
@@ -323,6 +329,7 @@ impl std::fmt::Display for Status {
         f.write_str(match self {
             Status::Starting => "starting",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopping => "stopping",
             Status::Stopped => "stopped",
             Status::Crashed => "crashed",
@@ -350,11 +357,25 @@ pub struct State {
     pub start: Option<String>,
     /// Why it stopped (`stopped by request`, `timeout after 5s`, `guest powered off`, an error).
     pub reason: Option<String>,
+    /// While paused: when (seconds since the epoch) and the size of the saved state in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PausedInfo>,
     /// The port forwards the supervisor is serving, with the ports actually bound.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<PublishedPort>,
     /// Last transition, seconds since the epoch.
     pub updated_at: u64,
+}
+
+/// A paused sandbox's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedInfo {
+    /// When it was paused, seconds since the epoch.
+    pub at: u64,
+    /// Bytes of the state file on disk.
+    pub bytes: u64,
+    /// Hex sha256 of the state file, checked on resume.
+    pub sha256: String,
 }
 
 /// Seconds since the epoch.

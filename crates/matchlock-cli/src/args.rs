@@ -98,6 +98,20 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Save a running sandbox's memory to disk and release it; `resume` continues it.
+    #[command(
+        after_help = "Processes, files and connections in the guest are kept; host memory \
+        is released.\nNot for sandboxes with workspace mounts (-v).\n\nExample:\n  matchlock pause vm-1a2b3c4d"
+    )]
+    Pause {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Continue a paused sandbox.
+    Resume {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
     /// Remove stopped sandboxes.
     #[command(visible_alias = "remove")]
     Rm {

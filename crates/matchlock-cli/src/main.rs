@@ -90,6 +90,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Get { id } => manage::get(&id),
         Command::Inspect { id } => manage::inspect(&id),
         Command::Kill { ids, all } => manage::kill(&ids, all),
+        Command::Pause { id } => manage::pause(&id, false),
+        Command::Resume { id } => manage::pause(&id, true),
         Command::Rm { ids, stopped } => manage::rm(&ids, stopped),
         Command::Prune => manage::prune(),
         Command::Gc { id, force_running } => manage::gc(id.as_deref(), force_running),

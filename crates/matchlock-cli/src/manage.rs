@@ -207,6 +207,37 @@ pub fn kill(ids: &[String], all: bool) -> Result<i32> {
     Ok(code)
 }
 
+/// `pause ID` (`resume` false) or `resume ID`.
+pub fn pause(id: &str, resume: bool) -> Result<i32> {
+    let store = Store::open_default();
+    let id = store.resolve_id(id)?;
+    let state = store.state(&id)?;
+    if !state.status.is_live() {
+        bail!("VM {id} is not running (status: {})", state.status);
+    }
+    let client = Client::for_sandbox(&store, &id)?;
+    let started = std::time::Instant::now();
+    crate::run::block_on(async {
+        let done = if resume {
+            client.resume().await
+        } else {
+            client.pause().await
+        };
+        done.map_err(|e| anyhow::anyhow!("{e}"))
+    })?;
+    let ms = started.elapsed().as_millis();
+    if resume {
+        println!("Resumed {id} ({ms} ms)");
+    } else {
+        let bytes = store.state(&id)?.paused.map(|p| p.bytes).unwrap_or(0);
+        println!(
+            "Paused {id} ({ms} ms, {:.1} MB on disk)",
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(0)
+}
+
 /// Stops a sandbox through its supervisor, or by killing the supervisor if it does not answer.
 async fn stop_one(store: &Store, id: &str) -> Result<()> {
     let state = store.state(id)?;

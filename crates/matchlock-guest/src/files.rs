@@ -267,5 +267,6 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::FileInfo { .. } => "FileInfo",
         Msg::Entries(_) => "Entries",
         Msg::Connect { .. } => "Connect",
+        Msg::SetClock { .. } => "SetClock",
     }
 }

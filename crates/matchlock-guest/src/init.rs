@@ -293,7 +293,7 @@ pub fn setup(s: &Setup) -> Result<Option<OwnedFd>, String> {
     }
 }
 
-fn set_clock(ms: u64) -> Result<(), String> {
+pub(crate) fn set_clock(ms: u64) -> Result<(), String> {
     use nix::sys::time::TimeSpec;
     if ms == 0 {
         // "Unknown": the kernel refuses times before boot anyway.

@@ -100,6 +100,13 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
             forward::connect(port, rd, wr).await;
             return;
         }
+        Msg::SetClock { unix_ms } => {
+            let reply = match crate::init::set_clock(unix_ms) {
+                Ok(()) => Msg::Ok,
+                Err(e) => Msg::Error(e),
+            };
+            write_msg(&mut wr, &reply).await
+        }
         other => {
             let text = format!("unexpected request {}", msg_name(&other));
             write_msg(&mut wr, &Msg::Error(text)).await

@@ -92,6 +92,14 @@ pub enum Msg {
         /// TCP port on the guest's loopback.
         port: u16,
     },
+
+    // ---- Clock, host -> guest request ----
+    /// Set the guest's wall clock (a resumed guest's clock stood still while it was paused).
+    /// Reply: [`Msg::Ok`] or [`Msg::Error`].
+    SetClock {
+        /// Host wall clock, milliseconds since the epoch.
+        unix_ms: u64,
+    },
 }
 
 /// Everything the guest needs before it can run processes.

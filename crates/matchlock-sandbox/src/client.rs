@@ -164,10 +164,11 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for sandbox `id`; fails unless it is running.
+    /// A client for sandbox `id`; fails unless it is running or paused (a paused sandbox's
+    /// supervisor answers, and refuses what needs the guest with how to resume it).
     pub fn for_sandbox(store: &Store, id: &str) -> Result<Client, SandboxError> {
         let state = store.state(id)?;
-        if state.status != Status::Running {
+        if !matches!(state.status, Status::Running | Status::Paused) {
             return Err(SandboxError::NotRunning {
                 id: id.to_string(),
                 status: state.status,
@@ -282,6 +283,17 @@ impl Client {
                 self.id
             ))),
         }
+    }
+
+    /// Saves the guest into the sandbox directory and ends its QEMU, releasing the memory; the
+    /// sandbox is `paused` until [`resume`](Self::resume).
+    pub async fn pause(&self) -> Result<(), SandboxError> {
+        self.simple(&Request::Pause).await
+    }
+
+    /// Continues a paused sandbox where it stopped.
+    pub async fn resume(&self) -> Result<(), SandboxError> {
+        self.simple(&Request::Resume).await
     }
 
     /// Checks that the supervisor answers.

@@ -61,6 +61,11 @@ pub enum Request {
     },
     /// Liveness check.
     Ping,
+    /// Save the guest to the sandbox directory and end QEMU, releasing its memory; replies
+    /// once done ([`Reply::Ok`] or why not).
+    Pause,
+    /// Continue a paused sandbox in a new QEMU; replies once the guest runs again.
+    Resume,
     /// Subscribe to workspace events: the supervisor replies [`Reply::Ok`] (or an error when the
     /// sandbox was created without `vfs_emit_events`), then writes one length-prefixed JSON
     /// [`matchlock_vfs::FileEvent`] per completed operation until either side closes. A
@@ -85,6 +90,8 @@ impl Request {
             Request::Launch { .. } => "launch",
             Request::Connect { .. } => "connect",
             Request::Ping => "ping",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
             Request::Events => "events",
             Request::AllowList { .. } => "allow-list",
         }

@@ -162,6 +162,7 @@ impl Store {
                 boot_ms: None,
                 start: None,
                 reason: Some("supervisor never started".into()),
+                paused: None,
                 forwards: Vec::new(),
                 updated_at: config.created_at,
             },
@@ -351,6 +352,7 @@ mod tests {
             boot_ms: None,
             start: None,
             reason: None,
+            paused: None,
             forwards: Vec::new(),
             updated_at: 0,
         };

@@ -47,10 +47,11 @@ impl CappedLog {
     }
 }
 
-/// Copies everything QEMU's serial console prints into the log, for the VM's lifetime.
+/// Copies everything QEMU's serial console prints into the log, for the sandbox's lifetime: a
+/// resumed sandbox's new QEMU connects again.
 pub fn copy_console(listener: UnixListener, log: Log) {
     tokio::spawn(async move {
-        if let Ok((mut s, _)) = listener.accept().await {
+        while let Ok((mut s, _)) = listener.accept().await {
             let mut buf = vec![0u8; 8192];
             while let Ok(n) = s.read(&mut buf).await {
                 if n == 0 {

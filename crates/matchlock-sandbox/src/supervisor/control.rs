@@ -35,6 +35,18 @@ pub struct Ctx {
     pub policy: Option<Arc<matchlock_policy::Policy>>,
     /// The workspace filesystem server (for event subscriptions).
     pub vfs: Arc<matchlock_vfs::VfsServer>,
+    /// Where pause and resume requests go (the supervisor's main loop does them).
+    pub pause_tx: mpsc::Sender<PauseRequest>,
+    /// Set while the sandbox is paused (or pausing): new guest requests are refused.
+    pub paused: std::sync::atomic::AtomicBool,
+}
+
+/// A `pause` (`resume: false`) or `resume` asked for on the control socket.
+pub struct PauseRequest {
+    /// Resume rather than pause.
+    pub resume: bool,
+    /// The outcome, for the client.
+    pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// Serves one control connection.
@@ -51,7 +63,39 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         }
     };
     tracing::debug!(request = req.name(), "control request");
+    let needs_guest = matches!(
+        req,
+        Request::Exec(_) | Request::File(_) | Request::Connect { .. } | Request::Launch { .. }
+    );
+    if needs_guest && ctx.paused.load(std::sync::atomic::Ordering::SeqCst) {
+        let msg = format!(
+            "sandbox {} is paused; `matchlock resume {}` continues it",
+            ctx.config.id, ctx.config.id
+        );
+        if matches!(req, Request::Launch { .. }) {
+            let _ = control::write_json(&mut conn, &Reply::Error(msg)).await;
+        } else {
+            let _ = write_msg(&mut conn, &Msg::Error(msg)).await;
+        }
+        return;
+    }
     match req {
+        Request::Pause | Request::Resume => {
+            let (tx, rx) = oneshot::channel();
+            let asked = PauseRequest {
+                resume: matches!(req, Request::Resume),
+                done: tx,
+            };
+            let reply = match ctx.pause_tx.send(asked).await {
+                Ok(()) => match rx.await {
+                    Ok(Ok(())) => Reply::Ok,
+                    Ok(Err(e)) => Reply::Error(e),
+                    Err(_) => Reply::Error("the sandbox is stopping".into()),
+                },
+                Err(_) => Reply::Error("the sandbox is stopping".into()),
+            };
+            let _ = control::write_json(&mut conn, &reply).await;
+        }
         Request::Exec(spec) => {
             let log = spec.log;
             let req = compose_exec(&ctx.config, spec);

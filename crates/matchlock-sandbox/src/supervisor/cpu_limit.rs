@@ -13,6 +13,14 @@ pub struct CpuLimit {
     dir: PathBuf,
 }
 
+impl CpuLimit {
+    /// Puts `pid` in the group too (a resumed sandbox's new QEMU).
+    pub fn add(&self, pid: u32) -> Result<(), String> {
+        let p = self.dir.join("cgroup.procs");
+        std::fs::write(&p, pid.to_string()).map_err(|e| format!("writing {}: {e}", p.display()))
+    }
+}
+
 impl Drop for CpuLimit {
     fn drop(&mut self) {
         // Fails (EBUSY) only while a process is still inside; nothing else to clean.

@@ -8,6 +8,7 @@ use matchlock_proto::{read_msg, write_msg, Msg, Setup};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 
+use super::link::AgentLink;
 use super::vm::{disk_serial, ROOT_SERIAL, UPPER_SERIAL};
 
 /// What the guest is told to set up: hostname and `/etc/hosts`, disks, clock, CPU quota,
@@ -52,8 +53,13 @@ pub fn setup(config: &SandboxConfig, vfs: Vec<matchlock_proto::GuestVfsMount>) -
 }
 
 /// Waits for the agent's hello on its port (a guest restored from a template said it to the
-/// template's builder), starts the channel and has the guest set up.
-pub async fn boot(listener: UnixListener, setup: Setup, restored: bool) -> Result<Mux, String> {
+/// template's builder), starts the channel and has the guest set up. The channel runs through an
+/// [`AgentLink`], so that it outlives this QEMU (pause and resume).
+pub async fn boot(
+    listener: &UnixListener,
+    setup: Setup,
+    restored: bool,
+) -> Result<(Mux, AgentLink), String> {
     let (mut conn, _) = listener
         .accept()
         .await
@@ -70,6 +76,8 @@ pub async fn boot(listener: UnixListener, setup: Setup, restored: bool) -> Resul
             String::from_utf8_lossy(&hello)
         ));
     }
+    let (link, conn) =
+        AgentLink::start(conn).map_err(|e| format!("agent channel setup failed: {e}"))?;
     // The guest opens no streams of its own (its filesystem requests have their own port).
     let (mux, _inbound, _driver) = Mux::start(conn, Role::Client);
     let mut s = mux.open().await.map_err(|e| e.to_string())?;
@@ -77,7 +85,7 @@ pub async fn boot(listener: UnixListener, setup: Setup, restored: bool) -> Resul
         .await
         .map_err(|e| e.to_string())?;
     match read_msg(&mut s).await {
-        Ok(Some(Msg::Ok)) => Ok(mux),
+        Ok(Some(Msg::Ok)) => Ok((mux, link)),
         Ok(Some(Msg::Error(e))) => Err(format!("guest setup failed: {e}")),
         Ok(other) => Err(format!("guest setup: unexpected reply {other:?}")),
         Err(e) => Err(format!("guest setup: {e}")),

@@ -4,10 +4,10 @@
 //!
 //! ```text
 //!  starting ──> running ──> stopping ──> stopped
-//!     │  └──────────────────────^
+//!     │  └─────────│ ^─────────^
+//!     │          paused   (pause / resume; a paused sandbox can also be stopped)
 //!     └──> failed            (crashed: derived by readers when the lock is free)
 //! ```
-//! A new state (paused, for snapshots) is one more row in [`allowed`] and one more method here.
 
 use crate::config::{now_secs, PublishedPort, SandboxConfig, State, Status};
 use crate::store::Store;
@@ -24,6 +24,9 @@ pub fn allowed(from: Status, to: Status) -> bool {
             // A stop asked for while booting (a signal) waits for the boot, then stops.
             | (Starting, Stopping)
             | (Running, Stopping)
+            | (Running, Paused)
+            | (Paused, Running)
+            | (Paused, Stopping)
             | (Stopping, Stopped)
     )
 }
@@ -65,6 +68,7 @@ impl Lifecycle {
             boot_ms: None,
             start: None,
             reason: None,
+            paused: None,
             forwards: Vec::new(),
             updated_at: now_secs(),
         };
@@ -116,6 +120,25 @@ impl Lifecycle {
         self.state.forwards = forwards;
         self.go(Status::Running);
         report(&mut self.ready, "ok");
+    }
+
+    /// The saved state, while paused.
+    pub fn paused_info(&self) -> Option<&crate::config::PausedInfo> {
+        self.state.paused.as_ref()
+    }
+
+    /// The guest is saved and QEMU gone.
+    pub fn paused(&mut self, info: crate::config::PausedInfo) {
+        self.state.paused = Some(info);
+        self.state.qemu_pid = None;
+        self.go(Status::Paused);
+    }
+
+    /// A new QEMU (`qemu_pid`) continues the guest.
+    pub fn resumed(&mut self, qemu_pid: u32) {
+        self.state.paused = None;
+        self.state.qemu_pid = Some(qemu_pid);
+        self.go(Status::Running);
     }
 
     /// The sandbox is being stopped, for `reason`.
@@ -220,7 +243,9 @@ mod tests {
     #[test]
     fn transitions_follow_the_table() {
         use Status::*;
-        let all = [Starting, Running, Stopping, Stopped, Failed, Crashed];
+        let all = [
+            Starting, Running, Paused, Stopping, Stopped, Failed, Crashed,
+        ];
         let ok: Vec<(Status, Status)> = all
             .iter()
             .flat_map(|a| all.iter().map(move |b| (*a, *b)))
@@ -232,7 +257,10 @@ mod tests {
                 (Starting, Running),
                 (Starting, Stopping),
                 (Starting, Failed),
+                (Running, Paused),
                 (Running, Stopping),
+                (Paused, Running),
+                (Paused, Stopping),
                 (Stopping, Stopped)
             ]
         );

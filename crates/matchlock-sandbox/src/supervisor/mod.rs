@@ -7,8 +7,10 @@
 //! used. It tells the process that spawned it how the boot went through an inherited pipe (fd 3).
 //!
 //! The rooms: [`lifecycle`] (states and the one failure path), [`vm`] (QEMU, its sockets and
-//! disk), [`guest`] (the agent's boot handshake), [`control`] (the control socket's requests),
-//! [`console`] (the sandbox log), [`process`] (what the parent hands over). The network and the
+//! disk), [`guest`] (the agent's boot handshake), [`link`] (the agent channel and NIC, which
+//! outlive one QEMU), [`pause`] (pause and resume), [`template`] (fast start), [`control`] (the
+//! control socket's requests), [`console`] (the sandbox log), [`process`] (what the parent hands
+//! over). The network and the
 //! workspace are built by their own crates (`matchlock_net::setup`, `matchlock_vfs::workspace`)
 //! from their parts of the configuration.
 
@@ -18,6 +20,8 @@ mod control;
 mod cpu_limit;
 mod guest;
 pub mod lifecycle;
+mod link;
+mod pause;
 mod process;
 mod template;
 mod vm;
@@ -91,7 +95,15 @@ pub fn run(store: Store, id: &str) -> i32 {
         Ok(rt) => rt,
         Err(e) => return life.fail(&format!("cannot start the async runtime: {e}")),
     };
-    rt.block_on(supervise(life, store, spawned, started, owner, secrets))
+    rt.block_on(supervise(
+        life,
+        store,
+        spawned,
+        started,
+        owner,
+        secrets,
+        _cpu_limit.as_ref(),
+    ))
 }
 
 /// Boots the guest, serves the sandbox until something stops it, and stops it.
@@ -102,6 +114,7 @@ async fn supervise(
     started: Instant,
     owner: process::Owner,
     secrets: Vec<(String, String)>,
+    cpu_limit: Option<&cpu_limit::CpuLimit>,
 ) -> i32 {
     let config = life.config().clone();
     let dir = store.dir(&config.id);
@@ -109,10 +122,11 @@ async fn supervise(
         mut vm,
         listeners,
         template,
+        qmp,
         ..
     } = spawned;
     let restored = template.is_some();
-    let sandbox = match start(&config, &dir, &mut vm, listeners, restored, &secrets).await {
+    let sandbox = match start(&config, &dir, &mut vm, listeners, restored, &secrets, qmp).await {
         Ok(s) => s,
         Err(mut e) => {
             vm.kill();
@@ -147,7 +161,17 @@ async fn supervise(
         .timeout_secs
         .map(|t| tokio::time::Instant::from_std(started + Duration::from_secs(t)));
     let mut sandbox = sandbox;
-    let stop = serve(&config, &mut sandbox, &mut vm, owner, deadline).await;
+    let stop = serve(
+        &config,
+        &dir,
+        &mut sandbox,
+        &mut vm,
+        &mut life,
+        owner,
+        deadline,
+        cpu_limit,
+    )
+    .await;
     life.stopping(&stop.reason);
     let Running {
         mux,
@@ -162,6 +186,7 @@ async fn supervise(
     if !stop.vm_gone {
         vm.shutdown(&mux, stop.grace_ms).await;
     }
+    let _ = std::fs::remove_file(vm::paused_state(&dir));
     let mut waiters = stop.waiters;
     // Late stop requests still deserve an answer.
     while let Ok(mut req) = stop_rx.try_recv() {
@@ -183,6 +208,18 @@ struct Running {
     control: UnixListener,
     forwards: Option<crate::forward::Forwarder>,
     stop_rx: mpsc::Receiver<StopRequest>,
+    pause_rx: mpsc::Receiver<control::PauseRequest>,
+    links: Links,
+}
+
+/// What connects the sandbox to its QEMU, kept so that a resumed QEMU connects again.
+struct Links {
+    agent: link::AgentLink,
+    agent_listener: UnixListener,
+    /// The NIC's link and the listener its QEMU connects to.
+    net: Option<(link::NetLink, UnixListener)>,
+    /// QEMU's monitor (none while paused, or if QEMU did not connect it).
+    qmp: Option<matchlock_vmm::qmp::Qmp>,
 }
 
 /// Why and how the sandbox stops.
@@ -205,6 +242,7 @@ async fn start(
     listeners: vm::Listeners,
     restored: bool,
     secrets: &[(String, String)],
+    qmp: Option<matchlock_vmm::qmp::Qmp>,
 ) -> Result<Running, String> {
     let rules = config.vfs_block_rules.clone();
     let (vfs, guest_vfs) = matchlock_vfs::workspace(
@@ -226,9 +264,11 @@ async fn start(
     let agent = tokio_listener(listeners.agent)?;
     console::copy_console(tokio_listener(listeners.console)?, log.clone());
 
-    // Network: QEMU connects its NIC to net.sock; the stack serves it for the VM's lifetime.
+    // Network: QEMU connects its NIC to net.sock; the stack serves it, through a link that a
+    // resumed QEMU connects to again, for the sandbox's lifetime.
     let mut proxy = None;
     let mut policy = None;
+    let mut net_link = None;
     if let (Some(l), Some(net)) = (listeners.net, &config.network) {
         let l = tokio_listener(l)?;
         let upstream_ca =
@@ -247,16 +287,22 @@ async fn start(
         })?;
         proxy = stack.intercept.clone();
         policy = Some(stack.policy.clone());
+        let (link_tx, link_rx) = oneshot::channel();
         tokio::spawn(async move {
             if let Ok((conn, _)) = l.accept().await {
+                let Ok((link, conn)) = link::NetLink::start(conn) else {
+                    return;
+                };
+                let _ = link_tx.send((link, l));
                 if let Err(e) = matchlock_net::serve(conn, stack).await {
                     tracing::warn!("network stack stopped: {e}");
                 }
             }
         });
+        net_link = Some(link_rx);
     }
 
-    let boot = guest::boot(agent, guest::setup(config, guest_vfs), restored);
+    let boot = guest::boot(&agent, guest::setup(config, guest_vfs), restored);
     let booted = tokio::select! {
         r = tokio::time::timeout(BOOT_TIMEOUT, boot) => match r {
             Ok(r) => r,
@@ -275,8 +321,22 @@ async fn start(
             console::tail(dir)
         )
     };
-    let mux = booted.map_err(failed)?;
+    let (mux, agent_link) = booted.map_err(failed)?;
     tracing::debug!("guest set up");
+    // The guest configured its NIC, so QEMU connected it long ago.
+    let net = match net_link {
+        Some(rx) => Some(
+            rx.await
+                .map_err(|_| failed("QEMU did not connect the NIC".into()))?,
+        ),
+        None => None,
+    };
+    let links = Links {
+        agent: agent_link,
+        agent_listener: agent,
+        net,
+        qmp,
+    };
     // The sandbox CA goes into the guest's trust store before anything runs.
     if let Some(p) = &proxy {
         guest::install_ca(&mux, p.ca_pem())
@@ -292,6 +352,7 @@ async fn start(
     // bound fails the start.
     let forwards = start_forwards(config, &control_path).await?;
     let (stop_tx, stop_rx) = mpsc::channel::<StopRequest>(16);
+    let (pause_tx, pause_rx) = mpsc::channel(4);
     let ctx = Arc::new(Ctx {
         config: config.clone(),
         mux: mux.clone(),
@@ -299,6 +360,8 @@ async fn start(
         log,
         policy,
         vfs,
+        pause_tx,
+        paused: std::sync::atomic::AtomicBool::new(false),
     });
     Ok(Running {
         ctx,
@@ -306,17 +369,23 @@ async fn start(
         control,
         forwards,
         stop_rx,
+        pause_rx,
+        links,
     })
 }
 
 /// Serves control connections until something stops the sandbox: a stop request, QEMU exiting,
-/// a signal, the owner exiting, the lifetime limit.
+/// a signal, the owner exiting, the lifetime limit. Pauses and resumes it when asked.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &SandboxConfig,
+    dir: &Path,
     sandbox: &mut Running,
     vm: &mut Vm,
+    life: &mut Lifecycle,
     owner: process::Owner,
     deadline: Option<tokio::time::Instant>,
+    cpu_limit: Option<&cpu_limit::CpuLimit>,
 ) -> Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).ok();
@@ -324,13 +393,16 @@ async fn serve(
     let owner_gone = process::owner_exit(owner);
     tokio::pin!(owner_gone);
     let grace = config.graceful_shutdown_ms;
-    let stop = |reason: &str, grace_ms: u64| Stop {
+    // While paused there is no QEMU: nothing to shut down, and its exit is not news.
+    let stop = |reason: &str, grace_ms: u64, paused: bool| Stop {
         reason: reason.to_string(),
         grace_ms,
-        vm_gone: false,
+        vm_gone: paused,
         waiters: Vec::new(),
     };
     loop {
+        let paused = life.status() == crate::config::Status::Paused;
+        let stop = |reason: &str, grace_ms: u64| stop(reason, grace_ms, paused);
         tokio::select! {
             conn = sandbox.control.accept() => {
                 if let Ok((conn, _)) = conn {
@@ -345,7 +417,20 @@ async fn serve(
                     return s;
                 }
             }
-            status = &mut vm.exit => {
+            req = sandbox.pause_rx.recv() => {
+                if let Some(req) = req {
+                    let done = if req.resume {
+                        pause::resume(config, dir, sandbox, vm, life, cpu_limit).await
+                    } else {
+                        pause::pause(config, dir, sandbox, vm, life).await
+                    };
+                    if let Err(e) = &done {
+                        tracing::warn!("{e}");
+                    }
+                    let _ = req.done.send(done);
+                }
+            }
+            status = &mut vm.exit, if !paused => {
                 let mut s = stop(&format!("the VM exited ({})", status.unwrap_or_default()), 0);
                 s.vm_gone = true;
                 return s;

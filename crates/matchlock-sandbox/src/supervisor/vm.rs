@@ -7,6 +7,7 @@ use crate::store::Store;
 use crate::SandboxError;
 use matchlock_proto::mux::Mux;
 use matchlock_proto::{read_msg, write_msg, Msg};
+use matchlock_vmm::qmp::Qmp;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Stdio;
@@ -99,6 +100,8 @@ pub struct Spawned {
     /// The template it was restored from (the guest agent said its hello to the template's
     /// builder and is waiting for the host's session); `None` when it booted.
     pub template: Option<std::path::PathBuf>,
+    /// QEMU's monitor, for pause; `None` if QEMU did not connect it.
+    pub qmp: Option<Qmp>,
 }
 
 /// What every VM of a sandbox is made from, resolved once: QEMU, kernel, initramfs, accelerator.
@@ -239,16 +242,96 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
         },
     };
     let (listeners, fs_devices) = listeners(&dir, config)?;
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_l = listen(&qmp_sock)?;
     let mut spec = base.spec(config, &dir);
     spec.fs_devices = fs_devices;
+    spec.qmp_socket = Some(qmp_sock.clone());
     let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log"))?;
+    let qmp = accept_qmp(&qmp_l, &vm);
+    let _ = std::fs::remove_file(&qmp_sock);
     Ok(Spawned {
         vm,
         listeners,
         accel: base.accel,
         start: format!("cold ({cold_because})"),
         template: None,
+        qmp,
     })
+}
+
+/// QEMU's monitor connection, unless QEMU exits or does not connect it within 30 s (then the
+/// sandbox runs without pause, and says why in the log).
+fn accept_qmp(listener: &UnixListener, vm: &Vm) -> Option<Qmp> {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < until && !vm.exited.load(Ordering::SeqCst) {
+        match matchlock_vmm::qmp::accept_within(listener, Duration::from_millis(100)) {
+            Ok(s) => {
+                return Qmp::handshake(s, Duration::from_secs(30))
+                    .inspect_err(|e| tracing::warn!("QEMU's monitor: {e}; pause is unavailable"))
+                    .ok()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(e) => {
+                tracing::warn!("QEMU's monitor: {e}; pause is unavailable");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The file a paused sandbox's memory and device state is in.
+pub fn paused_state(dir: &Path) -> std::path::PathBuf {
+    dir.join("paused.zst")
+}
+
+/// Saves the stopped guest to [`paused_state`] and ends QEMU. On error the guest is stopped but
+/// QEMU still runs; the caller resumes it (`cont`) or gives up on it.
+pub fn pause(qmp: &mut Qmp, dir: &Path) -> Result<matchlock_vmm::snapshot::Saved, String> {
+    let saved = matchlock_vmm::snapshot::save(qmp, &dir.join("pause.sock"), &paused_state(dir))?;
+    let _ = qmp.execute("quit", None);
+    Ok(saved)
+}
+
+/// Starts a new QEMU for `config` from [`paused_state`] (hashing to `sha256`) and resumes the
+/// guest. Its agent, console and NIC connect to the listeners the supervisor kept. On error QEMU
+/// is gone and the state file is untouched.
+pub fn resume(
+    dir: &Path,
+    config: &SandboxConfig,
+    sha256: &str,
+) -> Result<(Vm, Option<Qmp>), String> {
+    let base = Base::resolve(config).map_err(|e| e.to_string())?;
+    let qmp_sock = dir.join("qmp.sock");
+    let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
+    let mut spec = base.spec(config, dir);
+    spec.qmp_socket = Some(qmp_sock.clone());
+    spec.incoming = Some(dir.join("incoming.sock"));
+    let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
+    let restored = Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
+        matchlock_vmm::snapshot::restore(
+            &mut qmp,
+            &dir.join("incoming.sock"),
+            &paused_state(dir),
+            sha256,
+        )
+        .map(|()| qmp)
+    });
+    let _ = std::fs::remove_file(dir.join("incoming.sock"));
+    let _ = std::fs::remove_file(&qmp_sock);
+    match restored {
+        Ok(qmp) => Ok((vm, Some(qmp))),
+        Err(e) => {
+            vm.kill();
+            let qlog =
+                std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
+            Err(match qlog.lines().find(|l| !l.trim().is_empty()) {
+                Some(first) => format!("{e} (QEMU: {first})"),
+                None => e,
+            })
+        }
+    }
 }
 
 /// Starts QEMU from `template` and resumes the guest once the snapshot has loaded. On error QEMU
@@ -275,23 +358,29 @@ fn restore(
                 &template.state_path(),
                 &template.meta.sha256,
             )
+            .map(|()| qmp)
         });
     let _ = std::fs::remove_file(dir.join("incoming.sock"));
     let _ = std::fs::remove_file(&qmp_sock);
-    if let Err(e) = restored {
-        vm.kill();
-        let qlog = std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
-        return Err(match qlog.lines().find(|l| !l.trim().is_empty()) {
-            Some(first) => format!("{e} (QEMU: {first})"),
-            None => e,
-        });
-    }
+    let qmp = match restored {
+        Ok(qmp) => qmp,
+        Err(e) => {
+            vm.kill();
+            let qlog =
+                std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
+            return Err(match qlog.lines().find(|l| !l.trim().is_empty()) {
+                Some(first) => format!("{e} (QEMU: {first})"),
+                None => e,
+            });
+        }
+    };
     Ok(Spawned {
         vm,
         listeners,
         accel: base.accel.clone(),
         start: "template".into(),
         template: Some(template.dir().to_path_buf()),
+        qmp: Some(qmp),
     })
     .inspect(|_| {
         tracing::info!(

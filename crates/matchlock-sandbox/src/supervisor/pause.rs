@@ -1,0 +1,160 @@
+//! Pause and resume: the guest's memory and devices saved into the sandbox directory and QEMU
+//! ended (its memory back to the host), then a new QEMU started from that file.
+//!
+//! The agent channel and the NIC run through [links](super::link), so the multiplexer (every
+//! open exec, file transfer and forwarded connection) and the network stack (every flow) keep
+//! their state across the two QEMUs. Before the save the agent link stops taking host bytes and
+//! waits until QEMU has read all it was sent, so no byte of the channel is in flight outside
+//! the guest when it stops. The snapshot format, its checksum and the restore are the templates'
+//! (`matchlock_vmm::snapshot`).
+//!
+//! Both run in the supervisor's main future (on the main thread), because the new QEMU must be
+//! started by the thread that lives as long as the supervisor (`PR_SET_PDEATHSIG`).
+
+use super::lifecycle::Lifecycle;
+use super::vm::{self, Vm};
+use super::Running;
+use crate::config::{now_secs, PausedInfo, SandboxConfig, Status};
+use matchlock_proto::{read_msg, write_msg, Msg};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a new QEMU may take to connect its agent channel and NIC after the restore.
+const RECONNECT: Duration = Duration::from_secs(10);
+
+/// Pauses the sandbox; see the module docs. On error it runs on as before.
+pub(super) async fn pause(
+    config: &SandboxConfig,
+    dir: &Path,
+    run: &mut Running,
+    vm: &mut Vm,
+    life: &mut Lifecycle,
+) -> Result<(), String> {
+    if life.status() == Status::Paused {
+        return Err(format!("sandbox {} is already paused", config.id));
+    }
+    if !config.vfs.is_empty() {
+        return Err(
+            "a sandbox with workspace mounts cannot be paused: QEMU 7.2 cannot save a \
+                    virtio-fs device (stop it instead)"
+                .into(),
+        );
+    }
+    let Some(qmp) = run.links.qmp.as_mut() else {
+        return Err("this sandbox's QEMU has no monitor connection, so it cannot be paused".into());
+    };
+    let started = Instant::now();
+    run.ctx.paused.store(true, Ordering::SeqCst);
+    if let Err(e) = run.links.agent.quiesce().await {
+        run.links.agent.reopen().await;
+        run.ctx.paused.store(false, Ordering::SeqCst);
+        return Err(format!("cannot pause: {e}"));
+    }
+    let saved = match vm::pause(qmp, dir) {
+        Ok(s) => s,
+        Err(e) => {
+            // The guest is stopped but QEMU still holds it: let it run on.
+            let _ = qmp.execute("cont", None);
+            run.links.agent.reopen().await;
+            run.ctx.paused.store(false, Ordering::SeqCst);
+            return Err(format!("pausing failed: {e}"));
+        }
+    };
+    run.links.qmp = None;
+    if tokio::time::timeout(Duration::from_secs(10), &mut vm.exit)
+        .await
+        .is_err()
+    {
+        vm.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut vm.exit).await;
+    }
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        bytes = saved.file_bytes,
+        "paused"
+    );
+    life.paused(PausedInfo {
+        at: now_secs(),
+        bytes: saved.file_bytes,
+        sha256: saved.sha256,
+    });
+    Ok(())
+}
+
+/// Resumes a paused sandbox; see the module docs. On error it stays paused (the file is kept,
+/// so another `resume` can try again).
+pub(super) async fn resume(
+    config: &SandboxConfig,
+    dir: &Path,
+    run: &mut Running,
+    vm: &mut Vm,
+    life: &mut Lifecycle,
+    cpu_limit: Option<&super::cpu_limit::CpuLimit>,
+) -> Result<(), String> {
+    let Some(info) = life.paused_info() else {
+        return Err(format!("sandbox {} is not paused", config.id));
+    };
+    let started = Instant::now();
+    let (new_vm, qmp) = vm::resume(dir, config, &info.sha256)
+        .map_err(|e| format!("resuming failed, the sandbox stays paused: {e}"))?;
+    // QEMU connected its agent channel and NIC as it started; the guest already runs.
+    let reconnect = async {
+        let (agent, _) = run
+            .links
+            .agent_listener
+            .accept()
+            .await
+            .map_err(|e| format!("agent channel: {e}"))?;
+        run.links.agent.attach(agent).await?;
+        if let Some((net, l)) = &run.links.net {
+            let (conn, _) = l.accept().await.map_err(|e| format!("NIC: {e}"))?;
+            net.attach(conn).await;
+        }
+        Ok::<(), String>(())
+    };
+    let reconnected = match tokio::time::timeout(RECONNECT, reconnect).await {
+        Ok(r) => r,
+        Err(_) => Err("the new QEMU did not connect its channels".into()),
+    };
+    if let Err(e) = reconnected {
+        // Half a guest is worse than none: the sandbox cannot continue.
+        new_vm.kill();
+        return Err(format!("resuming failed: {e}"));
+    }
+    *vm = new_vm;
+    run.links.qmp = qmp;
+    if let Some(limit) = cpu_limit {
+        if let Err(e) = limit.add(vm.pid()) {
+            tracing::warn!(
+                "--cpus {} holds only inside the guest after resume: {e}",
+                config.cpus
+            );
+        }
+    }
+    let _ = std::fs::remove_file(vm::paused_state(dir));
+    life.resumed(vm.pid());
+    run.ctx.paused.store(false, Ordering::SeqCst);
+    // Its clock stood still while it was paused.
+    if let Err(e) = set_clock(&run.mux).await {
+        tracing::warn!("setting the resumed guest's clock: {e}");
+    }
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "resumed");
+    Ok(())
+}
+
+async fn set_clock(mux: &matchlock_proto::mux::Mux) -> Result<(), String> {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut s = mux.open().await.map_err(|e| e.to_string())?;
+    write_msg(&mut s, &Msg::SetClock { unix_ms })
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), read_msg(&mut s)).await {
+        Ok(Ok(Some(Msg::Ok))) => Ok(()),
+        Ok(Ok(Some(Msg::Error(e)))) => Err(e),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}

@@ -1,0 +1,153 @@
+//! `matchlock pause` and `resume` through the real binary: the guest's processes, files, clock
+//! and open exec streams survive; QEMU is gone while paused, its state file is private and goes
+//! with the resume or the sandbox; what cannot be paused says why and runs on.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+fn detached(args: &[&str]) -> String {
+    let mut all = vec!["run", "-d", "--image", BUSYBOX];
+    all.extend_from_slice(args);
+    ok(run(&all)).trim().lines().last().unwrap().to_string()
+}
+
+fn sh(id: &str, cmd: &str) -> String {
+    ok(run(&["exec", id, "--", "sh", "-c", cmd]))
+}
+
+fn state(id: &str) -> serde_json::Value {
+    let s = std::fs::read(home().join("vms").join(id).join("state.json")).unwrap();
+    serde_json::from_slice(&s).unwrap()
+}
+
+#[test]
+fn a_paused_sandbox_keeps_its_processes_and_gives_back_its_memory() {
+    let id = detached(&[
+        "--",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done",
+    ]);
+    assert!(wait_until(Duration::from_secs(30), || sh(
+        &id,
+        "cat /tmp/n"
+    )
+    .trim()
+    .parse::<u64>()
+    .is_ok_and(|n| n > 2)));
+    sh(&id, "echo kept > /root/f");
+    let qemu = qemu_pids(&id);
+    assert_eq!(qemu.len(), 1);
+
+    let out = ok(run(&["pause", &id]));
+    assert!(out.contains("Paused"), "{out}");
+    assert_eq!(status_of(&id), "paused");
+    assert!(state(&id)["qemu_pid"].is_null());
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_pids(&id).is_empty()),
+        "QEMU still runs while paused"
+    );
+    let file = home().join("vms").join(&id).join("paused.zst");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let before: u64 = {
+        // Nothing runs while paused: the guest cannot be asked, and says how to go on.
+        let o = run(&["exec", &id, "--", "cat", "/tmp/n"]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains(&format!("matchlock resume {id}")),
+            "{}",
+            stderr(&o)
+        );
+        let again = run(&["pause", &id]);
+        assert!(
+            stderr(&again).contains("already paused"),
+            "{}",
+            stderr(&again)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        ok(run(&["resume", &id]));
+        sh(&id, "cat /tmp/n").trim().parse().unwrap()
+    };
+    assert_eq!(status_of(&id), "running");
+    assert!(!file.exists(), "the state file outlived the resume");
+    // The same loop counts on, from where it was, and the files are there.
+    assert!(wait_until(Duration::from_secs(10), || sh(
+        &id,
+        "cat /tmp/n"
+    )
+    .trim()
+    .parse::<u64>()
+    .is_ok_and(|n| n > before)));
+    assert_eq!(sh(&id, "cat /root/f"), "kept\n");
+    // The clock caught up with the pause.
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest: i64 = sh(&id, "date +%s").trim().parse().unwrap();
+    assert!((guest - host).abs() <= 5, "guest {guest}, host {host}");
+
+    // Paused again, then stopped: the state file goes with it.
+    ok(run(&["pause", &id]));
+    ok(run(&["kill", &id]));
+    assert!(!file.exists());
+    assert!(qemu_pids(&id).is_empty());
+}
+
+#[test]
+fn an_open_exec_carries_on_across_a_pause() {
+    let id = detached(&["--", "sleep", "1000"]);
+    let mut child = ml(&[
+        "exec",
+        "-i",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo ready; read x; echo got $x",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    ok(run(&["pause", &id]));
+    ok(run(&["resume", &id]));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    drop(stdin);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "got hello\n");
+    assert!(child.wait().unwrap().success());
+    ok(run(&["kill", &id]));
+}
+
+#[test]
+fn a_sandbox_with_workspace_mounts_is_not_paused_and_runs_on() {
+    let ws = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/workspace", ws.path().display());
+    let id = detached(&["-v", &vol, "--", "sleep", "1000"]);
+    let o = run(&["pause", &id]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("workspace mounts cannot be paused"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(status_of(&id), "running");
+    assert_eq!(sh(&id, "echo still here"), "still here\n");
+    ok(run(&["kill", &id]));
+}
