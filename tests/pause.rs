@@ -151,3 +151,54 @@ fn a_sandbox_with_workspace_mounts_is_not_paused_and_runs_on() {
     assert_eq!(sh(&id, "echo still here"), "still here\n");
     ok(run(&["kill", &id]));
 }
+
+#[test]
+fn a_damaged_state_file_is_refused_and_the_sandbox_stays_paused() {
+    let id = detached(&["--", "sleep", "1000"]);
+    ok(run(&["pause", &id]));
+    let file = home().join("vms").join(&id).join("paused.zst");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let o = run(&["resume", &id]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("corrupt"), "{}", stderr(&o));
+    assert_eq!(status_of(&id), "paused");
+    assert!(
+        qemu_pids(&id).is_empty(),
+        "the QEMU that refused the file still runs"
+    );
+    // Truncated is no better.
+    std::fs::write(&file, &bytes[..mid]).unwrap();
+    assert!(!run(&["resume", &id]).status.success());
+    assert_eq!(status_of(&id), "paused");
+    ok(run(&["kill", &id]));
+    assert!(!file.exists());
+}
+
+#[test]
+fn qemu_killed_during_the_save_leaves_no_half_written_file() {
+    // Enough guest memory in use that the save takes a while.
+    let id = detached(&["--memory", "768", "--", "sleep", "1000"]);
+    sh(&id, "head -c 300000000 /dev/urandom > /dev/shm/fill");
+    let dir = home().join("vms").join(&id);
+    let pause = ml(&["pause", &id]).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || dir
+            .join("paused.partial")
+            .exists()),
+        "the save never started"
+    );
+    for pid in qemu_pids(&id) {
+        // SAFETY: plain kill(2) of the sandbox's QEMU.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = pause.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pausing failed"));
+    assert!(!dir.join("paused.partial").exists());
+    assert!(!dir.join("paused.zst").exists());
+    // Its VM is gone, so the sandbox is too.
+    assert!(wait_until(Duration::from_secs(30), || status_of(&id) == "stopped"));
+}

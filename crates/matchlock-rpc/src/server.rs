@@ -358,6 +358,8 @@ const KNOWN: &[&str] = &[
     "port_forward",
     "allow_list_add",
     "allow_list_delete",
+    "pause",
+    "resume",
     "close",
 ];
 
@@ -414,6 +416,7 @@ async fn handle(
         "allow_list_add" | "allow_list_delete" => {
             allow_list(shared, method, parse(method, params)?).await
         }
+        "pause" | "resume" => pause(shared, method == "resume").await,
         _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
     }
 }
@@ -918,6 +921,19 @@ struct PortForwardParams {
 }
 
 /// Replaces the sandbox's port forwards.
+/// `pause` and `resume` (matchlock's own methods; the upstream protocol has neither): no
+/// parameters, `{}` once done.
+async fn pause(shared: &Arc<Shared>, resume: bool) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    let done = if resume {
+        client.resume().await
+    } else {
+        client.pause().await
+    };
+    done.map_err(|e| RpcError::new(code::VM_FAILED, e.to_string()))?;
+    Ok(json!({}))
+}
+
 async fn port_forward(shared: &Arc<Shared>, p: PortForwardParams) -> Result<Value, RpcError> {
     let client = shared.client()?;
     if p.forwards.is_empty() {

@@ -672,6 +672,18 @@ impl Client {
         Ok(String::from_utf8_lossy(&b64_field(&r, "content")?).into_owned())
     }
 
+    /// Saves the sandbox's memory and devices to disk and ends its VM, releasing the host memory;
+    /// processes, files and open connections in the guest are kept. Execs fail until
+    /// [`Client::resume`]. Sandboxes with workspace mounts cannot be paused.
+    pub async fn pause(&self) -> Result<(), Error> {
+        self.request("pause", json!({}), None).await.map(|_| ())
+    }
+
+    /// Continues a paused sandbox where it stopped (its clock set to now).
+    pub async fn resume(&self) -> Result<(), Error> {
+        self.request("resume", json!({}), None).await.map(|_| ())
+    }
+
     /// Forwards host ports to guest ports on `127.0.0.1`, replacing earlier forwards.
     pub async fn port_forward(
         &self,

@@ -137,6 +137,24 @@ async fn terminal_launch_log_forwards_and_errors() {
     .unwrap();
     assert_eq!(echoed, b"through the forward");
 
+    // Paused, nothing runs; resumed, the listener (a guest process) still serves the forward.
+    client.pause().await.unwrap();
+    let e = client.exec("true").await.unwrap_err();
+    assert!(e.to_string().contains("paused"), "{e}");
+    client.resume().await.unwrap();
+    let again = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"after the pause").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(again, b"after the pause");
+
     // A terminal, with a resize while the command runs.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut screen = Vec::new();
