@@ -8,6 +8,7 @@
 //! matchlock-bench --vfs MB [--runs N] [--net-image NAME] [--vfs-virtiofs]
 //! matchlock-bench --plugins N [--runs N]
 //! matchlock-bench --density N [--image NAME] [--density-flags "RUN FLAGS"]
+//! matchlock-bench --pause N [--image NAME] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -34,11 +35,14 @@
 //! 9. `--density N`: N idle sandboxes at once: memory per sandbox, and exec latency with all N
 //!    running against one alone; see `density.rs`. The boot section (1) also times start to the
 //!    first exec's output from the image's template and cold (`--no-snapshot`).
+//! 10. `--pause N`: `matchlock pause` and `resume` of an idle sandbox of `--image` and of
+//!     `--net-image`, against a cold start to the first exec; see `pause.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
 mod density;
 mod net;
+mod pause;
 mod plugins;
 mod pull;
 mod rawvm;
@@ -69,6 +73,7 @@ struct Args {
     net_image: String,
     density: usize,
     density_flags: Vec<String>,
+    pause: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -93,6 +98,7 @@ fn parse_args() -> Result<Args> {
         net_image: "mltest/python:1".into(),
         density: 0,
         density_flags: Vec::new(),
+        pause: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -114,6 +120,7 @@ fn parse_args() -> Result<Args> {
             "--vfs-virtiofs" => a.vfs_virtiofs = true,
             "--net-image" => a.net_image = val()?,
             "--density" => a.density = val()?.parse()?,
+            "--pause" => a.pause = val()?.parse()?,
             "--density-flags" => {
                 a.density_flags = val()?.split_whitespace().map(str::to_string).collect()
             }
@@ -215,6 +222,13 @@ fn main() -> Result<()> {
             args.vfs_mb,
             args.runs,
             args.vfs_virtiofs,
+        );
+    }
+    if args.pause > 0 {
+        return pause::run(
+            &args.matchlock,
+            &[args.image.clone(), args.net_image.clone()],
+            args.pause,
         );
     }
     if args.density > 0 {
