@@ -202,3 +202,94 @@ fn qemu_killed_during_the_save_leaves_no_half_written_file() {
     // Its VM is gone, so the sandbox is too.
     assert!(wait_until(Duration::from_secs(30), || status_of(&id) == "stopped"));
 }
+
+#[test]
+fn qemu_killed_during_the_resume_leaves_it_paused_to_try_again() {
+    let id = detached(&["--memory", "768", "--", "sleep", "1000"]);
+    sh(
+        &id,
+        "head -c 300000000 /dev/urandom > /dev/shm/fill; echo kept > /root/f",
+    );
+    ok(run(&["pause", &id]));
+    let resume = ml(&["resume", &id]).stderr(Stdio::piped()).spawn().unwrap();
+    // The restore streams 300 MB into the new QEMU: it is killed midway.
+    assert!(
+        wait_until(Duration::from_secs(30), || !qemu_pids(&id).is_empty()),
+        "no QEMU started for the resume"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for pid in qemu_pids(&id) {
+        // SAFETY: plain kill(2) of the sandbox's QEMU.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = resume.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the resume survived its QEMU");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stays paused"));
+    assert_eq!(status_of(&id), "paused");
+    assert!(home().join("vms").join(&id).join("paused.zst").exists());
+    // The file was not harmed: the next resume brings everything back.
+    ok(run(&["resume", &id]));
+    assert_eq!(
+        sh(&id, "cat /root/f; wc -c < /dev/shm/fill"),
+        "kept\n300000000\n"
+    );
+    ok(run(&["kill", &id]));
+}
+
+/// A save that meets a full disk leaves nothing behind, and the sandbox runs on.
+#[test]
+fn a_full_disk_during_the_save_leaves_the_sandbox_running() {
+    // Its own sandbox directory on a small tmpfs (root, as the other system tests).
+    let mnt = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let small = |args: &[&str]| ml(args).env("MATCHLOCK_HOME", mnt.path()).output().unwrap();
+    let out = small(&[
+        "run",
+        "-d",
+        "--image",
+        BUSYBOX,
+        "--disk-size",
+        "32",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let id = ok(out).trim().lines().last().unwrap().to_string();
+    // Fill what is left but a little.
+    let filler = mnt.path().join("filler");
+    let _ = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 100000000 /dev/zero > {}",
+            filler.display()
+        ))
+        .status();
+    let dir = mnt.path().join("vms").join(&id);
+    let o = small(&["pause", &id]);
+    assert!(!o.status.success(), "paused onto a full disk");
+    assert!(stderr(&o).contains("pausing failed"), "{}", stderr(&o));
+    assert!(!dir.join("paused.partial").exists());
+    assert!(!dir.join("paused.zst").exists());
+    let o = small(&["exec", &id, "--", "echo", "still here"]);
+    assert_eq!(ok(o), "still here\n");
+    // With room again, it pauses.
+    std::fs::remove_file(&filler).unwrap();
+    ok(small(&["pause", &id]));
+    ok(small(&["resume", &id]));
+    ok(small(&["kill", &id]));
+}

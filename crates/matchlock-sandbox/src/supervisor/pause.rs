@@ -99,16 +99,14 @@ pub(super) async fn resume(
     let (new_vm, qmp) = vm::resume(dir, config, &info.sha256)
         .map_err(|e| format!("resuming failed, the sandbox stays paused: {e}"))?;
     // QEMU connected its agent channel and NIC as it started; the guest already runs.
+    let pid = new_vm.pid();
     let reconnect = async {
-        let (agent, _) = run
-            .links
-            .agent_listener
-            .accept()
+        let agent = accept_from(&run.links.agent_listener, pid)
             .await
             .map_err(|e| format!("agent channel: {e}"))?;
         run.links.agent.attach(agent).await?;
         if let Some((net, l)) = &run.links.net {
-            let (conn, _) = l.accept().await.map_err(|e| format!("NIC: {e}"))?;
+            let conn = accept_from(l, pid).await.map_err(|e| format!("NIC: {e}"))?;
             net.attach(conn).await;
         }
         Ok::<(), String>(())
@@ -141,6 +139,21 @@ pub(super) async fn resume(
     }
     tracing::info!(ms = started.elapsed().as_millis() as u64, "resumed");
     Ok(())
+}
+
+/// The next connection on `listener` made by process `pid`. Others are dropped: a QEMU of an
+/// earlier resume that failed may have connected before it died.
+async fn accept_from(
+    listener: &tokio::net::UnixListener,
+    pid: u32,
+) -> std::io::Result<tokio::net::UnixStream> {
+    loop {
+        let (conn, _) = listener.accept().await?;
+        if conn.peer_cred()?.pid() == Some(pid as i32) {
+            return Ok(conn);
+        }
+        tracing::debug!("dropping a connection from an earlier QEMU");
+    }
 }
 
 async fn set_clock(mux: &matchlock_proto::mux::Mux) -> Result<(), String> {
