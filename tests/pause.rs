@@ -293,3 +293,46 @@ fn a_full_disk_during_the_save_leaves_the_sandbox_running() {
     ok(small(&["resume", &id]));
     ok(small(&["kill", &id]));
 }
+
+#[test]
+fn an_idle_sandbox_pauses_itself_and_the_next_request_wakes_it() {
+    let id = detached(&["--idle-pause", "2s", "--", "sleep", "1000"]);
+    // An open exec is not idle, however quiet.
+    let mut cat = ml(&["exec", "-i", &id, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(status_of(&id), "running");
+    drop(cat.stdin.take());
+    assert!(cat.wait().unwrap().success());
+    assert!(
+        wait_until(Duration::from_secs(30), || status_of(&id) == "paused"),
+        "never paused"
+    );
+    assert_eq!(state(&id)["paused"]["idle"], true);
+    assert!(qemu_pids(&id).is_empty());
+    // The next request resumes it and is served.
+    assert_eq!(sh(&id, "echo awake"), "awake\n");
+    assert_eq!(status_of(&id), "running");
+    ok(run(&["kill", &id]));
+
+    // What cannot be paused cannot ask for it.
+    let ws = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/workspace", ws.path().display());
+    let o = run(&[
+        "run",
+        "-d",
+        "--image",
+        BUSYBOX,
+        "--idle-pause",
+        "1m",
+        "-v",
+        &vol,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--idle-pause cannot be used with workspace mounts"));
+    let o = run(&["run", "-d", "--image", BUSYBOX, "--idle-pause", "10ms"]);
+    assert!(stderr(&o).contains("too short"), "{}", stderr(&o));
+}

@@ -40,6 +40,10 @@ pub struct SandboxConfig {
     pub no_snapshot: bool,
     /// Grace period between SIGTERM and SIGKILL when the sandbox stops, in milliseconds.
     pub graceful_shutdown_ms: u64,
+    /// Seconds without a request from the host after which the supervisor pauses the sandbox;
+    /// the next request resumes it (`--idle-pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_pause_secs: Option<u64>,
     /// Lifetime limit in seconds; the supervisor stops the sandbox when it is reached.
     pub timeout_secs: Option<u64>,
     /// Remove the sandbox's directory when it stops.
@@ -372,6 +376,9 @@ pub struct State {
 pub struct PausedInfo {
     /// When it was paused, seconds since the epoch.
     pub at: u64,
+    /// Paused for being idle (`--idle-pause`): the next request resumes it.
+    #[serde(default)]
+    pub idle: bool,
     /// Bytes of the state file on disk.
     pub bytes: u64,
     /// Hex sha256 of the state file, checked on resume.

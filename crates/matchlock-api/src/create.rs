@@ -25,6 +25,10 @@ impl CreateParams {
             .filter(|r| !r.trim().is_empty());
         req.privileged = self.privileged;
         req.no_snapshot = self.no_snapshot;
+        if self.idle_pause_seconds == Some(0) {
+            return Err(RequestError("idle_pause_seconds must be at least 1".into()));
+        }
+        req.idle_pause_secs = self.idle_pause_seconds;
         req.start = if self.launch_entrypoint {
             Start::Entrypoint
         } else {
@@ -370,6 +374,18 @@ mod tests {
         serde_json::from_value::<CreateParams>(v)
             .map_err(|e| RequestError(e.to_string()))?
             .into_request()
+    }
+
+    #[test]
+    fn idle_pause_reaches_the_request() {
+        assert_eq!(req(json!({"image": "a"})).unwrap().idle_pause_secs, None);
+        assert_eq!(
+            req(json!({"image": "a", "idle_pause_seconds": 60}))
+                .unwrap()
+                .idle_pause_secs,
+            Some(60)
+        );
+        assert!(req(json!({"image": "a", "idle_pause_seconds": 0})).is_err());
     }
 
     #[test]

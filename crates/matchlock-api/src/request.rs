@@ -335,6 +335,9 @@ pub struct SandboxRequest {
     pub timeout: Option<TimeoutSecs>,
     /// Grace between SIGTERM and SIGKILL at stop, in milliseconds.
     pub graceful_shutdown_ms: u64,
+    /// Pause the sandbox after this many seconds without a request from the host (and resume it
+    /// on the next one).
+    pub idle_pause_secs: Option<u64>,
     /// Remove the sandbox when it stops.
     pub remove_on_stop: bool,
     /// Process whose exit stops the sandbox.
@@ -365,6 +368,7 @@ impl SandboxRequest {
             publish: Vec::new(),
             timeout: None,
             graceful_shutdown_ms: 0,
+            idle_pause_secs: None,
             remove_on_stop: false,
             owner_pid: None,
             start: Start::Command,

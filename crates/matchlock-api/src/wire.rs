@@ -72,6 +72,10 @@ pub struct CreateParams {
     /// Boot cold: never start from a template snapshot (matchlock's own extension).
     #[serde(skip_serializing_if = "is_false")]
     pub no_snapshot: bool,
+    /// Pause after this many seconds without a request; the next one resumes it (matchlock's
+    /// own extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_pause_seconds: Option<u64>,
     /// Start the image's ENTRYPOINT/CMD in the background after boot.
     #[serde(skip_serializing_if = "is_false")]
     pub launch_entrypoint: bool,

@@ -411,6 +411,10 @@ pub struct RunArgs {
         default_value = "0s"
     )]
     pub graceful_shutdown: String,
+    /// Pause the sandbox after this long without an exec, file transfer or forwarded connection
+    /// from the host (e.g. 10m, 30s); the next one resumes it. Not with -v mounts.
+    #[arg(long = "idle-pause", value_name = "DURATION")]
+    pub idle_pause: Option<String>,
     /// Give processes all capabilities and no seccomp filter.
     #[arg(long)]
     pub privileged: bool,

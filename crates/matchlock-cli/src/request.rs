@@ -102,6 +102,17 @@ pub fn from_flags(args: &RunArgs) -> Result<SandboxRequest> {
         .transpose()?;
     req.graceful_shutdown_ms = crate::args::parse_duration_ms(&args.graceful_shutdown)
         .map_err(|e| anyhow!("--graceful-shutdown: {e}"))?;
+    req.idle_pause_secs = args
+        .idle_pause
+        .as_deref()
+        .map(|d| {
+            let ms = crate::args::parse_duration_ms(d).map_err(|e| anyhow!("--idle-pause: {e}"))?;
+            if ms < 1000 {
+                return Err(anyhow!("--idle-pause {d} is too short; give at least 1s"));
+            }
+            Ok(ms / 1000)
+        })
+        .transpose()?;
     req.privileged = args.privileged;
     req.no_snapshot = args.no_snapshot;
     for h in &args.add_host {

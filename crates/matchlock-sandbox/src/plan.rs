@@ -52,6 +52,13 @@ pub fn plan(
         .collect::<Result<Vec<_>, _>>()?;
     volume::check_conflicts(store, &disks)?;
 
+    if req.idle_pause_secs.is_some() && !req.workspace.mounts.is_empty() {
+        return Err(SandboxError::Invalid(
+            "--idle-pause cannot be used with workspace mounts (-v): a sandbox with mounts \
+             cannot be paused (QEMU 7.2 cannot save a virtio-fs device)"
+                .into(),
+        ));
+    }
     let p = &req.process;
     let compose = || {
         matchlock_image::compose_command(&image.config, p.entrypoint.as_deref(), &p.cmd)
@@ -121,6 +128,7 @@ pub fn plan(
         privileged: req.privileged,
         no_snapshot: req.no_snapshot,
         graceful_shutdown_ms: req.graceful_shutdown_ms,
+        idle_pause_secs: req.idle_pause_secs,
         timeout_secs: req.timeout.map(|t| t.get()),
         remove_on_stop: req.remove_on_stop,
         owner_pid: req.owner_pid,

@@ -74,6 +74,13 @@ impl Sandbox {
         self
     }
 
+    /// Pause the sandbox after `after` (whole seconds, at least one) without a request from this
+    /// client or any other; the next request resumes it. Not with workspace mounts.
+    pub fn with_idle_pause(mut self, after: std::time::Duration) -> Self {
+        self.params.idle_pause_seconds = Some(after.as_secs().max(1));
+        self
+    }
+
     /// Boot the VM cold instead of starting it from the image's template snapshot.
     pub fn with_no_snapshot(mut self) -> Self {
         self.params.no_snapshot = true;

@@ -37,8 +37,61 @@ pub struct Ctx {
     pub vfs: Arc<matchlock_vfs::VfsServer>,
     /// Where pause and resume requests go (the supervisor's main loop does them).
     pub pause_tx: mpsc::Sender<PauseRequest>,
-    /// Set while the sandbox is paused (or pausing): new guest requests are refused.
+    /// Set while the sandbox is paused (or pausing): new guest requests are refused, or resume
+    /// it first when it was paused for being idle.
     pub paused: std::sync::atomic::AtomicBool,
+    /// Set while it is paused (or pausing) for being idle (`--idle-pause`).
+    pub idle_paused: std::sync::atomic::AtomicBool,
+    /// Host requests that need the guest, for `--idle-pause`.
+    pub activity: Activity,
+}
+
+/// The host's requests that need the guest: how many are open, and when one last began or
+/// ended. A sandbox is idle while none is open.
+pub struct Activity {
+    open: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            open: Default::default(),
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts a request as open until the guard drops.
+    pub fn begin(&self) -> ActivityGuard<'_> {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.touch();
+        ActivityGuard(self)
+    }
+
+    /// Restarts the idle clock.
+    pub fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// Since when nothing is open; `None` while something is.
+    pub fn idle_since(&self) -> Option<tokio::time::Instant> {
+        (self.open.load(std::sync::atomic::Ordering::SeqCst) == 0)
+            .then(|| *self.last.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// An open request ([`Activity::begin`]).
+pub struct ActivityGuard<'a>(&'a Activity);
+
+impl Drop for ActivityGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.touch();
+    }
 }
 
 /// A `pause` (`resume: false`) or `resume` asked for on the control socket.
@@ -67,6 +120,24 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         req,
         Request::Exec(_) | Request::File(_) | Request::Connect { .. } | Request::Launch { .. }
     );
+    // Open while the request runs (an exec's whole stream); a launch counts only as it starts.
+    let _busy = needs_guest.then(|| ctx.activity.begin());
+    if needs_guest
+        && ctx.paused.load(std::sync::atomic::Ordering::SeqCst)
+        && ctx.idle_paused.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // Paused for being idle: this request wakes it.
+        let (tx, rx) = oneshot::channel();
+        let asked = PauseRequest {
+            resume: true,
+            done: tx,
+        };
+        if ctx.pause_tx.send(asked).await.is_ok() {
+            if let Ok(Err(e)) = rx.await {
+                tracing::warn!("resuming for a request: {e}");
+            }
+        }
+    }
     if needs_guest && ctx.paused.load(std::sync::atomic::Ordering::SeqCst) {
         let msg = format!(
             "sandbox {} is paused; `matchlock resume {}` continues it",

@@ -362,6 +362,8 @@ async fn start(
         vfs,
         pause_tx,
         paused: std::sync::atomic::AtomicBool::new(false),
+        idle_paused: std::sync::atomic::AtomicBool::new(false),
+        activity: control::Activity::default(),
     });
     Ok(Running {
         ctx,
@@ -422,12 +424,19 @@ async fn serve(
                     let done = if req.resume {
                         pause::resume(config, dir, sandbox, vm, life, cpu_limit).await
                     } else {
-                        pause::pause(config, dir, sandbox, vm, life).await
+                        pause::pause(config, dir, sandbox, vm, life, false).await
                     };
                     if let Err(e) = &done {
                         tracing::warn!("{e}");
                     }
                     let _ = req.done.send(done);
+                }
+            }
+            _ = idle_for(config.idle_pause_secs, &sandbox.ctx.activity), if !paused => {
+                if let Err(e) = pause::pause(config, dir, sandbox, vm, life, true).await {
+                    tracing::warn!("idle pause: {e}");
+                    // Not again before another idle period.
+                    sandbox.ctx.activity.touch();
                 }
             }
             status = &mut vm.exit, if !paused => {
@@ -446,6 +455,26 @@ async fn serve(
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 return stop(&format!("timeout after {}s", config.timeout_secs.unwrap_or(0)), 0);
             }
+        }
+    }
+}
+
+/// Returns once nothing from the host has needed the guest for `secs` (never without `secs`).
+async fn idle_for(secs: Option<u64>, activity: &control::Activity) {
+    let Some(secs) = secs else {
+        return std::future::pending().await;
+    };
+    loop {
+        match activity.idle_since() {
+            Some(since) => {
+                let due = since + Duration::from_secs(secs);
+                if tokio::time::Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due).await;
+            }
+            // Something is open; look again in a while.
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }

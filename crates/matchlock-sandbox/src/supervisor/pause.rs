@@ -23,15 +23,21 @@ use std::time::{Duration, Instant};
 /// How long a new QEMU may take to connect its agent channel and NIC after the restore.
 const RECONNECT: Duration = Duration::from_secs(10);
 
-/// Pauses the sandbox; see the module docs. On error it runs on as before.
+/// Pauses the sandbox (`idle`: for `--idle-pause`, so that the next request resumes it); see
+/// the module docs. On error it runs on as before.
 pub(super) async fn pause(
     config: &SandboxConfig,
     dir: &Path,
     run: &mut Running,
     vm: &mut Vm,
     life: &mut Lifecycle,
+    idle: bool,
 ) -> Result<(), String> {
     if life.status() == Status::Paused {
+        if !idle && run.ctx.idle_paused.swap(false, Ordering::SeqCst) {
+            // Paused for being idle, now asked for by the user: requests no longer wake it.
+            return Ok(());
+        }
         return Err(format!("sandbox {} is already paused", config.id));
     }
     if !config.vfs.is_empty() {
@@ -45,6 +51,7 @@ pub(super) async fn pause(
         return Err("this sandbox's QEMU has no monitor connection, so it cannot be paused".into());
     };
     let started = Instant::now();
+    run.ctx.idle_paused.store(idle, Ordering::SeqCst);
     run.ctx.paused.store(true, Ordering::SeqCst);
     if let Err(e) = run.links.agent.quiesce().await {
         run.links.agent.reopen().await;
@@ -72,10 +79,12 @@ pub(super) async fn pause(
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         bytes = saved.file_bytes,
+        idle,
         "paused"
     );
     life.paused(PausedInfo {
         at: now_secs(),
+        idle,
         bytes: saved.file_bytes,
         sha256: saved.sha256,
     });
@@ -132,6 +141,8 @@ pub(super) async fn resume(
     }
     let _ = std::fs::remove_file(vm::paused_state(dir));
     life.resumed(vm.pid());
+    run.ctx.idle_paused.store(false, Ordering::SeqCst);
+    run.ctx.activity.touch();
     run.ctx.paused.store(false, Ordering::SeqCst);
     // Its clock stood still while it was paused.
     if let Err(e) = set_clock(&run.mux).await {
