@@ -336,3 +336,38 @@ fn an_idle_sandbox_pauses_itself_and_the_next_request_wakes_it() {
     let o = run(&["run", "-d", "--image", BUSYBOX, "--idle-pause", "10ms"]);
     assert!(stderr(&o).contains("too short"), "{}", stderr(&o));
 }
+
+/// Many pauses in a row, and the guest's network works after them (its NIC's link takes each
+/// new QEMU even when nothing was sent to the guest meanwhile).
+#[test]
+fn the_network_works_after_many_pauses() {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 64];
+            if let Ok(n) = conn.read(&mut buf) {
+                let _ = conn.write_all(&buf[..n]);
+            }
+        }
+    });
+    let id = detached(&[
+        "--add-host",
+        "up:127.0.0.1",
+        "--allow-private-host",
+        "127.0.0.1",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let echo = format!("echo ping | nc -w 5 up {port}");
+    assert_eq!(sh(&id, &echo), "ping\n");
+    for _ in 0..6 {
+        ok(run(&["pause", &id]));
+        ok(run(&["resume", &id]));
+    }
+    assert_eq!(sh(&id, &echo), "ping\n");
+    ok(run(&["kill", &id]));
+}

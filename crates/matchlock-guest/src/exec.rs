@@ -417,6 +417,11 @@ fn pump(
                 // Written before the exit: the pipe holds it, so the read does not wait.
                 Some((owed, _)) if *owed > 0 => fd.read(&mut buf).await,
                 Some((_, cap)) => {
+                    // A read of a pipe that always has data never waits, so the cap is
+                    // checked here, not only by the timeout.
+                    if Instant::now() >= *cap {
+                        break;
+                    }
                     let until = (Instant::now() + DRAIN_IDLE).min(*cap);
                     match tokio::time::timeout_at(until, fd.read(&mut buf)).await {
                         Ok(r) => r,

@@ -582,15 +582,15 @@ async fn output_written_before_exit_survives_a_slow_reader() {
 async fn a_background_writer_does_not_hold_the_exec_forever() {
     let agent = start().await;
     let t0 = Instant::now();
-    let script =
-        "(i=0; while [ $i -lt 200 ]; do echo tick; sleep 0.05; i=$((i+1)); done) & echo done";
+    // `yes` never lets the pipe run dry; it ends by itself after 8 s, well after the exec must.
+    let script = "timeout 8 yes tick & echo done";
     let o = run(&agent, cmd(&["sh", "-c", script])).await;
     assert!(
         t0.elapsed() < Duration::from_secs(6),
         "took {:?}",
         t0.elapsed()
     );
-    assert!(o.out().starts_with("done\n"), "{:?}", o.out());
+    assert!(o.out().lines().any(|l| l == "done"), "no done");
     assert_eq!(o.code(), 0);
 }
 

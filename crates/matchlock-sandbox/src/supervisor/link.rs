@@ -73,11 +73,22 @@ impl AgentLink {
     pub async fn quiesce(&self) -> Result<(), String> {
         self.paused.store(true, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
-        self.to_guest
-            .send(ToGuest::Quiesce(tx))
-            .await
-            .map_err(|_| CLOSED.to_string())?;
-        rx.await.map_err(|_| CLOSED.to_string())?
+        let asked = async {
+            self.to_guest
+                .send(ToGuest::Quiesce(tx))
+                .await
+                .map_err(|_| CLOSED.to_string())?;
+            rx.await.map_err(|_| CLOSED.to_string())?
+        };
+        // The relay may itself be stuck writing to a guest that does not read; the bound
+        // covers that wait too.
+        match tokio::time::timeout(QUIESCE_TIMEOUT, asked).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the guest did not read its channel within {} s",
+                QUIESCE_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// Undoes [`quiesce`](Self::quiesce) while the same QEMU still runs (the pause failed).
@@ -182,25 +193,21 @@ async fn guest_to_host(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match &mut qemu {
-            Some(q) => tokio::select! {
-                n = q.read(&mut buf) => match n {
-                    Ok(n) if n > 0 => {
-                        if host.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
+            // The old QEMU is read to its end before a new one is taken: what it still holds
+            // is the guest's.
+            Some(q) => match q.read(&mut buf).await {
+                Ok(n) if n > 0 => {
+                    if host.write_all(&buf[..n]).await.is_err() {
+                        return;
                     }
-                    _ => {
-                        qemu = None;
-                        // QEMU went away unpaused: the channel ends, and the host sees it end.
-                        if !paused.load(Ordering::SeqCst) {
-                            return;
-                        }
+                }
+                _ => {
+                    qemu = None;
+                    // QEMU went away unpaused: the channel ends, and the host sees it end.
+                    if !paused.load(Ordering::SeqCst) {
+                        return;
                     }
-                },
-                q = attach.recv() => match q {
-                    Some(q) => qemu = Some(q),
-                    None => return,
-                },
+                }
             },
             None => match attach.recv().await {
                 Some(q) => qemu = Some(q),
@@ -262,16 +269,31 @@ async fn stack_to_guest(
     qemu: OwnedWriteHalf,
     mut attach: mpsc::Receiver<OwnedWriteHalf>,
 ) {
-    let mut qemu = Some(qemu);
-    // Frames are read whole before anything is decided, so a QEMU that comes or goes never
-    // sees half of one.
-    while let Some(frame) = read_frame(&mut stack).await {
-        while let Ok(q) = attach.try_recv() {
-            qemu = Some(q);
+    // Frames are read whole by a task of their own (reading one is not cancel-safe), so a QEMU
+    // that comes or goes never sees half of one, and a new QEMU is taken even while the stack
+    // sends nothing.
+    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(async move {
+        while let Some(frame) = read_frame(&mut stack).await {
+            if frames_tx.send(frame).await.is_err() {
+                return;
+            }
         }
-        if let Some(q) = &mut qemu {
-            if q.write_all(&frame).await.is_err() {
-                qemu = None;
+    });
+    let mut qemu = Some(qemu);
+    loop {
+        tokio::select! {
+            q = attach.recv() => match q {
+                Some(q) => qemu = Some(q),
+                None => return,
+            },
+            frame = frames.recv() => {
+                let Some(frame) = frame else { return };
+                if let Some(q) = &mut qemu {
+                    if q.write_all(&frame).await.is_err() {
+                        qemu = None;
+                    }
+                }
             }
         }
     }

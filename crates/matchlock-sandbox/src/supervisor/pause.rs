@@ -20,6 +20,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// `query-migrate` statuses of a migration still under way.
+const MIGRATING: &[&str] = &["setup", "active", "cancelling", "device", "pre-switchover"];
+
 /// How long a new QEMU may take to connect its agent channel and NIC after the restore.
 const RECONNECT: Duration = Duration::from_secs(10);
 
@@ -61,7 +64,17 @@ pub(super) async fn pause(
     let saved = match vm::pause(qmp, dir) {
         Ok(s) => s,
         Err(e) => {
-            // The guest is stopped but QEMU still holds it: let it run on.
+            // The guest is stopped but QEMU still holds it: end the migration (QEMU would
+            // otherwise stop the VM again when it fails), then let the guest run on.
+            let _ = qmp.execute("migrate_cancel", None);
+            for _ in 0..500 {
+                match qmp.migration() {
+                    Ok((s, _)) if MIGRATING.contains(&s.as_str()) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
             let _ = qmp.execute("cont", None);
             run.links.agent.reopen().await;
             run.ctx.paused.store(false, Ordering::SeqCst);
@@ -108,27 +121,39 @@ pub(super) async fn resume(
     let (new_vm, qmp) = vm::resume(dir, config, &info.sha256)
         .map_err(|e| format!("resuming failed, the sandbox stays paused: {e}"))?;
     // QEMU connected its agent channel and NIC as it started; the guest already runs.
+    // Both connections are taken before either link switches over, so a failure here leaves the
+    // links as the pause left them (and the file ready for another try). What the short-lived
+    // guest sent is dropped with its QEMU; the next resume starts again from the file.
     let pid = new_vm.pid();
     let reconnect = async {
         let agent = accept_from(&run.links.agent_listener, pid)
             .await
             .map_err(|e| format!("agent channel: {e}"))?;
-        run.links.agent.attach(agent).await?;
-        if let Some((net, l)) = &run.links.net {
-            let conn = accept_from(l, pid).await.map_err(|e| format!("NIC: {e}"))?;
-            net.attach(conn).await;
+        let net = match &run.links.net {
+            Some((_, l)) => Some(accept_from(l, pid).await.map_err(|e| format!("NIC: {e}"))?),
+            None => None,
+        };
+        Ok::<_, String>((agent, net))
+    };
+    let (agent, net) = match tokio::time::timeout(RECONNECT, reconnect).await {
+        Ok(Ok(conns)) => conns,
+        Ok(Err(e)) => {
+            new_vm.kill();
+            return Err(format!("resuming failed, the sandbox stays paused: {e}"));
         }
-        Ok::<(), String>(())
+        Err(_) => {
+            new_vm.kill();
+            return Err(
+                "resuming failed, the sandbox stays paused: the new QEMU did not \
+                        connect its channels"
+                    .into(),
+            );
+        }
     };
-    let reconnected = match tokio::time::timeout(RECONNECT, reconnect).await {
-        Ok(r) => r,
-        Err(_) => Err("the new QEMU did not connect its channels".into()),
-    };
-    if let Err(e) = reconnected {
-        // Half a guest is worse than none: the sandbox cannot continue.
-        new_vm.kill();
-        return Err(format!("resuming failed: {e}"));
+    if let (Some((link, _)), Some(conn)) = (&run.links.net, net) {
+        link.attach(conn).await;
     }
+    run.links.agent.attach(agent).await?;
     *vm = new_vm;
     run.links.qmp = qmp;
     if let Some(limit) = cpu_limit {
