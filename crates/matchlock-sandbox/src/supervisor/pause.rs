@@ -155,7 +155,7 @@ pub(super) async fn resume(
     }
     run.links.agent.attach(agent).await?;
     *vm = new_vm;
-    run.links.qmp = qmp;
+    run.links.qmp = Some(qmp);
     if let Some(limit) = cpu_limit {
         if let Err(e) = limit.add(vm.pid()) {
             tracing::warn!(

@@ -297,12 +297,21 @@ pub fn pause(qmp: &mut Qmp, dir: &Path) -> Result<matchlock_vmm::snapshot::Saved
 /// Starts a new QEMU for `config` from [`paused_state`] (hashing to `sha256`) and resumes the
 /// guest. Its agent, console and NIC connect to the listeners the supervisor kept. On error QEMU
 /// is gone and the state file is untouched.
-pub fn resume(
-    dir: &Path,
-    config: &SandboxConfig,
-    sha256: &str,
-) -> Result<(Vm, Option<Qmp>), String> {
+pub fn resume(dir: &Path, config: &SandboxConfig, sha256: &str) -> Result<(Vm, Qmp), String> {
     let base = Base::resolve(config).map_err(|e| e.to_string())?;
+    start_from(dir, &base, config, &paused_state(dir), sha256)
+}
+
+/// Starts QEMU for `config` in `dir` with `-incoming`, streams `state` (hashing to `sha256`)
+/// into it and resumes the guest once all of it loaded. On error QEMU is gone and nothing of
+/// the state ran; the error carries QEMU's first complaint.
+fn start_from(
+    dir: &Path,
+    base: &Base,
+    config: &SandboxConfig,
+    state: &Path,
+    sha256: &str,
+) -> Result<(Vm, Qmp), String> {
     let qmp_sock = dir.join("qmp.sock");
     let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
     let mut spec = base.spec(config, dir);
@@ -310,18 +319,13 @@ pub fn resume(
     spec.incoming = Some(dir.join("incoming.sock"));
     let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
     let restored = Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
-        matchlock_vmm::snapshot::restore(
-            &mut qmp,
-            &dir.join("incoming.sock"),
-            &paused_state(dir),
-            sha256,
-        )
-        .map(|()| qmp)
+        matchlock_vmm::snapshot::restore(&mut qmp, &dir.join("incoming.sock"), state, sha256)
+            .map(|()| qmp)
     });
     let _ = std::fs::remove_file(dir.join("incoming.sock"));
     let _ = std::fs::remove_file(&qmp_sock);
     match restored {
-        Ok(qmp) => Ok((vm, Some(qmp))),
+        Ok(qmp) => Ok((vm, qmp)),
         Err(e) => {
             vm.kill();
             let qlog =
@@ -344,36 +348,13 @@ fn restore(
 ) -> Result<Spawned, String> {
     let started = std::time::Instant::now();
     let (listeners, _) = listeners(dir, config).map_err(|e| e.to_string())?;
-    let qmp_sock = dir.join("qmp.sock");
-    let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
-    let mut spec = base.spec(config, dir);
-    spec.qmp_socket = Some(qmp_sock.clone());
-    spec.incoming = Some(dir.join("incoming.sock"));
-    let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
-    let restored =
-        matchlock_vmm::qmp::Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
-            matchlock_vmm::snapshot::restore(
-                &mut qmp,
-                &dir.join("incoming.sock"),
-                &template.state_path(),
-                &template.meta.sha256,
-            )
-            .map(|()| qmp)
-        });
-    let _ = std::fs::remove_file(dir.join("incoming.sock"));
-    let _ = std::fs::remove_file(&qmp_sock);
-    let qmp = match restored {
-        Ok(qmp) => qmp,
-        Err(e) => {
-            vm.kill();
-            let qlog =
-                std::fs::read_to_string(dir.join("logs").join("qemu.log")).unwrap_or_default();
-            return Err(match qlog.lines().find(|l| !l.trim().is_empty()) {
-                Some(first) => format!("{e} (QEMU: {first})"),
-                None => e,
-            });
-        }
-    };
+    let (vm, qmp) = start_from(
+        dir,
+        base,
+        config,
+        &template.state_path(),
+        &template.meta.sha256,
+    )?;
     Ok(Spawned {
         vm,
         listeners,
