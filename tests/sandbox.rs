@@ -1127,6 +1127,20 @@ fn completion_help_and_json_listings() {
     for shell in ["zsh", "fish"] {
         assert!(ok(run(&["completion", shell])).contains("matchlock"));
     }
+    // A reader that goes away early (`| head -1`) ends the command quietly.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' completion bash | head -c 1 >/dev/null",
+            bin()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for cmd in ["run", "exec", "pull", "volume"] {
         let help = ok(run(&[cmd, "--help"]));
         assert!(help.contains("Examples:"), "{cmd}: {help}");

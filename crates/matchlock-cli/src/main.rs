@@ -34,6 +34,26 @@ fn main() {
         }
     };
     init_logging(cli.log_level.as_deref(), &cli.command);
+    // Commands that only print end quietly when their reader goes away (`matchlock inspect ID |
+    // head`), as any Unix tool does, instead of panicking in `println!`. `run`, `exec`, the
+    // supervisor and the RPC server keep SIGPIPE ignored: they handle a closed pipe themselves.
+    if matches!(
+        cli.command,
+        Command::List { .. }
+            | Command::Get { .. }
+            | Command::Inspect { .. }
+            | Command::Log { .. }
+            | Command::Image { .. }
+            | Command::Volume { .. }
+            | Command::Diagnose { .. }
+            | Command::Completion { .. }
+            | Command::Version
+    ) {
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -41,8 +41,8 @@ pub enum SandboxError {
         /// Its current status.
         status: Status,
     },
-    /// Refused because the sandbox is still running.
-    #[error("sandbox {0} is running; stop it first with 'matchlock kill {0}'")]
+    /// Refused because the sandbox is still running (or paused).
+    #[error("sandbox {0} is still running or paused; stop it first with 'matchlock kill {0}'")]
     Running(String),
     /// The sandbox could not start.
     #[error("{0}")]
