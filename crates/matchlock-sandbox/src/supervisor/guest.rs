@@ -19,10 +19,7 @@ pub fn setup(config: &SandboxConfig, vfs: Vec<matchlock_proto::GuestVfsMount>) -
         hosts: matchlock_net::setup::guest_hosts(&config.add_hosts, config.network.is_some()),
         root_serial: ROOT_SERIAL.into(),
         upper_serial: Some(UPPER_SERIAL.into()),
-        time_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        time_unix_ms: now_unix_ms(),
         cpu_max: config.cpu_max(),
         confined: !config.privileged,
         net: config.network.as_ref().map(|n| matchlock_proto::GuestNet {
@@ -50,6 +47,14 @@ pub fn setup(config: &SandboxConfig, vfs: Vec<matchlock_proto::GuestVfsMount>) -
             seed
         },
     }
+}
+
+/// The host's wall clock in milliseconds since the epoch, for the guest (which has no RTC).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Waits for the agent's hello on its port (a guest restored from a template said it to the

@@ -193,10 +193,7 @@ async fn accept_from(
 }
 
 async fn set_clock(mux: &matchlock_proto::mux::Mux) -> Result<(), String> {
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let unix_ms = super::guest::now_unix_ms();
     let mut s = mux.open().await.map_err(|e| e.to_string())?;
     write_msg(&mut s, &Msg::SetClock { unix_ms })
         .await
