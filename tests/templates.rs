@@ -84,6 +84,42 @@ fn clones_start_from_the_template_and_are_each_their_own() {
     assert_eq!(start_of(&b), "template");
     assert_eq!(templates(384).len(), 1, "the same template serves both");
 
+    // Both map the template's memory file (the pages they only read are one copy on the host),
+    // and what they write to their memory stays theirs: the file does not change.
+    let ram = dir.join("ram");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    if meta["ram_file"] == true {
+        assert_eq!(mode(&ram), 0o600);
+        assert_eq!(std::fs::metadata(&ram).unwrap().len(), 384 << 20);
+        let digest = || {
+            use std::hash::Hasher;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            h.write(&std::fs::read(&ram).unwrap());
+            h.finish()
+        };
+        let before = digest();
+        for id in [&a, &b] {
+            let pid = qemu_pids(id);
+            assert_eq!(pid.len(), 1);
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", pid[0])).unwrap();
+            assert!(
+                maps.contains(&ram.display().to_string()),
+                "{id}'s QEMU does not map {}",
+                ram.display()
+            );
+        }
+        exec(
+            &a,
+            "head -c 50000000 /dev/zero | tr '\\0' a > /dev/shm/fill",
+        );
+        exec(&b, "head -c 20000000 /dev/urandom > /dev/shm/fill");
+        assert_eq!(digest(), before, "a clone wrote into the template's memory");
+    } else {
+        // (A store on tmpfs keeps the memory in the state file instead.)
+        assert!(!ram.exists());
+    }
+
     // Each clone's randomness is its own, from the first read on.
     let ra = exec(&a, "head -c 32 /dev/urandom | od -An -tx1");
     let rb = exec(&b, "head -c 32 /dev/urandom | od -An -tx1");

@@ -71,7 +71,8 @@ impl RawVm {
             extra_cmdline: Vec::new(),
             net: None,
             qmp_socket: None,
-            incoming: None,
+            incoming: false,
+            ram_file: None,
         };
         let mut cmd = spec.command();
         cmd.args(extra);

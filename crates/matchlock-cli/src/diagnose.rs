@@ -217,30 +217,26 @@ pub fn diagnose(json: bool) -> Result<i32> {
             Err(e) => Err((e.to_string(), "check the cache directory".into())),
         },
     ));
-    // Sandboxes started from one template hold many identical pages; the host kernel shares them
-    // only when KSM runs (QEMU already marks guest memory mergeable).
-    checks.push(
-        match std::fs::read_to_string("/sys/kernel/mm/ksm/run").map(|s| s.trim().to_string()) {
-            Ok(run) if run == "1" => Check {
-                name: "memory sharing",
-                status: Status::Pass,
-                message: "KSM on: sandboxes of one template share their identical pages".into(),
-                fix: None,
-            },
-            Ok(_) => Check {
-                name: "memory sharing",
-                status: Status::Warn,
-                message: "KSM is off: each sandbox keeps its own copy of its template's pages (about 40 MB more per idle busybox sandbox, docs/benchmarks.md)".into(),
-                fix: Some("as root: echo 1 > /sys/kernel/mm/ksm/run (costs some host CPU while it scans)".into()),
-            },
-            Err(_) => Check {
-                name: "memory sharing",
-                status: Status::Warn,
-                message: "this kernel has no KSM (/sys/kernel/mm/ksm): sandboxes of one template cannot share pages".into(),
-                fix: None,
-            },
-        },
-    );
+    // Sandboxes started from one template map its memory file and share the pages they only
+    // read, unless the store is on tmpfs (docs/architecture.md, "Memory"). KSM can share more
+    // (the pages they wrote alike) but is the operator's host-wide choice.
+    let ksm = std::fs::read_to_string("/sys/kernel/mm/ksm/run").is_ok_and(|s| s.trim() == "1");
+    let ksm_note = if ksm { "; KSM on" } else { "" };
+    checks.push(if matchlock_sandbox::supervisor::templates_share_memory(&home) {
+        Check {
+            name: "memory sharing",
+            status: Status::Pass,
+            message: format!("sandboxes of one template share its memory{ksm_note}"),
+            fix: None,
+        }
+    } else {
+        Check {
+            name: "memory sharing",
+            status: Status::Warn,
+            message: format!("{} is on tmpfs: each sandbox keeps its own copy of its template's memory (about 45 MB more per idle busybox sandbox, docs/benchmarks.md){ksm_note}", home.display()),
+            fix: Some("set MATCHLOCK_HOME to a directory on disk".into()),
+        }
+    });
     let ok = checks.iter().all(|c| c.status != Status::Fail);
     if json {
         println!(

@@ -52,9 +52,29 @@ pub struct VmSpec {
     /// Unix socket QEMU connects its machine protocol monitor to (QMP), for snapshots; `None`
     /// leaves QEMU without a monitor.
     pub qmp_socket: Option<PathBuf>,
-    /// Start from a snapshot streamed to this Unix socket (QEMU listens there, paused, until the
-    /// state has loaded: `-incoming`), instead of booting the kernel.
-    pub incoming: Option<PathBuf>,
+    /// Start from a snapshot instead of booting the kernel: QEMU waits, paused, for
+    /// [`crate::snapshot::restore`] to set the stream's capabilities and start it
+    /// (`-incoming defer`).
+    pub incoming: bool,
+    /// Guest RAM in a file rather than anonymous memory (ignored when `fs_devices` puts it in a
+    /// memfd): how a template's memory is shared by the sandboxes started from it.
+    pub ram_file: Option<RamFile>,
+}
+
+/// Guest RAM mapped from a file.
+///
+/// Migration streams leave out RAM that is shared with a file (`x-ignore-shared`, on for every
+/// save and restore, [`crate::snapshot`]): a template's guest writes its memory through to its file and saves only its device
+/// state; a sandbox started from it maps the same file privately, so the pages it only reads
+/// stay the host's page cache, one copy for every sandbox of that template, and what it writes
+/// becomes its own (copy on write). The file never changes after the template is made.
+#[derive(Debug, Clone)]
+pub struct RamFile {
+    /// The file, `memory_mb` MiB long.
+    pub path: PathBuf,
+    /// `true`: the guest writes into the file (the template's own guest); `false`: its writes
+    /// are private to it (a sandbox started from the template).
+    pub shared: bool,
 }
 
 /// A virtio-fs device whose requests go to a vhost-user backend on a Unix socket.
@@ -224,6 +244,9 @@ impl VmSpec {
             "-device",
             &format!("virtserialport,chardev=agent,name={}", PORT_NAME),
         ]);
+        // Guest RAM is always the backend `ram`: a migration stream names RAM by its backend, so
+        // a state saved from one kind of backend loads into another (a sandbox started from a
+        // template's file is paused and resumed into anonymous memory).
         if !self.fs_devices.is_empty() {
             // The backend reads and writes request buffers in guest RAM directly: RAM must be a
             // file it can map.
@@ -231,8 +254,24 @@ impl VmSpec {
                 "memory-backend-memfd,id=ram,size={}M,share=on",
                 self.memory_mb
             ));
-            c.args(["-machine", "memory-backend=ram"]);
+        } else if let Some(f) = &self.ram_file {
+            // (Nothing here may ever discard guest RAM, as a balloon or free page reporting
+            // would: QEMU 7.2 punches a hole in a file-backed RAM's file to discard a page,
+            // whether the mapping is shared or not, and the file is the template.)
+            let mut obj = OsString::from(format!(
+                "memory-backend-file,id=ram,size={}M,share={},mem-path=",
+                self.memory_mb,
+                if f.shared { "on" } else { "off" }
+            ));
+            obj.push(escape_commas(&f.path.to_string_lossy()));
+            c.arg("-object").arg(obj);
+        } else {
+            c.args(["-object"]).arg(format!(
+                "memory-backend-ram,id=ram,size={}M",
+                self.memory_mb
+            ));
         }
+        c.args(["-machine", "memory-backend=ram"]);
         for (i, fs) in self.fs_devices.iter().enumerate() {
             let mut chardev = OsString::from(format!("socket,id=fs{i},path="));
             chardev.push(escape_commas(&fs.socket.to_string_lossy()));
@@ -262,10 +301,8 @@ impl VmSpec {
             c.arg("-chardev").arg(chardev);
             c.args(["-mon", "chardev=qmp,mode=control"]);
         }
-        if let Some(incoming) = &self.incoming {
-            let mut uri = OsString::from("unix:");
-            uri.push(incoming);
-            c.arg("-incoming").arg(uri);
+        if self.incoming {
+            c.args(["-incoming", "defer"]);
         }
         c
     }
@@ -306,7 +343,8 @@ mod tests {
             extra_cmdline: vec!["x=1".into()],
             net: None,
             qmp_socket: Some("/s/qmp.sock".into()),
-            incoming: Some("/s/in.sock".into()),
+            incoming: true,
+            ram_file: None,
         };
         let c = spec.command();
         let args: Vec<String> = c
@@ -331,10 +369,56 @@ mod tests {
             "-smp 2",
             "-m 512M",
             "socket,id=qmp,path=/s/qmp.sock -mon chardev=qmp,mode=control",
-            "-incoming unix:/s/in.sock",
+            "-incoming defer",
         ] {
             assert!(joined.contains(want), "missing {want} in {joined}");
         }
         assert!(!joined.contains("-netdev"));
+    }
+
+    #[test]
+    fn guest_ram_is_always_the_backend_ram_and_a_template_file_when_given() {
+        let mut spec = VmSpec {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/init.cpio".into(),
+            accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mb: 256,
+            disks: Vec::new(),
+            agent_socket: "/s/agent.sock".into(),
+            fs_devices: Vec::new(),
+            console_socket: "/s/console.sock".into(),
+            extra_cmdline: Vec::new(),
+            net: None,
+            qmp_socket: None,
+            incoming: false,
+            ram_file: None,
+        };
+        let joined = |spec: &VmSpec| {
+            spec.command()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let plain = joined(&spec);
+        assert!(
+            plain.contains("memory-backend-ram,id=ram,size=256M"),
+            "{plain}"
+        );
+        assert!(plain.contains("-machine memory-backend=ram"), "{plain}");
+        spec.ram_file = Some(RamFile {
+            path: "/t/a,b/ram".into(),
+            shared: false,
+        });
+        let clone = joined(&spec);
+        assert!(
+            clone.contains("memory-backend-file,id=ram,size=256M,share=off,mem-path=/t/a,,b/ram"),
+            "{clone}"
+        );
+        assert!(!clone.contains("memory-backend-ram"), "{clone}");
+        spec.ram_file.as_mut().unwrap().shared = true;
+        assert!(joined(&spec).contains("share=on,mem-path="));
     }
 }

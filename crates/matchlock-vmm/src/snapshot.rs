@@ -3,8 +3,10 @@
 //!
 //! QEMU runs with `-sandbox on,spawn=deny`, so it cannot pipe the stream through a compressor
 //! itself (`exec:` migration): it migrates to a Unix socket the caller listens on (save), or
-//! listens on one with `-incoming unix:PATH` (restore), and this module moves the bytes between
-//! that socket and a zstd file. The file's sha256 is checked while it streams, and the restored
+//! listens on one (`-incoming defer`, then `migrate-incoming unix:PATH`: restore), and this
+//! module moves the bytes between that socket and a zstd file. Every save and restore sets
+//! `x-ignore-shared` (QEMU 7.2 takes it only over QMP), so RAM shared with a file is left to the
+//! file ([`crate::qemu::RamFile`]) and both ends agree on the stream's layout. The file's sha256 is checked while it streams, and the restored
 //! VM is only resumed (`cont`) when it matched: a corrupt snapshot never runs.
 
 use crate::qmp::{accept_within, Qmp};
@@ -35,6 +37,7 @@ pub struct Saved {
 pub fn save(qmp: &mut Qmp, sock: &Path, out: &Path) -> Result<Saved, String> {
     let started = Instant::now();
     qmp.execute("stop", None)?;
+    ignore_shared(qmp)?;
     let _ = std::fs::remove_file(sock);
     let listener = UnixListener::bind(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     let tmp = out.with_extension("partial");
@@ -102,11 +105,18 @@ pub fn save(qmp: &mut Qmp, sock: &Path, out: &Path) -> Result<Saved, String> {
 }
 
 /// Feeds `state` (written by [`save`], expected to hash to `sha256`) to a QEMU started with
-/// `-incoming unix:SOCK`, and resumes the VM once it has loaded and the file proved intact. On
-/// any error the VM has not run a single instruction of the snapshot: the caller kills it.
+/// `-incoming defer`, through a socket at `sock`, and resumes the VM once it has loaded and the
+/// file proved intact. On any error the VM has not run a single instruction of the snapshot:
+/// the caller kills it.
 pub fn restore(qmp: &mut Qmp, sock: &Path, state: &Path, sha256: &str) -> Result<(), String> {
     let started = Instant::now();
     let file = std::fs::File::open(state).map_err(|e| format!("{}: {e}", state.display()))?;
+    ignore_shared(qmp)?;
+    let _ = std::fs::remove_file(sock);
+    qmp.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
+    )?;
     let mut conn = loop {
         match UnixStream::connect(sock) {
             Ok(c) => break c,
@@ -167,6 +177,17 @@ pub fn restore(qmp: &mut Qmp, sock: &Path, state: &Path, sha256: &str) -> Result
     }
     qmp.execute("cont", None)?;
     Ok(())
+}
+
+/// Leaves RAM shared with a file out of the stream (see the module's doc).
+fn ignore_shared(qmp: &mut Qmp) -> Result<(), String> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        })),
+    )
+    .map(|_| ())
 }
 
 struct HashWriter<W> {

@@ -24,6 +24,7 @@ mod link;
 mod pause;
 mod process;
 mod template;
+pub use template::shares_ram as templates_share_memory;
 mod vm;
 
 pub use control::compose_exec;

@@ -8,8 +8,15 @@
 //! boot: its random state (reseeded from the host by `Setup`) and what it cached of its disks
 //! (dropped by the agent before it mounts them).
 //!
-//! A template lives in `$MATCHLOCK_HOME/templates/<key>/` (`state.zst`, QEMU's migration stream
-//! compressed, and `meta.json`), mode 0700/0600. The key hashes QEMU's whole command line (with
+//! A template lives in `$MATCHLOCK_HOME/templates/<key>/`, mode 0700/0600: `ram`, the guest's
+//! memory (its guest ran with RAM shared with that file), `state.zst`, QEMU's migration stream
+//! of everything else (devices, CPU; compressed), and `meta.json`. Sandboxes started from it map
+//! `ram` privately ([`matchlock_vmm::qemu::RamFile`]): the pages a sandbox only reads are one
+//! copy in the host's page cache for all of them, and it never writes to the file. (QEMU runs as
+//! root and can open the file for writing, as it could every other file of the store; the file
+//! is checked for its size, not hashed, since hashing it would cost what starting from it saves.)
+//! Where the store is on tmpfs or ramfs there is no `ram`: `state.zst` holds the memory too and
+//! each sandbox gets its own copy ([`shares_ram`] says why). The key hashes QEMU's whole command line (with
 //! the sandbox's own paths left out) and the identity of every file the guest was made from, so
 //! a change to any input makes a new template. It is prepared on first use, under a lock
 //! (a second start meanwhile boots cold rather than wait), and replaced when it fails to restore.
@@ -20,12 +27,12 @@ use crate::store::Store;
 use matchlock_vmm::qmp::{accept_within, Qmp};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Bumped when what a template holds changes meaning.
-const FORMAT: u32 = 1;
+/// Bumped when what a template holds changes meaning (2: RAM in its own file).
+const FORMAT: u32 = 2;
 
 /// How long the template's guest may take to say hello (as a cold boot).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -60,6 +67,12 @@ pub struct Meta {
     pub stream_bytes: u64,
     /// Bytes on disk.
     pub file_bytes: u64,
+    /// Whether guest memory is in `ram` (`memory_mb` MiB long) rather than in `state.zst`.
+    #[serde(default)]
+    pub ram_file: bool,
+    /// Bytes of `ram` the guest touched (allocated on disk).
+    #[serde(default)]
+    pub ram_bytes: u64,
     /// Milliseconds from QEMU's start to the guest's hello, when it was made.
     pub boot_ms: u64,
     /// Milliseconds the save took.
@@ -79,6 +92,11 @@ impl Template {
     /// The snapshot file.
     pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.zst")
+    }
+
+    /// The guest memory file, when its memory is not in the state file.
+    pub fn ram_path(&self) -> Option<PathBuf> {
+        self.meta.ram_file.then(|| self.dir.join("ram"))
     }
 
     /// Its directory.
@@ -218,6 +236,7 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
         key,
         ms = started.elapsed().as_millis() as u64,
         bytes = t.meta.file_bytes,
+        ram_bytes = t.meta.ram_bytes,
         "template prepared"
     );
     Ok(t)
@@ -251,7 +270,12 @@ fn lookup(root: &Path, key: &str) -> Option<Template> {
     let dir = root.join(key);
     let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
     let state = std::fs::metadata(dir.join("state.zst")).ok()?;
-    if meta.format != FORMAT || meta.key != key || state.len() != meta.file_bytes {
+    let ram = std::fs::metadata(dir.join("ram")).map(|m| m.len()).ok();
+    if meta.format != FORMAT
+        || meta.key != key
+        || state.len() != meta.file_bytes
+        || (meta.ram_file && ram != Some(meta.memory_mb << 20))
+    {
         let _ = std::fs::remove_dir_all(&dir);
         return None;
     }
@@ -296,8 +320,26 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         None => None,
     };
     let qmp_l = vm::listen(&work.join("qmp.sock")).map_err(|e| e.to_string())?;
+    let ram = work.join("ram");
+    let ram_file = match shares_ram(work) {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&ram)
+                .and_then(|f| f.set_len(config.memory_mb << 20).map(|()| f))
+                .map_err(|e| format!("{}: {e}", ram.display()))?,
+        ),
+        false => None,
+    };
     let mut spec = base.spec(config, work);
     spec.qmp_socket = Some(work.join("qmp.sock"));
+    spec.ram_file = ram_file.as_ref().map(|_| matchlock_vmm::qemu::RamFile {
+        path: ram.clone(),
+        shared: true,
+    });
     let qemu = vm::start_qemu(&spec, &work.join("qemu.log")).map_err(|e| e.to_string())?;
     // The console is read (and kept, bounded) so QEMU never blocks on it and a failure can show it.
     let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
@@ -363,6 +405,14 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
     let _ = qmp.execute("quit", None);
     qemu.kill();
     drop(agent);
+    // The guest's writes to its RAM are in the page cache, where the sandboxes will map them
+    // from; on disk before the template counts as made.
+    let mut ram_bytes = 0;
+    if let Some(f) = &ram_file {
+        f.sync_all()
+            .map_err(|e| format!("writing {}: {e}", ram.display()))?;
+        ram_bytes = f.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    }
     let meta = Meta {
         format: FORMAT,
         key: key.to_string(),
@@ -379,6 +429,8 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         sha256: saved.sha256,
         stream_bytes: saved.stream_bytes,
         file_bytes: saved.file_bytes,
+        ram_file: ram_file.is_some(),
+        ram_bytes,
         boot_ms,
         save_ms,
         created_at: crate::config::now_secs(),
@@ -390,6 +442,27 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         let _ = std::fs::remove_file(work.join(sock));
     }
     Ok(meta)
+}
+
+/// Whether a template's guest memory can be a file in `dir`, shared by its sandboxes. Not on
+/// tmpfs or ramfs: there a sandbox that touches a page the template never did allocates that
+/// page in the file itself (the whole guest size over time, in memory), and on a full tmpfs the
+/// allocation fails and QEMU dies of SIGBUS.
+pub fn shares_ram(dir: &Path) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: a plain C struct, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes only into `st`; the path is a valid C string.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as libc::c_long;
+    kind != TMPFS_MAGIC && kind != RAMFS_MAGIC
 }
 
 #[cfg(test)]
@@ -437,6 +510,10 @@ mod tests {
         let dir = root.join(key);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("state.zst"), "x").unwrap();
+        std::fs::File::create(dir.join("ram"))
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
         let meta = Meta {
             format: FORMAT,
             key: key.into(),
@@ -453,6 +530,8 @@ mod tests {
             sha256: String::new(),
             stream_bytes: 1,
             file_bytes: 1,
+            ram_file: true,
+            ram_bytes: 0,
             boot_ms: 0,
             save_ms: 0,
             created_at: 0,
@@ -519,6 +598,21 @@ mod tests {
         std::fs::remove_file(dir.path().join("rootfs.ext4")).unwrap();
         std::fs::write(dir.path().join("rootfs.ext4"), "rootfs.ext4").unwrap();
         assert_ne!(key(&b, &c), k2);
+    }
+
+    #[test]
+    fn guest_memory_is_not_shared_from_tmpfs() {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        if mounts.lines().any(|l| l.starts_with("tmpfs /dev/shm ")) {
+            assert!(!shares_ram(Path::new("/dev/shm")));
+        }
+        assert!(!shares_ram(Path::new("/nonexistent/dir")));
+        let disk = mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/") && !l.starts_with("tmpfs "));
+        if disk {
+            assert!(shares_ram(Path::new("/")));
+        }
     }
 
     #[test]

@@ -187,7 +187,8 @@ impl Base {
                     mac: matchlock_net::setup::GUEST_MAC,
                 }),
             qmp_socket: None,
-            incoming: None,
+            incoming: false,
+            ram_file: None,
         }
     }
 }
@@ -299,7 +300,9 @@ pub fn pause(qmp: &mut Qmp, dir: &Path) -> Result<matchlock_vmm::snapshot::Saved
 /// is gone and the state file is untouched.
 pub fn resume(dir: &Path, config: &SandboxConfig, sha256: &str) -> Result<(Vm, Qmp), String> {
     let base = Base::resolve(config).map_err(|e| e.to_string())?;
-    start_from(dir, &base, config, &paused_state(dir), sha256)
+    // The state holds all of guest RAM (a template's file is private to the sandbox once it
+    // runs, so a pause saves it whole): the resumed guest needs no template.
+    start_from(dir, &base, config, None, &paused_state(dir), sha256)
 }
 
 /// Starts QEMU for `config` in `dir` with `-incoming`, streams `state` (hashing to `sha256`)
@@ -309,14 +312,16 @@ fn start_from(
     dir: &Path,
     base: &Base,
     config: &SandboxConfig,
+    ram_file: Option<matchlock_vmm::qemu::RamFile>,
     state: &Path,
     sha256: &str,
 ) -> Result<(Vm, Qmp), String> {
     let qmp_sock = dir.join("qmp.sock");
     let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
     let mut spec = base.spec(config, dir);
+    spec.ram_file = ram_file;
     spec.qmp_socket = Some(qmp_sock.clone());
-    spec.incoming = Some(dir.join("incoming.sock"));
+    spec.incoming = true;
     let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
     let restored = Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
         matchlock_vmm::snapshot::restore(&mut qmp, &dir.join("incoming.sock"), state, sha256)
@@ -352,6 +357,12 @@ fn restore(
         dir,
         base,
         config,
+        template
+            .ram_path()
+            .map(|path| matchlock_vmm::qemu::RamFile {
+                path,
+                shared: false,
+            }),
         &template.state_path(),
         &template.meta.sha256,
     )?;
