@@ -56,13 +56,39 @@ struct Env {
     home: tempfile::TempDir,
 }
 
+static ENV: OnceLock<Env> = OnceLock::new();
+
+/// At the test binary's exit: stops every sandbox it left running (a failed test never reaches
+/// its `kill`) and removes its home, templates and all. A static is never dropped, so without
+/// this every run left its home behind in /tmp.
+extern "C" fn clean_up_home() {
+    let Some(e) = ENV.get() else {
+        return;
+    };
+    let home = e.home.path();
+    if let Ok(vms) = std::fs::read_dir(home.join("vms")) {
+        for vm in vms.flatten() {
+            let _ = Command::new(bin())
+                .arg("kill")
+                .arg(vm.file_name())
+                .env("MATCHLOCK_HOME", home)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _ = std::fs::remove_dir_all(home);
+}
+
 fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let home = tempfile::Builder::new()
             .prefix("mlt")
             .tempdir_in("/tmp")
             .expect("temp dir");
+        // SAFETY: registers a function that takes no arguments and does not unwind.
+        unsafe { libc::atexit(clean_up_home) };
         for (tag, extra) in [(BUSYBOX, &[][..]), (ENTRY, &["--with-entrypoint"][..])] {
             build_and_import("make-busybox-image", extra, tag);
         }
