@@ -553,10 +553,16 @@ async fn background_child_holding_pipes_does_not_hang_exit() {
 async fn output_written_before_exit_survives_a_slow_reader() {
     const LEN: usize = 1_500_000;
     let agent = start().await;
-    let req = cmd(&["sh", "-c", &format!("head -c {LEN} /dev/zero")]);
+    // The process enlarges its stdout pipe to 1 MiB, writes everything and exits at once: what
+    // the relay (the stream's window, the agent's queue) cannot take yet stays in the pipe, and
+    // the host reads nothing for a second after that exit. The whole pipe must still arrive.
+    let script = format!(
+        "import fcntl, sys; fcntl.fcntl(1, 1031, 1 << 20); sys.stdout.buffer.write(b'x' * {LEN})"
+    );
+    let req = cmd(&["python3", "-c", &script]);
     let mut s = request(&agent, Msg::Exec(req)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut o = Outcome::default();
-    let mut paused = false;
     while let Some(m) = recv(&mut s).await {
         match m {
             Msg::Started { .. } => {}
@@ -566,11 +572,6 @@ async fn output_written_before_exit_survives_a_slow_reader() {
                 break;
             }
             other => panic!("unexpected {other:?}"),
-        }
-        // Stop reading with the rest of the output in flight: the process exits meanwhile.
-        if !paused && o.stdout.len() > LEN - 400_000 {
-            paused = true;
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
     assert_eq!(o.code(), 0);

@@ -102,6 +102,19 @@ pub struct PauseRequest {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
+impl Ctx {
+    /// Asks the main loop to pause or resume and waits for the outcome.
+    async fn ask_pause(&self, resume: bool) -> Result<(), String> {
+        let stopping = || "the sandbox is stopping".to_string();
+        let (done, outcome) = oneshot::channel();
+        self.pause_tx
+            .send(PauseRequest { resume, done })
+            .await
+            .map_err(|_| stopping())?;
+        outcome.await.map_err(|_| stopping())?
+    }
+}
+
 /// Serves one control connection.
 pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
     let req: Request = match control::read_json(&mut conn).await {
@@ -127,15 +140,8 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         && ctx.idle_paused.load(std::sync::atomic::Ordering::SeqCst)
     {
         // Paused for being idle: this request wakes it.
-        let (tx, rx) = oneshot::channel();
-        let asked = PauseRequest {
-            resume: true,
-            done: tx,
-        };
-        if ctx.pause_tx.send(asked).await.is_ok() {
-            if let Ok(Err(e)) = rx.await {
-                tracing::warn!("resuming for a request: {e}");
-            }
+        if let Err(e) = ctx.ask_pause(true).await {
+            tracing::warn!("resuming for a request: {e}");
         }
     }
     if needs_guest && ctx.paused.load(std::sync::atomic::Ordering::SeqCst) {
@@ -152,18 +158,9 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
     }
     match req {
         Request::Pause | Request::Resume => {
-            let (tx, rx) = oneshot::channel();
-            let asked = PauseRequest {
-                resume: matches!(req, Request::Resume),
-                done: tx,
-            };
-            let reply = match ctx.pause_tx.send(asked).await {
-                Ok(()) => match rx.await {
-                    Ok(Ok(())) => Reply::Ok,
-                    Ok(Err(e)) => Reply::Error(e),
-                    Err(_) => Reply::Error("the sandbox is stopping".into()),
-                },
-                Err(_) => Reply::Error("the sandbox is stopping".into()),
+            let reply = match ctx.ask_pause(matches!(req, Request::Resume)).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e),
             };
             let _ = control::write_json(&mut conn, &reply).await;
         }
