@@ -117,6 +117,10 @@ fn clones_start_from_the_template_and_are_each_their_own() {
         assert_eq!(digest(), before, "a clone wrote into the template's memory");
     } else {
         // (A store on tmpfs keeps the memory in the state file instead.)
+        eprintln!(
+            "NOTE: {} is on tmpfs: the memory file's sharing went unchecked",
+            home().display()
+        );
         assert!(!ram.exists());
     }
 

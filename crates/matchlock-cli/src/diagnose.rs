@@ -233,7 +233,7 @@ pub fn diagnose(json: bool) -> Result<i32> {
         Check {
             name: "memory sharing",
             status: Status::Warn,
-            message: format!("{} is on tmpfs: each sandbox keeps its own copy of its template's memory (about 45 MB more per idle busybox sandbox, docs/benchmarks.md){ksm_note}", home.display()),
+            message: format!("{} is on tmpfs, ramfs or FUSE (or could not be checked): each sandbox keeps its own copy of its template's memory (about 45 MB more per idle busybox sandbox, docs/benchmarks.md){ksm_note}", home.display()),
             fix: Some("set MATCHLOCK_HOME to a directory on disk".into()),
         }
     });

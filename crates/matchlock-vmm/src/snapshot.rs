@@ -4,9 +4,11 @@
 //! QEMU runs with `-sandbox on,spawn=deny`, so it cannot pipe the stream through a compressor
 //! itself (`exec:` migration): it migrates to a Unix socket the caller listens on (save), or
 //! listens on one (`-incoming defer`, then `migrate-incoming unix:PATH`: restore), and this
-//! module moves the bytes between that socket and a zstd file. Every save and restore sets
-//! `x-ignore-shared` (QEMU 7.2 takes it only over QMP), so RAM shared with a file is left to the
-//! file ([`crate::qemu::RamFile`]) and both ends agree on the stream's layout. The file's sha256 is checked while it streams, and the restored
+//! module moves the bytes between that socket and a zstd file. A template's save and restore set
+//! `x-ignore-shared` (QEMU 7.2 takes it only over QMP), so its RAM, shared with a file, is left to
+//! the file ([`crate::qemu::RamFile`]); both ends of one stream must agree on it, since it changes
+//! the stream's layout. A pause never sets it: its stream must hold all of the guest's RAM,
+//! whatever the RAM is backed by. The file's sha256 is checked while it streams, and the restored
 //! VM is only resumed (`cont`) when it matched: a corrupt snapshot never runs.
 
 use crate::qmp::{accept_within, Qmp};
@@ -32,12 +34,13 @@ pub struct Saved {
     pub sha256: String,
 }
 
-/// Stops the VM and saves its state to `out` (zstd, mode 0600), through a socket at `sock`.
-/// The VM stays stopped. `out` appears whole or not at all.
-pub fn save(qmp: &mut Qmp, sock: &Path, out: &Path) -> Result<Saved, String> {
+/// Stops the VM and saves its state to `out` (zstd, mode 0600), through a socket at `sock`,
+/// leaving out RAM shared with a file when `ignore_shared`. The VM stays stopped. `out` appears
+/// whole or not at all.
+pub fn save(qmp: &mut Qmp, sock: &Path, out: &Path, ignore_shared: bool) -> Result<Saved, String> {
     let started = Instant::now();
+    set_ignore_shared(qmp, ignore_shared)?;
     qmp.execute("stop", None)?;
-    ignore_shared(qmp)?;
     let _ = std::fs::remove_file(sock);
     let listener = UnixListener::bind(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     let tmp = out.with_extension("partial");
@@ -104,14 +107,20 @@ pub fn save(qmp: &mut Qmp, sock: &Path, out: &Path) -> Result<Saved, String> {
     result
 }
 
-/// Feeds `state` (written by [`save`], expected to hash to `sha256`) to a QEMU started with
-/// `-incoming defer`, through a socket at `sock`, and resumes the VM once it has loaded and the
-/// file proved intact. On any error the VM has not run a single instruction of the snapshot:
-/// the caller kills it.
-pub fn restore(qmp: &mut Qmp, sock: &Path, state: &Path, sha256: &str) -> Result<(), String> {
+/// Feeds `state` (written by [`save`] with the same `ignore_shared`, expected to hash to
+/// `sha256`) to a QEMU started with `-incoming defer`, through a socket at `sock`, and resumes
+/// the VM once it has loaded and the file proved intact. On any error the VM has not run a
+/// single instruction of the snapshot: the caller kills it.
+pub fn restore(
+    qmp: &mut Qmp,
+    sock: &Path,
+    state: &Path,
+    sha256: &str,
+    ignore_shared: bool,
+) -> Result<(), String> {
     let started = Instant::now();
     let file = std::fs::File::open(state).map_err(|e| format!("{}: {e}", state.display()))?;
-    ignore_shared(qmp)?;
+    set_ignore_shared(qmp, ignore_shared)?;
     let _ = std::fs::remove_file(sock);
     qmp.execute(
         "migrate-incoming",
@@ -179,12 +188,12 @@ pub fn restore(qmp: &mut Qmp, sock: &Path, state: &Path, sha256: &str) -> Result
     Ok(())
 }
 
-/// Leaves RAM shared with a file out of the stream (see the module's doc).
-fn ignore_shared(qmp: &mut Qmp) -> Result<(), String> {
+/// Whether RAM shared with a file is left out of the stream (see the module's doc).
+fn set_ignore_shared(qmp: &mut Qmp, on: bool) -> Result<(), String> {
     qmp.execute(
         "migrate-set-capabilities",
         Some(serde_json::json!({
-            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+            "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
         })),
     )
     .map(|_| ())

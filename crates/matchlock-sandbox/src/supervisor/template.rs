@@ -73,6 +73,10 @@ pub struct Meta {
     /// Bytes of `ram` the guest touched (allocated on disk).
     #[serde(default)]
     pub ram_bytes: u64,
+    /// `ram` as it was made ([`identity`] plus its change time): a file changed in place since
+    /// (anything that wrote to it or punched a hole) is no template any more.
+    #[serde(default)]
+    pub ram_identity: String,
     /// Milliseconds from QEMU's start to the guest's hello, when it was made.
     pub boot_ms: u64,
     /// Milliseconds the save took.
@@ -183,6 +187,23 @@ pub fn key(base: &Base, config: &SandboxConfig) -> String {
     matchlock_vmm::sha256_hex(h.as_bytes())[..32].to_string()
 }
 
+/// A template memory file's size, inode, modification and change times (not its path, which
+/// changes when the template moves into place).
+fn ram_identity(p: &Path) -> String {
+    match std::fs::metadata(p) {
+        Ok(m) => format!(
+            "{} {} {}.{} {}.{}",
+            m.len(),
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ),
+        Err(_) => "missing".into(),
+    }
+}
+
 /// A file's path, size, modification time and inode: a rebuilt kernel or a re-imported image
 /// makes another key.
 fn identity(p: &Path) -> String {
@@ -212,24 +233,18 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
         .mode(0o700)
         .create(&root)
         .map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(root.join(format!("{key}.lock")))
-        .map_err(|e| format!("cannot lock the template: {e}"))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err("another sandbox is preparing the template".into());
-    }
+    let lock = try_lock(&root, &key)
+        .map_err(|e| format!("cannot lock the template: {e}"))?
+        .ok_or("another sandbox is preparing the template")?;
     if let Some(t) = lookup(&root, &key) {
         return Ok(t);
     }
     let started = Instant::now();
     let built = build(&root, &key, base, config);
+    // The lock file stays: removing it would let a start that opened it just before lock the
+    // removed file while another locks a new one, and both build at once. `prune` removes it
+    // with its template.
     drop(lock);
-    let _ = std::fs::remove_file(root.join(format!("{key}.lock")));
     let t = built.map_err(|e| format!("preparing the template failed: {e}"))?;
     prune(&root);
     tracing::info!(
@@ -242,26 +257,58 @@ pub fn prepare(store: &Store, base: &Base, config: &SandboxConfig) -> Result<Tem
     Ok(t)
 }
 
-/// Removes the templates no sandbox can start from any more: their image is no longer stored, or
-/// QEMU, the kernel or the agent changed since.
+/// The template `key`'s lock, taken without waiting: `None` while another start holds it.
+fn try_lock(root: &Path, key: &str) -> std::io::Result<Option<std::fs::File>> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(root.join(format!("{key}.lock")))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(None);
+    }
+    Ok(Some(lock))
+}
+
+/// Removes the templates no sandbox can start from any more (their image is no longer stored;
+/// QEMU, the kernel or the agent changed since; another version of matchlock made them) with
+/// their lock files, and the build directories of starts that died while building (their lock
+/// is free).
 fn prune(root: &Path) {
     let Ok(dir) = std::fs::read_dir(root) else {
         return;
     };
     for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(key) = name.strip_prefix(".build-") {
+            if let Ok(Some(_free)) = try_lock(root, key) {
+                tracing::info!(key, "removing the build of a start that died");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+            continue;
+        }
         let Ok(meta) = std::fs::read(e.path().join("meta.json")) else {
             continue;
         };
         let Ok(meta) = serde_json::from_slice::<Meta>(&meta) else {
             continue;
         };
-        if !meta.rootfs.as_os_str().is_empty() && !meta.rootfs.exists() {
-            tracing::info!(key = %meta.key, image = %meta.image, "removing the template of a removed image");
-            let _ = std::fs::remove_dir_all(e.path());
+        let why = if meta.format != FORMAT {
+            "made by another version of matchlock".to_string()
+        } else if !meta.rootfs.as_os_str().is_empty() && !meta.rootfs.exists() {
+            format!("its image {} was removed", meta.image)
         } else if let Some((changed, _)) = meta.inputs.iter().find(|(p, id)| identity(p) != *id) {
-            tracing::info!(key = %meta.key, file = %changed.display(), "removing a template made with another build of this file");
-            let _ = std::fs::remove_dir_all(e.path());
-        }
+            format!("made with another build of {}", changed.display())
+        } else {
+            continue;
+        };
+        tracing::info!(key = %meta.key, "removing a template: {why}");
+        let _ = std::fs::remove_dir_all(e.path());
+        // No start asks for this key again (it hashes what changed), so its lock can go.
+        let _ = std::fs::remove_file(root.join(format!("{name}.lock")));
     }
 }
 
@@ -274,7 +321,9 @@ fn lookup(root: &Path, key: &str) -> Option<Template> {
     if meta.format != FORMAT
         || meta.key != key
         || state.len() != meta.file_bytes
-        || (meta.ram_file && ram != Some(meta.memory_mb << 20))
+        || (meta.ram_file
+            && (ram != Some(meta.memory_mb << 20)
+                || ram_identity(&dir.join("ram")) != meta.ram_identity))
     {
         let _ = std::fs::remove_dir_all(&dir);
         return None;
@@ -396,10 +445,13 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
     }
     let boot_ms = started.elapsed().as_millis() as u64;
     let saving = Instant::now();
+    // (Nothing may be sent to the guest from here on: a device writing into stopped guest RAM
+    // would put in `ram` what the saved device state does not know of.)
     let saved = matchlock_vmm::snapshot::save(
         &mut qmp,
         &work.join("migrate.sock"),
         &work.join("state.zst"),
+        ram_file.is_some(),
     )?;
     let save_ms = saving.elapsed().as_millis() as u64;
     let _ = qmp.execute("quit", None);
@@ -413,6 +465,11 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
             .map_err(|e| format!("writing {}: {e}", ram.display()))?;
         ram_bytes = f.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
     }
+    // After the rename into place the path differs, so the identity is taken without it.
+    let ram_identity = ram_file
+        .as_ref()
+        .map(|_| ram_identity(&ram))
+        .unwrap_or_default();
     let meta = Meta {
         format: FORMAT,
         key: key.to_string(),
@@ -431,6 +488,7 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
         file_bytes: saved.file_bytes,
         ram_file: ram_file.is_some(),
         ram_bytes,
+        ram_identity,
         boot_ms,
         save_ms,
         created_at: crate::config::now_secs(),
@@ -447,10 +505,13 @@ fn build_in(work: &Path, key: &str, base: &Base, config: &SandboxConfig) -> Resu
 /// Whether a template's guest memory can be a file in `dir`, shared by its sandboxes. Not on
 /// tmpfs or ramfs: there a sandbox that touches a page the template never did allocates that
 /// page in the file itself (the whole guest size over time, in memory), and on a full tmpfs the
-/// allocation fails and QEMU dies of SIGBUS.
+/// allocation fails and QEMU dies of SIGBUS. Not on FUSE either, which may not map files shared.
+/// (An overlayfs whose upper layer is tmpfs is not told apart; such a store should set
+/// `MATCHLOCK_HOME` to a disk.)
 pub fn shares_ram(dir: &Path) -> bool {
     const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
     const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    const FUSE_MAGIC: libc::c_long = 0x6573_5546;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
         return false;
     };
@@ -462,7 +523,7 @@ pub fn shares_ram(dir: &Path) -> bool {
     }
     #[allow(clippy::unnecessary_cast)]
     let kind = st.f_type as libc::c_long;
-    kind != TMPFS_MAGIC && kind != RAMFS_MAGIC
+    ![TMPFS_MAGIC, RAMFS_MAGIC, FUSE_MAGIC].contains(&kind)
 }
 
 #[cfg(test)]
@@ -532,6 +593,7 @@ mod tests {
             file_bytes: 1,
             ram_file: true,
             ram_bytes: 0,
+            ram_identity: ram_identity(&dir.join("ram")),
             boot_ms: 0,
             save_ms: 0,
             created_at: 0,
@@ -557,6 +619,51 @@ mod tests {
         std::fs::write(&b.initramfs, "another agent").unwrap();
         prune(&root);
         assert!(!root.join("current").exists());
+    }
+
+    #[test]
+    fn other_versions_templates_and_dead_builds_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let root = dir.path().join("templates");
+        let rootfs = dir.path().join("rootfs.ext4");
+        fake_template(&root, "current", &b, &rootfs);
+        fake_template(&root, "older", &b, &rootfs);
+        let meta = root.join("older/meta.json");
+        let mut m: Meta = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        m.format = FORMAT - 1;
+        std::fs::write(&meta, serde_json::to_vec(&m).unwrap()).unwrap();
+        std::fs::write(root.join("older.lock"), "").unwrap();
+        // A build whose start died (its lock free), and one in progress (its lock held).
+        std::fs::create_dir_all(root.join(".build-dead")).unwrap();
+        std::fs::create_dir_all(root.join(".build-busy")).unwrap();
+        let _held = try_lock(&root, "busy").unwrap().unwrap();
+        prune(&root);
+        assert!(root.join("current").is_dir());
+        assert!(!root.join("older").exists());
+        assert!(!root.join("older.lock").exists());
+        assert!(!root.join(".build-dead").exists());
+        assert!(root.join(".build-busy").is_dir());
+    }
+
+    #[test]
+    fn a_memory_file_changed_in_place_is_no_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = base(dir.path());
+        let root = dir.path().join("templates");
+        fake_template(&root, "k", &b, &dir.path().join("rootfs.ext4"));
+        assert!(lookup(&root, "k").is_some());
+        // Same length, one page written: the sandboxes would map another guest's memory.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("k/ram"))
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"changed", 4096).unwrap();
+        drop(f);
+        assert!(lookup(&root, "k").is_none());
+        assert!(!root.join("k").exists(), "the changed template is removed");
     }
 
     #[test]

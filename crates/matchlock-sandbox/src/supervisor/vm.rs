@@ -290,7 +290,9 @@ pub fn paused_state(dir: &Path) -> std::path::PathBuf {
 /// Saves the stopped guest to [`paused_state`] and ends QEMU. On error the guest is stopped but
 /// QEMU still runs; the caller resumes it (`cont`) or gives up on it.
 pub fn pause(qmp: &mut Qmp, dir: &Path) -> Result<matchlock_vmm::snapshot::Saved, String> {
-    let saved = matchlock_vmm::snapshot::save(qmp, &dir.join("pause.sock"), &paused_state(dir))?;
+    // All of the guest's RAM, whatever backs it: the resumed guest needs no template.
+    let saved =
+        matchlock_vmm::snapshot::save(qmp, &dir.join("pause.sock"), &paused_state(dir), false)?;
     let _ = qmp.execute("quit", None);
     Ok(saved)
 }
@@ -319,13 +321,21 @@ fn start_from(
     let qmp_sock = dir.join("qmp.sock");
     let qmp_l = listen(&qmp_sock).map_err(|e| e.to_string())?;
     let mut spec = base.spec(config, dir);
+    // A template's RAM file is what its stream left out.
+    let ignore_shared = ram_file.is_some();
     spec.ram_file = ram_file;
     spec.qmp_socket = Some(qmp_sock.clone());
     spec.incoming = true;
     let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log")).map_err(|e| e.to_string())?;
     let restored = Qmp::accept(&qmp_l, Duration::from_secs(30)).and_then(|mut qmp| {
-        matchlock_vmm::snapshot::restore(&mut qmp, &dir.join("incoming.sock"), state, sha256)
-            .map(|()| qmp)
+        matchlock_vmm::snapshot::restore(
+            &mut qmp,
+            &dir.join("incoming.sock"),
+            state,
+            sha256,
+            ignore_shared,
+        )
+        .map(|()| qmp)
     });
     let _ = std::fs::remove_file(dir.join("incoming.sock"));
     let _ = std::fs::remove_file(&qmp_sock);
