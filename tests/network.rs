@@ -59,8 +59,8 @@ fn udp_echo_server() -> u16 {
     port
 }
 
-/// A DNS server on 127.0.0.1 answering `*.public.test` with 1.2.3.4 and `*.private.test` with
-/// 10.0.0.7 (A records); it records the names it was asked.
+/// A DNS server on 127.0.0.1 answering `*.public.test` with 1.2.3.4, `*.private.test` with
+/// 10.0.0.7 and `*.loop.test` with 127.0.0.1 (A records); it records the names it was asked.
 fn dns_server() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = s.local_addr().unwrap().port();
@@ -85,6 +85,8 @@ fn dns_server() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
             seen2.lock().unwrap().push(name.clone());
             let ip = if name.ends_with("private.test") {
                 [10, 0, 0, 7]
+            } else if name.ends_with("loop.test") {
+                [127, 0, 0, 1]
             } else {
                 [1, 2, 3, 4]
             };
@@ -184,6 +186,107 @@ for ip in ["10.1.2.3", "172.16.5.5", "192.168.1.1", "100.64.0.1", "169.254.169.2
         &format!("import socket\ntry:\n socket.create_connection(('up', {}), timeout=10); print('connected')\nexcept ConnectionRefusedError: print('refused')", echo.port),
     ]));
     assert_eq!(out, "refused\n");
+}
+
+/// The DNS modes: `trusted` answers a query sent to any server itself; `synthetic` sends no
+/// query upstream, gives each name an address of its own and resolves the name on the host when
+/// the guest connects; `open` relays a query to the server the guest named, which the address
+/// policy still checks.
+#[test]
+fn dns_modes() {
+    let py = python_image();
+    let echo = echo_server();
+    let (dns, seen) = dns_server();
+    let dns_arg = format!("127.0.0.1:{dns}");
+    let script = format!(
+        r#"
+import socket, struct, random
+def tcp(host, port):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(b"ping"); s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            d = s.recv(100)
+            if not d: break
+            data += d
+        return data.decode()
+    except OSError as e:
+        return "error:" + type(e).__name__
+def ask(server, name):
+    q = struct.pack('>HHHHHH', random.randrange(65536), 0x0100, 1, 0, 0, 0)
+    q += b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\0' + struct.pack('>HH', 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(4)
+    s.sendto(q, (server, 53))
+    try:
+        r = s.recv(2048)
+        return 'answer ' + '.'.join(str(b) for b in r[-4:]) if r[7] else 'rcode %d' % (r[3] & 15)
+    except OSError as e:
+        return 'no answer'
+a = socket.gethostbyname("svc.loop.test")
+b = socket.gethostbyname("never.public.test")
+print("names", a, b, a == socket.gethostbyname("svc.loop.test"))
+print("tcp", tcp("svc.loop.test", {port}))
+print("elsewhere", ask("203.0.113.53", "www.public.test"))
+"#,
+        port = echo.port
+    );
+    let sandbox = |mode: &str| {
+        ok(run(&[
+            "run",
+            "--image",
+            py,
+            "--dns-mode",
+            mode,
+            "--allow-private-host",
+            "127.0.0.1",
+            "--dns-servers",
+            &dns_arg,
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ]))
+    };
+
+    // synthetic: made-up addresses, one per name; the connection reaches the real service.
+    let out = sandbox("synthetic");
+    let names = out.lines().find(|l| l.starts_with("names ")).unwrap_or("");
+    let words: Vec<&str> = names.split(' ').collect();
+    assert_eq!(words.len(), 4, "{out}");
+    assert!(
+        words[1].starts_with("198.19.") && words[2].starts_with("198.19."),
+        "{out}"
+    );
+    assert_ne!(words[1], words[2], "{out}");
+    assert_eq!(words[3], "True", "{out}");
+    assert!(out.contains("tcp ping\n"), "{out}");
+    let asked = seen.lock().unwrap().clone();
+    // The host looked up only the name connected to, and only when it was.
+    assert!(asked.iter().any(|n| n == "svc.loop.test"), "{asked:?}");
+    assert!(!asked.iter().any(|n| n == "never.public.test"), "{asked:?}");
+    // The query to another server was answered by the sandbox, with a made-up address.
+    assert!(out.contains("elsewhere answer 198.19."), "{out}");
+    assert!(!asked.iter().any(|n| n == "www.public.test"), "{asked:?}");
+
+    // trusted (the default): the query to another server is answered from the host's resolvers.
+    let out = sandbox("trusted");
+    assert!(out.contains("names 127.0.0.1 1.2.3.4 True"), "{out}");
+    // (127.0.0.1 is the guest's own loopback: only a synthetic address reaches the host's.)
+    assert!(out.contains("tcp error:"), "{out}");
+    assert!(out.contains("elsewhere answer 1.2.3.4"), "{out}");
+    assert!(seen.lock().unwrap().iter().any(|n| n == "www.public.test"));
+
+    // open: the query goes to the server named, and the policy refuses a documentation address.
+    seen.lock().unwrap().clear();
+    let out = sandbox("open");
+    assert!(out.contains("names 127.0.0.1 1.2.3.4 True"), "{out}");
+    assert!(out.contains("elsewhere no answer"), "{out}");
+    assert!(!seen.lock().unwrap().iter().any(|n| n == "www.public.test"));
+
+    let o = run(&["run", "--image", py, "--dns-mode", "magic", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown DNS mode"), "{}", stderr(&o));
 }
 
 #[test]

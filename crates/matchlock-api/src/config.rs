@@ -88,6 +88,9 @@ pub struct NetworkConfig {
     pub mtu: u16,
     /// Upstream DNS servers (`IP` or `IP:PORT`); empty means the host's resolvers.
     pub dns_servers: Vec<String>,
+    /// How the guest's DNS is answered (`--dns-mode`).
+    #[serde(default)]
+    pub dns_mode: DnsMode,
     /// Addresses opened despite the private-range block (`--allow-private-host`).
     pub allow_private_hosts: Vec<String>,
     /// Reach private ranges (RFC 1918, CGNAT, ULA) too.
@@ -95,6 +98,51 @@ pub struct NetworkConfig {
     /// Interception mode: only HTTP(S) to allowed hosts leaves, through the MITM proxy.
     #[serde(default)]
     pub intercept: Option<InterceptConfig>,
+}
+
+/// How the guest's DNS queries are answered (`--dns-mode`, RPC `network.dns_mode`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsMode {
+    /// Only the host's resolvers (or `--dns-servers`) answer, through matchlock's checks (one
+    /// question, rebuilt, answers into blocked ranges refused): a query to any server the
+    /// guest names, not only to the gateway, is answered this way and never reaches that
+    /// server. The default.
+    #[default]
+    Trusted,
+    /// No DNS leaves the host: each name gets an address made up for it (198.19.x.y, one per
+    /// name, stable for the sandbox's life); when the guest connects to one, the host resolves
+    /// the name itself (through the same resolvers and checks) and connects there.
+    Synthetic,
+    /// UDP port 53 goes to whichever server the guest names, as a plain UDP flow that the
+    /// address policy still checks (also while intercepting); queries to the gateway are
+    /// answered as in `Trusted`. Lets queries carry data to any reachable resolver.
+    Open,
+}
+
+impl DnsMode {
+    /// Its name, as the flag and the RPC field spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsMode::Trusted => "trusted",
+            DnsMode::Synthetic => "synthetic",
+            DnsMode::Open => "open",
+        }
+    }
+}
+
+impl std::str::FromStr for DnsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "trusted" => Ok(DnsMode::Trusted),
+            "synthetic" => Ok(DnsMode::Synthetic),
+            "open" => Ok(DnsMode::Open),
+            other => Err(format!(
+                "unknown DNS mode {other:?}: use trusted, synthetic or open"
+            )),
+        }
+    }
 }
 
 /// Interception settings (`--allow-host`, `--network-intercept`).
@@ -173,6 +221,7 @@ impl Default for NetworkConfig {
         NetworkConfig {
             mtu: crate::defaults::MTU,
             dns_servers: Vec::new(),
+            dns_mode: DnsMode::default(),
             allow_private_hosts: Vec::new(),
             allow_private_ranges: false,
             intercept: None,

@@ -139,6 +139,9 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         field(validate::dns_server(d).map_err(|e| format!("network.dns_servers: {e}")))?;
         net.dns_servers.push(d.clone());
     }
+    if let Some(mode) = &n.dns_mode {
+        net.dns_mode = field(mode.parse().map_err(|e| format!("network.dns_mode: {e}")))?;
+    }
     if n.mtu != 0 {
         let mtu = u32::try_from(n.mtu).unwrap_or(0);
         field(validate::mtu(mtu, "network.mtu"))?;
@@ -386,6 +389,23 @@ mod tests {
             Some(60)
         );
         assert!(req(json!({"image": "a", "idle_pause_seconds": 0})).is_err());
+    }
+
+    #[test]
+    fn dns_mode_reaches_the_request() {
+        let mode = |v: Value| req(v).unwrap().network.unwrap().dns_mode;
+        use crate::config::DnsMode;
+        assert_eq!(mode(json!({"image": "a"})), DnsMode::Trusted);
+        assert_eq!(
+            mode(json!({"image": "a", "network": {"dns_mode": "synthetic"}})),
+            DnsMode::Synthetic
+        );
+        assert_eq!(
+            mode(json!({"image": "a", "network": {"dns_mode": "open"}})),
+            DnsMode::Open
+        );
+        let err = req(json!({"image": "a", "network": {"dns_mode": "magic"}})).unwrap_err();
+        assert!(err.0.contains("network.dns_mode"), "{}", err.0);
     }
 
     #[test]

@@ -256,6 +256,8 @@ pub struct NetworkRequest {
     pub mtu: Option<u16>,
     /// Upstream DNS servers (`IP` or `IP:PORT`).
     pub dns_servers: Vec<String>,
+    /// How the guest's DNS is answered.
+    pub dns_mode: crate::config::DnsMode,
     /// Addresses opened despite the private-range block.
     pub allow_private_hosts: Vec<std::net::IpAddr>,
     /// Reach every private range (`block_private_ips: false`).

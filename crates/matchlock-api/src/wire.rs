@@ -172,6 +172,9 @@ pub struct Network {
     /// Upstream DNS servers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns_servers: Vec<String>,
+    /// `trusted` (the default), `synthetic` or `open` (see [`crate::config::DnsMode`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_mode: Option<String>,
     /// Guest hostname.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub hostname: String,

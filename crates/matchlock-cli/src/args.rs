@@ -497,6 +497,11 @@ pub struct RunArgs {
     /// DNS servers the sandbox's queries are forwarded to (IP or IP:PORT; default: the host's).
     #[arg(long = "dns-servers", value_name = "IP[:PORT]", value_delimiter = ',')]
     pub dns_servers: Vec<String>,
+    /// How the guest's DNS is answered: trusted (the host's resolvers only, whichever server the
+    /// guest asks; the default), synthetic (no DNS leaves the host: made-up addresses the host
+    /// maps back to names and resolves itself), open (UDP 53 to the server the guest names).
+    #[arg(long = "dns-mode", value_name = "MODE")]
+    pub dns_mode: Option<matchlock_api::config::DnsMode>,
     /// MTU of the sandbox's network interface.
     #[arg(long, default_value_t = defaults::MTU as u32)]
     pub mtu: u32,

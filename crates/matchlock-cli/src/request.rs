@@ -160,6 +160,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
     if args.no_network {
         if !args.allow_private_host.is_empty()
             || !args.dns_servers.is_empty()
+            || args.dns_mode.is_some()
             || !args.allow_host.is_empty()
             || !args.secret.is_empty()
             || args.network_intercept
@@ -167,7 +168,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             || args.disable_websockets
             || !plugins(args)?.is_empty()
         {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers, --dns-mode or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
         }
         if args.event_log.is_some() {
             bail!("--event-log records interception, which --no-network leaves nothing to do");
@@ -181,6 +182,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
         validate::dns_server(d).map_err(|e| anyhow!("--dns-servers: {e}"))?;
         n.dns_servers.push(d.clone());
     }
+    n.dns_mode = args.dns_mode.unwrap_or_default();
     for a in &args.allow_private_host {
         n.allow_private_hosts.push(ip(a, "--allow-private-host")?);
     }

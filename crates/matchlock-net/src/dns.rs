@@ -2,13 +2,22 @@
 //! `--add-host` are answered locally; everything else is forwarded to the upstream servers, and an
 //! answer that points into a blocked range is refused (so a name cannot smuggle a private address
 //! past the egress policy, e.g. by DNS rebinding).
+//!
+//! The sandbox's [`DnsMode`] says who answers: `trusted` forwards to the host's resolvers only,
+//! also for queries the guest addressed to another server (the stack hands those here);
+//! `synthetic` sends nothing upstream and answers each name with an address of its own
+//! ([`SyntheticNames`]), which the stack maps back to the name and resolves on the host
+//! ([`Dns::lookup`]) when the guest connects; `open` leaves queries to other servers to the
+//! stack, which relays them.
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use matchlock_api::config::DnsMode;
 use matchlock_policy::Policy;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 
@@ -26,6 +35,64 @@ pub struct Dns {
     /// (no exfiltration through queries), and every answer is recorded so connections can be
     /// checked against the name they claim.
     pub policy: Arc<Policy>,
+    /// Who answers (see the module's doc).
+    pub mode: DnsMode,
+    /// The names given synthetic addresses, and back (synthetic mode).
+    pub synthetic: SyntheticNames,
+}
+
+/// Synthetic mode's addresses: one per name, from 198.19.0.1 to 198.19.254.254 (inside the
+/// benchmarking range 198.18.0.0/15 like the loopback aliases and the sinkhole, never routed),
+/// handed out in order and kept for the sandbox's life, so a name always gets the same one and
+/// an address names one name. At most 64,770 names; past that, queries are refused.
+#[derive(Default)]
+pub struct SyntheticNames {
+    inner: Mutex<SyntheticInner>,
+}
+
+#[derive(Default)]
+struct SyntheticInner {
+    by_name: HashMap<String, Ipv4Addr>,
+    by_addr: HashMap<Ipv4Addr, String>,
+}
+
+impl SyntheticNames {
+    const HOSTS_PER_BLOCK: usize = 254;
+    const CAPACITY: usize = 255 * Self::HOSTS_PER_BLOCK;
+
+    /// Whether `ip` is in the synthetic range.
+    pub fn contains(ip: Ipv4Addr) -> bool {
+        let [a, b, c, d] = ip.octets();
+        a == 198 && b == 19 && c != 255 && d != 0 && d != 255
+    }
+
+    /// The address of `name` (lower case, no trailing dot), given one now if it has none;
+    /// `None` when the range is used up.
+    pub fn address_for(&self, name: &str) -> Option<Ipv4Addr> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ip) = t.by_name.get(name) {
+            return Some(*ip);
+        }
+        let n = t.by_name.len();
+        if n >= Self::CAPACITY {
+            return None;
+        }
+        let ip = Ipv4Addr::new(
+            198,
+            19,
+            (n / Self::HOSTS_PER_BLOCK) as u8,
+            (n % Self::HOSTS_PER_BLOCK + 1) as u8,
+        );
+        t.by_name.insert(name.to_string(), ip);
+        t.by_addr.insert(ip, name.to_string());
+        Some(ip)
+    }
+
+    /// The name `ip` was given to, if any.
+    pub fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
+        let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_addr.get(&ip).cloned()
+    }
 }
 
 /// The address names off the allow-list resolve to in interception mode (TEST-NET-2 style reserved
@@ -138,6 +205,9 @@ impl Dns {
                 return self.sinkhole(&query).to_vec().ok();
             }
         }
+        if self.mode == DnsMode::Synthetic {
+            return self.synthetic_answer(&query, &upstream).to_vec().ok();
+        }
         if self.upstreams.is_empty() {
             return reply_to(&query, ResponseCode::ServFail).to_vec().ok();
         }
@@ -148,6 +218,59 @@ impl Dns {
             }
         }
         reply_to(&query, ResponseCode::ServFail).to_vec().ok()
+    }
+
+    /// Synthetic mode's answer to the checked question of `rebuilt`: an A record with the name's
+    /// own address; no records for any other type (so clients fall back to IPv4).
+    fn synthetic_answer(&self, query: &Message, rebuilt: &Message) -> Message {
+        let q = &rebuilt.queries()[0];
+        let mut m = reply_to(query, ResponseCode::NoError);
+        if q.query_type() != RecordType::A {
+            return m;
+        }
+        let name = normalize(&q.name().to_ascii());
+        let Some(ip) = self.synthetic.address_for(&name) else {
+            return reply_to(query, ResponseCode::Refused);
+        };
+        let owner = query.queries()[0].name().clone();
+        m.add_answer(Record::from_rdata(owner, 60, RData::A(A(ip))));
+        self.record(&m);
+        m
+    }
+
+    /// The host's own resolution of `name` (synthetic mode, when the guest connects to the
+    /// name's address): its IPv4 addresses from the upstream servers, in their order.
+    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let owner = Name::from_ascii(name)
+            .and_then(|n| n.append_domain(&Name::root()))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let mut q = Message::new();
+        q.set_id(rand::random())
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true);
+        q.add_query(Query::query(owner, RecordType::A));
+        let packet = q.to_vec().map_err(|e| e.to_string())?;
+        if self.upstreams.is_empty() {
+            return Err("no DNS servers to resolve it with".into());
+        }
+        for server in &self.upstreams {
+            if let Some(resp) = self.exchange(*server, &packet, &q).await {
+                let addrs: Vec<IpAddr> = resp
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match r.data() {
+                        Some(RData::A(a)) => Some(IpAddr::V4(a.0)),
+                        _ => None,
+                    })
+                    .collect();
+                return match addrs.is_empty() {
+                    true => Err(format!("{name} has no IPv4 address")),
+                    false => Ok(addrs),
+                };
+            }
+        }
+        Err(format!("no DNS server answered for {name}"))
     }
 
     /// Remembers what the guest was told (interception mode).
@@ -216,6 +339,25 @@ impl Dns {
         sent: &Message,
         query: &Message,
     ) -> Option<Vec<u8>> {
+        let mut resp = self.exchange(server, packet, sent).await?;
+        let blocked = resp.answers().iter().any(|r| match r.data() {
+            Some(RData::A(a)) => !self.policy.address_allowed(IpAddr::V4(a.0)),
+            Some(RData::AAAA(a)) => !self.policy.address_allowed(IpAddr::V6(a.0)),
+            _ => false,
+        });
+        if blocked {
+            return reply_to(query, ResponseCode::Refused).to_vec().ok();
+        }
+        self.record(&resp);
+        resp.set_id(query.id())
+            .set_recursion_desired(query.recursion_desired());
+        *resp.queries_mut() = query.queries().to_vec();
+        resp.to_vec().ok()
+    }
+
+    /// Sends `packet` (the query `sent`) to `server` and returns its answer to exactly that
+    /// query; `None` when none came in time.
+    async fn exchange(&self, server: SocketAddr, packet: &[u8], sent: &Message) -> Option<Message> {
         let bind: SocketAddr = if server.is_ipv4() {
             "0.0.0.0:0".parse().ok()?
         } else {
@@ -234,7 +376,7 @@ impl Dns {
                 .await
                 .ok()?
                 .ok()?;
-            let Ok(mut resp) = Message::from_vec(&buf[..n]) else {
+            let Ok(resp) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
             // Anything but the answer to what was sent (a stray or spoofed datagram) is ignored.
@@ -244,19 +386,7 @@ impl Dns {
             {
                 continue;
             }
-            let blocked = resp.answers().iter().any(|r| match r.data() {
-                Some(RData::A(a)) => !self.policy.address_allowed(IpAddr::V4(a.0)),
-                Some(RData::AAAA(a)) => !self.policy.address_allowed(IpAddr::V6(a.0)),
-                _ => false,
-            });
-            if blocked {
-                return reply_to(query, ResponseCode::Refused).to_vec().ok();
-            }
-            self.record(&resp);
-            resp.set_id(query.id())
-                .set_recursion_desired(query.recursion_desired());
-            *resp.queries_mut() = query.queries().to_vec();
-            return resp.to_vec().ok();
+            return Some(resp);
         }
     }
 }
@@ -303,6 +433,106 @@ mod tests {
         addr
     }
 
+    #[test]
+    fn synthetic_addresses_are_one_per_name_and_map_back() {
+        let names = SyntheticNames::default();
+        let a = names.address_for("a.test").unwrap();
+        let b = names.address_for("b.test").unwrap();
+        assert_eq!(a, Ipv4Addr::new(198, 19, 0, 1));
+        assert_eq!(b, Ipv4Addr::new(198, 19, 0, 2));
+        assert_eq!(names.address_for("a.test"), Some(a));
+        assert_eq!(names.name_of(b).as_deref(), Some("b.test"));
+        assert_eq!(names.name_of(Ipv4Addr::new(198, 19, 0, 3)), None);
+        assert!(SyntheticNames::contains(a));
+        // Neither the sinkhole nor a loopback alias is one of them.
+        assert!(!SyntheticNames::contains(SINKHOLE));
+        assert!(!SyntheticNames::contains(Ipv4Addr::new(198, 18, 0, 1)));
+        // The range ends, and then nothing more is handed out.
+        for i in 2..SyntheticNames::CAPACITY {
+            let ip = names.address_for(&format!("n{i}.test")).unwrap();
+            assert!(SyntheticNames::contains(ip), "{ip}");
+        }
+        assert_eq!(
+            names.address_for("n-last.test"),
+            None,
+            "past the range's end"
+        );
+        assert_eq!(
+            names.name_of(Ipv4Addr::new(198, 19, 254, 254)).as_deref(),
+            Some(format!("n{}.test", SyntheticNames::CAPACITY - 1).as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn synthetic_mode_sends_nothing_upstream() {
+        let policy = Arc::new(Policy::direct(Default::default()));
+        // An upstream that would answer; it must not be asked while the guest resolves.
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dns = Dns {
+            upstreams: vec![sock.local_addr().unwrap()],
+            hosts: vec![("db.internal".into(), "10.0.0.5".parse().unwrap())],
+            policy,
+            mode: DnsMode::Synthetic,
+            synthetic: Default::default(),
+        };
+        let a = |name: &str, t| {
+            let q = query(name, t);
+            let dns = &dns;
+            async move { Message::from_vec(&dns.answer(&q).await.unwrap()).unwrap() }
+        };
+        let r = a("Www.Example.com.", RecordType::A).await;
+        assert_eq!(r.id(), 77);
+        assert_eq!(r.queries()[0].name().to_ascii(), "Www.Example.com.");
+        let Some(RData::A(ip)) = r.answers()[0].data() else {
+            panic!("{r:?}")
+        };
+        assert!(SyntheticNames::contains(ip.0));
+        assert_eq!(
+            dns.synthetic.name_of(ip.0).as_deref(),
+            Some("www.example.com")
+        );
+        assert!(a("www.example.com.", RecordType::AAAA)
+            .await
+            .answers()
+            .is_empty());
+        // --add-host names keep their addresses.
+        let r = a("db.internal.", RecordType::A).await;
+        assert!(
+            matches!(r.answers()[0].data(), Some(RData::A(x)) if x.0 == Ipv4Addr::new(10, 0, 0, 5))
+        );
+        let mut buf = [0u8; 512];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), sock.recv(&mut buf))
+                .await
+                .is_err(),
+            "a query went upstream"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_host_looks_names_up_itself() {
+        let policy = Arc::new(Policy::direct(Default::default()));
+        let up = upstream("93.184.216.34".parse().unwrap()).await;
+        let mut dns = Dns {
+            upstreams: vec![up],
+            hosts: Vec::new(),
+            policy,
+            mode: DnsMode::Synthetic,
+            synthetic: Default::default(),
+        };
+        assert_eq!(
+            dns.lookup("www.example.com").await.unwrap(),
+            vec!["93.184.216.34".parse::<IpAddr>().unwrap()]
+        );
+        assert!(dns.lookup("bad name..").await.is_err());
+        dns.upstreams.clear();
+        assert!(dns
+            .lookup("www.example.com")
+            .await
+            .unwrap_err()
+            .contains("no DNS servers"));
+    }
+
     #[tokio::test]
     async fn local_names_forwarding_and_refusal() {
         let policy = Arc::new(Policy::direct(Default::default()));
@@ -311,6 +541,8 @@ mod tests {
             upstreams: vec![public],
             hosts: vec![("db.internal".into(), "10.0.0.5".parse().unwrap())],
             policy: policy.clone(),
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
         };
         let r = Message::from_vec(
             &dns.answer(&query("DB.internal.", RecordType::A))
@@ -337,6 +569,8 @@ mod tests {
             upstreams: vec![rebind],
             hosts: vec![],
             policy,
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
         };
         let r = Message::from_vec(
             &dns.answer(&query("evil.example.", RecordType::A))
@@ -391,6 +625,8 @@ mod tests {
             upstreams: vec![server],
             hosts: vec![],
             policy,
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
         };
         let base = || {
             let mut m = Message::new();

@@ -122,6 +122,8 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
             upstreams,
             hosts,
             policy: policy.clone(),
+            mode: net.dns_mode,
+            synthetic: Default::default(),
         }),
         policy,
         limits: Limits::default(),

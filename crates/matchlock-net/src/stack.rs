@@ -8,8 +8,9 @@
 //! directly from the frames (smoltcp's any-IP mode would otherwise answer pings for every address
 //! on the internet). IPv6 and other protocols are dropped.
 
-use crate::dns::Dns;
+use crate::dns::{Dns, SyntheticNames};
 use crate::frames::{self, Link};
+use matchlock_api::config::DnsMode;
 use matchlock_policy::{Denial, Policy, Target};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -83,6 +84,21 @@ pub struct NetConfig {
     /// Interception mode: every TCP flow goes to this proxy (which asks the policy per request),
     /// and UDP other than DNS is refused.
     pub intercept: Option<Arc<crate::proxy::Proxy>>,
+}
+
+/// `target` with the real address of the name its synthetic address stands for (the first IPv4
+/// address the host's resolvers give).
+async fn resolve_synthetic(dns: &Dns, target: Target) -> Result<Target, String> {
+    let ip = *target.visible.ip();
+    let name = dns
+        .synthetic
+        .name_of(ip)
+        .ok_or_else(|| format!("{ip} was given to no name"))?;
+    let addrs = dns.lookup(&name).await?;
+    Ok(Target {
+        visible: target.visible,
+        real: SocketAddr::new(addrs[0], target.visible.port()),
+    })
 }
 
 /// First alias address: the benchmarking range 198.18.0.0/15, never routed on the internet.
@@ -513,26 +529,56 @@ impl Stack {
         if self.tcp.len() >= self.cfg.limits.max_tcp {
             return refuse(self, &Denial::TooManyConnections);
         }
+        // An address synthetic DNS made up: the host resolves the name it stands for and the
+        // flow goes there (the policy judges the real address, as for any other flow).
+        let synthetic = (self.cfg.dns.mode == DnsMode::Synthetic
+            && SyntheticNames::contains(*dst.ip()))
+        .then_some(self.cfg.dns.clone());
         if let Some(proxy) = self.cfg.intercept.clone() {
             // The proxy decides per request (and answers refusals in HTTP), so the handshake is
             // completed locally; the flow's far end is the proxy.
             let (ours, theirs) = tokio::io::duplex(256 * 1024);
-            tokio::spawn(proxy.serve(theirs, target));
+            tokio::spawn(async move {
+                let target = match synthetic {
+                    // A failed resolution leaves the made-up address, which the policy blocks:
+                    // the guest gets the proxy's refusal.
+                    Some(dns) => resolve_synthetic(&dns, target)
+                        .await
+                        .inspect_err(|e| tracing::info!("tcp -> {}: {e}", target.visible))
+                        .unwrap_or(target),
+                    None => target,
+                };
+                proxy.serve(theirs, target).await
+            });
             self.tcp
                 .insert(key, TcpFlow::connecting(frame, seq, Vec::new()));
             self.tcp_connected(key, ours);
             return;
         }
-        let allowed = match self.cfg.policy.tcp(target) {
-            Ok(a) => a,
-            Err(denial) => return refuse(self, &denial),
+        let allowed = match &synthetic {
+            Some(_) => None,
+            None => match self.cfg.policy.tcp(target) {
+                Ok(a) => Some(a),
+                Err(denial) => return refuse(self, &denial),
+            },
         };
         let events = self.events.clone();
         let timeout = self.cfg.limits.connect_timeout;
+        let policy = self.cfg.policy.clone();
         let task = tokio::spawn(async move {
-            let e = match crate::connect::tcp(&allowed, timeout).await {
-                Ok(s) => Event::Connected(key, s),
-                Err(e) => Event::ConnectFailed(key, e.to_string()),
+            let allowed = match (allowed, synthetic) {
+                (Some(a), _) => Ok(a),
+                (None, Some(dns)) => resolve_synthetic(&dns, target)
+                    .await
+                    .and_then(|t| policy.tcp(t).map_err(|d| d.to_string())),
+                (None, None) => Err("no decision".to_string()),
+            };
+            let e = match allowed {
+                Ok(allowed) => match crate::connect::tcp(&allowed, timeout).await {
+                    Ok(s) => Event::Connected(key, s),
+                    Err(e) => Event::ConnectFailed(key, e.to_string()),
+                },
+                Err(why) => Event::ConnectFailed(key, why),
             };
             let _ = events.send(e).await;
         });
@@ -654,8 +700,12 @@ impl Stack {
         repr: &Ipv4Repr,
         ip_payload: Vec<u8>,
     ) {
-        if *dst.ip() == self.cfg.gateway_ip {
-            if dst.port() == 53 {
+        // A query to another server than the gateway: answered here too, unless the DNS mode
+        // relays it (the reply comes from the address the guest asked).
+        let ours = *dst.ip() == self.cfg.gateway_ip;
+        let answer_here = dst.port() == 53 && (ours || self.cfg.dns.mode != DnsMode::Open);
+        if ours || answer_here {
+            if answer_here {
                 // Bounded: a guest flooding queries gets drops, not thousands of host sockets.
                 let Ok(permit) = self.dns_slots.clone().try_acquire_owned() else {
                     return;
@@ -675,7 +725,20 @@ impl Stack {
             visible: dst,
             real: SocketAddr::new(self.real(*dst.ip()), dst.port()),
         };
-        let allowed = match self.cfg.policy.udp(target) {
+        if SyntheticNames::contains(*dst.ip()) && self.cfg.dns.mode == DnsMode::Synthetic {
+            // Only TCP is mapped back to a name.
+            self.log_refusal(format_args!(
+                "udp {src} -> {dst} refused: UDP to a synthetic DNS address is not relayed"
+            ));
+            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
+            self.send_frame(f);
+            return;
+        }
+        let decision = match (dst.port(), self.cfg.dns.mode) {
+            (53, DnsMode::Open) => self.cfg.policy.dns_query(target),
+            _ => self.cfg.policy.udp(target),
+        };
+        let allowed = match decision {
             Ok(a) => a,
             Err(denial) => {
                 self.log_refusal(format_args!("udp {src} -> {dst} refused: {denial}"));

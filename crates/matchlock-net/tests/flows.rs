@@ -21,6 +21,7 @@ fn network(intercept: Option<InterceptConfig>, open_loopback: bool) -> NetworkCo
         mtu: matchlock_api::defaults::MTU,
         // Never reach a real resolver from a test.
         dns_servers: vec!["127.0.0.1:9".into()],
+        dns_mode: Default::default(),
         allow_private_hosts: if open_loopback {
             vec!["127.0.0.1".into()]
         } else {
@@ -304,6 +305,64 @@ async fn an_open_list_still_keeps_secrets_to_their_hosts_and_passes_other_traffi
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("\"secret\":\"API_KEY\""), "{text}");
     assert!(text.contains("\"passthrough\":true"), "{text}");
+}
+
+/// A DNS server on loopback answering every A query with 127.0.0.1 and counting the queries.
+async fn loopback_resolver() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let q = &buf[..n];
+            let mut i = 12;
+            while i < n && q[i] != 0 {
+                i += 1 + q[i] as usize;
+            }
+            let qend = (i + 5).min(n);
+            let mut r = q[0..2].to_vec();
+            r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+            r.extend_from_slice(&q[12..qend]);
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            let _ = s.send_to(&r, from).await;
+        }
+    });
+    (port, asked)
+}
+
+/// Synthetic DNS while intercepting: the guest gets a made-up address and no query leaves; its
+/// request to that address passes the proxy's checks (the Host agrees with what DNS said) and
+/// goes to where the host itself resolves the name.
+#[tokio::test]
+async fn synthetic_dns_requests_reach_the_name_the_host_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let (port, mut seen) = http_upstream().await;
+    let (resolver, asked) = loopback_resolver().await;
+    let mut net = network(Some(intercepting(&["api.up"], &log)), true);
+    net.dns_servers = vec![format!("127.0.0.1:{resolver}")];
+    net.dns_mode = matchlock_api::config::DnsMode::Synthetic;
+    let g = guest(&net);
+    let ips = g.resolve("api.up").await.unwrap();
+    assert_eq!(ips.len(), 1);
+    assert_eq!(ips[0].octets()[..2], [198, 19]);
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let out = guest_get(
+        &g,
+        SocketAddrV4::new(ips[0], port),
+        &format!("api.up:{port}"),
+        "",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(seen.recv().await.unwrap(), "");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A name off the list gets the sinkhole, not an address of its own.
+    let off = g.resolve("off.up").await.unwrap();
+    assert_eq!(off, vec![matchlock_net::dns::SINKHOLE]);
 }
 
 #[tokio::test]

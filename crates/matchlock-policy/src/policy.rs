@@ -199,6 +199,14 @@ impl Policy {
         Ok(Allowed::new(target.real, None, Route::Direct))
     }
 
+    /// A DNS query to the server the guest named, in the DNS mode that allows that (`open`):
+    /// relayed as is to an address that may be reached, intercepting or not (the mode says the
+    /// operator accepts what queries can carry).
+    pub fn dns_query(&self, target: Target) -> Result<Allowed, Denial> {
+        self.check_address(|| target.real.to_string(), target.real.ip())?;
+        Ok(Allowed::new(target.real, None, Route::Direct))
+    }
+
     /// Traffic that is not HTTP (`what` says what it is), under interception: relayed as is only
     /// while the allow-list is open, and only to an address that may be reached.
     pub fn passthrough(&self, target: Target, what: &'static str) -> Result<Allowed, Denial> {

@@ -167,6 +167,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
     NetworkConfig {
         mtu: n.mtu.unwrap_or(defaults::MTU),
         dns_servers: n.dns_servers.clone(),
+        dns_mode: n.dns_mode,
         allow_private_hosts: n
             .allow_private_hosts
             .iter()

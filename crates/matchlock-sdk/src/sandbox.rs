@@ -287,6 +287,13 @@ impl Sandbox {
         self
     }
 
+    /// How the guest's DNS is answered (`trusted` by default; see
+    /// [`matchlock_api::config::DnsMode`]).
+    pub fn with_dns_mode(mut self, mode: matchlock_api::config::DnsMode) -> Self {
+        self.network().dns_mode = Some(mode.as_str().to_string());
+        self
+    }
+
     /// Interception without an allow-list: every host is allowed, through the proxy (hooks,
     /// secrets, the private-range block and events apply).
     pub fn with_network_interception(mut self) -> Self {
@@ -451,6 +458,19 @@ impl Sandbox {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_dns_mode_is_sent_by_name() {
+        let p = Sandbox::new("a")
+            .with_dns_mode(matchlock_api::config::DnsMode::Synthetic)
+            .to_params(false);
+        assert_eq!(p["network"]["dns_mode"], "synthetic");
+        let back: matchlock_api::wire::CreateParams = serde_json::from_value(p).unwrap();
+        assert_eq!(
+            back.into_request().unwrap().network.unwrap().dns_mode,
+            matchlock_api::config::DnsMode::Synthetic
+        );
+    }
 
     #[test]
     fn wire_form_matches_the_python_sdk() {

@@ -558,6 +558,7 @@ mod tests {
             network: Some(crate::config::NetworkConfig {
                 mtu: 1500,
                 dns_servers: Vec::new(),
+                dns_mode: Default::default(),
                 allow_private_hosts: Vec::new(),
                 allow_private_ranges: false,
                 intercept: None,
