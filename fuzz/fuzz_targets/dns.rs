@@ -3,12 +3,14 @@
 //! The guest's UDP payload is parsed, checked, answered locally (`--add-host` names, sinkhole
 //! answers for names off the allow-list) or rebuilt for an upstream. There are no upstreams
 //! here, so nothing leaves the process: allowed names get `SERVFAIL`. Each input is answered
-//! twice, by an intercepting resolver (allow-list `allowed.test` and `*.allowed.test`) and by a
-//! direct one, both with local names. An answer must be a response carrying the query's id.
+//! three times, by an intercepting resolver (allow-list `allowed.test` and `*.allowed.test`), a
+//! direct one, and a direct one in synthetic mode (made-up addresses, no upstream), all with
+//! local names. An answer must be a response carrying the query's id.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use matchlock_api::config::DnsMode;
 use matchlock_net::dns::Dns;
 use matchlock_policy::hosts::{AllowList, NameTable};
 use matchlock_policy::{AddressPolicy, Policy};
@@ -39,7 +41,7 @@ fn hosts() -> Vec<(String, IpAddr)> {
 
 /// Built per input (cheaply), so that names one input taught the resolver's table do not
 /// change what the next one gets.
-fn resolvers() -> [Dns; 2] {
+fn resolvers() -> [Dns; 3] {
     let allow = AllowList::new(["allowed.test", "*.allowed.test"]).expect("allow-list");
     let intercepting = Policy::intercepting(
         AddressPolicy::default(),
@@ -51,11 +53,22 @@ fn resolvers() -> [Dns; 2] {
             upstreams: Vec::new(),
             hosts: hosts(),
             policy: Arc::new(intercepting),
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
         },
         Dns {
             upstreams: Vec::new(),
             hosts: hosts(),
             policy: Arc::new(Policy::direct(AddressPolicy::default())),
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
+        },
+        Dns {
+            upstreams: Vec::new(),
+            hosts: hosts(),
+            policy: Arc::new(Policy::direct(AddressPolicy::default())),
+            mode: DnsMode::Synthetic,
+            synthetic: Default::default(),
         },
     ]
 }

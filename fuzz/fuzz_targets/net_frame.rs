@@ -68,6 +68,8 @@ fn config() -> NetConfig {
             upstreams: Vec::new(),
             hosts,
             policy: policy.clone(),
+            mode: Default::default(),
+            synthetic: Default::default(),
         }),
         policy,
         limits: Limits {
