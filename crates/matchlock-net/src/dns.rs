@@ -37,23 +37,47 @@ pub struct Dns {
     pub policy: Arc<Policy>,
     /// Who answers (see the module's doc).
     pub mode: DnsMode,
-    /// The names given synthetic addresses, and back (synthetic mode).
+    /// The names given synthetic addresses, and back (synthetic mode), and the host's own
+    /// lookups of them.
     pub synthetic: SyntheticNames,
 }
+
+/// How long the host keeps its own lookup of a synthetic name: a guest opening connection
+/// after connection to one name costs the host's resolvers one query per this long.
+const LOOKUP_TTL: Duration = Duration::from_secs(10);
+
+/// Host lookups of synthetic names in flight at once; more wait their turn.
+const LOOKUPS_IN_FLIGHT: usize = 8;
 
 /// Synthetic mode's addresses: one per name, from 198.19.0.1 to 198.19.254.254 (inside the
 /// benchmarking range 198.18.0.0/15 like the loopback aliases and the sinkhole, never routed),
 /// handed out in order and kept for the sandbox's life, so a name always gets the same one and
 /// an address names one name. At most 64,770 names; past that, queries are refused.
-#[derive(Default)]
 pub struct SyntheticNames {
     inner: Mutex<SyntheticInner>,
+    /// The host's lookups: name, addresses, when.
+    looked_up: Mutex<Lookups>,
+    lookups: tokio::sync::Semaphore,
 }
 
+impl Default for SyntheticNames {
+    fn default() -> Self {
+        SyntheticNames {
+            inner: Mutex::default(),
+            looked_up: Mutex::default(),
+            lookups: tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT),
+        }
+    }
+}
+
+/// The host's lookups of synthetic names: addresses, and when they were looked up.
+type Lookups = HashMap<Arc<str>, (Vec<IpAddr>, tokio::time::Instant)>;
+
+/// Each name once (an `Arc<str>` in both maps): at most 64,770 names of at most 253 bytes.
 #[derive(Default)]
 struct SyntheticInner {
-    by_name: HashMap<String, Ipv4Addr>,
-    by_addr: HashMap<Ipv4Addr, String>,
+    by_name: HashMap<Arc<str>, Ipv4Addr>,
+    by_addr: HashMap<Ipv4Addr, Arc<str>>,
 }
 
 impl SyntheticNames {
@@ -83,13 +107,14 @@ impl SyntheticNames {
             (n / Self::HOSTS_PER_BLOCK) as u8,
             (n % Self::HOSTS_PER_BLOCK + 1) as u8,
         );
-        t.by_name.insert(name.to_string(), ip);
-        t.by_addr.insert(ip, name.to_string());
+        let name: Arc<str> = Arc::from(name);
+        t.by_name.insert(name.clone(), ip);
+        t.by_addr.insert(ip, name);
         Some(ip)
     }
 
     /// The name `ip` was given to, if any.
-    pub fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
+    pub fn name_of(&self, ip: Ipv4Addr) -> Option<Arc<str>> {
         let t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         t.by_addr.get(&ip).cloned()
     }
@@ -239,8 +264,43 @@ impl Dns {
     }
 
     /// The host's own resolution of `name` (synthetic mode, when the guest connects to the
-    /// name's address): its IPv4 addresses from the upstream servers, in their order.
+    /// name's address): its IPv4 addresses from the upstream servers, in their order. Kept for
+    /// [`LOOKUP_TTL`]; at most [`LOOKUPS_IN_FLIGHT`] go upstream at once.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let cached = |s: &SyntheticNames| {
+            let c = s.looked_up.lock().unwrap_or_else(|p| p.into_inner());
+            c.get(name)
+                .filter(|(_, at)| at.elapsed() < LOOKUP_TTL)
+                .map(|(addrs, _)| addrs.clone())
+        };
+        if let Some(addrs) = cached(&self.synthetic) {
+            return Ok(addrs);
+        }
+        let _turn = self
+            .synthetic
+            .lookups
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        // Another connection may have looked it up while this one waited.
+        if let Some(addrs) = cached(&self.synthetic) {
+            return Ok(addrs);
+        }
+        let addrs = self.lookup_upstream(name).await?;
+        let mut c = self
+            .synthetic
+            .looked_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.retain(|_, (_, at)| at.elapsed() < LOOKUP_TTL);
+        c.insert(
+            Arc::from(name),
+            (addrs.clone(), tokio::time::Instant::now()),
+        );
+        Ok(addrs)
+    }
+
+    async fn lookup_upstream(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         let owner = Name::from_ascii(name)
             .and_then(|n| n.append_domain(&Name::root()))
             .map_err(|e| format!("{name}: {e}"))?;
@@ -391,6 +451,11 @@ impl Dns {
     }
 }
 
+/// Whether `packet` is a DNS query (what `open` mode relays: nothing else goes to port 53).
+pub fn is_query(packet: &[u8]) -> bool {
+    Message::from_vec(packet).is_ok_and(|m| m.message_type() == MessageType::Query)
+}
+
 /// The host's resolvers from `/etc/resolv.conf` (port 53).
 pub fn host_resolvers() -> Vec<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -526,8 +591,10 @@ mod tests {
         );
         assert!(dns.lookup("bad name..").await.is_err());
         dns.upstreams.clear();
+        // Kept for a while: the next connection to the name costs the resolvers nothing.
+        assert_eq!(dns.lookup("www.example.com").await.unwrap().len(), 1);
         assert!(dns
-            .lookup("www.example.com")
+            .lookup("other.example.com")
             .await
             .unwrap_err()
             .contains("no DNS servers"));

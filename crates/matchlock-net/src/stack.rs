@@ -87,13 +87,16 @@ pub struct NetConfig {
 }
 
 /// `target` with the real address of the name its synthetic address stands for (the first IPv4
-/// address the host's resolvers give).
+/// address the host's resolvers give). A name the allow-list no longer allows is not looked up.
 async fn resolve_synthetic(dns: &Dns, target: Target) -> Result<Target, String> {
     let ip = *target.visible.ip();
     let name = dns
         .synthetic
         .name_of(ip)
         .ok_or_else(|| format!("{ip} was given to no name"))?;
+    if dns.policy.intercepts() && !dns.policy.allows_host(&name) {
+        return Err(format!("{name} is not on this sandbox's allow-list"));
+    }
     let addrs = dns.lookup(&name).await?;
     Ok(Target {
         visible: target.visible,
@@ -734,9 +737,19 @@ impl Stack {
             self.send_frame(f);
             return;
         }
-        let decision = match (dst.port(), self.cfg.dns.mode) {
-            (53, DnsMode::Open) => self.cfg.policy.dns_query(target),
-            _ => self.cfg.policy.udp(target),
+        let open_dns = dst.port() == 53 && self.cfg.dns.mode == DnsMode::Open;
+        if open_dns && !crate::dns::is_query(&data) {
+            // The mode opens port 53 to resolvers, not to any protocol.
+            self.log_refusal(format_args!(
+                "udp {src} -> {dst} refused: not a DNS query (open DNS mode relays only those)"
+            ));
+            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
+            self.send_frame(f);
+            return;
+        }
+        let decision = match open_dns {
+            true => self.cfg.policy.dns_query(target),
+            false => self.cfg.policy.udp(target),
         };
         let allowed = match decision {
             Ok(a) => a,

@@ -342,7 +342,7 @@ async fn synthetic_dns_requests_reach_the_name_the_host_resolves() {
     let log = dir.path().join("events.jsonl");
     let (port, mut seen) = http_upstream().await;
     let (resolver, asked) = loopback_resolver().await;
-    let mut net = network(Some(intercepting(&["api.up"], &log)), true);
+    let mut net = network(Some(intercepting(&["api.up", "b.up"], &log)), true);
     net.dns_servers = vec![format!("127.0.0.1:{resolver}")];
     net.dns_mode = matchlock_api::config::DnsMode::Synthetic;
     let g = guest(&net);
@@ -360,9 +360,86 @@ async fn synthetic_dns_requests_reach_the_name_the_host_resolves() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(seen.recv().await.unwrap(), "");
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Another allowed name on that address: not what DNS told the guest, refused.
+    let b = g.resolve("b.up").await.unwrap();
+    assert_ne!(b, ips);
+    let out = guest_get(
+        &g,
+        SocketAddrV4::new(ips[0], port),
+        &format!("b.up:{port}"),
+        "",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // A second connection to the same name is served from the host's lookup of a moment ago.
+    let out = guest_get(
+        &g,
+        SocketAddrV4::new(ips[0], port),
+        &format!("api.up:{port}"),
+        "",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // UDP to a synthetic address is refused.
+    assert_eq!(
+        g.udp(SocketAddrV4::new(ips[0], 9), b"x", Duration::from_secs(5))
+            .await,
+        UdpOutcome::Refused
+    );
     // A name off the list gets the sinkhole, not an address of its own.
     let off = g.resolve("off.up").await.unwrap();
     assert_eq!(off, vec![matchlock_net::dns::SINKHOLE]);
+}
+
+/// A DNS query for `a.test`, as a guest's resolver sends it.
+fn dns_query() -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(b"\x01a\x04test\x00\x00\x01\x00\x01");
+    q
+}
+
+/// Open DNS mode relays a query to the server the guest names (here a loopback resolver the
+/// test opens, on port 53 as the mode requires), also while intercepting, and refuses anything
+/// else sent to port 53. Needs port 53 on 127.0.0.1 (root, and the port free).
+#[tokio::test]
+async fn open_dns_relays_queries_and_only_queries() {
+    let Ok(server) = tokio::net::UdpSocket::bind("127.0.0.1:53").await else {
+        eprintln!(
+            "NOTE: 127.0.0.1:53 is taken or needs root; open DNS mode's relay went unchecked"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = server.recv_from(&mut buf).await {
+            let mut r = buf[..n].to_vec();
+            r[2] |= 0x80; // QR: a response
+            r.extend_from_slice(b"relayed");
+            let _ = server.send_to(&r, from).await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let mut net = network(Some(intercepting(&["api.test"], &log)), true);
+    net.dns_mode = matchlock_api::config::DnsMode::Open;
+    let g = guest(&net);
+    let resolver = SocketAddrV4::new(ALIAS_BASE, 53);
+    match g.udp(resolver, &dns_query(), Duration::from_secs(5)).await {
+        UdpOutcome::Reply(r) => assert!(r.ends_with(b"relayed"), "{r:?}"),
+        other => panic!("the query was not relayed: {other:?}"),
+    }
+    assert_eq!(
+        g.udp(resolver, b"not a DNS message", Duration::from_secs(5))
+            .await,
+        UdpOutcome::Refused
+    );
+    // The same query in the default mode is answered by matchlock, never relayed.
+    net.dns_mode = Default::default();
+    let g = guest(&net);
+    if let UdpOutcome::Reply(r) = g.udp(resolver, &dns_query(), Duration::from_secs(8)).await {
+        assert!(!r.ends_with(b"relayed"), "trusted mode relayed a query");
+    }
 }
 
 #[tokio::test]
