@@ -14,7 +14,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode}
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use matchlock_api::config::DnsMode;
-use matchlock_policy::Policy;
+use matchlock_policy::{Policy, Target};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -190,22 +190,29 @@ fn rebuild(query: &Message) -> Result<Message, ResponseCode> {
     {
         return Err(ResponseCode::NotImp);
     }
-    let name = Name::from_ascii(normalize(&q.name().to_ascii()))
-        .map_err(|_| ResponseCode::FormErr)?
-        .append_domain(&Name::root())
+    let mut m = fresh_query(&normalize(&q.name().to_ascii()), q.query_type())
         .map_err(|_| ResponseCode::FormErr)?;
-    let mut m = Message::new();
-    m.set_id(rand::random())
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true);
-    m.add_query(Query::query(name, q.query_type()));
     // Without EDNS the guest takes at most 512 bytes, which the upstream then keeps to itself.
     if let Some(e) = query.extensions() {
         let mut edns = Edns::new();
         edns.set_max_payload(e.max_payload().clamp(512, MAX_UDP_PAYLOAD));
         m.set_edns(edns);
     }
+    Ok(m)
+}
+
+/// A query matchlock sends upstream: one question for `name` (fully qualified here), recursion
+/// desired, a fresh random id, nothing else.
+fn fresh_query(name: &str, t: RecordType) -> Result<Message, String> {
+    let name = Name::from_ascii(name)
+        .and_then(|n| n.append_domain(&Name::root()))
+        .map_err(|e| format!("{name}: {e}"))?;
+    let mut m = Message::new();
+    m.set_id(rand::random())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    m.add_query(Query::query(name, t));
     Ok(m)
 }
 
@@ -245,6 +252,31 @@ impl Dns {
         reply_to(&query, ResponseCode::ServFail).to_vec().ok()
     }
 
+    /// Whether `ip` is an address this resolver made up for a name (synthetic mode), which the
+    /// host maps back to the name ([`Dns::real_target`]).
+    pub fn is_synthetic(&self, ip: Ipv4Addr) -> bool {
+        self.mode == DnsMode::Synthetic && SyntheticNames::contains(ip)
+    }
+
+    /// `target`, whose address this resolver made up, with the real address of the name it
+    /// stands for (the first IPv4 address the host's resolvers give). A name the allow-list no
+    /// longer allows is not looked up.
+    pub async fn real_target(&self, target: Target) -> Result<Target, String> {
+        let ip = *target.visible.ip();
+        let name = self
+            .synthetic
+            .name_of(ip)
+            .ok_or_else(|| format!("{ip} was given to no name"))?;
+        if self.policy.intercepts() && !self.policy.allows_host(&name) {
+            return Err(format!("{name} is not on this sandbox's allow-list"));
+        }
+        let addrs = self.lookup(&name).await?;
+        Ok(Target {
+            visible: target.visible,
+            real: SocketAddr::new(addrs[0], target.visible.port()),
+        })
+    }
+
     /// Synthetic mode's answer to the checked question of `rebuilt`: an A record with the name's
     /// own address; no records for any other type (so clients fall back to IPv4).
     fn synthetic_answer(&self, query: &Message, rebuilt: &Message) -> Message {
@@ -267,13 +299,17 @@ impl Dns {
     /// name's address): its IPv4 addresses from the upstream servers, in their order. Kept for
     /// [`LOOKUP_TTL`]; at most [`LOOKUPS_IN_FLIGHT`] go upstream at once.
     pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
-        let cached = |s: &SyntheticNames| {
-            let c = s.looked_up.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = || {
+            let c = self
+                .synthetic
+                .looked_up
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             c.get(name)
                 .filter(|(_, at)| at.elapsed() < LOOKUP_TTL)
                 .map(|(addrs, _)| addrs.clone())
         };
-        if let Some(addrs) = cached(&self.synthetic) {
+        if let Some(addrs) = cached() {
             return Ok(addrs);
         }
         let _turn = self
@@ -283,7 +319,7 @@ impl Dns {
             .await
             .map_err(|e| e.to_string())?;
         // Another connection may have looked it up while this one waited.
-        if let Some(addrs) = cached(&self.synthetic) {
+        if let Some(addrs) = cached() {
             return Ok(addrs);
         }
         let addrs = self.lookup_upstream(name).await?;
@@ -301,15 +337,7 @@ impl Dns {
     }
 
     async fn lookup_upstream(&self, name: &str) -> Result<Vec<IpAddr>, String> {
-        let owner = Name::from_ascii(name)
-            .and_then(|n| n.append_domain(&Name::root()))
-            .map_err(|e| format!("{name}: {e}"))?;
-        let mut q = Message::new();
-        q.set_id(rand::random())
-            .set_message_type(MessageType::Query)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(true);
-        q.add_query(Query::query(owner, RecordType::A));
+        let q = fresh_query(name, RecordType::A)?;
         let packet = q.to_vec().map_err(|e| e.to_string())?;
         if self.upstreams.is_empty() {
             return Err("no DNS servers to resolve it with".into());

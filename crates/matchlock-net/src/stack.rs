@@ -8,10 +8,10 @@
 //! directly from the frames (smoltcp's any-IP mode would otherwise answer pings for every address
 //! on the internet). IPv6 and other protocols are dropped.
 
-use crate::dns::{Dns, SyntheticNames};
+use crate::dns::Dns;
 use crate::frames::{self, Link};
 use matchlock_api::config::DnsMode;
-use matchlock_policy::{Denial, Policy, Target};
+use matchlock_policy::{Allowed, Denial, Policy, Target};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::tcp;
@@ -86,22 +86,11 @@ pub struct NetConfig {
     pub intercept: Option<Arc<crate::proxy::Proxy>>,
 }
 
-/// `target` with the real address of the name its synthetic address stands for (the first IPv4
-/// address the host's resolvers give). A name the allow-list no longer allows is not looked up.
-async fn resolve_synthetic(dns: &Dns, target: Target) -> Result<Target, String> {
-    let ip = *target.visible.ip();
-    let name = dns
-        .synthetic
-        .name_of(ip)
-        .ok_or_else(|| format!("{ip} was given to no name"))?;
-    if dns.policy.intercepts() && !dns.policy.allows_host(&name) {
-        return Err(format!("{name} is not on this sandbox's allow-list"));
-    }
-    let addrs = dns.lookup(&name).await?;
-    Ok(Target {
-        visible: target.visible,
-        real: SocketAddr::new(addrs[0], target.visible.port()),
-    })
+/// A direct TCP flow's policy decision: made at the SYN, or, for an address synthetic DNS made
+/// up, once the host has looked up the name it stands for.
+enum TcpDecision {
+    Made(Allowed),
+    AfterLookup(Arc<Dns>),
 }
 
 /// First alias address: the benchmarking range 198.18.0.0/15, never routed on the internet.
@@ -534,9 +523,11 @@ impl Stack {
         }
         // An address synthetic DNS made up: the host resolves the name it stands for and the
         // flow goes there (the policy judges the real address, as for any other flow).
-        let synthetic = (self.cfg.dns.mode == DnsMode::Synthetic
-            && SyntheticNames::contains(*dst.ip()))
-        .then_some(self.cfg.dns.clone());
+        let synthetic = self
+            .cfg
+            .dns
+            .is_synthetic(*dst.ip())
+            .then(|| self.cfg.dns.clone());
         if let Some(proxy) = self.cfg.intercept.clone() {
             // The proxy decides per request (and answers refusals in HTTP), so the handshake is
             // completed locally; the flow's far end is the proxy.
@@ -545,7 +536,8 @@ impl Stack {
                 let target = match synthetic {
                     // A failed resolution leaves the made-up address, which the policy blocks:
                     // the guest gets the proxy's refusal.
-                    Some(dns) => resolve_synthetic(&dns, target)
+                    Some(dns) => dns
+                        .real_target(target)
                         .await
                         .inspect_err(|e| tracing::info!("tcp -> {}: {e}", target.visible))
                         .unwrap_or(target),
@@ -558,10 +550,10 @@ impl Stack {
             self.tcp_connected(key, ours);
             return;
         }
-        let allowed = match &synthetic {
-            Some(_) => None,
+        let decision = match synthetic {
+            Some(dns) => TcpDecision::AfterLookup(dns),
             None => match self.cfg.policy.tcp(target) {
-                Ok(a) => Some(a),
+                Ok(a) => TcpDecision::Made(a),
                 Err(denial) => return refuse(self, &denial),
             },
         };
@@ -569,12 +561,12 @@ impl Stack {
         let timeout = self.cfg.limits.connect_timeout;
         let policy = self.cfg.policy.clone();
         let task = tokio::spawn(async move {
-            let allowed = match (allowed, synthetic) {
-                (Some(a), _) => Ok(a),
-                (None, Some(dns)) => resolve_synthetic(&dns, target)
+            let allowed = match decision {
+                TcpDecision::Made(a) => Ok(a),
+                TcpDecision::AfterLookup(dns) => dns
+                    .real_target(target)
                     .await
                     .and_then(|t| policy.tcp(t).map_err(|d| d.to_string())),
-                (None, None) => Err("no decision".to_string()),
             };
             let e = match allowed {
                 Ok(allowed) => match crate::connect::tcp(&allowed, timeout).await {
@@ -728,33 +720,22 @@ impl Stack {
             visible: dst,
             real: SocketAddr::new(self.real(*dst.ip()), dst.port()),
         };
-        if SyntheticNames::contains(*dst.ip()) && self.cfg.dns.mode == DnsMode::Synthetic {
+        let decision = if self.cfg.dns.is_synthetic(*dst.ip()) {
             // Only TCP is mapped back to a name.
-            self.log_refusal(format_args!(
-                "udp {src} -> {dst} refused: UDP to a synthetic DNS address is not relayed"
-            ));
-            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
-            self.send_frame(f);
-            return;
-        }
-        let open_dns = dst.port() == 53 && self.cfg.dns.mode == DnsMode::Open;
-        if open_dns && !crate::dns::is_query(&data) {
+            Err("UDP to a synthetic DNS address is not relayed".to_string())
+        } else if dst.port() == 53 && self.cfg.dns.mode == DnsMode::Open {
             // The mode opens port 53 to resolvers, not to any protocol.
-            self.log_refusal(format_args!(
-                "udp {src} -> {dst} refused: not a DNS query (open DNS mode relays only those)"
-            ));
-            let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
-            self.send_frame(f);
-            return;
-        }
-        let decision = match open_dns {
-            true => self.cfg.policy.dns_query(target),
-            false => self.cfg.policy.udp(target),
+            match crate::dns::is_query(&data) {
+                true => self.cfg.policy.dns_query(target).map_err(|d| d.to_string()),
+                false => Err("not a DNS query (open DNS mode relays only those)".to_string()),
+            }
+        } else {
+            self.cfg.policy.udp(target).map_err(|d| d.to_string())
         };
         let allowed = match decision {
             Ok(a) => a,
-            Err(denial) => {
-                self.log_refusal(format_args!("udp {src} -> {dst} refused: {denial}"));
+            Err(why) => {
+                self.log_refusal(format_args!("udp {src} -> {dst} refused: {why}"));
                 let f = frames::icmp_prohibited(self.link, self.cfg.gateway_ip, repr, &ip_payload);
                 self.send_frame(f);
                 return;
