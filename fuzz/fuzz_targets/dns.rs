@@ -39,6 +39,17 @@ fn hosts() -> Vec<(String, IpAddr)> {
     .collect()
 }
 
+/// A resolver with the local names and no upstreams.
+fn resolver(policy: Policy, mode: DnsMode) -> Dns {
+    Dns {
+        upstreams: Vec::new(),
+        hosts: hosts(),
+        policy: Arc::new(policy),
+        mode,
+        synthetic: Default::default(),
+    }
+}
+
 /// Built per input (cheaply), so that names one input taught the resolver's table do not
 /// change what the next one gets.
 fn resolvers() -> [Dns; 3] {
@@ -48,28 +59,11 @@ fn resolvers() -> [Dns; 3] {
         allow,
         Arc::new(NameTable::default()),
     );
+    let direct = || Policy::direct(AddressPolicy::default());
     [
-        Dns {
-            upstreams: Vec::new(),
-            hosts: hosts(),
-            policy: Arc::new(intercepting),
-            mode: DnsMode::Trusted,
-            synthetic: Default::default(),
-        },
-        Dns {
-            upstreams: Vec::new(),
-            hosts: hosts(),
-            policy: Arc::new(Policy::direct(AddressPolicy::default())),
-            mode: DnsMode::Trusted,
-            synthetic: Default::default(),
-        },
-        Dns {
-            upstreams: Vec::new(),
-            hosts: hosts(),
-            policy: Arc::new(Policy::direct(AddressPolicy::default())),
-            mode: DnsMode::Synthetic,
-            synthetic: Default::default(),
-        },
+        resolver(intercepting, DnsMode::Trusted),
+        resolver(direct(), DnsMode::Trusted),
+        resolver(direct(), DnsMode::Synthetic),
     ]
 }
 

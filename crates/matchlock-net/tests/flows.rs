@@ -350,41 +350,34 @@ async fn synthetic_dns_requests_reach_the_name_the_host_resolves() {
     assert_eq!(ips.len(), 1);
     assert_eq!(ips[0].octets()[..2], [198, 19]);
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let out = guest_get(
-        &g,
-        SocketAddrV4::new(ips[0], port),
-        &format!("api.up:{port}"),
-        "",
-    )
-    .await;
+    // A request for `host` to api.up's made-up address.
+    let dst = SocketAddrV4::new(ips[0], port);
+    let get = |host: &str| {
+        let host = format!("{host}:{port}");
+        let g = &g;
+        async move { guest_get(g, dst, &host, "").await }
+    };
+    let out = get("api.up").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(seen.recv().await.unwrap(), "");
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     // Another allowed name on that address: not what DNS told the guest, refused.
     let b = g.resolve("b.up").await.unwrap();
     assert_ne!(b, ips);
-    let out = guest_get(
-        &g,
-        SocketAddrV4::new(ips[0], port),
-        &format!("b.up:{port}"),
-        "",
-    )
-    .await;
+    let out = get("b.up").await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     // A second connection to the same name is served from the host's lookup of a moment ago.
-    let out = guest_get(
-        &g,
-        SocketAddrV4::new(ips[0], port),
-        &format!("api.up:{port}"),
-        "",
-    )
-    .await;
+    let out = get("api.up").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     // UDP to a synthetic address is refused.
     assert_eq!(
-        g.udp(SocketAddrV4::new(ips[0], 9), b"x", Duration::from_secs(5))
-            .await,
+        g.udp(
+            SocketAddrV4::new(*dst.ip(), 9),
+            b"x",
+            Duration::from_secs(5)
+        )
+        .await,
         UdpOutcome::Refused
     );
     // A name off the list gets the sinkhole, not an address of its own.

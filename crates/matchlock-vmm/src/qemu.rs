@@ -319,13 +319,30 @@ fn escape_commas(s: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_line_is_hardened_and_escapes_paths() {
-        let spec = VmSpec {
+    /// A one-vCPU, 256 MiB VM with no devices beyond the agent's channel and the console.
+    fn plain() -> VmSpec {
+        VmSpec {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             kernel: "/k/vmlinux".into(),
             initramfs: "/k/init.cpio".into(),
             accel: Accel::Tcg,
+            vcpus: 1,
+            memory_mb: 256,
+            disks: Vec::new(),
+            agent_socket: "/s/agent.sock".into(),
+            fs_devices: Vec::new(),
+            console_socket: "/s/console.sock".into(),
+            extra_cmdline: Vec::new(),
+            net: None,
+            qmp_socket: None,
+            incoming: false,
+            ram_file: None,
+        }
+    }
+
+    #[test]
+    fn command_line_is_hardened_and_escapes_paths() {
+        let spec = VmSpec {
             vcpus: 2,
             memory_mb: 512,
             disks: vec![Disk {
@@ -333,18 +350,15 @@ mod tests {
                 serial: "ml-root".into(),
                 read_only: true,
             }],
-            agent_socket: "/s/agent.sock".into(),
             fs_devices: vec![FsDevice {
                 socket: "/s/fs,0.sock".into(),
                 tag: "ml0".into(),
                 queue_size: 1024,
             }],
-            console_socket: "/s/console.sock".into(),
             extra_cmdline: vec!["x=1".into()],
-            net: None,
             qmp_socket: Some("/s/qmp.sock".into()),
             incoming: true,
-            ram_file: None,
+            ..plain()
         };
         let c = spec.command();
         let args: Vec<String> = c
@@ -378,23 +392,7 @@ mod tests {
 
     #[test]
     fn guest_ram_is_always_the_backend_ram_and_a_template_file_when_given() {
-        let mut spec = VmSpec {
-            qemu: "/usr/bin/qemu-system-x86_64".into(),
-            kernel: "/k/vmlinux".into(),
-            initramfs: "/k/init.cpio".into(),
-            accel: Accel::Tcg,
-            vcpus: 1,
-            memory_mb: 256,
-            disks: Vec::new(),
-            agent_socket: "/s/agent.sock".into(),
-            fs_devices: Vec::new(),
-            console_socket: "/s/console.sock".into(),
-            extra_cmdline: Vec::new(),
-            net: None,
-            qmp_socket: None,
-            incoming: false,
-            ram_file: None,
-        };
+        let mut spec = plain();
         let joined = |spec: &VmSpec| {
             spec.command()
                 .get_args()
