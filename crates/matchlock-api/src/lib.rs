@@ -7,6 +7,7 @@
 pub mod config;
 pub mod create;
 pub mod hosts;
+pub mod ingress;
 pub mod plugins;
 pub mod request;
 pub mod validate;

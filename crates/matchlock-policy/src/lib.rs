@@ -13,6 +13,7 @@
 
 pub mod address;
 pub mod ca;
+pub mod callback;
 pub mod classify;
 mod decision;
 pub mod events;

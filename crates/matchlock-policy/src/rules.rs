@@ -13,7 +13,6 @@ pub use matchlock_api::wire::{BodyReplacement, RuleSpec, DEFAULT_CALLBACK_TIMEOU
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// The request a rule looks at and may change.
 #[derive(Debug, Clone, Default)]
@@ -348,45 +347,10 @@ impl Rules {
         edit
     }
 
-    /// One callback: connect, write one JSON line, read one JSON line; why not, on any failure.
+    /// One callback over the rules' socket.
     async fn call(&self, req: &Value, timeout_ms: u64) -> Result<Value, String> {
-        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
         let socket = self.socket.as_ref().ok_or("no callback socket")?;
-        let deadline = Duration::from_millis(if timeout_ms == 0 {
-            DEFAULT_CALLBACK_TIMEOUT_MS
-        } else {
-            timeout_ms
-        });
-        let call = async {
-            let mut s = tokio::net::UnixStream::connect(socket)
-                .await
-                .map_err(|e| format!("cannot reach the SDK ({e})"))?;
-            let mut line = req.to_string();
-            line.push('\n');
-            s.write_all(line.as_bytes())
-                .await
-                .map_err(|e| format!("cannot send to the SDK ({e})"))?;
-            // Bounded: a callback cannot make the host buffer without limit.
-            let mut reader = tokio::io::BufReader::new(s.take(16 << 20));
-            let mut answer = String::new();
-            reader
-                .read_line(&mut answer)
-                .await
-                .map_err(|e| format!("no answer ({e})"))?;
-            let v: Value = serde_json::from_str(answer.trim())
-                .map_err(|_| "its answer is not JSON".to_string())?;
-            if let Some(e) = v.get("error") {
-                let e = e.as_str().unwrap_or("an error");
-                return Err(format!(
-                    "the SDK answered: {}",
-                    e.chars().take(200).collect::<String>()
-                ));
-            }
-            Ok(v)
-        };
-        tokio::time::timeout(deadline, call)
-            .await
-            .map_err(|_| format!("no answer within {} ms", deadline.as_millis()))?
+        crate::callback::call(socket, req, timeout_ms).await
     }
 }
 
@@ -417,6 +381,7 @@ pub fn replace_all(body: &[u8], replacements: &[(String, String)]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn rules(v: Value) -> Rules {
         Rules::new(serde_json::from_value(v).unwrap(), None).unwrap()

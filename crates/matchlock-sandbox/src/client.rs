@@ -242,6 +242,54 @@ impl Client {
         self.send(&Request::File(op)).await
     }
 
+    /// Reads a whole guest file of at most `cap` bytes; `Ok(None)` when it does not exist. A
+    /// bigger file is an error, found before its content crosses the channel.
+    pub async fn read_file(&self, path: &str, cap: u64) -> Result<Option<Vec<u8>>, SandboxError> {
+        use matchlock_proto::read_msg;
+        let mut s = self.file(Msg::ReadFile { path: path.into() }).await?;
+        let mut content = Vec::new();
+        loop {
+            match read_msg(&mut s).await? {
+                Some(Msg::FileInfo { size, .. }) if size > cap => {
+                    return Err(SandboxError::Invalid(format!(
+                        "{path} is {size} bytes; at most {cap} are read"
+                    )))
+                }
+                Some(Msg::FileInfo { .. }) => {}
+                Some(Msg::Data(d)) if content.len() as u64 + d.len() as u64 > cap => {
+                    return Err(SandboxError::Invalid(format!(
+                        "{path} grew beyond {cap} bytes while being read"
+                    )))
+                }
+                Some(Msg::Data(d)) => content.extend_from_slice(&d),
+                Some(Msg::Eof) => return Ok(Some(content)),
+                // The guest describes a missing file with the OS's own error (ENOENT).
+                Some(Msg::Error(e)) if e.ends_with("(os error 2)") => return Ok(None),
+                Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
+                other => {
+                    return Err(SandboxError::Channel(format!(
+                        "unexpected reply to ReadFile: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Writes a whole guest file as root (parents are created), replacing what was there.
+    pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<(), SandboxError> {
+        let mut s = self
+            .file(Msg::WriteFile(matchlock_proto::WriteFile {
+                path: path.into(),
+                mode,
+                uid: None,
+                gid: None,
+            }))
+            .await?;
+        matchlock_proto::transfer::send_file_body(&mut s, data)
+            .await
+            .map_err(|e| SandboxError::Channel(format!("{path}: {e}")))
+    }
+
     /// Stops the sandbox and waits until its VM and supervisor are gone.
     pub async fn stop(&self, grace_ms: Option<u64>) -> Result<(), SandboxError> {
         self.simple(&Request::Stop { grace_ms }).await?;
