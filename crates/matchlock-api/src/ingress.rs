@@ -353,6 +353,79 @@ pub struct IngressHookAnswer {
     pub max_buffered_response_bytes: Option<u64>,
 }
 
+impl IngressHookCall {
+    /// The buffered response body (`response` phase), decoded.
+    pub fn body(&self) -> Option<Vec<u8>> {
+        use base64::Engine;
+        let b = self.body_base64.as_deref()?;
+        base64::engine::general_purpose::STANDARD.decode(b).ok()
+    }
+
+    /// The first value of a request header (names are lowercase).
+    pub fn request_header(&self, name: &str) -> Option<&str> {
+        self.request_headers
+            .get(&name.to_ascii_lowercase())
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+impl IngressHookAnswer {
+    /// Changes nothing (allows, in the `allow` phase).
+    pub fn pass() -> Self {
+        Self::default()
+    }
+
+    /// Refuses the request with `status` and `body`.
+    pub fn deny(status: u16, body: impl AsRef<[u8]>) -> Self {
+        IngressHookAnswer {
+            allow: Some(false),
+            status: Some(status),
+            ..Self::default()
+        }
+        .with_body(body)
+    }
+
+    /// Sets a header (replacing its values).
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers
+            .insert(name.to_ascii_lowercase(), Some(vec![value.to_string()]));
+        self
+    }
+
+    /// Deletes a header.
+    pub fn without_header(mut self, name: &str) -> Self {
+        self.headers.insert(name.to_ascii_lowercase(), None);
+        self
+    }
+
+    /// Replaces the body (of a refusal or a response).
+    pub fn with_body(mut self, body: impl AsRef<[u8]>) -> Self {
+        use base64::Engine;
+        self.body_base64 = Some(base64::engine::general_purpose::STANDARD.encode(body));
+        self
+    }
+
+    /// Replaces the status of the response.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Asks the guest for this path and query instead.
+    pub fn with_target(mut self, target: impl Into<String>) -> Self {
+        self.backend_target = Some(target.into());
+        self
+    }
+
+    /// Buffers this request's response (up to `max_bytes`) for the response hook.
+    pub fn buffer_response(mut self, max_bytes: u64) -> Self {
+        self.buffer_response_body = Some(true);
+        self.max_buffered_response_bytes = Some(max_bytes);
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

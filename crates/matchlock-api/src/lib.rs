@@ -1,8 +1,9 @@
 //! Matchlock's shared vocabulary, for every front end (the CLI, the JSON-RPC server, the Rust
 //! SDK) and the sandbox layer: what a sandbox is configured as ([`config`]), the defaults
 //! ([`defaults`]) and checks ([`validate`]) of user input, host patterns ([`hosts`]), and the
-//! JSON-RPC error codes and wire shapes the SDKs speak ([`codes`], [`wire`]). It depends on
-//! nothing but serde, so an SDK can use it without pulling in the sandbox machinery.
+//! JSON-RPC error codes and wire shapes the SDKs speak ([`codes`], [`wire`], [`ingress`]). It
+//! depends on nothing but serde (and base64, for hook bodies), so an SDK can use it without
+//! pulling in the sandbox machinery.
 
 pub mod config;
 pub mod create;

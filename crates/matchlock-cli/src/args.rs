@@ -167,6 +167,35 @@ pub enum Command {
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         address: Vec<String>,
     },
+    /// Serve an HTTP gateway (HTTP/1.1 and h2) to web servers in a running sandbox, routed by
+    /// path prefix, until interrupted.
+    #[command(
+        after_help = "Routes live in /etc/matchlock/ingress-routes in the sandbox (one \
+'PREFIX :PORT [strip]' a line); --route replaces them, and a program in the sandbox may write \
+the file itself. The longest matching prefix wins.
+
+Examples:
+  matchlock ingress ID --route /=8000
+  matchlock ingress ID --listen 127.0.0.1:8080 --route /=3000 --route /api=8000,strip
+  matchlock ingress ID --routes"
+    )]
+    Ingress {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// Host address and port to listen on (port 0 picks a free one).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Route `PREFIX=PORT[,strip]`: paths under PREFIX go to PORT on the sandbox's loopback
+        /// (`strip` removes the prefix first). Replaces the sandbox's routes.
+        #[arg(long = "route", value_name = "PREFIX=PORT[,strip]")]
+        routes: Vec<String>,
+        /// Refuse WebSocket upgrades (403).
+        #[arg(long)]
+        no_websockets: bool,
+        /// Print the sandbox's routes and exit.
+        #[arg(long = "routes", conflicts_with_all = ["routes", "listen", "no_websockets"])]
+        show_routes: bool,
+    },
     /// Change a running sandbox's interception allow-list.
     #[command(name = "allow-list")]
     AllowList {

@@ -3,6 +3,7 @@
 mod args;
 mod diagnose;
 mod image;
+mod ingress;
 mod manage;
 mod request;
 mod run;
@@ -118,6 +119,13 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Log { id, follow } => manage::log(&id, follow),
         Command::Pull { image, force, tag } => image::pull(&image, force, tag.as_deref()),
         Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
+        Command::Ingress {
+            id,
+            listen,
+            routes,
+            no_websockets,
+            show_routes,
+        } => ingress::ingress(&id, &listen, &routes, no_websockets, show_routes),
         Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
         Command::AllowList { command } => run::allow_list(command),
         Command::Volume { command } => volume::volume(command),

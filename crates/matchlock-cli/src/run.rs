@@ -357,23 +357,35 @@ pub fn port_forward(id: &str, ports: &[String], addresses: &[String]) -> Result<
                 b.address, b.local_port, b.remote_port
             );
         }
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = sigint.recv() => return Ok(0),
-                _ = sigterm.recv() => return Ok(0),
-                _ = fwd.wait() => bail!("the forward listeners stopped"),
-                _ = tick.tick() => {
-                    if client.ping().await.is_err() {
-                        bail!("sandbox {id} stopped");
-                    }
+        until_stopped(&client, &id, fwd.wait(), "the forward listeners stopped").await
+    })
+}
+
+/// Serves until SIGINT or SIGTERM (exit 0), until `serving` ends (an error saying `why`), or until
+/// the sandbox stops.
+pub async fn until_stopped(
+    client: &Client,
+    id: &str,
+    serving: impl std::future::Future<Output = ()>,
+    why: &str,
+) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tokio::pin!(serving);
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => return Ok(0),
+            _ = sigterm.recv() => return Ok(0),
+            _ = &mut serving => bail!("{why}"),
+            _ = tick.tick() => {
+                if client.ping().await.is_err() {
+                    bail!("sandbox {id} stopped");
                 }
             }
         }
-    })
+    }
 }
 
 /// `matchlock allow-list add|delete`.

@@ -177,14 +177,8 @@ impl<G: Guest> Gateway<G> {
 
     /// Replaces the routes: writes the guest's routes file and uses the table at once.
     pub async fn set_routes(&self, routes: Vec<IngressRoute>) -> Result<(), String> {
-        validate_routes(&routes)?;
         let mut t = self.shared.table.lock().await;
-        let text = format_routes_file(&routes).into_bytes();
-        self.shared
-            .guest
-            .write_file(ROUTES_FILE, &text)
-            .await
-            .map_err(|e| format!("cannot write {ROUTES_FILE} in the sandbox: {e}"))?;
+        let text = write_routes(&*self.shared.guest, &routes).await?;
         *t = Table {
             loaded: Some(Instant::now()),
             routes: Arc::new(routes),
@@ -222,12 +216,7 @@ impl<G: Guest> Shared<G> {
     }
 
     async fn reload(&self, t: &mut Table) -> Result<(), String> {
-        let text = self
-            .guest
-            .read_file(ROUTES_FILE, MAX_ROUTES_FILE as u64)
-            .await
-            .map_err(|e| format!("cannot read {ROUTES_FILE}: {e}"))?
-            .unwrap_or_default();
+        let text = read_text(&*self.guest).await?;
         t.loaded = Some(Instant::now());
         if text == t.text {
             return Ok(());
@@ -244,6 +233,34 @@ impl<G: Guest> Shared<G> {
         };
         Ok(())
     }
+}
+
+/// Checks `routes` and writes them to the guest's routes file (what a gateway, running or
+/// started later, routes by); the file's text.
+pub async fn write_routes<G: Guest>(guest: &G, routes: &[IngressRoute]) -> Result<Vec<u8>, String> {
+    validate_routes(routes)?;
+    let text = format_routes_file(routes).into_bytes();
+    guest
+        .write_file(ROUTES_FILE, &text)
+        .await
+        .map_err(|e| format!("cannot write {ROUTES_FILE} in the sandbox: {e}"))?;
+    Ok(text)
+}
+
+/// The routes in the guest's routes file, and the lines that were skipped (why).
+pub async fn read_routes<G: Guest>(guest: &G) -> Result<(Vec<IngressRoute>, Vec<String>), String> {
+    Ok(parse_routes_file(&String::from_utf8_lossy(
+        &read_text(guest).await?,
+    )))
+}
+
+/// The routes file's text; empty when it does not exist.
+async fn read_text<G: Guest>(guest: &G) -> Result<Vec<u8>, String> {
+    Ok(guest
+        .read_file(ROUTES_FILE, MAX_ROUTES_FILE as u64)
+        .await
+        .map_err(|e| format!("cannot read {ROUTES_FILE}: {e}"))?
+        .unwrap_or_default())
 }
 
 async fn accept<G: Guest>(listener: TcpListener, shared: Arc<Shared<G>>) {

@@ -23,7 +23,7 @@
 mod gateway;
 mod http;
 
-pub use gateway::{Gateway, HookSocket, Options};
+pub use gateway::{read_routes, write_routes, Gateway, HookSocket, Options};
 pub use matchlock_api::ingress::{IngressParams, IngressRoute, MAX_ROUTES_FILE, ROUTES_FILE};
 
 use std::future::Future;

@@ -8,6 +8,7 @@
 use crate::wire::{self, code, Incoming, Line, RpcError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use matchlock_ingress::{Gateway, IngressParams, IngressRoute};
 use matchlock_proto::{read_msg, write_msg, Msg, WinSize};
 use matchlock_sandbox::control::ExecSpec;
 use matchlock_sandbox::forward::{Forwarder, PortMap};
@@ -48,6 +49,7 @@ struct Inflight {
 struct Vm {
     client: Client,
     forwards: Option<Forwarder>,
+    ingress: Option<Arc<Gateway<Client>>>,
 }
 
 /// Serialises lines onto stdout; one writer task owns it.
@@ -101,6 +103,7 @@ impl Shared {
         let vm = self.vm.lock().unwrap().take();
         if let Some(mut vm) = vm {
             vm.forwards.take();
+            vm.ingress.take();
             vm.client
                 .stop(Some(grace_ms))
                 .await
@@ -360,6 +363,10 @@ const KNOWN: &[&str] = &[
     "allow_list_delete",
     "pause",
     "resume",
+    "enable_ingress",
+    "set_ingress_routes",
+    "get_ingress_routes",
+    "disable_ingress",
     "close",
 ];
 
@@ -417,6 +424,15 @@ async fn handle(
             allow_list(shared, method, parse(method, params)?).await
         }
         "pause" | "resume" => pause(shared, method == "resume").await,
+        "enable_ingress" => enable_ingress(shared, parse(method, params)?).await,
+        "set_ingress_routes" => set_ingress_routes(shared, parse(method, params)?).await,
+        "get_ingress_routes" => get_ingress_routes(shared).await,
+        "disable_ingress" => {
+            if let Some(vm) = shared.vm.lock().unwrap().as_mut() {
+                vm.ingress.take();
+            }
+            Ok(json!({}))
+        }
         _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
     }
 }
@@ -475,6 +491,7 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
     *shared.vm.lock().unwrap() = Some(Vm {
         client: client.clone(),
         forwards: None,
+        ingress: None,
     });
     if emit_events {
         // Subscribed before create answers, so no operation the client causes goes unreported.
@@ -981,6 +998,65 @@ async fn port_forward(shared: &Arc<Shared>, p: PortForwardParams) -> Result<Valu
         None => return Err(RpcError::new(code::VM_FAILED, "VM not created")),
     }
     Ok(json!({ "bindings": bindings }))
+}
+
+/// Starts the ingress gateway (replacing a running one, whose port is freed first).
+async fn enable_ingress(shared: &Arc<Shared>, p: IngressParams) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    let opts = matchlock_ingress::Options::from_params(&p).map_err(RpcError::params)?;
+    if let Some(vm) = shared.vm.lock().unwrap().as_mut() {
+        vm.ingress.take();
+    }
+    let gw = Gateway::start(Arc::new(client), opts)
+        .await
+        .map_err(|e| RpcError::new(code::VM_FAILED, e))?;
+    if let Some(routes) = p.routes {
+        gw.set_routes(routes)
+            .await
+            .map_err(|e| RpcError::new(code::VM_FAILED, e))?;
+    }
+    let addr = gw.local_addr();
+    let url = gw.url();
+    match shared.vm.lock().unwrap().as_mut() {
+        Some(vm) => vm.ingress = Some(Arc::new(gw)),
+        None => return Err(RpcError::new(code::VM_FAILED, "VM not created")),
+    }
+    Ok(json!({"url": url, "address": addr.ip().to_string(), "port": addr.port()}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RoutesParams {
+    routes: Vec<IngressRoute>,
+}
+
+/// Replaces the routes file in the guest (and the running gateway's table at once).
+async fn set_ingress_routes(shared: &Arc<Shared>, p: RoutesParams) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    matchlock_api::ingress::validate_routes(&p.routes).map_err(RpcError::params)?;
+    let gw = shared
+        .vm
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|v| v.ingress.clone());
+    match gw {
+        Some(gw) => gw.set_routes(p.routes).await.map(|_| ()),
+        None => matchlock_ingress::write_routes(&client, &p.routes)
+            .await
+            .map(|_| ()),
+    }
+    .map_err(|e| RpcError::new(code::VM_FAILED, e))?;
+    Ok(json!({}))
+}
+
+/// The routes file as the guest has it, and the lines the gateway skips.
+async fn get_ingress_routes(shared: &Arc<Shared>) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    let (routes, problems) = matchlock_ingress::read_routes(&client)
+        .await
+        .map_err(|e| RpcError::new(code::VM_FAILED, e))?;
+    Ok(json!({"routes": routes, "problems": problems}))
 }
 
 #[derive(Deserialize, Default)]

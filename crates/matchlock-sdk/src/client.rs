@@ -1,6 +1,7 @@
 //! The client: one `matchlock rpc` child process and the JSON-RPC conversation with it.
 
 use crate::error::Error;
+use crate::ingress::{Ingress, IngressOptions, IngressRoute};
 use crate::sandbox::Sandbox;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -221,6 +222,13 @@ impl Conn {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct IngressAddress {
+    url: String,
+    address: String,
+    port: u16,
+}
+
 /// A call in flight.
 struct Call {
     id: u64,
@@ -237,6 +245,8 @@ pub struct Client {
     child: tokio::sync::Mutex<Option<Child>>,
     binary: PathBuf,
     vm_id: Mutex<Option<String>>,
+    /// The socket the ingress gateway calls the hooks on, while it runs.
+    ingress_hooks: Mutex<Option<crate::ingress::HookServer>>,
 }
 
 impl Client {
@@ -290,6 +300,7 @@ impl Client {
             child: tokio::sync::Mutex::new(Some(child)),
             binary: config.binary,
             vm_id: Mutex::new(None),
+            ingress_hooks: Mutex::new(None),
         })
     }
 
@@ -709,6 +720,50 @@ impl Client {
         let r = self.request("port_forward", p, None).await?;
         serde_json::from_value(r.get("bindings").cloned().unwrap_or(Value::Null))
             .map_err(|e| Error::Protocol(format!("port_forward: {e}")))
+    }
+
+    /// Starts the ingress gateway: a host-local HTTP server (HTTP/1.1 and h2) routing by path
+    /// prefix to servers on the sandbox's loopback, with `opts`' routes and hooks. Replaces a
+    /// running gateway.
+    pub async fn enable_ingress(&self, opts: &IngressOptions) -> Result<Ingress, Error> {
+        let hooks = if opts.has_hooks() {
+            Some(crate::ingress::HookServer::start(opts)?)
+        } else {
+            None
+        };
+        let params = opts.params(hooks.as_ref().map(|h| h.socket()).as_deref());
+        let params = serde_json::to_value(params)
+            .map_err(|e| Error::Protocol(format!("enable_ingress: {e}")))?;
+        let r = self.request("enable_ingress", params, None).await?;
+        *self.ingress_hooks.lock().unwrap() = hooks;
+        serde_json::from_value::<IngressAddress>(r)
+            .map(|a| Ingress {
+                url: a.url,
+                address: a.address,
+                port: a.port,
+            })
+            .map_err(|e| Error::Protocol(format!("enable_ingress: {e}")))
+    }
+
+    /// Replaces the ingress routes (the sandbox's routes file, and a running gateway's table).
+    pub async fn set_ingress_routes(&self, routes: &[IngressRoute]) -> Result<(), Error> {
+        self.request("set_ingress_routes", json!({ "routes": routes }), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// The ingress routes as the sandbox's routes file has them now.
+    pub async fn ingress_routes(&self) -> Result<Vec<IngressRoute>, Error> {
+        let r = self.request("get_ingress_routes", json!({}), None).await?;
+        serde_json::from_value(r.get("routes").cloned().unwrap_or(Value::Null))
+            .map_err(|e| Error::Protocol(format!("get_ingress_routes: {e}")))
+    }
+
+    /// Stops the ingress gateway.
+    pub async fn disable_ingress(&self) -> Result<(), Error> {
+        self.request("disable_ingress", json!({}), None).await?;
+        self.ingress_hooks.lock().unwrap().take();
+        Ok(())
     }
 
     /// Stops the sandbox (processes get part of `timeout` to exit on SIGTERM) and ends the server.

@@ -22,6 +22,7 @@
 
 mod client;
 mod error;
+mod ingress;
 mod sandbox;
 
 pub use client::{
@@ -29,4 +30,5 @@ pub use client::{
     VolumeInfo,
 };
 pub use error::{code, Error};
+pub use ingress::{Ingress, IngressHookAnswer, IngressHookCall, IngressOptions, IngressRoute};
 pub use sandbox::Sandbox;

@@ -271,3 +271,125 @@ async fn dropping_the_client_stops_the_sandbox_and_volumes_work() {
     client.remove().await.unwrap();
     client.volume_remove(&vol).await.unwrap();
 }
+
+/// One HTTP/1.1 request through a gateway on loopback: the status line and the whole answer.
+async fn http_get(port: u16, path: &str) -> String {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ingress_routes_hooks_and_a_closed_port() {
+    use matchlock_sdk::{IngressHookAnswer, IngressOptions, IngressRoute};
+    setup();
+    let client = Client::start().await.unwrap();
+    // busybox httpd serves /www on the guest's port 8000; nothing listens on 8001.
+    let sandbox = Sandbox::new(IMAGE).with_entrypoint([
+        "sh",
+        "-c",
+        "mkdir -p /www/api && echo hello > /www/index.html && echo '{\"a\":1}' > /www/api/data.json \
+         && exec httpd -f -p 127.0.0.1:8000 -h /www",
+    ]);
+    client.launch(&sandbox).await.unwrap();
+    let opts = IngressOptions::new()
+        .route("/", 8000, false)
+        .route("/closed", 8001, false)
+        .on_allow(|c| {
+            if c.path.starts_with("/admin") {
+                IngressHookAnswer::deny(451, format!("no admin for {}\n", c.client_ip))
+                    .with_header("x-why", "admin")
+            } else {
+                IngressHookAnswer::pass()
+            }
+        })
+        .on_request(|c| {
+            let a = IngressHookAnswer::pass().with_header("x-from-hook", "1");
+            if c.path.ends_with(".json") {
+                a.buffer_response(1 << 20)
+            } else {
+                a
+            }
+        })
+        .on_response(|c| match c.body() {
+            Some(b) => IngressHookAnswer::pass()
+                .with_body(String::from_utf8_lossy(&b).to_uppercase())
+                .with_header("x-rewritten", "1"),
+            None => IngressHookAnswer::pass(),
+        });
+    let ingress = client.enable_ingress(&opts).await.unwrap();
+    assert!(ingress.url.starts_with("http://127.0.0.1:"), "{ingress:?}");
+    let port = ingress.port;
+
+    // The server may still be starting.
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = http_get(port, "/index.html").await;
+        if page.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.ends_with("\r\n\r\nhello\n"),
+        "{page}"
+    );
+
+    let refused = http_get(port, "/admin/x").await;
+    assert!(refused.starts_with("HTTP/1.1 451"), "{refused}");
+    assert!(refused.contains("x-why: admin"), "{refused}");
+    assert!(refused.ends_with("no admin for 127.0.0.1\n"), "{refused}");
+
+    let json = http_get(port, "/api/data.json").await;
+    assert!(json.ends_with("{\"A\":1}\n"), "{json}");
+    assert!(json.contains("x-rewritten: 1"), "{json}");
+
+    let closed = http_get(port, "/closed/x").await;
+    assert!(closed.starts_with("HTTP/1.1 502"), "{closed}");
+    assert!(
+        closed.contains("127.0.0.1:8001") && closed.contains("refused"),
+        "{closed}"
+    );
+
+    // The routes live in the guest: readable there, and a program there may write its own.
+    let routes = client.ingress_routes().await.unwrap();
+    assert_eq!(routes.len(), 2);
+    let file = client
+        .read_file("/etc/matchlock/ingress-routes")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&file).contains("/closed :8001"));
+    client
+        .exec("echo '/site :8000 strip' > /etc/matchlock/ingress-routes")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let page = http_get(port, "/site/index.html").await;
+    assert!(page.ends_with("hello\n"), "{page}");
+    assert_eq!(
+        client.ingress_routes().await.unwrap(),
+        vec![IngressRoute {
+            prefix: "/site".into(),
+            port: 8000,
+            strip_prefix: true
+        }]
+    );
+    let gone = http_get(port, "/index.html").await;
+    assert!(gone.starts_with("HTTP/1.1 404"), "{gone}");
+
+    client.disable_ingress().await.unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    client.close(Duration::from_secs(2)).await.unwrap();
+}
