@@ -9,6 +9,7 @@
 //! matchlock-bench --plugins N [--runs N]
 //! matchlock-bench --density N [--image NAME] [--density-flags "RUN FLAGS"]
 //! matchlock-bench --pause N [--image NAME] [--net-image NAME]
+//! matchlock-bench --ingress N [--net MB] [--runs N] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -37,10 +38,14 @@
 //!    first exec's output from the image's template and cold (`--no-snapshot`).
 //! 10. `--pause N`: `matchlock pause` and `resume` of an idle sandbox of `--image` and of
 //!     `--net-image`, against a cold start to the first exec; see `pause.rs`.
+//! 11. `--ingress N`: N requests and `--runs` downloads of `--net MB` (default 32) through the
+//!     ingress gateway against `port-forward` to the same server in a `--net-image` sandbox; see
+//!     `ingress.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
 mod density;
+mod ingress;
 mod net;
 mod pause;
 mod plugins;
@@ -74,6 +79,7 @@ struct Args {
     density: usize,
     density_flags: Vec<String>,
     pause: usize,
+    ingress: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -99,6 +105,7 @@ fn parse_args() -> Result<Args> {
         density: 0,
         density_flags: Vec::new(),
         pause: 0,
+        ingress: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -121,6 +128,7 @@ fn parse_args() -> Result<Args> {
             "--net-image" => a.net_image = val()?,
             "--density" => a.density = val()?.parse()?,
             "--pause" => a.pause = val()?.parse()?,
+            "--ingress" => a.ingress = val()?.parse()?,
             "--density-flags" => {
                 a.density_flags = val()?.split_whitespace().map(str::to_string).collect()
             }
@@ -211,6 +219,16 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     if args.pull {
         return pull::bench(args.runs, &args.layer_dirs);
+    }
+    if args.ingress > 0 {
+        let mb = if args.net_mb > 0 { args.net_mb } else { 32 };
+        return ingress::bench(
+            &args.matchlock,
+            &args.net_image,
+            args.ingress,
+            mb,
+            args.runs,
+        );
     }
     if args.net_mb > 0 {
         return net::bench(&args.matchlock, &args.net_image, args.net_mb, args.runs);
