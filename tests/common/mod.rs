@@ -250,3 +250,31 @@ pub fn qemu_pids(needle: &str) -> Vec<i32> {
     }
     pids
 }
+
+/// The first line a pipe gives.
+pub fn first_line(pipe: impl std::io::Read) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line).unwrap();
+    line
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends `data`, half-closes, and returns everything the peer sent back until it closed.
+pub fn round_trip(port: u16, data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    s.write_all(data).ok()?;
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    Some(out)
+}

@@ -196,6 +196,29 @@ Examples:
         #[arg(long = "routes", conflicts_with_all = ["routes", "listen", "no_websockets"])]
         show_routes: bool,
     },
+    /// Open an SSH session into a running sandbox (OpenSSH's `ssh`, through a host-side SSH
+    /// server: the image needs no sshd), or serve SSH for other tools with --serve.
+    #[command(after_help = "Examples:
+  matchlock ssh ID                       # a shell on a terminal
+  matchlock ssh ID -- uname -a           # one command; its exit code is ssh's
+  matchlock ssh ID -- -L 8080:localhost:80 -N   # ssh options after --, then no command
+  matchlock ssh ID --serve               # prints a ready ssh command; scp/sftp/rsync use its options")]
+    Ssh {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+        /// The guest user to log in as.
+        #[arg(long, short = 'u', default_value = "root")]
+        user: String,
+        /// Serve until interrupted and print the `ssh` command line instead of running ssh.
+        #[arg(long)]
+        serve: bool,
+        /// Host address and port the SSH server listens on (port 0 picks a free one).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:0")]
+        listen: String,
+        /// `ssh` options and the command to run (after `--`).
+        #[arg(last = true, value_name = "SSH ARGS")]
+        args: Vec<String>,
+    },
     /// Change a running sandbox's interception allow-list.
     #[command(name = "allow-list")]
     AllowList {

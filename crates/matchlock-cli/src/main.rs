@@ -7,6 +7,7 @@ mod ingress;
 mod manage;
 mod request;
 mod run;
+mod ssh;
 mod table;
 mod term;
 mod volume;
@@ -126,6 +127,13 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
             no_websockets,
             show_routes,
         } => ingress::ingress(&id, &listen, &routes, no_websockets, show_routes),
+        Command::Ssh {
+            id,
+            user,
+            serve,
+            listen,
+            args,
+        } => ssh::ssh(&id, &user, serve, &listen, &args),
         Command::Rpc => Ok(matchlock_rpc::serve_stdio()),
         Command::AllowList { command } => run::allow_list(command),
         Command::Volume { command } => volume::volume(command),

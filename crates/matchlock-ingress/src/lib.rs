@@ -56,25 +56,11 @@ impl Guest for matchlock_sandbox::Client {
     type Stream = tokio::io::DuplexStream;
 
     async fn connect(&self, port: u16) -> Result<Self::Stream, String> {
-        use matchlock_proto::{read_msg, Msg};
-        let mut s = matchlock_sandbox::Client::connect(self, port)
-            .await
-            .map_err(|e| e.to_string())?;
-        match read_msg(&mut s).await {
-            Ok(Some(Msg::Ok)) => {}
-            Ok(Some(Msg::Error(e))) => return Err(e),
-            Ok(other) => return Err(format!("unexpected reply to Connect: {other:?}")),
-            Err(e) => return Err(e.to_string()),
-        }
-        // The channel stream carries framed `Data`/`Eof` messages; hyper wants bytes, so a
-        // relay task turns one into the other (with half-close) over an in-memory pipe.
-        let (ours, theirs) = tokio::io::duplex(256 << 10);
-        tokio::spawn(async move {
-            let (srd, swr) = s.into_split();
-            let (trd, twr) = tokio::io::split(theirs);
-            matchlock_proto::relay::relay(srd, swr, trd, twr).await;
-        });
-        Ok(ours)
+        // The guest's own reason (e.g. "cannot connect to 127.0.0.1:8001 in the sandbox: ...").
+        self.connect_bytes(port).await.map_err(|e| match e {
+            matchlock_sandbox::SandboxError::Channel(e) => e,
+            e => e.to_string(),
+        })
     }
 
     async fn read_file(&self, path: &str, cap: u64) -> Result<Option<Vec<u8>>, String> {

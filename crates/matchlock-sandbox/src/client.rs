@@ -237,6 +237,30 @@ impl Client {
         self.send(&Request::Connect { port }).await
     }
 
+    /// Connects to `port` on the guest's loopback and returns a plain byte stream (a relay task
+    /// turns the channel's framed `Data`/`Eof` messages into bytes, with half-close). The error is
+    /// the guest's reason when nothing listens there.
+    pub async fn connect_bytes(&self, port: u16) -> Result<tokio::io::DuplexStream, SandboxError> {
+        use matchlock_proto::read_msg;
+        let mut s = self.connect(port).await?;
+        match read_msg(&mut s).await? {
+            Some(Msg::Ok) => {}
+            Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
+            other => {
+                return Err(SandboxError::Channel(format!(
+                    "unexpected reply to Connect: {other:?}"
+                )))
+            }
+        }
+        let (ours, theirs) = tokio::io::duplex(256 << 10);
+        tokio::spawn(async move {
+            let (srd, swr) = s.into_split();
+            let (trd, twr) = tokio::io::split(theirs);
+            matchlock_proto::relay::relay(srd, swr, trd, twr).await;
+        });
+        Ok(ours)
+    }
+
     /// Starts a file operation; the returned connection is its stream.
     pub async fn file(&self, op: Msg) -> Result<UnixStream, SandboxError> {
         self.send(&Request::File(op)).await

@@ -1,0 +1,289 @@
+//! `matchlock ssh` end to end with OpenSSH's own `ssh`, `scp` and `sftp` against real sandboxes
+//! whose images have no sshd: commands and exit codes, stdin, terminals, port forwards, files, and
+//! the refusals (another key, another host key, traffic that is not SSH, a forward out of the
+//! sandbox, an image without sftp-server).
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// `matchlock ssh ID --serve`: the process and the ssh options of the command it printed.
+struct Served {
+    child: Child,
+    options: Vec<String>,
+    dest: String,
+}
+
+impl Served {
+    fn start(id: &str) -> Served {
+        let mut child = ml(&["ssh", id, "--serve"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let line = first_line(child.stdout.take().unwrap());
+        let mut words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        assert_eq!(words.first().map(String::as_str), Some("ssh"), "{line:?}");
+        let dest = words.pop().unwrap();
+        assert_eq!(dest, "root@127.0.0.1", "{line:?}");
+        Served {
+            child,
+            options: words[1..].to_vec(),
+            dest,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.options
+            .iter()
+            .find_map(|o| o.strip_prefix("Port=")?.parse().ok())
+            .unwrap()
+    }
+
+    /// `program` (ssh, scp, sftp) with the served options, `options` replaced where given.
+    fn tool(&self, program: &str, replace: &[(&str, &str)]) -> Command {
+        let mut c = Command::new(program);
+        let mut opts = self.options.clone();
+        for (from, to) in replace {
+            for o in opts.iter_mut() {
+                if o == from {
+                    *o = to.to_string();
+                }
+            }
+        }
+        c.args(opts).stdin(Stdio::null());
+        c
+    }
+
+    fn ssh(&self, args: &[&str]) -> Output {
+        self.tool("ssh", &[])
+            .arg(&self.dest)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn commands_stdin_terminals_and_exit_codes() {
+    let sb = Sandbox::detached(&[], &["sleep", "100000"]);
+    let o = run(&["ssh", &sb.id, "--", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "out\n");
+    assert!(stderr(&o).contains("err"), "{}", stderr(&o));
+
+    // 2 MiB through `cat` and back: stdin, its EOF and flow control.
+    let big: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+    let o = run_stdin(&["ssh", &sb.id, "--", "cat"], &big);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout == big, "{} bytes came back", o.stdout.len());
+
+    // A terminal on request, with the size ssh asked for; the user name picks the guest user.
+    let o = run(&["ssh", &sb.id, "--", "-tt", "tty; stty size"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("/dev/pts/"), "{}", stdout(&o));
+    let o = run(&["ssh", &sb.id, "-u", "nobody", "--", "id -u"]);
+    assert_eq!(stdout(&o), "65534\n", "{}", stderr(&o));
+    let o = run(&["ssh", &sb.id, "-u", "nosuchuser", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nosuchuser"), "{}", stderr(&o));
+}
+
+#[test]
+fn served_access_forwards_files_and_refusals() {
+    let sb = Sandbox::detached_from(
+        python_image(),
+        &[],
+        &["nc", "-ll", "-p", "9000", "-e", "cat"],
+    );
+    let served = Served::start(&sb.id);
+    let o = served.ssh(&["echo", "served"]);
+    assert_eq!(stdout(&o), "served\n", "{}", stderr(&o));
+
+    // ssh -L to the sandbox's loopback.
+    let port = free_port();
+    let mut fwd = served
+        .tool("ssh", &[])
+        .args(["-N", "-L", &format!("{port}:localhost:9000"), &served.dest])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || round_trip(
+        port,
+        b"through ssh -L"
+    )
+    .as_deref()
+        == Some(b"through ssh -L")));
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    // A forward to anything but the sandbox's loopback is refused.
+    let port = free_port();
+    let out = served
+        .tool("ssh", &[])
+        .args([
+            "-v",
+            "-N",
+            "-L",
+            &format!("{port}:10.0.2.2:80"),
+            &served.dest,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = scopeguard(out);
+    assert!(wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    // Closed or reset, but nothing from anywhere.
+    assert!(round_trip(port, b"x").unwrap_or_default().is_empty());
+    let _ = out.0.kill();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut out.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("administratively prohibited"), "{err}");
+
+    // sftp and scp (which speaks SFTP), through the image's own sftp-server.
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(dir.path().join("up"), &data).unwrap();
+    let o = served
+        .tool("scp", &[])
+        .arg(dir.path().join("up"))
+        .arg(format!("{}:/tmp/scp-up", served.dest))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scp: {}", stderr(&o));
+    let o = served
+        .tool("scp", &[])
+        .arg(format!("{}:/tmp/scp-up", served.dest))
+        .arg(dir.path().join("back"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scp back: {}", stderr(&o));
+    assert!(std::fs::read(dir.path().join("back")).unwrap() == data);
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} /tmp/sftp-up\nmkdir /tmp/made\nls -l /tmp/scp-up\nget /etc/passwd {}\n",
+            dir.path().join("up").display(),
+            dir.path().join("passwd").display()
+        ),
+    )
+    .unwrap();
+    let o = served
+        .tool("sftp", &[])
+        .arg("-b")
+        .arg(&batch)
+        .arg(&served.dest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "sftp: {}", stderr(&o));
+    assert!(stdout(&o).contains("1048576"), "{}", stdout(&o));
+    assert!(std::fs::read_to_string(dir.path().join("passwd"))
+        .unwrap()
+        .starts_with("root:"));
+    let o = sb.exec(&[
+        "sh",
+        "-c",
+        "cmp /tmp/sftp-up /tmp/scp-up && test -d /tmp/made && echo same",
+    ]);
+    assert_eq!(stdout(&o), "same\n", "{}", stderr(&o));
+
+    // Another key is refused.
+    let key = dir.path().join("other");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let identity = served.options[1].clone();
+    let o = served
+        .tool("ssh", &[(&identity, key.to_str().unwrap())])
+        .args(["-o", "BatchMode=yes", &served.dest, "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(255));
+    assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+
+    // A server with another host key than the one pinned is refused by ssh.
+    let kh = dir.path().join("known_hosts");
+    let alias = served
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("HostKeyAlias="))
+        .unwrap();
+    let other_pub = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(&kh, format!("{alias} {other_pub}")).unwrap();
+    let pinned = served
+        .options
+        .iter()
+        .find(|o| o.starts_with("UserKnownHostsFile="))
+        .unwrap()
+        .clone();
+    let o = served
+        .tool(
+            "ssh",
+            &[(&pinned, &format!("UserKnownHostsFile={}", kh.display()))],
+        )
+        .args(["-o", "BatchMode=yes", &served.dest, "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(255));
+    assert!(
+        stderr(&o).contains("HOST IDENTIFICATION HAS CHANGED")
+            || stderr(&o).contains("Host key verification failed"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Traffic that is not SSH is dropped, and the server goes on serving.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", served.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\0\0\0\0garbage");
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("200"), "{got:?}");
+    let o = served.ssh(&["echo", "still serving"]);
+    assert_eq!(stdout(&o), "still serving\n", "{}", stderr(&o));
+}
+
+#[test]
+fn sftp_without_sftp_server_in_the_image_fails_with_the_reason() {
+    let sb = Sandbox::detached(&[], &["sleep", "100000"]);
+    let served = Served::start(&sb.id);
+    let o = served
+        .tool("sftp", &[])
+        .arg("-b")
+        .arg("/dev/null")
+        .arg(&served.dest)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no sftp-server"), "{}", stderr(&o));
+}
+
+/// Kills the child on drop, so a failing assertion leaves no ssh behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scopeguard(c: Child) -> Guard {
+    Guard(c)
+}
