@@ -50,6 +50,7 @@ struct Vm {
     client: Client,
     forwards: Option<Forwarder>,
     ingress: Option<Arc<Gateway<Client>>>,
+    ssh: Option<matchlock_ssh::SshServer>,
 }
 
 /// Serialises lines onto stdout; one writer task owns it.
@@ -104,6 +105,7 @@ impl Shared {
         if let Some(mut vm) = vm {
             vm.forwards.take();
             vm.ingress.take();
+            vm.ssh.take();
             vm.client
                 .stop(Some(grace_ms))
                 .await
@@ -367,6 +369,8 @@ const KNOWN: &[&str] = &[
     "set_ingress_routes",
     "get_ingress_routes",
     "disable_ingress",
+    "enable_ssh",
+    "disable_ssh",
     "close",
 ];
 
@@ -433,6 +437,13 @@ async fn handle(
             }
             Ok(json!({}))
         }
+        "enable_ssh" => enable_ssh(shared, parse(method, params)?).await,
+        "disable_ssh" => {
+            if let Some(vm) = shared.vm.lock().unwrap().as_mut() {
+                vm.ssh.take();
+            }
+            Ok(json!({}))
+        }
         _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
     }
 }
@@ -492,6 +503,7 @@ async fn create(shared: &Arc<Shared>, id: &Value, params: Value) -> Result<Value
         client: client.clone(),
         forwards: None,
         ingress: None,
+        ssh: None,
     });
     if emit_events {
         // Subscribed before create answers, so no operation the client causes goes unreported.
@@ -1022,6 +1034,61 @@ async fn enable_ingress(shared: &Arc<Shared>, p: IngressParams) -> Result<Value,
         None => return Err(RpcError::new(code::VM_FAILED, "VM not created")),
     }
     Ok(json!({"url": url, "address": addr.ip().to_string(), "port": addr.port()}))
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct SshParams {
+    listen: String,
+    user: String,
+}
+
+impl Default for SshParams {
+    fn default() -> Self {
+        SshParams {
+            listen: "127.0.0.1:0".into(),
+            user: "root".into(),
+        }
+    }
+}
+
+/// Starts the sandbox's SSH server (replacing a running one) and says how to reach it.
+async fn enable_ssh(shared: &Arc<Shared>, p: SshParams) -> Result<Value, RpcError> {
+    let client = shared.client()?;
+    let listen: std::net::SocketAddr = p.listen.parse().map_err(|_| {
+        RpcError::params(format!(
+            "listen '{}' must be IP:PORT, e.g. 127.0.0.1:0",
+            p.listen
+        ))
+    })?;
+    if p.user.is_empty() || p.user.contains(['@', ' ', '/']) {
+        return Err(RpcError::params(format!(
+            "user '{}' is not a user name",
+            p.user
+        )));
+    }
+    if let Some(vm) = shared.vm.lock().unwrap().as_mut() {
+        vm.ssh.take();
+    }
+    let key_dir = shared.store.dir(client.id()).join("ssh");
+    let server = matchlock_ssh::SshServer::start(client, &key_dir, listen, &p.user)
+        .await
+        .map_err(|e| RpcError::new(code::VM_FAILED, e))?;
+    let a = server.access().clone();
+    match shared.vm.lock().unwrap().as_mut() {
+        Some(vm) => vm.ssh = Some(server),
+        None => return Err(RpcError::new(code::VM_FAILED, "VM not created")),
+    }
+    Ok(json!({
+        "command": a.command(),
+        "args": a.ssh_args(),
+        "host": a.addr.ip().to_string(),
+        "port": a.addr.port(),
+        "user": a.user,
+        "identity_file": a.identity_file,
+        "known_hosts": a.known_hosts,
+        "host_key_alias": a.host_alias,
+    }))
 }
 
 #[derive(Deserialize, Default)]

@@ -222,6 +222,27 @@ impl Conn {
     }
 }
 
+/// How to reach a sandbox's SSH server with OpenSSH ([`Client::enable_ssh`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SshAccess {
+    /// A ready `ssh` command line (shell-quoted).
+    pub command: String,
+    /// `ssh`'s arguments, destination last (options alone for `scp`/`sftp`: all but the last).
+    pub args: Vec<String>,
+    /// The server's address.
+    pub host: String,
+    /// The server's port.
+    pub port: u16,
+    /// The guest user.
+    pub user: String,
+    /// The only private key that may log in.
+    pub identity_file: PathBuf,
+    /// The `known_hosts` file pinning the server's key.
+    pub known_hosts: PathBuf,
+    /// The name the host key is pinned under.
+    pub host_key_alias: String,
+}
+
 #[derive(serde::Deserialize)]
 struct IngressAddress {
     url: String,
@@ -764,6 +785,24 @@ impl Client {
         self.request("disable_ingress", json!({}), None).await?;
         self.ingress_hooks.lock().unwrap().take();
         Ok(())
+    }
+
+    /// Starts the sandbox's SSH server on `127.0.0.1` (a free port) for the guest user `user`:
+    /// OpenSSH's `ssh`, `scp`, `sftp` (when the image has `sftp-server`) and `ssh -L` then work
+    /// with [`SshAccess::command`] or [`SshAccess::args`], and the image needs no sshd. Replaces
+    /// a running server.
+    pub async fn enable_ssh(&self, user: &str) -> Result<SshAccess, Error> {
+        let r = self
+            .request("enable_ssh", json!({ "user": user }), None)
+            .await?;
+        serde_json::from_value(r).map_err(|e| Error::Protocol(format!("enable_ssh: {e}")))
+    }
+
+    /// Stops the SSH server (open sessions end).
+    pub async fn disable_ssh(&self) -> Result<(), Error> {
+        self.request("disable_ssh", json!({}), None)
+            .await
+            .map(|_| ())
     }
 
     /// Stops the sandbox (processes get part of `timeout` to exit on SIGTERM) and ends the server.

@@ -27,7 +27,7 @@ mod sandbox;
 
 pub use client::{
     Client, Config, ExecOptions, ExecResult, ExitInfo, FileEvent, FileInfo, PortForwardBinding,
-    VolumeInfo,
+    SshAccess, VolumeInfo,
 };
 pub use error::{code, Error};
 pub use ingress::{Ingress, IngressHookAnswer, IngressHookCall, IngressOptions, IngressRoute};

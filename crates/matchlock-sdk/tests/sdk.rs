@@ -393,3 +393,34 @@ async fn ingress_routes_hooks_and_a_closed_port() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     client.close(Duration::from_secs(2)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_access_from_the_sdk() {
+    setup();
+    let client = Client::start().await.unwrap();
+    client
+        .launch(&Sandbox::new(IMAGE).with_entrypoint(["sleep", "100000"]))
+        .await
+        .unwrap();
+    let access = client.enable_ssh("nobody").await.unwrap();
+    assert!(access.command.starts_with("ssh -i "), "{access:?}");
+    assert_eq!(access.args.last().unwrap(), "nobody@127.0.0.1");
+    let out = tokio::process::Command::new("ssh")
+        .args(&access.args)
+        .args(["-o", "BatchMode=yes", "id -u; exit 4"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n");
+    client.disable_ssh().await.unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", access.port)).is_err());
+    assert!(client.enable_ssh("bad user").await.is_err());
+    client.close(Duration::from_secs(2)).await.unwrap();
+}
