@@ -10,6 +10,7 @@
 //! matchlock-bench --density N [--image NAME] [--density-flags "RUN FLAGS"]
 //! matchlock-bench --pause N [--image NAME] [--net-image NAME]
 //! matchlock-bench --ingress N [--net MB] [--runs N] [--net-image NAME]
+//! matchlock-bench --ssh N [--net MB] [--runs N] [--net-image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -41,6 +42,8 @@
 //! 11. `--ingress N`: N requests and `--runs` downloads of `--net MB` (default 32) through the
 //!     ingress gateway against `port-forward` to the same server in a `--net-image` sandbox; see
 //!     `ingress.rs`.
+//! 12. `--ssh N`: N `ssh … true` sessions against `matchlock exec … true`, and `--runs` copies of
+//!     `--net MB` (default 100) in with `scp` against `write_file`; see `ssh.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
@@ -51,6 +54,7 @@ mod pause;
 mod plugins;
 mod pull;
 mod rawvm;
+mod ssh;
 mod vfs;
 
 use anyhow::{bail, Context, Result};
@@ -80,6 +84,7 @@ struct Args {
     density_flags: Vec<String>,
     pause: usize,
     ingress: usize,
+    ssh: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -106,6 +111,7 @@ fn parse_args() -> Result<Args> {
         density_flags: Vec::new(),
         pause: 0,
         ingress: 0,
+        ssh: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -129,6 +135,7 @@ fn parse_args() -> Result<Args> {
             "--density" => a.density = val()?.parse()?,
             "--pause" => a.pause = val()?.parse()?,
             "--ingress" => a.ingress = val()?.parse()?,
+            "--ssh" => a.ssh = val()?.parse()?,
             "--density-flags" => {
                 a.density_flags = val()?.split_whitespace().map(str::to_string).collect()
             }
@@ -219,6 +226,10 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     if args.pull {
         return pull::bench(args.runs, &args.layer_dirs);
+    }
+    if args.ssh > 0 {
+        let mb = if args.net_mb > 0 { args.net_mb } else { 100 };
+        return ssh::bench(&args.matchlock, &args.net_image, args.ssh, mb, args.runs);
     }
     if args.ingress > 0 {
         let mb = if args.net_mb > 0 { args.net_mb } else { 32 };
