@@ -742,7 +742,20 @@ def model_usage():
     write(t, "prices", b"\x02" + b'{"m":{"input":1,"output":2,"cached_input":0.5}}')
 
 
+# ---------------------------------------------------------------- ingress routes file
+def ingress_routes():
+    clean("ingress_routes")
+    # The last line of each seed is the client path the harness routes.
+    write("ingress_routes", "basic",
+          b"/ :8000\n/api :9000 strip\n# comment\n/api/v2/ :9001 strip_prefix=false\n/api/v2/users\n")
+    write("ingress_routes", "bad-lines",
+          b"/x :0\n/y nope\n/ :80\n/ :81\n\xff\xfe :3\n/z :80 strip junk\n/apix\n")
+    write("ingress_routes", "nested", b"/a :1\n/a/b :2 strip\n/a/b/c/ :3\n/a/b/c/d?q=1\n")
+    write("ingress_routes", "many", b"".join(b"/r%d :%d\n" % (i, i + 1) for i in range(300)) + b"/r299/x\n")
+
+
 def main():
+    ingress_routes()
     classify_and_proxy()
     model_usage()
     dns_seeds = dns()
