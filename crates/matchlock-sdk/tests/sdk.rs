@@ -389,6 +389,17 @@ async fn ingress_routes_hooks_and_a_closed_port() {
     let gone = http_get(port, "/index.html").await;
     assert!(gone.starts_with("HTTP/1.1 404"), "{gone}");
 
+    // A hostile routes file (1 MB) is not read: the gateway keeps the routes it had.
+    client
+        .exec("head -c 1000000 /dev/zero > /etc/matchlock/ingress-routes")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let page = http_get(port, "/site/index.html").await;
+    assert!(page.ends_with("hello\n"), "{page}");
+    let e = client.ingress_routes().await.unwrap_err();
+    assert!(e.to_string().contains("at most 65536"), "{e}");
+
     client.disable_ingress().await.unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
     client.close(Duration::from_secs(2)).await.unwrap();
