@@ -14,6 +14,7 @@ use matchlock_api::ingress::{
     best_route, format_routes_file, parse_routes_file, validate_routes, IngressHookAnswer,
     IngressHookCall, IngressParams, IngressRoute, MAX_ROUTES_FILE, ROUTES_FILE,
 };
+use matchlock_sandbox::forward::accept_limited;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
-use tokio::task::JoinSet;
 
 /// Client connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 256;
@@ -265,26 +265,10 @@ async fn read_text<G: Guest>(guest: &G) -> Result<Vec<u8>, String> {
 
 async fn accept<G: Guest>(listener: TcpListener, shared: Arc<Shared<G>>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let shared = shared.clone();
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        serve(tcp, peer, shared).await;
-                    });
-                }
-                // Out of descriptors and the like: back off instead of spinning.
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+    accept_limited(listener, limit, |tcp, peer| {
+        serve(tcp, peer, shared.clone())
+    })
+    .await
 }
 
 async fn serve<G: Guest>(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared<G>>) {

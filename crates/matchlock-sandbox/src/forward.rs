@@ -130,19 +130,27 @@ impl Forwarder {
     }
 }
 
-async fn serve(l: TcpListener, client: Client, port: u16, limit: Arc<Semaphore>) {
+/// Accepts on `listener` until it is dropped, serving each connection with `serve` in a task of
+/// its own, at most `limit` at once (more wait in the listen backlog, so a client that opens
+/// thousands cannot make the host hold thousands). Used by every host-side listener of a sandbox:
+/// port forwards, the ingress gateway and the SSH server.
+pub async fn accept_limited<F, Fut>(listener: TcpListener, limit: Arc<Semaphore>, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
         tokio::select! {
-            accepted = l.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    let client = client.clone();
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let conn = serve(tcp, peer);
                     conns.spawn(async move {
                         let _permit = permit;
-                        let _ = relay(client, tcp, port).await;
+                        conn.await;
                     });
                 }
                 // Out of descriptors and the like: back off instead of spinning.
@@ -152,6 +160,16 @@ async fn serve(l: TcpListener, client: Client, port: u16, limit: Arc<Semaphore>)
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+}
+
+async fn serve(l: TcpListener, client: Client, port: u16, limit: Arc<Semaphore>) {
+    accept_limited(l, limit, |tcp, _| {
+        let client = client.clone();
+        async move {
+            let _ = relay(client, tcp, port).await;
+        }
+    })
+    .await
 }
 
 async fn relay(client: Client, tcp: TcpStream, port: u16) -> Result<(), SandboxError> {

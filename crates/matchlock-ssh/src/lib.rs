@@ -18,6 +18,7 @@ mod server;
 
 pub use keys::Keys;
 
+use matchlock_sandbox::forward::accept_limited;
 use matchlock_sandbox::Client;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 /// Client connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -159,34 +159,22 @@ async fn serve(
     authorized: russh::keys::PublicKey,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let handler = server::Conn::new(client.clone(), authorized.clone(), Some(peer));
-                    let config = config.clone();
-                    conns.spawn(async move {
-                        let _permit = permit;
-                        match russh::server::run_stream(config, tcp, handler).await {
-                            Ok(session) => {
-                                if let Err(e) = session.await {
-                                    tracing::info!(%peer, "ssh: session ended: {e}");
-                                }
-                            }
-                            // Not SSH, or a handshake that failed: refused, and logged.
-                            Err(e) => tracing::warn!(%peer, "ssh: refused a connection: {e}"),
-                        }
-                    });
+    accept_limited(listener, limit, |tcp, peer| {
+        let handler = server::Conn::new(client.clone(), authorized.clone(), Some(peer));
+        let config = config.clone();
+        async move {
+            match russh::server::run_stream(config, tcp, handler).await {
+                Ok(session) => {
+                    if let Err(e) = session.await {
+                        tracing::info!(%peer, "ssh: session ended: {e}");
+                    }
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                // Not SSH, or a handshake that failed: refused, and logged.
+                Err(e) => tracing::warn!(%peer, "ssh: refused a connection: {e}"),
+            }
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
