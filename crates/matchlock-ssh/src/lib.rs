@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod keys;
+pub mod known_hosts;
 mod server;
 
 pub use keys::Keys;
