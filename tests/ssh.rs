@@ -287,3 +287,150 @@ impl Drop for Guard {
 fn scopeguard(c: Child) -> Guard {
     Guard(c)
 }
+
+/// A real sshd on 127.0.0.1 that only `dir/user_key` opens (for root), with a bare repository
+/// `dir/srv/repo.git`; killed on drop.
+struct GitServer {
+    dir: tempfile::TempDir,
+    sshd: Child,
+    port: u16,
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+    }
+}
+
+fn sh_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+}
+
+impl GitServer {
+    fn start() -> GitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for k in ["host_key", "user_key"] {
+            sh_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(d.join(k)),
+            );
+        }
+        std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {0}/host_key\n\
+                 AuthorizedKeysFile {0}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 UsePAM no\nStrictModes no\nPidFile none\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let sshd = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("/usr/sbin/sshd (apt-get install openssh-server)");
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+        let git = |args: &[&str], cwd: &std::path::Path| {
+            sh_ok(
+                Command::new("git")
+                    .args([
+                        "-c",
+                        "user.email=t@test",
+                        "-c",
+                        "user.name=t",
+                        "-c",
+                        "init.defaultBranch=main",
+                    ])
+                    .args(args)
+                    .current_dir(cwd),
+            )
+        };
+        std::fs::create_dir(d.join("work")).unwrap();
+        git(&["init", "-q"], &d.join("work"));
+        std::fs::write(d.join("work/README"), "cloned through the host\n").unwrap();
+        git(&["add", "README"], &d.join("work"));
+        git(&["commit", "-q", "-m", "first"], &d.join("work"));
+        std::fs::create_dir(d.join("srv")).unwrap();
+        git(
+            &["clone", "-q", "--bare", "../work", "repo.git"],
+            &d.join("srv"),
+        );
+        let pubkey = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+        std::fs::write(d.join("known_hosts"), format!("[git.test]:{port} {pubkey}")).unwrap();
+        GitServer { dir, sshd, port }
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).display().to_string()
+    }
+}
+
+#[test]
+fn git_clone_over_ssh_from_the_guest_with_the_hosts_key() {
+    let git = GitServer::start();
+    let allow = format!("git.test:{}", git.port);
+    let rule = format!("allow:git-upload-pack '{}/*.git'", git.path("srv"));
+    let (known_hosts, key) = (git.path("known_hosts"), git.path("user_key"));
+    let sb = Sandbox::detached_from(
+        python_image(),
+        &[
+            "--add-host",
+            "git.test:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--ssh-allow",
+            &allow,
+            "--ssh-known-hosts",
+            &known_hosts,
+            "--ssh-key",
+            &key,
+            "--ssh-exec",
+            &rule,
+        ],
+        &["sleep", "100000"],
+    );
+    // The key never enters the guest; its ssh has none, and trusts the egress proxy's key.
+    let url = format!(
+        "ssh://root@git.test:{}{}/repo.git",
+        git.port,
+        git.path("srv")
+    );
+    let o = sb.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "GIT_SSH_COMMAND='ssh -o BatchMode=yes' git clone -q {url} /tmp/c && cat /tmp/c/README"
+        ),
+    ]);
+    assert_eq!(stdout(&o), "cloned through the host\n", "{}", stderr(&o));
+    let o = sb.exec(&[
+        "sh",
+        "-c",
+        "ls /root/.ssh 2>/dev/null; grep -rl PRIVATE /etc /root 2>/dev/null; true",
+    ]);
+    assert!(!stdout(&o).contains("PRIVATE"), "{}", stdout(&o));
+    // A push is no allowed command: refused, with the reason.
+    let o = sb.exec(&[
+        "sh",
+        "-c",
+        "cd /tmp/c && GIT_SSH_COMMAND='ssh -o BatchMode=yes' git push -q origin HEAD:refs/heads/other",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no exec rule allows it"),
+        "{}",
+        stderr(&o)
+    );
+}

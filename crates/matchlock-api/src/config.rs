@@ -183,6 +183,52 @@ pub struct InterceptConfig {
         skip_serializing_if = "crate::plugins::PluginsConfig::is_empty"
     )]
     pub plugins: crate::plugins::PluginsConfig,
+    /// SSH egress through the host (`--ssh-allow`, RPC `network.ssh_egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_egress: Option<SshEgressConfig>,
+}
+
+/// SSH egress with host-held credentials: which servers the guest's `ssh`/`git` may reach
+/// through the host, how their keys are checked, how the host logs in, which commands pass.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(default)]
+pub struct SshEgressConfig {
+    /// Servers, `HOST[:PORT]` (port 22 by default; globs like `*.example.com`).
+    pub allow: Vec<String>,
+    /// The host's `known_hosts` file the servers' keys are checked against.
+    pub known_hosts: PathBuf,
+    /// Accept a server no `known_hosts` line names (changed or revoked keys never are).
+    pub allow_unknown_host_keys: bool,
+    /// The host's ssh-agent socket, to log in with.
+    pub agent_socket: Option<PathBuf>,
+    /// An unencrypted private key file, to log in with (instead of the agent).
+    pub key_file: Option<PathBuf>,
+    /// `allow:PATTERN` / `deny:PATTERN` command rules; empty allows every plain command.
+    pub exec_rules: Vec<String>,
+    /// Sessions per guest connection (0: 8).
+    pub max_sessions: u32,
+    /// Guest SSH connections at once (0: 16).
+    pub max_connections: u32,
+}
+
+impl SshEgressConfig {
+    /// Sessions per connection, with the default applied.
+    pub fn sessions(&self) -> usize {
+        if self.max_sessions == 0 {
+            8
+        } else {
+            self.max_sessions as usize
+        }
+    }
+
+    /// Connections at once, with the default applied.
+    pub fn connections(&self) -> usize {
+        if self.max_connections == 0 {
+            16
+        } else {
+            self.max_connections as usize
+        }
+    }
 }
 
 /// A secret as configuration records it: its name, hosts and placeholder, never its value.

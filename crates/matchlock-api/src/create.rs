@@ -117,10 +117,11 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
             || n.deny_by_default
             || n.disable_websockets
             || n.interception.is_some()
-            || !n.plugins.is_empty())
+            || !n.plugins.is_empty()
+            || n.ssh_egress.is_some())
     {
         return Err(RequestError(
-            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets, interception or plugins".into(),
+            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets, interception, plugins or ssh_egress".into(),
         ));
     }
     if !n.hostname.is_empty() {
@@ -192,6 +193,20 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         &n.plugins,
         "network.plugins",
     ))?;
+    if let Some(mut e) = n.ssh_egress {
+        // The defaults `ssh` itself would use, from the server's (the SDK's) environment.
+        if e.known_hosts.as_os_str().is_empty() {
+            if let Some(home) = std::env::var_os("HOME") {
+                e.known_hosts = std::path::PathBuf::from(home).join(".ssh/known_hosts");
+            }
+        }
+        if e.agent_socket.is_none() && e.key_file.is_none() {
+            e.agent_socket = std::env::var_os("SSH_AUTH_SOCK")
+                .filter(|s| !s.is_empty())
+                .map(std::path::PathBuf::from);
+        }
+        i.ssh_egress = Some(e);
+    }
     field(i.plugins.check())?;
     for p in [
         i.plugins.usage_logger.as_ref().map(|u| &u.path),

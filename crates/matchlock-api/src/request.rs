@@ -247,6 +247,8 @@ pub struct InterceptRequest {
     pub agent_system: String,
     /// Network plugins.
     pub plugins: crate::plugins::PluginsConfig,
+    /// SSH egress through the host.
+    pub ssh_egress: Option<crate::config::SshEgressConfig>,
 }
 
 /// A network interface, and how its traffic is treated.
@@ -279,6 +281,7 @@ impl NetworkRequest {
             || !i.rules.is_empty()
             || i.callback_socket.is_some()
             || !i.plugins.is_empty()
+            || i.ssh_egress.is_some()
     }
 }
 

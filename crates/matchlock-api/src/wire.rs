@@ -187,6 +187,11 @@ pub struct Network {
     /// Network plugins (`local_model_router`, `usage_logger`, `budget_gate`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<crate::plugins::PluginSpec>,
+    /// SSH egress through the host (Matchlock-rs only): `allow`, `known_hosts` (default
+    /// `~/.ssh/known_hosts`), `agent_socket` (default `$SSH_AUTH_SOCK`) or `key_file`,
+    /// `exec_rules`, `allow_unknown_host_keys`, `max_sessions`, `max_connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_egress: Option<crate::config::SshEgressConfig>,
 }
 
 /// `network.interception`: hook rules, and where the SDK serves the callback ones.

@@ -554,6 +554,26 @@ pub struct RunArgs {
     /// maps back to names and resolves itself), open (DNS queries to the server the guest names).
     #[arg(long = "dns-mode", value_name = "MODE")]
     pub dns_mode: Option<matchlock_api::config::DnsMode>,
+    /// Let the sandbox's ssh/git reach this SSH server through the host, which checks its key
+    /// and logs in with the host's credentials (never in the sandbox): HOST[:PORT], repeatable.
+    #[arg(long = "ssh-allow", value_name = "HOST[:PORT]")]
+    pub ssh_allow: Vec<String>,
+    /// known_hosts file the SSH servers' keys are checked against (default ~/.ssh/known_hosts).
+    #[arg(long = "ssh-known-hosts", value_name = "FILE")]
+    pub ssh_known_hosts: Option<std::path::PathBuf>,
+    /// Log in to SSH servers with this (unencrypted) key file, instead of the ssh-agent.
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_key: Option<std::path::PathBuf>,
+    /// Log in to SSH servers through the ssh-agent at this socket (default $SSH_AUTH_SOCK).
+    #[arg(long = "ssh-agent", value_name = "SOCKET")]
+    pub ssh_agent: Option<std::path::PathBuf>,
+    /// SSH command rule, allow:PATTERN or deny:PATTERN, first match wins, repeatable; with rules,
+    /// unmatched commands are refused (e.g. "allow:git-upload-pack 'org/*.git'").
+    #[arg(long = "ssh-exec", value_name = "RULE")]
+    pub ssh_exec: Vec<String>,
+    /// Accept SSH servers that known_hosts does not name (changed or revoked keys never are).
+    #[arg(long = "ssh-allow-unknown-host-keys")]
+    pub ssh_allow_unknown_host_keys: bool,
     /// MTU of the sandbox's network interface.
     #[arg(long, default_value_t = defaults::MTU as u32)]
     pub mtu: u32,

@@ -155,6 +155,52 @@ pub fn from_flags(args: &RunArgs) -> Result<SandboxRequest> {
     Ok(req)
 }
 
+/// The SSH egress flags; `None` without `--ssh-allow`.
+fn ssh_egress(args: &RunArgs) -> Result<Option<matchlock_api::config::SshEgressConfig>> {
+    if args.ssh_allow.is_empty() {
+        if args.ssh_known_hosts.is_some()
+            || args.ssh_key.is_some()
+            || args.ssh_agent.is_some()
+            || !args.ssh_exec.is_empty()
+            || args.ssh_allow_unknown_host_keys
+        {
+            bail!("the --ssh-* flags configure SSH egress; name a server with --ssh-allow HOST[:PORT]");
+        }
+        return Ok(None);
+    }
+    let absolute =
+        |p: &std::path::Path| -> Result<std::path::PathBuf> { Ok(std::path::absolute(p)?) };
+    let known_hosts = match &args.ssh_known_hosts {
+        Some(p) => absolute(p)?,
+        None => std::env::var_os("HOME")
+            .map(|h| std::path::PathBuf::from(h).join(".ssh/known_hosts"))
+            .ok_or_else(|| {
+                anyhow!("--ssh-allow: no $HOME for ~/.ssh/known_hosts; use --ssh-known-hosts FILE")
+            })?,
+    };
+    let key_file = args.ssh_key.as_deref().map(absolute).transpose()?;
+    let agent_socket = match (&args.ssh_agent, &key_file) {
+        (Some(s), _) => Some(absolute(s)?),
+        // The user's agent, unless a key file was named.
+        (None, None) => std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from),
+        (None, Some(_)) => None,
+    };
+    let c = matchlock_api::config::SshEgressConfig {
+        allow: args.ssh_allow.clone(),
+        known_hosts,
+        allow_unknown_host_keys: args.ssh_allow_unknown_host_keys,
+        agent_socket,
+        key_file,
+        exec_rules: args.ssh_exec.clone(),
+        max_sessions: 0,
+        max_connections: 0,
+    };
+    matchlock_ssh_egress::check_config(&c).map_err(|e| anyhow!("--ssh-allow: {e}"))?;
+    Ok(Some(c))
+}
+
 /// The network flags: `None` for `--no-network`.
 fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
     if args.no_network {
@@ -167,8 +213,9 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             || args.deny_by_default
             || args.disable_websockets
             || !plugins(args)?.is_empty()
+            || !args.ssh_allow.is_empty()
         {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers, --dns-mode or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers, --dns-mode, --ssh-allow or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
         }
         if args.event_log.is_some() {
             bail!("--event-log records interception, which --no-network leaves nothing to do");
@@ -204,6 +251,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
         s.allow_http = true;
     }
     i.plugins = plugins(args)?;
+    i.ssh_egress = ssh_egress(args)?;
     i.run_id = args.run_id.clone();
     i.agent_system = args.agent_system.clone();
     if let Some(p) = &args.event_log {

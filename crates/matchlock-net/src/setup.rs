@@ -108,7 +108,13 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
             let plugins = matchlock_policy::plugins::Plugins::from_config(&ic.plugins)?;
             let backends = resolve_backends(&plugins)?;
             let policy = Arc::new(intercepting(address, ic, &hosts)?.with_backends(backends));
-            let proxy = Arc::new(interception(&s, ic, policy.clone())?.with_plugins(plugins));
+            let mut proxy = interception(&s, ic, policy.clone())?.with_plugins(plugins);
+            if let Some(e) = &ic.ssh_egress {
+                let cfg = matchlock_ssh_egress::EgressConfig::from_config(e)
+                    .map_err(|e| format!("SSH egress: {e}"))?;
+                proxy = proxy.with_ssh_egress(cfg);
+            }
+            let proxy = Arc::new(proxy);
             (policy, Some(proxy))
         }
     };

@@ -199,6 +199,20 @@ impl NameTable {
         }
     }
 
+    /// The names the guest was told are at `addr`, sorted.
+    pub fn names_at(&self, addr: std::net::IpAddr) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(_, v)| v.contains(&addr))
+            .map(|(k, _)| k.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Whether the guest was told `name` is at `addr` (an IP literal is its own address).
     pub fn agrees(&self, name: &str, addr: std::net::IpAddr) -> bool {
         let name = normalize(name);

@@ -219,6 +219,25 @@ impl Policy {
         Ok(Allowed::new(target.real, None, Route::Passthrough(what)))
     }
 
+    /// An SSH connection to `host` through the SSH egress proxy (which has checked `host` is one
+    /// of its servers): the guest must have been told `host` is at the address it connected to,
+    /// and the real address must be one that may be reached.
+    pub fn ssh(&self, host: &str, target: Target) -> Result<Allowed, Denial> {
+        let visible = IpAddr::V4(*target.visible.ip());
+        if !self.names.agrees(host, visible) {
+            return Err(Denial::Unresolved {
+                host: host.to_string(),
+                addr: visible,
+            });
+        }
+        self.check_address(|| host.to_string(), target.real.ip())?;
+        Ok(Allowed::new(
+            target.real,
+            Some(host.to_string()),
+            Route::Passthrough("SSH, through the SSH egress proxy"),
+        ))
+    }
+
     /// The gate every HTTP(S) request passes before anything is sent: its Host agrees with the
     /// TLS server name, is allowed, and agrees with the address the guest connected to (as the
     /// sandbox's DNS told it); that address may be reached; a WebSocket upgrade is allowed.

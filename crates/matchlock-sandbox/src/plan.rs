@@ -76,6 +76,9 @@ pub fn plan(
     let mut user_env = Vec::new();
     if let Some(n) = &req.network {
         matchlock_policy::plugins::check(&n.intercept.plugins).map_err(SandboxError::Invalid)?;
+        if let Some(e) = &n.intercept.ssh_egress {
+            matchlock_ssh_egress::check_config(e).map_err(SandboxError::Invalid)?;
+        }
     }
     let network = req.network.as_ref().map(|n| network(n, &mut specs));
     if network.as_ref().is_some_and(|n| n.intercept.is_some()) {
@@ -189,6 +192,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
             rules: i.rules.clone(),
             callback_socket: i.callback_socket.clone(),
             plugins: i.plugins.clone(),
+            ssh_egress: i.ssh_egress.clone(),
         }),
     }
 }

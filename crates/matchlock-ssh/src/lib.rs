@@ -13,9 +13,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod egress;
 mod keys;
-pub mod known_hosts;
 mod server;
 
 pub use keys::Keys;

@@ -106,6 +106,8 @@ pub struct Proxy {
     events: Option<Arc<EventLog>>,
     rules: Rules,
     plugins: Plugins,
+    /// SSH egress: the guest's SSH flows to allowed servers go through it.
+    ssh: Option<Arc<matchlock_ssh_egress::Egress>>,
 }
 
 /// A hyper error as the proxy's body error (a plain function: a closure's inferred lifetimes
@@ -193,6 +195,7 @@ impl Proxy {
             events,
             rules,
             plugins: Plugins::default(),
+            ssh: None,
         }
     }
 
@@ -201,6 +204,41 @@ impl Proxy {
     pub fn with_plugins(mut self, plugins: Plugins) -> Proxy {
         self.plugins = plugins;
         self
+    }
+
+    /// Sends the guest's SSH flows to allowed servers through an SSH egress proxy with `cfg`
+    /// and a host key of its own; its decisions go to the event log.
+    pub fn with_ssh_egress(mut self, cfg: matchlock_ssh_egress::EgressConfig) -> Proxy {
+        use rand::RngCore;
+        let log = self.events.clone();
+        let sink: matchlock_ssh_egress::Events = Arc::new(move |e| {
+            let event = Event {
+                kind: e.kind,
+                summary: match (&e.command, &e.reason) {
+                    (Some(c), Some(r)) => format!("{} {}: {c:?}: {r}", e.kind, e.destination),
+                    (Some(c), None) => format!("{} {}: {c:?}", e.kind, e.destination),
+                    (None, Some(r)) => format!("{} {}: {r}", e.kind, e.destination),
+                    (None, None) => format!("{} {}", e.kind, e.destination),
+                },
+                plugin: Some("ssh_egress"),
+                data: json!({"destination": e.destination, "command": e.command, "reason": e.reason}),
+            };
+            tracing::info!(target: "matchlock::ssh_egress", "{}", event.summary);
+            if let Some(log) = &log {
+                log.record(&event, &["ssh"]);
+            }
+        });
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let key = russh_key(&seed);
+        self.ssh = Some(Arc::new(matchlock_ssh_egress::Egress::new(cfg, key, sink)));
+        self
+    }
+
+    /// The `known_hosts` line the guest needs to trust the SSH egress proxy for every server.
+    pub fn ssh_known_hosts_line(&self) -> Option<String> {
+        let key = self.ssh.as_ref()?.host_key()?.to_openssh().ok()?;
+        Some(format!("* {key}\n"))
     }
 
     /// The CA certificate the guest must trust.
@@ -248,11 +286,15 @@ impl Proxy {
                 f => break f,
             }
         };
+        let ssh = buf.starts_with(b"SSH-");
         let io = Prefixed {
             prefix: buf,
             pos: 0,
             inner: guest,
         };
+        if let (true, Some(egress)) = (ssh, self.ssh.clone()) {
+            return self.serve_ssh(&egress, io, target).await;
+        }
         match flow {
             Flow::Http1 { .. } | Flow::Http2Preface => self.serve_http(io, target, None).await,
             // A TLS client that offers no HTTP protocol, off the HTTPS port, speaks something
@@ -319,6 +361,36 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// An SSH flow, with SSH egress on: to the egress proxy when the guest was told one of its
+    /// servers is at the address it connected to; refused otherwise.
+    async fn serve_ssh<S>(&self, egress: &matchlock_ssh_egress::Egress, io: S, target: Target)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let port = target.visible.port();
+        let names = self
+            .policy
+            .names()
+            .names_at(std::net::IpAddr::V4(*target.visible.ip()));
+        let Some(host) = names.into_iter().find(|n| egress.allows(n, port)) else {
+            return self.emit(
+                &Denial::NotAllowed {
+                    host: format!("{} (SSH; not an --ssh-allow server)", target.visible),
+                }
+                .event(),
+                false,
+            );
+        };
+        let allowed = match self.policy.ssh(&host, target) {
+            Ok(a) => a,
+            Err(denial) => return self.emit(&denial.event(), false),
+        };
+        self.emit(&allowed.event(), false);
+        let connect =
+            Box::pin(async move { crate::connect::tcp(&allowed, Duration::from_secs(20)).await });
+        egress.serve(io, &host, port, connect).await
     }
 
     async fn serve_http<S>(self: Arc<Self>, io: S, target: Target, sni: Option<String>)
@@ -1060,4 +1132,9 @@ impl Proxy {
         *slot.lock().await = Some(up);
         Ok(resp)
     }
+}
+
+/// An ed25519 key for the SSH egress proxy from 32 random bytes.
+fn russh_key(seed: &[u8; 32]) -> matchlock_ssh_egress::PrivateKey {
+    matchlock_ssh_egress::PrivateKey::from(matchlock_ssh_egress::Ed25519Keypair::from_seed(seed))
 }

@@ -111,55 +111,58 @@ pub fn kernel_hint(config: &SandboxConfig) -> String {
     }
 }
 
+/// The system-wide `known_hosts` of OpenSSH in the guest.
+pub const GUEST_SSH_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
+
+/// A guest file's content (at most 16 MiB); empty when it is missing or unreadable.
+async fn read_guest_file(mux: &Mux, path: &str) -> Result<Vec<u8>, String> {
+    let mut s = mux.open().await.map_err(|e| e.to_string())?;
+    write_msg(&mut s, &Msg::ReadFile { path: path.into() })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut content = Vec::new();
+    loop {
+        match read_msg(&mut s).await {
+            Ok(Some(Msg::Data(d))) if content.len() < (16 << 20) => content.extend_from_slice(&d),
+            Ok(Some(Msg::FileInfo { .. })) => {}
+            Ok(Some(Msg::Eof)) => return Ok(content),
+            // Missing or unreadable: start anew.
+            _ => return Ok(Vec::new()),
+        }
+    }
+}
+
+/// Writes a whole guest file as root.
+async fn write_guest_file(mux: &Mux, path: &str, data: &[u8]) -> Result<(), String> {
+    let mut s = mux.open().await.map_err(|e| e.to_string())?;
+    let req = matchlock_proto::WriteFile {
+        path: path.into(),
+        mode: 0o644,
+        uid: Some(0),
+        gid: Some(0),
+    };
+    write_msg(&mut s, &Msg::WriteFile(req))
+        .await
+        .map_err(|e| e.to_string())?;
+    matchlock_proto::transfer::send_file_body(&mut s, data)
+        .await
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// Appends `text` to a guest file (created when the image has none), on a line of its own.
+pub async fn append_file(mux: &Mux, path: &str, text: &str) -> Result<(), String> {
+    let mut content = read_guest_file(mux, path).await?;
+    if !content.is_empty() && !content.ends_with(b"\n") {
+        content.push(b'\n');
+    }
+    content.extend_from_slice(text.as_bytes());
+    write_guest_file(mux, path, &content).await
+}
+
 /// Writes the sandbox CA into the guest: its own file, and appended to the CA bundle (created when
 /// the image has none).
 pub async fn install_ca(mux: &Mux, pem: &str) -> Result<(), String> {
     use crate::config::{GUEST_CA_BUNDLE, GUEST_CA_FILE};
-    let mut bundle = Vec::new();
-    {
-        let mut s = mux.open().await.map_err(|e| e.to_string())?;
-        write_msg(
-            &mut s,
-            &Msg::ReadFile {
-                path: GUEST_CA_BUNDLE.into(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        loop {
-            match read_msg(&mut s).await {
-                Ok(Some(Msg::Data(d))) if bundle.len() < (16 << 20) => bundle.extend_from_slice(&d),
-                Ok(Some(Msg::FileInfo { .. })) => {}
-                // Missing or unreadable: start a bundle of our own.
-                Ok(Some(Msg::Eof)) => break,
-                _ => {
-                    bundle.clear();
-                    break;
-                }
-            }
-        }
-    }
-    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(pem.as_bytes());
-    for (path, data) in [
-        (GUEST_CA_FILE, pem.as_bytes()),
-        (GUEST_CA_BUNDLE, &bundle[..]),
-    ] {
-        let mut s = mux.open().await.map_err(|e| e.to_string())?;
-        let req = matchlock_proto::WriteFile {
-            path: path.into(),
-            mode: 0o644,
-            uid: Some(0),
-            gid: Some(0),
-        };
-        write_msg(&mut s, &Msg::WriteFile(req))
-            .await
-            .map_err(|e| e.to_string())?;
-        matchlock_proto::transfer::send_file_body(&mut s, data)
-            .await
-            .map_err(|e| format!("{path}: {e}"))?;
-    }
-    Ok(())
+    write_guest_file(mux, GUEST_CA_FILE, pem.as_bytes()).await?;
+    append_file(mux, GUEST_CA_BUNDLE, pem).await
 }

@@ -343,6 +343,12 @@ async fn start(
         guest::install_ca(&mux, p.ca_pem())
             .await
             .map_err(|e| failed(format!("installing the sandbox CA: {e}")))?;
+        // With SSH egress, the guest's ssh must trust the egress proxy's key for every server.
+        if let Some(line) = p.ssh_known_hosts_line() {
+            guest::append_file(&mux, guest::GUEST_SSH_KNOWN_HOSTS, &line)
+                .await
+                .map_err(|e| failed(format!("installing the SSH egress key: {e}")))?;
+        }
     }
 
     let control_path = dir.join("control.sock");

@@ -4,7 +4,7 @@
 //! key at all. The proxy's guest side listens on loopback here; in a sandbox it is fed the
 //! guest's TCP flows.
 
-use matchlock_ssh::egress::{Credential, Egress, EgressConfig, Event};
+use matchlock_ssh_egress::{Credential, Egress, EgressConfig, Event};
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::PrivateKey;
 use std::path::{Path, PathBuf};

@@ -15,12 +15,17 @@
 //! - **Limits**: at most `max_connections` guest connections at once (more are refused), and
 //!   `max_sessions` channels per connection. Every decision is an [`Event`].
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod known_hosts;
 pub mod policy;
 
-use crate::known_hosts::{self, HostKeyError};
+use crate::known_hosts::HostKeyError;
 pub use policy::{Destination, ExecRule};
 use russh::client;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+/// Key types the proxy's host key is made from.
+pub use russh::keys::{ssh_key::private::Ed25519Keypair, PrivateKey};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg as ServerMsg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure};
 use std::collections::HashMap;
@@ -59,6 +64,67 @@ pub struct EgressConfig {
     pub max_sessions: usize,
     /// Guest connections at once.
     pub max_connections: usize,
+}
+
+impl EgressConfig {
+    /// The proxy's settings from a sandbox's configuration (checked).
+    pub fn from_config(c: &matchlock_api::config::SshEgressConfig) -> Result<EgressConfig, String> {
+        let destinations = c
+            .allow
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<Vec<Destination>, _>>()?;
+        if destinations.is_empty() {
+            return Err("SSH egress needs at least one server (--ssh-allow HOST[:PORT])".into());
+        }
+        let exec_rules = c
+            .exec_rules
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<Vec<ExecRule>, _>>()?;
+        if c.known_hosts.as_os_str().is_empty() {
+            return Err("SSH egress needs a known_hosts file (--ssh-known-hosts FILE)".into());
+        }
+        let credential = match (&c.agent_socket, &c.key_file) {
+            (Some(_), Some(_)) => {
+                return Err("SSH egress takes an ssh-agent socket or a key file, not both".into())
+            }
+            (Some(s), None) => Credential::Agent(s.clone()),
+            (None, Some(k)) => Credential::KeyFile(k.clone()),
+            (None, None) => {
+                return Err(
+                    "SSH egress needs credentials: --ssh-key FILE, or an ssh-agent (--ssh-agent SOCKET, or $SSH_AUTH_SOCK)"
+                        .into(),
+                )
+            }
+        };
+        Ok(EgressConfig {
+            destinations,
+            known_hosts: c.known_hosts.clone(),
+            allow_unknown_host_keys: c.allow_unknown_host_keys,
+            credential,
+            exec_rules,
+            max_sessions: c.sessions(),
+            max_connections: c.connections(),
+        })
+    }
+}
+
+/// Checks a sandbox's SSH egress configuration before it starts: the servers and rules parse,
+/// one credential is named, and the files it names can be read now.
+pub fn check_config(c: &matchlock_api::config::SshEgressConfig) -> Result<(), String> {
+    let cfg = EgressConfig::from_config(c)?;
+    std::fs::metadata(&cfg.known_hosts)
+        .map_err(|e| format!("known_hosts {}: {e}", cfg.known_hosts.display()))?;
+    match &cfg.credential {
+        Credential::KeyFile(k) => {
+            std::fs::metadata(k).map_err(|e| format!("SSH key {}: {e}", k.display()))?;
+        }
+        Credential::Agent(s) => {
+            std::fs::metadata(s).map_err(|e| format!("ssh-agent socket {}: {e}", s.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// One decision, for the sandbox's event log.
