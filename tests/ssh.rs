@@ -383,9 +383,12 @@ fn git_clone_over_ssh_from_the_guest_with_the_hosts_key() {
     let allow = format!("git.test:{}", git.port);
     let rule = format!("allow:git-upload-pack '{}/*.git'", git.path("srv"));
     let (known_hosts, key) = (git.path("known_hosts"), git.path("user_key"));
+    let events = git.path("events.jsonl");
     let sb = Sandbox::detached_from(
         python_image(),
         &[
+            "--event-log",
+            &events,
             "--add-host",
             "git.test:127.0.0.1",
             "--allow-private-host",

@@ -412,6 +412,23 @@ mod tests {
     }
 
     #[test]
+    fn ssh_egress_reaches_the_request_with_defaults() {
+        let r = req(json!({"image": "a", "network": {"ssh_egress": {
+            "allow": ["github.com"], "key_file": "/k", "exec_rules": ["allow:git-upload-pack *"]
+        }}}))
+        .unwrap();
+        let n = r.network.unwrap();
+        assert!(n.intercepts());
+        let e = n.intercept.ssh_egress.unwrap();
+        assert_eq!(e.allow, vec!["github.com"]);
+        assert_eq!(e.key_file.as_deref(), Some(std::path::Path::new("/k")));
+        assert!(e.known_hosts.ends_with(".ssh/known_hosts"), "{:?}", e.known_hosts);
+        let err = req(json!({"image": "a", "network": {"no_network": true, "ssh_egress": {}}}))
+            .unwrap_err();
+        assert!(err.0.contains("ssh_egress"), "{}", err.0);
+    }
+
+    #[test]
     fn dns_mode_reaches_the_request() {
         let mode = |v: Value| req(v).unwrap().network.unwrap().dns_mode;
         use crate::config::DnsMode;

@@ -294,6 +294,15 @@ impl Sandbox {
         self
     }
 
+    /// SSH egress with host-held credentials: the guest's `ssh`/`git` reach `config.allow`'s
+    /// servers through the host, which checks their keys against `known_hosts` (default
+    /// `~/.ssh/known_hosts`), decides each command by `exec_rules` and logs in with the host's
+    /// ssh-agent (default `$SSH_AUTH_SOCK`) or `key_file`, which never enter the sandbox.
+    pub fn with_ssh_egress(mut self, config: matchlock_api::config::SshEgressConfig) -> Self {
+        self.network().ssh_egress = Some(config);
+        self
+    }
+
     /// Interception without an allow-list: every host is allowed, through the proxy (hooks,
     /// secrets, the private-range block and events apply).
     pub fn with_network_interception(mut self) -> Self {
@@ -458,6 +467,19 @@ impl Sandbox {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ssh_egress_is_sent() {
+        let p = Sandbox::new("img")
+            .with_ssh_egress(matchlock_api::config::SshEgressConfig {
+                allow: vec!["git.test:2222".into()],
+                key_file: Some("/keys/id".into()),
+                ..Default::default()
+            })
+            .to_params(false);
+        assert_eq!(p["network"]["ssh_egress"]["allow"][0], "git.test:2222");
+        assert_eq!(p["network"]["ssh_egress"]["key_file"], "/keys/id");
+    }
 
     #[test]
     fn the_dns_mode_is_sent_by_name() {
