@@ -422,7 +422,11 @@ mod tests {
         let e = n.intercept.ssh_egress.unwrap();
         assert_eq!(e.allow, vec!["github.com"]);
         assert_eq!(e.key_file.as_deref(), Some(std::path::Path::new("/k")));
-        assert!(e.known_hosts.ends_with(".ssh/known_hosts"), "{:?}", e.known_hosts);
+        assert!(
+            e.known_hosts.ends_with(".ssh/known_hosts"),
+            "{:?}",
+            e.known_hosts
+        );
         let err = req(json!({"image": "a", "network": {"no_network": true, "ssh_egress": {}}}))
             .unwrap_err();
         assert!(err.0.contains("ssh_egress"), "{}", err.0);
