@@ -856,3 +856,90 @@ fn plugin_flags_are_checked_before_boot() {
     }
     assert!(!std::path::Path::new(usage).exists());
 }
+
+/// A loopback HTTP server answering every request with `answer(path)`.
+fn http_server(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut c, &mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let _ = c.write_all(answer(&path).as_bytes());
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn redirects_followed_on_the_host_within_the_allow_list() {
+    let py = python_image();
+    let landing = http_server(|path| {
+        let body = format!("landed {path}\n");
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    });
+    let redirector = http_server(move |path| {
+        let to = match path {
+            "/elsewhere" => format!("http://third.test:{landing}/x"),
+            _ => format!("http://other.test:{landing}/final"),
+        };
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    });
+    let sb = Sandbox::detached_from(
+        py,
+        &[
+            "--add-host",
+            "api.test:127.0.0.1",
+            "--add-host",
+            "other.test:127.0.0.1",
+            "--add-host",
+            "third.test:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--allow-host",
+            "api.test",
+            "--allow-host",
+            "other.test",
+            "--follow-redirects",
+        ],
+        &["sleep", "600"],
+    );
+    // curl without -L: the host followed the redirect, the guest sees where it landed.
+    let o = sb.exec(&[
+        "curl",
+        "-sS",
+        &format!("http://api.test:{redirector}/start"),
+    ]);
+    assert_eq!(stdout(&o), "landed /final\n", "{}", stderr(&o));
+    // To a host off the allow-list: the guest gets the redirect itself.
+    let o = sb.exec(&[
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &format!("http://api.test:{redirector}/elsewhere"),
+    ]);
+    assert_eq!(
+        stdout(&o),
+        format!("302 http://third.test:{landing}/x"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -183,6 +183,10 @@ pub struct InterceptConfig {
         skip_serializing_if = "crate::plugins::PluginsConfig::is_empty"
     )]
     pub plugins: crate::plugins::PluginsConfig,
+    /// Follow HTTP redirects on the host within the allow-list (`--follow-redirects`, RPC
+    /// `network.follow_redirects`).
+    #[serde(default)]
+    pub follow_redirects: bool,
     /// SSH egress through the host (`--ssh-allow`, RPC `network.ssh_egress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_egress: Option<SshEgressConfig>,

@@ -118,10 +118,11 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
             || n.disable_websockets
             || n.interception.is_some()
             || !n.plugins.is_empty()
-            || n.ssh_egress.is_some())
+            || n.ssh_egress.is_some()
+            || n.follow_redirects)
     {
         return Err(RequestError(
-            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets, interception, plugins or ssh_egress".into(),
+            "no_network cannot be combined with allowed_hosts, secrets, intercept, deny_by_default, disable_websockets, interception, plugins, ssh_egress or follow_redirects".into(),
         ));
     }
     if !n.hostname.is_empty() {
@@ -193,6 +194,7 @@ fn network(req: &mut SandboxRequest, n: Network) -> Result<()> {
         &n.plugins,
         "network.plugins",
     ))?;
+    i.follow_redirects = n.follow_redirects;
     if let Some(mut e) = n.ssh_egress {
         // The defaults `ssh` itself would use, from the server's (the SDK's) environment.
         if e.known_hosts.as_os_str().is_empty() {
@@ -430,6 +432,19 @@ mod tests {
         let err = req(json!({"image": "a", "network": {"no_network": true, "ssh_egress": {}}}))
             .unwrap_err();
         assert!(err.0.contains("ssh_egress"), "{}", err.0);
+    }
+
+    #[test]
+    fn follow_redirects_reaches_the_request_and_turns_interception_on() {
+        let n = req(json!({"image": "a", "network": {"follow_redirects": true}}))
+            .unwrap()
+            .network
+            .unwrap();
+        assert!(n.intercept.follow_redirects && n.intercepts());
+        assert!(req(
+            json!({"image": "a", "network": {"no_network": true, "follow_redirects": true}})
+        )
+        .is_err());
     }
 
     #[test]

@@ -249,6 +249,8 @@ pub struct InterceptRequest {
     pub plugins: crate::plugins::PluginsConfig,
     /// SSH egress through the host.
     pub ssh_egress: Option<crate::config::SshEgressConfig>,
+    /// Follow HTTP redirects on the host within the allow-list.
+    pub follow_redirects: bool,
 }
 
 /// A network interface, and how its traffic is treated.
@@ -282,6 +284,7 @@ impl NetworkRequest {
             || i.callback_socket.is_some()
             || !i.plugins.is_empty()
             || i.ssh_egress.is_some()
+            || i.follow_redirects
     }
 }
 

@@ -192,6 +192,9 @@ pub struct Network {
     /// `exec_rules`, `allow_unknown_host_keys`, `max_sessions`, `max_connections`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssh_egress: Option<crate::config::SshEgressConfig>,
+    /// Follow HTTP redirects on the host within the allow-list (Matchlock-rs only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub follow_redirects: bool,
 }
 
 /// `network.interception`: hook rules, and where the SDK serves the callback ones.

@@ -554,6 +554,10 @@ pub struct RunArgs {
     /// maps back to names and resolves itself), open (DNS queries to the server the guest names).
     #[arg(long = "dns-mode", value_name = "MODE")]
     pub dns_mode: Option<matchlock_api::config::DnsMode>,
+    /// Follow HTTP redirects on the host, within the allow-list (each hop checked as the guest's
+    /// own request would be; never from HTTPS to HTTP): the guest gets the final answer.
+    #[arg(long = "follow-redirects")]
+    pub follow_redirects: bool,
     /// Let the sandbox's ssh/git reach this SSH server through the host, which checks its key
     /// and logs in with the host's credentials (never in the sandbox): HOST[:PORT], repeatable.
     #[arg(long = "ssh-allow", value_name = "HOST[:PORT]")]

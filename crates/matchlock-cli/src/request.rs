@@ -214,8 +214,9 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
             || args.disable_websockets
             || !plugins(args)?.is_empty()
             || !args.ssh_allow.is_empty()
+            || args.follow_redirects
         {
-            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers, --dns-mode, --ssh-allow or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
+            bail!("--no-network cannot be combined with --allow-host, --secret, --network-intercept, --deny-by-default, --disable-websockets, --allow-private-host, --dns-servers, --dns-mode, --ssh-allow, --follow-redirects or the network plugins (--local-model-route, --usage-log-path, --budget-limit-usd, --plugins-file)");
         }
         if args.event_log.is_some() {
             bail!("--event-log records interception, which --no-network leaves nothing to do");
@@ -252,6 +253,7 @@ fn network(args: &RunArgs) -> Result<Option<NetworkRequest>> {
     }
     i.plugins = plugins(args)?;
     i.ssh_egress = ssh_egress(args)?;
+    i.follow_redirects = args.follow_redirects;
     i.run_id = args.run_id.clone();
     i.agent_system = args.agent_system.clone();
     if let Some(p) = &args.event_log {

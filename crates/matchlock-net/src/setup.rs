@@ -102,21 +102,46 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
         .into_iter()
         .filter_map(|(ip, name)| Some((name.to_ascii_lowercase(), ip.parse().ok()?)))
         .collect();
-    let (policy, intercept) = match &net.intercept {
-        None => (Arc::new(Policy::direct(address)), None),
-        Some(ic) => {
-            let plugins = matchlock_policy::plugins::Plugins::from_config(&ic.plugins)?;
-            let backends = resolve_backends(&plugins)?;
-            let policy = Arc::new(intercepting(address, ic, &hosts)?.with_backends(backends));
+    let plugins = match &net.intercept {
+        Some(ic) => Some(matchlock_policy::plugins::Plugins::from_config(
+            &ic.plugins,
+        )?),
+        None => None,
+    };
+    let policy = match (&net.intercept, &plugins) {
+        (Some(ic), Some(plugins)) => {
+            let backends = resolve_backends(plugins)?;
+            Arc::new(intercepting(address, ic, &hosts)?.with_backends(backends))
+        }
+        _ => Arc::new(Policy::direct(address)),
+    };
+    // The names the user gave addresses (`--add-host`), as the host itself reaches them.
+    let host_names: Vec<(String, IpAddr)> = s
+        .add_hosts
+        .iter()
+        .filter_map(|(ip, name)| Some((name.to_ascii_lowercase(), ip.parse().ok()?)))
+        .collect();
+    let dns = Arc::new(Dns {
+        upstreams,
+        hosts,
+        policy: policy.clone(),
+        mode: net.dns_mode,
+        synthetic: Default::default(),
+    });
+    let intercept = match (&net.intercept, plugins) {
+        (Some(ic), Some(plugins)) => {
             let mut proxy = interception(&s, ic, policy.clone())?.with_plugins(plugins);
             if let Some(e) = &ic.ssh_egress {
                 let cfg = matchlock_ssh_egress::EgressConfig::from_config(e)
                     .map_err(|e| format!("SSH egress: {e}"))?;
                 proxy = proxy.with_ssh_egress(cfg);
             }
-            let proxy = Arc::new(proxy);
-            (policy, Some(proxy))
+            if ic.follow_redirects {
+                proxy = proxy.with_redirects(redirect_resolver(dns.clone(), host_names));
+            }
+            Some(Arc::new(proxy))
         }
+        _ => None,
     };
     Ok(NetConfig {
         guest_ip: GUEST_IP.into(),
@@ -124,17 +149,33 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
         prefix: NET_PREFIX,
         gateway_mac: GATEWAY_MAC,
         mtu: net.mtu,
-        dns: Arc::new(Dns {
-            upstreams,
-            hosts,
-            policy: policy.clone(),
-            mode: net.dns_mode,
-            synthetic: Default::default(),
-        }),
+        dns,
         policy,
         limits: Limits::default(),
         aliases: loopback_aliases(s.add_hosts),
         intercept,
+    })
+}
+
+/// How the proxy resolves the host a redirect leads to: a name `--add-host` gave an address,
+/// else the sandbox's resolvers (with their checks and cache), first IPv4 address.
+fn redirect_resolver(
+    dns: Arc<Dns>,
+    names: Vec<(String, IpAddr)>,
+) -> crate::proxy::redirect::Resolver {
+    let names = Arc::new(names);
+    Arc::new(move |host: String| {
+        let (dns, names) = (dns.clone(), names.clone());
+        Box::pin(async move {
+            if let Some((_, ip)) = names.iter().find(|(n, _)| *n == host) {
+                return Ok(*ip);
+            }
+            dns.lookup(&host)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| format!("{host} has no address"))
+        })
     })
 }
 

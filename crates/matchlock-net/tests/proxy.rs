@@ -908,6 +908,11 @@ async fn responses_cannot_carry_the_secret_back() {
 /// A proxy over plain HTTP with one secret `K` (placeholder `PH_K_0123`) for `up.test`;
 /// `other.test` is allowed too.
 fn secret_proxy(allow_http: bool) -> Arc<Proxy> {
+    Arc::new(secret_proxy_unshared(allow_http))
+}
+
+/// [`secret_proxy`], before it is shared (to add to it).
+fn secret_proxy_unshared(allow_http: bool) -> Proxy {
     let names = Arc::new(NameTable::default());
     for n in ["up.test", "other.test"] {
         names.record(n, &["127.0.0.1".parse().unwrap()]);
@@ -919,7 +924,7 @@ fn secret_proxy(allow_http: bool) -> Arc<Proxy> {
         Some("PH_K_0123"),
     )
     .allow_http(allow_http);
-    Arc::new(Proxy::new(
+    Proxy::new(
         policy(
             AllowList::new(["up.test", "other.test"]).unwrap(),
             names,
@@ -930,7 +935,7 @@ fn secret_proxy(allow_http: bool) -> Arc<Proxy> {
         upstream_tls(None).unwrap(),
         None,
         Rules::default(),
-    ))
+    )
 }
 
 /// A loopback upstream that keeps every byte it was sent and answers 200.
@@ -1414,4 +1419,72 @@ async fn usage_is_logged_for_answers_with_a_length() {
         (Some(3), Some(4))
     );
     assert_eq!(line["cost_source"], "price_table");
+}
+
+#[tokio::test]
+async fn redirects_are_followed_on_the_host_within_the_rules() {
+    let (b, seen_b) = recording().await;
+    // Upstream A redirects by path.
+    let a = scripted(move |mut s| async move {
+        let head = read_head(&mut s).await;
+        let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+        let loc = match path.as_str() {
+            "/to-other" => format!("http://other.test:{b}/final?x=1"),
+            "/to-blocked" => format!("http://blocked.test:{b}/x"),
+            "/to-javascript" => "javascript:alert(1)".to_string(),
+            _ => "/loop".to_string(),
+        };
+        let _ = s
+            .write_all(
+                format!("HTTP/1.1 302 Found\r\nLocation: {loc}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+    })
+    .await;
+    let every_name_on_loopback: matchlock_net::proxy::redirect::Resolver =
+        Arc::new(|_host| Box::pin(async { Ok("127.0.0.1".parse().unwrap()) }));
+    let p = Arc::new(secret_proxy_unshared(true).with_redirects(every_name_on_loopback));
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: up.test:{a}\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // Followed: the guest gets the last hop's answer; B saw a request for itself.
+    let r = raw_exchange(&p, a, get("/to-other", "").as_bytes()).await;
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(r.starts_with("HTTP/1.1 200") && body.contains("ok"), "{r}");
+    let seen = String::from_utf8_lossy(&seen_b.lock().unwrap()).into_owned();
+    assert!(seen.starts_with("GET /final?x=1 HTTP/1.1"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains(&format!("host: other.test:{b}")),
+        "{seen}"
+    );
+    seen_b.lock().unwrap().clear();
+
+    // A host off the allow-list, another scheme, and a loop: the guest gets the redirect itself.
+    for path in ["/to-blocked", "/to-javascript", "/loop"] {
+        let r = raw_exchange(&p, a, get(path, "").as_bytes()).await;
+        assert!(r.starts_with("HTTP/1.1 302"), "{path}: {r}");
+    }
+    assert!(seen_b.lock().unwrap().is_empty());
+
+    // A secret for up.test does not follow the redirect to other.test: not followed, and B
+    // never sees the value (nor the placeholder).
+    let r = raw_exchange(
+        &p,
+        a,
+        get("/to-other", "Authorization: Bearer PH_K_0123\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 302"), "{r}");
+    assert!(seen_b.lock().unwrap().is_empty());
+
+    // A POST is not followed, nor is anything without --follow-redirects.
+    let post = format!("POST /to-other HTTP/1.1\r\nHost: up.test:{a}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let r = raw_exchange(&p, a, post.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 302"), "{r}");
+    let plain = secret_proxy(true);
+    let r = raw_exchange(&plain, a, get("/to-other", "").as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 302"), "{r}");
+    assert!(seen_b.lock().unwrap().is_empty());
 }

@@ -238,6 +238,18 @@ impl Policy {
         ))
     }
 
+    /// A redirect the proxy follows on the host to `host`, which the host resolved itself to
+    /// `real`: the host must be allowed and the address one that may be reached.
+    pub fn redirect(&self, host: &str, real: SocketAddr) -> Result<Allowed, Denial> {
+        if !self.allows_host(host) {
+            return Err(Denial::NotAllowed {
+                host: host.to_string(),
+            });
+        }
+        self.check_address(|| host.to_string(), real.ip())?;
+        Ok(Allowed::new(real, Some(host.to_string()), Route::Request))
+    }
+
     /// The gate every HTTP(S) request passes before anything is sent: its Host agrees with the
     /// TLS server name, is allowed, and agrees with the address the guest connected to (as the
     /// sandbox's DNS told it); that address may be reached; a WebSocket upgrade is allowed.

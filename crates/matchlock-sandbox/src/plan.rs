@@ -193,6 +193,7 @@ fn network(n: &NetworkRequest, specs: &mut Vec<SecretSpec>) -> NetworkConfig {
             callback_socket: i.callback_socket.clone(),
             plugins: i.plugins.clone(),
             ssh_egress: i.ssh_egress.clone(),
+            follow_redirects: i.follow_redirects,
         }),
     }
 }

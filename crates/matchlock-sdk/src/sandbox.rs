@@ -294,6 +294,13 @@ impl Sandbox {
         self
     }
 
+    /// Follow HTTP redirects on the host within the allow-list: the guest gets the final
+    /// answer; each hop is checked as the guest's own request would be.
+    pub fn with_follow_redirects(mut self) -> Self {
+        self.network().follow_redirects = true;
+        self
+    }
+
     /// SSH egress with host-held credentials: the guest's `ssh`/`git` reach `config.allow`'s
     /// servers through the host, which checks their keys against `known_hosts` (default
     /// `~/.ssh/known_hosts`), decides each command by `exec_rules` and logs in with the host's

@@ -13,6 +13,7 @@
 //! any request) and, once upstream answers `101`, become an opaque tunnel both ways.
 
 mod body;
+pub mod redirect;
 mod tls;
 mod upstream;
 mod websocket;
@@ -108,6 +109,8 @@ pub struct Proxy {
     plugins: Plugins,
     /// SSH egress: the guest's SSH flows to allowed servers go through it.
     ssh: Option<Arc<matchlock_ssh_egress::Egress>>,
+    /// Follow redirects on the host, resolving new hosts with this.
+    redirects: Option<redirect::Resolver>,
 }
 
 /// A hyper error as the proxy's body error (a plain function: a closure's inferred lifetimes
@@ -196,6 +199,7 @@ impl Proxy {
             rules,
             plugins: Plugins::default(),
             ssh: None,
+            redirects: None,
         }
     }
 
@@ -232,6 +236,13 @@ impl Proxy {
         rand::rngs::OsRng.fill_bytes(&mut seed);
         let key = russh_key(&seed);
         self.ssh = Some(Arc::new(matchlock_ssh_egress::Egress::new(cfg, key, sink)));
+        self
+    }
+
+    /// Follows redirects on the host within the allow-list (see [`redirect`]), resolving the
+    /// hosts they lead to with `resolver`.
+    pub fn with_redirects(mut self, resolver: redirect::Resolver) -> Proxy {
+        self.redirects = Some(resolver);
         self
     }
 
@@ -464,6 +475,13 @@ impl Proxy {
             tls,
         );
         let (mut parts, body) = req.into_parts();
+        // The guest's own request, kept to be sent again if a redirect is followed.
+        let guest_request = (self.redirects.is_some()
+            && redirect::GuestRequest::followable(&parts.method, websocket))
+        .then(|| redirect::GuestRequest {
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+        });
         let mut body: ProxyBody = body.map_err(boxed_error).boxed();
         // Route: a model call the router sends to a local backend leaves the pipeline here, with
         // its own request transform and the same response transform.
@@ -521,6 +539,7 @@ impl Proxy {
         let Some(uri) = request_target(&view.path, &query) else {
             return self.refuse(&Denial::BadTarget { host }, tls);
         };
+        let sent_path = uri.to_string();
         parts.uri = uri;
         parts.headers = map;
         parts.version = http::Version::HTTP_11;
@@ -575,6 +594,20 @@ impl Proxy {
         if let (Some(guest), StatusCode::SWITCHING_PROTOCOLS) = (guest_upgrade, resp.status()) {
             return self.tunnel(guest, &mut resp, &host, tls);
         }
+        let (resp, hop) = {
+            let hop = redirect::Hop {
+                tls,
+                authority: authority.clone(),
+                host: host.clone(),
+                path: sent_path,
+                view,
+            };
+            match &guest_request {
+                Some(g) => self.follow(g, resp, hop).await,
+                None => (resp, hop),
+            }
+        };
+        let (view, host, tls) = (hop.view, hop.host, hop.tls);
         let out = self.transform_response(resp, &view, &host, tls).await;
         if model_call {
             return self.log_usage(out, &host, requested_model, None, started, tls);
