@@ -233,7 +233,7 @@ impl Dns {
         };
         if self.policy.intercepts() {
             let name = normalize(&upstream.queries()[0].name().to_ascii());
-            if !self.policy.allows_host(&name) {
+            if !self.policy.may_resolve(&name) {
                 return self.sinkhole(&query).to_vec().ok();
             }
         }
@@ -267,7 +267,7 @@ impl Dns {
             .synthetic
             .name_of(ip)
             .ok_or_else(|| format!("{ip} was given to no name"))?;
-        if self.policy.intercepts() && !self.policy.allows_host(&name) {
+        if self.policy.intercepts() && !self.policy.may_resolve(&name) {
             return Err(format!("{name} is not on this sandbox's allow-list"));
         }
         let addrs = self.lookup(&name).await?;
@@ -795,5 +795,40 @@ mod tests {
         let e = up.extensions().as_ref().unwrap();
         assert!(e.options().as_ref().is_empty());
         assert_eq!(e.max_payload(), MAX_UDP_PAYLOAD);
+    }
+
+    #[tokio::test]
+    async fn ssh_egress_servers_resolve_off_the_http_allow_list() {
+        let allow = matchlock_policy::hosts::AllowList::new(["api.example"]).unwrap();
+        let ssh = matchlock_policy::hosts::AllowList::new(["git.example"])
+            .unwrap()
+            .deny_by_default();
+        let policy = Arc::new(
+            Policy::intercepting(Default::default(), allow, Default::default()).with_ssh_hosts(ssh),
+        );
+        let up = upstream("93.184.216.34".parse().unwrap()).await;
+        let dns = Dns {
+            upstreams: vec![up],
+            hosts: vec![],
+            policy: policy.clone(),
+            mode: DnsMode::Trusted,
+            synthetic: Default::default(),
+        };
+        let ask = |name: &str| {
+            let mut m = Message::new();
+            m.set_id(7).set_recursion_desired(true);
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            m.to_vec().unwrap()
+        };
+        let a = |r: Message| match r.answers().first().and_then(|r| r.data()) {
+            Some(RData::A(a)) => Some(a.0),
+            _ => None,
+        };
+        let git = Message::from_vec(&dns.answer(&ask("git.example.")).await.unwrap()).unwrap();
+        assert_eq!(a(git), Some("93.184.216.34".parse().unwrap()));
+        // HTTP to it stays refused; other names stay sinkholed.
+        assert!(!policy.allows_host("git.example"));
+        let other = Message::from_vec(&dns.answer(&ask("other.example.")).await.unwrap()).unwrap();
+        assert_ne!(a(other), Some("93.184.216.34".parse().unwrap()));
     }
 }

@@ -111,7 +111,24 @@ pub fn build(s: SandboxNet<'_>) -> Result<NetConfig, String> {
     let policy = match (&net.intercept, &plugins) {
         (Some(ic), Some(plugins)) => {
             let backends = resolve_backends(plugins)?;
-            Arc::new(intercepting(address, ic, &hosts)?.with_backends(backends))
+            let mut policy = intercepting(address, ic, &hosts)?.with_backends(backends);
+            if let Some(e) = &ic.ssh_egress {
+                // Their names resolve for the guest even when HTTP to them is not allowed.
+                let names: Vec<String> = e
+                    .allow
+                    .iter()
+                    .map(|d| {
+                        d.rsplit_once(':')
+                            .map_or(d.as_str(), |(h, _)| h)
+                            .to_string()
+                    })
+                    .collect();
+                let list = hosts::AllowList::new(&names)
+                    .map_err(|e| format!("--ssh-allow: {e}"))?
+                    .deny_by_default();
+                policy = policy.with_ssh_hosts(list);
+            }
+            Arc::new(policy)
         }
         _ => Arc::new(Policy::direct(address)),
     };

@@ -22,6 +22,9 @@ pub struct Policy {
     /// (`HOST:PORT`) with the address each resolved to at start (the guest itself cannot reach
     /// them unless also opened for it).
     backends: Vec<(String, SocketAddr)>,
+    /// The SSH egress servers' hosts: their names resolve for the guest even off the HTTP
+    /// allow-list (what may be done with them is the SSH egress proxy's call).
+    ssh_hosts: Option<AllowList>,
 }
 
 /// A request as far as the gate looks at it.
@@ -58,6 +61,7 @@ impl Policy {
             websockets: true,
             changes: tokio::sync::watch::Sender::new(0),
             backends: Vec::new(),
+            ssh_hosts: None,
         }
     }
 
@@ -72,7 +76,20 @@ impl Policy {
             websockets: true,
             changes: tokio::sync::watch::Sender::new(0),
             backends: Vec::new(),
+            ssh_hosts: None,
         }
+    }
+
+    /// The hosts of the SSH egress servers (their names resolve; see [`Policy::may_resolve`]).
+    pub fn with_ssh_hosts(mut self, hosts: AllowList) -> Policy {
+        self.ssh_hosts = Some(hosts);
+        self
+    }
+
+    /// Whether the sandbox's DNS may resolve `host` for the guest: an allowed host, or an SSH
+    /// egress server's (allowed for SSH only).
+    pub fn may_resolve(&self, host: &str) -> bool {
+        self.allows_host(host) || self.ssh_hosts.as_ref().is_some_and(|l| l.allows(host))
     }
 
     /// Whether WebSocket upgrades are allowed (the default).
