@@ -416,6 +416,7 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("guest_floods", guest_floods),
     ("crafted_image_layers", crafted_image_layers),
     ("killed_components", killed_components),
+    ("ssh_egress_abuse", ssh_egress_abuse),
 ];
 
 /// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
@@ -2066,4 +2067,131 @@ fn images_dir() -> std::path::PathBuf {
         None => Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
             .join(".cache/matchlock/images"),
     }
+}
+
+/// SSH egress (`--ssh-allow`): a real sshd in the namespace, reachable as `git.test`, that only
+/// the host's key opens and that logs every command it is asked to run (and runs none). The
+/// guest, holding no key, tries to make it run more than the one allowed command: shell
+/// operators, expansions, a newline, other commands, a shell, a subsystem, and a stdio forward
+/// to a canary through it. Control: the allowed command reaches the server.
+fn ssh_egress_abuse(hits: &Hits) -> Vec<Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for k in ["host_key", "user_key"] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k))
+            .status()
+            .expect("ssh-keygen (apt-get install openssh-client)");
+        assert!(st.success());
+    }
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    let log = d.join("commands.log");
+    let force = d.join("force.sh");
+    std::fs::write(
+        &force,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> {}\necho ran\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&force, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port 2222\nListenAddress 127.0.0.1\nHostKey {0}/host_key\n\
+             AuthorizedKeysFile {0}/authorized_keys\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n\
+             StrictModes no\nPidFile none\nForceCommand {1}\n",
+            d.display(),
+            force.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let mut sshd = std::process::Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("/usr/sbin/sshd (apt-get install openssh-server)");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect("127.0.0.1:2222").is_ok()
+    }));
+    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+    std::fs::write(d.join("known_hosts"), format!("[git.test]:2222 {host_pub}")).unwrap();
+    let (kh, key) = (
+        d.join("known_hosts").display().to_string(),
+        d.join("user_key").display().to_string(),
+    );
+    let injected = [
+        "git-upload-pack 'repo.git'; id",
+        "git-upload-pack 'repo.git' && id",
+        "git-upload-pack 'repo.git' | id",
+        "git-upload-pack $(id)",
+        "git-upload-pack `id`",
+        "git-upload-pack 'repo.git'\nid",
+        "git-upload-pack 'repo.git' > /tmp/x",
+        "git-upload-pack 'other.git'",
+        "id",
+    ];
+    let script = format!(
+        r#"
+import subprocess
+ssh = ['ssh', '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=20', '-p', '2222']
+def go(args, data=b''):
+    try:
+        subprocess.run(ssh + args, input=data, capture_output=True, timeout=60)
+    except Exception as e:
+        print('ssh failed', e)
+go(['root@git.test', "git-upload-pack 'repo.git'"])
+for c in {injected:?}:
+    go(['root@git.test', c])
+go(['-tt', 'root@git.test'], b'id\nexit\n')
+go(['-s', 'root@git.test', 'sftp'])
+go(['-W', '{OPENED}:80', 'root@git.test'], b'GET /ssh-forward HTTP/1.0\r\n\r\n')
+print('SCRIPT-DONE')
+"#
+    );
+    let before = hits_with(hits, "ssh-forward").len();
+    let _ = python(
+        &[
+            "--add-host",
+            "git.test:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--ssh-allow",
+            "git.test:2222",
+            "--ssh-known-hosts",
+            &kh,
+            "--ssh-key",
+            &key,
+            "--ssh-exec",
+            // A glob wide enough that only the plain-command check stops the injections.
+            "allow:git-upload-pack 'repo*",
+        ],
+        &script,
+    );
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    let ran = std::fs::read_to_string(&log).unwrap_or_default();
+    let ran: Vec<&str> = ran.lines().collect();
+    assert!(
+        ran.contains(&"git-upload-pack 'repo.git'"),
+        "ssh egress: the allowed command never reached the server: {ran:?}"
+    );
+    let mut leaked: Vec<String> = ran
+        .iter()
+        .filter(|c| **c != "git-upload-pack 'repo.git'")
+        .map(|c| format!("the server was asked to run {c:?}"))
+        .collect();
+    if hits_with(hits, "ssh-forward").len() > before {
+        leaked.push("a stdio forward reached a canary".into());
+    }
+    vec![Row {
+        attack: "SSH egress made to run more than its allowed command".into(),
+        tried: injected.len() + 3,
+        leaked,
+    }]
 }
