@@ -73,8 +73,10 @@ impl Options {
 }
 
 impl Default for Options {
+    /// What `IngressParams::default()` asks for: loopback, a free port, WebSockets on,
+    /// streaming, no hooks.
     fn default() -> Self {
-        Options::from_params(&IngressParams::default()).unwrap_or(Options {
+        Options {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             allow_websockets: true,
             buffer_response_body: false,
@@ -83,7 +85,7 @@ impl Default for Options {
                 matchlock_api::ingress::DEFAULT_HEADER_TIMEOUT_MS,
             ),
             hooks: None,
-        })
+        }
     }
 }
 
@@ -562,4 +564,18 @@ fn refusal(a: &IngressHookAnswer) -> Response<Body> {
         return hook_failed(&format!("allow hook: {why}"));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_options_are_what_the_default_params_ask_for() {
+        let from_params = Options::from_params(&IngressParams::default()).unwrap();
+        assert_eq!(
+            format!("{:?}", Options::default()),
+            format!("{from_params:?}")
+        );
+    }
 }
