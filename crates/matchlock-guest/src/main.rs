@@ -19,6 +19,7 @@ mod net;
 mod reaper;
 mod seccomp;
 mod server;
+mod sftp;
 mod tty;
 mod users;
 mod vfs;
@@ -146,6 +147,9 @@ fn test_main(path: &std::ffi::OsStr) -> i32 {
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 2 && args[1] == matchlock_proto::SFTP_SERVER_ARGV[1] {
+        std::process::exit(sftp::main());
+    }
     if args.len() == 3 && args[1] == "--listen-unix" {
         std::process::exit(test_main(&args[2]));
     }
@@ -154,7 +158,7 @@ fn main() {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "usage: matchlock-guest            (as PID 1 of a Matchlock VM)\n       matchlock-guest --listen-unix PATH   (test mode)"
+        "usage: matchlock-guest            (as PID 1 of a Matchlock VM)\n       matchlock-guest --listen-unix PATH   (test mode)\n       matchlock-guest --sftp-server        (SFTP on stdin/stdout, run by the agent)"
     );
     std::process::exit(2);
 }

@@ -7,8 +7,8 @@
 use std::fmt;
 
 /// Directory the files are read from (the root of the guest after Setup).
-const PASSWD: &str = "/etc/passwd";
-const GROUP: &str = "/etc/group";
+pub const PASSWD: &str = "/etc/passwd";
+pub const GROUP: &str = "/etc/group";
 /// A bigger account database than this is not a plausible image; refuse rather than allocate.
 const MAX_DB_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -178,7 +178,7 @@ pub fn resolve(
 }
 
 /// Reads one database file; a missing file counts as empty (minimal images have none).
-fn read_db(path: &str) -> Result<String, UserError> {
+pub fn read_db(path: &str) -> Result<String, UserError> {
     use std::io::Read;
     match std::fs::File::open(path) {
         Ok(f) => {
