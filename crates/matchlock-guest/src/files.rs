@@ -267,6 +267,10 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::FileInfo { .. } => "FileInfo",
         Msg::Entries(_) => "Entries",
         Msg::Connect { .. } => "Connect",
+        Msg::Listen { .. } => "Listen",
+        Msg::Listening { .. } => "Listening",
+        Msg::Accepted { .. } => "Accepted",
+        Msg::Accept { .. } => "Accept",
         Msg::SetClock { .. } => "SetClock",
     }
 }

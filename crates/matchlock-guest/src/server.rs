@@ -37,6 +37,8 @@ pub struct Agent {
     setup_started: AtomicBool,
     /// The session, for streams the guest opens towards the host (workspace filesystems).
     mux: OnceLock<Mux>,
+    /// Connections accepted on `Listen` streams, waiting for the host's `Accept`.
+    pub accepted: forward::Accepted,
 }
 
 impl Agent {
@@ -48,6 +50,7 @@ impl Agent {
             cgroup_procs: OnceLock::new(),
             setup_started: AtomicBool::new(false),
             mux: OnceLock::new(),
+            accepted: forward::Accepted::default(),
         }
     }
 }
@@ -98,6 +101,14 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
         Msg::ListFiles { path } => files::list(&path, &mut wr).await,
         Msg::Connect { port } => {
             forward::connect(port, rd, wr).await;
+            return;
+        }
+        Msg::Listen { port } => {
+            forward::listen(&agent, port, rd, wr).await;
+            return;
+        }
+        Msg::Accept { id } => {
+            forward::accept(&agent, id, rd, wr).await;
             return;
         }
         Msg::SetClock { unix_ms } => {

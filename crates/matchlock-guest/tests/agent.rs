@@ -830,3 +830,82 @@ async fn many_concurrent_execs() {
         assert_eq!(o.code(), 0);
     }
 }
+
+#[tokio::test]
+async fn listen_announces_connections_the_host_takes_and_closing_stops_it() {
+    let agent = start().await;
+    let mut listen = request(&agent, Msg::Listen { port: 0 }).await;
+    let port = match recv(&mut listen).await {
+        Some(Msg::Listening { port }) => port,
+        other => panic!("expected Listening, got {other:?}"),
+    };
+    assert_ne!(port, 0);
+    let mut peer = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let id = match recv(&mut listen).await {
+        Some(Msg::Accepted { id }) => id,
+        other => panic!("expected Accepted, got {other:?}"),
+    };
+    // Taken once: a second Accept of the same id is an error, as is an unknown one.
+    let mut taken = request(&agent, Msg::Accept { id }).await;
+    assert_eq!(recv(&mut taken).await, Some(Msg::Ok));
+    for bad in [id, id + 1000] {
+        let mut again = request(&agent, Msg::Accept { id: bad }).await;
+        assert!(matches!(recv(&mut again).await, Some(Msg::Error(_))));
+    }
+    peer.write_all(b"to host").await.unwrap();
+    assert_eq!(recv(&mut taken).await, Some(Msg::Data(b"to host".to_vec())));
+    write_msg(&mut taken, &Msg::Data(b"to guest".to_vec()))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(WAIT, peer.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"to guest");
+    // The port is taken while listening; closing the stream frees it.
+    let mut twice = request(&agent, Msg::Listen { port }).await;
+    assert!(matches!(recv(&mut twice).await, Some(Msg::Error(_))));
+    drop(listen);
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "still listening on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sftp_server_mode_serves_the_protocol_on_stdio() {
+    // SSH_FXP_INIT version 3; the reply is SSH_FXP_VERSION (2) with 3 and the extensions.
+    let bin = std::env::var_os("MATCHLOCK_GUEST_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_matchlock-guest").into());
+    let out = Command::new(bin)
+        .arg("--sftp-server")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3])?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(&out.stdout[4..9], &[2, 0, 0, 0, 3], "{:?}", out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for ext in [
+        "posix-rename@openssh.com",
+        "limits@openssh.com",
+        "expand-path@openssh.com",
+    ] {
+        assert!(text.contains(ext), "{text:?}");
+    }
+}

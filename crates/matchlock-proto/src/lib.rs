@@ -26,13 +26,18 @@ pub use msg::*;
 pub use vfs::GuestVfsMount;
 
 /// Protocol version. Bumped whenever a message changes shape; the guest announces it in [`HELLO`].
-pub const VERSION: u32 = 8;
+pub const VERSION: u32 = 9;
 
 /// What the guest agent writes, raw, on the channel before the multiplexer starts.
-pub const HELLO: &[u8; 8] = b"MLKAGT08";
+pub const HELLO: &[u8; 8] = b"MLKAGT09";
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "matchlock.agent";
+
+/// The exec that serves SFTP on its stdin and stdout: the agent's own binary in its
+/// `--sftp-server` mode, run as any exec is (as the requesting user, with its restrictions).
+/// `/proc/self/exe` in the exec'd child is still the agent, whatever the image holds.
+pub const SFTP_SERVER_ARGV: [&str; 2] = ["/proc/self/exe", "--sftp-server"];
 
 /// Largest chunk of file or process data put in one message.
 pub const CHUNK: usize = 32 * 1024;

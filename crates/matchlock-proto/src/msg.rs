@@ -93,6 +93,33 @@ pub enum Msg {
         port: u16,
     },
 
+    // ---- Remote forwarding (`ssh -R`), host -> guest requests ----
+    /// Listen on `127.0.0.1:port` in the guest (0 picks a free port). Reply: [`Msg::Listening`]
+    /// or [`Msg::Error`]. Then, while the host keeps this stream open, the guest sends one
+    /// [`Msg::Accepted`] per connection it accepts; the host's end of the stream closing stops
+    /// the listener.
+    Listen {
+        /// TCP port on the guest's loopback.
+        port: u16,
+    },
+    /// Reply to [`Msg::Listen`]: listening on this port.
+    Listening {
+        /// The port, chosen by the guest when 0 was asked for.
+        port: u16,
+    },
+    /// On a [`Msg::Listen`] stream: a connection was accepted and waits, for a few seconds, to
+    /// be taken with [`Msg::Accept`].
+    Accepted {
+        /// Names the connection in [`Msg::Accept`].
+        id: u64,
+    },
+    /// Take the accepted connection `id`. Reply: [`Msg::Ok`], then the stream relays it as a
+    /// [`Msg::Connect`] stream does; or [`Msg::Error`] when it is gone.
+    Accept {
+        /// From [`Msg::Accepted`].
+        id: u64,
+    },
+
     // ---- Clock, host -> guest request ----
     /// Set the guest's wall clock (a resumed guest's clock stood still while it was paused).
     /// Reply: [`Msg::Ok`] or [`Msg::Error`].

@@ -241,24 +241,33 @@ impl Client {
     /// turns the channel's framed `Data`/`Eof` messages into bytes, with half-close). The error is
     /// the guest's reason when nothing listens there.
     pub async fn connect_bytes(&self, port: u16) -> Result<tokio::io::DuplexStream, SandboxError> {
+        let s = self.connect(port).await?;
+        bytes_after_ok(s, "Connect").await
+    }
+
+    /// Listens on `port` (0: any free port) on the guest's loopback, as `ssh -R` asks; the
+    /// listener lives until the returned [`Listener`] is dropped.
+    pub async fn listen(&self, port: u16) -> Result<Listener, SandboxError> {
         use matchlock_proto::read_msg;
-        let mut s = self.connect(port).await?;
+        let mut s = self.send(&Request::Listen { port }).await?;
         match read_msg(&mut s).await? {
-            Some(Msg::Ok) => {}
-            Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
-            other => {
-                return Err(SandboxError::Channel(format!(
-                    "unexpected reply to Connect: {other:?}"
-                )))
-            }
+            Some(Msg::Listening { port }) => Ok(Listener {
+                client: self.clone(),
+                port,
+                stream: s,
+            }),
+            Some(Msg::Error(e)) => Err(SandboxError::Channel(e)),
+            other => Err(SandboxError::Channel(format!(
+                "unexpected reply to Listen: {other:?}"
+            ))),
         }
-        let (ours, theirs) = tokio::io::duplex(256 << 10);
-        tokio::spawn(async move {
-            let (srd, swr) = s.into_split();
-            let (trd, twr) = tokio::io::split(theirs);
-            matchlock_proto::relay::relay(srd, swr, trd, twr).await;
-        });
-        Ok(ours)
+    }
+
+    /// Takes the connection the guest announced as `id` on a [`Listener`] and returns it as a
+    /// plain byte stream.
+    async fn take(&self, id: u64) -> Result<tokio::io::DuplexStream, SandboxError> {
+        let s = self.send(&Request::Accept { id }).await?;
+        bytes_after_ok(s, "Accept").await
     }
 
     /// Starts a file operation; the returned connection is its stream.
@@ -482,4 +491,70 @@ mod env_tests {
             assert!(!passed(&[("K", tail)]).contains(&"PATH".to_string()));
         }
     }
+}
+
+/// A listener on the guest's loopback (see [`Client::listen`]). Dropping it stops listening.
+#[derive(Debug)]
+pub struct Listener {
+    client: Client,
+    port: u16,
+    stream: UnixStream,
+}
+
+impl Listener {
+    /// The guest port listened on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Waits for the next connection to the guest port and returns it as a byte stream. An
+    /// error ends the listener (the sandbox stopped, or the guest closed it).
+    pub async fn accept(&mut self) -> Result<tokio::io::DuplexStream, SandboxError> {
+        use matchlock_proto::read_msg;
+        loop {
+            let id = match read_msg(&mut self.stream).await? {
+                Some(Msg::Accepted { id }) => id,
+                Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
+                Some(other) => {
+                    return Err(SandboxError::Channel(format!(
+                        "unexpected message on a Listen stream: {other:?}"
+                    )))
+                }
+                None => return Err(SandboxError::Channel("the guest stopped listening".into())),
+            };
+            match self.client.take(id).await {
+                Ok(s) => return Ok(s),
+                // The peer in the guest gave up before it was taken: wait for the next one.
+                Err(SandboxError::Channel(e)) => {
+                    tracing::debug!(port = self.port, "accepted connection lost: {e}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reads a `Connect`-style stream's first reply and, on `Ok`, turns its framed `Data`/`Eof`
+/// messages into a plain byte stream with half-close (a relay task). The error is the guest's.
+async fn bytes_after_ok(
+    mut s: UnixStream,
+    request: &str,
+) -> Result<tokio::io::DuplexStream, SandboxError> {
+    use matchlock_proto::read_msg;
+    match read_msg(&mut s).await? {
+        Some(Msg::Ok) => {}
+        Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
+        other => {
+            return Err(SandboxError::Channel(format!(
+                "unexpected reply to {request}: {other:?}"
+            )))
+        }
+    }
+    let (ours, theirs) = tokio::io::duplex(256 << 10);
+    tokio::spawn(async move {
+        let (srd, swr) = s.into_split();
+        let (trd, twr) = tokio::io::split(theirs);
+        matchlock_proto::relay::relay(srd, swr, trd, twr).await;
+    });
+    Ok(ours)
 }

@@ -59,6 +59,18 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// Listen on a TCP port on the guest's loopback; the connection becomes a [`Msg::Listen`]
+    /// stream, and closing it stops the listener.
+    Listen {
+        /// The guest port (0: any free port).
+        port: u16,
+    },
+    /// Take a connection announced on a [`Request::Listen`] stream; the connection becomes a
+    /// [`Msg::Accept`] stream.
+    Accept {
+        /// From [`Msg::Accepted`].
+        id: u64,
+    },
     /// Liveness check.
     Ping,
     /// Save the guest to the sandbox directory and end QEMU, releasing its memory; replies
@@ -89,6 +101,8 @@ impl Request {
             Request::Stop { .. } => "stop",
             Request::Launch { .. } => "launch",
             Request::Connect { .. } => "connect",
+            Request::Listen { .. } => "listen",
+            Request::Accept { .. } => "accept",
             Request::Ping => "ping",
             Request::Pause => "pause",
             Request::Resume => "resume",

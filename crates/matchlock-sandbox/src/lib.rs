@@ -19,7 +19,7 @@ pub mod volume;
 
 pub use matchlock_api::{config, validate};
 
-pub use client::{start, start_with_secrets, Client};
+pub use client::{start, start_with_secrets, Client, Listener};
 pub use config::{
     DiskMount, InterceptConfig, NetworkConfig, SandboxConfig, SecretSpec, State, Status,
     VfsBlockRule, VfsMode, VfsMount,

@@ -131,7 +131,12 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
     tracing::debug!(request = req.name(), "control request");
     let needs_guest = matches!(
         req,
-        Request::Exec(_) | Request::File(_) | Request::Connect { .. } | Request::Launch { .. }
+        Request::Exec(_)
+            | Request::File(_)
+            | Request::Connect { .. }
+            | Request::Listen { .. }
+            | Request::Accept { .. }
+            | Request::Launch { .. }
     );
     // Open while the request runs (an exec's whole stream); a launch counts only as it starts.
     let _busy = needs_guest.then(|| ctx.activity.begin());
@@ -199,6 +204,8 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
             let _ = control::write_json(&mut conn, &Reply::Ok).await;
         }
         Request::Connect { port } => splice(&ctx, conn, Msg::Connect { port }).await,
+        Request::Listen { port } => splice(&ctx, conn, Msg::Listen { port }).await,
+        Request::Accept { id } => splice(&ctx, conn, Msg::Accept { id }).await,
         Request::Launch { spec, settle_ms } => {
             let reply = match launch(ctx.clone(), spec, settle_ms).await {
                 Ok(()) => Reply::Ok,
