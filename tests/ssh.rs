@@ -1,7 +1,7 @@
 //! `matchlock ssh` end to end with OpenSSH's own `ssh`, `scp` and `sftp` against real sandboxes
 //! whose images have no sshd: commands and exit codes, stdin, terminals, port forwards, files, and
 //! the refusals (another key, another host key, traffic that is not SSH, a forward out of the
-//! sandbox, an image without sftp-server).
+//! sandbox, a privileged remote forward), in images with and without sftp-server.
 
 mod common;
 
@@ -151,7 +151,7 @@ fn served_access_forwards_files_and_refusals() {
     std::io::Read::read_to_string(&mut out.0.stderr.take().unwrap(), &mut err).unwrap();
     assert!(err.contains("administratively prohibited"), "{err}");
 
-    // sftp and scp (which speaks SFTP), through the image's own sftp-server.
+    // sftp and scp (which speaks SFTP).
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 % 256) as u8).collect();
     std::fs::write(dir.path().join("up"), &data).unwrap();
@@ -260,18 +260,112 @@ fn served_access_forwards_files_and_refusals() {
 }
 
 #[test]
-fn sftp_without_sftp_server_in_the_image_fails_with_the_reason() {
+fn sftp_scp_and_remote_forwards_in_an_image_without_sftp_server() {
+    // The busybox image has no sftp-server: the agent's own serves, as the SSH user.
     let sb = Sandbox::detached(&[], &["sleep", "100000"]);
     let served = Served::start(&sb.id);
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(3 << 20)).map(|i| (i * 13 % 256) as u8).collect();
+    std::fs::write(dir.path().join("up"), &data).unwrap();
+    let o = served
+        .tool("scp", &[])
+        .arg(dir.path().join("up"))
+        .arg(format!("{}:/tmp/up", served.dest))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scp: {}", stderr(&o));
+    let o = served
+        .tool("scp", &[])
+        .arg(format!("{}:/tmp/up", served.dest))
+        .arg(dir.path().join("back"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scp back: {}", stderr(&o));
+    assert!(std::fs::read(dir.path().join("back")).unwrap() == data);
+
+    // As another user: its files are its own, and the guest's permissions hold.
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {up} /tmp/nobody-up\nmkdir /tmp/nobody-dir\nrename /tmp/nobody-up /tmp/nobody-dir/f\n\
+             ln -s f /tmp/nobody-dir/link\nls -l /tmp/nobody-dir\ndf .\n-put {up} /root/denied\n",
+            up = dir.path().join("up").display()
+        ),
+    )
+    .unwrap();
+    let nobody = "nobody@127.0.0.1".to_string();
     let o = served
         .tool("sftp", &[])
         .arg("-b")
-        .arg("/dev/null")
-        .arg(&served.dest)
+        .arg(&batch)
+        .arg(&nobody)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("no sftp-server"), "{}", stderr(&o));
+    assert!(o.status.success(), "sftp: {}", stderr(&o));
+    assert!(stdout(&o).contains("3145728"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("nobody"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("ermission denied"), "{}", stderr(&o));
+    let o = sb.exec(&[
+        "sh",
+        "-c",
+        "stat -c '%u %s' /tmp/nobody-dir/f; readlink /tmp/nobody-dir/link; test -e /root/denied || echo none",
+    ]);
+    assert_eq!(stdout(&o), "65534 3145728\nf\nnone\n", "{}", stderr(&o));
+
+    // ssh -R: a listener on the sandbox's loopback, back to a server on the host.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&c), &mut line);
+            let _ = c.write_all(format!("host saw {line}").as_bytes());
+        }
+    });
+    let fwd = served
+        .tool("ssh", &[])
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("9100:127.0.0.1:{echo_port}"),
+            &served.dest,
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _fwd = scopeguard(fwd);
+    let mut last = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let o = sb.exec(&["sh", "-c", "echo from-guest | nc 127.0.0.1 9100"]);
+            last = format!("{}{}", stdout(&o), stderr(&o));
+            stdout(&o) == "host saw from-guest\n"
+        }),
+        "{last}"
+    );
+    // Ports below 1024 are root's, as with sshd.
+    let o = served
+        .tool("ssh", &[])
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("80:127.0.0.1:{echo_port}"),
+            &nobody,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(255), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("remote port forwarding failed"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Kills the child on drop, so a failing assertion leaves no ssh behind.

@@ -2,8 +2,9 @@
 //!
 //! A host-side SSH server ([russh]) listens on loopback (unless asked otherwise) and bridges each
 //! session onto the sandbox's own channel: `ssh ID cmd` is an exec, `ssh -t` and a bare `ssh` a
-//! terminal (with resizes and signals), `ssh -L` a connection to the sandbox's loopback, and the
-//! `sftp` subsystem runs the image's own `sftp-server` when it has one.
+//! terminal (with resizes and signals), `ssh -L` a connection to the sandbox's loopback, `ssh -R`
+//! a listener on it, and the `sftp` subsystem the guest agent's own SFTP server, run as the SSH
+//! user (so every image has one).
 //!
 //! Only one key may log in: a per-sandbox client key made on first use and kept in the sandbox's
 //! state directory (`ssh/id_ed25519`, mode 0600), next to the server's host key and a

@@ -1,6 +1,8 @@
 //! The SSH server: russh does the protocol; each session channel becomes one exec on the
-//! sandbox's channel (a terminal when the client asked for a pty), and each `direct-tcpip`
-//! channel one connection to the guest's loopback.
+//! sandbox's channel (a terminal when the client asked for a pty), each `direct-tcpip`
+//! channel one connection to the guest's loopback (`ssh -L`), and each `tcpip-forward` request
+//! a listener on the guest's loopback whose connections come back as `forwarded-tcpip`
+//! channels (`ssh -R`).
 
 use matchlock_proto::{read_msg, write_msg, Msg, WinSize};
 use matchlock_sandbox::control::ExecSpec;
@@ -36,6 +38,17 @@ pub struct Conn {
     pub(crate) peer: Option<std::net::SocketAddr>,
     pub(crate) user: String,
     chans: HashMap<ChannelId, Chan>,
+    /// `ssh -R` listeners by the address and port the client asked for.
+    forwards: HashMap<(String, u32), tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The client went away: its listeners in the guest go with it.
+        for (_, task) in self.forwards.drain() {
+            task.abort();
+        }
+    }
 }
 
 impl Conn {
@@ -50,6 +63,7 @@ impl Conn {
             peer,
             user: String::new(),
             chans: HashMap::new(),
+            forwards: HashMap::new(),
         }
     }
 
@@ -232,13 +246,6 @@ fn winsize(cols: u32, rows: u32) -> WinSize {
     }
 }
 
-/// Where images keep OpenSSH's `sftp-server`, tried in order: `sftp` (and `scp`, which speaks
-/// SFTP since OpenSSH 9) works in images that have it.
-const SFTP_SERVER: &str = "for p in /usr/lib/openssh/sftp-server /usr/lib/ssh/sftp-server \
-    /usr/libexec/openssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do \
-    [ -x \"$p\" ] && exec \"$p\"; done; \
-    echo 'matchlock: this image has no sftp-server (install openssh-sftp-server in it)' >&2; exit 127";
-
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
@@ -385,11 +392,10 @@ impl russh::server::Handler for Conn {
         if name != "sftp" {
             return session.channel_failure(channel);
         }
-        self.start(
-            channel,
-            vec!["/bin/sh".into(), "-c".into(), SFTP_SERVER.into()],
-            session,
-        )
+        // The agent's own SFTP server, as this user: every image has it, and the guest kernel
+        // checks each file access as it does the user's programs'.
+        let argv = matchlock_proto::SFTP_SERVER_ARGV.map(String::from).to_vec();
+        self.start(channel, argv, session)
     }
 
     async fn window_change_request(
@@ -456,5 +462,80 @@ impl russh::server::Handler for Conn {
             }
         }
         Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // As sshd with `GatewayPorts no`: whatever address is asked for, the listener is on the
+        // sandbox's loopback. Ports below 1024 only for root, as sshd allows them.
+        let Ok(wanted) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        let root = matches!(self.user.as_str(), "root" | "0");
+        if (wanted != 0 && wanted < 1024 && !root) || self.forwards.len() >= crate::MAX_CHANNELS {
+            tracing::warn!(port = wanted, user = %self.user, "ssh: refused a remote forward");
+            return Ok(false);
+        }
+        if self.forwards.contains_key(&(address.to_string(), *port)) {
+            return Ok(false);
+        }
+        let mut listener = match self.client.listen(wanted).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::info!(port = wanted, "ssh: remote forward refused: {e}");
+                return Ok(false);
+            }
+        };
+        let bound = listener.port();
+        if wanted == 0 {
+            // The client learns the port chosen from the reply, and matches channels on it.
+            *port = bound.into();
+        }
+        tracing::info!(address, port = bound, "ssh: remote forward");
+        let handle = session.handle();
+        let connected_address = address.to_string();
+        let connected_port = *port;
+        let task = tokio::spawn(async move {
+            while let Ok(mut guest) = listener.accept().await {
+                let opened = handle
+                    .channel_open_forwarded_tcpip(
+                        connected_address.clone(),
+                        connected_port,
+                        "127.0.0.1",
+                        0,
+                    )
+                    .await;
+                let Ok(channel) = opened else {
+                    // The client refused this one (e.g. nothing listens on its side); the
+                    // guest's peer sees its connection closed.
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut guest).await;
+                });
+            }
+        });
+        self.forwards.insert((address.to_string(), *port), task);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.remove(&(address.to_string(), port)) {
+            Some(task) => {
+                task.abort();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
