@@ -417,6 +417,7 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("crafted_image_layers", crafted_image_layers),
     ("killed_components", killed_components),
     ("ssh_egress_abuse", ssh_egress_abuse),
+    ("ingress_routes_file_abuse", ingress_routes_file_abuse),
 ];
 
 /// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
@@ -2192,6 +2193,126 @@ print('SCRIPT-DONE')
     vec![Row {
         attack: "SSH egress made to run more than its allowed command".into(),
         tried: injected.len() + 3,
+        leaked,
+    }]
+}
+
+/// One HTTP/1.0 GET through the gateway at `addr`; the status line, or `None` when nothing
+/// came back within `wait`.
+fn http_status(addr: &str, path: &str, wait: Duration) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.starts_with("HTTP/").then_some(text)
+}
+
+/// The ingress routes file is the guest's to write and the host's gateway reads it. The guest
+/// makes it huge, endless, blocking, not a file, binary, rewritten without pause, or naming
+/// addresses beyond its own loopback. None may hang or kill the gateway, or make it send a
+/// byte anywhere but the sandbox's loopback (the canaries).
+fn ingress_routes_file_abuse(hits: &Hits) -> Vec<Row> {
+    const F: &str = "/etc/matchlock/ingress-routes";
+    let sb = Sandbox::detached(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo ingress-page > /www/index.html && \
+             exec httpd -f -p 127.0.0.1:8080 -h /www",
+        ],
+    );
+    let mut gw = ml(&["ingress", &sb.id, "--route", "/=8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = first_line(gw.stdout.take().unwrap());
+    let addr = url
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    // Control: the page comes through the gateway.
+    let page = || {
+        http_status(&addr, "/", Duration::from_secs(10)).is_some_and(|t| t.contains("ingress-page"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), page),
+        "control: the gateway at {addr} does not serve the guest's page"
+    );
+    let variants: &[(&str, &str)] = &[
+        (
+            "1.1 MB of routes",
+            "yes '/x :10.0.0.1:80' | head -c 1100000 > $F",
+        ),
+        ("a link to /dev/zero", "rm -rf $F; ln -s /dev/zero $F"),
+        ("a FIFO nobody writes", "rm -rf $F; mkfifo $F"),
+        ("a directory", "rm -rf $F; mkdir $F"),
+        (
+            "routes to addresses beyond the loopback",
+            "printf '/a 10.0.0.1:80\\n/b http://10.9.9.9/\\n/c :0\\n/d :65536\\n/e [::1]:80\\n\
+             /f 169.254.169.254:80\\n/g 10.9.9.9:80 strip\\n/h :10.9.9.9:80\\n' > $F",
+        ),
+        (
+            "binary and NUL bytes",
+            "rm -rf $F; head -c 8000 /dev/urandom > $F; printf '/z\\0:80\\n' >> $F",
+        ),
+        (
+            "rewritten without pause",
+            "(i=0; while [ $i -lt 3000 ]; do echo \"/r$i :10.0.0.1\" > $F; i=$((i+1)); done) \
+             >/dev/null 2>&1 & echo $! > /tmp/rewriter",
+        ),
+    ];
+    let before = hits.lock().unwrap().len();
+    let mut leaked = Vec::new();
+    for (name, script) in variants {
+        let o = sb.exec(&[
+            "sh",
+            "-c",
+            &format!("F={F}; mkdir -p /etc/matchlock; {script}"),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        // The gateway rereads the file at most once a second, and only while requests come.
+        for _ in 0..3 {
+            let _ = http_status(&addr, "/", Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        for path in ["/", "/a", "/b", "/f", "/g", "/h", "/x"] {
+            if http_status(&addr, path, Duration::from_secs(10)).is_none() {
+                leaked.push(format!("{name}: GET {path} got no answer within 10 s"));
+                break;
+            }
+        }
+        if gw.try_wait().ok().flatten().is_some() {
+            leaked.push(format!("{name}: the gateway exited"));
+            break;
+        }
+        let restore = format!(
+            "if [ -f /tmp/rewriter ]; then kill $(cat /tmp/rewriter) 2>/dev/null; rm /tmp/rewriter; fi; \
+             rm -rf {F}; echo '/ :8080' > {F}"
+        );
+        let o = sb.exec(&["sh", "-c", &restore]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Back to the good file: the gateway serves the page again (it never stopped reading).
+    if !wait_until(Duration::from_secs(20), page) {
+        leaked.push("the gateway did not take a good routes file after the abuse".into());
+    }
+    for (w, b) in hits.lock().unwrap()[before..].iter() {
+        leaked.push(format!(
+            "a canary saw {w}: {:?}",
+            String::from_utf8_lossy(&b[..b.len().min(80)])
+        ));
+    }
+    let _ = gw.kill();
+    let _ = gw.wait();
+    vec![Row {
+        attack: "a hostile ingress routes file".into(),
+        tried: variants.len(),
         leaked,
     }]
 }
