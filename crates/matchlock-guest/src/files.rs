@@ -271,6 +271,7 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::Listening { .. } => "Listening",
         Msg::Accepted { .. } => "Accepted",
         Msg::Accept { .. } => "Accept",
+        Msg::ExportUpper { .. } => "ExportUpper",
         Msg::SetClock { .. } => "SetClock",
     }
 }

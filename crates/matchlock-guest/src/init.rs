@@ -337,6 +337,16 @@ fn mount_root(s: &Setup) -> Result<(), String> {
     let work = format!("{UPPERFS}/work");
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
+    // Held for `ExportUpper`: after the switch to the new root no path reaches it.
+    let fd = nix::fcntl::open(
+        upper.as_str(),
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("opening {upper}: {e}"))?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let _ =
+        crate::layer::UPPER.set(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
     do_mount(
         "overlay",
         NEWROOT,

@@ -15,6 +15,7 @@ mod exec;
 mod files;
 mod forward;
 mod init;
+mod layer;
 mod net;
 mod reaper;
 mod seccomp;

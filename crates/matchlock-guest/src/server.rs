@@ -111,6 +111,13 @@ async fn handle(agent: Arc<Agent>, stream: Stream) {
             forward::accept(&agent, id, rd, wr).await;
             return;
         }
+        Msg::ExportUpper {
+            exclude,
+            stop_processes,
+        } => {
+            crate::layer::export(exclude, stop_processes, agent.mode == Mode::Init, wr).await;
+            return;
+        }
         Msg::SetClock { unix_ms } => {
             let reply = match crate::init::set_clock(unix_ms) {
                 Ok(()) => Msg::Ok,

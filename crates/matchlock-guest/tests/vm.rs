@@ -44,14 +44,16 @@ fn mkfs(image: &Path, root: Option<&Path>) {
 
 fn images(dir: &Path) -> (PathBuf, PathBuf) {
     let root = dir.join("rootfs");
-    for d in ["bin", "etc", "home/user"] {
+    for d in ["bin", "etc", "home/user", "opt/old"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
+    std::fs::write(root.join("etc/motd"), "lower\n").unwrap();
+    std::fs::write(root.join("opt/old/a"), "a\n").unwrap();
     let busybox = std::env::var_os("MATCHLOCK_TEST_BUSYBOX").unwrap_or("/usr/bin/busybox".into());
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "stty", "sleep", "ls", "hostname", "date", "grep", "mount",
-        "true", "tty",
+        "true", "tty", "rm", "mkdir", "ln", "mkfifo", "chmod", "chown",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
@@ -378,4 +380,128 @@ async fn setup_with_missing_disk_is_a_clear_error() {
             "no disk with serial nope; is the image disk attached?".into()
         ))
     );
+}
+
+#[tokio::test]
+#[ignore = "needs QEMU, a kernel and the static agent (see the module docs)"]
+async fn export_upper_is_an_oci_layer_of_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, upper) = images(dir.path());
+    let (_vm, sock) = boot(dir.path(), "", Some((&image, &upper)));
+    let mux = connect(&_vm, &sock).await;
+    let setup = Setup {
+        hostname: "layer".into(),
+        root_serial: "mlroot".into(),
+        upper_serial: Some("mlupper".into()),
+        confined: true,
+        entropy: vec![7; 64],
+        ..Setup::default()
+    };
+    let mut s = request(&mux, Msg::Setup(setup)).await;
+    assert_eq!(recv(&mut s).await, Some(Msg::Ok));
+    let (out, code) = sh(
+        &mux,
+        script(
+            "echo new > /new.txt && chmod 640 /new.txt && chown 1000:2000 /new.txt && \
+             rm /etc/motd && rm -rf /opt/old && mkdir /opt/old && echo c > /opt/old/c && \
+             ln /new.txt /hard.txt && ln -s /new.txt /sym && mkfifo /fifo && \
+             echo x >> /etc/group && (sleep 1000 &) && echo done",
+        ),
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("done\n", 0));
+
+    let exclude = ["etc/hosts", "etc/hostname", "etc/resolv.conf"].map(String::from);
+    let mut s = request(
+        &mux,
+        Msg::ExportUpper {
+            exclude: exclude.to_vec(),
+            stop_processes: true,
+        },
+    )
+    .await;
+    let mut layer = Vec::new();
+    loop {
+        match recv(&mut s).await {
+            Some(Msg::Data(d)) => layer.extend(d),
+            Some(Msg::Eof) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut entries = std::collections::BTreeMap::new();
+    let mut archive = tar::Archive::new(&layer[..]);
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let h = e.header().clone();
+        let link = e
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().into_owned());
+        let pax: Vec<String> = match e.pax_extensions().unwrap() {
+            Some(exts) => exts
+                .map(|p| p.unwrap().key().unwrap_or("").to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut e, &mut body).unwrap_or_default();
+        entries.insert(path, (h, link, body, pax));
+    }
+    let names: Vec<&String> = entries.keys().collect();
+    let get = |p: &str| {
+        entries
+            .get(p)
+            .unwrap_or_else(|| panic!("{p} not in the layer: {names:?}"))
+    };
+    let (h, _, body, _) = get("new.txt");
+    let (h2, link2, _, _) = get("hard.txt");
+    // The first of two hard links carries the data, the second points at it.
+    assert_eq!(h2.entry_type(), tar::EntryType::Regular);
+    assert_eq!(h.entry_type(), tar::EntryType::Link);
+    let _ = (body, link2);
+    assert_eq!(entries["new.txt"].1.as_deref(), Some("hard.txt"));
+    assert_eq!(entries["hard.txt"].2, "new\n");
+    assert_eq!(h2.mode().unwrap(), 0o640);
+    assert_eq!((h2.uid().unwrap(), h2.gid().unwrap()), (1000, 2000));
+    let (h, link, _, _) = get("sym");
+    assert_eq!(h.entry_type(), tar::EntryType::Symlink);
+    assert_eq!(link.as_deref(), Some("/new.txt"));
+    assert_eq!(get("fifo").0.entry_type(), tar::EntryType::Fifo);
+    assert_eq!(get("etc/.wh.motd").0.size().unwrap(), 0);
+    assert!(get("etc/group").2.ends_with("extra:x:2000:user\nx\n"));
+    assert_eq!(get("etc").0.entry_type(), tar::EntryType::Directory);
+    get("opt/old/.wh..wh..opq");
+    assert_eq!(get("opt/old/c").2, "c\n");
+    for gone in ["etc/hosts", "etc/hostname", "opt/old/a", "etc/motd"] {
+        assert!(!entries.contains_key(gone), "{gone} in {names:?}");
+    }
+    for (p, (_, _, _, pax)) in &entries {
+        assert!(!pax.iter().any(|k| k.contains("trusted.")), "{p}: {pax:?}");
+    }
+    // Stopping the processes left none running.
+    let (out, _) = sh(
+        &mux,
+        script("cat /proc/[0-9]*/comm | grep -c '^sleep$'; true"),
+    )
+    .await;
+    assert_eq!(out, "0\n");
+    // Twice: the same changes give the same bytes.
+    let mut s = request(
+        &mux,
+        Msg::ExportUpper {
+            exclude: exclude.to_vec(),
+            stop_processes: false,
+        },
+    )
+    .await;
+    let mut again = Vec::new();
+    loop {
+        match recv(&mut s).await {
+            Some(Msg::Data(d)) => again.extend(d),
+            Some(Msg::Eof) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(again == layer, "the export is not deterministic");
 }

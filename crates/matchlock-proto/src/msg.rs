@@ -120,6 +120,17 @@ pub enum Msg {
         id: u64,
     },
 
+    // ---- Build, host -> guest request ----
+    /// The sandbox's changes to its image, as one OCI layer: a tar of the overlay's upper
+    /// directory with whiteouts as `.wh.` entries. Reply: [`Msg::Data`]* then [`Msg::Eof`], or
+    /// [`Msg::Error`].
+    ExportUpper {
+        /// Paths (relative, e.g. `etc/hosts`) left out, with what is beneath them.
+        exclude: Vec<String>,
+        /// Stop every process first (SIGTERM, then SIGKILL), so nothing changes while it is read.
+        stop_processes: bool,
+    },
+
     // ---- Clock, host -> guest request ----
     /// Set the guest's wall clock (a resumed guest's clock stood still while it was paused).
     /// Reply: [`Msg::Ok`] or [`Msg::Error`].

@@ -270,6 +270,47 @@ impl Client {
         bytes_after_ok(s, "Accept").await
     }
 
+    /// Writes the sandbox's changes to its image, as one OCI layer tar (see
+    /// [`Msg::ExportUpper`]), to `out`; returns its size. `exclude` names paths (relative, such
+    /// as `etc/hosts`) left out. The tar is the guest's: check it as any image layer.
+    pub async fn export_upper<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        exclude: Vec<String>,
+        stop_processes: bool,
+        out: &mut W,
+    ) -> Result<u64, SandboxError> {
+        use matchlock_proto::read_msg;
+        use tokio::io::AsyncWriteExt;
+        let mut s = self
+            .file(Msg::ExportUpper {
+                exclude,
+                stop_processes,
+            })
+            .await?;
+        let mut size = 0u64;
+        loop {
+            match read_msg(&mut s).await? {
+                Some(Msg::Data(d)) => {
+                    out.write_all(&d)
+                        .await
+                        .map_err(SandboxError::io("writing the layer"))?;
+                    size += d.len() as u64;
+                }
+                Some(Msg::Eof) => break,
+                Some(Msg::Error(e)) => return Err(SandboxError::Channel(e)),
+                other => {
+                    return Err(SandboxError::Channel(format!(
+                        "unexpected reply to ExportUpper: {other:?}"
+                    )))
+                }
+            }
+        }
+        out.flush()
+            .await
+            .map_err(SandboxError::io("writing the layer"))?;
+        Ok(size)
+    }
+
     /// Starts a file operation; the returned connection is its stream.
     pub async fn file(&self, op: Msg) -> Result<UnixStream, SandboxError> {
         self.send(&Request::File(op)).await

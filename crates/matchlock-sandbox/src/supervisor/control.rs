@@ -181,7 +181,10 @@ pub async fn handle(ctx: Arc<Ctx>, mut conn: UnixStream) {
         Request::File(msg) => {
             if matches!(
                 msg,
-                Msg::WriteFile(_) | Msg::ReadFile { .. } | Msg::ListFiles { .. }
+                Msg::WriteFile(_)
+                    | Msg::ReadFile { .. }
+                    | Msg::ListFiles { .. }
+                    | Msg::ExportUpper { .. }
             ) {
                 splice(&ctx, conn, msg).await;
             } else {
