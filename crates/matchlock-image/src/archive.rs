@@ -556,6 +556,36 @@ fn plan_docker(spool: &Spool, manifest: &SpooledFile, name: &str) -> Result<Imag
             diff_id,
         });
     }
+    // docker save stores no manifest; one is kept so the layers' order is known later (export,
+    // builds on this image) even when they are compressed and their digests are not diff ids.
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_file.size,
+        },
+        "layers": layers.iter().zip(&blobs[1..]).map(|(l, (digest, _))| Ok(serde_json::json!({
+            "mediaType": crate::derive::layer_media_type(&l.file)?,
+            "digest": digest,
+            "size": std::fs::metadata(&l.file).map(|m| m.len()).unwrap_or(0),
+        }))).collect::<Result<Vec<_>, ImageError>>()?,
+    }))
+    .map_err(|e| ImageError::Json {
+        context: "encoding a manifest for the archive".into(),
+        source: e,
+    })?;
+    let manifest_path = config_file.path.with_extension("matchlock-manifest");
+    std::fs::write(&manifest_path, &manifest)
+        .map_err(|e| ImageError::io("writing the archive's manifest", e))?;
+    blobs.push((
+        format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&manifest))
+        ),
+        manifest_path,
+    ));
     Ok(ImagePlan {
         config_digest,
         created,

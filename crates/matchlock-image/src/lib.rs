@@ -37,6 +37,7 @@
 mod archive;
 mod auth;
 mod command;
+mod derive;
 mod ext4;
 mod progress;
 mod pull;
@@ -52,6 +53,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use command::{compose_command, merge_env, DEFAULT_PATH};
+pub use derive::{ExportFormat, StoredLayer};
 pub use progress::{NoProgress, PullEvent, PullProgress, StderrProgress};
 pub use pull::{PullOptions, PullPolicy};
 pub use reference::normalize_reference;

@@ -363,6 +363,11 @@ impl ImageStore {
         Ok(())
     }
 
+    /// The blobs the tag `normalized` references (its layers, config and manifest).
+    pub(crate) fn record_blobs(&self, normalized: &str) -> Result<Vec<String>, ImageError> {
+        Ok(self.read_record(&self.tag_path(normalized))?.blobs)
+    }
+
     /// Look up a tag (normalised first).
     pub fn resolve(&self, name: &str) -> Result<ImageInfo, ImageError> {
         let normalized = normalize_reference(name)?;
@@ -473,7 +478,7 @@ impl ImageStore {
             let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
                 continue;
             };
-            let ours = ["import-", "pull-", "write-"]
+            let ours = ["import-", "pull-", "write-", "derive-"]
                 .iter()
                 .any(|p| name.starts_with(p));
             if !ours || pid_alive(pid) {

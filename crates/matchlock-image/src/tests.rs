@@ -1045,3 +1045,130 @@ fn bench_import_20k_entries() {
         info.size
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Derived images (matchlock build) and export
+
+#[test]
+fn derive_adds_layers_and_export_round_trips_through_both_formats() {
+    let (dir, s) = store();
+    // A gzip parent (blob digests differ from diff ids: found through its manifest).
+    let base = s
+        .import(
+            "base:1",
+            oci_tar(&whiteout_layers(), Comp::Gzip, sh_run()).as_slice(),
+        )
+        .unwrap();
+    let parent_layers = s.layers(&base).unwrap();
+    assert_eq!(parent_layers.len(), 3);
+    assert!(parent_layers
+        .iter()
+        .all(|l| l.media_type.ends_with("+gzip") && l.digest != l.diff_id));
+
+    let new = layer(&[
+        Ent::File("added", 0o640, 7, 8, b"added"),
+        Ent::File(".wh.e", 0o644, 0, 0, b""),
+    ]);
+    let new_path = dir.path().join("new.tar");
+    std::fs::write(&new_path, &new).unwrap();
+    let mut config = s.config_blob(&base).unwrap();
+    config["config"]["Env"] = serde_json::json!(["PATH=/bin", "A=2"]);
+    config["config"]["ExposedPorts"] = serde_json::json!({"80/tcp": {}});
+    let info = s
+        .derive(
+            "built:1",
+            Some(&base),
+            std::slice::from_ref(&new_path),
+            config,
+        )
+        .unwrap();
+    assert_eq!(info.config.env, ["PATH=/bin", "A=2"]);
+    assert_eq!(cat(&info.rootfs, "/added"), "added");
+    let st = stat(&info.rootfs, "/added").unwrap();
+    assert_eq!((st.mode, st.uid, st.gid), (0o640, 7, 8));
+    assert!(
+        stat(&info.rootfs, "/e").is_none(),
+        "the whiteout deletes /e"
+    );
+    assert_eq!(cat(&info.rootfs, "/b/new"), "new");
+    fsck_clean(&info.rootfs);
+    let layers = s.layers(&info).unwrap();
+    assert_eq!(layers.len(), 4);
+    assert_eq!(layers[..3], parent_layers[..]);
+    assert_eq!(layers[3].diff_id, sha(&new));
+    assert_eq!(
+        layers[3].digest,
+        sha(&new),
+        "a new layer is stored uncompressed"
+    );
+    assert!(s.config_blob(&info).unwrap()["config"]["ExposedPorts"]["80/tcp"].is_object());
+    // The parent can go: the derived image keeps the blobs it shares.
+    s.remove("base:1").unwrap();
+    assert_eq!(s.layers(&info).unwrap(), layers);
+
+    for (format, name) in [
+        (ExportFormat::Oci, "oci.tar"),
+        (ExportFormat::DockerArchive, "docker.tar"),
+    ] {
+        let path = dir.path().join(name);
+        s.export("built:1", format, std::fs::File::create(&path).unwrap())
+            .unwrap();
+        let again = s
+            .import(
+                &format!("again-{}", &name[..3]),
+                std::fs::File::open(&path).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(again.digest, info.digest, "{name}");
+        assert_eq!(
+            s.layers(&again)
+                .unwrap()
+                .iter()
+                .map(|l| &l.diff_id)
+                .collect::<Vec<_>>(),
+            layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()
+        );
+        // skopeo reads both (Debian's skopeo; scripts/setup installs it).
+        let transport = match format {
+            ExportFormat::Oci => "oci-archive",
+            ExportFormat::DockerArchive => "docker-archive",
+        };
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("{transport}:{}", path.display()))
+            .output()
+            .expect("skopeo (apt-get install skopeo)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(raw["layers"].as_array().map(Vec::len), Some(4), "{raw}");
+        assert_eq!(raw["config"]["digest"], info.digest.as_str());
+    }
+    assert!(tmp_is_empty(&s));
+}
+
+#[test]
+fn derive_from_scratch_and_bad_layers() {
+    let (dir, s) = store();
+    let l = layer(&[
+        Ent::Dir("bin/", 0o755, 0, 0),
+        Ent::File("bin/app", 0o755, 0, 0, b"#!"),
+    ]);
+    let p = dir.path().join("l.tar");
+    std::fs::write(&p, &l).unwrap();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/app"]}});
+    let info = s.derive("scratchy", None, &[p], config.clone()).unwrap();
+    assert_eq!(info.config.cmd, Some(vec!["/bin/app".to_string()]));
+    assert_eq!(stat(&info.rootfs, "/bin/app").unwrap().mode, 0o755);
+    // A hostile layer is refused as an import's would be, and leaves nothing behind.
+    let bad = layer(&[Ent::File("../escape", 0o644, 0, 0, b"x")]);
+    let p = dir.path().join("bad.tar");
+    std::fs::write(&p, &bad).unwrap();
+    let e = s.derive("bad", None, &[p], config).unwrap_err().to_string();
+    assert!(e.contains(".."), "{e}");
+    assert!(s.resolve("bad").is_err());
+    assert!(tmp_is_empty(&s));
+}
