@@ -155,6 +155,9 @@ pub enum Command {
         #[arg(short = 't', long, value_name = "NAME")]
         tag: Option<String>,
     },
+    /// Build an image from a Dockerfile; each RUN runs in its own sandbox.
+    #[command(after_help = BUILD_EXAMPLES)]
+    Build(Box<BuildArgs>),
     /// Forward host ports to ports of a running sandbox until interrupted.
     #[command(name = "port-forward")]
     PortForward {
@@ -808,4 +811,54 @@ mod tests {
         );
         assert_eq!(name(&["matchlock", "--help"]), None);
     }
+}
+
+const BUILD_EXAMPLES: &str = "Examples:
+  matchlock build -t myapp:latest .
+  matchlock build -f docker/Dockerfile --build-arg VERSION=1.2 --target runtime -t app:1 .
+  matchlock build --no-network -t offline:1 .            # RUN steps get no network
+  matchlock build --allow-host pypi.org --allow-host files.pythonhosted.org -t py:1 .";
+
+/// `matchlock build`.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The build context: the directory COPY and ADD read from.
+    pub context: std::path::PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<std::path::PathBuf>,
+    /// Name the image (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    pub tags: Vec<String>,
+    /// Set an ARG (repeatable): `NAME=VALUE`, or `NAME` to take it from the environment.
+    #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
+    pub build_args: Vec<String>,
+    /// Build this stage (default: the last).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Run every step again, ignoring stored ones.
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+    /// Pull base images even when they are stored.
+    #[arg(long)]
+    pub pull: bool,
+    /// RUN steps get no network at all.
+    #[arg(long = "no-network")]
+    pub no_network: bool,
+    /// Let RUN steps reach only these hosts (repeatable; globs allowed). Default: open
+    /// networking with private ranges blocked.
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_host: Vec<String>,
+    /// A secret for RUN steps, as `run --secret` takes it (repeatable).
+    #[arg(long, value_name = "NAME=VALUE@HOST[,HOST...]")]
+    pub secret: Vec<String>,
+    /// CPUs of each RUN sandbox (alias: --build-cpus).
+    #[arg(long, alias = "build-cpus", default_value_t = defaults::CPUS)]
+    pub cpus: f64,
+    /// Memory of each RUN sandbox in MiB (alias: --build-memory).
+    #[arg(long, alias = "build-memory", default_value_t = defaults::MEMORY_MB)]
+    pub memory: u64,
+    /// Writable disk of each RUN sandbox in MiB (alias: --build-disk).
+    #[arg(long = "disk-size", alias = "build-disk", default_value_t = defaults::DISK_SIZE_MB)]
+    pub disk_size: u64,
 }

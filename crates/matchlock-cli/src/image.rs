@@ -50,7 +50,10 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
             println!("Size: {}", table::mb(info.size));
         }
         ImageCommand::Ls { json } => {
-            let entries = store.entries()?;
+            // A build's step images are its cache, not images anyone named.
+            let cache = format!("{}:", matchlock_build::builder::CACHE_REPO);
+            let mut entries = store.entries()?;
+            entries.retain(|e| !e.info.name.starts_with(&cache));
             if json {
                 let rows: Vec<serde_json::Value> = entries
                     .iter()

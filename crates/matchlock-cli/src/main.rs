@@ -1,6 +1,7 @@
 //! The `matchlock` binary: parses the command line and calls into the library crates.
 
 mod args;
+mod build;
 mod diagnose;
 mod image;
 mod ingress;
@@ -119,6 +120,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
         Command::Gc { id, force_running } => manage::gc(id.as_deref(), force_running),
         Command::Log { id, follow } => manage::log(&id, follow),
         Command::Pull { image, force, tag } => image::pull(&image, force, tag.as_deref()),
+        Command::Build(a) => build::build(*a),
         Command::PortForward { id, ports, address } => run::port_forward(&id, &ports, &address),
         Command::Ingress {
             id,

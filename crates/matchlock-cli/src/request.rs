@@ -323,7 +323,7 @@ fn plugins(args: &RunArgs) -> Result<matchlock_api::plugins::PluginsConfig> {
 
 /// Reads `--secret-file`s: `NAME=VALUE` lines, blank lines and `#` comments. Errors name the
 /// file and line, never a value.
-fn secret_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, String)>> {
+pub(crate) fn secret_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p)
@@ -349,7 +349,7 @@ fn secret_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, String)>> {
 
 /// Parses `--secret NAME=VALUE@h1,h2` and `NAME@h1,h2` (value from a `--secret-file`, else from
 /// this process's environment).
-fn secrets(items: &[String], files: &[(String, String)]) -> Result<Vec<SecretRequest>> {
+pub(crate) fn secrets(items: &[String], files: &[(String, String)]) -> Result<Vec<SecretRequest>> {
     let mut out = Vec::new();
     for item in items {
         // Never echo the item: it may hold the value.

@@ -1,0 +1,468 @@
+//! Runs a build: each stage from its base image, each `RUN` in a fresh sandbox of the image so
+//! far, whose changes ([`matchlock_sandbox::Client::export_upper`]) become the next layer and
+//! the next image ([`matchlock_image::ImageStore::derive`]).
+//!
+//! Every step's image is stored under a name made from its cache key (the parent image, the
+//! step as applied, and the args in scope), so an unchanged rebuild finds each step and runs
+//! nothing; `--no-cache` ignores them. Those names live under [`CACHE_REPO`], which `image ls`
+//! hides.
+
+use crate::dockerfile::parse;
+use crate::plan::{plan, Base};
+use crate::stage::{ImageConfig, RunStep, StageState, Step};
+use matchlock_api::request::{NetworkRequest, Resources, SandboxRequest, Start};
+use matchlock_image::{ImageInfo, ImageStore, PullOptions, PullPolicy, PullProgress};
+use matchlock_proto::{read_msg, write_msg, Msg};
+use matchlock_sandbox::control::ExecSpec;
+use matchlock_sandbox::{Client, Store};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where step images are stored: a name no registry answers to (`.invalid` is reserved).
+pub const CACHE_REPO: &str = "build.matchlock.invalid/cache";
+
+/// Files the agent writes into every sandbox, which a step's layer leaves out (as Docker's do,
+/// where they are bind mounts).
+const NOT_IN_LAYERS: [&str; 3] = ["etc/hosts", "etc/hostname", "etc/resolv.conf"];
+
+/// What to build and how.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The build context directory.
+    pub context: PathBuf,
+    /// Names to tag the result with (none: only its cache name).
+    pub tags: Vec<String>,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`: the stage to build; the last when `None`.
+    pub target: Option<String>,
+    /// Ignore stored steps and run every one.
+    pub no_cache: bool,
+    /// When to pull base images.
+    pub pull: PullPolicy,
+    /// The network of `RUN` sandboxes (`None`: none), with its secrets.
+    pub network: Option<NetworkRequest>,
+    /// CPU, memory and disk of `RUN` sandboxes.
+    pub resources: Resources,
+}
+
+/// What a build reports as it goes; the CLI prints it.
+pub trait Progress: Sync {
+    /// Step `n` of `total` of a stage starts: `text` is the instruction as written.
+    fn step(&self, stage: &str, n: usize, total: usize, text: &str);
+    /// The step was found in the cache.
+    fn cached(&self);
+    /// The step's command wrote this (stdout and stderr alike).
+    fn output(&self, bytes: &[u8]);
+    /// The step finished in `secs`.
+    fn done(&self, secs: f64);
+    /// Base image pulls report here.
+    fn pulls(&self) -> &dyn PullProgress;
+}
+
+/// Why a build failed; the message says where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile is wrong (the line is in the message).
+    #[error("Dockerfile: {0}")]
+    Dockerfile(String),
+    /// A `RUN` exited non-zero.
+    #[error("line {line}: `{text}` failed with exit code {code}")]
+    RunFailed {
+        /// The instruction's line.
+        line: usize,
+        /// The instruction.
+        text: String,
+        /// Its exit code.
+        code: i32,
+    },
+    /// An image could not be found, pulled or stored.
+    #[error(transparent)]
+    Image(#[from] matchlock_image::ImageError),
+    /// A sandbox could not run a step.
+    #[error(transparent)]
+    Sandbox(#[from] matchlock_sandbox::SandboxError),
+    /// Something else, said in full.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn df_err(line: usize, e: impl std::fmt::Display) -> BuildError {
+    BuildError::Dockerfile(format!("line {line}: {e}"))
+}
+
+/// A stage's state between steps: its image so far (`None`: still empty, `FROM scratch`) and
+/// config.
+struct Current {
+    image: Option<ImageInfo>,
+    /// The config blob the next derived image starts from.
+    blob: serde_json::Value,
+}
+
+/// Builds `opts` and returns the final image (tagged with each of `opts.tags`).
+pub fn build(
+    images: &ImageStore,
+    sandboxes: &Store,
+    opts: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<ImageInfo, BuildError> {
+    let df = parse(&opts.dockerfile).map_err(|e| BuildError::Dockerfile(e.to_string()))?;
+    let p = plan(&df, &opts.build_args, opts.target.as_deref())
+        .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
+    let mut built: BTreeMap<usize, Current> = BTreeMap::new();
+    let mut final_image = None;
+    for &index in &p.order {
+        let stage = &p.stages[index];
+        let label = stage
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("stage {}", index + 1));
+        let total = stage.instructions.len() + 1;
+        let from_text = df
+            .instructions
+            .iter()
+            .find(|i| i.line == stage.line)
+            .map(|i| i.text.clone())
+            .unwrap_or_default();
+        progress.step(&label, 1, total, &from_text);
+        let t = Instant::now();
+        let mut cur = match &stage.base {
+            Base::Scratch => Current {
+                image: None,
+                blob: serde_json::json!({"architecture": "amd64", "os": "linux", "config": {}}),
+            },
+            Base::Stage(i) => {
+                let c = built
+                    .get(i)
+                    .ok_or_else(|| BuildError::Other(format!("stage {i} was not built")))?;
+                Current {
+                    image: c.image.clone(),
+                    blob: c.blob.clone(),
+                }
+            }
+            Base::Image(r) => {
+                let info =
+                    images.ensure(r, opts.pull, &PullOptions::from_env(), progress.pulls())?;
+                Current {
+                    blob: images.config_blob(&info)?,
+                    image: Some(info),
+                }
+            }
+        };
+        progress.done(t.elapsed().as_secs_f64());
+        let mut state = StageState::new(&p, index, config_of(&cur.blob), &opts.build_args);
+        for (n, inst) in stage.instructions.iter().enumerate() {
+            progress.step(&label, n + 2, total, &inst.text);
+            let t = Instant::now();
+            let step = state.apply(inst).map_err(|e| df_err(inst.line, e))?;
+            set_config(&mut cur.blob, &state.config);
+            match step {
+                Step::Config | Step::Workdir(_) => {}
+                Step::Run(run) => {
+                    let key = cache_key(&cur, &inst.text, &format!("{run:?}"));
+                    let name = format!("{CACHE_REPO}:{key}");
+                    match images.resolve(&name) {
+                        Ok(info) if !opts.no_cache => {
+                            progress.cached();
+                            cur.blob = images.config_blob(&info)?;
+                            cur.image = Some(info);
+                        }
+                        _ => {
+                            let parent = cur.image.as_ref().ok_or_else(|| {
+                                df_err(
+                                    inst.line,
+                                    "RUN needs a base image with a shell (FROM scratch has none)",
+                                )
+                            })?;
+                            let layer =
+                                tempfile::NamedTempFile::new_in(images.root()).map_err(|e| {
+                                    BuildError::Other(format!(
+                                        "a temporary file in the image store: {e}"
+                                    ))
+                                })?;
+                            let code =
+                                run_step(parent, sandboxes, opts, &run, layer.path(), progress)?;
+                            if code != 0 {
+                                return Err(BuildError::RunFailed {
+                                    line: inst.line,
+                                    text: inst.text.clone(),
+                                    code,
+                                });
+                            }
+                            history(&mut cur.blob, &inst.text, false);
+                            let info = images.derive(
+                                &name,
+                                Some(parent),
+                                &[layer.path().to_path_buf()],
+                                cur.blob.clone(),
+                            )?;
+                            cur.blob = images.config_blob(&info)?;
+                            cur.image = Some(info);
+                        }
+                    }
+                }
+                Step::Copy(_) => {
+                    return Err(df_err(
+                        inst.line,
+                        "COPY and ADD are not supported yet by this version of matchlock build",
+                    ))
+                }
+            }
+            progress.done(t.elapsed().as_secs_f64());
+        }
+        final_image = Some(index);
+        built.insert(index, cur);
+    }
+    let index = final_image.ok_or_else(|| BuildError::Other("nothing to build".into()))?;
+    let cur = built
+        .remove(&index)
+        .ok_or_else(|| BuildError::Other("the target stage was not built".into()))?;
+    // The final image carries the config as the last instruction left it, layers or not.
+    let key = cache_key(&cur, "final", "");
+    let parent = cur.image.as_ref();
+    let mut out = images.derive(
+        &format!("{CACHE_REPO}:{key}"),
+        parent,
+        &[],
+        cur.blob.clone(),
+    )?;
+    for tag in &opts.tags {
+        out = images.derive(tag, parent, &[], cur.blob.clone())?;
+    }
+    Ok(out)
+}
+
+/// A step's cache key: its parent image (by config digest) and the step as applied.
+fn cache_key(cur: &Current, text: &str, applied: &str) -> String {
+    let mut h = Sha256::new();
+    let parent = cur
+        .image
+        .as_ref()
+        .map(|i| i.digest.as_str())
+        .unwrap_or("scratch");
+    for part in [parent, &cur.blob.to_string(), text, applied] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())[..40].to_string()
+}
+
+/// Runs one `RUN` in a sandbox of `parent`, writes its layer to `layer`; its exit code.
+fn run_step(
+    parent: &ImageInfo,
+    sandboxes: &Store,
+    opts: &BuildOptions,
+    run: &RunStep,
+    layer: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<i32, BuildError> {
+    let mut req =
+        SandboxRequest::new(&parent.name).map_err(|e| BuildError::Other(e.to_string()))?;
+    req.network = if run.no_network {
+        None
+    } else {
+        opts.network.clone()
+    };
+    req.resources = opts.resources;
+    req.no_snapshot = true;
+    req.start = Start::Nothing;
+    req.remove_on_stop = true;
+    req.owner_pid = Some(std::process::id());
+    let plan = matchlock_sandbox::plan(req, parent, sandboxes)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BuildError::Other(format!("starting the build's runtime: {e}")))?;
+    let id = matchlock_sandbox::start_with_secrets(sandboxes, plan.config, &plan.secrets)?;
+    rt.block_on(async {
+        let client = Client::for_sandbox(sandboxes, &id)?;
+        let result = async {
+            let user = if run.user.is_empty() { "0" } else { &run.user };
+            if run.cwd != "/" {
+                // WORKDIR makes its directory, root-owned, as Docker does.
+                let code = exec(
+                    &client,
+                    ExecSpec {
+                        argv: vec!["mkdir".into(), "-p".into(), run.cwd.clone()],
+                        env: Vec::new(),
+                        cwd: Some("/".into()),
+                        user: Some("0".into()),
+                        tty: None,
+                        stdin: false,
+                        log: false,
+                    },
+                    None,
+                    progress,
+                )
+                .await?;
+                if code != 0 {
+                    return Err(BuildError::Other(format!(
+                        "cannot create the working directory {} (mkdir exited {code})",
+                        run.cwd
+                    )));
+                }
+            }
+            let spec = ExecSpec {
+                argv: run.argv.clone(),
+                env: run.env.clone(),
+                cwd: Some(run.cwd.clone()),
+                user: Some(user.to_string()),
+                tty: None,
+                stdin: run.stdin.is_some(),
+                log: false,
+            };
+            let code = exec(&client, spec, run.stdin.as_deref(), progress).await?;
+            if code == 0 {
+                let mut file = tokio::fs::File::create(layer)
+                    .await
+                    .map_err(|e| BuildError::Other(format!("writing the layer: {e}")))?;
+                let exclude = NOT_IN_LAYERS.iter().map(|s| s.to_string()).collect();
+                client.export_upper(exclude, true, &mut file).await?;
+            }
+            Ok(code)
+        }
+        .await;
+        let _ = client.stop(Some(0)).await;
+        result
+    })
+}
+
+/// Runs one process to its end, its output to `progress`; the exit code.
+async fn exec(
+    client: &Client,
+    spec: ExecSpec,
+    stdin: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<i32, BuildError> {
+    let stream = client.exec(spec).await?;
+    let (mut rd, mut wr) = stream.into_split();
+    if let Some(input) = stdin {
+        for chunk in input.as_bytes().chunks(matchlock_proto::CHUNK) {
+            write_msg(&mut wr, &Msg::Stdin(chunk.to_vec()))
+                .await
+                .map_err(|e| BuildError::Other(e.to_string()))?;
+        }
+        write_msg(&mut wr, &Msg::StdinEof)
+            .await
+            .map_err(|e| BuildError::Other(e.to_string()))?;
+    }
+    loop {
+        match read_msg(&mut rd)
+            .await
+            .map_err(|e| BuildError::Other(e.to_string()))?
+        {
+            Some(Msg::Stdout(d)) | Some(Msg::Stderr(d)) => progress.output(&d),
+            Some(Msg::Error(e)) => progress.output(format!("{e}\n").as_bytes()),
+            Some(Msg::Exited(st)) => return Ok(st.code),
+            Some(_) => {}
+            None => {
+                return Err(BuildError::Other(
+                    "the sandbox went away during the step".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The Dockerfile-relevant part of an OCI config blob.
+fn config_of(blob: &serde_json::Value) -> ImageConfig {
+    let c = &blob["config"];
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+    };
+    let keys = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut cfg = ImageConfig {
+        env: strings(&c["Env"])
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect(),
+        entrypoint: strings(&c["Entrypoint"]),
+        cmd: strings(&c["Cmd"]),
+        working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+        user: c["User"].as_str().unwrap_or_default().to_string(),
+        labels: c["Labels"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        exposed_ports: keys(&c["ExposedPorts"]),
+        volumes: keys(&c["Volumes"]),
+        stop_signal: c["StopSignal"].as_str().map(str::to_string),
+        onbuild: strings(&c["OnBuild"]).unwrap_or_default(),
+        ..ImageConfig::default()
+    };
+    if let Some(shell) = strings(&c["Shell"]).filter(|s| !s.is_empty()) {
+        cfg.shell = shell;
+    }
+    cfg
+}
+
+/// Writes `cfg` into the OCI config blob's `config`, keeping what the Dockerfile does not set.
+fn set_config(blob: &mut serde_json::Value, cfg: &ImageConfig) {
+    use serde_json::{json, Map, Value};
+    if !blob["config"].is_object() {
+        blob["config"] = json!({});
+    }
+    let c = &mut blob["config"];
+    let env: Vec<String> = cfg.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    c["Env"] = json!(env);
+    c["Entrypoint"] = cfg.entrypoint.as_ref().map_or(Value::Null, |v| json!(v));
+    c["Cmd"] = cfg.cmd.as_ref().map_or(Value::Null, |v| json!(v));
+    c["WorkingDir"] = json!(cfg.working_dir);
+    c["User"] = json!(cfg.user);
+    c["Labels"] = json!(cfg.labels);
+    let set = |s: &std::collections::BTreeSet<String>| {
+        Value::Object(
+            s.iter()
+                .map(|k| (k.clone(), json!({})))
+                .collect::<Map<_, _>>(),
+        )
+    };
+    c["ExposedPorts"] = set(&cfg.exposed_ports);
+    c["Volumes"] = set(&cfg.volumes);
+    c["StopSignal"] = cfg.stop_signal.as_ref().map_or(Value::Null, |s| json!(s));
+    c["OnBuild"] = json!(cfg.onbuild);
+    if cfg.shell != ImageConfig::default().shell {
+        c["Shell"] = json!(cfg.shell);
+    }
+    if let Some(h) = &cfg.healthcheck {
+        c["Healthcheck"] = json!({
+            "Test": h.test, "Interval": h.interval_ns, "Timeout": h.timeout_ns,
+            "StartPeriod": h.start_period_ns, "StartInterval": h.start_interval_ns,
+            "Retries": h.retries,
+        });
+    }
+}
+
+/// Appends a `history` entry, as `docker history` shows.
+fn history(blob: &mut serde_json::Value, text: &str, empty_layer: bool) {
+    if !blob["history"].is_array() {
+        blob["history"] = serde_json::json!([]);
+    }
+    if let Some(h) = blob["history"].as_array_mut() {
+        let mut entry = serde_json::json!({"created_by": text, "comment": "matchlock build"});
+        if empty_layer {
+            entry["empty_layer"] = serde_json::json!(true);
+        }
+        h.push(entry);
+    }
+}

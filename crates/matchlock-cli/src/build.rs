@@ -1,0 +1,127 @@
+//! `matchlock build`: flags -> build options; the build itself is `matchlock_build::builder`.
+
+use crate::args::BuildArgs;
+use anyhow::{anyhow, bail, Context, Result};
+use matchlock_api::hosts::HostPattern;
+use matchlock_api::request::{Cpus, DiskSizeMb, MemoryMb, NetworkRequest, Resources};
+use matchlock_build::builder::{build as run_build, BuildOptions, Progress};
+use matchlock_image::{ImageStore, PullPolicy, PullProgress, StderrProgress};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+
+/// Prints each step as Docker's plain progress does: `[stage 2/5] RUN …`, the command's output,
+/// then `CACHED` or the time it took. Everything on stderr; stdout gets only the image digest.
+struct Lines {
+    pulls: StderrProgress,
+    tty: bool,
+}
+
+impl Progress for Lines {
+    fn step(&self, stage: &str, n: usize, total: usize, text: &str) {
+        let mut e = std::io::stderr().lock();
+        if self.tty {
+            let _ = writeln!(e, "\x1b[1m[{stage} {n}/{total}] {text}\x1b[0m");
+        } else {
+            let _ = writeln!(e, "[{stage} {n}/{total}] {text}");
+        }
+    }
+    fn cached(&self) {
+        let _ = writeln!(std::io::stderr(), "  CACHED");
+    }
+    fn output(&self, bytes: &[u8]) {
+        let _ = std::io::stderr().write_all(bytes);
+    }
+    fn done(&self, secs: f64) {
+        if secs >= 0.05 {
+            let _ = writeln!(std::io::stderr(), "  done in {secs:.1}s");
+        }
+    }
+    fn pulls(&self) -> &dyn PullProgress {
+        &self.pulls
+    }
+}
+
+/// `matchlock build`.
+pub fn build(args: BuildArgs) -> Result<i32> {
+    let context = std::fs::canonicalize(&args.context)
+        .with_context(|| format!("the build context {}", args.context.display()))?;
+    if !context.is_dir() {
+        bail!("the build context {} is not a directory", context.display());
+    }
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| context.join("Dockerfile"));
+    let dockerfile = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading {} (name another with -f FILE)", file.display()))?;
+    let mut build_args = BTreeMap::new();
+    for a in &args.build_args {
+        match a.split_once('=') {
+            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
+            // Docker's `--build-arg NAME`: the value from this environment, if set.
+            None => match std::env::var(a) {
+                Ok(v) => build_args.insert(a.clone(), v),
+                Err(_) => continue,
+            },
+        };
+    }
+    let network = if args.no_network {
+        if !args.allow_host.is_empty() || !args.secret.is_empty() {
+            bail!("--no-network cannot be combined with --allow-host or --secret");
+        }
+        None
+    } else {
+        let mut n = NetworkRequest::default();
+        for h in &args.allow_host {
+            n.intercept
+                .allowed_hosts
+                .push(HostPattern::parse(h).map_err(|e| anyhow!("--allow-host: {e}"))?);
+        }
+        n.intercept.secrets = crate::request::secrets(&args.secret, &[])?;
+        Some(n)
+    };
+    let resources = Resources {
+        cpus: Some(Cpus::new(args.cpus, "--cpus")?),
+        memory: Some(MemoryMb::new(args.memory, "--memory")?),
+        disk: Some(DiskSizeMb::new(args.disk_size, "--disk-size")?),
+    };
+    let opts = BuildOptions {
+        dockerfile,
+        context,
+        tags: args.tags.clone(),
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        pull: if args.pull {
+            PullPolicy::Always
+        } else {
+            PullPolicy::Missing
+        },
+        network,
+        resources,
+    };
+    let images = ImageStore::open_default()?;
+    let progress = Lines {
+        pulls: StderrProgress::new(),
+        tty: std::io::stderr().is_terminal(),
+    };
+    let started = std::time::Instant::now();
+    let image = run_build(
+        &images,
+        &matchlock_sandbox::Store::open_default(),
+        &opts,
+        &progress,
+    )?;
+    let names = if args.tags.is_empty() {
+        "untagged; name it with -t".to_string()
+    } else {
+        args.tags.join(", ")
+    };
+    eprintln!(
+        "built {} ({names}) in {:.1}s",
+        image.digest,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", image.digest);
+    Ok(0)
+}
