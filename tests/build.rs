@@ -155,3 +155,141 @@ fn a_failing_step_says_so_and_leaves_nothing_behind() {
     let o = build(&[], &ctx);
     assert!(stderr(&o).contains("line 2: EXPOSE http"), "{}", stderr(&o));
 }
+
+#[test]
+fn copy_and_add_from_the_context_with_dockerignore_and_the_cache() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context(
+        "FROM mltest/busybox:1\n\
+         WORKDIR /srv\n\
+         COPY app/ ./\n\
+         COPY --chown=nobody --chmod=750 run.sh /usr/local/bin/run\n\
+         ADD pkg.tar.gz /opt/\n\
+         COPY <<EOF /etc/motd\nbuilt for $HOSTNAME_ARG\nEOF\n\
+         RUN cat /srv/main.py /opt/pkg/file > /srv/combined\n\
+         CMD [\"/usr/local/bin/run\"]\n",
+    );
+    let p = ctx.path();
+    std::fs::create_dir_all(p.join("app/lib")).unwrap();
+    std::fs::write(p.join("app/main.py"), "print('main')\n").unwrap();
+    std::fs::write(p.join("app/lib/util.py"), "util\n").unwrap();
+    std::fs::write(p.join("app/.env"), "SECRET=1\n").unwrap();
+    std::fs::write(p.join("run.sh"), "#!/bin/sh\necho ran as $(id -u)\n").unwrap();
+    std::fs::write(p.join(".dockerignore"), "**/.env\n").unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(8);
+    b.append_data(&mut h, "pkg/file", &b"from-tar"[..]).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+    std::fs::write(p.join("pkg.tar.gz"), gz.finish().unwrap()).unwrap();
+
+    let o = build(&["--no-cache", "-t", "mltest/built:copy"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:copy"]);
+    assert_eq!(stdout(&o), "ran as 0\n", "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:copy",
+        "--",
+        "sh",
+        "-c",
+        "cat /srv/combined /srv/lib/util.py /etc/motd; test -e /srv/.env || echo no-env; \
+         stat -c '%U %a' /usr/local/bin/run /srv/main.py",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        "print('main')\nfrom-tarutil\nbuilt for \nno-env\nnobody 750\nroot 644\n",
+        "{}",
+        stderr(&o)
+    );
+    // Unchanged: all cached. One copied file changed: its step and every later one run again.
+    let o = build(&["-t", "mltest/built:copy"], &ctx);
+    assert_eq!(stderr(&o).matches("CACHED").count(), 5, "{}", stderr(&o));
+    let marker = format!("{:?}", std::time::SystemTime::now());
+    std::fs::write(p.join("app/lib/util.py"), format!("util {marker}\n")).unwrap();
+    let o = build(&["-t", "mltest/built:copy"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("CACHED").count(), 0, "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:copy",
+        "--",
+        "cat",
+        "/srv/lib/util.py",
+    ]);
+    assert_eq!(stdout(&o), format!("util {marker}\n"));
+    // A source the ignore file leaves out is an error that says so.
+    std::fs::write(
+        p.join("Dockerfile"),
+        "FROM mltest/busybox:1\nCOPY app/.env /\n",
+    )
+    .unwrap();
+    let o = build(&[], &ctx);
+    assert!(
+        stderr(&o).contains(
+            "line 2: app/.env: not found in the build context (.dockerignore leaves it out)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn multi_stage_copies_from_a_stage_and_an_image_and_target_picks_a_stage() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context(
+        "FROM mltest/busybox:1 AS build\n\
+         RUN mkdir -p /out/bin && echo compiled > /out/bin/app && chmod 755 /out/bin/app && \\\n\
+             ln -s app /out/bin/app-link && echo skip > /out/skip.o\n\
+         FROM mltest/busybox:1 AS unused\n\
+         RUN exit 9\n\
+         FROM mltest/busybox:1\n\
+         COPY --from=build /out/bin/ /app/\n\
+         COPY --from=build /out/*.o /objs/\n\
+         COPY --from=mltest/busybox:1 /bin/busybox /copied/busybox\n\
+         CMD [\"cat\", \"/app/app\"]\n",
+    );
+    let o = build(&["--no-cache", "-t", "mltest/built:multi"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("exit 9"),
+        "the unused stage is skipped: {}",
+        stderr(&o)
+    );
+    let o = run(&["run", "--image", "mltest/built:multi"]);
+    assert_eq!(stdout(&o), "compiled\n", "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:multi",
+        "--",
+        "sh",
+        "-c",
+        "readlink /app/app-link; cat /objs/skip.o; /copied/busybox true && echo runs; \
+         stat -c '%a %u' /app/app",
+    ]);
+    assert_eq!(stdout(&o), "app\nskip\nruns\n755 0\n", "{}", stderr(&o));
+    // --target builds that stage only.
+    let o = build(&["--target", "build", "-t", "mltest/built:stage"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:stage",
+        "--",
+        "cat",
+        "/out/bin/app",
+    ]);
+    assert_eq!(stdout(&o), "compiled\n");
+    let o = build(&["--target", "nope"], &ctx);
+    assert!(
+        stderr(&o).contains("no stage named \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+}

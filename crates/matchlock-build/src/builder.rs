@@ -8,8 +8,9 @@
 //! hides.
 
 use crate::dockerfile::parse;
+use crate::plan::CopyFrom;
 use crate::plan::{plan, Base};
-use crate::stage::{ImageConfig, RunStep, StageState, Step};
+use crate::stage::{CopySource, ImageConfig, RunStep, StageState, Step};
 use matchlock_api::request::{NetworkRequest, Resources, SandboxRequest, Start};
 use matchlock_image::{ImageInfo, ImageStore, PullOptions, PullPolicy, PullProgress};
 use matchlock_proto::{read_msg, write_msg, Msg};
@@ -113,6 +114,9 @@ pub fn build(
     let df = parse(&opts.dockerfile).map_err(|e| BuildError::Dockerfile(e.to_string()))?;
     let p = plan(&df, &opts.build_args, opts.target.as_deref())
         .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
+    // `.dockerignore` at the context's root, as Docker reads it.
+    let ignore_text =
+        std::fs::read_to_string(opts.context.join(".dockerignore")).unwrap_or_default();
     let mut built: BTreeMap<usize, Current> = BTreeMap::new();
     let mut final_image = None;
     for &index in &p.order {
@@ -205,11 +209,85 @@ pub fn build(
                         }
                     }
                 }
-                Step::Copy(_) => {
-                    return Err(df_err(
-                        inst.line,
-                        "COPY and ADD are not supported yet by this version of matchlock build",
-                    ))
+                Step::Copy(mut copy) => {
+                    // `--from`: the sources come out of that stage's or image's file system.
+                    let from_dir = match copy.from.take() {
+                        None => None,
+                        Some(from) => {
+                            let image = match from {
+                                CopyFrom::Stage(i) => built.get(&i).and_then(|c| c.image.clone()),
+                                CopyFrom::Image(r) => Some(images.ensure(
+                                    &r,
+                                    opts.pull,
+                                    &PullOptions::from_env(),
+                                    progress.pulls(),
+                                )?),
+                            };
+                            let dir = tempfile::tempdir_in(images.root()).map_err(|e| {
+                                BuildError::Other(format!(
+                                    "a temporary directory in the image store: {e}"
+                                ))
+                            })?;
+                            if let Some(image) = image {
+                                for s in &copy.sources {
+                                    if let CopySource::Path(p) = s {
+                                        extract(images, &image, p, dir.path())
+                                            .map_err(|e| df_err(inst.line, e))?;
+                                    }
+                                }
+                            }
+                            Some(dir)
+                        }
+                    };
+                    let context = from_dir
+                        .as_ref()
+                        .map_or(opts.context.as_path(), |d| d.path());
+                    let owner = match &copy.chown {
+                        Some(spec) => Some(
+                            owner(images, cur.image.as_ref(), spec)
+                                .map_err(|e| df_err(inst.line, e))?,
+                        ),
+                        None => None,
+                    };
+                    let rules = if from_dir.is_some() {
+                        // .dockerignore is about the context, not another stage.
+                        copy.exclude.join("\n")
+                    } else if copy.exclude.is_empty() {
+                        ignore_text.clone()
+                    } else {
+                        format!("{ignore_text}\n{}", copy.exclude.join("\n"))
+                    };
+                    let layer = tempfile::NamedTempFile::new_in(images.root()).map_err(|e| {
+                        BuildError::Other(format!("a temporary file in the image store: {e}"))
+                    })?;
+                    let made = crate::copy::copy_layer(
+                        &copy,
+                        context,
+                        &crate::copy::Ignore::parse(&rules),
+                        owner,
+                        std::io::BufWriter::new(layer.as_file()),
+                    )
+                    .map_err(|e| df_err(inst.line, e))?;
+                    let key = cache_key(&cur, &inst.text, &format!("{copy:?} {}", made.key));
+                    let name = format!("{CACHE_REPO}:{key}");
+                    match images.resolve(&name) {
+                        Ok(info) if !opts.no_cache => {
+                            progress.cached();
+                            cur.blob = images.config_blob(&info)?;
+                            cur.image = Some(info);
+                        }
+                        _ => {
+                            history(&mut cur.blob, &inst.text, false);
+                            let info = images.derive(
+                                &name,
+                                cur.image.as_ref(),
+                                &[layer.path().to_path_buf()],
+                                cur.blob.clone(),
+                            )?;
+                            cur.blob = images.config_blob(&info)?;
+                            cur.image = Some(info);
+                        }
+                    }
                 }
             }
             progress.done(t.elapsed().as_secs_f64());
@@ -464,5 +542,76 @@ fn history(blob: &mut serde_json::Value, text: &str, empty_layer: bool) {
             entry["empty_layer"] = serde_json::json!(true);
         }
         h.push(entry);
+    }
+}
+
+/// `--chown`'s `user[:group]` as ids: numbers as they are, names from the image's
+/// `/etc/passwd` and `/etc/group`.
+fn owner(
+    images: &ImageStore,
+    image: Option<&ImageInfo>,
+    spec: &str,
+) -> Result<crate::copy::Owner, String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let read = |path: &str| -> Result<String, String> {
+        let image = image.ok_or_else(|| {
+            format!(
+                "--chown={spec}: names need an /etc/passwd; FROM scratch has none (use numbers)"
+            )
+        })?;
+        images
+            .read_rootfs_file(image, path)
+            .map_err(|e| e.to_string())
+            .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+    };
+    let field = |db: &str, name: &str, col: usize| -> Option<u64> {
+        db.lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&name))
+            .and_then(|f| f.get(col).and_then(|v| v.parse().ok()))
+    };
+    let (uid, primary) = match user.parse::<u64>() {
+        Ok(n) => (n, None),
+        Err(_) => {
+            let passwd = read("/etc/passwd")?;
+            let uid = field(&passwd, user, 2).ok_or_else(|| {
+                format!("--chown={spec}: no user {user} in the image's /etc/passwd")
+            })?;
+            (uid, field(&passwd, user, 3))
+        }
+    };
+    let gid = match group {
+        None => primary.unwrap_or(uid),
+        Some(g) => match g.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => field(&read("/etc/group")?, g, 2)
+                .ok_or_else(|| format!("--chown={spec}: no group {g} in the image's /etc/group"))?,
+        },
+    };
+    Ok(crate::copy::Owner { uid, gid })
+}
+
+/// Copies what the source `pattern` (absolute in `image`, maybe with wildcards) can name out of
+/// `image` into `into`: the path itself, or the directory above its first wildcard.
+fn extract(
+    images: &ImageStore,
+    image: &ImageInfo,
+    pattern: &str,
+    into: &std::path::Path,
+) -> Result<(), String> {
+    let abs = crate::stage::absolute("/", pattern);
+    let fixed: Vec<&str> = abs
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .take_while(|s| !s.contains(['*', '?', '[']))
+        .collect();
+    let path = format!("/{}", fixed.join("/"));
+    match images.extract_path(image, &path, into) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!("{pattern}: not found in {}", image.name)),
+        Err(e) => Err(e.to_string()),
     }
 }

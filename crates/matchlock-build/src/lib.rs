@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod builder;
+pub mod copy;
 pub mod dockerfile;
 pub mod plan;
 pub mod stage;

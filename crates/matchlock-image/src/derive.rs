@@ -71,6 +71,100 @@ impl ImageStore {
         })
     }
 
+    /// A file of an image's root file system (`None` when it has none), read with e2fsprogs'
+    /// `debugfs` without mounting anything: what a build needs of its base (`/etc/passwd` for
+    /// `--chown` names).
+    pub fn read_rootfs_file(
+        &self,
+        info: &ImageInfo,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, ImageError> {
+        if !path.starts_with('/') || path.contains(['"', '\n']) {
+            return Err(ImageError::InvalidArchive(format!(
+                "{path:?} is not a plain absolute path"
+            )));
+        }
+        let out = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat \"{path}\""))
+            .arg(&info.rootfs)
+            .output()
+            .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("not found") {
+            return Ok(None);
+        }
+        if !out.status.success() {
+            return Err(ImageError::InvalidArchive(format!(
+                "reading {path} of {}: {}",
+                familiar(&info.name),
+                err.trim()
+            )));
+        }
+        Ok(Some(out.stdout))
+    }
+
+    /// Copies `path` (a file, link or directory tree) out of an image's root file system to the
+    /// same path under `into`, with `debugfs` (no mount); false when the image has no such
+    /// path. What `COPY --from` reads.
+    pub fn extract_path(
+        &self,
+        info: &ImageInfo,
+        path: &str,
+        into: &Path,
+    ) -> Result<bool, ImageError> {
+        if !path.starts_with('/') || path.contains(['"', '\n']) {
+            return Err(ImageError::InvalidArchive(format!(
+                "{path:?} is not a plain absolute path"
+            )));
+        }
+        let debugfs = |cmd: String| {
+            std::process::Command::new("debugfs")
+                .arg("-R")
+                .arg(cmd)
+                .arg(&info.rootfs)
+                .output()
+                .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))
+        };
+        let st = debugfs(format!("stat \"{path}\""))?;
+        let text = String::from_utf8_lossy(&st.stdout);
+        if !st.status.success() || String::from_utf8_lossy(&st.stderr).contains("not found") {
+            return Ok(false);
+        }
+        let rel = path.trim_start_matches('/').trim_end_matches('/');
+        let parent = into.join(Path::new(rel).parent().unwrap_or(Path::new("")));
+        fs::create_dir_all(&parent)
+            .map_err(|e| ImageError::io(format!("creating {}", parent.display()), e))?;
+        let parent_s = parent.to_string_lossy();
+        let cmd = if text.contains("Type: directory") {
+            if rel.is_empty() {
+                format!("rdump \"/\" \"{}\"", into.display())
+            } else {
+                format!("rdump \"{path}\" \"{parent_s}\"")
+            }
+        } else if text.contains("Type: symlink") {
+            // `dump` would follow nothing; a link is recreated from its target.
+            let target = debugfs(format!("readlink \"{path}\""))?;
+            let target = String::from_utf8_lossy(&target.stdout).trim().to_string();
+            let at = into.join(rel);
+            let _ = fs::remove_file(&at);
+            std::os::unix::fs::symlink(&target, &at)
+                .map_err(|e| ImageError::io(format!("creating {}", at.display()), e))?;
+            return Ok(true);
+        } else {
+            format!("dump -p \"{path}\" \"{}\"", into.join(rel).display())
+        };
+        let out = debugfs(cmd)?;
+        if !out.status.success() {
+            return Err(ImageError::InvalidArchive(format!(
+                "copying {path} out of {}: {}",
+                familiar(&info.name),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(true)
+    }
+
     /// The layers of a stored image, bottom first: each of its config's diff ids with the blob
     /// that holds it (the blob itself when stored uncompressed, else found through the image's
     /// stored manifest).

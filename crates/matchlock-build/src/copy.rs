@@ -1,0 +1,521 @@
+//! `COPY` and `ADD` from the build context, made on the host: the matched files become one
+//! layer tar, with no sandbox to start. The rules are Docker's: sources are relative to the
+//! context and cannot leave it; wildcards match per path segment; a directory source copies
+//! its contents; several sources need a destination ending in `/`; files are owned by root
+//! unless `--chown`; `--chmod` sets every mode; `.dockerignore` leaves paths out; `ADD`
+//! unpacks local tar archives (plain or gzip).
+//!
+//! The cache key is the layer's content without modification times, so a fresh checkout of
+//! the same files hits the cache while the layer still carries the times.
+
+use crate::stage::{CopySource, CopyStep};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+/// `.dockerignore`'s patterns, in order; `!` marks an exception.
+#[derive(Debug, Clone, Default)]
+pub struct Ignore {
+    rules: Vec<(bool, Vec<String>)>,
+}
+
+impl Ignore {
+    /// Parses `.dockerignore` text.
+    pub fn parse(text: &str) -> Ignore {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (exception, pat) = match line.strip_prefix('!') {
+                Some(p) => (true, p.trim()),
+                None => (false, line),
+            };
+            let segs: Vec<String> = pat
+                .split('/')
+                .filter(|s| !s.is_empty() && *s != ".")
+                .map(str::to_string)
+                .collect();
+            if !segs.is_empty() {
+                rules.push((exception, segs));
+            }
+        }
+        Ignore { rules }
+    }
+
+    /// Whether the context path `rel` (relative, `/`-separated) is left out: the last rule that
+    /// matches it or one of its parents decides.
+    pub fn ignored(&self, rel: &str) -> bool {
+        let segs: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+        let mut out = false;
+        for (exception, pat) in &self.rules {
+            let hit = (1..=segs.len()).any(|n| match_path(pat, &segs[..n]));
+            if hit {
+                out = !exception;
+            }
+        }
+        out
+    }
+}
+
+/// `pat` (segments, `**` for any number) against `path` (segments).
+fn match_path(pat: &[String], path: &[&str]) -> bool {
+    match pat.split_first() {
+        None => path.is_empty(),
+        Some((first, rest)) if first == "**" => {
+            (0..=path.len()).any(|skip| match_path(rest, &path[skip..]))
+        }
+        Some((first, rest)) => match path.split_first() {
+            Some((p, prest)) => glob(first, p) && match_path(rest, prest),
+            None => false,
+        },
+    }
+}
+
+/// Go's `filepath.Match` for one segment: `*`, `?`, `[...]` (with `^`/`!` and ranges), `\`.
+pub fn glob(pat: &str, name: &str) -> bool {
+    let p: Vec<char> = pat.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    glob_at(&p, &n)
+}
+
+fn glob_at(p: &[char], n: &[char]) -> bool {
+    match p.first() {
+        None => n.is_empty(),
+        Some('*') => (0..=n.len()).any(|i| glob_at(&p[1..], &n[i..])),
+        Some('?') => !n.is_empty() && glob_at(&p[1..], &n[1..]),
+        Some('[') => {
+            let Some(c) = n.first() else { return false };
+            let mut i = 1;
+            let negate = matches!(p.get(1), Some('^') | Some('!'));
+            if negate {
+                i += 1;
+            }
+            let mut matched = false;
+            let mut first = true;
+            while let Some(&pc) = p.get(i) {
+                if pc == ']' && !first {
+                    break;
+                }
+                first = false;
+                let lo = if pc == '\\' {
+                    i += 1;
+                    p.get(i).copied().unwrap_or('\\')
+                } else {
+                    pc
+                };
+                if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|c| *c != ']') {
+                    let hi = p[i + 2];
+                    matched |= lo <= *c && *c <= hi;
+                    i += 3;
+                } else {
+                    matched |= lo == *c;
+                    i += 1;
+                }
+            }
+            if p.get(i) != Some(&']') {
+                return false; // malformed class: no match, as Go reports
+            }
+            matched != negate && glob_at(&p[i + 1..], &n[1..])
+        }
+        Some('\\') if p.len() > 1 => n.first() == Some(&p[1]) && glob_at(&p[2..], &n[1..]),
+        Some(c) => n.first() == Some(c) && glob_at(&p[1..], &n[1..]),
+    }
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// A source path made relative to the context, `..` resolved without leaving it.
+fn clean(src: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in Path::new(src).components() {
+        match c {
+            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                out.pop()
+                    .ok_or_else(|| format!("{src}: outside the build context"))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The owner of copied files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// User id.
+    pub uid: u64,
+    /// Group id.
+    pub gid: u64,
+}
+
+/// The layer a copy makes, and its cache key.
+#[derive(Debug)]
+pub struct CopyLayer {
+    /// Entries written.
+    pub entries: usize,
+    /// Digest of the content without times (for the cache).
+    pub key: String,
+}
+
+struct Writer<W: io::Write> {
+    b: tar::Builder<W>,
+    key: Sha256,
+    entries: usize,
+    owner: Option<Owner>,
+    chmod: Option<u32>,
+}
+
+impl<W: io::Write> Writer<W> {
+    fn header(
+        &mut self,
+        kind: tar::EntryType,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        mtime: u64,
+    ) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        let mode = self.chmod.unwrap_or(mode & 0o7777);
+        h.set_mode(mode);
+        let (uid, gid) = self.owner.map_or((uid, gid), |o| (o.uid, o.gid));
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(mtime);
+        h
+    }
+
+    fn note(&mut self, path: &str, h: &tar::Header, content: &[u8], link: &str) {
+        self.entries += 1;
+        for part in [
+            path.as_bytes(),
+            &[h.entry_type().as_byte()],
+            &h.mode().unwrap_or(0).to_be_bytes(),
+            &h.uid().unwrap_or(0).to_be_bytes(),
+            &h.gid().unwrap_or(0).to_be_bytes(),
+            link.as_bytes(),
+            content,
+        ] {
+            self.key.update((part.len() as u64).to_be_bytes());
+            self.key.update(part);
+        }
+    }
+
+    fn file(
+        &mut self,
+        path: &str,
+        content: &[u8],
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        mtime: u64,
+    ) -> Result<(), String> {
+        let mut h = self.header(tar::EntryType::Regular, mode, uid, gid, mtime);
+        h.set_size(content.len() as u64);
+        self.note(path, &h, &Sha256::digest(content), "");
+        self.b
+            .append_data(&mut h, path, content)
+            .map_err(|e| format!("writing {path}: {e}"))
+    }
+
+    fn dir(&mut self, path: &str, mode: u32, uid: u64, gid: u64, mtime: u64) -> Result<(), String> {
+        let mut h = self.header(tar::EntryType::Directory, mode, uid, gid, mtime);
+        h.set_size(0);
+        self.note(path, &h, b"", "");
+        self.b
+            .append_data(&mut h, format!("{path}/"), io::empty())
+            .map_err(|e| format!("writing {path}: {e}"))
+    }
+
+    fn symlink(
+        &mut self,
+        path: &str,
+        target: &Path,
+        uid: u64,
+        gid: u64,
+        mtime: u64,
+    ) -> Result<(), String> {
+        let mut h = self.header(tar::EntryType::Symlink, 0o777, uid, gid, mtime);
+        h.set_mode(0o777);
+        h.set_size(0);
+        self.note(path, &h, b"", &target.to_string_lossy());
+        self.b
+            .append_link(&mut h, path, target)
+            .map_err(|e| format!("writing {path}: {e}"))
+    }
+}
+
+/// Writes `step`'s layer (sources from `context`, left out by `ignore`) to `out`.
+pub fn copy_layer(
+    step: &CopyStep,
+    context: &Path,
+    ignore: &Ignore,
+    owner: Option<Owner>,
+    out: impl io::Write,
+) -> Result<CopyLayer, String> {
+    let mut w = Writer {
+        b: tar::Builder::new(out),
+        key: Sha256::new(),
+        entries: 0,
+        owner,
+        chmod: step.chmod,
+    };
+    // What each source names: (context-relative path, its file name).
+    let mut matches: Vec<(PathBuf, String)> = Vec::new();
+    let mut inline = Vec::new();
+    for s in &step.sources {
+        match s {
+            CopySource::Inline { name, content } => inline.push((name.clone(), content.clone())),
+            CopySource::Path(src) => {
+                let segs = clean(src)?;
+                let found = if segs.iter().any(|s| has_glob(s)) {
+                    expand(context, &segs, ignore)?
+                } else {
+                    let rel = segs.join("/");
+                    let exists = fs::symlink_metadata(context.join(&rel)).is_ok();
+                    if !exists || (!rel.is_empty() && ignore.ignored(&rel)) {
+                        return Err(format!(
+                            "{src}: not found in the build context{}",
+                            if exists {
+                                " (.dockerignore leaves it out)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    vec![PathBuf::from(rel)]
+                };
+                if found.is_empty() {
+                    return Err(format!("{src}: no file in the build context matches"));
+                }
+                for f in found {
+                    let name = f
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    matches.push((f, name));
+                }
+            }
+        }
+    }
+    let many = matches.len() + inline.len() > 1;
+    let dest_dir = step.dest.ends_with('/');
+    if many && !dest_dir {
+        return Err(format!(
+            "with more than one source the destination must be a directory ending in / ({} is not)",
+            step.dest
+        ));
+    }
+    let dest = step
+        .dest
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_string();
+    let at = |name: &str| -> String {
+        if dest_dir || dest.is_empty() {
+            if dest.is_empty() {
+                name.to_string()
+            } else {
+                format!("{dest}/{name}")
+            }
+        } else {
+            dest.clone()
+        }
+    };
+    for (name, content) in inline {
+        w.file(&at(&name), content.as_bytes(), 0o644, 0, 0, 0)?;
+    }
+    for (rel, name) in matches {
+        let full = context.join(&rel);
+        let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", rel.display()))?;
+        if meta.is_dir() {
+            // A directory's contents go to the destination itself.
+            walk(&mut w, context, &rel, &dest, ignore)?;
+        } else if step.add && meta.is_file() && is_archive(&full) {
+            unpack(&mut w, &full, &dest)?;
+        } else {
+            entry(&mut w, &full, &meta, &at(&name))?;
+        }
+    }
+    let entries = w.entries;
+    let key = hex::encode(w.key.clone().finalize());
+    w.b.into_inner()
+        .map_err(|e| format!("writing the layer: {e}"))?
+        .flush()
+        .map_err(|e| format!("writing the layer: {e}"))?;
+    Ok(CopyLayer { entries, key })
+}
+
+/// The context paths `segs` (some with wildcards) match, sorted.
+fn expand(context: &Path, segs: &[String], ignore: &Ignore) -> Result<Vec<PathBuf>, String> {
+    let mut found = vec![PathBuf::new()];
+    for seg in segs {
+        let mut next = Vec::new();
+        for base in &found {
+            if !has_glob(seg) {
+                let p = base.join(seg);
+                if fs::symlink_metadata(context.join(&p)).is_ok() {
+                    next.push(p);
+                }
+                continue;
+            }
+            let Ok(list) = fs::read_dir(context.join(base)) else {
+                continue;
+            };
+            let mut names: Vec<String> = list
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .filter(|n| glob(seg, n))
+                .collect();
+            names.sort();
+            next.extend(names.into_iter().map(|n| base.join(n)));
+        }
+        found = next;
+    }
+    found.retain(|p| !ignore.ignored(&p.to_string_lossy()));
+    Ok(found)
+}
+
+/// Adds everything below the context directory `rel` at `dest`, in name order.
+fn walk<W: io::Write>(
+    w: &mut Writer<W>,
+    context: &Path,
+    rel: &Path,
+    dest: &str,
+    ignore: &Ignore,
+) -> Result<(), String> {
+    let mut names: Vec<_> = fs::read_dir(context.join(rel))
+        .map_err(|e| format!("{}: {e}", rel.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    names.sort();
+    for name in names {
+        let child = rel.join(&name);
+        if ignore.ignored(&child.to_string_lossy()) {
+            continue;
+        }
+        let name = name.to_string_lossy();
+        let at = if dest.is_empty() {
+            name.to_string()
+        } else {
+            format!("{dest}/{name}")
+        };
+        let full = context.join(&child);
+        let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", child.display()))?;
+        if meta.is_dir() {
+            w.dir(&at, meta.mode(), 0, 0, mtime(&meta))?;
+            walk(w, context, &child, &at, ignore)?;
+        } else {
+            entry(w, &full, &meta, &at)?;
+        }
+    }
+    Ok(())
+}
+
+fn mtime(meta: &fs::Metadata) -> u64 {
+    meta.mtime().max(0) as u64
+}
+
+/// One file or symlink of the context at `at`. Owner root unless `--chown` (the context's
+/// owners mean nothing in the image).
+fn entry<W: io::Write>(
+    w: &mut Writer<W>,
+    full: &Path,
+    meta: &fs::Metadata,
+    at: &str,
+) -> Result<(), String> {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(full).map_err(|e| format!("{at}: {e}"))?;
+        return w.symlink(at, &target, 0, 0, mtime(meta));
+    }
+    if ft.is_fifo() || ft.is_socket() || ft.is_char_device() || ft.is_block_device() {
+        return Err(format!(
+            "{}: a special file cannot be copied",
+            full.display()
+        ));
+    }
+    let content = fs::read(full).map_err(|e| format!("{}: {e}", full.display()))?;
+    w.file(at, &content, meta.mode(), 0, 0, mtime(meta))
+}
+
+/// A tar archive, plain or gzip: what `ADD` unpacks.
+fn is_archive(path: &Path) -> bool {
+    let mut head = vec![0u8; 512];
+    let Ok(mut f) = fs::File::open(path) else {
+        return false;
+    };
+    let n = f.read(&mut head).unwrap_or(0);
+    head.truncate(n);
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return true;
+    }
+    head.len() >= 262 && &head[257..262] == b"ustar"
+}
+
+/// `ADD` of a local archive: its entries under `dest` with their own owners and modes.
+fn unpack<W: io::Write>(w: &mut Writer<W>, archive: &Path, dest: &str) -> Result<(), String> {
+    let file = fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    let mut head = [0u8; 2];
+    let gz = fs::File::open(archive)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == [0x1f, 0x8b];
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut a = tar::Archive::new(reader);
+    let bad = |e: io::Error| format!("{}: {e}", archive.display());
+    for e in a.entries().map_err(bad)? {
+        let mut e = e.map_err(bad)?;
+        let raw = e.path().map_err(bad)?.to_string_lossy().into_owned();
+        let segs = clean(&raw)
+            .map_err(|_| format!("{}: entry {raw} leaves the archive", archive.display()))?;
+        if segs.is_empty() {
+            continue;
+        }
+        let at = if dest.is_empty() {
+            segs.join("/")
+        } else {
+            format!("{dest}/{}", segs.join("/"))
+        };
+        let h = e.header().clone();
+        let (mode, uid, gid, mt) = (
+            h.mode().unwrap_or(0o644),
+            h.uid().unwrap_or(0),
+            h.gid().unwrap_or(0),
+            h.mtime().unwrap_or(0),
+        );
+        match h.entry_type() {
+            tar::EntryType::Directory => w.dir(&at, mode, uid, gid, mt)?,
+            tar::EntryType::Symlink => {
+                let target = e.link_name().map_err(bad)?.unwrap_or_default().into_owned();
+                w.symlink(&at, &target, uid, gid, mt)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut content = Vec::new();
+                e.read_to_end(&mut content).map_err(bad)?;
+                w.file(&at, &content, mode, uid, gid, mt)?;
+            }
+            // Hard links, devices and the rest: not what a build context's archive carries.
+            other => {
+                return Err(format!(
+                    "{}: entry {raw} is a {other:?}; ADD unpacks files, directories and symlinks",
+                    archive.display()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
