@@ -292,4 +292,52 @@ fn multi_stage_copies_from_a_stage_and_an_image_and_target_picks_a_stage() {
         "{}",
         stderr(&o)
     );
+
+    // --output writes a docker-archive that skopeo reads and an import brings back;
+    // `image export --format oci` an OCI layout.
+    let out = ctx.path().join("image.tar");
+    let o = build(
+        &[
+            "-t",
+            "mltest/built:multi",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &ctx,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let oci = ctx.path().join("oci.tar");
+    let o = run(&[
+        "image",
+        "export",
+        "mltest/built:multi",
+        "--format",
+        "oci",
+        "-o",
+        oci.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (transport, file) in [("docker-archive", &out), ("oci-archive", &oci)] {
+        let o = std::process::Command::new("skopeo")
+            .args([
+                "inspect",
+                "--config",
+                &format!("{transport}:{}", file.display()),
+            ])
+            .output()
+            .expect("skopeo (apt-get install skopeo)");
+        assert!(o.status.success(), "{transport}: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains("\"/app/app\""),
+            "{transport}: {}",
+            stdout(&o)
+        );
+    }
+    let o = run_stdin(
+        &["image", "import", "mltest/built:reimported"],
+        &std::fs::read(&out).unwrap(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:reimported"]);
+    assert_eq!(stdout(&o), "compiled\n", "{}", stderr(&o));
 }

@@ -298,8 +298,20 @@ pub enum ImageCommand {
         /// Image name.
         name: String,
     },
-    /// Delete blobs and root file systems no image uses, and leftovers of interrupted pulls.
+    /// Delete blobs and root file systems no image uses, leftovers of interrupted pulls, and
+    /// `matchlock build`'s step cache (named images keep everything they use).
     Gc,
+    /// Write an image to a tarball that `docker load` or skopeo reads.
+    Export {
+        /// Image name.
+        name: String,
+        /// Where to write it (`-`: standard output).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: std::path::PathBuf,
+        /// `docker` (docker save's format) or `oci` (an OCI image layout).
+        #[arg(long, value_enum, default_value = "docker")]
+        format: ExportFormatArg,
+    },
     /// Prepare the image's template snapshot now, so the next `run` starts from it. The flags
     /// that shape the VM (`--cpus`, `--memory`, `--disk-size`, `--no-network`, `--kernel`) pick the
     /// template, as they do for `run`.
@@ -819,6 +831,15 @@ const BUILD_EXAMPLES: &str = "Examples:
   matchlock build --no-network -t offline:1 .            # RUN steps get no network
   matchlock build --allow-host pypi.org --allow-host files.pythonhosted.org -t py:1 .";
 
+/// The tarball `image export` and `build --output` write.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormatArg {
+    /// `docker save`'s format: `docker load`, `skopeo copy docker-archive:…`.
+    Docker,
+    /// An OCI image layout: `skopeo copy oci-archive:…`, `podman load`.
+    Oci,
+}
+
 /// `matchlock build`.
 #[derive(Args, Debug)]
 pub struct BuildArgs {
@@ -858,6 +879,12 @@ pub struct BuildArgs {
     /// Memory of each RUN sandbox in MiB (alias: --build-memory).
     #[arg(long, alias = "build-memory", default_value_t = defaults::MEMORY_MB)]
     pub memory: u64,
+    /// Also write the image to this tarball.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+    /// The tarball's format for --output.
+    #[arg(long = "output-format", value_enum, default_value = "docker")]
+    pub output_format: ExportFormatArg,
     /// Writable disk of each RUN sandbox in MiB (alias: --build-disk).
     #[arg(long = "disk-size", alias = "build-disk", default_value_t = defaults::DISK_SIZE_MB)]
     pub disk_size: u64,

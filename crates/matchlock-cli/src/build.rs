@@ -122,6 +122,9 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         image.digest,
         started.elapsed().as_secs_f64()
     );
+    if let Some(out) = &args.output {
+        crate::image::export(&images, &image.name, out, args.output_format)?;
+    }
     println!("{}", image.digest);
     Ok(0)
 }

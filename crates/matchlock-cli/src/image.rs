@@ -89,7 +89,23 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
             println!("Removed {name}");
         }
         ImageCommand::Warm { .. } => unreachable!("handled above"),
+        ImageCommand::Export {
+            name,
+            output,
+            format,
+        } => export(&store, &name, &output, format)?,
         ImageCommand::Gc => {
+            // The build cache's step images go first, so what only they used is collected.
+            let cache = format!("{}:", matchlock_build::builder::CACHE_REPO);
+            let mut steps = 0;
+            for e in store.entries()? {
+                if e.info.name.starts_with(&cache) && store.remove(&e.info.name).is_ok() {
+                    steps += 1;
+                }
+            }
+            if steps > 0 {
+                println!("Removed {steps} build cache step images");
+            }
             let r = store.gc()?;
             println!(
                 "Removed {} unreferenced blobs ({} root file systems, {} temporary files; {} freed)",
@@ -147,4 +163,34 @@ fn warm(name: &str, flags: &[String]) -> Result<i32> {
         Some(other) => bail!("{name} has no template for this shape: it started {other}"),
         None => bail!("sandbox {id} left no state"),
     }
+}
+
+/// Writes `name` to `output` (`-`: stdout), through a temporary file so a failure leaves no
+/// partial tarball under the name.
+pub fn export(
+    store: &matchlock_image::ImageStore,
+    name: &str,
+    output: &std::path::Path,
+    format: crate::args::ExportFormatArg,
+) -> anyhow::Result<()> {
+    let format = match format {
+        crate::args::ExportFormatArg::Docker => matchlock_image::ExportFormat::DockerArchive,
+        crate::args::ExportFormatArg::Oci => matchlock_image::ExportFormat::Oci,
+    };
+    if output == std::path::Path::new("-") {
+        let out = std::io::BufWriter::new(std::io::stdout().lock());
+        store.export(name, format, out)?;
+        return Ok(());
+    }
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| anyhow::anyhow!("writing in {}: {e}", dir.display()))?;
+    store.export(name, format, std::io::BufWriter::new(tmp.as_file()))?;
+    tmp.persist(output)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display()))?;
+    eprintln!("Wrote {} to {}", name, output.display());
+    Ok(())
 }
