@@ -341,3 +341,47 @@ fn multi_stage_copies_from_a_stage_and_an_image_and_target_picks_a_stage() {
     let o = run(&["run", "--image", "mltest/built:reimported"]);
     assert_eq!(stdout(&o), "compiled\n", "{}", stderr(&o));
 }
+
+#[test]
+fn an_intercepting_build_leaves_no_sandbox_ca_in_the_image() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bundle = "-----BEGIN CERTIFICATE-----\nMIIBimage\n-----END CERTIFICATE-----\n";
+    let ctx = context(
+        "FROM mltest/busybox:1\n\
+         RUN grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt\n\
+         COPY bundle.crt /etc/ssl/certs/ca-certificates.crt\n\
+         RUN grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt\n",
+    );
+    std::fs::write(ctx.path().join("bundle.crt"), bundle).unwrap();
+    let o = build(
+        &[
+            "--no-cache",
+            "--allow-host",
+            "example.invalid",
+            "-t",
+            "mltest/built:ca",
+        ],
+        &ctx,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The steps saw the sandbox CA in the trust store (1 alone, then 2 with the image's)...
+    let log = stderr(&o);
+    assert!(log.contains("\n1\n") && log.contains("\n2\n"), "{log}");
+    // ...and the image keeps only its own.
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:ca",
+        "--no-network",
+        "--",
+        "sh",
+        "-c",
+        "test -e /etc/ssl/certs/matchlock-ca.pem || echo no-ca-file; cat /etc/ssl/certs/ca-certificates.crt",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        format!("no-ca-file\n{bundle}"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -188,8 +188,15 @@ pub fn build(
                                         "a temporary file in the image store: {e}"
                                     ))
                                 })?;
-                            let code =
-                                run_step(parent, sandboxes, opts, &run, layer.path(), progress)?;
+                            let code = run_step(
+                                images,
+                                parent,
+                                sandboxes,
+                                opts,
+                                &run,
+                                layer.path(),
+                                progress,
+                            )?;
                             if code != 0 {
                                 return Err(BuildError::RunFailed {
                                     line: inst.line,
@@ -331,6 +338,7 @@ fn cache_key(cur: &Current, text: &str, applied: &str) -> String {
 
 /// Runs one `RUN` in a sandbox of `parent`, writes its layer to `layer`; its exit code.
 fn run_step(
+    images: &ImageStore,
     parent: &ImageInfo,
     sandboxes: &Store,
     opts: &BuildOptions,
@@ -350,6 +358,7 @@ fn run_step(
     req.start = Start::Nothing;
     req.remove_on_stop = true;
     req.owner_pid = Some(std::process::id());
+    let intercepts = req.network.as_ref().is_some_and(|n| n.intercepts());
     let plan = matchlock_sandbox::plan(req, parent, sandboxes)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -395,10 +404,14 @@ fn run_step(
             };
             let code = exec(&client, spec, run.stdin.as_deref(), progress).await?;
             if code == 0 {
+                let mut exclude: Vec<String> =
+                    NOT_IN_LAYERS.iter().map(|s| s.to_string()).collect();
+                if intercepts {
+                    exclude.extend(untrust_sandbox_ca(&client, parent, images).await?);
+                }
                 let mut file = tokio::fs::File::create(layer)
                     .await
                     .map_err(|e| BuildError::Other(format!("writing the layer: {e}")))?;
-                let exclude = NOT_IN_LAYERS.iter().map(|s| s.to_string()).collect();
                 client.export_upper(exclude, true, &mut file).await?;
             }
             Ok(code)
@@ -614,4 +627,46 @@ fn extract(
         Ok(false) => Err(format!("{pattern}: not found in {}", image.name)),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Takes the sandbox's own CA, which interception added to the guest's trust store, back out
+/// before the layer is made: a built image must not trust it. Returns the paths to leave out
+/// of the layer (the CA file, and the bundle when the step did not otherwise change it).
+async fn untrust_sandbox_ca(
+    client: &Client,
+    parent: &ImageInfo,
+    images: &ImageStore,
+) -> Result<Vec<String>, BuildError> {
+    use matchlock_api::config::{GUEST_CA_BUNDLE, GUEST_CA_FILE};
+    const CAP: u64 = 64 << 20;
+    let rel = |p: &str| p.trim_start_matches('/').to_string();
+    let mut exclude = vec![rel(GUEST_CA_FILE)];
+    let Some(pem) = client.read_file(GUEST_CA_FILE, CAP).await? else {
+        return Ok(exclude);
+    };
+    let pem = String::from_utf8_lossy(&pem).into_owned();
+    let Some(bundle) = client.read_file(GUEST_CA_BUNDLE, CAP).await? else {
+        return Ok(exclude);
+    };
+    let bundle = String::from_utf8_lossy(&bundle).into_owned();
+    let Some(at) = bundle.rfind(&pem) else {
+        return Ok(exclude);
+    };
+    let mut stripped = format!("{}{}", &bundle[..at], &bundle[at + pem.len()..]);
+    let original = images
+        .read_rootfs_file(parent, GUEST_CA_BUNDLE)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    // The append put the CA on a line of its own; a bundle without a final newline got one.
+    if original.as_ref().is_some_and(|o| !o.ends_with('\n')) && stripped.ends_with('\n') {
+        stripped.pop();
+    }
+    if original.as_deref() == Some(stripped.as_str()) || (original.is_none() && stripped.is_empty())
+    {
+        exclude.push(rel(GUEST_CA_BUNDLE));
+    } else {
+        client
+            .write_file(GUEST_CA_BUNDLE, stripped.as_bytes(), 0o644)
+            .await?;
+    }
+    Ok(exclude)
 }
