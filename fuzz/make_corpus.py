@@ -754,7 +754,25 @@ def ingress_routes():
     write("ingress_routes", "many", b"".join(b"/r%d :%d\n" % (i, i + 1) for i in range(300)) + b"/r299/x\n")
 
 
+# ---------------------------------------------------------------- Dockerfiles (matchlock build)
+def dockerfile():
+    clean("dockerfile")
+    write("dockerfile", "multi-stage",
+          b"# syntax=docker/dockerfile:1\nARG BASE=busybox\nFROM ${BASE} AS build\nARG V\n"
+          b"ENV A=1 B=\"two words\"\nWORKDIR /src\nCOPY --chown=1:1 --chmod=755 . .\n"
+          b"RUN make && \\\n  # comment\n\n  make install\nFROM scratch\n"
+          b"COPY --from=build /out /\nCMD [\"/app\"]\n")
+    write("dockerfile", "heredocs",
+          b"FROM a\nRUN <<EOF\n#!/bin/sh\necho $V\nEOF\nRUN cat <<-'X' <<Y > /f\n\tx\n\tX\ny\nY\n"
+          b"COPY <<EOF /etc/motd\nhello ${V:-you}\nEOF\n")
+    write("dockerfile", "escape-and-config",
+          b"# escape=`\nFROM a`\n  AS b\nSHELL [\"cmd\", \"/S\"]\nLABEL \"c d\"=\"e f\" x=y\n"
+          b"EXPOSE 80 53/udp\nVOLUME [\"/data\"]\nSTOPSIGNAL SIGINT\nUSER app:app\n"
+          b"HEALTHCHECK --interval=5s --retries=3 CMD curl -f localhost\nONBUILD RUN x\nENTRYPOINT [\"/e\"]\n")
+
+
 def main():
+    dockerfile()
     ingress_routes()
     classify_and_proxy()
     model_usage()

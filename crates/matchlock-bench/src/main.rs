@@ -11,6 +11,7 @@
 //! matchlock-bench --pause N [--image NAME] [--net-image NAME]
 //! matchlock-bench --ingress N [--net MB] [--runs N] [--net-image NAME]
 //! matchlock-bench --ssh N [--net MB] [--runs N] [--net-image NAME]
+//! matchlock-bench --build N [--image NAME]
 //! ```
 //! 1. Boot: bare QEMU booting our kernel + initramfs to `/init` (the accelerator probe path: the agent
 //!    prints a marker and reboots) against `matchlock run --image IMAGE -- true` (boot, rootfs, agent
@@ -44,9 +45,12 @@
 //!     `ingress.rs`.
 //! 12. `--ssh N`: N `ssh … true` sessions against `matchlock exec … true`, and `--runs` copies of
 //!     `--net MB` (default 100) in with `scp` against `write_file`; see `ssh.rs`.
+//! 13. `--build N`: `matchlock build` against `buildah bud` on one Dockerfile, N times each: a
+//!     cold build, a no-op rebuild, one copied file changed; see `build.rs`.
 //!
 //! `--boots 0` or `--execs 0` skips a section; the RPC section runs only when asked for.
 
+mod build;
 mod density;
 mod ingress;
 mod net;
@@ -85,6 +89,7 @@ struct Args {
     pause: usize,
     ingress: usize,
     ssh: usize,
+    build: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -112,6 +117,7 @@ fn parse_args() -> Result<Args> {
         pause: 0,
         ingress: 0,
         ssh: 0,
+        build: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -136,6 +142,7 @@ fn parse_args() -> Result<Args> {
             "--pause" => a.pause = val()?.parse()?,
             "--ingress" => a.ingress = val()?.parse()?,
             "--ssh" => a.ssh = val()?.parse()?,
+            "--build" => a.build = val()?.parse::<usize>()?.max(1),
             "--density-flags" => {
                 a.density_flags = val()?.split_whitespace().map(str::to_string).collect()
             }
@@ -226,6 +233,9 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     if args.pull {
         return pull::bench(args.runs, &args.layer_dirs);
+    }
+    if args.build > 0 {
+        return build::bench(&args.matchlock, &args.image, args.build);
     }
     if args.ssh > 0 {
         let mb = if args.net_mb > 0 { args.net_mb } else { 100 };

@@ -1,6 +1,6 @@
 //! `--ssh N`: SSH access against matchlock's own paths, in the same run.
 //!
-//! One sandbox of `--net-image` (it has OpenSSH's `sftp-server`) and its SSH server started in
+//! One sandbox of `--net-image` (SFTP served by the guest agent) and its SSH server started in
 //! this process. Session start: N times OpenSSH's `ssh … true` (a new process, TCP, key exchange,
 //! authentication, an exec), interleaved with `matchlock exec ID true` (a new process and an exec
 //! over the control socket). Transfer: `--net MB` (default 100) into the sandbox with `scp`,
