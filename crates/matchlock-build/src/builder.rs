@@ -168,26 +168,21 @@ pub fn build(
                 Step::Config | Step::Workdir(_) => {}
                 Step::Run(run) => {
                     let key = cache_key(&cur, &inst.text, &format!("{run:?}"));
-                    let name = format!("{CACHE_REPO}:{key}");
-                    match images.resolve(&name) {
-                        Ok(info) if !opts.no_cache => {
-                            progress.cached();
-                            cur.blob = images.config_blob(&info)?;
-                            cur.image = Some(info);
-                        }
-                        _ => {
+                    advance(
+                        images,
+                        opts.no_cache,
+                        progress,
+                        &mut cur,
+                        &key,
+                        &inst.text,
+                        |cur| {
                             let parent = cur.image.as_ref().ok_or_else(|| {
                                 df_err(
                                     inst.line,
                                     "RUN needs a base image with a shell (FROM scratch has none)",
                                 )
                             })?;
-                            let layer =
-                                tempfile::NamedTempFile::new_in(images.root()).map_err(|e| {
-                                    BuildError::Other(format!(
-                                        "a temporary file in the image store: {e}"
-                                    ))
-                                })?;
+                            let layer = temp_file(images)?;
                             let code = run_step(
                                 images,
                                 parent,
@@ -204,17 +199,9 @@ pub fn build(
                                     code,
                                 });
                             }
-                            history(&mut cur.blob, &inst.text, false);
-                            let info = images.derive(
-                                &name,
-                                Some(parent),
-                                &[layer.path().to_path_buf()],
-                                cur.blob.clone(),
-                            )?;
-                            cur.blob = images.config_blob(&info)?;
-                            cur.image = Some(info);
-                        }
-                    }
+                            Ok(layer)
+                        },
+                    )?;
                 }
                 Step::Copy(mut copy) => {
                     // `--from`: the sources come out of that stage's or image's file system.
@@ -264,9 +251,7 @@ pub fn build(
                     } else {
                         format!("{ignore_text}\n{}", copy.exclude.join("\n"))
                     };
-                    let layer = tempfile::NamedTempFile::new_in(images.root()).map_err(|e| {
-                        BuildError::Other(format!("a temporary file in the image store: {e}"))
-                    })?;
+                    let layer = temp_file(images)?;
                     let made = crate::copy::copy_layer(
                         &copy,
                         context,
@@ -276,25 +261,15 @@ pub fn build(
                     )
                     .map_err(|e| df_err(inst.line, e))?;
                     let key = cache_key(&cur, &inst.text, &format!("{copy:?} {}", made.key));
-                    let name = format!("{CACHE_REPO}:{key}");
-                    match images.resolve(&name) {
-                        Ok(info) if !opts.no_cache => {
-                            progress.cached();
-                            cur.blob = images.config_blob(&info)?;
-                            cur.image = Some(info);
-                        }
-                        _ => {
-                            history(&mut cur.blob, &inst.text, false);
-                            let info = images.derive(
-                                &name,
-                                cur.image.as_ref(),
-                                &[layer.path().to_path_buf()],
-                                cur.blob.clone(),
-                            )?;
-                            cur.blob = images.config_blob(&info)?;
-                            cur.image = Some(info);
-                        }
-                    }
+                    advance(
+                        images,
+                        opts.no_cache,
+                        progress,
+                        &mut cur,
+                        &key,
+                        &inst.text,
+                        |_| Ok(layer),
+                    )?;
                 }
             }
             progress.done(t.elapsed().as_secs_f64());
@@ -669,4 +644,48 @@ async fn untrust_sandbox_ca(
             .await?;
     }
     Ok(exclude)
+}
+
+/// Moves the stage on by one layer step: the image stored under `key` unless `no_cache`, else
+/// a new one from the layer `make` writes.
+fn advance(
+    images: &ImageStore,
+    no_cache: bool,
+    progress: &dyn Progress,
+    cur: &mut Current,
+    key: &str,
+    text: &str,
+    make: impl FnOnce(&Current) -> Result<tempfile::NamedTempFile, BuildError>,
+) -> Result<(), BuildError> {
+    let name = format!("{CACHE_REPO}:{key}");
+    let stored = if no_cache {
+        None
+    } else {
+        images.resolve(&name).ok()
+    };
+    let info = match stored {
+        Some(info) => {
+            progress.cached();
+            info
+        }
+        None => {
+            let layer = make(cur)?;
+            history(&mut cur.blob, text, false);
+            images.derive(
+                &name,
+                cur.image.as_ref(),
+                &[layer.path().to_path_buf()],
+                cur.blob.clone(),
+            )?
+        }
+    };
+    cur.blob = images.config_blob(&info)?;
+    cur.image = Some(info);
+    Ok(())
+}
+
+/// A temporary file in the image store (the same file system as its blobs).
+fn temp_file(images: &ImageStore) -> Result<tempfile::NamedTempFile, BuildError> {
+    tempfile::NamedTempFile::new_in(images.root())
+        .map_err(|e| BuildError::Other(format!("a temporary file in the image store: {e}")))
 }

@@ -870,6 +870,9 @@ pub struct BuildArgs {
     /// networking with private ranges blocked.
     #[arg(long = "allow-host", value_name = "HOST")]
     pub allow_host: Vec<String>,
+    /// MTU of each RUN sandbox's network interface (as `run --mtu`).
+    #[arg(long, default_value_t = defaults::MTU as u32)]
+    pub mtu: u32,
     /// A secret for RUN steps, as `run --secret` takes it (repeatable).
     #[arg(long, value_name = "NAME=VALUE@HOST[,HOST...]")]
     pub secret: Vec<String>,

@@ -72,6 +72,8 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         None
     } else {
         let mut n = NetworkRequest::default();
+        matchlock_api::validate::mtu(args.mtu, "--mtu").map_err(|e| anyhow!(e))?;
+        n.mtu = Some(args.mtu as u16);
         for h in &args.allow_host {
             n.intercept
                 .allowed_hosts

@@ -294,23 +294,7 @@ impl ImageStore {
             blobs,
             format: "build",
         };
-        let rootfs = self.rootfs_path(&config_digest)?;
-        let mut built: Option<PathBuf> = None;
-        loop {
-            if built.is_none() && !rootfs.exists() {
-                built = Some(self.build_rootfs(plan.layers.iter().cloned().map(Ok), &work.0)?);
-            }
-            let _lock = self.lock()?;
-            if !rootfs.exists() {
-                match &built {
-                    Some(img) => fs::rename(img, &rootfs).map_err(|e| {
-                        ImageError::io(format!("installing {}", rootfs.display()), e)
-                    })?,
-                    None => continue,
-                }
-            }
-            return self.commit(&normalized, &plan, &rootfs);
-        }
+        self.install(&normalized, &plan, &work.0)
     }
 
     /// Writes image `name` to `out` as an OCI layout or a docker-archive tarball, with its

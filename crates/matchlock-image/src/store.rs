@@ -191,13 +191,23 @@ impl ImageStore {
 
         let spool = archive::spool(reader, &work.0.join("spool"))?;
         let plan = archive::plan(&spool, &normalized)?;
-        let rootfs = self.rootfs_path(&plan.config_digest)?;
+        self.install(&normalized, &plan, &work.0)
+    }
 
+    /// Builds `plan`'s root file system in `work` unless one with its config is stored, puts it
+    /// in place and commits the tag (imports and derived images alike).
+    pub(crate) fn install(
+        &self,
+        normalized: &str,
+        plan: &ImagePlan,
+        work: &Path,
+    ) -> Result<ImageInfo, ImageError> {
+        let rootfs = self.rootfs_path(&plan.config_digest)?;
         let mut built: Option<PathBuf> = None;
         loop {
             if built.is_none() && !rootfs.exists() {
                 let layers = plan.layers.iter().cloned().map(Ok);
-                built = Some(self.build_rootfs(layers, &work.0)?);
+                built = Some(self.build_rootfs(layers, work)?);
             }
             let _lock = self.lock()?;
             if !rootfs.exists() {
@@ -209,7 +219,7 @@ impl ImageStore {
                     None => continue,
                 }
             }
-            return self.commit(&normalized, &plan, &rootfs);
+            return self.commit(normalized, plan, &rootfs);
         }
     }
 
