@@ -385,3 +385,25 @@ fn an_intercepting_build_leaves_no_sandbox_ca_in_the_image() {
         stderr(&o)
     );
 }
+
+#[test]
+fn workdir_is_made_even_with_no_step_after_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context("FROM mltest/busybox:1\nWORKDIR /srv/data\nWORKDIR /etc\nWORKDIR /srv/data\nCMD [\"pwd\"]\n");
+    let o = build(&["--no-cache", "-t", "mltest/built:workdir"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:workdir"]);
+    assert_eq!(stdout(&o), "/srv/data\n", "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:workdir",
+        "--",
+        "stat",
+        "-c",
+        "%a %U",
+        "/srv/data",
+        "/etc",
+    ]);
+    assert_eq!(stdout(&o), "755 root\n755 root\n", "{}", stderr(&o));
+}

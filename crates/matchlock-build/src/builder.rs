@@ -165,7 +165,34 @@ pub fn build(
             let step = state.apply(inst).map_err(|e| df_err(inst.line, e))?;
             set_config(&mut cur.blob, &state.config);
             match step {
-                Step::Config | Step::Workdir(_) => {}
+                Step::Config => {}
+                Step::Workdir(dir) => {
+                    // Docker makes the directory (root's, 0755) when the image lacks it.
+                    let exists = match &cur.image {
+                        Some(image) => images.rootfs_has(image, &dir)?,
+                        None => dir == "/",
+                    };
+                    if !exists {
+                        let key = cache_key(&cur, &inst.text, &dir);
+                        advance(
+                            images,
+                            opts.no_cache,
+                            progress,
+                            &mut cur,
+                            &key,
+                            &inst.text,
+                            |_| {
+                                let layer = temp_file(images)?;
+                                crate::copy::dir_layer(
+                                    &dir,
+                                    std::io::BufWriter::new(layer.as_file()),
+                                )
+                                .map_err(|e| df_err(inst.line, e))?;
+                                Ok(layer)
+                            },
+                        )?;
+                    }
+                }
                 Step::Run(run) => {
                     let key = cache_key(&cur, &inst.text, &format!("{run:?}"));
                     advance(

@@ -15,6 +15,24 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
+/// A layer holding only the directory `dir` (absolute), root's, mode 0755: what `WORKDIR` adds
+/// when the image lacks it (missing parents come with it, as the unpacker makes them).
+pub fn dir_layer(dir: &str, out: impl io::Write) -> Result<(), String> {
+    let mut b = tar::Builder::new(out);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(0);
+    let path = format!("{}/", dir.trim_matches('/'));
+    b.append_data(&mut h, &path, io::empty())
+        .map_err(|e| format!("writing {dir}: {e}"))?;
+    b.into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(|e| format!("writing {dir}: {e}"))
+}
+
 /// `.dockerignore`'s patterns, in order; `!` marks an exception.
 #[derive(Debug, Clone, Default)]
 pub struct Ignore {

@@ -104,6 +104,22 @@ impl ImageStore {
         Ok(Some(out.stdout))
     }
 
+    /// Whether an image's root file system has `path` (read with `debugfs`, no mount).
+    pub fn rootfs_has(&self, info: &ImageInfo, path: &str) -> Result<bool, ImageError> {
+        if !path.starts_with('/') || path.contains(['"', '\n']) {
+            return Err(ImageError::InvalidArchive(format!(
+                "{path:?} is not a plain absolute path"
+            )));
+        }
+        let out = std::process::Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat \"{path}\""))
+            .arg(&info.rootfs)
+            .output()
+            .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+        Ok(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not found"))
+    }
+
     /// Copies `path` (a file, link or directory tree) out of an image's root file system to the
     /// same path under `into`, with `debugfs` (no mount); false when the image has no such
     /// path. What `COPY --from` reads.
