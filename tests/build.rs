@@ -407,3 +407,111 @@ fn workdir_is_made_even_with_no_step_after_it() {
     ]);
     assert_eq!(stdout(&o), "755 root\n755 root\n", "{}", stderr(&o));
 }
+
+#[test]
+fn run_steps_reach_allowed_hosts_only_and_secrets_stay_out_of_the_image() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const SECRET: &str = "sk-build-secret-never-in-image";
+    // An upstream on the host's loopback: /pkg is a package, /auth says what key arrived.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match std::io::Read::read(&mut c, &mut b) {
+                    Ok(1) => head.push(b[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let body = if head.starts_with("GET /auth") {
+                if head.contains(&format!("Bearer {SECRET}")) {
+                    "real-secret-arrived"
+                } else {
+                    "no-secret"
+                }
+            } else {
+                "package-bytes"
+            };
+            let _ = std::io::Write::write_all(
+                &mut c,
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    let ctx = context(
+        "FROM mltest/busybox:1\nARG PORT\n\
+         RUN wget -q -O /pkg http://api.test:$PORT/pkg\n\
+         RUN wget -q -O /auth --header \"Authorization: Bearer $API_KEY\" http://api.test:$PORT/auth && \\\n\
+             echo \"key seen by RUN: $API_KEY\" > /seen-key\n\
+         RUN wget -q -T 5 -O /other http://other.test:$PORT/pkg || echo blocked > /blocked\n",
+    );
+    let out = ctx.path().join("image.tar");
+    let o = build(
+        &[
+            "--no-cache",
+            "-t",
+            "mltest/built:net",
+            "--build-arg",
+            &format!("PORT={port}"),
+            "--add-host",
+            "api.test:127.0.0.1",
+            "--add-host",
+            "other.test:127.0.0.1",
+            "--allow-private-host",
+            "127.0.0.1",
+            "--allow-host",
+            "api.test",
+            "--secret",
+            &format!("API_KEY={SECRET}@api.test"),
+            "--secret-over-http",
+            "API_KEY",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &ctx,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains(SECRET),
+        "the build log shows the secret"
+    );
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:net",
+        "--",
+        "sh",
+        "-c",
+        "cat /pkg; echo; cat /auth; echo; cat /blocked; test -s /other || echo no-other",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        "package-bytes\nreal-secret-arrived\nblocked\nno-other\n",
+        "{}",
+        stderr(&o)
+    );
+    let seen = stdout(&run(&[
+        "run",
+        "--image",
+        "mltest/built:net",
+        "--",
+        "cat",
+        "/seen-key",
+    ]));
+    assert!(
+        seen.starts_with("key seen by RUN: ") && !seen.contains(SECRET),
+        "{seen}"
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(
+        !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+        "the secret is in the exported image"
+    );
+}

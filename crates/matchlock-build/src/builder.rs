@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub pull: PullPolicy,
     /// The network of `RUN` sandboxes (`None`: none), with its secrets.
     pub network: Option<NetworkRequest>,
+    /// Extra `/etc/hosts` entries `(address, name)` of `RUN` sandboxes.
+    pub add_hosts: Vec<(String, String)>,
     /// CPU, memory and disk of `RUN` sandboxes.
     pub resources: Resources,
 }
@@ -356,6 +358,7 @@ fn run_step(
         opts.network.clone()
     };
     req.resources = opts.resources;
+    req.add_hosts = opts.add_hosts.clone();
     req.no_snapshot = true;
     req.start = Start::Nothing;
     req.remove_on_stop = true;

@@ -870,6 +870,15 @@ pub struct BuildArgs {
     /// networking with private ranges blocked.
     #[arg(long = "allow-host", value_name = "HOST")]
     pub allow_host: Vec<String>,
+    /// Also inject this --secret into plain HTTP requests (clear text; as `run`).
+    #[arg(long = "secret-over-http", value_name = "NAME")]
+    pub secret_over_http: Vec<String>,
+    /// Extra /etc/hosts entry NAME:IP in RUN sandboxes.
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_host: Vec<String>,
+    /// Let RUN steps reach this private/loopback address (blocked by default).
+    #[arg(long = "allow-private-host", value_name = "IP")]
+    pub allow_private_host: Vec<String>,
     /// MTU of each RUN sandbox's network interface (as `run --mtu`).
     #[arg(long, default_value_t = defaults::MTU as u32)]
     pub mtu: u32,

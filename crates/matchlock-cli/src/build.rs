@@ -66,8 +66,11 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         };
     }
     let network = if args.no_network {
-        if !args.allow_host.is_empty() || !args.secret.is_empty() {
-            bail!("--no-network cannot be combined with --allow-host or --secret");
+        if !args.allow_host.is_empty()
+            || !args.secret.is_empty()
+            || !args.allow_private_host.is_empty()
+        {
+            bail!("--no-network cannot be combined with --allow-host, --secret or --allow-private-host");
         }
         None
     } else {
@@ -80,8 +83,31 @@ pub fn build(args: BuildArgs) -> Result<i32> {
                 .push(HostPattern::parse(h).map_err(|e| anyhow!("--allow-host: {e}"))?);
         }
         n.intercept.secrets = crate::request::secrets(&args.secret, &[])?;
+        for name in &args.secret_over_http {
+            n.intercept
+                .secrets
+                .iter_mut()
+                .find(|s| s.name == *name)
+                .ok_or_else(|| anyhow!("--secret-over-http {name}: there is no --secret {name}"))?
+                .allow_http = true;
+        }
+        for a in &args.allow_private_host {
+            n.allow_private_hosts.push(
+                a.parse()
+                    .map_err(|_| anyhow!("--allow-private-host {a}: not an IP address"))?,
+            );
+        }
         Some(n)
     };
+    let mut add_hosts = Vec::new();
+    for h in &args.add_host {
+        let (name, addr) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--add-host {h}: give NAME:IP"))?;
+        let addr = matchlock_api::validate::add_host(name, addr, &format!("--add-host {h}"))
+            .map_err(|e| anyhow!(e))?;
+        add_hosts.push((addr, name.to_string()));
+    }
     let resources = Resources {
         cpus: Some(Cpus::new(args.cpus, "--cpus")?),
         memory: Some(MemoryMb::new(args.memory, "--memory")?),
@@ -100,6 +126,7 @@ pub fn build(args: BuildArgs) -> Result<i32> {
             PullPolicy::Missing
         },
         network,
+        add_hosts,
         resources,
     };
     let images = ImageStore::open_default()?;
