@@ -515,3 +515,28 @@ fn run_steps_reach_allowed_hosts_only_and_secrets_stay_out_of_the_image() {
         "the secret is in the exported image"
     );
 }
+
+#[test]
+fn copy_and_workdir_follow_the_images_links() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // As a merged-/usr image's /bin: a directory that is a link.
+    let ctx = context(
+        "FROM mltest/busybox:1 AS base\nRUN mkdir -p /usr/lib/app && ln -s usr/lib/app /applink\n\
+         FROM base\nCOPY f.txt /applink/\nCOPY f.txt /applink/renamed\nWORKDIR /applink/w\n\
+         CMD [\"ls\", \"/usr/lib/app\"]\n",
+    );
+    std::fs::write(ctx.path().join("f.txt"), "f\n").unwrap();
+    let o = build(&["--no-cache", "-t", "mltest/built:links"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:links"]);
+    assert_eq!(stdout(&o), "f.txt\nrenamed\nw\n", "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:links",
+        "--",
+        "readlink",
+        "/applink",
+    ]);
+    assert_eq!(stdout(&o), "usr/lib/app\n", "the link itself is kept");
+}

@@ -170,6 +170,10 @@ pub fn build(
                 Step::Config => {}
                 Step::Workdir(dir) => {
                     // Docker makes the directory (root's, 0755) when the image lacks it.
+                    let dir = match &cur.image {
+                        Some(image) => images.resolve_in_rootfs(image, &dir, true)?,
+                        None => dir,
+                    };
                     let exists = match &cur.image {
                         Some(image) => images.rootfs_has(image, &dir)?,
                         None => dir == "/",
@@ -280,6 +284,16 @@ pub fn build(
                     } else {
                         format!("{ignore_text}\n{}", copy.exclude.join("\n"))
                     };
+                    // Links on the way to the destination are followed inside the image, as a
+                    // write there would (`/bin/x` in a merged-/usr image lands in /usr/bin).
+                    if let Some(image) = &cur.image {
+                        let dir = copy.dest.ends_with('/');
+                        let mut d = images.resolve_in_rootfs(image, &copy.dest, dir)?;
+                        if dir && !d.ends_with('/') {
+                            d.push('/');
+                        }
+                        copy.dest = d;
+                    }
                     let layer = temp_file(images)?;
                     let made = crate::copy::copy_layer(
                         &copy,

@@ -104,6 +104,76 @@ impl ImageStore {
         Ok(Some(out.stdout))
     }
 
+    /// `path` with the symbolic links among its directories resolved inside the image's root
+    /// file system (never above its `/`), as a write into the image would follow them; with
+    /// `last`, the final component too. `/bin/app` in an image whose `/bin` links to `usr/bin`
+    /// is `/usr/bin/app`.
+    pub fn resolve_in_rootfs(
+        &self,
+        info: &ImageInfo,
+        path: &str,
+        last: bool,
+    ) -> Result<String, ImageError> {
+        let mut todo: Vec<String> = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        todo.reverse();
+        let mut done: Vec<String> = Vec::new();
+        let mut links = 0;
+        while let Some(seg) = todo.pop() {
+            if seg == "." {
+                continue;
+            }
+            if seg == ".." {
+                done.pop();
+                continue;
+            }
+            let here = format!(
+                "/{}",
+                done.iter()
+                    .chain([&seg])
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("/")
+            );
+            let is_last = todo.is_empty();
+            if is_last && !last {
+                done.push(seg);
+                break;
+            }
+            if here.contains(['"', '\n']) {
+                done.push(seg);
+                continue;
+            }
+            let out = std::process::Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("stat \"{here}\""))
+                .arg(&info.rootfs)
+                .output()
+                .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+            if !String::from_utf8_lossy(&out.stdout).contains("Type: symlink") {
+                done.push(seg);
+                continue;
+            }
+            links += 1;
+            if links > 40 {
+                return Err(ImageError::InvalidArchive(format!(
+                    "{path}: too many symbolic links"
+                )));
+            }
+            let target = link_target(info, &here, &String::from_utf8_lossy(&out.stdout))?;
+            if target.starts_with('/') {
+                done.clear();
+            }
+            for t in target.split('/').filter(|s| !s.is_empty()).rev() {
+                todo.push(t.to_string());
+            }
+        }
+        Ok(format!("/{}", done.join("/")))
+    }
+
     /// Whether an image's root file system has `path` (read with `debugfs`, no mount).
     pub fn rootfs_has(&self, info: &ImageInfo, path: &str) -> Result<bool, ImageError> {
         if !path.starts_with('/') || path.contains(['"', '\n']) {
@@ -160,8 +230,7 @@ impl ImageStore {
             }
         } else if text.contains("Type: symlink") {
             // `dump` would follow nothing; a link is recreated from its target.
-            let target = debugfs(format!("readlink \"{path}\""))?;
-            let target = String::from_utf8_lossy(&target.stdout).trim().to_string();
+            let target = link_target(info, path, &text)?;
             let at = into.join(rel);
             let _ = fs::remove_file(&at);
             std::os::unix::fs::symlink(&target, &at)
@@ -433,4 +502,23 @@ fn copy_hashed(src: &Path, dest: &Path) -> Result<(String, u64), ImageError> {
         size += n as u64;
     }
     Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
+}
+
+/// A symbolic link's target from `debugfs stat`'s output (`Fast link dest: "…"` for a short
+/// one), else its data block (`cat`, for a long one). debugfs 1.47 has no `readlink`.
+fn link_target(info: &ImageInfo, path: &str, stat: &str) -> Result<String, ImageError> {
+    if let Some(rest) = stat.split("Fast link dest: \"").nth(1) {
+        if let Some(end) = rest.rfind('"') {
+            return Ok(rest[..end].to_string());
+        }
+    }
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat \"{path}\""))
+        .arg(&info.rootfs)
+        .output()
+        .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim_end_matches('\0')
+        .to_string())
 }

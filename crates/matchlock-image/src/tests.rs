@@ -1172,3 +1172,33 @@ fn derive_from_scratch_and_bad_layers() {
     assert!(s.resolve("bad").is_err());
     assert!(tmp_is_empty(&s));
 }
+
+#[test]
+fn paths_resolve_through_the_images_own_links() {
+    let (_d, s) = store();
+    let l = layer(&[
+        Ent::Dir("usr/", 0o755, 0, 0),
+        Ent::Dir("usr/bin/", 0o755, 0, 0),
+        Ent::Dir("run/", 0o755, 0, 0),
+        Ent::Dir("var/", 0o755, 0, 0),
+        Ent::Sym("bin", "usr/bin", 0, 0),
+        Ent::Sym("var/run", "/run", 0, 0),
+        Ent::Sym("up", "../../..", 0, 0),
+        Ent::Sym("loop", "loop", 0, 0),
+    ]);
+    let info = s
+        .import("links", oci_tar(&[l], Comp::None, sh_run()).as_slice())
+        .unwrap();
+    let r = |p: &str, last: bool| s.resolve_in_rootfs(&info, p, last).unwrap();
+    assert_eq!(r("/bin/app", false), "/usr/bin/app");
+    assert_eq!(r("/bin", true), "/usr/bin");
+    assert_eq!(
+        r("/bin", false),
+        "/bin",
+        "the last component only when asked"
+    );
+    assert_eq!(r("/var/run/x/y", false), "/run/x/y");
+    assert_eq!(r("/up/etc/x", false), "/etc/x", "never above the image's /");
+    assert_eq!(r("/new/dir/", true), "/new/dir");
+    assert!(s.resolve_in_rootfs(&info, "/loop/x", false).is_err());
+}
