@@ -297,7 +297,8 @@ pub fn copy_layer(
                     expand(context, &segs, ignore)?
                 } else {
                     let rel = segs.join("/");
-                    let exists = fs::symlink_metadata(context.join(&rel)).is_ok();
+                    let exists =
+                        fs::symlink_metadata(host(context, Path::new(&rel), false)?).is_ok();
                     if !exists || (!rel.is_empty() && ignore.ignored(&rel)) {
                         return Err(format!(
                             "{src}: not found in the build context{}",
@@ -351,11 +352,11 @@ pub fn copy_layer(
         w.file(&at(&name), content.as_bytes(), 0o644, 0, 0, 0)?;
     }
     for (rel, name) in matches {
-        let full = context.join(&rel);
+        let full = host(context, &rel, false)?;
         let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", rel.display()))?;
         if meta.is_dir() {
             // A directory's contents go to the destination itself.
-            walk(&mut w, context, &rel, &dest, ignore)?;
+            walk(&mut w, &full, &rel, &dest, ignore)?;
         } else if step.add && meta.is_file() && is_archive(&full) {
             unpack(&mut w, &full, &dest)?;
         } else {
@@ -379,12 +380,12 @@ fn expand(context: &Path, segs: &[String], ignore: &Ignore) -> Result<Vec<PathBu
         for base in &found {
             if !has_glob(seg) {
                 let p = base.join(seg);
-                if fs::symlink_metadata(context.join(&p)).is_ok() {
+                if fs::symlink_metadata(host(context, &p, false)?).is_ok() {
                     next.push(p);
                 }
                 continue;
             }
-            let Ok(list) = fs::read_dir(context.join(base)) else {
+            let Ok(list) = fs::read_dir(host(context, base, true)?) else {
                 continue;
             };
             let mut names: Vec<String> = list
@@ -400,15 +401,16 @@ fn expand(context: &Path, segs: &[String], ignore: &Ignore) -> Result<Vec<PathBu
     Ok(found)
 }
 
-/// Adds everything below the context directory `rel` at `dest`, in name order.
+/// Adds everything below the directory `dir` (the context's `rel`) at `dest`, in name order.
+/// Links inside are copied as links, never followed.
 fn walk<W: io::Write>(
     w: &mut Writer<W>,
-    context: &Path,
+    dir: &Path,
     rel: &Path,
     dest: &str,
     ignore: &Ignore,
 ) -> Result<(), String> {
-    let mut names: Vec<_> = fs::read_dir(context.join(rel))
+    let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", rel.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name()))
         .collect();
@@ -418,22 +420,75 @@ fn walk<W: io::Write>(
         if ignore.ignored(&child.to_string_lossy()) {
             continue;
         }
+        let full = dir.join(&name);
         let name = name.to_string_lossy();
         let at = if dest.is_empty() {
             name.to_string()
         } else {
             format!("{dest}/{name}")
         };
-        let full = context.join(&child);
         let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", child.display()))?;
         if meta.is_dir() {
             w.dir(&at, meta.mode(), 0, 0, mtime(&meta))?;
-            walk(w, context, &child, &at, ignore)?;
+            walk(w, &full, &child, &at, ignore)?;
         } else {
             entry(w, &full, &meta, &at)?;
         }
     }
     Ok(())
+}
+
+/// The host path of the context path `rel`. Links among its directories (and, with
+/// `follow_last`, the last component) are followed inside the context and never out of it: a
+/// link to `/etc` in a cloned repository means the context's `etc`, as Docker's scoped
+/// resolution has it, so a Dockerfile cannot copy the host's files into an image.
+fn host(context: &Path, rel: &Path, follow_last: bool) -> Result<PathBuf, String> {
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(s) => todo.push(s.to_os_string()),
+            Component::ParentDir => todo.push("..".into()),
+            _ => {}
+        }
+    }
+    let last = if follow_last { None } else { todo.pop() };
+    todo.reverse();
+    let mut done: Vec<std::ffi::OsString> = Vec::new();
+    let mut links = 0;
+    let at =
+        |done: &[std::ffi::OsString]| done.iter().fold(context.to_path_buf(), |p, s| p.join(s));
+    while let Some(seg) = todo.pop() {
+        if seg == ".." {
+            done.pop();
+            continue;
+        }
+        let here = at(&done).join(&seg);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(format!("{}: too many symbolic links", rel.display()));
+                }
+                let target = fs::read_link(&here).map_err(|e| format!("{}: {e}", rel.display()))?;
+                if target.is_absolute() {
+                    done.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(s) => todo.push(s.to_os_string()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => done.push(seg),
+        }
+    }
+    let mut out = at(&done);
+    if let Some(l) = last {
+        out.push(l);
+    }
+    Ok(out)
 }
 
 fn mtime(meta: &fs::Metadata) -> u64 {

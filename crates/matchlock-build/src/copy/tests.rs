@@ -204,3 +204,34 @@ fn glob_is_go_filepath_match() {
     assert!(glob("\\*", "*"));
     assert!(!glob("[", "["));
 }
+
+#[test]
+fn links_in_the_context_never_lead_out_of_it() {
+    let c = ctx();
+    let p = c.path();
+    // A cloned repository's links: to the host's /etc, and up and out.
+    std::os::unix::fs::symlink("/etc", p.join("etc")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../etc", p.join("src/up")).unwrap();
+    fs::create_dir_all(p.join("real/etc")).unwrap();
+    fs::write(p.join("real/etc/passwd"), "context's own\n").unwrap();
+    std::os::unix::fs::symlink("real", p.join("inside")).unwrap();
+    // Through a link to /etc: the context's etc, which is that same link again (an error),
+    // never the host's.
+    for src in ["etc/passwd", "src/up/passwd", "etc/*"] {
+        let e = copy(&step(&[src], "/x/"), &c, "", None).unwrap_err();
+        assert!(e.contains("too many symbolic links"), "{src}: {e}");
+    }
+    fs::remove_file(p.join("etc")).unwrap();
+    fs::create_dir_all(p.join("etc")).unwrap();
+    let e = copy(&step(&["src/up/passwd"], "/x"), &c, "", None).unwrap_err();
+    assert!(e.contains("not found"), "{e}");
+    std::os::unix::fs::symlink("/etc", p.join("etc2")).unwrap();
+    // A link inside the context is followed inside it.
+    let (t, _) = copy(&step(&["inside/etc/passwd"], "/x"), &c, "", None).unwrap();
+    assert_eq!(entries(&t)["x"].4, "context's own\n");
+    // Copied whole, the links stay links: nothing of the host is read.
+    let (t, _) = copy(&step(&["."], "/all/"), &c, "", None).unwrap();
+    let e = entries(&t);
+    assert_eq!(e["all/etc2"], ('l', 0o777, 0, 0, "/etc".into()));
+    assert!(!e.keys().any(|k| k.starts_with("all/etc2/")), "{e:?}");
+}
