@@ -79,17 +79,7 @@ impl ImageStore {
         info: &ImageInfo,
         path: &str,
     ) -> Result<Option<Vec<u8>>, ImageError> {
-        if !path.starts_with('/') || path.contains(['"', '\n']) {
-            return Err(ImageError::InvalidArchive(format!(
-                "{path:?} is not a plain absolute path"
-            )));
-        }
-        let out = std::process::Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("cat \"{path}\""))
-            .arg(&info.rootfs)
-            .output()
-            .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+        let out = debugfs(info, "cat", path, None)?;
         let err = String::from_utf8_lossy(&out.stderr);
         if err.contains("not found") {
             return Ok(None);
@@ -147,12 +137,7 @@ impl ImageStore {
                 done.push(seg);
                 continue;
             }
-            let out = std::process::Command::new("debugfs")
-                .arg("-R")
-                .arg(format!("stat \"{here}\""))
-                .arg(&info.rootfs)
-                .output()
-                .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+            let out = debugfs(info, "stat", &here, None)?;
             if !String::from_utf8_lossy(&out.stdout).contains("Type: symlink") {
                 done.push(seg);
                 continue;
@@ -176,17 +161,7 @@ impl ImageStore {
 
     /// Whether an image's root file system has `path` (read with `debugfs`, no mount).
     pub fn rootfs_has(&self, info: &ImageInfo, path: &str) -> Result<bool, ImageError> {
-        if !path.starts_with('/') || path.contains(['"', '\n']) {
-            return Err(ImageError::InvalidArchive(format!(
-                "{path:?} is not a plain absolute path"
-            )));
-        }
-        let out = std::process::Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("stat \"{path}\""))
-            .arg(&info.rootfs)
-            .output()
-            .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+        let out = debugfs(info, "stat", path, None)?;
         Ok(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not found"))
     }
 
@@ -199,20 +174,7 @@ impl ImageStore {
         path: &str,
         into: &Path,
     ) -> Result<bool, ImageError> {
-        if !path.starts_with('/') || path.contains(['"', '\n']) {
-            return Err(ImageError::InvalidArchive(format!(
-                "{path:?} is not a plain absolute path"
-            )));
-        }
-        let debugfs = |cmd: String| {
-            std::process::Command::new("debugfs")
-                .arg("-R")
-                .arg(cmd)
-                .arg(&info.rootfs)
-                .output()
-                .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))
-        };
-        let st = debugfs(format!("stat \"{path}\""))?;
+        let st = debugfs(info, "stat", path, None)?;
         let text = String::from_utf8_lossy(&st.stdout);
         if !st.status.success() || String::from_utf8_lossy(&st.stderr).contains("not found") {
             return Ok(false);
@@ -221,12 +183,11 @@ impl ImageStore {
         let parent = into.join(Path::new(rel).parent().unwrap_or(Path::new("")));
         fs::create_dir_all(&parent)
             .map_err(|e| ImageError::io(format!("creating {}", parent.display()), e))?;
-        let parent_s = parent.to_string_lossy();
-        let cmd = if text.contains("Type: directory") {
+        let out = if text.contains("Type: directory") {
             if rel.is_empty() {
-                format!("rdump \"/\" \"{}\"", into.display())
+                debugfs(info, "rdump", "/", Some(into))?
             } else {
-                format!("rdump \"{path}\" \"{parent_s}\"")
+                debugfs(info, "rdump", path, Some(&parent))?
             }
         } else if text.contains("Type: symlink") {
             // `dump` would follow nothing; a link is recreated from its target.
@@ -237,9 +198,8 @@ impl ImageStore {
                 .map_err(|e| ImageError::io(format!("creating {}", at.display()), e))?;
             return Ok(true);
         } else {
-            format!("dump -p \"{path}\" \"{}\"", into.join(rel).display())
+            debugfs(info, "dump -p", path, Some(&into.join(rel)))?
         };
-        let out = debugfs(cmd)?;
         if !out.status.success() {
             return Err(ImageError::InvalidArchive(format!(
                 "copying {path} out of {}: {}",
@@ -512,13 +472,34 @@ fn link_target(info: &ImageInfo, path: &str, stat: &str) -> Result<String, Image
             return Ok(rest[..end].to_string());
         }
     }
-    let out = std::process::Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("cat \"{path}\""))
-        .arg(&info.rootfs)
-        .output()
-        .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))?;
+    let out = debugfs(info, "cat", path, None)?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .trim_end_matches('\0')
         .to_string())
+}
+
+/// Runs one read-only `debugfs` request (`cat`, `stat`, `dump -p`, `rdump`) on `path` of an
+/// image's root file system, without mounting it; `dest` is where a dump goes. A path that
+/// debugfs' quoting cannot carry (a `"` or a newline) or that is not absolute is refused.
+fn debugfs(
+    info: &ImageInfo,
+    request: &str,
+    path: &str,
+    dest: Option<&Path>,
+) -> Result<std::process::Output, ImageError> {
+    if !path.starts_with('/') || path.contains(['"', '\n']) {
+        return Err(ImageError::InvalidArchive(format!(
+            "{path:?} is not a plain absolute path"
+        )));
+    }
+    let mut cmd = format!("{request} \"{path}\"");
+    if let Some(d) = dest {
+        cmd.push_str(&format!(" \"{}\"", d.display()));
+    }
+    std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(cmd)
+        .arg(&info.rootfs)
+        .output()
+        .map_err(|e| ImageError::io("running debugfs (apt-get install e2fsprogs)", e))
 }
