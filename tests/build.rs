@@ -343,6 +343,23 @@ fn multi_stage_copies_from_a_stage_and_an_image_and_target_picks_a_stage() {
             "{transport}: {}",
             stdout(&o)
         );
+        // History as `docker history` shows it: CMD made no layer; the image is dated by the
+        // last step that did.
+        let cfg: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let h = cfg["history"].as_array().unwrap();
+        let (last, layer) = (&h[h.len() - 1], &h[h.len() - 2]);
+        assert!(
+            last["created_by"].as_str().unwrap().starts_with("CMD"),
+            "{last}"
+        );
+        assert_eq!(last["empty_layer"], true, "{last}");
+        assert!(layer["created_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("COPY --from=mltest"));
+        assert!(layer.get("empty_layer").is_none(), "{layer}");
+        assert_eq!(cfg["created"], layer["created"], "{cfg}");
+        assert!(cfg["created"].as_str().unwrap().ends_with('Z'), "{cfg}");
     }
     let o = run_stdin(
         &["image", "import", "mltest/built:reimported"],
@@ -534,13 +551,23 @@ fn copy_and_workdir_follow_the_images_links() {
     let ctx = context(
         "FROM mltest/busybox:1 AS base\nRUN mkdir -p /usr/lib/app && ln -s usr/lib/app /applink\n\
          FROM base\nCOPY f.txt /applink/\nCOPY f.txt /applink/renamed\nWORKDIR /applink/w\n\
-         CMD [\"ls\", \"/usr/lib/app\"]\n",
+         COPY rootfs/ /\nCOPY f.txt /applink\n\
+         CMD [\"ls\", \"/usr/lib/app\", \"/usr/lib/app/tree\"]\n",
     );
     std::fs::write(ctx.path().join("f.txt"), "f\n").unwrap();
+    // A tree for / whose `applink` is a directory: it goes where the image's link points.
+    std::fs::create_dir_all(ctx.path().join("rootfs/applink/tree")).unwrap();
+    std::fs::write(ctx.path().join("rootfs/applink/tree/deep"), "d\n").unwrap();
     let o = build(&["--no-cache", "-t", "mltest/built:links"], &ctx);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&["run", "--image", "mltest/built:links"]);
-    assert_eq!(stdout(&o), "f.txt\nrenamed\nw\n", "{}", stderr(&o));
+    // `COPY f.txt /applink` (a directory, no final /) copies into it.
+    assert_eq!(
+        stdout(&o),
+        "/usr/lib/app:\nf.txt\nrenamed\ntree\nw\n\n/usr/lib/app/tree:\ndeep\n",
+        "{}",
+        stderr(&o)
+    );
     let o = run(&[
         "run",
         "--image",

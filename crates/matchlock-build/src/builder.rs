@@ -12,12 +12,12 @@ use crate::plan::CopyFrom;
 use crate::plan::{plan, Base};
 use crate::stage::{CopySource, ImageConfig, RunStep, StageState, Step};
 use matchlock_api::request::{NetworkRequest, Resources, SandboxRequest, Start};
-use matchlock_image::{ImageInfo, ImageStore, PullOptions, PullPolicy, PullProgress};
+use matchlock_image::{ImageInfo, ImageStore, PullOptions, PullPolicy, PullProgress, RootfsEntry};
 use matchlock_proto::{read_msg, write_msg, Msg};
 use matchlock_sandbox::control::ExecSpec;
 use matchlock_sandbox::{Client, Store};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -167,7 +167,7 @@ pub fn build(
             let step = state.apply(inst).map_err(|e| df_err(inst.line, e))?;
             set_config(&mut cur.blob, &state.config);
             match step {
-                Step::Config => {}
+                Step::Config => history(&mut cur.blob, &inst.text, true),
                 Step::Workdir(dir) => {
                     // Docker makes the directory (root's, 0755) when the image lacks it.
                     let dir = match &cur.image {
@@ -178,7 +178,9 @@ pub fn build(
                         Some(image) => images.rootfs_has(image, &dir)?,
                         None => dir == "/",
                     };
-                    if !exists {
+                    if exists {
+                        history(&mut cur.blob, &inst.text, true);
+                    } else {
                         let key = cache_key(&cur, &inst.text, &dir);
                         advance(
                             images,
@@ -284,22 +286,28 @@ pub fn build(
                     } else {
                         format!("{ignore_text}\n{}", copy.exclude.join("\n"))
                     };
-                    // Links on the way to the destination are followed inside the image, as a
-                    // write there would (`/bin/x` in a merged-/usr image lands in /usr/bin).
+                    // A destination the image has as a directory (maybe through a link) takes
+                    // a file into it, as if written with a final `/`.
                     if let Some(image) = &cur.image {
-                        let dir = copy.dest.ends_with('/');
-                        let mut d = images.resolve_in_rootfs(image, &copy.dest, dir)?;
-                        if dir && !d.ends_with('/') {
-                            d.push('/');
+                        if !copy.dest.ends_with('/') {
+                            let d = images.resolve_in_rootfs(image, &copy.dest, true)?;
+                            if images.rootfs_entry(image, &d)? == Some(RootfsEntry::Directory) {
+                                copy.dest.push('/');
+                            }
                         }
-                        copy.dest = d;
                     }
+                    let mut paths = ImagePaths {
+                        images,
+                        image: cur.image.as_ref(),
+                        seen: HashMap::new(),
+                    };
                     let layer = temp_file(images)?;
                     let made = crate::copy::copy_layer(
                         &copy,
                         context,
                         &crate::copy::Ignore::parse(&rules),
                         owner,
+                        &mut |path, dir| paths.place(path, dir),
                         std::io::BufWriter::new(layer.as_file()),
                     )
                     .map_err(|e| df_err(inst.line, e))?;
@@ -563,17 +571,101 @@ fn set_config(blob: &mut serde_json::Value, cfg: &ImageConfig) {
     }
 }
 
-/// Appends a `history` entry, as `docker history` shows.
+/// Appends a `history` entry, as `docker history` shows. A step that made a layer is dated now
+/// and dates the image; a config-only step (`empty_layer`) takes the image's date as it is, so
+/// that the same Dockerfile gives the same config, and the cache keys after it hold.
 fn history(blob: &mut serde_json::Value, text: &str, empty_layer: bool) {
     if !blob["history"].is_array() {
         blob["history"] = serde_json::json!([]);
     }
-    if let Some(h) = blob["history"].as_array_mut() {
-        let mut entry = serde_json::json!({"created_by": text, "comment": "matchlock build"});
-        if empty_layer {
-            entry["empty_layer"] = serde_json::json!(true);
+    let mut entry = serde_json::json!({"created_by": text, "comment": "matchlock build"});
+    if empty_layer {
+        entry["empty_layer"] = serde_json::json!(true);
+        if blob["created"].is_string() {
+            entry["created"] = blob["created"].clone();
         }
+    } else {
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        entry["created"] = serde_json::json!(now);
+        blob["created"] = serde_json::json!(now);
+    }
+    if let Some(h) = blob["history"].as_array_mut() {
         h.push(entry);
+    }
+}
+
+/// Where `COPY` entries land in an image ([`crate::copy::Place`]): the image's links among
+/// the directories on the way followed inside its root, as a copy into the mounted image
+/// would follow them (`rootfs/bin/x` onto a merged-/usr image lands in `usr/bin`). The layer
+/// unpacker refuses to write through a link, so this is where they are followed. Each
+/// directory is looked up once, and none below one the image lacks.
+struct ImagePaths<'a> {
+    images: &'a ImageStore,
+    /// `None`: `FROM scratch` so far, where nothing is a link.
+    image: Option<&'a ImageInfo>,
+    /// A directory as written to where it lands (`None`: the image lacks it).
+    seen: HashMap<String, Option<String>>,
+}
+
+impl ImagePaths<'_> {
+    fn place(&mut self, path: &str, is_dir: bool) -> Result<String, String> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let Some(image) = self.image else {
+            return Ok(segs.join("/"));
+        };
+        let follow = if is_dir {
+            segs.len()
+        } else {
+            segs.len().saturating_sub(1)
+        };
+        let join = |a: &str, b: &str| {
+            if a.is_empty() {
+                b.to_string()
+            } else {
+                format!("{a}/{b}")
+            }
+        };
+        let (mut written, mut at, mut missing) = (String::new(), String::new(), false);
+        for seg in &segs[..follow] {
+            written = join(&written, seg);
+            at = join(&at, seg);
+            if missing {
+                continue;
+            }
+            let landed = match self.seen.get(&written) {
+                Some(known) => known.clone(),
+                // debugfs cannot quote these; the unpacker refuses a link there anyway.
+                None if at.contains(['"', '\n']) => None,
+                None => {
+                    let abs = format!("/{at}");
+                    let landed = match self
+                        .images
+                        .rootfs_entry(image, &abs)
+                        .map_err(|e| e.to_string())?
+                    {
+                        None => None,
+                        Some(RootfsEntry::Symlink(_)) => Some(
+                            self.images
+                                .resolve_in_rootfs(image, &abs, true)
+                                .map_err(|e| e.to_string())?
+                                .trim_start_matches('/')
+                                .to_string(),
+                        ),
+                        Some(_) => Some(at.clone()),
+                    };
+                    self.seen.insert(written.clone(), landed.clone());
+                    landed
+                }
+            };
+            match landed {
+                Some(p) => at = p,
+                None => missing = true,
+            }
+        }
+        for seg in &segs[follow..] {
+            at = join(&at, seg);
+        }
+        Ok(at)
     }
 }
 

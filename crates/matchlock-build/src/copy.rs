@@ -3,7 +3,7 @@
 //! context and cannot leave it; wildcards match per path segment; a directory source copies
 //! its contents; several sources need a destination ending in `/`; files are owned by root
 //! unless `--chown`; `--chmod` sets every mode; `.dockerignore` leaves paths out; `ADD`
-//! unpacks local tar archives (plain or gzip).
+//! unpacks local tar archives (plain, gzip, bzip2, xz or zstd), as Docker does.
 //!
 //! The cache key is the layer's content without modification times, so a fresh checkout of
 //! the same files hits the cache while the layer still carries the times.
@@ -182,15 +182,21 @@ pub struct CopyLayer {
     pub key: String,
 }
 
-struct Writer<W: io::Write> {
+/// Where an entry for a path lands in the image: `(path, is_dir)` to the path with the
+/// image's links among its directories followed (and the path itself, for a directory), as a
+/// copy into the mounted image would follow them. Relative paths, `/`-separated.
+pub type Place<'a> = &'a mut dyn FnMut(&str, bool) -> Result<String, String>;
+
+struct Writer<'a, W: io::Write> {
     b: tar::Builder<W>,
+    place: Place<'a>,
     key: Sha256,
     entries: usize,
     owner: Option<Owner>,
     chmod: Option<u32>,
 }
 
-impl<W: io::Write> Writer<W> {
+impl<W: io::Write> Writer<'_, W> {
     fn header(
         &mut self,
         kind: tar::EntryType,
@@ -235,6 +241,7 @@ impl<W: io::Write> Writer<W> {
         gid: u64,
         mtime: u64,
     ) -> Result<(), String> {
+        let path = &(self.place)(path, false)?;
         let mut h = self.header(tar::EntryType::Regular, mode, uid, gid, mtime);
         h.set_size(content.len() as u64);
         self.note(path, &h, &Sha256::digest(content), "");
@@ -244,6 +251,7 @@ impl<W: io::Write> Writer<W> {
     }
 
     fn dir(&mut self, path: &str, mode: u32, uid: u64, gid: u64, mtime: u64) -> Result<(), String> {
+        let path = &(self.place)(path, true)?;
         let mut h = self.header(tar::EntryType::Directory, mode, uid, gid, mtime);
         h.set_size(0);
         self.note(path, &h, b"", "");
@@ -260,6 +268,7 @@ impl<W: io::Write> Writer<W> {
         gid: u64,
         mtime: u64,
     ) -> Result<(), String> {
+        let path = &(self.place)(path, false)?;
         let mut h = self.header(tar::EntryType::Symlink, 0o777, uid, gid, mtime);
         h.set_mode(0o777);
         h.set_size(0);
@@ -270,16 +279,19 @@ impl<W: io::Write> Writer<W> {
     }
 }
 
-/// Writes `step`'s layer (sources from `context`, left out by `ignore`) to `out`.
+/// Writes `step`'s layer (sources from `context`, left out by `ignore`) to `out`, each entry
+/// where `place` puts it.
 pub fn copy_layer(
     step: &CopyStep,
     context: &Path,
     ignore: &Ignore,
     owner: Option<Owner>,
+    place: Place<'_>,
     out: impl io::Write,
 ) -> Result<CopyLayer, String> {
     let mut w = Writer {
         b: tar::Builder::new(out),
+        place,
         key: Sha256::new(),
         entries: 0,
         owner,
@@ -357,10 +369,14 @@ pub fn copy_layer(
         if meta.is_dir() {
             // A directory's contents go to the destination itself.
             walk(&mut w, &full, &rel, &dest, ignore)?;
-        } else if step.add && meta.is_file() && is_archive(&full) {
-            unpack(&mut w, &full, &dest)?;
         } else {
-            entry(&mut w, &full, &meta, &at(&name))?;
+            let kind = (step.add && meta.is_file())
+                .then(|| archive_kind(&full))
+                .flatten();
+            match kind {
+                Some(kind) => unpack(&mut w, &full, kind, &dest)?,
+                None => entry(&mut w, &full, &meta, &at(&name))?,
+            }
         }
     }
     let entries = w.entries;
@@ -404,7 +420,7 @@ fn expand(context: &Path, segs: &[String], ignore: &Ignore) -> Result<Vec<PathBu
 /// Adds everything below the directory `dir` (the context's `rel`) at `dest`, in name order.
 /// Links inside are copied as links, never followed.
 fn walk<W: io::Write>(
-    w: &mut Writer<W>,
+    w: &mut Writer<'_, W>,
     dir: &Path,
     rel: &Path,
     dest: &str,
@@ -498,7 +514,7 @@ fn mtime(meta: &fs::Metadata) -> u64 {
 /// One file or symlink of the context at `at`. Owner root unless `--chown` (the context's
 /// owners mean nothing in the image).
 fn entry<W: io::Write>(
-    w: &mut Writer<W>,
+    w: &mut Writer<'_, W>,
     full: &Path,
     meta: &fs::Metadata,
     at: &str,
@@ -518,35 +534,81 @@ fn entry<W: io::Write>(
     w.file(at, &content, meta.mode(), 0, 0, mtime(meta))
 }
 
-/// A tar archive, plain or gzip: what `ADD` unpacks.
-fn is_archive(path: &Path) -> bool {
-    let mut head = vec![0u8; 512];
-    let Ok(mut f) = fs::File::open(path) else {
-        return false;
+/// How an `ADD` source is compressed, when it is an archive `ADD` unpacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Archive {
+    Tar,
+    Gzip,
+    Bzip2,
+    Xz,
+    Zstd,
+}
+
+/// Sniffs `path` as Docker does: the compression by its magic bytes (gzip, bzip2, xz, zstd),
+/// then whether what it holds starts with a valid tar header. `None` for anything else (a
+/// gzipped text file too), which `ADD` copies as it is.
+fn archive_kind(path: &Path) -> Option<Archive> {
+    let mut magic = [0u8; 6];
+    let n = read_full(&mut fs::File::open(path).ok()?, &mut magic);
+    let magic = &magic[..n];
+    let kind = if magic.starts_with(&[0x1f, 0x8b]) {
+        Archive::Gzip
+    } else if magic.starts_with(b"BZh") {
+        Archive::Bzip2
+    } else if magic.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Archive::Xz
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Archive::Zstd
+    } else {
+        Archive::Tar
     };
-    let n = f.read(&mut head).unwrap_or(0);
-    head.truncate(n);
-    if head.starts_with(&[0x1f, 0x8b]) {
-        return true;
+    let mut header = [0u8; 512];
+    let n = read_full(&mut decoder(path, kind).ok()?, &mut header);
+    if n < header.len() {
+        return None;
     }
-    head.len() >= 262 && &head[257..262] == b"ustar"
+    // A tar header is one whose checksum adds up (old v7 headers have no `ustar` magic).
+    let mut h = tar::Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&header);
+    let stored = h.cksum().ok()?;
+    h.set_cksum();
+    (h.cksum().ok()? == stored).then_some(kind)
+}
+
+/// Reads until `buf` is full or the stream ends (or fails); how many bytes it got.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n
+}
+
+/// The archive at `path`, decompressed.
+fn decoder(path: &Path, kind: Archive) -> io::Result<Box<dyn Read>> {
+    let file = io::BufReader::new(fs::File::open(path)?);
+    Ok(match kind {
+        Archive::Tar => Box::new(file),
+        Archive::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
+        Archive::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(file)),
+        Archive::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(file)),
+        Archive::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
+    })
 }
 
 /// `ADD` of a local archive: its entries under `dest` with their own owners and modes.
-fn unpack<W: io::Write>(w: &mut Writer<W>, archive: &Path, dest: &str) -> Result<(), String> {
-    let file = fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
-    let mut head = [0u8; 2];
-    let gz = fs::File::open(archive)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && head == [0x1f, 0x8b];
-    let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
-    let mut a = tar::Archive::new(reader);
+fn unpack<W: io::Write>(
+    w: &mut Writer<'_, W>,
+    archive: &Path,
+    kind: Archive,
+    dest: &str,
+) -> Result<(), String> {
     let bad = |e: io::Error| format!("{}: {e}", archive.display());
+    let reader = decoder(archive, kind).map_err(bad)?;
+    let mut a = tar::Archive::new(reader);
     for e in a.entries().map_err(bad)? {
         let mut e = e.map_err(bad)?;
         let raw = e.path().map_err(bad)?.to_string_lossy().into_owned();
@@ -587,6 +649,8 @@ fn unpack<W: io::Write>(w: &mut Writer<W>, archive: &Path, dest: &str) -> Result
             }
         }
     }
+    // Read to the end, so that a corrupt tail (the gzip or xz checksum) is an error too.
+    io::copy(&mut a.into_inner(), &mut io::sink()).map_err(bad)?;
     Ok(())
 }
 

@@ -59,6 +59,17 @@ pub(crate) fn layer_media_type(path: &Path) -> Result<&'static str, ImageError> 
     })
 }
 
+/// What a path in an image's root file system is ([`ImageStore::rootfs_entry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootfsEntry {
+    /// A directory.
+    Directory,
+    /// A symbolic link, with its target as stored.
+    Symlink(String),
+    /// A file, device, FIFO or socket.
+    Other,
+}
+
 impl ImageStore {
     /// The raw config blob of a stored image (the whole OCI config, not just its runtime part).
     pub fn config_blob(&self, info: &ImageInfo) -> Result<serde_json::Value, ImageError> {
@@ -161,8 +172,28 @@ impl ImageStore {
 
     /// Whether an image's root file system has `path` (read with `debugfs`, no mount).
     pub fn rootfs_has(&self, info: &ImageInfo, path: &str) -> Result<bool, ImageError> {
+        Ok(self.rootfs_entry(info, path)?.is_some())
+    }
+
+    /// What `path` is in an image's root file system, a last link not followed; `None` when
+    /// it has no such path. One `debugfs` request (two for a long link's target).
+    pub fn rootfs_entry(
+        &self,
+        info: &ImageInfo,
+        path: &str,
+    ) -> Result<Option<RootfsEntry>, ImageError> {
         let out = debugfs(info, "stat", path, None)?;
-        Ok(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("not found"))
+        if !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("not found") {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(Some(if text.contains("Type: directory") {
+            RootfsEntry::Directory
+        } else if text.contains("Type: symlink") {
+            RootfsEntry::Symlink(link_target(info, path, &text)?)
+        } else {
+            RootfsEntry::Other
+        }))
     }
 
     /// Copies `path` (a file, link or directory tree) out of an image's root file system to the
@@ -174,31 +205,25 @@ impl ImageStore {
         path: &str,
         into: &Path,
     ) -> Result<bool, ImageError> {
-        let st = debugfs(info, "stat", path, None)?;
-        let text = String::from_utf8_lossy(&st.stdout);
-        if !st.status.success() || String::from_utf8_lossy(&st.stderr).contains("not found") {
+        let Some(entry) = self.rootfs_entry(info, path)? else {
             return Ok(false);
-        }
+        };
         let rel = path.trim_start_matches('/').trim_end_matches('/');
         let parent = into.join(Path::new(rel).parent().unwrap_or(Path::new("")));
         fs::create_dir_all(&parent)
             .map_err(|e| ImageError::io(format!("creating {}", parent.display()), e))?;
-        let out = if text.contains("Type: directory") {
-            if rel.is_empty() {
-                debugfs(info, "rdump", "/", Some(into))?
-            } else {
-                debugfs(info, "rdump", path, Some(&parent))?
+        let out = match entry {
+            RootfsEntry::Directory if rel.is_empty() => debugfs(info, "rdump", "/", Some(into))?,
+            RootfsEntry::Directory => debugfs(info, "rdump", path, Some(&parent))?,
+            RootfsEntry::Symlink(target) => {
+                // `dump` would follow nothing; a link is recreated from its target.
+                let at = into.join(rel);
+                let _ = fs::remove_file(&at);
+                std::os::unix::fs::symlink(&target, &at)
+                    .map_err(|e| ImageError::io(format!("creating {}", at.display()), e))?;
+                return Ok(true);
             }
-        } else if text.contains("Type: symlink") {
-            // `dump` would follow nothing; a link is recreated from its target.
-            let target = link_target(info, path, &text)?;
-            let at = into.join(rel);
-            let _ = fs::remove_file(&at);
-            std::os::unix::fs::symlink(&target, &at)
-                .map_err(|e| ImageError::io(format!("creating {}", at.display()), e))?;
-            return Ok(true);
-        } else {
-            debugfs(info, "dump -p", path, Some(&into.join(rel)))?
+            RootfsEntry::Other => debugfs(info, "dump -p", path, Some(&into.join(rel)))?,
         };
         if !out.status.success() {
             return Err(ImageError::InvalidArchive(format!(

@@ -53,7 +53,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use command::{compose_command, merge_env, DEFAULT_PATH};
-pub use derive::{ExportFormat, StoredLayer};
+pub use derive::{ExportFormat, RootfsEntry, StoredLayer};
 pub use progress::{NoProgress, PullEvent, PullProgress, StderrProgress};
 pub use pull::{PullOptions, PullPolicy};
 pub use reference::normalize_reference;

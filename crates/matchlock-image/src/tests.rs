@@ -1201,4 +1201,18 @@ fn paths_resolve_through_the_images_own_links() {
     assert_eq!(r("/up/etc/x", false), "/etc/x", "never above the image's /");
     assert_eq!(r("/new/dir/", true), "/new/dir");
     assert!(s.resolve_in_rootfs(&info, "/loop/x", false).is_err());
+    // One path, its last link not followed.
+    let e = |p: &str| s.rootfs_entry(&info, p).unwrap();
+    assert_eq!(e("/usr/bin"), Some(crate::RootfsEntry::Directory));
+    assert_eq!(
+        e("/bin"),
+        Some(crate::RootfsEntry::Symlink("usr/bin".into()))
+    );
+    assert_eq!(
+        e("/var/run"),
+        Some(crate::RootfsEntry::Symlink("/run".into()))
+    );
+    assert_eq!(e("/nope"), None);
+    assert!(s.rootfs_has(&info, "/bin").unwrap());
+    assert!(s.rootfs_entry(&info, "/a\"b").is_err());
 }

@@ -83,7 +83,14 @@ fn copy(
     owner: Option<Owner>,
 ) -> Result<(Vec<u8>, CopyLayer), String> {
     let mut out = Vec::new();
-    let l = copy_layer(s, c.path(), &Ignore::parse(ignore), owner, &mut out)?;
+    let l = copy_layer(
+        s,
+        c.path(),
+        &Ignore::parse(ignore),
+        owner,
+        &mut |p, _| Ok(p.to_string()),
+        &mut out,
+    )?;
     Ok((out, l))
 }
 
@@ -179,19 +186,58 @@ fn add_unpacks_local_archives() {
     h.set_size(3);
     b.append_data(&mut h, "pkg/file", &b"abc"[..]).unwrap();
     let tar_bytes = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    io::Write::write_all(&mut gz, &tar_bytes).unwrap();
-    fs::write(c.path().join("pkg.tar.gz"), gz.finish().unwrap()).unwrap();
-    let mut s = step(&["pkg.tar.gz"], "/opt/");
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut e, &tar_bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let bz2 = {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        io::Write::write_all(&mut e, &tar_bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        io::Write::write_all(&mut e, &tar_bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::encode_all(&tar_bytes[..], 1).unwrap();
+    for (name, bytes) in [
+        ("pkg.tar", &tar_bytes),
+        ("pkg.tar.gz", &gz),
+        ("pkg.tbz2", &bz2),
+        ("pkg.txz", &xz),
+        ("pkg.tar.zst", &zst),
+    ] {
+        fs::write(c.path().join(name), bytes).unwrap();
+        let mut s = step(&[name], "/opt/");
+        s.add = true;
+        let (t, _) = copy(&s, &c, "", None).unwrap();
+        assert_eq!(
+            entries(&t)["opt/pkg/file"],
+            ('f', 0o640, 7, 8, "abc".into()),
+            "{name}"
+        );
+        // COPY keeps it a file.
+        let (t, _) = copy(&step(&[name], "/opt/"), &c, "", None).unwrap();
+        assert!(entries(&t).contains_key(&format!("opt/{name}")), "{name}");
+    }
+    // Compressed, but no tar inside: ADD copies it as it is, as Docker does.
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    io::Write::write_all(&mut e, b"just some text\n").unwrap();
+    fs::write(c.path().join("notes.gz"), e.finish().unwrap()).unwrap();
+    let mut s = step(&["notes.gz"], "/opt/");
     s.add = true;
     let (t, _) = copy(&s, &c, "", None).unwrap();
-    assert_eq!(
-        entries(&t)["opt/pkg/file"],
-        ('f', 0o640, 7, 8, "abc".into())
-    );
-    // COPY keeps it a file.
-    let (t, _) = copy(&step(&["pkg.tar.gz"], "/opt/"), &c, "", None).unwrap();
-    assert!(entries(&t).contains_key("opt/pkg.tar.gz"));
+    assert!(entries(&t).contains_key("opt/notes.gz"));
+    // A corrupt archive past a valid first header is an error, not a silent half copy.
+    let mut cut = gz.clone();
+    cut.truncate(gz.len() - 12);
+    cut.extend_from_slice(&[0xff; 12]);
+    fs::write(c.path().join("cut.tar.gz"), &cut).unwrap();
+    let mut s = step(&["cut.tar.gz"], "/opt/");
+    s.add = true;
+    assert!(copy(&s, &c, "", None).is_err());
 }
 
 #[test]
