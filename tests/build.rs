@@ -578,3 +578,132 @@ fn copy_and_workdir_follow_the_images_links() {
     ]);
     assert_eq!(stdout(&o), "usr/lib/app\n", "the link itself is kept");
 }
+
+/// A Docker daemon of the test's own: its state in a temporary directory, no bridge, no
+/// iptables rules and no forwarding, so it changes nothing on the host. Stopped on drop.
+struct Dockerd {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Dockerd {
+    fn start() -> Dockerd {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+        let log = std::fs::File::create(p("log")).unwrap();
+        let child = std::process::Command::new("dockerd")
+            .args(["--data-root", &p("data"), "--exec-root", &p("exec")])
+            .args([
+                "--pidfile",
+                &p("pid"),
+                "-H",
+                &format!("unix://{}", p("sock")),
+            ])
+            .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
+            .args(["--ip-masq=false", "--containerd-namespace", "mltest"])
+            .args(["--containerd-plugins-namespace", "mltest-plugins"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (apt-get install docker.io)");
+        let d = Dockerd { dir, child };
+        for _ in 0..120 {
+            if d.docker(&["info"]).status.success() {
+                return d;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        panic!(
+            "dockerd did not start: {}",
+            std::fs::read_to_string(d.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        let sock = format!("unix://{}", self.dir.path().join("sock").display());
+        std::process::Command::new("docker")
+            .args(["-H", &sock])
+            .args(args)
+            .output()
+            .expect("docker (apt-get install docker.io)")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn built_images_load_into_docker_in_both_formats() {
+    // `scripts/setup` does not install Docker (on a systemd host its package starts a daemon
+    // that rewrites the firewall); CI does, and sets MATCHLOCK_TEST_REQUIRE_DOCKER so that this
+    // test cannot be skipped there.
+    let have = std::process::Command::new("dockerd")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !have && std::env::var_os("MATCHLOCK_TEST_REQUIRE_DOCKER").is_none() {
+        eprintln!("SKIPPED: no dockerd here (apt-get install docker.io to run this test)");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context(
+        "FROM mltest/busybox:1\n\
+         RUN echo built > /built && mkdir /d && ln -s /built /d/link && rm -f /bin/vi && \\\n\
+             chown 65534:65534 /built && chmod 640 /built\n\
+         COPY f.txt /app/\n\
+         ENV GREETING=hi\n\
+         CMD [\"sh\", \"-c\", \"cat /d/link /app/f.txt; test -e /bin/vi || echo no-vi; \
+              stat -c '%u %a' /built; echo $GREETING\"]\n",
+    );
+    std::fs::write(ctx.path().join("f.txt"), "from the context\n").unwrap();
+    let archive = ctx.path().join("docker.tar");
+    let o = build(
+        &[
+            "--no-cache",
+            "-t",
+            "mltest/built:docker",
+            "-o",
+            archive.to_str().unwrap(),
+        ],
+        &ctx,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let oci = ctx.path().join("oci.tar");
+    let o = run(&[
+        "image",
+        "export",
+        "mltest/built:docker",
+        "--format",
+        "oci",
+        "-o",
+        oci.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let docker = Dockerd::start();
+    for file in [&archive, &oci] {
+        let o = docker.docker(&["load", "-i", file.to_str().unwrap()]);
+        assert!(o.status.success(), "{}: {}", file.display(), stderr(&o));
+        assert!(
+            stdout(&o).contains("Loaded image: mltest/built:docker"),
+            "{}",
+            stdout(&o)
+        );
+        let o = docker.docker(&["run", "--rm", "--network", "none", "mltest/built:docker"]);
+        assert_eq!(
+            stdout(&o),
+            "built\nfrom the context\nno-vi\n65534 640\nhi\n",
+            "{}: {}",
+            file.display(),
+            stderr(&o)
+        );
+        let o = docker.docker(&["rmi", "mltest/built:docker"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}

@@ -429,19 +429,20 @@ impl ImageStore {
                 add_bytes(&mut b, "index.json", &index)?;
                 add_bytes(&mut b, &blob_name(&manifest_digest), &manifest)?;
             }
-            ExportFormat::DockerArchive => {
-                let manifest = serde_json::to_vec(&serde_json::json!([{
-                    "Config": blob_name(&info.digest),
-                    "RepoTags": [familiar(&info.name)],
-                    "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Vec<_>>(),
-                }]))
-                .map_err(|e| ImageError::Json {
-                    context: "encoding manifest.json".into(),
-                    source: e,
-                })?;
-                add_bytes(&mut b, "manifest.json", &manifest)?;
-            }
+            ExportFormat::DockerArchive => {}
         }
+        // docker-archive's manifest, in the OCI layout too (as BuildKit's OCI exporter does):
+        // its paths are the layout's blobs, so `docker load` takes either file.
+        let docker_manifest = serde_json::to_vec(&serde_json::json!([{
+            "Config": blob_name(&info.digest),
+            "RepoTags": [familiar(&info.name)],
+            "Layers": layers.iter().map(|l| blob_name(&l.digest)).collect::<Vec<_>>(),
+        }]))
+        .map_err(|e| ImageError::Json {
+            context: "encoding manifest.json".into(),
+            source: e,
+        })?;
+        add_bytes(&mut b, "manifest.json", &docker_manifest)?;
         let mut written = std::collections::HashSet::new();
         for digest in std::iter::once(&info.digest).chain(layers.iter().map(|l| &l.digest)) {
             if !written.insert(digest.clone()) {
