@@ -418,6 +418,7 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("killed_components", killed_components),
     ("ssh_egress_abuse", ssh_egress_abuse),
     ("ingress_routes_file_abuse", ingress_routes_file_abuse),
+    ("hostile_build_context", hostile_build_context),
 ];
 
 /// What every attack script starts with: the guest's gateway, and `exchange(ip, raw, wait)`,
@@ -2312,6 +2313,311 @@ fn ingress_routes_file_abuse(hits: &Hits) -> Vec<Row> {
     let _ = gw.wait();
     vec![Row {
         attack: "a hostile ingress routes file".into(),
+        tried: variants.len(),
+        leaked,
+    }]
+}
+
+/// A tar made here, for `ADD`: `(name, kind, arg)` with kind `file` (arg: content), `sym` or
+/// `hard` (arg: target).
+fn evil_tar(entries: &[(&str, &str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, arg) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_mtime(1_704_067_200);
+        // Names set raw: the tar crate's own setters refuse `..` and absolute names.
+        let raw = name.as_bytes();
+        h.as_old_mut().name[..raw.len()].copy_from_slice(raw);
+        match *kind {
+            "file" => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(arg.len() as u64);
+                h.set_cksum();
+                b.append(&h, arg.as_bytes()).unwrap();
+            }
+            link => {
+                h.set_entry_type(if link == "sym" {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
+                h.set_size(0);
+                let raw = arg.as_bytes();
+                h.as_old_mut().linkname[..raw.len()].copy_from_slice(raw);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// BLD: a hostile repository built with `matchlock build` (its Dockerfile and every file in its
+/// context the attacker's). Links in the context to a host directory holding a secret (absolute,
+/// `..`-relative, a whole directory, matched by a glob), sources outside the context, a
+/// `Dockerfile` that is a link to the secret (a parse error would quote it), `ADD` archives that
+/// write through `..`, absolute names, planted links or hard links, a stage whose links point at
+/// the host path for a later `COPY --from`, a `RUN` that plants a link a later `COPY` writes
+/// through, and a `RUN` that fills its disk. The host directory must not change; no build's
+/// output and no built image (its exported bytes) may hold the secret; a refused build says why
+/// and leaves no sandbox and no temporary file in the image store.
+fn hostile_build_context(_: &Hits) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let canary = work.path().join("canary");
+    std::fs::create_dir(&canary).unwrap();
+    let marker = format!("mlrt-build-{}", std::process::id());
+    std::fs::write(canary.join("secret"), &marker).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let data = std::fs::read(e.path()).unwrap_or_default();
+                (e.file_name().to_string_lossy().into_owned(), data)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&canary);
+    let c = canary.display().to_string();
+    let up = format!("{}{}", "../".repeat(16), c.trim_start_matches('/'));
+    let from = format!("FROM {BUSYBOX}\n");
+    // (name, Dockerfile, context links (name, target), archives (name, entries), extra flags)
+    type Variant = (
+        &'static str,
+        String,
+        Vec<(&'static str, String)>,
+        Vec<(&'static str, Vec<u8>)>,
+        Vec<&'static str>,
+    );
+    let variants: Vec<Variant> = vec![
+        (
+            "copy-link-to-host-file",
+            format!("{from}COPY leak /leak\n"),
+            vec![("leak", format!("{c}/secret"))],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-through-absolute-dir-link",
+            format!("{from}COPY etc/secret /x\n"),
+            vec![("etc", c.clone())],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-through-dotdot-dir-link",
+            format!("{from}COPY up/secret /x\n"),
+            vec![("up", up.clone())],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-glob-through-link",
+            format!("{from}COPY d*/secret /g/\n"),
+            vec![("dl", c.clone())],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-dir-holding-links",
+            format!("{from}COPY . /ctx/\n"),
+            vec![("etc", c.clone()), ("leak", format!("{c}/secret")), ("up", up.clone())],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-dotdot-source",
+            format!("{from}COPY {}/secret /x\n", up),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-absolute-source",
+            format!("{from}COPY {c}/secret /x\n"),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "dockerfile-is-a-link",
+            String::new(),
+            vec![("Dockerfile", format!("{c}/secret"))],
+            vec![],
+            vec![],
+        ),
+        (
+            "dockerignore-is-a-link",
+            format!("{from}COPY . /ctx/\n"),
+            vec![(".dockerignore", format!("{c}/secret"))],
+            vec![],
+            vec![],
+        ),
+        (
+            "add-archive-dotdot",
+            format!("{from}ADD evil.tar /\n"),
+            vec![],
+            vec![(
+                "evil.tar",
+                evil_tar(&[(&format!("{up}/created"), "file", "pwn")]),
+            )],
+            vec![],
+        ),
+        (
+            "add-archive-absolute",
+            format!("{from}ADD evil.tar /\n"),
+            vec![],
+            vec![("evil.tar", evil_tar(&[(&format!("{c}/created"), "file", "pwn")]))],
+            vec![],
+        ),
+        (
+            "add-archive-link-then-write",
+            format!("{from}ADD evil.tar /\n"),
+            vec![],
+            vec![(
+                "evil.tar",
+                evil_tar(&[("d", "sym", &c), ("d/created", "file", "pwn")]),
+            )],
+            vec![],
+        ),
+        (
+            "add-archive-hardlink",
+            format!("{from}ADD evil.tar /\n"),
+            vec![],
+            vec![(
+                "evil.tar",
+                evil_tar(&[("hl", "hard", &format!("{c}/secret"))]),
+            )],
+            vec![],
+        ),
+        (
+            "copy-from-stage-file-link",
+            format!("FROM {BUSYBOX} AS evil\nRUN ln -s {c}/secret /evil && ln -s {c} /evildir\n{from}COPY --from=evil /evil /x\n"),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-from-stage-through-dir-link",
+            format!("FROM {BUSYBOX} AS evil\nRUN ln -s {c}/secret /evil && ln -s {c} /evildir\n{from}COPY --from=evil /evildir/secret /y\n"),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "copy-from-stage-dir-link",
+            format!("FROM {BUSYBOX} AS evil\nRUN ln -s {c}/secret /evil && ln -s {c} /evildir\n{from}COPY --from=evil /evildir /z/\n"),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "run-plants-link-copy-writes-through",
+            format!(
+                "{from}RUN mkdir -p {c} && ln -s {c} /planted\nCOPY f /planted/created\n\
+                 COPY f {c}/created2\n"
+            ),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "run-fills-its-disk",
+            format!("{from}RUN dd if=/dev/zero of=/big bs=1M count=400\n"),
+            vec![],
+            vec![],
+            vec!["--disk-size", "64"],
+        ),
+    ];
+    let images = images_dir();
+    let temps = || -> Vec<String> {
+        std::fs::read_dir(&images)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".tmp"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let temps_before = temps();
+    let mut leaked = Vec::new();
+    let mut built = 0;
+    for (name, dockerfile, links, archives, flags) in &variants {
+        let ctx = work.path().join(format!("ctx-{name}"));
+        std::fs::create_dir(&ctx).unwrap();
+        std::fs::write(ctx.join("f"), "plain\n").unwrap();
+        if !dockerfile.is_empty() {
+            std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+        }
+        for (l, target) in links {
+            std::os::unix::fs::symlink(target, ctx.join(l)).unwrap();
+        }
+        for (a, bytes) in archives {
+            std::fs::write(ctx.join(a), bytes).unwrap();
+        }
+        let tag = format!("mltest/hostile-{name}:1");
+        let mut args = vec!["build", "--no-cache", "-t", &tag];
+        args.extend(flags.iter().copied());
+        let ctx_arg = ctx.display().to_string();
+        args.push(&ctx_arg);
+        let o = run(&args);
+        let said = format!("{}{}", stdout(&o), stderr(&o));
+        // Case aside: a parse error quotes an instruction upper-cased.
+        if said.to_lowercase().contains(&marker) {
+            leaked.push(format!("{name}: the build's output holds the secret"));
+        }
+        let now = snapshot(&canary);
+        if now != before {
+            leaked.push(format!(
+                "{name}: the host directory changed: {:?}",
+                now.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            ));
+            let _ = std::fs::remove_file(canary.join("created"));
+            let _ = std::fs::remove_file(canary.join("created2"));
+        }
+        if !o.status.success() {
+            if stderr(&o).trim().is_empty() || said.contains("panicked") {
+                leaked.push(format!("{name}: refused without a reason: {said}"));
+            }
+            eprintln!(
+                "red team: build: {name}: refused: {}",
+                stderr(&o).trim().lines().last().unwrap_or("")
+            );
+            continue;
+        }
+        built += 1;
+        let out = work.path().join(format!("{name}.tar"));
+        let e = run(&["image", "export", &tag, "-o", out.to_str().unwrap()]);
+        assert!(e.status.success(), "{name}: export: {}", stderr(&e));
+        let bytes = std::fs::read(&out).unwrap();
+        if bytes.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+            leaked.push(format!("{name}: the built image holds the secret"));
+        }
+        eprintln!("red team: build: {name}: built (contained)");
+        let _ = run(&["image", "rm", &tag]);
+    }
+    let left = temps()
+        .into_iter()
+        .filter(|t| !temps_before.contains(t))
+        .collect::<Vec<_>>();
+    if !left.is_empty() {
+        leaked.push(format!("temporary files left in the image store: {left:?}"));
+    }
+    let running = stdout(&run(&["list", "--running"]));
+    if running.lines().count() > 1 {
+        leaked.push(format!("sandboxes left running: {running}"));
+    }
+    eprintln!(
+        "red team: build: {} variants, {built} built (contained), {} refused",
+        variants.len(),
+        variants.len() - built
+    );
+    vec![Row {
+        attack: "hostile build context".into(),
         tried: variants.len(),
         leaked,
     }]

@@ -117,8 +117,10 @@ pub fn build(
     let p = plan(&df, &opts.build_args, opts.target.as_deref())
         .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
     // `.dockerignore` at the context's root, as Docker reads it.
-    let ignore_text =
-        std::fs::read_to_string(opts.context.join(".dockerignore")).unwrap_or_default();
+    let ignore_text = crate::copy::context_file(&opts.context, ".dockerignore")
+        .ok()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
     let mut built: BTreeMap<usize, Current> = BTreeMap::new();
     let mut final_image = None;
     for &index in &p.order {
@@ -243,14 +245,25 @@ pub fn build(
                     let from_dir = match copy.from.take() {
                         None => None,
                         Some(from) => {
-                            let image = match from {
-                                CopyFrom::Stage(i) => built.get(&i).and_then(|c| c.image.clone()),
-                                CopyFrom::Image(r) => Some(images.ensure(
-                                    &r,
-                                    opts.pull,
-                                    &PullOptions::from_env(),
-                                    progress.pulls(),
-                                )?),
+                            let (image, from_name) = match from {
+                                CopyFrom::Stage(i) => (
+                                    built.get(&i).and_then(|c| c.image.clone()),
+                                    p.stages[i]
+                                        .name
+                                        .clone()
+                                        .map_or(format!("stage {}", i + 1), |n| {
+                                            format!("stage {n}")
+                                        }),
+                                ),
+                                CopyFrom::Image(r) => (
+                                    Some(images.ensure(
+                                        &r,
+                                        opts.pull,
+                                        &PullOptions::from_env(),
+                                        progress.pulls(),
+                                    )?),
+                                    r,
+                                ),
                             };
                             let dir = tempfile::tempdir_in(images.root()).map_err(|e| {
                                 BuildError::Other(format!(
@@ -260,7 +273,7 @@ pub fn build(
                             if let Some(image) = image {
                                 for s in &copy.sources {
                                     if let CopySource::Path(p) = s {
-                                        extract(images, &image, p, dir.path())
+                                        extract(images, &image, &from_name, p, dir.path())
                                             .map_err(|e| df_err(inst.line, e))?;
                                     }
                                 }
@@ -719,10 +732,13 @@ fn owner(
 }
 
 /// Copies what the source `pattern` (absolute in `image`, maybe with wildcards) can name out of
-/// `image` into `into`: the path itself, or the directory above its first wildcard.
+/// `image` (`from` in messages) into `into`: the path itself, or the directory above its first
+/// wildcard. Links on the way, the path's own included, are followed inside the image as
+/// BuildKit follows a source's links; what they lead to is put at the path as written.
 fn extract(
     images: &ImageStore,
     image: &ImageInfo,
+    from: &str,
     pattern: &str,
     into: &std::path::Path,
 ) -> Result<(), String> {
@@ -733,11 +749,32 @@ fn extract(
         .take_while(|s| !s.contains(['*', '?', '[']))
         .collect();
     let path = format!("/{}", fixed.join("/"));
-    match images.extract_path(image, &path, into) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!("{pattern}: not found in {}", image.name)),
-        Err(e) => Err(e.to_string()),
+    let real = images
+        .resolve_in_rootfs(image, &path, true)
+        .map_err(|e| e.to_string())?;
+    let not_found = || format!("{pattern}: not found in {from}");
+    if real == path {
+        return match images.extract_path(image, &path, into) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_found()),
+            Err(e) => Err(e.to_string()),
+        };
     }
+    // Out to a scratch directory first, then moved to where the pattern names it.
+    let scratch = tempfile::tempdir_in(into).map_err(|e| format!("{}: {e}", into.display()))?;
+    if !images
+        .extract_path(image, &real, scratch.path())
+        .map_err(|e| e.to_string())?
+    {
+        return Err(format!("{} (a link to {real})", not_found()));
+    }
+    let at = into.join(path.trim_start_matches('/'));
+    if let Some(parent) = at.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let got = scratch.path().join(real.trim_start_matches('/'));
+    let _ = std::fs::remove_file(&at);
+    std::fs::rename(&got, &at).map_err(|e| format!("{}: {e}", at.display()))
 }
 
 /// Takes the sandbox's own CA, which interception added to the guest's trust store, back out

@@ -12,7 +12,7 @@ use crate::stage::{CopySource, CopyStep};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// A layer holding only the directory `dir` (absolute), root's, mode 0755: what `WORKDIR` adds
@@ -232,10 +232,15 @@ impl<W: io::Write> Writer<'_, W> {
         }
     }
 
+    /// A regular file of `size` bytes read from `content` as it is written (a big file, or an
+    /// archive that unpacks to one, is never held in memory); content that ends early or
+    /// fails is an error, never a short entry.
+    #[allow(clippy::too_many_arguments)]
     fn file(
         &mut self,
         path: &str,
-        content: &[u8],
+        content: &mut dyn Read,
+        size: u64,
         mode: u32,
         uid: u64,
         gid: u64,
@@ -243,11 +248,18 @@ impl<W: io::Write> Writer<'_, W> {
     ) -> Result<(), String> {
         let path = &(self.place)(path, false)?;
         let mut h = self.header(tar::EntryType::Regular, mode, uid, gid, mtime);
-        h.set_size(content.len() as u64);
-        self.note(path, &h, &Sha256::digest(content), "");
+        h.set_size(size);
+        let mut r = Exact {
+            inner: content.take(size),
+            sha: Sha256::new(),
+            left: size,
+        };
         self.b
-            .append_data(&mut h, path, content)
-            .map_err(|e| format!("writing {path}: {e}"))
+            .append_data(&mut h, path, &mut r)
+            .map_err(|e| format!("writing {path}: {e}"))?;
+        let digest = r.sha.finalize();
+        self.note(path, &h, &digest, "");
+        Ok(())
     }
 
     fn dir(&mut self, path: &str, mode: u32, uid: u64, gid: u64, mtime: u64) -> Result<(), String> {
@@ -276,6 +288,32 @@ impl<W: io::Write> Writer<'_, W> {
         self.b
             .append_link(&mut h, path, target)
             .map_err(|e| format!("writing {path}: {e}"))
+    }
+}
+
+/// A file's content read exactly `left` more bytes, hashed on the way: ending early is an
+/// error (the tar writer would otherwise pad a short entry without a word).
+struct Exact<R> {
+    inner: R,
+    sha: Sha256,
+    left: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} bytes short (did it change during the build?)",
+                    self.left
+                ),
+            ));
+        }
+        self.sha.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
     }
 }
 
@@ -310,12 +348,17 @@ pub fn copy_layer(
                 } else {
                     let rel = segs.join("/");
                     let exists =
-                        fs::symlink_metadata(host(context, Path::new(&rel), false)?).is_ok();
+                        fs::symlink_metadata(host(context, Path::new(&rel), true)?).is_ok();
+                    let link = !exists
+                        && fs::symlink_metadata(host(context, Path::new(&rel), false)?)
+                            .is_ok_and(|m| m.file_type().is_symlink());
                     if !exists || (!rel.is_empty() && ignore.ignored(&rel)) {
                         return Err(format!(
                             "{src}: not found in the build context{}",
                             if exists {
                                 " (.dockerignore leaves it out)"
+                            } else if link {
+                                " (it is a link, followed inside the context only)"
                             } else {
                                 ""
                             }
@@ -361,10 +404,20 @@ pub fn copy_layer(
         }
     };
     for (name, content) in inline {
-        w.file(&at(&name), content.as_bytes(), 0o644, 0, 0, 0)?;
+        w.file(
+            &at(&name),
+            &mut content.as_bytes(),
+            content.len() as u64,
+            0o644,
+            0,
+            0,
+            0,
+        )?;
     }
+    // A source that is a link is followed (inside the context), as BuildKit does; the copy
+    // keeps the source's name. Links inside a copied directory stay links.
     for (rel, name) in matches {
-        let full = host(context, &rel, false)?;
+        let full = host(context, &rel, true)?;
         let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", rel.display()))?;
         if meta.is_dir() {
             // A directory's contents go to the destination itself.
@@ -454,6 +507,13 @@ fn walk<W: io::Write>(
     Ok(())
 }
 
+/// The context's file `rel` (`Dockerfile`, `.dockerignore`) with every link on the way, its
+/// own included, resolved inside the context: a cloned repository's `Dockerfile` linking to a
+/// host file must not be read (its text would be quoted in the parse error).
+pub fn context_file(context: &Path, rel: &str) -> Result<PathBuf, String> {
+    host(context, Path::new(rel), true)
+}
+
 /// The host path of the context path `rel`. Links among its directories (and, with
 /// `follow_last`, the last component) are followed inside the context and never out of it: a
 /// link to `/etc` in a cloned repository means the context's `etc`, as Docker's scoped
@@ -530,8 +590,13 @@ fn entry<W: io::Write>(
             full.display()
         ));
     }
-    let content = fs::read(full).map_err(|e| format!("{}: {e}", full.display()))?;
-    w.file(at, &content, meta.mode(), 0, 0, mtime(meta))
+    // Not through a link put in its place since it was looked at.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(full)
+        .map_err(|e| format!("{}: {e}", full.display()))?;
+    w.file(at, &mut f, meta.len(), meta.mode(), 0, 0, mtime(meta))
 }
 
 /// How an `ADD` source is compressed, when it is an archive `ADD` unpacks.
@@ -636,9 +701,8 @@ fn unpack<W: io::Write>(
                 w.symlink(&at, &target, uid, gid, mt)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let mut content = Vec::new();
-                e.read_to_end(&mut content).map_err(bad)?;
-                w.file(&at, &content, mode, uid, gid, mt)?;
+                let size = h.size().map_err(bad)?;
+                w.file(&at, &mut e, size, mode, uid, gid, mt)?;
             }
             // Hard links, devices and the rest: not what a build context's archive carries.
             other => {

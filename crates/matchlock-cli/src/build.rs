@@ -48,12 +48,24 @@ pub fn build(args: BuildArgs) -> Result<i32> {
     if !context.is_dir() {
         bail!("the build context {} is not a directory", context.display());
     }
-    let file = args
-        .file
-        .clone()
-        .unwrap_or_else(|| context.join("Dockerfile"));
-    let dockerfile = std::fs::read_to_string(&file)
-        .with_context(|| format!("reading {} (name another with -f FILE)", file.display()))?;
+    // The default Dockerfile is the context's, its links resolved inside the context (a cloned
+    // repository's cannot name a host file); `-f` is the user's own choice of file.
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => matchlock_build::copy::context_file(&context, "Dockerfile")
+            .map_err(|e| anyhow::anyhow!("the context's Dockerfile: {e}"))?,
+    };
+    let dockerfile = std::fs::read_to_string(&file).with_context(|| {
+        if args.file.is_none() && file != context.join("Dockerfile") {
+            format!(
+                "the context's Dockerfile is a link, followed inside the context only, to {} \
+                 (name another with -f FILE)",
+                file.display()
+            )
+        } else {
+            format!("reading {} (name another with -f FILE)", file.display())
+        }
+    })?;
     let mut build_args = BTreeMap::new();
     for a in &args.build_args {
         match a.split_once('=') {

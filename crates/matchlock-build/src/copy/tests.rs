@@ -111,7 +111,8 @@ fn directories_copy_their_contents_and_ignore_rules_hold() {
     assert_eq!(e["app/notes.txt"].4, "n", "the exception brings it back");
     assert!(!e.contains_key("app/secret.env"));
     assert_eq!(e["app/run.sh"].1, 0o755);
-    assert_eq!(e["app/link"], ('l', 0o777, 0, 0, "run.sh".into()));
+    // A source that is a link is followed, as BuildKit does, and keeps its own name.
+    assert_eq!(e["app/link"], ('f', 0o755, 0, 0, "#!/bin/sh".into()));
     assert_eq!(l.entries, e.len());
     // Ignored directories are left out whole.
     let (t, _) = copy(&step(&["."], "/"), &c, "node_modules\n", None).unwrap();
@@ -238,6 +239,17 @@ fn add_unpacks_local_archives() {
     let mut s = step(&["cut.tar.gz"], "/opt/");
     s.add = true;
     assert!(copy(&s, &c, "", None).is_err());
+    // A plain tar whose last file ends early: an error, not a short (padded) entry.
+    let mut short = tar_bytes[..512].to_vec();
+    short.extend_from_slice(b"ab");
+    fs::write(c.path().join("short.tar"), &short).unwrap();
+    let mut s = step(&["short.tar"], "/opt/");
+    s.add = true;
+    let e = copy(&s, &c, "", None).unwrap_err();
+    assert!(
+        e.contains("short") || e.contains("EOF") || e.contains("unexpected"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -280,4 +292,16 @@ fn links_in_the_context_never_lead_out_of_it() {
     let e = entries(&t);
     assert_eq!(e["all/etc2"], ('l', 0o777, 0, 0, "/etc".into()));
     assert!(!e.keys().any(|k| k.starts_with("all/etc2/")), "{e:?}");
+    // Named, a link is followed inside the context: to a directory there, its contents; to the
+    // host's /etc, the context's etc (here without a passwd), never the host's.
+    let (t, _) = copy(&step(&["inside"], "/in/"), &c, "", None).unwrap();
+    assert_eq!(entries(&t)["in/etc/passwd"].4, "context's own\n");
+    let e = copy(&step(&["etc2/passwd"], "/x"), &c, "", None).unwrap_err();
+    assert!(e.contains("not found"), "{e}");
+    std::os::unix::fs::symlink("/etc/passwd", p.join("pw")).unwrap();
+    let e = copy(&step(&["pw"], "/x"), &c, "", None).unwrap_err();
+    assert!(
+        e.contains("it is a link, followed inside the context only"),
+        "{e}"
+    );
 }
