@@ -494,3 +494,43 @@ print(" ".join(out), c1 - c0, c2 - c1)
         "after the host's change"
     );
 }
+
+/// QEMU's virtio-fs device waits for the workspace server before QEMU greets its monitor: the
+/// supervisor must serve the one before it waits for the other. When it did not, every start
+/// with a `-v` mount stalled for the monitor's whole 30 s limit and then ran without pause.
+#[test]
+fn a_workspace_mount_does_not_hold_up_qemus_monitor() {
+    let host = tempfile::tempdir().unwrap();
+    fs::write(host.path().join("f"), "in the workspace\n").unwrap();
+    let spec = format!("{}:w:ro", host.path().display());
+    let o = run(&[
+        "run",
+        "--rm=false",
+        "--image",
+        BUSYBOX,
+        "-v",
+        &spec,
+        "--",
+        "cat",
+        "/workspace/w/f",
+    ]);
+    assert_eq!(stdout(&o), "in the workspace\n", "{}", stderr(&o));
+    let err = stderr(&o);
+    let id = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Sandbox ")
+                .and_then(|r| r.strip_suffix(" is running"))
+        })
+        .unwrap_or_else(|| panic!("no 'Sandbox ID is running' line: {err}"))
+        .to_string();
+    let log = fs::read_to_string(home().join("vms").join(&id).join("logs/supervisor.log"))
+        .unwrap_or_default();
+    let _ = run(&["kill", &id]);
+    let _ = run(&["rm", &id]);
+    assert!(log.contains("guest ready"), "{log}");
+    assert!(
+        !log.contains("QEMU's monitor"),
+        "the monitor did not connect: {log}"
+    );
+}

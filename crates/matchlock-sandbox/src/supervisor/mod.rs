@@ -243,7 +243,7 @@ async fn start(
     listeners: vm::Listeners,
     restored: bool,
     secrets: &[(String, String)],
-    qmp: Option<matchlock_vmm::qmp::Qmp>,
+    qmp: vm::PendingQmp,
 ) -> Result<Running, String> {
     let rules = config.vfs_block_rules.clone();
     let (vfs, guest_vfs) = matchlock_vfs::workspace(
@@ -332,6 +332,11 @@ async fn start(
         ),
         None => None,
     };
+    // The workspace is served by now, so QEMU's devices are up and its monitor greets.
+    let qmp = tokio::task::spawn_blocking(move || qmp.wait())
+        .await
+        .ok()
+        .flatten();
     let links = Links {
         agent: agent_link,
         agent_listener: agent,

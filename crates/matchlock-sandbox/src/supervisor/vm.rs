@@ -100,8 +100,29 @@ pub struct Spawned {
     /// The template it was restored from (the guest agent said its hello to the template's
     /// builder and is waiting for the host's session); `None` when it booted.
     pub template: Option<std::path::PathBuf>,
-    /// QEMU's monitor, for pause; `None` if QEMU did not connect it.
-    pub qmp: Option<Qmp>,
+    /// QEMU's monitor, for pause (see [`PendingQmp`]).
+    pub qmp: PendingQmp,
+}
+
+/// QEMU's monitor, connected or still connecting. A cold boot's QEMU sends its greeting only
+/// once its devices are up, and its virtio-fs device waits for the workspace server, which
+/// starts after [`spawn`] returns: waiting for the greeting there stalled every start with a
+/// workspace mount for the whole 30 s of the handshake's limit.
+pub enum PendingQmp {
+    /// Already connected (a template restore), or not at all.
+    Ready(Option<Qmp>),
+    /// Being accepted and greeted on a thread of its own.
+    Connecting(std::thread::JoinHandle<Option<Qmp>>),
+}
+
+impl PendingQmp {
+    /// The monitor, once connected; `None` if QEMU did not connect it (the log says why).
+    pub fn wait(self) -> Option<Qmp> {
+        match self {
+            PendingQmp::Ready(q) => q,
+            PendingQmp::Connecting(t) => t.join().ok().flatten(),
+        }
+    }
 }
 
 /// What every VM of a sandbox is made from, resolved once: QEMU, kernel, initramfs, accelerator.
@@ -249,23 +270,30 @@ pub fn spawn(store: &Store, config: &SandboxConfig) -> Result<Spawned, SandboxEr
     spec.fs_devices = fs_devices;
     spec.qmp_socket = Some(qmp_sock.clone());
     let vm = start_qemu(&spec, &dir.join("logs").join("qemu.log"))?;
-    let qmp = accept_qmp(&qmp_l, &vm);
-    let _ = std::fs::remove_file(&qmp_sock);
+    let exited = vm.exited.clone();
+    let qmp = std::thread::Builder::new()
+        .name("qmp-accept".into())
+        .spawn(move || {
+            let qmp = accept_qmp(&qmp_l, &exited);
+            let _ = std::fs::remove_file(&qmp_sock);
+            qmp
+        })
+        .map_err(|e| SandboxError::Start(format!("starting a thread: {e}")))?;
     Ok(Spawned {
         vm,
         listeners,
         accel: base.accel,
         start: format!("cold ({cold_because})"),
         template: None,
-        qmp,
+        qmp: PendingQmp::Connecting(qmp),
     })
 }
 
 /// QEMU's monitor connection, unless QEMU exits or does not connect it within 30 s (then the
 /// sandbox runs without pause, and says why in the log).
-fn accept_qmp(listener: &UnixListener, vm: &Vm) -> Option<Qmp> {
+fn accept_qmp(listener: &UnixListener, exited: &AtomicBool) -> Option<Qmp> {
     let until = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < until && !vm.exited.load(Ordering::SeqCst) {
+    while std::time::Instant::now() < until && !exited.load(Ordering::SeqCst) {
         match matchlock_vmm::qmp::accept_within(listener, Duration::from_millis(100)) {
             Ok(s) => {
                 return Qmp::handshake(s, Duration::from_secs(30))
@@ -382,7 +410,7 @@ fn restore(
         accel: base.accel.clone(),
         start: "template".into(),
         template: Some(template.dir().to_path_buf()),
-        qmp: Some(qmp),
+        qmp: PendingQmp::Ready(Some(qmp)),
     })
     .inspect(|_| {
         tracing::info!(
