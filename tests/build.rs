@@ -714,3 +714,73 @@ fn built_images_load_into_docker_in_both_formats() {
         assert!(o.status.success(), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn run_mounts_cache_bind_and_tmpfs() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context(
+        "FROM mltest/busybox:1 AS tool\n\
+         RUN mkdir /out && echo from-stage > /out/x\n\
+         FROM mltest/busybox:1\n\
+         ARG NONCE\n\
+         ARG ROUND\n\
+         RUN --mount=type=cache,target=/cache,id=mltest-$NONCE \\\n\
+             echo $ROUND >> /cache/log && wc -l < /cache/log > /count\n\
+         RUN --mount=type=bind,source=src,target=/src cat /src/a.txt > /a.txt && \\\n\
+             (test -e /src/secret.env && echo LEAK > /leak || true)\n\
+         RUN --mount=type=bind,from=tool,source=/out,target=/o cat /o/x > /x\n\
+         RUN --mount=type=tmpfs,target=/scratch --mount=target=/ctx,rw \\\n\
+             echo t > /scratch/t && touch /ctx/newfile && ls /ctx > /ctx-list\n\
+         CMD [\"sh\", \"-c\", \"cat /count /a.txt /x /ctx-list; ls -A /scratch /cache; \\\n\
+              ls /leak 2>&1\"]\n",
+    );
+    std::fs::create_dir(ctx.path().join("src")).unwrap();
+    std::fs::write(ctx.path().join("src/a.txt"), "bound\n").unwrap();
+    std::fs::write(ctx.path().join("src/secret.env"), "TOKEN=x\n").unwrap();
+    std::fs::write(ctx.path().join(".dockerignore"), "**/*.env\n").unwrap();
+    // The cache directory outlives every test run: its id is new each time.
+    let nonce = format!(
+        "NONCE={}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let build_round = |round: &str, extra: &[&str]| {
+        let mut a = vec!["--build-arg", &nonce, "--build-arg", round];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["-t", "mltest/built:mounts"]);
+        let o = build(&a, &ctx);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    // Nothing under a mount is in the image (the mount points stay, empty, as BuildKit leaves
+    // them); .dockerignore holds for binds; a rw bind's writes are seen in the step only.
+    let image = |count: u32, a: &str| {
+        format!(
+            "{count}\n{a}from-stage\nDockerfile\nnewfile\nsrc\n/cache:\n\n/scratch:\n\
+             ls: /leak: No such file or directory\n"
+        )
+    };
+    build_round("ROUND=1", &["--no-cache"]);
+    let o = run(&["run", "--image", "mltest/built:mounts"]);
+    assert_eq!(stdout(&o), image(1, "bound\n"), "{}", stderr(&o));
+    assert!(
+        !ctx.path().join("newfile").exists(),
+        "rw bind writes are dropped"
+    );
+    // Unchanged: every step from the cache. A changed bound file runs its step (and those
+    // after it) again; the cache step stays cached.
+    let log = build_round("ROUND=1", &[]);
+    assert_eq!(log.matches("CACHED").count(), 5, "{log}");
+    std::fs::write(ctx.path().join("src/a.txt"), "changed\n").unwrap();
+    let log = build_round("ROUND=1", &[]);
+    assert_eq!(log.matches("CACHED").count(), 2, "{log}");
+    let o = run(&["run", "--image", "mltest/built:mounts"]);
+    assert_eq!(stdout(&o), image(1, "changed\n"), "{}", stderr(&o));
+    // The cache outlives the build: the next round sees the first round's line.
+    let log = build_round("ROUND=2", &[]);
+    assert_eq!(log.matches("CACHED").count(), 1, "{log}");
+    let o = run(&["run", "--image", "mltest/built:mounts"]);
+    assert_eq!(stdout(&o), image(2, "changed\n"), "{}", stderr(&o));
+}

@@ -2359,7 +2359,8 @@ fn evil_tar(entries: &[(&str, &str, &str)]) -> Vec<u8> {
 /// `Dockerfile` that is a link to the secret (a parse error would quote it), `ADD` archives that
 /// write through `..`, absolute names, planted links or hard links, a stage whose links point at
 /// the host path for a later `COPY --from`, a `RUN` that plants a link a later `COPY` writes
-/// through, and a `RUN` that fills its disk. The host directory must not change; no build's
+/// through, `RUN --mount`s whose bind source or cache id lead out, and a `RUN` that fills its
+/// disk. The host directory must not change; no build's
 /// output and no built image (its exported bytes) may hold the secret; a refused build says why
 /// and leaves no sandbox and no temporary file in the image store.
 fn hostile_build_context(_: &Hits) -> Vec<Row> {
@@ -2519,6 +2520,30 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
             format!(
                 "{from}RUN mkdir -p {c} && ln -s {c} /planted\nCOPY f /planted/created\n\
                  COPY f {c}/created2\n"
+            ),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "mount-bind-link-to-host",
+            format!("{from}RUN --mount=type=bind,source=leak,target=/m cat /m > /x\n"),
+            vec![("leak", format!("{c}/secret"))],
+            vec![],
+            vec![],
+        ),
+        (
+            "mount-bind-dotdot-source",
+            format!("{from}RUN --mount=type=bind,source={up},target=/m cat /m/secret > /x\n"),
+            vec![],
+            vec![],
+            vec![],
+        ),
+        (
+            "mount-cache-id-traversal",
+            format!(
+                "{from}RUN --mount=type=cache,id={up},target=/c echo pwn > /c/created; \
+                 cat /c/secret > /x 2>/dev/null; true\n"
             ),
             vec![],
             vec![],

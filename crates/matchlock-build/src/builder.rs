@@ -11,6 +11,7 @@ use crate::dockerfile::parse;
 use crate::plan::CopyFrom;
 use crate::plan::{plan, Base};
 use crate::stage::{CopySource, ImageConfig, RunStep, StageState, Step};
+use matchlock_api::config::VfsMount;
 use matchlock_api::request::{NetworkRequest, Resources, SandboxRequest, Start};
 use matchlock_image::{ImageInfo, ImageStore, PullOptions, PullPolicy, PullProgress, RootfsEntry};
 use matchlock_proto::{read_msg, write_msg, Msg};
@@ -203,8 +204,19 @@ pub fn build(
                         )?;
                     }
                 }
-                Step::Run(run) => {
-                    let key = cache_key(&cur, &inst.text, &format!("{run:?}"));
+                Step::Run(mut run) => {
+                    let mounts = prepare_mounts(
+                        images,
+                        opts,
+                        &ignore_text,
+                        &built,
+                        &p,
+                        cur.image.as_ref(),
+                        &mut run,
+                        progress,
+                    )
+                    .map_err(|e| df_err(inst.line, e))?;
+                    let key = cache_key(&cur, &inst.text, &format!("{run:?} {}", mounts.key));
                     advance(
                         images,
                         opts.no_cache,
@@ -226,6 +238,7 @@ pub fn build(
                                 sandboxes,
                                 opts,
                                 &run,
+                                mounts.vfs.clone(),
                                 layer.path(),
                                 progress,
                             )?;
@@ -375,18 +388,178 @@ fn cache_key(cur: &Current, text: &str, applied: &str) -> String {
     hex::encode(h.finalize())[..40].to_string()
 }
 
-/// Runs one `RUN` in a sandbox of `parent`, writes its layer to `layer`; its exit code.
+/// Where `type=cache` mounts keep their files: beside the image store, one directory per id.
+pub fn cache_mounts_dir(images: &ImageStore) -> PathBuf {
+    images
+        .root()
+        .parent()
+        .unwrap_or(images.root())
+        .join("build-cache")
+}
+
+/// A step's `--mount`s made ready on the host: the workspace mounts its sandbox gets, their
+/// part of the step's cache key, and the temporary directories that live as long as the step.
+struct PreparedMounts {
+    vfs: Vec<VfsMount>,
+    key: String,
+    _temps: Vec<tempfile::TempDir>,
+}
+
+/// Prepares `run`'s mounts: a cache's directory, a bind's files (from the context through
+/// `.dockerignore`, as BuildKit sends the context, or out of a stage or image), a tmpfs. Each
+/// target is resolved through the image's own links first (the guest refuses to mount across
+/// one).
+#[allow(clippy::too_many_arguments)]
+fn prepare_mounts(
+    images: &ImageStore,
+    opts: &BuildOptions,
+    ignore_text: &str,
+    built: &BTreeMap<usize, Current>,
+    plan: &crate::plan::Plan,
+    parent: Option<&ImageInfo>,
+    run: &mut RunStep,
+    progress: &dyn Progress,
+) -> Result<PreparedMounts, String> {
+    use crate::stage::MountKind;
+    use matchlock_api::config::VfsMode;
+    let mut out = PreparedMounts {
+        vfs: Vec::new(),
+        key: String::new(),
+        _temps: Vec::new(),
+    };
+    let temp = || {
+        tempfile::tempdir_in(images.root())
+            .map_err(|e| format!("a temporary directory in the image store: {e}"))
+    };
+    for m in &mut run.mounts {
+        if let Some(image) = parent {
+            m.target = images
+                .resolve_in_rootfs(image, &m.target, true)
+                .map_err(|e| e.to_string())?;
+        }
+        let (host_path, mode, owner) = match &m.kind {
+            MountKind::Tmpfs => (PathBuf::new(), VfsMode::Memory, None),
+            MountKind::Cache { id, mode, uid, gid } => {
+                let dir = cache_mounts_dir(images).join(&hex::encode(Sha256::digest(id))[..32]);
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(*mode))
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                // The content is in no key: a cache only makes a step faster.
+                out.key.push_str(&format!(" cache:{id}"));
+                (dir, VfsMode::HostFs, Some((*uid, *gid)))
+            }
+            MountKind::Bind { source, from, rw } => {
+                let dir = temp()?;
+                let mode = if *rw {
+                    VfsMode::Overlay
+                } else {
+                    VfsMode::ReadOnly
+                };
+                let at = match from {
+                    None => {
+                        // The context's files as COPY reads them, written out for the mount.
+                        let step = crate::stage::CopyStep {
+                            add: false,
+                            from: None,
+                            sources: vec![CopySource::Path(source.clone())],
+                            dest: "/".into(),
+                            chown: None,
+                            chmod: None,
+                            exclude: Vec::new(),
+                        };
+                        let tar = tempfile::tempfile_in(images.root())
+                            .map_err(|e| format!("a temporary file in the image store: {e}"))?;
+                        let made = crate::copy::copy_layer(
+                            &step,
+                            &opts.context,
+                            &crate::copy::Ignore::parse(ignore_text),
+                            None,
+                            &mut |p, _| Ok(p.to_string()),
+                            std::io::BufWriter::new(&tar),
+                        )?;
+                        out.key.push_str(&format!(" bind:{}", made.key));
+                        use std::io::Seek;
+                        let mut tar = tar;
+                        tar.rewind().map_err(|e| e.to_string())?;
+                        let mut a = tar::Archive::new(tar);
+                        a.set_preserve_permissions(true);
+                        a.unpack(dir.path())
+                            .map_err(|e| format!("--mount source {source}: {e}"))?;
+                        let src = crate::copy::context_file(&opts.context, source)?;
+                        if src.is_dir() {
+                            dir.path().to_path_buf()
+                        } else {
+                            let name = std::path::Path::new(source)
+                                .file_name()
+                                .map(|n| n.to_os_string())
+                                .unwrap_or_default();
+                            dir.path().join(name)
+                        }
+                    }
+                    Some(from) => {
+                        let (image, name) = match from {
+                            CopyFrom::Stage(i) => (
+                                built.get(i).and_then(|c| c.image.clone()),
+                                plan.stages[*i]
+                                    .name
+                                    .clone()
+                                    .map_or(format!("stage {}", i + 1), |n| format!("stage {n}")),
+                            ),
+                            CopyFrom::Image(r) => (
+                                Some(
+                                    images
+                                        .ensure(
+                                            r,
+                                            opts.pull,
+                                            &PullOptions::from_env(),
+                                            progress.pulls(),
+                                        )
+                                        .map_err(|e| e.to_string())?,
+                                ),
+                                r.clone(),
+                            ),
+                        };
+                        let image =
+                            image.ok_or_else(|| format!("{name} has no files (FROM scratch)"))?;
+                        let abs = crate::stage::absolute("/", source);
+                        extract(images, &image, &name, &abs, dir.path())?;
+                        out.key.push_str(&format!(" bind:{}:{abs}", image.digest));
+                        dir.path().join(abs.trim_start_matches('/'))
+                    }
+                };
+                out._temps.push(dir);
+                (at, mode, None)
+            }
+        };
+        out.vfs.push(VfsMount {
+            host_path,
+            guest_path: m.target.clone(),
+            mode,
+            owner_uid: owner.map(|o| o.0),
+            owner_gid: owner.map(|o| o.1),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs one `RUN` in a sandbox of `parent` with the workspace `mounts` (its `--mount`s),
+/// writes its layer to `layer`; its exit code.
+#[allow(clippy::too_many_arguments)]
 fn run_step(
     images: &ImageStore,
     parent: &ImageInfo,
     sandboxes: &Store,
     opts: &BuildOptions,
     run: &RunStep,
+    mounts: Vec<VfsMount>,
     layer: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<i32, BuildError> {
     let mut req =
         SandboxRequest::new(&parent.name).map_err(|e| BuildError::Other(e.to_string()))?;
+    req.workspace.mounts =
+        matchlock_api::validate::vfs_mounts(mounts).map_err(BuildError::Other)?;
     req.network = if run.no_network {
         None
     } else {

@@ -270,17 +270,37 @@ fn visit(
         deps.push(b);
     }
     for inst in &stage.instructions {
-        if let Kind::Copy { .. } = inst.kind {
-            for f in inst.flags.iter().filter(|f| f.name == "from") {
-                let raw = f.value.as_deref().unwrap_or_default();
-                // `--from` is expanded with the stage's args when the step runs; a stage named
-                // literally is what a plan can see (BuildKit requires the same).
-                let value = words::expand(raw, esc, &|_| None).unwrap_or_else(|_| raw.to_string());
-                match copy_from(stages, index, &value) {
-                    Ok(CopyFrom::Stage(s)) => deps.push(s),
-                    Ok(CopyFrom::Image(_)) => {}
-                    Err(e) => return Err(at(inst.line, e)),
-                }
+        // `COPY --from=X` and `RUN --mount=…,from=X`.
+        let froms: Vec<String> = match inst.kind {
+            Kind::Copy { .. } => inst
+                .flags
+                .iter()
+                .filter(|f| f.name == "from")
+                .map(|f| f.value.clone().unwrap_or_default())
+                .collect(),
+            Kind::Run { .. } => inst
+                .flags
+                .iter()
+                .filter(|f| f.name == "mount")
+                .filter_map(|f| crate::stage::mount_fields(f.value.as_deref()?).ok())
+                .filter_map(|fields| {
+                    fields
+                        .into_iter()
+                        .rev()
+                        .find(|(k, _)| k == "from")
+                        .and_then(|(_, v)| v)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for raw in &froms {
+            // `--from` is expanded with the stage's args when the step runs; a stage named
+            // literally is what a plan can see (BuildKit requires the same).
+            let value = words::expand(raw, esc, &|_| None).unwrap_or_else(|_| raw.to_string());
+            match copy_from(stages, index, &value) {
+                Ok(CopyFrom::Stage(s)) => deps.push(s),
+                Ok(CopyFrom::Image(_)) => {}
+                Err(e) => return Err(at(inst.line, e)),
             }
         }
     }

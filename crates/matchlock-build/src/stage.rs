@@ -119,6 +119,79 @@ pub struct RunStep {
     pub user: String,
     /// `--network=none`: this step runs without a network.
     pub no_network: bool,
+    /// `--mount`s, in the order written.
+    pub mounts: Vec<RunMount>,
+}
+
+/// A `RUN --mount`, expanded and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunMount {
+    /// Where, absolute in the sandbox (a relative target is against the working directory).
+    pub target: String,
+    /// What is mounted there.
+    pub kind: MountKind,
+}
+
+/// What a `RUN --mount` mounts. Nothing under a mount lands in the step's layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountKind {
+    /// `type=cache`: a directory kept on the host between builds under `id` (the target when
+    /// not given), read-write; its content is in no cache key.
+    Cache {
+        /// The cache's name.
+        id: String,
+        /// `mode`, `uid`, `gid` of its root directory.
+        mode: u32,
+        /// Owner the files show in the guest.
+        uid: u32,
+        /// Group the files show in the guest.
+        gid: u32,
+    },
+    /// `type=bind` (the default): `source` of the context, or of `from`, read-only unless
+    /// `rw`, whose writes are dropped after the step (Docker's rule). Its content is in the
+    /// step's cache key.
+    Bind {
+        /// Path in the context (or the stage or image), `.` when not given.
+        source: String,
+        /// `from=`: a stage or an image instead of the context.
+        from: Option<CopyFrom>,
+        /// `rw`: writable, the writes thrown away.
+        rw: bool,
+    },
+    /// `type=tmpfs`: an empty directory in memory.
+    Tmpfs,
+}
+
+/// `--mount`'s comma-separated `key=value` fields (a field may be `"quoted"`, as Docker reads
+/// them with a CSV reader); a bare key has no value.
+pub fn mount_fields(spec: &str) -> Result<Vec<(String, Option<String>)>, String> {
+    let mut fields = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(format!("--mount={spec}: a quote is not closed"));
+    }
+    fields.push(cur);
+    Ok(fields
+        .into_iter()
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| match f.split_once('=') {
+            Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.to_string())),
+            None => (f.trim().to_ascii_lowercase(), None),
+        })
+        .collect())
 }
 
 /// A source of a `COPY` or `ADD`, expanded.
@@ -335,11 +408,21 @@ impl<'a> StageState<'a> {
                 ))
             }
         };
-        if flags
-            .iter()
-            .any(|f| f.name == "mount" || f.name == "security")
-        {
-            return Err("RUN --mount and --security are not supported yet".into());
+        if flags.iter().any(|f| f.name == "security") {
+            return Err(
+                "RUN --security is not supported (steps run unprivileged, as users' \
+                        sandboxes do)"
+                    .into(),
+            );
+        }
+        let mut mounts = Vec::new();
+        for f in flags.iter().filter(|f| f.name == "mount") {
+            let spec = self.expand(f.value.as_deref().unwrap_or_default())?;
+            let m = self.mount(&spec)?;
+            if mounts.iter().any(|o: &RunMount| o.target == m.target) {
+                return Err(format!("two --mounts at {}", m.target));
+            }
+            mounts.push(m);
         }
         let (argv, stdin) = match (command, heredocs) {
             (Command::Exec(v), _) => (v.clone(), None),
@@ -382,7 +465,145 @@ impl<'a> StageState<'a> {
             cwd: c.cwd().to_string(),
             user: c.user.clone(),
             no_network,
+            mounts,
         }))
+    }
+
+    /// One `--mount` value (expanded).
+    fn mount(&self, spec: &str) -> Result<RunMount, String> {
+        let fields = mount_fields(spec)?;
+        let get = |names: &[&str]| -> Option<Option<String>> {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| names.contains(&k.as_str()))
+                .map(|(_, v)| v.clone())
+        };
+        let value = |names: &[&str]| -> Result<Option<String>, String> {
+            match get(names) {
+                None => Ok(None),
+                Some(Some(v)) => Ok(Some(v)),
+                Some(None) => Err(format!("--mount={spec}: {} needs a value", names[0])),
+            }
+        };
+        let flag = |names: &[&str]| -> Result<bool, String> {
+            match get(names) {
+                None => Ok(false),
+                Some(None) => Ok(true),
+                Some(Some(v)) => match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" => Ok(true),
+                    "false" | "0" => Ok(false),
+                    _ => Err(format!(
+                        "--mount={spec}: {}={v} is not true or false",
+                        names[0]
+                    )),
+                },
+            }
+        };
+        let kind = value(&["type"])?.unwrap_or_else(|| "bind".into());
+        let known: &[&str] = match kind.as_str() {
+            "bind" => &[
+                "type",
+                "target",
+                "dst",
+                "destination",
+                "source",
+                "src",
+                "from",
+                "readonly",
+                "ro",
+                "rw",
+                "readwrite",
+            ],
+            "cache" => &[
+                "type",
+                "target",
+                "dst",
+                "destination",
+                "id",
+                "sharing",
+                "mode",
+                "uid",
+                "gid",
+                "readonly",
+                "ro",
+            ],
+            "tmpfs" => &["type", "target", "dst", "destination", "size"],
+            "secret" | "ssh" => {
+                return Err(format!(
+                    "RUN --mount=type={kind} is not supported: give the step secrets with \
+                     --secret NAME@HOST, which keeps the value on the host and sends it only \
+                     to that host (the guest sees a placeholder)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "RUN --mount=type={other}: not a mount type (bind, cache or tmpfs)"
+                ))
+            }
+        };
+        if let Some((k, _)) = fields.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            return Err(format!(
+                "--mount={spec}: {k} is not an option of type={kind}"
+            ));
+        }
+        let target = value(&["target", "dst", "destination"])?
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("--mount={spec}: a target is needed"))?;
+        let target = absolute(self.config.cwd(), &target);
+        if target == "/" {
+            return Err(format!("--mount={spec}: the target cannot be /"));
+        }
+        let number = |names: &[&str], radix: u32, default: u32| -> Result<u32, String> {
+            match value(names)? {
+                None => Ok(default),
+                Some(v) => u32::from_str_radix(&v, radix)
+                    .map_err(|_| format!("--mount={spec}: {}={v} is not a number", names[0])),
+            }
+        };
+        let kind = match kind.as_str() {
+            "cache" => {
+                if flag(&["readonly", "ro"])? {
+                    return Err(format!(
+                        "--mount={spec}: a read-only cache is not supported"
+                    ));
+                }
+                if let Some(s) = value(&["sharing"])? {
+                    // Steps run one at a time, so every sharing mode behaves as `locked`.
+                    if !matches!(s.as_str(), "shared" | "private" | "locked") {
+                        return Err(format!(
+                            "--mount={spec}: sharing={s}: shared, private or locked"
+                        ));
+                    }
+                }
+                MountKind::Cache {
+                    id: value(&["id"])?
+                        .filter(|i| !i.is_empty())
+                        .unwrap_or_else(|| target.clone()),
+                    mode: number(&["mode"], 8, 0o755)?,
+                    uid: number(&["uid"], 10, 0)?,
+                    gid: number(&["gid"], 10, 0)?,
+                }
+            }
+            "tmpfs" => MountKind::Tmpfs,
+            _ => {
+                let rw = flag(&["rw", "readwrite"])?;
+                if rw && flag(&["readonly", "ro"])? {
+                    return Err(format!("--mount={spec}: rw and readonly together"));
+                }
+                MountKind::Bind {
+                    source: value(&["source", "src"])?
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| ".".into()),
+                    from: match value(&["from"])? {
+                        Some(f) => Some(copy_from(self.stages, self.index, &f)?),
+                        None => None,
+                    },
+                    rw,
+                }
+            }
+        };
+        Ok(RunMount { target, kind })
     }
 
     fn copy(

@@ -174,11 +174,83 @@ fn bad_values_are_errors_with_the_reason() {
     assert!(e("FROM x\nSTOPSIGNAL kill me").contains("STOPSIGNAL"));
     assert!(e("FROM x\nHEALTHCHECK --interval=soon CMD x").contains("duration"));
     assert!(e("FROM x\nRUN --network=host x").contains("not supported"));
-    assert!(e("FROM x\nRUN --mount=type=cache,target=/c x").contains("--mount"));
+    assert!(e("FROM x\nRUN --mount=type=secret,id=t x").contains("--secret NAME@HOST"));
+    assert!(e("FROM x\nRUN --mount=type=cache x").contains("a target is needed"));
+    assert!(e("FROM x\nRUN --mount=type=cache,target=/c,from=y x").contains("from is not"));
+    assert!(e("FROM x\nRUN --mount=type=nfs,target=/c x").contains("not a mount type"));
+    assert!(e("FROM x\nRUN --mount=target=/c,rw=maybe x").contains("true or false"));
+    assert!(e("FROM x\nRUN --mount=type=tmpfs,target=/ x").contains("cannot be /"));
+    assert!(e("FROM x\nRUN --mount=target=/c --mount=type=tmpfs,target=/c x").contains("two"));
+    assert!(e("FROM x\nRUN --mount=type=cache,target=/c,uid=me x").contains("number"));
+    assert!(e("FROM x\nRUN --mount=\"target=/c x").contains("quote"));
     assert!(e("FROM x\nADD https://example.com/x /x").contains("network"));
     assert!(e("FROM x\nENV A=\"${B:?set B}\"").contains("B: set B"));
     assert!(e("FROM x\nUSER $NOBODY").contains("no user"));
     assert!(e("FROM x\nCOPY --from x y").contains("--from needs a value"));
+}
+
+#[test]
+fn run_mounts() {
+    let (steps, _) = ok("FROM x AS a\nFROM x\nARG V=/v\nWORKDIR /w\n\
+         RUN --mount=type=cache,target=$V/c,uid=1000,gid=100,mode=0700 \\\n\
+         --mount=src=sub,dst=rel,rw --mount=\"type=bind,from=a,source=/out,target=/o,ro\" \\\n\
+         --mount=type=tmpfs,target=/t,size=64m --mount=type=cache,target=/id,id=shared,sharing=locked x");
+    let r = run_of(steps.last().unwrap());
+    let kinds: Vec<(&str, &MountKind)> = r
+        .mounts
+        .iter()
+        .map(|m| (m.target.as_str(), &m.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (
+                "/v/c",
+                &MountKind::Cache {
+                    id: "/v/c".into(),
+                    mode: 0o700,
+                    uid: 1000,
+                    gid: 100
+                }
+            ),
+            (
+                "/w/rel",
+                &MountKind::Bind {
+                    source: "sub".into(),
+                    from: None,
+                    rw: true
+                }
+            ),
+            (
+                "/o",
+                &MountKind::Bind {
+                    source: "/out".into(),
+                    from: Some(CopyFrom::Stage(0)),
+                    rw: false
+                }
+            ),
+            ("/t", &MountKind::Tmpfs),
+            (
+                "/id",
+                &MountKind::Cache {
+                    id: "shared".into(),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0
+                }
+            ),
+        ]
+    );
+    // A bind with nothing but a target: the whole context, read-only.
+    let (steps, _) = ok("FROM x\nRUN --mount=target=/ctx x");
+    assert_eq!(
+        run_of(&steps[0]).mounts[0].kind,
+        MountKind::Bind {
+            source: ".".into(),
+            from: None,
+            rw: false
+        }
+    );
 }
 
 #[test]
