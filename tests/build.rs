@@ -784,3 +784,47 @@ fn run_mounts_cache_bind_and_tmpfs() {
     let o = run(&["run", "--image", "mltest/built:mounts"]);
     assert_eq!(stdout(&o), image(2, "changed\n"), "{}", stderr(&o));
 }
+
+#[test]
+fn onbuild_triggers_run_in_the_child_build_only() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let base = context(
+        "FROM mltest/busybox:1\n\
+         ONBUILD COPY trigger.txt /from-trigger\n\
+         ONBUILD RUN echo ran-trigger > /ran\n\
+         CMD [\"cat\", \"/from-trigger\", \"/ran\"]\n",
+    );
+    let o = build(&["--no-cache", "-t", "mltest/built:onbuild-base"], &base);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:onbuild-base",
+        "--",
+        "sh",
+        "-c",
+        "test -e /ran || echo not-run-here",
+    ]);
+    assert_eq!(stdout(&o), "not-run-here\n", "{}", stderr(&o));
+    // The child's context gives the trigger's COPY its file.
+    let child = context("FROM mltest/built:onbuild-base\n");
+    std::fs::write(child.path().join("trigger.txt"), "child's file\n").unwrap();
+    let o = build(&["--no-cache", "-t", "mltest/built:onbuild-child"], &child);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(
+        log.contains("ONBUILD COPY trigger.txt /from-trigger"),
+        "{log}"
+    );
+    assert!(log.contains("ONBUILD RUN echo ran-trigger > /ran"), "{log}");
+    let o = run(&["run", "--image", "mltest/built:onbuild-child"]);
+    assert_eq!(stdout(&o), "child's file\nran-trigger\n", "{}", stderr(&o));
+    // Triggers fire once: a grandchild runs none.
+    let grandchild = context("FROM mltest/built:onbuild-child\n");
+    let o = build(
+        &["--no-cache", "-t", "mltest/built:onbuild-grandchild"],
+        &grandchild,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("ONBUILD"), "{}", stderr(&o));
+}

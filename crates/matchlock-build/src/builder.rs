@@ -164,8 +164,19 @@ pub fn build(
         };
         progress.done(t.elapsed().as_secs_f64());
         let mut state = StageState::new(&p, index, config_of(&cur.blob), &opts.build_args);
-        for (n, inst) in stage.instructions.iter().enumerate() {
-            progress.step(&label, n + 2, total, &inst.text);
+        // The base's ONBUILD triggers run first, in order, as part of FROM (BuildKit runs them
+        // there too); the stage's image does not inherit them.
+        let triggers = onbuild_triggers(std::mem::take(&mut state.config.onbuild), stage.line)?;
+        set_config(&mut cur.blob, &state.config);
+        let steps = triggers.iter().map(|i| (1, i)).chain(
+            stage
+                .instructions
+                .iter()
+                .enumerate()
+                .map(|(n, i)| (n + 2, i)),
+        );
+        for (n, inst) in steps {
+            progress.step(&label, n, total, &inst.text);
             let t = Instant::now();
             let step = state.apply(inst).map_err(|e| df_err(inst.line, e))?;
             set_config(&mut cur.blob, &state.config);
@@ -369,6 +380,34 @@ pub fn build(
     )?;
     for tag in &opts.tags {
         out = images.derive(tag, parent, &[], cur.blob.clone())?;
+    }
+    Ok(out)
+}
+
+/// A base image's `ONBUILD` triggers as instructions of the stage built on it (at the `FROM`
+/// on `line`), each shown as `ONBUILD …`.
+fn onbuild_triggers(
+    triggers: Vec<String>,
+    line: usize,
+) -> Result<Vec<crate::dockerfile::Instruction>, BuildError> {
+    use crate::dockerfile::Kind;
+    let mut out = Vec::new();
+    for t in &triggers {
+        let bad = |e: &dyn std::fmt::Display| {
+            df_err(line, format!("the base image's trigger `ONBUILD {t}`: {e}"))
+        };
+        let df = parse(t).map_err(|e| bad(&e))?;
+        for mut i in df.instructions {
+            if matches!(
+                i.kind,
+                Kind::From { .. } | Kind::Onbuild(_) | Kind::Maintainer(_)
+            ) {
+                return Err(bad(&"ONBUILD cannot run FROM, ONBUILD or MAINTAINER"));
+            }
+            i.line = line;
+            i.text = format!("ONBUILD {}", i.text);
+            out.push(i);
+        }
     }
     Ok(out)
 }
