@@ -58,7 +58,16 @@ fn run_steps_make_layers_and_an_unchanged_rebuild_runs_nothing() {
         &ctx,
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).starts_with("sha256:"), "{}", stdout(&o));
+    // Upstream's result lines, which its users' scripts look for, then the digest.
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("Successfully built and tagged mltest/built:steps\nLayers: "),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nSize: ") && out.contains("\nDigest: sha256:"),
+        "{out}"
+    );
     let log = stderr(&o);
     assert!(log.contains("[base 1/11] FROM ${BASE} AS base"), "{log}");
     assert!(log.contains("visible in the output"), "{log}");
@@ -827,4 +836,39 @@ fn onbuild_triggers_run_in_the_child_build_only() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("ONBUILD"), "{}", stderr(&o));
+}
+
+#[test]
+fn build_cache_size_drops_least_recently_used_steps() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string();
+    let a = context("FROM mltest/busybox:1\nCOPY a.txt /a\nCMD [\"cat\", \"/a\"]\n");
+    std::fs::write(a.path().join("a.txt"), format!("a {nonce}\n")).unwrap();
+    let b = context("FROM mltest/busybox:1\nCOPY b.txt /b\n");
+    std::fs::write(b.path().join("b.txt"), format!("b {nonce}\n")).unwrap();
+    let o = build(&["-t", "mltest/built:prune-a"], &a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Tags are dated in whole seconds: B's build starts a second later than A's steps.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = build(
+        &["--build-cache-size", "0", "-t", "mltest/built:prune-b"],
+        &b,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("least recently used cached steps"),
+        "{}",
+        stderr(&o)
+    );
+    // This build's steps stay; A's went, though its named image is whole.
+    let o = build(&["-t", "mltest/built:prune-b"], &b);
+    assert_eq!(stderr(&o).matches("CACHED").count(), 1, "{}", stderr(&o));
+    let o = build(&["-t", "mltest/built:prune-a"], &a);
+    assert_eq!(stderr(&o).matches("CACHED").count(), 0, "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:prune-a"]);
+    assert_eq!(stdout(&o), format!("a {nonce}\n"), "{}", stderr(&o));
 }

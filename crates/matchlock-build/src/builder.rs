@@ -52,6 +52,9 @@ pub struct BuildOptions {
     pub add_hosts: Vec<(String, String)>,
     /// CPU, memory and disk of `RUN` sandboxes.
     pub resources: Resources,
+    /// After the build, least-recently-used step images go until the step cache's root file
+    /// systems take at most this many bytes (this build's steps are kept); `None`: no limit.
+    pub cache_limit: Option<u64>,
 }
 
 /// What a build reports as it goes; the CLI prints it.
@@ -66,6 +69,8 @@ pub trait Progress: Sync {
     fn done(&self, secs: f64);
     /// Base image pulls report here.
     fn pulls(&self) -> &dyn PullProgress;
+    /// Old step images were removed to keep the cache within its limit.
+    fn pruned(&self, _images: usize, _bytes: u64) {}
 }
 
 /// Why a build failed; the message says where and what to do.
@@ -114,6 +119,11 @@ pub fn build(
     opts: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<ImageInfo, BuildError> {
+    // Whole seconds, as the store dates tags: every step this build stores or uses is dated
+    // at or after it, so pruning keeps them.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let df = parse(&opts.dockerfile).map_err(|e| BuildError::Dockerfile(e.to_string()))?;
     let p = plan(&df, &opts.build_args, opts.target.as_deref())
         .map_err(|e| BuildError::Dockerfile(e.to_string()))?;
@@ -366,6 +376,23 @@ pub fn build(
         built.insert(index, cur);
     }
     let index = final_image.ok_or_else(|| BuildError::Other("nothing to build".into()))?;
+    let built_image = finish(images, opts, built, index)?;
+    if let Some(limit) = opts.cache_limit {
+        let (n, bytes) = prune_cache(images, limit, started)?;
+        if n > 0 {
+            progress.pruned(n, bytes);
+        }
+    }
+    Ok(built_image)
+}
+
+/// The target stage's image, tagged with each of `opts.tags`.
+fn finish(
+    images: &ImageStore,
+    opts: &BuildOptions,
+    mut built: BTreeMap<usize, Current>,
+    index: usize,
+) -> Result<ImageInfo, BuildError> {
     let cur = built
         .remove(&index)
         .ok_or_else(|| BuildError::Other("the target stage was not built".into()))?;
@@ -410,6 +437,49 @@ fn onbuild_triggers(
         }
     }
     Ok(out)
+}
+
+/// Removes step images, least recently used first, until the root file systems only they use
+/// take at most `limit` bytes on disk; those used at or after `keep_since` (seconds since the
+/// epoch) stay. Their layers go with them when nothing else uses them. Returns how many went
+/// and the bytes freed.
+pub fn prune_cache(
+    images: &ImageStore,
+    limit: u64,
+    keep_since: u64,
+) -> Result<(usize, u64), BuildError> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("{CACHE_REPO}:");
+    let (cache, named): (Vec<_>, Vec<_>) = images
+        .entries()?
+        .into_iter()
+        .partition(|e| e.info.name.starts_with(&prefix));
+    let named: std::collections::HashSet<_> = named.into_iter().map(|e| e.info.rootfs).collect();
+    let on_disk = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512);
+    let mut seen = std::collections::HashSet::new();
+    let mut total: u64 = cache
+        .iter()
+        .filter(|e| !named.contains(&e.info.rootfs) && seen.insert(e.info.rootfs.clone()))
+        .map(|e| on_disk(&e.info.rootfs))
+        .sum();
+    let (mut removed, mut freed) = (0, 0);
+    // `entries` is newest first.
+    for e in cache.iter().rev() {
+        if total <= limit {
+            break;
+        }
+        if e.stored_at >= keep_since {
+            continue;
+        }
+        let size = on_disk(&e.info.rootfs);
+        images.remove(&e.info.name)?;
+        removed += 1;
+        if !e.info.rootfs.exists() && !named.contains(&e.info.rootfs) {
+            total = total.saturating_sub(size);
+            freed += size;
+        }
+    }
+    Ok((removed, freed))
 }
 
 /// A step's cache key: its parent image (by config digest) and the step as applied.
@@ -1051,6 +1121,8 @@ fn advance(
     let info = match stored {
         Some(info) => {
             progress.cached();
+            // Used now: least-recently-used pruning keeps it longest.
+            let _ = images.touch(&name);
             info
         }
         None => {

@@ -900,4 +900,8 @@ pub struct BuildArgs {
     /// Writable disk of each RUN sandbox in MiB (alias: --build-disk).
     #[arg(long = "disk-size", alias = "build-disk", default_value_t = defaults::DISK_SIZE_MB)]
     pub disk_size: u64,
+    /// After the build, drop least-recently-used cached steps until the step cache takes at
+    /// most this many MiB on disk (this build's steps are kept). Upstream's flag and default.
+    #[arg(long = "build-cache-size", value_name = "MIB", default_value_t = 10240)]
+    pub build_cache_size: u64,
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 
 /// Prints each step as Docker's plain progress does: `[stage 2/5] RUN …`, the command's output,
-/// then `CACHED` or the time it took. Everything on stderr; stdout gets only the image digest.
+/// then `CACHED` or the time it took, on stderr; stdout gets upstream's result lines
+/// (`Successfully built and tagged TAG`, `Layers:`, `Size:`) and the digest.
 struct Lines {
     pulls: StderrProgress,
     tty: bool,
@@ -38,6 +39,14 @@ impl Progress for Lines {
     }
     fn pulls(&self) -> &dyn PullProgress {
         &self.pulls
+    }
+    fn pruned(&self, images: usize, bytes: u64) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "removed {images} least recently used cached steps ({:.1} MiB) to stay within \
+             --build-cache-size",
+            bytes as f64 / (1024.0 * 1024.0)
+        );
     }
 }
 
@@ -120,9 +129,21 @@ pub fn build(args: BuildArgs) -> Result<i32> {
             .map_err(|e| anyhow!(e))?;
         add_hosts.push((addr, name.to_string()));
     }
+    // Upstream's `--build-cpus 0` / `--build-memory 0` mean "all available": every core, and
+    // the default memory (a step sandbox does not need the host's whole memory).
+    let cpus = if args.cpus == 0.0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+    } else {
+        args.cpus
+    };
+    let memory = if args.memory == 0 {
+        matchlock_api::defaults::MEMORY_MB
+    } else {
+        args.memory
+    };
     let resources = Resources {
-        cpus: Some(Cpus::new(args.cpus, "--cpus")?),
-        memory: Some(MemoryMb::new(args.memory, "--memory")?),
+        cpus: Some(Cpus::new(cpus, "--cpus")?),
+        memory: Some(MemoryMb::new(memory, "--memory")?),
         disk: Some(DiskSizeMb::new(args.disk_size, "--disk-size")?),
     };
     let opts = BuildOptions {
@@ -140,6 +161,7 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         network,
         add_hosts,
         resources,
+        cache_limit: Some(args.build_cache_size.saturating_mul(1 << 20)),
     };
     let images = ImageStore::open_default()?;
     let progress = Lines {
@@ -153,19 +175,23 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         &opts,
         &progress,
     )?;
-    let names = if args.tags.is_empty() {
-        "untagged; name it with -t".to_string()
-    } else {
-        args.tags.join(", ")
-    };
-    eprintln!(
-        "built {} ({names}) in {:.1}s",
-        image.digest,
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("built in {:.1}s", started.elapsed().as_secs_f64());
     if let Some(out) = &args.output {
         crate::image::export(&images, &image.name, out, args.output_format)?;
     }
-    println!("{}", image.digest);
+    // Upstream's lines (scripts look for "Successfully built and tagged"), then the digest.
+    if args.tags.is_empty() {
+        println!(
+            "Successfully built {} (untagged; name it with -t)",
+            image.digest
+        );
+    }
+    for tag in &args.tags {
+        println!("Successfully built and tagged {tag}");
+    }
+    let layers = images.layers(&image).map(|l| l.len()).unwrap_or(0);
+    println!("Layers: {layers}");
+    println!("Size: {:.1} MB", image.size as f64 / (1024.0 * 1024.0));
+    println!("Digest: {}", image.digest);
     Ok(0)
 }

@@ -424,6 +424,17 @@ impl ImageStore {
         Ok(record.info)
     }
 
+    /// Marks a tag as used now (its `stored_at`), for least-recently-used pruning.
+    pub fn touch(&self, name: &str) -> Result<(), ImageError> {
+        let normalized = normalize_reference(name)?;
+        let tag = self.tag_path(&normalized);
+        fs::File::options()
+            .write(true)
+            .open(&tag)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .map_err(|e| ImageError::io(format!("touching {}", tag.display()), e))
+    }
+
     /// Every tagged image with where it came from and when it was stored, newest first.
     pub fn entries(&self) -> Result<Vec<StoredImage>, ImageError> {
         let dir = self.root.join("tags");
