@@ -457,37 +457,16 @@ fn run_steps_reach_allowed_hosts_only_and_secrets_stay_out_of_the_image() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const SECRET: &str = "sk-build-secret-never-in-image";
     // An upstream on the host's loopback: /pkg is a package, /auth says what key arrived.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match std::io::Read::read(&mut c, &mut b) {
-                    Ok(1) => head.push(b[0]),
-                    _ => break,
-                }
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let body = if head.starts_with("GET /auth") {
-                if head.contains(&format!("Bearer {SECRET}")) {
-                    "real-secret-arrived"
-                } else {
-                    "no-secret"
-                }
+    let port = http_server(|head| {
+        http_ok(if head.starts_with("GET /auth") {
+            if head.contains(&format!("Bearer {SECRET}")) {
+                "real-secret-arrived"
             } else {
-                "package-bytes"
-            };
-            let _ = std::io::Write::write_all(
-                &mut c,
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
-        }
+                "no-secret"
+            }
+        } else {
+            "package-bytes"
+        })
     });
     let ctx = context(
         "FROM mltest/busybox:1\nARG PORT\n\
@@ -871,4 +850,114 @@ fn build_cache_size_drops_least_recently_used_steps() {
     assert_eq!(stderr(&o).matches("CACHED").count(), 0, "{}", stderr(&o));
     let o = run(&["run", "--image", "mltest/built:prune-a"]);
     assert_eq!(stdout(&o), format!("a {nonce}\n"), "{}", stderr(&o));
+}
+
+#[test]
+fn add_fetches_urls_on_the_host_under_the_builds_network_policy() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let port = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+    let p = port.clone();
+    let served = http_server(move |head| {
+        HITS.fetch_add(1, Ordering::SeqCst);
+        let me = p.get().copied().unwrap_or(0);
+        let redirect = |to: String| {
+            format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        };
+        match request_path(head) {
+            "/files/notes.txt" => "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\
+                Last-Modified: Tue, 14 Nov 2023 22:13:20 GMT\r\nConnection: close\r\n\r\n\
+                remote notes\n"
+                .to_string(),
+            "/redirect" => redirect(format!("http://127.0.0.1:{me}/files/notes.txt")),
+            // A hop to an address the build was not given.
+            "/escape" => redirect(format!("http://127.0.0.2:{me}/files/notes.txt")),
+            _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+        }
+    });
+    port.set(served).unwrap();
+    let sum = "sha256:aeb5922e55ef047dfe290885a889edd9a6e3488594eff8e95c19d8f782c5b1b3";
+    let dockerfile = |extra: &str| {
+        format!(
+            "FROM mltest/busybox:1\nARG PORT\n\
+             ADD http://127.0.0.1:$PORT/files/notes.txt /remote/\n{extra}\
+             CMD [\"sh\", \"-c\", \"cat /remote/notes.txt; stat -c '%a %Y' /remote/notes.txt\"]\n"
+        )
+    };
+    let port_arg = format!("PORT={served}");
+    let open = ["--allow-private-host", "127.0.0.1"];
+    let attempt = |df: &str, flags: &[&str]| {
+        let ctx = context(df);
+        let mut a = vec![
+            "--build-arg",
+            port_arg.as_str(),
+            "-t",
+            "mltest/built:add-url",
+        ];
+        a.extend_from_slice(flags);
+        build(&a, &ctx)
+    };
+    // Refused before anything connects: the loopback is blocked by default, and a host the
+    // --allow-host list does not name is too.
+    let o = attempt(&dockerfile(""), &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--allow-private-host 127.0.0.1"),
+        "{}",
+        stderr(&o)
+    );
+    let o = attempt(
+        &dockerfile(""),
+        &[
+            "--allow-private-host",
+            "127.0.0.1",
+            "--allow-host",
+            "other.test",
+        ],
+    );
+    assert!(stderr(&o).contains("not allowed"), "{}", stderr(&o));
+    let o = attempt(&dockerfile(""), &["--no-network"]);
+    assert!(stderr(&o).contains("--no-network"), "{}", stderr(&o));
+    assert_eq!(
+        HITS.load(Ordering::SeqCst),
+        0,
+        "a refused fetch reached the server"
+    );
+    // A redirect to an address the build was not given is refused at that hop.
+    let o = attempt(&dockerfile("ADD http://127.0.0.1:$PORT/escape /e\n"), &open);
+    assert!(stderr(&o).contains("127.0.0.2"), "{}", stderr(&o));
+    // A wrong --checksum fails the step.
+    let bad = format!(
+        "ADD --checksum=sha256:{} http://127.0.0.1:$PORT/redirect /r\n",
+        "0".repeat(64)
+    );
+    let o = attempt(&dockerfile(&bad), &open);
+    assert!(stderr(&o).contains("not the --checksum"), "{}", stderr(&o));
+    // Allowed: the file (mode 0600, Last-Modified as its time), and through a redirect.
+    let good = format!("ADD --checksum={sum} http://127.0.0.1:$PORT/redirect /r.txt\n");
+    let o = attempt(
+        &dockerfile(&good),
+        &["--no-cache", "--allow-private-host", "127.0.0.1"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:add-url"]);
+    assert_eq!(
+        stdout(&o),
+        "remote notes\n600 1700000000\n",
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "run",
+        "--image",
+        "mltest/built:add-url",
+        "--",
+        "cat",
+        "/r.txt",
+    ]);
+    assert_eq!(stdout(&o), "remote notes\n", "{}", stderr(&o));
+    // Unchanged content: both steps from the cache (fetched again, as Docker does, to see).
+    let o = attempt(&dockerfile(&good), &open);
+    assert_eq!(stderr(&o).matches("CACHED").count(), 2, "{}", stderr(&o));
 }

@@ -857,43 +857,19 @@ fn plugin_flags_are_checked_before_boot() {
     assert!(!std::path::Path::new(usage).exists());
 }
 
-/// A loopback HTTP server answering every request with `answer(path)`.
-fn http_server(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let answer = Arc::new(answer);
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let answer = answer.clone();
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match std::io::Read::read(&mut c, &mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let _ = c.write_all(answer(&path).as_bytes());
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn redirects_followed_on_the_host_within_the_allow_list() {
     let py = python_image();
-    let landing = http_server(|path| {
+    let landing = http_server(|head| {
+        let path = request_path(head);
         let body = format!("landed {path}\n");
         format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
     });
-    let redirector = http_server(move |path| {
+    let redirector = http_server(move |head| {
+        let path = request_path(head);
         let to = match path {
             "/elsewhere" => format!("http://third.test:{landing}/x"),
             _ => format!("http://other.test:{landing}/final"),

@@ -2363,7 +2363,7 @@ fn evil_tar(entries: &[(&str, &str, &str)]) -> Vec<u8> {
 /// disk. The host directory must not change; no build's
 /// output and no built image (its exported bytes) may hold the secret; a refused build says why
 /// and leaves no sandbox and no temporary file in the image store.
-fn hostile_build_context(_: &Hits) -> Vec<Row> {
+fn hostile_build_context(hits: &Hits) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
     let canary = work.path().join("canary");
     std::fs::create_dir(&canary).unwrap();
@@ -2393,7 +2393,7 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
         Vec<(&'static str, Vec<u8>)>,
         Vec<&'static str>,
     );
-    let variants: Vec<Variant> = vec![
+    let mut variants: Vec<Variant> = vec![
         (
             "copy-link-to-host-file",
             format!("{from}COPY leak /leak\n"),
@@ -2557,6 +2557,29 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
             vec!["--disk-size", "64"],
         ),
     ];
+    // `ADD URL` is fetched by the host: each blocked canary address, the host's loopback, and
+    // (the control) the one address opened on purpose.
+    let blocked_urls: Vec<String> = BLOCKED
+        .iter()
+        .map(|a| format!("http://{a}/mlrt-add"))
+        .chain([format!("http://127.0.0.1:{LOOPBACK_PORT}/mlrt-add")])
+        .collect();
+    for url in &blocked_urls {
+        variants.push((
+            "add-url-to-a-blocked-address",
+            format!("{from}ADD {url} /x\n"),
+            vec![],
+            vec![],
+            vec![],
+        ));
+    }
+    variants.push((
+        "add-url-opened-control",
+        format!("{from}ADD http://{OPENED}/mlrt-add-control /x\n"),
+        vec![],
+        vec![],
+        vec!["--allow-private-host", OPENED],
+    ));
     let images = images_dir();
     let temps = || -> Vec<String> {
         std::fs::read_dir(&images)
@@ -2571,8 +2594,8 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
     let temps_before = temps();
     let mut leaked = Vec::new();
     let mut built = 0;
-    for (name, dockerfile, links, archives, flags) in &variants {
-        let ctx = work.path().join(format!("ctx-{name}"));
+    for (i, (name, dockerfile, links, archives, flags)) in variants.iter().enumerate() {
+        let ctx = work.path().join(format!("ctx-{i}-{name}"));
         std::fs::create_dir(&ctx).unwrap();
         std::fs::write(ctx.join("f"), "plain\n").unwrap();
         if !dockerfile.is_empty() {
@@ -2584,7 +2607,7 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
         for (a, bytes) in archives {
             std::fs::write(ctx.join(a), bytes).unwrap();
         }
-        let tag = format!("mltest/hostile-{name}:1");
+        let tag = format!("mltest/hostile-{i}-{name}:1");
         let mut args = vec!["build", "--no-cache", "-t", &tag];
         args.extend(flags.iter().copied());
         let ctx_arg = ctx.display().to_string();
@@ -2624,6 +2647,12 @@ fn hostile_build_context(_: &Hits) -> Vec<Row> {
         }
         eprintln!("red team: build: {name}: built (contained)");
         let _ = run(&["image", "rm", &tag]);
+    }
+    if hits_with(hits, "mlrt-add-control").is_empty() {
+        panic!("control: the opened address never saw the ADD's request");
+    }
+    for h in hits_with(hits, "mlrt-add ") {
+        leaked.push(format!("an ADD URL reached a blocked address: {h}"));
     }
     let left = temps()
         .into_iter()

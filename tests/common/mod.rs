@@ -278,3 +278,42 @@ pub fn round_trip(port: u16, data: &[u8]) -> Option<Vec<u8>> {
     s.read_to_end(&mut out).ok()?;
     Some(out)
 }
+
+/// A plain HTTP/1.1 server on 127.0.0.1, a thread per connection: each request's head (request
+/// line and headers) goes to `answer`, whose return (a whole response) is written back. Its port.
+pub fn http_server(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut c, &mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let _ = std::io::Write::write_all(&mut c, answer(&head).as_bytes());
+            });
+        }
+    });
+    port
+}
+
+/// The path of a request head's request line.
+pub fn request_path(head: &str) -> &str {
+    head.split_whitespace().nth(1).unwrap_or("/")
+}
+
+/// A `200 OK` response carrying `body`.
+pub fn http_ok(body: &str) -> String {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}

@@ -275,6 +275,9 @@ pub fn build(
                     )?;
                 }
                 Step::Copy(mut copy) => {
+                    // `ADD URL`: fetched on the host first, under the build's network policy.
+                    let downloads = fetch_urls(images, opts, &mut copy, progress)
+                        .map_err(|e| df_err(inst.line, e))?;
                     // `--from`: the sources come out of that stage's or image's file system.
                     let from_dir = match copy.from.take() {
                         None => None,
@@ -358,6 +361,13 @@ pub fn build(
                         std::io::BufWriter::new(layer.as_file()),
                     )
                     .map_err(|e| df_err(inst.line, e))?;
+                    // Downloads sit in a temporary directory: their paths are in no key.
+                    for s in &mut copy.sources {
+                        if let CopySource::Fetched { file, .. } = s {
+                            *file = PathBuf::new();
+                        }
+                    }
+                    drop(downloads);
                     let key = cache_key(&cur, &inst.text, &format!("{copy:?} {}", made.key));
                     advance(
                         images,
@@ -497,6 +507,63 @@ fn cache_key(cur: &Current, text: &str, applied: &str) -> String {
     hex::encode(h.finalize())[..40].to_string()
 }
 
+/// Fetches the `ADD` step's URL sources on the host (under the build's network policy, checked
+/// against `--checksum`) into a temporary directory, and makes each a [`CopySource::Fetched`].
+/// The directory lives as long as what this returns.
+fn fetch_urls(
+    images: &ImageStore,
+    opts: &BuildOptions,
+    copy: &mut crate::stage::CopyStep,
+    progress: &dyn Progress,
+) -> Result<Option<tempfile::TempDir>, String> {
+    if !copy.sources.iter().any(|s| matches!(s, CopySource::Url(_))) {
+        return Ok(None);
+    }
+    let egress = crate::fetch::Egress::new(opts.network.as_ref(), &opts.add_hosts)?
+        .ok_or("ADD from a URL needs the network; this build has --no-network")?;
+    let dir = tempfile::tempdir_in(images.root())
+        .map_err(|e| format!("a temporary directory in the image store: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the fetch's runtime: {e}"))?;
+    let into_dir = copy.dest.ends_with('/') || copy.sources.len() > 1;
+    for (i, s) in copy.sources.iter_mut().enumerate() {
+        let CopySource::Url(url) = s else { continue };
+        let name = match crate::fetch::file_name(url) {
+            Some(n) => n,
+            None if !into_dir => "download".into(),
+            None => {
+                return Err(format!(
+                    "ADD {url}: the URL names no file; give the destination a file name"
+                ))
+            }
+        };
+        progress.output(format!("fetching {url}\n").as_bytes());
+        let file = dir.path().join(i.to_string());
+        let got = rt.block_on(async {
+            let mut f = tokio::fs::File::create(&file)
+                .await
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            crate::fetch::fetch(url, &egress, &mut f).await
+        })?;
+        if let Some(want) = &copy.checksum {
+            if &got.digest != want {
+                return Err(format!(
+                    "ADD {url}: the content is {}, not the --checksum {want}",
+                    got.digest
+                ));
+            }
+        }
+        *s = CopySource::Fetched {
+            file,
+            name,
+            mtime: got.mtime.unwrap_or(0),
+        };
+    }
+    Ok(Some(dir))
+}
+
 /// Where `type=cache` mounts keep their files: beside the image store, one directory per id.
 pub fn cache_mounts_dir(images: &ImageStore) -> PathBuf {
     images
@@ -576,6 +643,7 @@ fn prepare_mounts(
                             chown: None,
                             chmod: None,
                             exclude: Vec::new(),
+                            checksum: None,
                         };
                         let tar = tempfile::tempfile_in(images.root())
                             .map_err(|e| format!("a temporary file in the image store: {e}"))?;

@@ -338,9 +338,16 @@ pub fn copy_layer(
     // What each source names: (context-relative path, its file name).
     let mut matches: Vec<(PathBuf, String)> = Vec::new();
     let mut inline = Vec::new();
+    let mut fetched = Vec::new();
     for s in &step.sources {
         match s {
             CopySource::Inline { name, content } => inline.push((name.clone(), content.clone())),
+            CopySource::Fetched { file, name, mtime } => fetched.push((file, name, *mtime)),
+            CopySource::Url(u) => {
+                return Err(format!(
+                    "{u}: not fetched (the builder fetches URL sources first)"
+                ))
+            }
             CopySource::Path(src) => {
                 let segs = clean(src)?;
                 let found = if segs.iter().any(|s| has_glob(s)) {
@@ -379,7 +386,7 @@ pub fn copy_layer(
             }
         }
     }
-    let many = matches.len() + inline.len() > 1;
+    let many = matches.len() + inline.len() + fetched.len() > 1;
     let dest_dir = step.dest.ends_with('/');
     if many && !dest_dir {
         return Err(format!(
@@ -416,6 +423,15 @@ pub fn copy_layer(
     }
     // A source that is a link is followed (inside the context), as BuildKit does; the copy
     // keeps the source's name. Links inside a copied directory stay links.
+    for (file, name, mtime) in fetched {
+        let mut f = fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let len = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .len();
+        // Docker gives a downloaded file mode 0600, and never unpacks it.
+        w.file(&at(name), &mut f, len, 0o600, 0, 0, mtime)?;
+    }
     for (rel, name) in matches {
         let full = host(context, &rel, true)?;
         let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", rel.display()))?;

@@ -199,6 +199,18 @@ pub fn mount_fields(spec: &str) -> Result<Vec<(String, Option<String>)>, String>
 pub enum CopySource {
     /// A path or glob, relative to the context (or the stage or image copied from).
     Path(String),
+    /// `ADD http(s)://…`: fetched on the host under the build's network policy.
+    Url(String),
+    /// A URL source once fetched (the builder makes these from [`CopySource::Url`]): the host
+    /// file, the name it takes, its `Last-Modified` time. Mode 0600, as Docker gives it.
+    Fetched {
+        /// The downloaded file.
+        file: std::path::PathBuf,
+        /// Its name in the image (the URL path's last segment).
+        name: String,
+        /// Modification time, seconds since the epoch.
+        mtime: u64,
+    },
     /// A heredoc's content, as a file named after its delimiter.
     Inline {
         /// The file name.
@@ -225,6 +237,8 @@ pub struct CopyStep {
     pub chmod: Option<u32>,
     /// `--exclude` patterns.
     pub exclude: Vec<String>,
+    /// `ADD --checksum=sha256:…`: what a URL source's content must hash to.
+    pub checksum: Option<String>,
 }
 
 /// What one instruction does.
@@ -627,6 +641,19 @@ impl<'a> StageState<'a> {
             None => None,
         };
         let chown = self.expand_flag(flags, "chown")?;
+        let checksum = match self.expand_flag(flags, "checksum")? {
+            Some(c) => {
+                let hex = c.strip_prefix("sha256:").unwrap_or_default();
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "--checksum={c}: give sha256: and 64 hex digits (the only digest \
+                         supported)"
+                    ));
+                }
+                Some(c.to_ascii_lowercase())
+            }
+            None => None,
+        };
         let mut exclude = Vec::new();
         for f in flags.iter().filter(|f| f.name == "exclude") {
             exclude.push(self.expand(f.value.as_deref().unwrap_or_default())?);
@@ -636,16 +663,26 @@ impl<'a> StageState<'a> {
             out.push(match s {
                 Source::Path(raw) => {
                     let p = self.expand(raw)?;
-                    if add && (p.contains("://") || p.starts_with("git@")) {
-                        return Err(format!(
-                            "ADD {p}: sources from the network are not supported; fetch them \
-                             with RUN (under the build's network policy)"
-                        ));
-                    }
                     if p.is_empty() {
                         return Err("a source expanded to nothing".into());
                     }
-                    CopySource::Path(p)
+                    let lower = p.to_ascii_lowercase();
+                    let git = lower.starts_with("git@")
+                        || lower.starts_with("git://")
+                        || lower.split('#').next().is_some_and(|u| u.ends_with(".git"));
+                    if add && git {
+                        return Err(format!(
+                            "ADD {p}: git sources are not supported yet; clone with RUN git \
+                             clone (under the build's network policy)"
+                        ));
+                    }
+                    if add && (lower.starts_with("http://") || lower.starts_with("https://")) {
+                        CopySource::Url(p)
+                    } else if add && p.contains("://") {
+                        return Err(format!("ADD {p}: only http and https URLs can be fetched"));
+                    } else {
+                        CopySource::Path(p)
+                    }
                 }
                 Source::Inline(h) => CopySource::Inline {
                     name: h.delimiter.clone(),
@@ -665,6 +702,9 @@ impl<'a> StageState<'a> {
         if (d.ends_with('/') || d == ".") && !dest.ends_with('/') {
             dest.push('/');
         }
+        if checksum.is_some() && !out.iter().all(|s| matches!(s, CopySource::Url(_))) {
+            return Err("--checksum is for URL sources only".into());
+        }
         Ok(Step::Copy(CopyStep {
             add,
             from,
@@ -673,6 +713,7 @@ impl<'a> StageState<'a> {
             chown,
             chmod,
             exclude,
+            checksum,
         }))
     }
 

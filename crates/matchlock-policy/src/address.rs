@@ -39,7 +39,10 @@ impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ip = self.addr;
         match self.what {
-            Range::Host => write!(f, "{ip} is an address of the host"),
+            Range::Host => write!(
+                f,
+                "{ip} is an address of the host (blocked; --allow-private-host {ip} opens it)"
+            ),
             Range::NotPublic(what) => write!(
                 f,
                 "{ip} is {what} (blocked; --allow-private-host {ip} opens it)"

@@ -63,6 +63,7 @@ fn entries(tar_bytes: &[u8]) -> BTreeMap<String, (char, u32, u64, u64, String)> 
 
 fn step(sources: &[&str], dest: &str) -> CopyStep {
     CopyStep {
+        checksum: None,
         add: false,
         from: None,
         sources: sources

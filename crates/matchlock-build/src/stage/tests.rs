@@ -183,10 +183,37 @@ fn bad_values_are_errors_with_the_reason() {
     assert!(e("FROM x\nRUN --mount=target=/c --mount=type=tmpfs,target=/c x").contains("two"));
     assert!(e("FROM x\nRUN --mount=type=cache,target=/c,uid=me x").contains("number"));
     assert!(e("FROM x\nRUN --mount=\"target=/c x").contains("quote"));
-    assert!(e("FROM x\nADD https://example.com/x /x").contains("network"));
+    assert!(e("FROM x\nADD git@github.com:a/b.git /src").contains("git sources"));
+    assert!(e("FROM x\nADD https://example.com/a/b.git /src").contains("git sources"));
+    assert!(e("FROM x\nADD ftp://example.com/x /x").contains("only http and https"));
+    assert!(e("FROM x\nADD --checksum=md5:abc https://e.com/x /x").contains("sha256"));
+    assert!(e(&format!(
+        "FROM x\nADD --checksum=sha256:{} a /x",
+        "0".repeat(64)
+    ))
+    .contains("URL sources only"));
     assert!(e("FROM x\nENV A=\"${B:?set B}\"").contains("B: set B"));
     assert!(e("FROM x\nUSER $NOBODY").contains("no user"));
     assert!(e("FROM x\nCOPY --from x y").contains("--from needs a value"));
+}
+
+#[test]
+fn add_urls() {
+    let sum = format!("sha256:{}", "AB".repeat(32));
+    let (steps, _) = ok(&format!(
+        "FROM x\nADD --checksum={sum} https://example.com/t.tgz /opt/\nCOPY https://x /y\n"
+    ));
+    let add = copy_of(&steps[0]);
+    assert_eq!(
+        add.sources,
+        [CopySource::Url("https://example.com/t.tgz".into())]
+    );
+    assert_eq!(add.checksum.as_deref(), Some(&*sum.to_ascii_lowercase()));
+    // COPY never fetches: that is a path in the context.
+    assert_eq!(
+        copy_of(&steps[1]).sources,
+        [CopySource::Path("https://x".into())]
+    );
 }
 
 #[test]
