@@ -22,6 +22,32 @@ fn build(args: &[&str], ctx: &tempfile::TempDir) -> std::process::Output {
     run(&a)
 }
 
+/// Builds `ctx` as `tag` (with `flags`), writing it out with `--output` as a docker-archive and
+/// with `image export --format oci`; the two files.
+fn build_and_export(
+    ctx: &tempfile::TempDir,
+    tag: &str,
+    flags: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let archive = ctx.path().join("docker.tar");
+    let mut args = flags.to_vec();
+    args.extend_from_slice(&["-t", tag, "--output", archive.to_str().unwrap()]);
+    let o = build(&args, ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let oci = ctx.path().join("oci.tar");
+    let o = run(&[
+        "image",
+        "export",
+        tag,
+        "--format",
+        "oci",
+        "-o",
+        oci.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (archive, oci)
+}
+
 const STEPS: &str = "\
 # syntax=docker/dockerfile:1
 ARG BASE=mltest/busybox:1
@@ -322,28 +348,7 @@ fn multi_stage_copies_from_a_stage_and_an_image_and_target_picks_a_stage() {
 
     // --output writes a docker-archive that skopeo reads and an import brings back;
     // `image export --format oci` an OCI layout.
-    let out = ctx.path().join("image.tar");
-    let o = build(
-        &[
-            "-t",
-            "mltest/built:multi",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &ctx,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let oci = ctx.path().join("oci.tar");
-    let o = run(&[
-        "image",
-        "export",
-        "mltest/built:multi",
-        "--format",
-        "oci",
-        "-o",
-        oci.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (out, oci) = build_and_export(&ctx, "mltest/built:multi", &[]);
     for (transport, file) in [("docker-archive", &out), ("oci-archive", &oci)] {
         let o = std::process::Command::new("skopeo")
             .args([
@@ -658,29 +663,7 @@ fn built_images_load_into_docker_in_both_formats() {
               stat -c '%u %a' /built; echo $GREETING\"]\n",
     );
     std::fs::write(ctx.path().join("f.txt"), "from the context\n").unwrap();
-    let archive = ctx.path().join("docker.tar");
-    let o = build(
-        &[
-            "--no-cache",
-            "-t",
-            "mltest/built:docker",
-            "-o",
-            archive.to_str().unwrap(),
-        ],
-        &ctx,
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    let oci = ctx.path().join("oci.tar");
-    let o = run(&[
-        "image",
-        "export",
-        "mltest/built:docker",
-        "--format",
-        "oci",
-        "-o",
-        oci.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (archive, oci) = build_and_export(&ctx, "mltest/built:docker", &["--no-cache"]);
     let docker = Dockerd::start();
     for file in [&archive, &oci] {
         let o = docker.docker(&["load", "-i", file.to_str().unwrap()]);
@@ -825,7 +808,10 @@ fn build_cache_size_drops_least_recently_used_steps() {
         .unwrap()
         .as_nanos()
         .to_string();
-    let a = context("FROM mltest/busybox:1\nCOPY a.txt /a\nCMD [\"cat\", \"/a\"]\n");
+    // A's first step has a root file system of its own (the named image shares the last
+    // one's), so dropping it frees space.
+    let a =
+        context("FROM mltest/busybox:1\nCOPY a.txt /a\nCOPY a.txt /a2\nCMD [\"cat\", \"/a\"]\n");
     std::fs::write(a.path().join("a.txt"), format!("a {nonce}\n")).unwrap();
     let b = context("FROM mltest/busybox:1\nCOPY b.txt /b\n");
     std::fs::write(b.path().join("b.txt"), format!("b {nonce}\n")).unwrap();

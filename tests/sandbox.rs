@@ -1070,14 +1070,7 @@ fn supervisor_owns_forwards_run_output_reaches_log_and_logging_works() {
     ]);
     assert_eq!(stdout(&o), "attached-output\n");
     let err = stderr(&o);
-    let id = err
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Sandbox ")
-                .and_then(|r| r.strip_suffix(" is running"))
-        })
-        .unwrap_or_else(|| panic!("no 'Sandbox ID is running' line: {err}"))
-        .to_string();
+    let id = running_id(&err);
     assert!(
         err.contains(&format!("  Stop:    matchlock kill {id}")),
         "{err}"

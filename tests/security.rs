@@ -1886,20 +1886,7 @@ fn crafted_image_layers(_: &Hits) -> Vec<Row> {
     std::fs::create_dir(&canary).unwrap();
     let marker = format!("mlrt-img-{}", std::process::id());
     std::fs::write(canary.join("secret"), &marker).unwrap();
-    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
-        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap_or_default(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
+    let snapshot = dir_snapshot;
     let before = snapshot(&canary);
     let base = work.path().join("base.tar");
     let st = std::process::Command::new(repo_root().join("scripts/make-busybox-image"))
@@ -2369,18 +2356,7 @@ fn hostile_build_context(hits: &Hits) -> Vec<Row> {
     std::fs::create_dir(&canary).unwrap();
     let marker = format!("mlrt-build-{}", std::process::id());
     std::fs::write(canary.join("secret"), &marker).unwrap();
-    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
-        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| {
-                let data = std::fs::read(e.path()).unwrap_or_default();
-                (e.file_name().to_string_lossy().into_owned(), data)
-            })
-            .collect();
-        v.sort();
-        v
-    };
+    let snapshot = dir_snapshot;
     let before = snapshot(&canary);
     let c = canary.display().to_string();
     let up = format!("{}{}", "../".repeat(16), c.trim_start_matches('/'));

@@ -516,14 +516,7 @@ fn a_workspace_mount_does_not_hold_up_qemus_monitor() {
     ]);
     assert_eq!(stdout(&o), "in the workspace\n", "{}", stderr(&o));
     let err = stderr(&o);
-    let id = err
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Sandbox ")
-                .and_then(|r| r.strip_suffix(" is running"))
-        })
-        .unwrap_or_else(|| panic!("no 'Sandbox ID is running' line: {err}"))
-        .to_string();
+    let id = running_id(&err);
     let log = fs::read_to_string(home().join("vms").join(&id).join("logs/supervisor.log"))
         .unwrap_or_default();
     let _ = run(&["kill", &id]);

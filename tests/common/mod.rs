@@ -317,3 +317,30 @@ pub fn http_ok(body: &str) -> String {
         body.len()
     )
 }
+
+/// The sandbox id in a `run --rm=false` stderr's "Sandbox ID is running" line.
+pub fn running_id(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Sandbox ")
+                .and_then(|r| r.strip_suffix(" is running"))
+        })
+        .unwrap_or_else(|| panic!("no 'Sandbox ID is running' line: {stderr}"))
+        .to_string()
+}
+
+/// A directory's files (one level), named with their contents, sorted: to see that nothing in
+/// it changed.
+pub fn dir_snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), data)
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -172,6 +172,22 @@ impl ImageStore {
             .join(format!("{}.ext4", digest_hex(config_digest)?)))
     }
 
+    /// Where the root file system of exactly these layers lives. It depends on the layers
+    /// alone, so images that differ only in their config (a build's `CMD`, its final tags, an
+    /// import of the same layers) share one file instead of each unpacking every layer again.
+    /// (Pulls keep theirs by config digest.)
+    pub(crate) fn layers_rootfs_path(&self, layers: &[crate::archive::LayerSource]) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for l in layers {
+            h.update(l.diff_id.as_bytes());
+            h.update(b"\n");
+        }
+        self.root
+            .join("rootfs")
+            .join(format!("layers-{}.ext4", hex::encode(h.finalize())))
+    }
+
     pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
         Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
     }
@@ -194,15 +210,15 @@ impl ImageStore {
         self.install(&normalized, &plan, &work.0)
     }
 
-    /// Builds `plan`'s root file system in `work` unless one with its config is stored, puts it
-    /// in place and commits the tag (imports and derived images alike).
+    /// Builds `plan`'s root file system in `work` unless one of the same layers is stored, puts
+    /// it in place and commits the tag (imports and derived images alike).
     pub(crate) fn install(
         &self,
         normalized: &str,
         plan: &ImagePlan,
         work: &Path,
     ) -> Result<ImageInfo, ImageError> {
-        let rootfs = self.rootfs_path(&plan.config_digest)?;
+        let rootfs = self.layers_rootfs_path(&plan.layers);
         let mut built: Option<PathBuf> = None;
         loop {
             if built.is_none() && !rootfs.exists() {

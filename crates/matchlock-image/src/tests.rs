@@ -1102,6 +1102,15 @@ fn derive_adds_layers_and_export_round_trips_through_both_formats() {
         "a new layer is stored uncompressed"
     );
     assert!(s.config_blob(&info).unwrap()["config"]["ExposedPorts"]["80/tcp"].is_object());
+    // A config-only child (a build's CMD, a final tag) shares the root file system: the same
+    // layers are not unpacked again.
+    let mut config = s.config_blob(&info).unwrap();
+    config["config"]["Cmd"] = serde_json::json!(["echo", "config only"]);
+    let cfg_only = s.derive("built:cmd", Some(&info), &[], config).unwrap();
+    assert_ne!(cfg_only.digest, info.digest);
+    assert_eq!(cfg_only.rootfs, info.rootfs);
+    s.remove("built:cmd").unwrap();
+    assert!(info.rootfs.exists(), "still used by built:1");
     // The parent can go: the derived image keeps the blobs it shares.
     s.remove("base:1").unwrap();
     assert_eq!(s.layers(&info).unwrap(), layers);
