@@ -528,6 +528,12 @@ fn fetch_urls(
         .build()
         .map_err(|e| format!("starting the fetch's runtime: {e}"))?;
     let into_dir = copy.dest.ends_with('/') || copy.sources.len() > 1;
+    // A download is bounded as a step's disk is: it has to fit in the image anyway.
+    let max_bytes = opts
+        .resources
+        .disk
+        .map_or(matchlock_api::defaults::DISK_SIZE_MB, |d| d.get())
+        .saturating_mul(1 << 20);
     for (i, s) in copy.sources.iter_mut().enumerate() {
         let CopySource::Url(url) = s else { continue };
         let name = match crate::fetch::file_name(url) {
@@ -545,7 +551,7 @@ fn fetch_urls(
             let mut f = tokio::fs::File::create(&file)
                 .await
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            crate::fetch::fetch(url, &egress, &mut f).await
+            crate::fetch::fetch(url, &egress, max_bytes, &mut f).await
         })?;
         if let Some(want) = &copy.checksum {
             if &got.digest != want {

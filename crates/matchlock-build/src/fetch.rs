@@ -106,10 +106,11 @@ pub struct Fetched {
 }
 
 /// Fetches `url` (http or https) into `out` under `egress`, following redirects (each hop
-/// checked again); an error says what was refused or failed.
+/// checked again), at most `max_bytes` of it; an error says what was refused or failed.
 pub async fn fetch(
     url: &str,
     egress: &Egress,
+    max_bytes: u64,
     out: &mut tokio::fs::File,
 ) -> Result<Fetched, String> {
     let mut url = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
@@ -135,6 +136,8 @@ pub async fn fetch(
             .no_proxy()
             .resolve(host.trim_start_matches('[').trim_end_matches(']'), addr)
             .connect_timeout(std::time::Duration::from_secs(30))
+            // A server that stops sending fails the step instead of holding the build.
+            .read_timeout(std::time::Duration::from_secs(60))
             .user_agent(concat!("matchlock-build/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("{url}: {e}"))?;
@@ -165,8 +168,22 @@ pub async fn fetch(
             .and_then(|v| httpdate::parse_http_date(v).ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
+        let too_big = || {
+            format!(
+                "{url}: larger than {} MiB (the build's --disk-size)",
+                max_bytes >> 20
+            )
+        };
+        if resp.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(too_big());
+        }
         let mut sha = Sha256::new();
+        let mut got: u64 = 0;
         while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            got += chunk.len() as u64;
+            if got > max_bytes {
+                return Err(too_big());
+            }
             sha.update(&chunk);
             out.write_all(&chunk)
                 .await
@@ -200,6 +217,55 @@ mod tests {
         );
         assert_eq!(file_name("https://example.com/"), None);
         assert_eq!(file_name("https://example.com"), None);
+    }
+
+    /// A loopback server that answers every request with `response`; its port.
+    fn serve(response: &'static [u8]) -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut c, &mut buf);
+                let _ = std::io::Write::write_all(&mut c, response);
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn downloads_are_bounded() {
+        let mut n = NetworkRequest::default();
+        n.allow_private_hosts.push("127.0.0.1".parse().unwrap());
+        let egress = Egress::new(Some(&n), &[]).unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fetch_to = |port: u16, max: u64| {
+            let path = dir.path().join(format!("{port}-{max}"));
+            let egress = &egress;
+            async move {
+                let mut f = tokio::fs::File::create(&path).await.unwrap();
+                fetch(&format!("http://127.0.0.1:{port}/f"), egress, max, &mut f).await
+            }
+        };
+        // Said up front, and found on the way (no length given).
+        let sized = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\nConnection: close\r\n\r\n0123456789abcdefghij");
+        let unsized_ = serve(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n0123456789abcdefghij");
+        for port in [sized, unsized_] {
+            let e = fetch_to(port, 10).await.unwrap_err();
+            assert!(e.contains("larger than"), "{e}");
+            let got = fetch_to(port, 20).await.unwrap();
+            assert_eq!(
+                got.digest,
+                format!(
+                    "sha256:{}",
+                    hex::encode(Sha256::digest(b"0123456789abcdefghij"))
+                )
+            );
+        }
+        let missing =
+            serve(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let e = fetch_to(missing, 10).await.unwrap_err();
+        assert!(e.contains("404"), "{e}");
     }
 
     #[tokio::test]
