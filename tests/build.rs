@@ -947,3 +947,28 @@ fn add_fetches_urls_on_the_host_under_the_builds_network_policy() {
     let o = attempt(&dockerfile(&good), &open);
     assert_eq!(stderr(&o).matches("CACHED").count(), 2, "{}", stderr(&o));
 }
+
+#[test]
+fn platform_args_and_copy_parents() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ctx = context(
+        "FROM --platform=$BUILDPLATFORM mltest/busybox:1\n\
+         ARG TARGETARCH\n\
+         ENV ARCH=$TARGETARCH\n\
+         COPY --parents src/*.txt /p/\n\
+         CMD [\"sh\", \"-c\", \"cat /p/src/a.txt; echo $ARCH\"]\n",
+    );
+    std::fs::create_dir(ctx.path().join("src")).unwrap();
+    std::fs::write(ctx.path().join("src/a.txt"), "kept its path\n").unwrap();
+    let o = build(&["-t", "mltest/built:platform"], &ctx);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:platform"]);
+    assert_eq!(stdout(&o), "kept its path\namd64\n", "{}", stderr(&o));
+    let other = context("FROM --platform=linux/arm64 mltest/busybox:1\n");
+    let o = build(&[], &other);
+    assert!(
+        stderr(&o).contains("this host builds and runs linux/amd64 images only"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -650,6 +650,7 @@ fn prepare_mounts(
                             chmod: None,
                             exclude: Vec::new(),
                             checksum: None,
+                            parents: false,
                         };
                         let tar = tempfile::tempfile_in(images.root())
                             .map_err(|e| format!("a temporary file in the image store: {e}"))?;

@@ -432,19 +432,34 @@ pub fn copy_layer(
         // Docker gives a downloaded file mode 0600, and never unpacks it.
         w.file(&at(name), &mut f, len, 0o600, 0, 0, mtime)?;
     }
+    // `--parents`: each source keeps its path from the context's root under the destination.
+    let under = |rel: &Path| -> String {
+        let rel = rel.to_string_lossy();
+        match (dest.is_empty(), rel.is_empty()) {
+            (_, true) => dest.clone(),
+            (true, false) => rel.into_owned(),
+            (false, false) => format!("{dest}/{rel}"),
+        }
+    };
     for (rel, name) in matches {
         let full = host(context, &rel, true)?;
         let meta = fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", rel.display()))?;
+        let target_dir = if step.parents {
+            under(&rel)
+        } else {
+            dest.clone()
+        };
         if meta.is_dir() {
             // A directory's contents go to the destination itself.
-            walk(&mut w, &full, &rel, &dest, ignore)?;
+            walk(&mut w, &full, &rel, &target_dir, ignore)?;
         } else {
             let kind = (step.add && meta.is_file())
                 .then(|| archive_kind(&full))
                 .flatten();
+            let at_file = if step.parents { under(&rel) } else { at(&name) };
             match kind {
                 Some(kind) => unpack(&mut w, &full, kind, &dest)?,
-                None => entry(&mut w, &full, &meta, &at(&name))?,
+                None => entry(&mut w, &full, &meta, &at_file)?,
             }
         }
     }

@@ -104,16 +104,43 @@ pub fn plan(
                 for d in decls {
                     declared.push(d.name.clone());
                     let value = arg_value(d, build_args, &global_args, esc, &|n| {
-                        global_args.get(n).cloned().flatten()
+                        global_args
+                            .get(n)
+                            .cloned()
+                            .flatten()
+                            .or_else(|| automatic_arg(n))
                     })
                     .map_err(|e| at(inst.line, e))?;
                     global_args.insert(d.name.clone(), value);
                 }
             }
             (Kind::From { image, alias }, _) => {
-                let lookup = |n: &str| global_args.get(n).cloned().flatten();
+                let lookup = |n: &str| {
+                    global_args
+                        .get(n)
+                        .cloned()
+                        .flatten()
+                        .or_else(|| automatic_arg(n))
+                };
                 let image =
                     words::expand(image, esc, &lookup).map_err(|e| at(inst.line, e.to_string()))?;
+                // Images are run on this host's platform only: another is an error, not a
+                // silently different image.
+                for f in inst.flags.iter().filter(|f| f.name == "platform") {
+                    let raw = f.value.as_deref().unwrap_or_default();
+                    let want = words::expand(raw, esc, &lookup)
+                        .map_err(|e| at(inst.line, e.to_string()))?;
+                    let want = want.to_ascii_lowercase();
+                    if want != platform() && want != platform().trim_start_matches("linux/") {
+                        return Err(at(
+                            inst.line,
+                            format!(
+                                "--platform={want}: this host builds and runs {} images only",
+                                platform()
+                            ),
+                        ));
+                    }
+                }
                 if image.is_empty() {
                     return Err(at(
                         inst.line,
@@ -200,8 +227,38 @@ pub fn plan(
     })
 }
 
+/// The platform this builds for and on, as `linux/ARCH` (OCI's names: `amd64`, `arm64`).
+pub fn platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
+
+/// BuildKit's automatic platform args (`TARGETPLATFORM`, `TARGETOS`, `TARGETARCH`,
+/// `TARGETVARIANT` and the `BUILD…` four): in the global scope without a declaration (so
+/// `FROM --platform=$BUILDPLATFORM` works), and in a stage once declared bare (`ARG
+/// TARGETARCH`). Builds run where they target, so both sets name this host's platform.
+pub fn automatic_arg(name: &str) -> Option<String> {
+    let p = platform();
+    let (os, arch) = p.split_once('/').unwrap_or(("linux", ""));
+    let v = match name
+        .strip_prefix("TARGET")
+        .or_else(|| name.strip_prefix("BUILD"))?
+    {
+        "PLATFORM" => p.clone(),
+        "OS" => os.to_string(),
+        "ARCH" => arch.to_string(),
+        "VARIANT" => String::new(),
+        _ => return None,
+    };
+    Some(v)
+}
+
 /// An `ARG`'s value: the build arg, else (for a global redeclared bare) the global value, else
-/// its default expanded with what is in scope.
+/// its default expanded with what is in scope, else an automatic platform arg's value.
 pub fn arg_value(
     d: &ArgDecl,
     build_args: &BTreeMap<String, String>,
@@ -216,7 +273,11 @@ pub fn arg_value(
         Some(raw) => words::expand(raw, esc, scope)
             .map(Some)
             .map_err(|e| e.to_string()),
-        None => Ok(globals.get(&d.name).cloned().flatten()),
+        None => Ok(globals
+            .get(&d.name)
+            .cloned()
+            .flatten()
+            .or_else(|| automatic_arg(&d.name))),
     }
 }
 
@@ -351,6 +412,49 @@ mod tests {
             e.contains("no stage named \"nope\"") && e.contains("build, unused, test"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn platform_args_and_from_platform() {
+        let here = platform();
+        let arch = here.trim_start_matches("linux/").to_string();
+        let df = parse(
+            "FROM --platform=$BUILDPLATFORM golang:${TARGETOS} AS build\n\
+             FROM --platform=${TARGETPLATFORM} busybox-$TARGETARCH\n",
+        )
+        .unwrap();
+        let p = plan(&df, &args(&[]), None).unwrap();
+        assert_eq!(p.stages[0].base, Base::Image("golang:linux".into()));
+        assert_eq!(p.stages[1].base, Base::Image(format!("busybox-{arch}")));
+        assert_eq!(automatic_arg("BUILDVARIANT").as_deref(), Some(""));
+        assert_eq!(automatic_arg("TARGETNOPE"), None);
+        // Declared bare in a stage, it takes the automatic value; a build arg wins.
+        let decl = ArgDecl {
+            name: "TARGETARCH".into(),
+            default: None,
+        };
+        let none = BTreeMap::new();
+        assert_eq!(
+            arg_value(&decl, &args(&[]), &none, '\\', &|_| None).unwrap(),
+            Some(arch)
+        );
+        assert_eq!(
+            arg_value(&decl, &args(&[("TARGETARCH", "x")]), &none, '\\', &|_| None).unwrap(),
+            Some("x".into())
+        );
+        let other = if here == "linux/amd64" {
+            "linux/arm64"
+        } else {
+            "linux/amd64"
+        };
+        let e = plan(
+            &parse(&format!("FROM --platform={other} a\n")).unwrap(),
+            &args(&[]),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("images only"), "{e}");
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub struct CopyStep {
     pub exclude: Vec<String>,
     /// `ADD --checksum=sha256:…`: what a URL source's content must hash to.
     pub checksum: Option<String>,
+    /// `COPY --parents`: each source keeps its path from the context's root.
+    pub parents: bool,
 }
 
 /// What one instruction does.
@@ -702,6 +704,22 @@ impl<'a> StageState<'a> {
         if (d.ends_with('/') || d == ".") && !dest.ends_with('/') {
             dest.push('/');
         }
+        let parents = match flags.iter().rev().find(|f| f.name == "parents") {
+            None => false,
+            Some(Flag { value: None, .. }) => true,
+            Some(Flag { value: Some(v), .. }) => match self.expand(v)?.as_str() {
+                "true" => true,
+                "false" => false,
+                other => return Err(format!("--parents={other}: true or false")),
+            },
+        };
+        if parents
+            && out
+                .iter()
+                .any(|s| matches!(s, CopySource::Path(p) if p.contains("/./")))
+        {
+            return Err("COPY --parents with a ./ pivot in a source is not supported".into());
+        }
         if checksum.is_some() && !out.iter().all(|s| matches!(s, CopySource::Url(_))) {
             return Err("--checksum is for URL sources only".into());
         }
@@ -714,6 +732,7 @@ impl<'a> StageState<'a> {
             chmod,
             exclude,
             checksum,
+            parents,
         }))
     }
 

@@ -64,6 +64,7 @@ fn entries(tar_bytes: &[u8]) -> BTreeMap<String, (char, u32, u64, u64, String)> 
 fn step(sources: &[&str], dest: &str) -> CopyStep {
     CopyStep {
         checksum: None,
+        parents: false,
         add: false,
         from: None,
         sources: sources
@@ -251,6 +252,24 @@ fn add_unpacks_local_archives() {
         e.contains("short") || e.contains("EOF") || e.contains("unexpected"),
         "{e}"
     );
+}
+
+#[test]
+fn parents_keep_each_sources_path() {
+    let c = ctx();
+    let mut s = step(&["src/*.py", "run.sh", "src/sub"], "/dst/");
+    s.parents = true;
+    let (t, _) = copy(&s, &c, "", None).unwrap();
+    let e = entries(&t);
+    for k in [
+        "dst/src/a.py",
+        "dst/src/b.py",
+        "dst/run.sh",
+        "dst/src/sub/c.py",
+    ] {
+        assert!(e.contains_key(k), "{k}: {e:?}");
+    }
+    assert!(!e.contains_key("dst/a.py"), "{e:?}");
 }
 
 #[test]

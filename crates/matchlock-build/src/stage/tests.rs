@@ -186,6 +186,8 @@ fn bad_values_are_errors_with_the_reason() {
     assert!(e("FROM x\nADD git@github.com:a/b.git /src").contains("git sources"));
     assert!(e("FROM x\nADD https://example.com/a/b.git /src").contains("git sources"));
     assert!(e("FROM x\nADD ftp://example.com/x /x").contains("only http and https"));
+    assert!(e("FROM x\nCOPY --parents=maybe a /b/").contains("true or false"));
+    assert!(e("FROM x\nCOPY --parents a/./b /c/").contains("pivot"));
     assert!(e("FROM x\nADD --checksum=md5:abc https://e.com/x /x").contains("sha256"));
     assert!(e(&format!(
         "FROM x\nADD --checksum=sha256:{} a /x",
