@@ -964,6 +964,21 @@ fn platform_args_and_copy_parents() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(&["run", "--image", "mltest/built:platform"]);
     assert_eq!(stdout(&o), "kept its path\namd64\n", "{}", stderr(&o));
+    // `-f -`: the Dockerfile from standard input.
+    let o = run_stdin(
+        &[
+            "build",
+            "-f",
+            "-",
+            "-t",
+            "mltest/built:stdin",
+            ctx.path().to_str().unwrap(),
+        ],
+        b"FROM mltest/busybox:1\nCMD [\"echo\", \"from stdin\"]\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["run", "--image", "mltest/built:stdin"]);
+    assert_eq!(stdout(&o), "from stdin\n", "{}", stderr(&o));
     let other = context("FROM --platform=linux/arm64 mltest/busybox:1\n");
     let o = build(&[], &other);
     assert!(

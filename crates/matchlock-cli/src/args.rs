@@ -845,7 +845,7 @@ pub enum ExportFormatArg {
 pub struct BuildArgs {
     /// The build context: the directory COPY and ADD read from.
     pub context: std::path::PathBuf,
-    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-` reads it from standard input).
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<std::path::PathBuf>,
     /// Name the image (repeatable).

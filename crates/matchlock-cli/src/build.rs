@@ -64,7 +64,17 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         None => matchlock_build::copy::context_file(&context, "Dockerfile")
             .map_err(|e| anyhow::anyhow!("the context's Dockerfile: {e}"))?,
     };
-    let dockerfile = std::fs::read_to_string(&file).with_context(|| {
+    // `-f -`: the Dockerfile from standard input, as `docker build -f -` reads it.
+    let read = |file: &std::path::Path| -> std::io::Result<String> {
+        if file == std::path::Path::new("-") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+            Ok(text)
+        } else {
+            std::fs::read_to_string(file)
+        }
+    };
+    let dockerfile = read(&file).with_context(|| {
         if args.file.is_none() && file != context.join("Dockerfile") {
             format!(
                 "the context's Dockerfile is a link, followed inside the context only, to {} \
