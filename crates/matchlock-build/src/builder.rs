@@ -166,8 +166,10 @@ pub fn build(
             Base::Image(r) => {
                 let info =
                     images.ensure(r, opts.pull, &PullOptions::from_env(), progress.pulls())?;
+                let mut blob = images.config_blob(&info)?;
+                pad_history(&mut blob);
                 Current {
-                    blob: images.config_blob(&info)?,
+                    blob,
                     image: Some(info),
                 }
             }
@@ -941,6 +943,27 @@ fn set_config(blob: &mut serde_json::Value, cfg: &ImageConfig) {
     }
 }
 
+/// Gives a base image's config one non-empty `history` entry per layer, as BuildKit does: a
+/// base without history (a hand-made archive) would otherwise give the built image fewer
+/// entries than layers, which buildah and containerd refuse ("history lists N non-empty
+/// layers, but we have M layers").
+fn pad_history(blob: &mut serde_json::Value) {
+    let layers = blob["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
+    let history = blob["history"].as_array().cloned().unwrap_or_default();
+    let non_empty = history
+        .iter()
+        .filter(|h| h["empty_layer"] != serde_json::json!(true))
+        .count();
+    if non_empty >= layers {
+        return;
+    }
+    let mut padded: Vec<serde_json::Value> = (non_empty..layers)
+        .map(|_| serde_json::json!({"created_by": "", "comment": "layer without history in the base image"}))
+        .collect();
+    padded.extend(history);
+    blob["history"] = serde_json::Value::Array(padded);
+}
+
 /// Appends a `history` entry, as `docker history` shows. A step that made a layer is dated now
 /// and dates the image; a config-only step (`empty_layer`) takes the image's date as it is, so
 /// that the same Dockerfile gives the same config, and the cache keys after it hold.
@@ -1220,4 +1243,29 @@ fn advance(
 fn temp_file(images: &ImageStore) -> Result<tempfile::NamedTempFile, BuildError> {
     tempfile::NamedTempFile::new_in(images.root())
         .map_err(|e| BuildError::Other(format!("a temporary file in the image store: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_without_history_gets_one_entry_per_layer() {
+        let mut blob = serde_json::json!({"rootfs": {"diff_ids": ["sha256:a", "sha256:b"]}});
+        pad_history(&mut blob);
+        assert_eq!(blob["history"].as_array().map(Vec::len), Some(2));
+        // One entry for two layers, plus an empty one: one more goes in front.
+        let mut blob = serde_json::json!({
+            "rootfs": {"diff_ids": ["sha256:a", "sha256:b"]},
+            "history": [{"created_by": "CMD x", "empty_layer": true}, {"created_by": "ADD"}],
+        });
+        pad_history(&mut blob);
+        let h = blob["history"].as_array().unwrap();
+        assert_eq!(h.len(), 3);
+        assert_eq!(h[2]["created_by"], "ADD");
+        // Complete history is left as it is.
+        let before = blob.clone();
+        pad_history(&mut blob);
+        assert_eq!(blob, before);
+    }
 }
