@@ -1886,8 +1886,7 @@ fn crafted_image_layers(_: &Hits) -> Vec<Row> {
     std::fs::create_dir(&canary).unwrap();
     let marker = format!("mlrt-img-{}", std::process::id());
     std::fs::write(canary.join("secret"), &marker).unwrap();
-    let snapshot = dir_snapshot;
-    let before = snapshot(&canary);
+    let before = dir_snapshot(&canary);
     let base = work.path().join("base.tar");
     let st = std::process::Command::new(repo_root().join("scripts/make-busybox-image"))
         .arg(&base)
@@ -1918,7 +1917,7 @@ fn crafted_image_layers(_: &Hits) -> Vec<Row> {
         let tag = format!("mltest/evil-{v}:1");
         let tar = std::fs::File::open(work.path().join(format!("{v}.tar"))).unwrap();
         let o = ml(&["image", "import", &tag]).stdin(tar).output().unwrap();
-        let now = snapshot(&canary);
+        let now = dir_snapshot(&canary);
         if now != before {
             leaked.push(format!(
                 "{v}: the host directory changed: {:?}",
@@ -2356,8 +2355,7 @@ fn hostile_build_context(hits: &Hits) -> Vec<Row> {
     std::fs::create_dir(&canary).unwrap();
     let marker = format!("mlrt-build-{}", std::process::id());
     std::fs::write(canary.join("secret"), &marker).unwrap();
-    let snapshot = dir_snapshot;
-    let before = snapshot(&canary);
+    let before = dir_snapshot(&canary);
     let c = canary.display().to_string();
     let up = format!("{}{}", "../".repeat(16), c.trim_start_matches('/'));
     let from = format!("FROM {BUSYBOX}\n");
@@ -2594,7 +2592,7 @@ fn hostile_build_context(hits: &Hits) -> Vec<Row> {
         if said.to_lowercase().contains(&marker) {
             leaked.push(format!("{name}: the build's output holds the secret"));
         }
-        let now = snapshot(&canary);
+        let now = dir_snapshot(&canary);
         if now != before {
             leaked.push(format!(
                 "{name}: the host directory changed: {:?}",

@@ -25,6 +25,18 @@ use std::time::Instant;
 /// Where step images are stored: a name no registry answers to (`.invalid` is reserved).
 pub const CACHE_REPO: &str = "build.matchlock.invalid/cache";
 
+/// The name a step's image is stored under, from its cache key.
+fn cache_name(key: &str) -> String {
+    format!("{CACHE_REPO}:{key}")
+}
+
+/// Whether a stored image (by its normalised name) is a build step's, the cache `image ls`
+/// hides and `image gc` and `--build-cache-size` drop.
+pub fn is_cache_step(name: &str) -> bool {
+    name.strip_prefix(CACHE_REPO)
+        .is_some_and(|rest| rest.starts_with(':'))
+}
+
 /// Files the agent writes into every sandbox, which a step's layer leaves out (as Docker's do,
 /// where they are bind mounts).
 const NOT_IN_LAYERS: [&str; 3] = ["etc/hosts", "etc/hostname", "etc/resolv.conf"];
@@ -284,31 +296,9 @@ pub fn build(
                     let from_dir = match copy.from.take() {
                         None => None,
                         Some(from) => {
-                            let (image, from_name) = match from {
-                                CopyFrom::Stage(i) => (
-                                    built.get(&i).and_then(|c| c.image.clone()),
-                                    p.stages[i]
-                                        .name
-                                        .clone()
-                                        .map_or(format!("stage {}", i + 1), |n| {
-                                            format!("stage {n}")
-                                        }),
-                                ),
-                                CopyFrom::Image(r) => (
-                                    Some(images.ensure(
-                                        &r,
-                                        opts.pull,
-                                        &PullOptions::from_env(),
-                                        progress.pulls(),
-                                    )?),
-                                    r,
-                                ),
-                            };
-                            let dir = tempfile::tempdir_in(images.root()).map_err(|e| {
-                                BuildError::Other(format!(
-                                    "a temporary directory in the image store: {e}"
-                                ))
-                            })?;
+                            let (image, from_name) =
+                                from_image(images, opts, &built, &p, &from, progress)?;
+                            let dir = temp_dir(images).map_err(BuildError::Other)?;
                             if let Some(image) = image {
                                 for s in &copy.sources {
                                     if let CopySource::Path(p) = s {
@@ -411,12 +401,7 @@ fn finish(
     // The final image carries the config as the last instruction left it, layers or not.
     let key = cache_key(&cur, "final", "");
     let parent = cur.image.as_ref();
-    let mut out = images.derive(
-        &format!("{CACHE_REPO}:{key}"),
-        parent,
-        &[],
-        cur.blob.clone(),
-    )?;
+    let mut out = images.derive(&cache_name(&key), parent, &[], cur.blob.clone())?;
     for tag in &opts.tags {
         out = images.derive(tag, parent, &[], cur.blob.clone())?;
     }
@@ -461,11 +446,10 @@ pub fn prune_cache(
     keep_since: u64,
 ) -> Result<(usize, u64), BuildError> {
     use std::os::unix::fs::MetadataExt;
-    let prefix = format!("{CACHE_REPO}:");
     let (cache, named): (Vec<_>, Vec<_>) = images
         .entries()?
         .into_iter()
-        .partition(|e| e.info.name.starts_with(&prefix));
+        .partition(|e| is_cache_step(&e.info.name));
     let named: std::collections::HashSet<_> = named.into_iter().map(|e| e.info.rootfs).collect();
     let on_disk = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512);
     let mut seen = std::collections::HashSet::new();
@@ -523,8 +507,7 @@ fn fetch_urls(
     }
     let egress = crate::fetch::Egress::new(opts.network.as_ref(), &opts.add_hosts)?
         .ok_or("ADD from a URL needs the network; this build has --no-network")?;
-    let dir = tempfile::tempdir_in(images.root())
-        .map_err(|e| format!("a temporary directory in the image store: {e}"))?;
+    let dir = temp_dir(images)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -611,10 +594,6 @@ fn prepare_mounts(
         key: String::new(),
         _temps: Vec::new(),
     };
-    let temp = || {
-        tempfile::tempdir_in(images.root())
-            .map_err(|e| format!("a temporary directory in the image store: {e}"))
-    };
     for m in &mut run.mounts {
         if let Some(image) = parent {
             m.target = images
@@ -634,7 +613,7 @@ fn prepare_mounts(
                 (dir, VfsMode::HostFs, Some((*uid, *gid)))
             }
             MountKind::Bind { source, from, rw } => {
-                let dir = temp()?;
+                let dir = temp_dir(images)?;
                 let mode = if *rw {
                     VfsMode::Overlay
                 } else {
@@ -684,28 +663,8 @@ fn prepare_mounts(
                         }
                     }
                     Some(from) => {
-                        let (image, name) = match from {
-                            CopyFrom::Stage(i) => (
-                                built.get(i).and_then(|c| c.image.clone()),
-                                plan.stages[*i]
-                                    .name
-                                    .clone()
-                                    .map_or(format!("stage {}", i + 1), |n| format!("stage {n}")),
-                            ),
-                            CopyFrom::Image(r) => (
-                                Some(
-                                    images
-                                        .ensure(
-                                            r,
-                                            opts.pull,
-                                            &PullOptions::from_env(),
-                                            progress.pulls(),
-                                        )
-                                        .map_err(|e| e.to_string())?,
-                                ),
-                                r.clone(),
-                            ),
-                        };
+                        let (image, name) = from_image(images, opts, built, plan, from, progress)
+                            .map_err(|e| e.to_string())?;
                         let image =
                             image.ok_or_else(|| format!("{name} has no files (FROM scratch)"))?;
                         let abs = crate::stage::absolute("/", source);
@@ -1111,6 +1070,32 @@ fn owner(
     Ok(crate::copy::Owner { uid, gid })
 }
 
+/// What a `--from` names (`COPY --from`, `RUN --mount=…,from=`): the stage's image (`None` for
+/// a stage still empty, `FROM scratch`) or the image, ensured as a base is; and its name for
+/// messages.
+fn from_image(
+    images: &ImageStore,
+    opts: &BuildOptions,
+    built: &BTreeMap<usize, Current>,
+    plan: &crate::plan::Plan,
+    from: &CopyFrom,
+    progress: &dyn Progress,
+) -> Result<(Option<ImageInfo>, String), BuildError> {
+    Ok(match from {
+        CopyFrom::Stage(i) => (
+            built.get(i).and_then(|c| c.image.clone()),
+            plan.stages[*i]
+                .name
+                .clone()
+                .map_or(format!("stage {}", i + 1), |n| format!("stage {n}")),
+        ),
+        CopyFrom::Image(r) => (
+            Some(images.ensure(r, opts.pull, &PullOptions::from_env(), progress.pulls())?),
+            r.clone(),
+        ),
+    })
+}
+
 /// Copies what the source `pattern` (absolute in `image`, maybe with wildcards) can name out of
 /// `image` (`from` in messages) into `into`: the path itself, or the directory above its first
 /// wildcard. Links on the way, the path's own included, are followed inside the image as
@@ -1210,7 +1195,7 @@ fn advance(
     text: &str,
     make: impl FnOnce(&Current) -> Result<tempfile::NamedTempFile, BuildError>,
 ) -> Result<(), BuildError> {
-    let name = format!("{CACHE_REPO}:{key}");
+    let name = cache_name(key);
     let stored = if no_cache {
         None
     } else {
@@ -1239,6 +1224,12 @@ fn advance(
     Ok(())
 }
 
+/// A temporary directory in the image store (the same file system as its blobs).
+fn temp_dir(images: &ImageStore) -> Result<tempfile::TempDir, String> {
+    tempfile::tempdir_in(images.root())
+        .map_err(|e| format!("a temporary directory in the image store: {e}"))
+}
+
 /// A temporary file in the image store (the same file system as its blobs).
 fn temp_file(images: &ImageStore) -> Result<tempfile::NamedTempFile, BuildError> {
     tempfile::NamedTempFile::new_in(images.root())
@@ -1248,6 +1239,13 @@ fn temp_file(images: &ImageStore) -> Result<tempfile::NamedTempFile, BuildError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_images_are_told_apart_by_name() {
+        assert!(is_cache_step(&cache_name("0123abcd")));
+        assert!(!is_cache_step("build.matchlock.invalid/cachex:1"));
+        assert!(!is_cache_step("docker.io/library/busybox:latest"));
+    }
 
     #[test]
     fn a_base_without_history_gets_one_entry_per_layer() {

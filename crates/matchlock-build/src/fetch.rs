@@ -61,8 +61,8 @@ impl Egress {
 
     /// The address to connect to for `host:port`: the first the name resolves to that the
     /// address rule lets out, else why none may be reached.
+    /// `host` is bare (an IPv6 address without its URL brackets).
     async fn address(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if let Some(list) = &self.hosts {
             if !list.allows(host) {
                 return Err(format!(
@@ -118,9 +118,12 @@ pub async fn fetch(
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("{url}: only http and https URLs can be fetched"));
         }
+        // The name bare: a URL writes an IPv6 address in brackets.
         let host = url
             .host_str()
             .ok_or_else(|| format!("{url}: no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
             .to_string();
         let port = url
             .port_or_known_default()
@@ -134,7 +137,7 @@ pub async fn fetch(
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .resolve(host.trim_start_matches('[').trim_end_matches(']'), addr)
+            .resolve(&host, addr)
             .connect_timeout(std::time::Duration::from_secs(30))
             // A server that stops sending fails the step instead of holding the build.
             .read_timeout(std::time::Duration::from_secs(60))
@@ -272,7 +275,7 @@ mod tests {
     async fn addresses_are_checked_before_anything_connects() {
         let mut n = NetworkRequest::default();
         let open = Egress::new(Some(&n), &[]).unwrap().unwrap();
-        for host in ["127.0.0.1", "169.254.169.254", "[::1]", "10.0.0.1"] {
+        for host in ["127.0.0.1", "169.254.169.254", "::1", "10.0.0.1"] {
             let e = open.address(host, 80).await.unwrap_err();
             assert!(e.contains("blocked"), "{host}: {e}");
         }

@@ -51,9 +51,8 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
         }
         ImageCommand::Ls { json } => {
             // A build's step images are its cache, not images anyone named.
-            let cache = format!("{}:", matchlock_build::builder::CACHE_REPO);
             let mut entries = store.entries()?;
-            entries.retain(|e| !e.info.name.starts_with(&cache));
+            entries.retain(|e| !matchlock_build::builder::is_cache_step(&e.info.name));
             if json {
                 let rows: Vec<serde_json::Value> = entries
                     .iter()
@@ -96,10 +95,11 @@ pub fn image(cmd: ImageCommand) -> Result<i32> {
         } => export(&store, &name, &output, format)?,
         ImageCommand::Gc => {
             // The build cache's step images go first, so what only they used is collected.
-            let cache = format!("{}:", matchlock_build::builder::CACHE_REPO);
             let mut steps = 0;
             for e in store.entries()? {
-                if e.info.name.starts_with(&cache) && store.remove(&e.info.name).is_ok() {
+                if matchlock_build::builder::is_cache_step(&e.info.name)
+                    && store.remove(&e.info.name).is_ok()
+                {
                     steps += 1;
                 }
             }
